@@ -1,0 +1,192 @@
+"""TFLite conversion recipes: full-integer PTQ (the default) and the other modes, with a float-op check."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Iterator
+
+from edgeq.errors import QuantizationError
+from edgeq.runtime import Model, OpInfo
+
+from .calibration import CalibrationSet
+from .models import SourceModel
+
+
+class QuantMode(str, Enum):
+    """What ``--quant`` selects.
+
+    ``int8``     full integer: int8 weights (per channel) and activations, int8 input and output (default)
+    ``uint8``    as int8 inside, with uint8 input and output for pipelines that want unsigned tensors
+    ``int16x8``  int16 activations and int8 weights, int16 input and output; more exact, slower
+    ``dynamic``  int8 weights, float activations computed on the fly; float input and output
+    ``float16``  float16 weights, float compute
+    ``float32``  no quantisation; the reference
+    """
+
+    INT8 = "int8"
+    UINT8 = "uint8"
+    INT16X8 = "int16x8"
+    DYNAMIC = "dynamic"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self in (QuantMode.INT8, QuantMode.UINT8, QuantMode.INT16X8)
+
+    @property
+    def integer_only(self) -> bool:
+        return self.needs_calibration
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """How to convert: the mode and whether float ops may remain in an integer model."""
+
+    mode: QuantMode = QuantMode.INT8
+    allow_float_fallback: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", QuantMode(self.mode))
+        if self.allow_float_fallback and not self.mode.integer_only:
+            raise QuantizationError(f"--allow-float-fallback applies to integer modes only, not --quant {self.mode.value}")
+
+    def describe(self) -> dict[str, Any]:
+        weights = {
+            QuantMode.INT8: "int8 per-channel",
+            QuantMode.UINT8: "int8 per-channel",
+            QuantMode.INT16X8: "int8 per-channel",
+            QuantMode.DYNAMIC: "int8 per-channel",
+            QuantMode.FLOAT16: "float16",
+            QuantMode.FLOAT32: "float32",
+        }[self.mode]
+        activations = {
+            QuantMode.INT8: "int8",
+            QuantMode.UINT8: "int8",
+            QuantMode.INT16X8: "int16",
+        }.get(self.mode, "float32")
+        return {
+            "scheme": self.mode.value,
+            "weights": weights,
+            "activations": activations,
+            "full_integer": self.mode.integer_only,
+            "allow_float_fallback": self.allow_float_fallback,
+        }
+
+
+@contextlib.contextmanager
+def quiet_output() -> Iterator[None]:
+    """Silence TensorFlow's and Keras's prints (both C++ and Python) at the file-descriptor level."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def import_tensorflow() -> Any:
+    """Import TensorFlow and Keras once, without their start-up chatter on the terminal."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with quiet_output():
+        import keras  # noqa: F401
+        import tensorflow as tf
+    return tf
+
+
+def _configure(converter: Any, recipe: QuantRecipe, calibration: CalibrationSet | None) -> None:
+    import tensorflow as tf
+
+    mode = recipe.mode
+    if mode is QuantMode.FLOAT32:
+        return
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode is QuantMode.FLOAT16:
+        converter.target_spec.supported_types = [tf.float16]
+        return
+    if mode is QuantMode.DYNAMIC:
+        return
+    if calibration is None:
+        raise QuantizationError(f"--quant {mode.value} needs calibration data: give --calib")
+    converter.representative_dataset = calibration.representative_dataset
+    if mode is QuantMode.INT16X8:
+        ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        io_type = tf.int16
+    else:
+        ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        io_type = tf.int8 if mode is QuantMode.INT8 else tf.uint8
+    if recipe.allow_float_fallback:
+        ops.append(tf.lite.OpsSet.TFLITE_BUILTINS)
+    converter.target_spec.supported_ops = ops
+    converter.inference_input_type = io_type
+    converter.inference_output_type = io_type
+
+
+def convert_model(
+    source: SourceModel,
+    recipe: QuantRecipe,
+    calibration: CalibrationSet | None,
+    routes: tuple[str, ...] = ("keras", "export"),
+) -> bytes:
+    """Run the TFLite converter. Keras 3 models go through ``from_keras_model``; where that fails, through
+    ``model.export()`` to a SavedModel and ``from_saved_model`` (``routes`` picks which to try, in order)."""
+    tf = import_tensorflow()
+
+    errors: list[str] = []
+    attempts: list[str] = ["saved_model"] if source.keras_model is None else list(routes)
+    for attempt in attempts:
+        with tempfile.TemporaryDirectory(prefix="edgeq-export-") as tmp:
+            try:
+                with quiet_output():
+                    if attempt == "keras":
+                        converter = tf.lite.TFLiteConverter.from_keras_model(source.keras_model)
+                    elif attempt == "export":
+                        source.keras_model.export(tmp, format="tf_saved_model")
+                        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+                    else:
+                        converter = tf.lite.TFLiteConverter.from_saved_model(str(source.saved_model_dir))
+                    _configure(converter, recipe, calibration)
+                    return bytes(converter.convert())
+            except QuantizationError:
+                raise
+            except Exception as exc:
+                errors.append(f"{attempt}: {_converter_message(exc)}")
+    raise QuantizationError(f"{source.origin}: the TFLite converter failed ({'; '.join(errors)})")
+
+
+def _converter_message(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if "error:" in ln.lower():
+            return ln[ln.lower().index("error:") + 6 :].strip()[:300]
+    return (lines[0][:300] if lines else exc.__class__.__name__)
+
+
+def float_ops(model: Model) -> list[OpInfo]:
+    """Ops of a converted model that compute in float (what an integer-only accelerator path cannot take)."""
+    return [op for op in model.ops if op.is_float]
+
+
+def describe_float_ops(ops: list[OpInfo]) -> str:
+    """``SIN (model/lambda/Sin)`` style list; QUANTIZE/DEQUANTIZE glue is counted, not listed."""
+    glue = [op for op in ops if op.name in ("QUANTIZE", "DEQUANTIZE")]
+    compute = [op for op in ops if op not in glue]
+    parts = [f"{op.name} ({op.output_names[0] if op.output_names and op.output_names[0] else f'op {op.index}'})"
+             for op in compute]
+    if glue:
+        parts.append(f"{len(glue)} QUANTIZE/DEQUANTIZE around them")
+    return ", ".join(parts)

@@ -1,0 +1,228 @@
+"""The ``.edgeq`` bundle: the only thing the host and the device share at run time.
+
+A bundle is a zip holding
+
+``manifest.json``  everything needed to reproduce the converter's numerics (see :func:`validate_manifest`)
+``model.tflite``   the model, whose sha256 and size the manifest records
+``report.json``    optional: the conversion report (ops, sizes, validation figures)
+
+Writing is atomic (a temporary file in the target folder, fsync, rename), so a failed conversion never leaves a
+half-written bundle. Reading refuses an unknown schema version, a truncated zip and a model whose sha256 does not
+match the manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeq._version import __version__
+from edgeq.errors import BundleError
+from edgeq.preprocess import PreprocessSpec
+
+SCHEMA = "edgeq.bundle"
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MODEL_NAME = "model.tflite"
+REPORT_NAME = "report.json"
+TASKS = ("classify", "detect")
+
+# field -> type the manifest must hold (dotted paths into nested objects)
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "schema": str,
+    "schema_version": int,
+    "edgeq_version": str,
+    "created": str,
+    "task": str,
+    "labels": list,
+    "input": dict,
+    "input.height": int,
+    "input.width": int,
+    "input.channels": int,
+    "input.dtype": str,
+    "outputs": list,
+    "quantization": dict,
+    "quantization.scheme": str,
+    "calibration": dict,
+    "model": dict,
+    "model.file": str,
+    "model.sha256": str,
+    "model.size": int,
+}
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _get(manifest: dict[str, Any], dotted: str) -> Any:
+    value: Any = manifest
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise KeyError(dotted)
+        value = value[key]
+    return value
+
+
+def validate_manifest(manifest: Any, source: str = MANIFEST_NAME) -> None:
+    """Check the schema version first, then every required field and its type; raise BundleError naming it."""
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{source}: manifest is not a JSON object")
+    version = manifest.get("schema_version")
+    if manifest.get("schema") != SCHEMA or not isinstance(version, int):
+        raise BundleError(f"{source}: not an edgeq manifest (schema {manifest.get('schema')!r})")
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{source}: unknown schema version {version} (this edgeq {__version__} reads {SCHEMA_VERSION}); "
+            "upgrade edgeq or re-convert the model"
+        )
+    for field, kind in _REQUIRED.items():
+        try:
+            value = _get(manifest, field)
+        except KeyError:
+            raise BundleError(f"{source}: field '{field}' is missing; re-convert the model") from None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise BundleError(f"{source}: field '{field}' has the wrong type ({type(value).__name__})")
+    if manifest["task"] not in TASKS:
+        raise BundleError(f"{source}: field 'task' is {manifest['task']!r}; expected one of {', '.join(TASKS)}")
+
+
+@dataclass
+class Bundle:
+    """A verified bundle in memory: its manifest, model bytes and optional report."""
+
+    manifest: dict[str, Any]
+    model_bytes: bytes
+    report: dict[str, Any] | None = None
+    path: Path | None = None
+    file_size: int | None = None
+
+    @property
+    def task(self) -> str:
+        return str(self.manifest["task"])
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest["labels"])
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name", self.path.stem if self.path else "model"))
+
+    @property
+    def sha256(self) -> str:
+        return str(self.manifest["model"]["sha256"])
+
+    @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        try:
+            return PreprocessSpec.from_dict(self.manifest["input"])
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"{self.path or MANIFEST_NAME}: field 'input' is invalid: {exc}") from None
+
+    def load_model(self, num_threads: int = 1, runtime: Any = None, xnnpack: bool = True) -> Any:
+        """Load ``model.tflite`` into the runtime loader (see :class:`edgeq.runtime.Model`)."""
+        from edgeq.runtime import Model
+
+        return Model(self.model_bytes, num_threads=num_threads, runtime=runtime, xnnpack=xnnpack)
+
+
+def write_bundle(
+    path: str | Path,
+    manifest: dict[str, Any],
+    model_bytes: bytes,
+    report: dict[str, Any] | None = None,
+) -> Path:
+    """Complete the manifest's schema and model fields, validate it, and write the bundle atomically."""
+    path = Path(path)
+    manifest = dict(manifest)
+    manifest.setdefault("schema", SCHEMA)
+    manifest.setdefault("schema_version", SCHEMA_VERSION)
+    manifest.setdefault("edgeq_version", __version__)
+    manifest.setdefault("created", utc_now())
+    manifest["model"] = {
+        **manifest.get("model", {}),
+        "file": MODEL_NAME,
+        "sha256": sha256_hex(model_bytes),
+        "size": len(model_bytes),
+    }
+    validate_manifest(manifest, f"{path}: {MANIFEST_NAME}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise BundleError(f"{path}: is a folder; give a file name such as model.edgeq")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot write the bundle ({exc.strerror or exc}); choose a writable folder") from None
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+                zf.writestr(MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+                zf.writestr(MODEL_NAME, model_bytes)
+                if report is not None:
+                    zf.writestr(REPORT_NAME, json.dumps(report, indent=2) + "\n")
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp_name, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError):
+            raise BundleError(f"{path}: cannot write the bundle ({exc.strerror or exc}); check free space") from None
+        raise
+    return path
+
+
+def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Open a bundle, check its schema version and the model's sha256 and size; raise BundleError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"{path}: bundle not found")
+    if path.is_dir():
+        raise BundleError(f"{path}: is a folder, not a .edgeq bundle")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if MANIFEST_NAME not in names:
+                raise BundleError(f"{path}: no {MANIFEST_NAME} inside; not an edgeq bundle")
+            try:
+                manifest = json.loads(zf.read(MANIFEST_NAME))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise BundleError(f"{path}: {MANIFEST_NAME} is not valid JSON ({exc}); re-convert the model") from None
+            validate_manifest(manifest, f"{path}: {MANIFEST_NAME}")
+            model_file = manifest["model"]["file"]
+            if model_file not in names:
+                raise BundleError(f"{path}: {model_file} missing from the bundle; re-convert the model")
+            model_bytes = zf.read(model_file)
+            report = json.loads(zf.read(REPORT_NAME)) if REPORT_NAME in names else None
+    except zipfile.BadZipFile as exc:
+        raise BundleError(f"{path}: truncated or corrupt bundle ({exc}); copy it again or re-convert") from None
+    except (OSError, EOFError) as exc:
+        raise BundleError(f"{path}: cannot read the bundle ({exc}); copy it again or re-convert") from None
+    if verify:
+        expected = manifest["model"]
+        if len(model_bytes) != expected["size"]:
+            raise BundleError(
+                f"{path}: {model_file} is {len(model_bytes)} bytes but the manifest says {expected['size']}; "
+                "the bundle was modified, re-convert it"
+            )
+        digest = sha256_hex(model_bytes)
+        if digest != expected["sha256"]:
+            raise BundleError(
+                f"{path}: {model_file} sha256 {digest[:12]}... does not match the manifest's "
+                f"{expected['sha256'][:12]}...; the bundle was modified, re-convert it"
+            )
+    return Bundle(manifest, model_bytes, report, path, path.stat().st_size)

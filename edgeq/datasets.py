@@ -1,0 +1,96 @@
+"""Labelled image folders: one subfolder per class, as ``--val`` and ``edgeq eval`` take them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.errors import DataError
+from edgeq.preprocess import list_images
+
+
+@dataclass(frozen=True)
+class LabelledFiles:
+    """Image files and their class index into ``labels``."""
+
+    files: list[Path]
+    targets: np.ndarray
+    labels: list[str]
+
+
+def class_folder(root: str | Path, labels: list[str] | None = None, flag: str = "--val") -> LabelledFiles:
+    """Read ``root/<class>/*.jpg|png|bmp``.
+
+    With ``labels`` (the bundle's), every subfolder must name one of them; without, the sorted subfolder
+    names become the labels.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{flag} {root}: not a folder; give a folder with one subfolder per class")
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise DataError(f"{flag} {root}: no class subfolders; put each class's images in its own subfolder")
+    names = [p.name for p in folders]
+    if labels is None:
+        labels = names
+    else:
+        unknown = [n for n in names if n not in labels]
+        if unknown:
+            raise DataError(
+                f"{flag} {root}: class folder(s) {', '.join(unknown[:5])} not among the model's labels "
+                f"({', '.join(labels[:5])}{', ...' if len(labels) > 5 else ''}); rename them or pass --labels"
+            )
+    files: list[Path] = []
+    targets: list[int] = []
+    for folder in folders:
+        images = list_images(folder)
+        files.extend(images)
+        targets.extend([labels.index(folder.name)] * len(images))
+    if not files:
+        raise DataError(f"{flag} {root}: the class folders hold no jpg/png/bmp images")
+    return LabelledFiles(files, np.asarray(targets, dtype=np.int64), list(labels))
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_LABELS = (
+    "tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot",
+)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (MNIST's format, optionally gzipped) into a numpy array."""
+    import gzip
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path}: not an IDX file")
+    dims = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def fashion_mnist(split: str = "train", root: str | Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package: (images N x 28 x 28 uint8, labels N)."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    root = Path(root)
+    images_path = root / f"{prefix}-images-idx3-ubyte.gz"
+    if not images_path.is_file():
+        raise DataError(f"{images_path}: not found; install it with: apt-get install dataset-fashion-mnist")
+    return read_idx(images_path), read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+
+
+def write_class_folder(root: str | Path, images: np.ndarray, targets: np.ndarray, labels: list[str] | tuple[str, ...]) -> Path:
+    """Write images as ``root/<label>/<index>.png``, the layout ``--val`` and ``edgeq eval`` read."""
+    import cv2
+
+    root = Path(root)
+    for name in labels:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for i, (image, y) in enumerate(zip(images, targets)):
+        cv2.imwrite(str(root / labels[int(y)] / f"{i:05d}.png"), image)
+    return root

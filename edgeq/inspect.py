@@ -1,0 +1,87 @@
+"""``edgeq inspect BUNDLE``: manifest summary, ops with their tensor dtypes, and sizes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from edgeq.bundle import read_bundle
+
+
+def inspect_bundle(path: str | Path) -> dict[str, Any]:
+    bundle = read_bundle(path)
+    m = bundle.manifest
+    model = bundle.load_model()
+    ops = Counter(
+        (op.name, "/".join(op.operand_types) or "-", "/".join(op.result_types) or "-", op.delegated) for op in model.ops
+    )
+    sizes = dict(m.get("sizes", {}))
+    sizes["model_tflite"] = len(bundle.model_bytes)
+    sizes["bundle_file"] = bundle.file_size
+    return {
+        "bundle": str(path),
+        "name": bundle.name,
+        "task": bundle.task,
+        "labels": bundle.labels,
+        "schema_version": m["schema_version"],
+        "edgeq_version": m["edgeq_version"],
+        "created": m["created"],
+        "sha256": bundle.sha256,
+        "input": m["input"],
+        "outputs": m["outputs"],
+        "head": m.get("head"),
+        "quantization": m["quantization"],
+        "calibration": m["calibration"],
+        "validation": m.get("validation"),
+        "sizes": sizes,
+        "runtime": model.describe(),
+        "ops": [
+            {"op": name, "operands": operands, "results": results, "count": n, "xnnpack": delegated}
+            for (name, operands, results, delegated), n in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0][0]))
+        ],
+    }
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    inp, q, cal, sizes, rt = info["input"], info["quantization"], info["calibration"], info["sizes"], info["runtime"]
+    labels = info["labels"]
+    lines = [
+        f"bundle       {info['bundle']}  (schema {info['schema_version']}, edgeq {info['edgeq_version']}, {info['created']})",
+        f"model        {info['name']}  sha256 {info['sha256'][:16]}...",
+        f"task         {info['task']}, {len(labels)} labels: {', '.join(labels[:8])}{' ...' if len(labels) > 8 else ''}",
+        f"input        {inp['height']}x{inp['width']}x{inp['channels']} {inp['color_order']} {inp['resize']}, "
+        f"(p - {inp['mean'][0]:g}) / {inp['std'][0]:g}, {inp['dtype']} scale {inp['scale']:.6g} zero point {inp['zero_point']}",
+    ]
+    for o in info["outputs"]:
+        lines.append(
+            f"output       {o.get('role', '')} {o['name']} {o['shape']} {o['dtype']} scale {o['scale']:.6g} zero point {o['zero_point']}"
+        )
+    lines.append(
+        f"quantization {q['scheme']}: weights {q['weights']}, activations {q['activations']}"
+        + (f", float ops: {', '.join(q['float_ops'])}" if q.get("float_ops") else "")
+    )
+    lines.append(f"calibration  {cal.get('count')} samples from {cal.get('source')}")
+    size_parts = [f"model.tflite {sizes['model_tflite'] / 1e6:.3f} MB", f"bundle {sizes['bundle_file'] / 1e6:.3f} MB"]
+    if sizes.get("float32_tflite"):
+        size_parts.append(f"float32 .tflite {sizes['float32_tflite'] / 1e6:.3f} MB")
+        size_parts.append(f"model/float32 {sizes['model_tflite'] / sizes['float32_tflite']:.3f}x")
+    lines.append("sizes        " + ", ".join(size_parts))
+    xnn = "whole graph" if rt["whole_graph"] else (
+        f"{rt['delegated_ops']}/{rt['total_ops']} ops, left: {', '.join(rt['cpu_ops'])}" if rt["xnnpack_applied"] else "not applied"
+    )
+    lines.append(f"runtime      {rt['runtime']} {rt['runtime_version']}, {rt['threads']} thread(s), XNNPACK: {xnn}")
+    if info.get("validation"):
+        v = info["validation"]
+        lines.append(
+            f"validation   {v['count']} images: float top-1 {v['float_top1']:.4f}, quantized {v['quantized_top1']:.4f}, "
+            f"agreement {v['top1_agreement']:.4f}, mean |logit error| {v['mean_abs_logit_error']:.4f}"
+        )
+    lines.append("ops")
+    width = max((len(o["op"]) for o in info["ops"]), default=2)
+    for o in info["ops"]:
+        lines.append(
+            f"  {o['count']:>4} x {o['op']:<{width}}  {o['operands']} -> {o['results']}"
+            + ("" if o["xnnpack"] else "  (not XNNPACK)")
+        )
+    return "\n".join(lines)

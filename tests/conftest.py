@@ -1,0 +1,83 @@
+"""Shared fixtures: small real models, real images and a CLI runner. No mocks of TensorFlow or the runtime."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def run_edgeq(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed ``edgeq`` console script (falls back to ``python -m edgeq.cli``)."""
+    exe = shutil.which("edgeq")
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "edgeq.cli", *args]
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess | tuple[int, str], *needles: str) -> str:
+    """Non-zero exit, a single ``edgeq: error:`` line naming the problem, and no traceback."""
+    code, err = (result.returncode, result.stderr) if hasattr(result, "returncode") else result
+    assert code != 0, f"expected failure, got exit 0; stderr={err!r}"
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("edgeq: error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A labelled folder: 3 classes x 12 procedurally drawn 64x64 images."""
+    from edgeq.synthetic import write_shape_folder
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_shape_folder(root, per_class=12, shapes=("circle", "square", "triangle"), size=64, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_keras_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small conv net (32x32x3 -> 3 logits), saved as .keras, with seeded random weights."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(inp)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu")(x)
+    x = keras.layers.Conv2D(16, 1, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(3, name="logits")(x)
+    model = keras.Model(inp, out, name="tiny")
+    path = tmp_path_factory.mktemp("models") / "tiny.keras"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_keras_path: Path, shapes_dir: Path) -> Path:
+    """The tiny model converted to a full-int8 bundle with --val, through the real converter."""
+    from edgeq.converter import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny.edgeq"
+    convert(ConvertOptions(str(tiny_keras_path), out, calib=str(shapes_dir), calib_samples=30, val=str(shapes_dir)),
+            log=lambda s: None)
+    return out
+
+
+def write_pngs(folder: Path, n: int, shape: tuple[int, ...], seed: int = 0) -> Path:
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), rng.integers(0, 256, shape, dtype=np.uint8))
+    return folder
