@@ -226,3 +226,10 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
                 f"{expected['sha256'][:12]}...; the bundle was modified, re-convert it"
             )
     return Bundle(manifest, model_bytes, report, path, path.stat().st_size)
+
+
+def message_schema(name: str) -> dict[str, Any]:
+    """The JSON Schema shipped for an MQTT payload: ``detections``, ``status`` or ``stats``."""
+    from importlib import resources
+
+    return json.loads(resources.files("edgeq").joinpath("schemas", f"{name}.schema.json").read_text())

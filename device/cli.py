@@ -1,0 +1,73 @@
+"""Device subcommands: ``edgeq run`` and ``edgeq validate-config``. Imports neither TensorFlow nor the converter;
+heavy modules (OpenCV, paho) are imported only when a command runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def add_device_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run a bundle on a camera, stream, video or folder and publish results (device)",
+        description="Run a bundle on a source; every result goes through a durable spool to MQTT and/or --output.",
+    )
+    p.add_argument("--config", metavar="FILE", help="device TOML file (flags below override it)")
+    p.add_argument("--model", metavar="BUNDLE", help=".edgeq bundle")
+    p.add_argument("--source", metavar="SRC",
+                   help="camera index or /dev/videoN, video file, image folder, rtsp://|http:// URL, or picamera2")
+    p.add_argument("--mqtt", metavar="URL", help="broker, mqtt://host:port or mqtts://host:port")
+    p.add_argument("--device-id", metavar="ID", help="device id used in topics (letters, digits, - and _)")
+    p.add_argument("--threads", type=int, metavar="N", help="interpreter threads")
+    p.add_argument("--output", metavar="FILE|-", help="also write every message as JSON lines (- for stdout)")
+    p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    p.add_argument("--max-fps", type=float, metavar="F", help="cap the inference rate (frames per second)")
+    p.add_argument("--loop", action="store_true", default=None, help="restart file and folder sources at their end")
+    p.add_argument("--spool", metavar="FILE", help="spool database (default: $STATE_DIRECTORY or ~/.local/state/edgeq)")
+    p.add_argument("--stats-interval", type=float, metavar="S", help="seconds between stats messages")
+    p.set_defaults(handler=_cmd_run)
+
+    p = sub.add_parser("validate-config", help="check a device config file and say what is wrong",
+                       description="Validate a device TOML file; errors name the file, line and key.")
+    p.add_argument("config", metavar="FILE")
+    p.set_defaults(handler=_cmd_validate)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": args.model,
+        "source": args.source,
+        "mqtt.url": args.mqtt,
+        "device_id": args.device_id,
+        "threads": args.threads,
+        "output": args.output,
+        "max_frames": args.max_frames,
+        "max_fps": args.max_fps,
+        "loop": args.loop,
+        "spool.path": args.spool,
+        "stats.interval": args.stats_interval,
+    }
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .runner import run_device
+
+    cfg = load_config(args.config, _overrides(args))
+    return run_device(cfg)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    if cfg.mqtt is not None and (cfg.mqtt.password_file or cfg.mqtt.password_credential):
+        try:
+            cfg.mqtt.password()
+        except Exception as exc:  # ConfigError: report like any other config problem
+            print(f"edgeq: error: {args.config}: {exc}", file=sys.stderr)
+            return 2
+    where = f"mqtt {cfg.mqtt.url}" if cfg.mqtt else "no MQTT"
+    print(f"{args.config}: ok (device {cfg.device_id}, source {cfg.source}, {where})")
+    return 0

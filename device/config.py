@@ -1,0 +1,251 @@
+"""Device configuration: a TOML file validated into typed models (pydantic v2, unknown keys refused).
+
+```toml
+device_id = "porch-pi"
+model = "/var/lib/edgeq/model.edgeq"
+source = "0"                 # camera index, /dev/videoN, video file, image folder, rtsp:// or http:// URL, picamera2
+threads = 2
+max_fps = 10                 # optional: cap inference rate to save power and heat
+
+[thresholds]
+score = 0.5                  # detections below are not reported
+top_k = 3                    # classification: labels reported per frame
+
+[mqtt]
+url = "mqtts://broker.lan:8883"
+username = "edgeq"
+password_file = "/etc/edgeq/mqtt-password"   # or password_credential = "mqtt-password" ($CREDENTIALS_DIRECTORY)
+ca = "/etc/edgeq/ca.crt"
+qos = 1
+topic_prefix = "edgeq"
+keepalive = 30
+protocol = "3.1.1"           # or "5"
+
+[spool]
+path = "/var/lib/edgeq/spool.sqlite3"
+max_messages = 100000
+
+[stats]
+interval = 30
+
+[homeassistant]
+discovery = true
+```
+
+Command-line flags override the file (see ``edgeq run --help``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgeq.errors import ConfigError
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Thresholds(Strict):
+    score: float = Field(0.5, ge=0.0, le=1.0)
+    top_k: int = Field(3, ge=1, le=100)
+    nms_iou: float = Field(0.5, gt=0.0, le=1.0)
+
+
+class MqttConfig(Strict):
+    url: str = "mqtt://localhost:1883"
+    username: str | None = None
+    password_file: Path | None = None
+    password_credential: str | None = None
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    client_id: str | None = None
+    qos: Literal[0, 1, 2] = 1
+    topic_prefix: str = "edgeq"
+    keepalive: int = Field(30, ge=5, le=3600)
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        u = urlparse(v)
+        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+            raise ValueError("must look like mqtt://host:port or mqtts://host:port")
+        try:
+            u.port
+        except ValueError:
+            raise ValueError("port must be a number from 1 to 65535") from None
+        return v
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v or any(c in v for c in "#+") or v.startswith("/") or v.endswith("/"):
+            raise ValueError("must be a topic without wildcards or leading/trailing '/'")
+        return v
+
+    @property
+    def host(self) -> str:
+        return str(urlparse(self.url).hostname)
+
+    @property
+    def port(self) -> int:
+        u = urlparse(self.url)
+        return u.port or (8883 if u.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.url).scheme == "mqtts"
+
+    def password(self) -> str | None:
+        """The password from ``password_file`` or ``$CREDENTIALS_DIRECTORY/<password_credential>`` (systemd
+        ``LoadCredential=``), stripped of its trailing newline."""
+        path = self.password_file
+        if self.password_credential:
+            creds = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not creds:
+                raise ConfigError(
+                    f"mqtt.password_credential = {self.password_credential!r} but $CREDENTIALS_DIRECTORY is not set; "
+                    "run under systemd with LoadCredential= or use password_file"
+                )
+            path = Path(creds) / self.password_credential
+        if path is None:
+            return None
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"mqtt password file {path}: {exc.strerror or exc}") from None
+
+
+class SpoolConfig(Strict):
+    path: Path | None = None
+    max_messages: int = Field(100_000, ge=10)
+    max_bytes: int | None = Field(None, ge=65536)
+
+
+class StatsConfig(Strict):
+    interval: float = Field(30.0, gt=0)
+
+
+class HomeAssistantConfig(Strict):
+    discovery: bool = False
+    prefix: str = "homeassistant"
+
+
+class DeviceConfig(Strict):
+    device_id: str = Field("edgeq", pattern=DEVICE_ID_PATTERN)
+    model: Path | None = None
+    source: str | None = None
+    threads: int = Field(1, ge=1, le=64)
+    loop: bool = False
+    max_frames: int | None = Field(None, ge=1)
+    max_fps: float | None = Field(None, gt=0)
+    output: str | None = None
+    drain_timeout: float = Field(10.0, ge=0)
+    thresholds: Thresholds = Thresholds()
+    mqtt: MqttConfig | None = None
+    spool: SpoolConfig = SpoolConfig()
+    stats: StatsConfig = StatsConfig()
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+
+    def spool_path(self) -> Path:
+        if self.spool.path is not None:
+            return self.spool.path
+        state = os.environ.get("STATE_DIRECTORY")  # systemd StateDirectory=
+        base = Path(state.split(":")[0]) if state else Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "edgeq"
+        return base / f"spool-{self.device_id}.sqlite3"
+
+
+def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """Best-effort line number of the key at ``loc`` (tomllib keeps no positions)."""
+    keys = [str(k) for k in loc if not isinstance(k, int)]
+    if not keys:
+        return None
+    lines = text.splitlines()
+    table, key = keys[:-1], keys[-1]
+    start = 0
+    if table:
+        header = re.compile(r"^\s*\[\s*" + re.escape(".".join(table)) + r"\s*\]\s*(#.*)?$")
+        for i, ln in enumerate(lines):
+            if header.match(ln):
+                start = i + 1
+                break
+        else:
+            key = table[0]
+            table = []
+    pattern = re.compile(r"^\s*" + re.escape(key) + r"\s*=")
+    section = re.compile(r"^\s*\[")
+    for i in range(start, len(lines)):
+        if table and section.match(lines[i]):
+            break
+        if not table and i > start and section.match(lines[i]):
+            break
+        if pattern.match(lines[i]) or (not table and re.match(r"^\s*\[\s*" + re.escape(key) + r"\s*\]", lines[i])):
+            return i + 1
+    return None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key (check the spelling; see edgeq run --help)"
+    if err["type"] == "missing":
+        return "required key is missing"
+    msg = err["msg"]
+    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+
+
+def parse_config(data: dict[str, Any], source: str = "<flags>", text: str = "") -> DeviceConfig:
+    try:
+        return DeviceConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        key = ".".join(str(k) for k in loc) or "(top level)"
+        line = _line_of(text, loc) if text else None
+        where = f"{source}:{line}" if line else source
+        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        value = f" (got {err['input']!r})" if err["type"] not in ("missing",) and not isinstance(err.get("input"), dict) else ""
+        raise ConfigError(f"{where}: {key}: {_describe(err)}{value}{more}") from None
+
+
+def load_config_file(path: str | Path) -> tuple[dict[str, Any], str]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc})") from None
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> DeviceConfig:
+    """Read ``path`` (optional), apply flag ``overrides`` (dotted keys allowed, None means not given), validate."""
+    data: dict[str, Any] = {}
+    text = ""
+    source = "<flags>"
+    if path is not None:
+        data, text = load_config_file(path)
+        source = str(path)
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return parse_config(data, source, text)

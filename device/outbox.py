@@ -1,0 +1,197 @@
+"""The publishing stage: numbers results, puts them in the durable spool, writes ``--output`` lines, and
+publishes from the spool, deleting a result only when the broker's PUBACK for it arrives.
+
+It runs on its own thread; the inference loop only hands results over (``submit``) and never waits for it.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from typing import IO, Any, Callable
+
+from .mqtt import MqttLink
+from .spool import Spool, SpoolFullError
+
+WINDOW = 200  # results in flight at once
+
+
+class Outbox(threading.Thread):
+    def __init__(
+        self,
+        spool_factory: Callable[[], Spool],
+        link: MqttLink | None,
+        output: IO[str] | None,
+        stats: Callable[[], dict[str, Any]],
+        stats_interval: float,
+        log: Callable[[str], None],
+    ) -> None:
+        super().__init__(name="edgeq-outbox", daemon=True)
+        self._spool_factory = spool_factory
+        self.link = link
+        self.output = output
+        self._stats = stats
+        self._stats_interval = stats_interval
+        self._log = log
+        self._queue: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._idle = threading.Event()
+        self.error: BaseException | None = None
+        self.topic = f"{link.prefix}/detections" if link else ""
+        self.published = 0
+        self.acked = 0
+        self.spooled = 0
+        self.depth = 0
+        self.spool_dropped = 0
+        self.last_seq = 0
+        self._inflight: dict[int, int] = {}  # mid -> seq, for the current connection generation
+        self._generation = -1
+        self._cursor = 0
+
+    # -- called from the inference thread ----------------------------------------------------------------
+    def submit(self, result: dict[str, Any]) -> None:
+        self._idle.clear()
+        self._queue.put(result)
+
+    def finish(self, drain_timeout: float) -> bool:
+        """Flush every submitted result into the spool; then wait up to ``drain_timeout`` for the broker to
+        acknowledge them. Returns True when the spool is empty."""
+        deadline = time.monotonic() + drain_timeout
+        while self.is_alive() and not self._queue.empty():
+            time.sleep(0.01)
+        while self.link and self.is_alive() and time.monotonic() < deadline and self.depth > 0:
+            time.sleep(0.02)
+        self._stopping.set()
+        self.join(timeout=10)
+        return self.depth == 0
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        self._ready.wait(timeout)
+
+    # -- the thread ------------------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self.spool = self._spool_factory()
+            self.last_seq = self.spool.last_seq
+            self.depth = self.spool.depth()
+            self.spool_dropped = self.spool.dropped
+        except BaseException as exc:
+            self.error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        next_stats = time.monotonic() + self._stats_interval
+        try:
+            while True:
+                stopping = self._stopping.is_set()
+                batch = self._take(timeout=0.0 if stopping else 0.02)
+                if batch:
+                    self._store(batch)
+                if self.link:
+                    self._apply_acks()
+                    self._pump()
+                if time.monotonic() >= next_stats:
+                    next_stats += self._stats_interval
+                    self._publish_stats()
+                if stopping and not batch:
+                    self._publish_stats()  # a final one, so short runs report too
+                    if self.link:
+                        self._apply_acks()
+                        self._pump()
+                    break
+        except BaseException as exc:  # surfaced by the runner as a clean error
+            self.error = exc
+        finally:
+            self.spool.close()
+
+    def _take(self, timeout: float) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        try:
+            items.append(self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait())
+        except queue.Empty:
+            return items
+        while len(items) < 500:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def _store(self, batch: list[dict[str, Any]]) -> None:
+        encoded: list[str] = []
+
+        def builder(result: dict[str, Any]) -> Callable[[int], bytes]:
+            def build(seq: int) -> bytes:
+                result["seq"] = seq
+                text = json.dumps(result, separators=(",", ":"))
+                encoded.append(text)
+                return text.encode()
+
+            return build
+
+        try:
+            seqs = self.spool.append_many(((self.topic, builder(r)) for r in batch), store=self.link is not None)
+        except SpoolFullError:
+            raise
+        if self.link is None:  # seqs allocated only: build the lines here
+            for seq, r in zip(seqs, batch):
+                r["seq"] = seq
+                encoded.append(json.dumps(r, separators=(",", ":")))
+        self.last_seq = seqs[-1]
+        self.spooled += len(seqs)
+        if self.output is not None:
+            self.output.write("\n".join(encoded) + "\n")
+            self.output.flush()
+        if self.link is not None:
+            self.depth = self.spool.depth()
+            self.spool_dropped = self.spool.dropped
+
+    def _apply_acks(self) -> None:
+        link = self.link
+        assert link is not None
+        done = []
+        while link.acked:
+            generation, mid = link.acked.popleft()
+            if generation == self._generation and mid in self._inflight:
+                done.append(self._inflight.pop(mid))
+        if done:
+            self.spool.ack(done)
+            self.acked += len(done)
+            self.depth = self.spool.depth()
+        if not self._queue.empty() or done:
+            return
+        if self.depth == 0:
+            self._idle.set()
+
+    def _pump(self) -> None:
+        link = self.link
+        assert link is not None
+        if not link.connected.is_set():
+            return
+        if link.generation != self._generation:  # a new connection: everything unacknowledged goes again
+            self._generation = link.generation
+            self._inflight.clear()
+            self._cursor = 0
+        room = WINDOW - len(self._inflight)
+        if room <= 0:
+            return
+        for entry in self.spool.pending(after=self._cursor, limit=room):
+            mid = link.publish(entry.topic, entry.payload)
+            if mid is None:
+                break
+            self._inflight[mid] = entry.seq
+            self._cursor = entry.seq
+            self.published += 1
+
+    def _publish_stats(self) -> None:
+        stats = self._stats()
+        stats["spool_depth"] = self.depth
+        stats["spool_dropped"] = self.spool_dropped
+        if self.output is not None:
+            self.output.write(json.dumps(stats, separators=(",", ":")) + "\n")
+            self.output.flush()
+        if self.link is not None:
+            self.link.publish(f"{self.link.prefix}/stats", json.dumps(stats), qos=0)

@@ -1,0 +1,239 @@
+"""``edgeq run``: source -> preprocess into a preallocated input -> invoke -> decode -> outbox (spool, MQTT).
+
+Three threads overlap: the source's capture/decode thread, this inference loop, and the outbox. Signals
+(SIGTERM, SIGINT) stop the loop; every result already produced is flushed into the spool, ``stopped`` is
+published, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as _dt
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any, Callable
+
+import numpy as np
+
+from edgeq._version import __version__
+from edgeq.bundle import Bundle, read_bundle
+from edgeq.errors import ConfigError, EdgeqError
+from edgeq.preprocess import Preprocessor
+
+from .config import DeviceConfig
+from .decoders import make_decoder
+from .homeassistant import discovery_payload
+from .mqtt import MqttLink
+from .outbox import Outbox
+from .sdnotify import Notifier
+from .sources import open_source
+from .spool import Spool
+
+DETECTIONS_SCHEMA = ("edgeq.detections", 1)
+STATS_SCHEMA = ("edgeq.stats", 1)
+
+
+def utc_timestamp(t: float | None = None) -> str:
+    moment = _dt.datetime.fromtimestamp(time.time() if t is None else t, _dt.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def read_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def read_cpu_temp_c() -> float | None:
+    try:
+        return round(int(Path("/sys/class/thermal/thermal_zone0/temp").read_text().strip()) / 1000, 1)
+    except (OSError, ValueError):
+        return None
+
+
+class Runner:
+    def __init__(self, cfg: DeviceConfig, log: Callable[[str], None]) -> None:
+        if cfg.model is None:
+            raise ConfigError("no model: set model = \"...\" in the config or pass --model BUNDLE")
+        if cfg.source is None:
+            raise ConfigError("no source: set source = \"...\" in the config or pass --source SRC")
+        self.cfg = cfg
+        self.log = log
+        self.bundle: Bundle = read_bundle(cfg.model)
+        self.model = self.bundle.load_model(num_threads=cfg.threads)
+        self.pre = Preprocessor(self.bundle.preprocess_spec)
+        if self.pre.spec.dtype != np.dtype(self.model.input.dtype).name:
+            raise EdgeqError(f"{cfg.model}: manifest input dtype {self.pre.spec.dtype} differs from the model's; re-convert")
+        self.decoder = make_decoder(self.model, self.bundle, cfg.thresholds.score, cfg.thresholds.top_k)
+        self.source = open_source(cfg.source, cfg.loop, log)
+        self.stop_event = threading.Event()
+        self.stop_reason = "end of source"
+        self.frames = 0
+        self.started = time.monotonic()
+        self.invoke_ms: collections.deque[float] = collections.deque(maxlen=1000)
+        self._stats_frames = 0
+        self._stats_time = time.monotonic()
+        self.notifier = Notifier()
+        self.link = self._make_link() if cfg.mqtt else None
+        self.output = self._open_output(cfg.output)
+        self.outbox = Outbox(
+            lambda: Spool(cfg.spool_path(), cfg.spool.max_messages, cfg.spool.max_bytes),
+            self.link, self.output, self.stats_payload, cfg.stats.interval, log,
+        )
+
+    # -- pieces ----------------------------------------------------------------------------------------
+    def _open_output(self, target: str | None) -> IO[str] | None:
+        if target is None:
+            return None
+        if target == "-":
+            return sys.stdout
+        try:
+            return open(target, "a", encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--output {target}: cannot open for writing ({exc.strerror})") from None
+
+    def _make_link(self) -> MqttLink:
+        cfg = self.cfg
+        assert cfg.mqtt is not None
+        link = MqttLink(cfg.mqtt, cfg.device_id, self.online_payload, self.log, on_connected=self._on_connected)
+        if cfg.homeassistant.discovery:
+            link.subscribe(f"{cfg.homeassistant.prefix}/status", self._on_ha_status)
+        return link
+
+    def _on_connected(self) -> None:
+        if self.cfg.homeassistant.discovery:
+            self._send_discovery()
+
+    def _on_ha_status(self, topic: str, payload: bytes) -> None:
+        if payload.strip().lower() == b"online":
+            self._send_discovery()
+
+    def _send_discovery(self) -> None:
+        assert self.link is not None
+        topic, payload = discovery_payload(self.cfg, self.bundle, self.link.prefix)
+        self.link.publish(topic, json.dumps(payload), qos=1, retain=True)
+
+    def online_payload(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "model": {"name": self.bundle.name, "sha256": self.bundle.sha256},
+            "runtime": self.model.describe(),
+            "source": self.source.name,
+            "timestamp": utc_timestamp(),
+        }
+
+    def stats_payload(self) -> dict[str, Any]:
+        now = time.monotonic()
+        elapsed = max(now - self._stats_time, 1e-9)
+        fps = (self.frames - self._stats_frames) / elapsed
+        self._stats_frames, self._stats_time = self.frames, now
+        times = np.asarray(self.invoke_ms) if self.invoke_ms else np.zeros(1)
+        return {
+            "schema": STATS_SCHEMA[0], "schema_version": STATS_SCHEMA[1], "device_id": self.cfg.device_id,
+            "timestamp": utc_timestamp(), "uptime_s": round(now - self.started, 1), "frames": self.frames,
+            "fps": round(fps, 2),
+            "inference_ms": {"p50": round(float(np.percentile(times, 50)), 3), "p95": round(float(np.percentile(times, 95)), 3)},
+            "dropped_frames": self.source.dropped, "source_reconnects": self.source.reconnects,
+            "rss_mb": read_rss_mb(), "cpu_temp_c": read_cpu_temp_c(),
+        }
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = reason
+        self.stop_event.set()
+        self.source.close()
+
+    def run(self) -> int:
+        cfg = self.cfg
+        base = {
+            "schema": DETECTIONS_SCHEMA[0], "schema_version": DETECTIONS_SCHEMA[1], "device_id": cfg.device_id,
+            "model": {"name": self.bundle.name, "sha256": self.bundle.sha256}, "task": self.bundle.task,
+        }
+        self.outbox.start()
+        self.outbox.wait_ready()
+        if self.outbox.error is not None:
+            raise self.outbox.error
+        if self.link:
+            self.link.start()
+        self.log(f"running {self.bundle.name} on {self.source.name}: {self.model.runtime.name} "
+                 f"{self.model.runtime.version}, {self.model.delegation.summary()}")
+        wait_started = time.perf_counter()
+        period = 1.0 / cfg.max_fps if cfg.max_fps else 0.0
+        next_slot = time.monotonic()
+        try:
+            for frame in self.source.frames():
+                if self.stop_event.is_set():
+                    break
+                if frame is None:  # a live source is reconnecting: the loop is alive, nothing to infer
+                    self.notifier.watchdog()
+                    continue
+                if period:
+                    delay = next_slot - time.monotonic()
+                    if delay > 0 and self.stop_event.wait(delay):
+                        break
+                    next_slot = max(next_slot + period, time.monotonic() - period)
+                t0 = time.perf_counter()
+                tensor, transform = self.pre(frame.image)
+                t1 = time.perf_counter()
+                self.model.set_input(tensor)
+                self.model.invoke()
+                t2 = time.perf_counter()
+                detections = self.decoder(self.model, transform)
+                t3 = time.perf_counter()
+                self.invoke_ms.append((t2 - t1) * 1000)
+                h, w = frame.image.shape[:2]
+                self.outbox.submit({
+                    **base, "seq": 0, "timestamp": utc_timestamp(frame.captured_at),
+                    "frame": {"id": frame.id, "width": int(w), "height": int(h)},
+                    "latency_ms": {
+                        "wait": round((t0 - wait_started) * 1000, 3), "preprocess": round((t1 - t0) * 1000, 3),
+                        "invoke": round((t2 - t1) * 1000, 3), "decode": round((t3 - t2) * 1000, 3),
+                    },
+                    "detections": detections,
+                })
+                self.frames += 1
+                if self.frames == 1:
+                    self.notifier.ready(f"running {self.bundle.name} on {self.source.name}")
+                self.notifier.watchdog()
+                if self.outbox.error is not None:
+                    raise self.outbox.error
+                if cfg.max_frames is not None and self.frames >= cfg.max_frames:
+                    self.stop_reason = "max frames"
+                    break
+                wait_started = time.perf_counter()
+        finally:
+            self.source.close()
+            self.notifier.stopping()
+        ended_naturally = self.stop_reason in ("end of source", "max frames")
+        drained = self.outbox.finish(cfg.drain_timeout if ended_naturally else min(cfg.drain_timeout, 2.0))
+        if self.outbox.error is not None:
+            raise self.outbox.error
+        if self.link:
+            self.link.stop("stopped")
+        if self.output not in (None, sys.stdout):
+            self.output.close()
+        left = "" if drained or not self.link else f", {self.outbox.depth} result(s) kept in the spool for the next run"
+        self.log(f"stopped ({self.stop_reason}): {self.frames} frames, last seq {self.outbox.last_seq}{left}")
+        return 0
+
+
+def run_device(cfg: DeviceConfig, log: Callable[[str], None] | None = None) -> int:
+    log = log or (lambda s: print(f"edgeq: {s}", file=sys.stderr, flush=True))
+    runner = Runner(cfg, log)
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, lambda signum, _f: runner.request_stop(signal.Signals(signum).name))
+    try:
+        return runner.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,336 @@
+"""Frame sources: V4L2 cameras, video files, RTSP/HTTP streams, image folders and picamera2.
+
+Files and folders give every frame in order and then stop (or loop); a prefetch thread decodes ahead so
+decoding overlaps inference. Live sources run a capture thread that keeps only the latest frame, counts the
+frames it had to drop, and reconnects a lost stream with exponential backoff (1 s doubling to 30 s) without
+ever ending the run.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import urlparse
+
+import numpy as np
+
+from edgeq.errors import SourceError
+from edgeq.preprocess import list_images, read_image
+
+STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https", "rtmp", "udp", "tcp")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".h264", ".mjpeg")
+
+
+@dataclass
+class Frame:
+    """One frame: ``id`` (file name for folders, frame index otherwise), BGR ``image`` and capture time."""
+
+    id: str
+    image: np.ndarray
+    captured_at: float
+
+
+class Source(ABC):
+    """Iterate ``frames()``; ``live`` sources drop stale frames, file sources never do."""
+
+    live: bool = False
+    name: str = ""
+
+    @abstractmethod
+    def frames(self) -> Iterator[Frame]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    @property
+    def dropped(self) -> int:
+        return 0
+
+    @property
+    def reconnects(self) -> int:
+        return 0
+
+
+class _Prefetch:
+    """Decode up to ``depth`` frames ahead on a thread; the consumer blocks only when decoding is slower."""
+
+    _END = object()
+
+    def __init__(self, produce: Callable[[], Iterator[Frame]], depth: int = 8) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(produce,), name="edgeq-decode", daemon=True)
+        self._thread.start()
+
+    def _run(self, produce: Callable[[], Iterator[Frame]]) -> None:
+        try:
+            for frame in produce():
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(frame, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # surfaced in the consumer's thread
+            self._queue.put(exc)
+            return
+        self._queue.put(self._END)
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class FolderSource(Source):
+    def __init__(self, path: Path, loop: bool = False) -> None:
+        self.path = path
+        self.loop = loop
+        self.name = f"folder:{path}"
+        self.files = list_images(path)
+        if not self.files:
+            raise SourceError(f"source {path}: no jpg/png/bmp images in the folder")
+        self._prefetch: _Prefetch | None = None
+
+    def _produce(self) -> Iterator[Frame]:
+        while True:
+            for f in self.files:
+                try:
+                    image = read_image(f)
+                except SourceError as exc:
+                    raise SourceError(f"source {exc}") from None
+                if image.ndim == 2:
+                    image = np.repeat(image[:, :, None], 3, axis=2)
+                yield Frame(f.name, image, time.time())
+            if not self.loop:
+                return
+
+    def frames(self) -> Iterator[Frame]:
+        self._prefetch = _Prefetch(self._produce)
+        return iter(self._prefetch)
+
+    def close(self) -> None:
+        if self._prefetch:
+            self._prefetch.stop()
+
+
+class VideoFileSource(Source):
+    def __init__(self, path: Path, loop: bool = False) -> None:
+        import cv2
+
+        self.path = path
+        self.loop = loop
+        self.name = f"file:{path}"
+        probe = cv2.VideoCapture(str(path))
+        ok = probe.isOpened() and probe.read()[0]
+        probe.release()
+        if not ok:
+            raise SourceError(f"source {path}: cannot decode the video (corrupt file or unsupported codec)")
+        self._prefetch: _Prefetch | None = None
+
+    def _produce(self) -> Iterator[Frame]:
+        import cv2
+
+        while True:
+            capture = cv2.VideoCapture(str(self.path))
+            index = 0
+            try:
+                while True:
+                    ok, image = capture.read()
+                    if not ok:
+                        break
+                    yield Frame(str(index), image, time.time())
+                    index += 1
+            finally:
+                capture.release()
+            if not self.loop:
+                return
+
+    def frames(self) -> Iterator[Frame]:
+        self._prefetch = _Prefetch(self._produce)
+        return iter(self._prefetch)
+
+    def close(self) -> None:
+        if self._prefetch:
+            self._prefetch.stop()
+
+
+class LiveSource(Source):
+    """A camera or stream read by a capture thread that keeps only the newest frame.
+
+    opener: returns an opened ``cv2.VideoCapture``-like object (``read()``, ``release()``, ``isOpened()``).
+    backoff: first reconnect delay in seconds, doubled after each failure up to ``max_backoff``.
+    """
+
+    live = True
+
+    def __init__(
+        self,
+        name: str,
+        opener: Callable[[], Any],
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        log: Callable[[str], None] = lambda s: None,
+    ) -> None:
+        self.name = name
+        self._opener = opener
+        self._backoff = backoff
+        self._max_backoff = max_backoff
+        self._log = log
+        self._cond = threading.Condition()
+        self._latest: Frame | None = None
+        self._stop = threading.Event()
+        self._dropped = 0
+        self._reconnects = 0
+        self._index = 0
+        self._thread = threading.Thread(target=self._run, name="edgeq-capture", daemon=True)
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    @property
+    def reconnects(self) -> int:
+        return self._reconnects
+
+    def _run(self) -> None:
+        delay = self._backoff
+        first = True
+        while not self._stop.is_set():
+            capture = None
+            try:
+                capture = self._opener()
+                if capture is None or not capture.isOpened():
+                    raise OSError("could not open")
+                if not first:
+                    self._log(f"source {self.name}: reconnected")
+                first = False
+                while not self._stop.is_set():
+                    ok, image = capture.read()
+                    if not ok or image is None:
+                        raise OSError("stream ended or read timed out")
+                    delay = self._backoff
+                    frame = Frame(str(self._index), image, time.time())
+                    self._index += 1
+                    with self._cond:
+                        if self._latest is not None:
+                            self._dropped += 1
+                        self._latest = frame
+                        self._cond.notify()
+            except Exception as exc:
+                if self._stop.is_set():
+                    break
+                self._reconnects += 1
+                self._log(f"source {self.name}: lost ({exc}); reconnecting in {delay:.1f} s")
+                self._stop.wait(delay)
+                delay = min(delay * 2, self._max_backoff)
+            finally:
+                if capture is not None:
+                    try:
+                        capture.release()
+                    except Exception:
+                        pass
+
+    def frames(self) -> Iterator[Frame | None]:  # type: ignore[override]
+        """Newest frames; ``None`` every 0.5 s without one, so the caller's loop (and watchdog) keeps turning
+        while the stream reconnects."""
+        self._thread.start()
+        while not self._stop.is_set():
+            with self._cond:
+                if self._latest is None:
+                    self._cond.wait(timeout=0.5)
+                frame, self._latest = self._latest, None
+            yield frame
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+
+def _cv2_capture(target: Any, open_timeout_ms: int = 10000, read_timeout_ms: int = 10000) -> Callable[[], Any]:
+    def open_it() -> Any:
+        import cv2
+
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, open_timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, read_timeout_ms]
+        backend = cv2.CAP_V4L2 if isinstance(target, int) or str(target).startswith("/dev/") else cv2.CAP_FFMPEG
+        if isinstance(target, int) or str(target).startswith("/dev/"):
+            return cv2.VideoCapture(target, backend)
+        return cv2.VideoCapture(target, backend, params)
+
+    return open_it
+
+
+class Picamera2Source(LiveSource):
+    def __init__(self, log: Callable[[str], None]) -> None:
+        try:
+            from picamera2 import Picamera2  # type: ignore[import-not-found]
+        except ImportError:
+            raise SourceError(
+                "source picamera2: the picamera2 module is not importable; on Raspberry Pi OS: "
+                "apt install python3-picamera2 and create the venv with --system-site-packages"
+            ) from None
+
+        class _Adapter:
+            def __init__(self) -> None:
+                self.cam = Picamera2()
+                self.cam.configure(self.cam.create_video_configuration(main={"format": "BGR888"}))
+                self.cam.start()
+
+            def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+                return True
+
+            def read(self) -> tuple[bool, np.ndarray]:
+                return True, self.cam.capture_array()
+
+            def release(self) -> None:
+                self.cam.stop()
+                self.cam.close()
+
+        super().__init__("picamera2", _Adapter, log=log)
+
+
+def open_source(spec: str, loop: bool = False, log: Callable[[str], None] = lambda s: None) -> Source:
+    """Resolve ``--source``: camera index or /dev/videoN, video file, image folder, stream URL, or picamera2."""
+    spec = str(spec).strip()
+    if not spec:
+        raise SourceError("source is empty; give a camera index, /dev/videoN, a file, a folder or a URL")
+    if spec == "picamera2":
+        return Picamera2Source(log)
+    if re.fullmatch(r"\d+", spec) or spec.startswith("/dev/video"):
+        device = f"/dev/video{spec}" if spec.isdigit() else spec
+        if not os.path.exists(device):
+            raise SourceError(f"source {spec}: camera {device} does not exist; check the cable and `ls /dev/video*`")
+        if not os.access(device, os.R_OK | os.W_OK):
+            raise SourceError(f"source {spec}: no permission to open {device}; add the user to the 'video' group")
+        target: Any = int(spec) if spec.isdigit() else device
+        return LiveSource(f"camera:{device}", _cv2_capture(target), log=log)
+    if "://" in spec:
+        url = urlparse(spec)
+        if url.scheme.lower() not in STREAM_SCHEMES:
+            raise SourceError(f"source {spec}: unsupported URL scheme {url.scheme!r}; use rtsp://, http:// or https://")
+        if not url.hostname:
+            raise SourceError(f"source {spec}: URL has no host; use e.g. rtsp://camera.lan:554/stream")
+        return LiveSource(f"stream:{url.scheme}://{url.hostname}{url.path}", _cv2_capture(spec), log=log)
+    path = Path(spec)
+    if path.is_dir():
+        return FolderSource(path, loop)
+    if path.is_file():
+        return VideoFileSource(path, loop)
+    raise SourceError(f"source {spec}: no such file, folder or camera")

@@ -1,0 +1,257 @@
+"""`edgeq run` against a real mosquitto, with a real video written by OpenCV and an independent subscriber.
+
+Fault tests: broker absent at start, broker killed and restarted mid-run, edgeq SIGKILLed and restarted,
+credentials refused, TLS with a password. In each, every seq arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from brokers import Broker, Collector, free_port
+from edgeq.bundle import message_schema
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    from edgeq.synthetic import moving_shapes_frames, write_video
+
+    return write_video(tmp_path_factory.mktemp("video") / "clip.avi", moving_shapes_frames(60, 120, 160))
+
+
+def edgeq_cmd(*args: str) -> list[str]:
+    exe = shutil.which("edgeq")
+    return [exe, *args] if exe else [sys.executable, "-m", "edgeq.cli", *args]
+
+
+def start_run(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(edgeq_cmd("run", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def test_every_frame_arrives_once_with_seq_and_valid_schemas(tmp_path, tiny_bundle, video):
+    broker = Broker(tmp_path / "broker").start()
+    sub = Collector(broker.port, ["edgeq/#"])
+    try:
+        assert sub.wait_for(lambda: sub.client.is_connected(), 10)
+        time.sleep(0.3)
+        proc = start_run("--model", str(tiny_bundle), "--source", str(video), "--mqtt", broker.url,
+                         "--device-id", "cam1", "--spool", str(tmp_path / "spool.db"), "--stats-interval", "0.2")
+        code, _, err = finish(proc)
+        assert code == 0, err
+        assert "Traceback" not in err
+        assert sub.wait_for(lambda: len(sub.seqs()) >= 60, 20)
+        dets = sub.payloads("/detections")
+        assert sorted(m["seq"] for m in dets) == list(range(1, 61))  # N frames, N results, no duplicates here
+        assert [m["frame"]["id"] for m in sorted(dets, key=lambda m: m["seq"])] == [str(i) for i in range(60)]
+        for m in dets:
+            jsonschema.validate(m, message_schema("detections"))
+        assert dets[0]["device_id"] == "cam1" and dets[0]["frame"]["width"] == 160
+        statuses = sub.payloads("/status")
+        for s in statuses:
+            jsonschema.validate(s, message_schema("status"))
+        states = [s["state"] for s in statuses]
+        assert "online" in states and states[-1] == "stopped"
+        online = next(s for s in statuses if s["state"] == "online")
+        assert online["runtime"]["runtime"] == "ai-edge-litert" and online["runtime"]["xnnpack_applied"] is True
+        stats = sub.payloads("/stats")
+        assert stats, "no stats message"
+        for s in stats:
+            jsonschema.validate(s, message_schema("stats"))
+    finally:
+        sub.close()
+        broker.stop()
+
+
+def test_broker_absent_at_start_then_started(tmp_path, tiny_bundle, video):
+    port = free_port()
+    proc = start_run("--model", str(tiny_bundle), "--source", str(video), "--mqtt", f"mqtt://127.0.0.1:{port}",
+                     "--spool", str(tmp_path / "spool.db"), "--loop", "--max-frames", "200")
+    time.sleep(3)  # results pile up in the spool while nobody listens
+    broker = Broker(tmp_path / "broker", port=port).start()
+    sub = Collector(port, ["edgeq/#"])
+    try:
+        code, _, err = finish(proc)
+        assert code == 0, err
+        assert sub.wait_for(lambda: sub.seqs() >= set(range(1, 201)), 30), sorted(set(range(1, 201)) - sub.seqs())[:10]
+    finally:
+        sub.close()
+        broker.stop()
+
+
+def test_broker_killed_and_restarted_mid_run(tmp_path, tiny_bundle, video):
+    broker = Broker(tmp_path / "broker").start()
+    sub = Collector(broker.port, ["edgeq/+/detections"])
+    try:
+        assert sub.wait_for(lambda: sub.client.is_connected(), 10)
+        time.sleep(0.3)
+        proc = start_run("--model", str(tiny_bundle), "--source", str(video), "--mqtt", broker.url,
+                         "--spool", str(tmp_path / "spool.db"), "--loop", "--max-frames", "1500", "--max-fps", "250")
+        assert sub.wait_for(lambda: len(sub.seqs()) > 50, 30)
+        broker.stop(signal.SIGKILL)
+        time.sleep(1.5)
+        broker.start()
+        code, _, err = finish(proc)
+        assert code == 0, err
+        missing = set(range(1, 1501)) - sub.seqs()
+        assert sub.wait_for(lambda: not (set(range(1, 1501)) - sub.seqs()), 30), sorted(missing)[:20]
+        assert "disconnected" in err and err.count("connected") >= 2
+    finally:
+        sub.close()
+        broker.stop()
+
+
+def test_sigkill_of_edgeq_loses_nothing(tmp_path, tiny_bundle, video):
+    broker = Broker(tmp_path / "broker").start()
+    sub = Collector(broker.port, ["edgeq/+/detections"])
+    spool = tmp_path / "spool.db"
+    try:
+        assert sub.wait_for(lambda: sub.client.is_connected(), 10)
+        proc = start_run("--model", str(tiny_bundle), "--source", str(video), "--mqtt", broker.url,
+                         "--spool", str(spool), "--loop", "--max-frames", "100000", "--max-fps", "500")
+        assert sub.wait_for(lambda: len(sub.seqs()) > 100, 30)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        proc2 = start_run("--model", str(tiny_bundle), "--source", str(video), "--mqtt", broker.url,
+                          "--spool", str(spool), "--max-frames", "30")
+        code, _, err = finish(proc2)
+        assert code == 0, err
+        last = max(sub.seqs())
+        assert sub.wait_for(lambda: sub.seqs() >= set(range(1, max(sub.seqs()) + 1)), 20)
+        assert sub.seqs() == set(range(1, max(sub.seqs()) + 1)) and last > 130
+    finally:
+        sub.close()
+        broker.stop()
+
+
+def test_sigterm_flushes_and_publishes_stopped(tmp_path, tiny_bundle, video):
+    broker = Broker(tmp_path / "broker").start()
+    sub = Collector(broker.port, ["edgeq/#"])
+    try:
+        proc = start_run("--model", str(tiny_bundle), "--source", str(video), "--mqtt", broker.url,
+                         "--spool", str(tmp_path / "spool.db"), "--loop", "--max-fps", "100")
+        assert sub.wait_for(lambda: len(sub.seqs()) > 10, 30)
+        proc.send_signal(signal.SIGTERM)
+        code, _, err = finish(proc, 30)
+        assert code == 0, err
+        assert "stopped (SIGTERM)" in err
+        assert sub.wait_for(lambda: sub.payloads("/status")[-1]["state"] == "stopped", 10)
+        assert sub.wait_for(lambda: sub.seqs() == set(range(1, max(sub.seqs()) + 1)), 10)
+    finally:
+        sub.close()
+        broker.stop()
+
+
+def test_refused_credentials_reported_and_never_connected(tmp_path, tiny_bundle, video):
+    pw = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), "edgeq", "right"], check=True)
+    os.chmod(pw, 0o644)
+    broker = Broker(tmp_path / "broker", extra=f"password_file {pw}\n", anonymous=False).start()
+    (tmp_path / "pass").write_text("wrong\n")
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(
+        f'model = "{tiny_bundle}"\nsource = "{video}"\ndrain_timeout = 3\n'
+        f'[mqtt]\nurl = "{broker.url}"\nusername = "edgeq"\npassword_file = "{tmp_path / "pass"}"\n'
+        f'[spool]\npath = "{tmp_path / "spool.db"}"\n'
+    )
+    sub = Collector(broker.port, ["edgeq/#"], auth=("edgeq", "right"))
+    try:
+        code, _, err = finish(start_run("--config", str(cfg)))
+        assert code == 0, err
+        assert "refused the connection" in err and "reason code" in err
+        assert "connected\n" not in err.replace("disconnected", "")
+        assert "60 result(s) kept in the spool" in err
+        assert sub.payloads("/status") == [] and sub.seqs() == set()
+        # with the right password the kept results go out, numbered 1..60 before the new ones
+        (tmp_path / "pass").write_text("right\n")
+        code, _, err = finish(start_run("--config", str(cfg), "--max-frames", "5"))
+        assert code == 0, err
+        assert sub.wait_for(lambda: sub.seqs() == set(range(1, 66)), 20), sorted(sub.seqs())[-5:]
+    finally:
+        sub.close()
+        broker.stop()
+
+
+def _make_ca(tmp: Path) -> dict[str, Path]:
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=edgeq test CA",
+        "-keyout", str(tmp / "ca.key"), "-out", str(tmp / "ca.crt"))
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", str(tmp / "server.key"),
+        "-out", str(tmp / "server.csr"))
+    (tmp / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", str(tmp / "server.csr"), "-CA", str(tmp / "ca.crt"), "-CAkey", str(tmp / "ca.key"),
+        "-CAcreateserial", "-days", "2", "-extfile", str(tmp / "ext.cnf"), "-out", str(tmp / "server.crt"))
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)
+    return {"ca": tmp / "ca.crt", "cert": tmp / "server.crt", "key": tmp / "server.key"}
+
+
+def test_tls_with_password_from_credentials_directory(tmp_path, tiny_bundle, video):
+    certs = _make_ca(tmp_path)
+    pw = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), "edgeq", "s3cret"], check=True)
+    os.chmod(pw, 0o644)
+    port = free_port()
+    broker = Broker(tmp_path / "broker", port=port, anonymous=False, extra=(
+        f"password_file {pw}\ncafile {certs['ca']}\ncertfile {certs['cert']}\nkeyfile {certs['key']}\n")).start()
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text("s3cret\n")
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(
+        f'model = "{tiny_bundle}"\nsource = "{video}"\ndevice_id = "tls-cam"\n'
+        f'[mqtt]\nurl = "mqtts://localhost:{port}"\nusername = "edgeq"\npassword_credential = "mqtt-password"\n'
+        f'ca = "{certs["ca"]}"\nprotocol = "5"\n[spool]\npath = "{tmp_path / "spool.db"}"\n'
+    )
+    sub = Collector(port, ["edgeq/#"], tls={"ca_certs": str(certs["ca"])}, auth=("edgeq", "s3cret"))
+    try:
+        assert sub.wait_for(lambda: sub.client.is_connected(), 10)
+        time.sleep(0.3)
+        code, _, err = finish(start_run("--config", str(cfg), env={"CREDENTIALS_DIRECTORY": str(creds)}))
+        assert code == 0, err
+        assert sub.wait_for(lambda: sub.seqs() == set(range(1, 61)), 20)
+    finally:
+        sub.close()
+        broker.stop()
+
+
+def test_home_assistant_discovery_resent_on_ha_online(tmp_path, tiny_bundle, video):
+    broker = Broker(tmp_path / "broker").start()
+    sub = Collector(broker.port, ["homeassistant/device/#"])
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(
+        f'model = "{tiny_bundle}"\nsource = "{video}"\ndevice_id = "porch"\nloop = true\n'
+        f'[mqtt]\nurl = "{broker.url}"\n[spool]\npath = "{tmp_path / "spool.db"}"\n[homeassistant]\ndiscovery = true\n'
+    )
+    try:
+        proc = start_run("--config", str(cfg), "--max-fps", "100")
+        assert sub.wait_for(lambda: len(sub.payloads("/config")) >= 1, 30)
+        config = sub.payloads("/config")[0]
+        assert config["dev"]["ids"] == ["edgeq_porch"] and "porch_label" in config["cmps"]
+        assert config["cmps"]["porch_label"]["state_topic"] == "edgeq/porch/detections"
+        sub.client.publish("homeassistant/status", "online", qos=1)
+        assert sub.wait_for(lambda: len(sub.payloads("/config")) >= 2, 10)
+        proc.send_signal(signal.SIGTERM)
+        assert finish(proc)[0] == 0
+    finally:
+        sub.close()
+        broker.stop()
