@@ -172,6 +172,10 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     if not keys:
         return None
     lines = text.splitlines()
+    whole = re.compile(r"^\s*\[\s*" + re.escape(".".join(keys)) + r"\s*\]")
+    for i, ln in enumerate(lines):
+        if whole.match(ln):
+            return i + 1
     table, key = keys[:-1], keys[-1]
     start = 0
     if table:

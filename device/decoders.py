@@ -19,7 +19,12 @@ from edgeq.uncertainty import entropy, softmax
 
 
 class Decoder(Protocol):
-    def __call__(self, model: Model, transform: FrameTransform) -> list[dict[str, Any]]: ...
+    """``tensors``: the outputs the decoder reads. The inference loop copies their raw values
+    (``{index: array}``) and the publishing stage calls ``decode`` on them, off the inference thread."""
+
+    tensors: list[TensorInfo]
+
+    def decode(self, raw: dict[int, np.ndarray], transform: FrameTransform) -> list[dict[str, Any]]: ...
 
 
 class ClassificationDecoder:
@@ -28,9 +33,10 @@ class ClassificationDecoder:
         self.output: TensorInfo = model.find_output(spec["name"], spec["shape"])
         self.labels = bundle.labels
         self.top_k = max(1, min(top_k, len(self.labels)))
+        self.tensors = [self.output]
 
-    def __call__(self, model: Model, transform: FrameTransform) -> list[dict[str, Any]]:
-        logits = model.get_float(self.output).reshape(-1)
+    def decode(self, raw: dict[int, np.ndarray], transform: FrameTransform) -> list[dict[str, Any]]:
+        logits = self.output.dequantize(raw[self.output.index]).reshape(-1)
         p = softmax(logits)
         order = np.argsort(-p)[: self.top_k]
         h = float(entropy(p))
@@ -51,6 +57,7 @@ class SSDDecoder:
         self.boxes, self.classes, self.scores, self.count = (
             self._find(model, by_role, role) for role in ("boxes", "classes", "scores", "count")
         )
+        self.tensors = [self.boxes, self.classes, self.scores, self.count]
 
     @staticmethod
     def _find(model: Model, by_role: dict[str | None, dict[str, Any]], role: str) -> TensorInfo:
@@ -59,11 +66,9 @@ class SSDDecoder:
             raise BundleError(f"manifest outputs have no '{role}' entry; a detect bundle needs boxes, classes, scores, count")
         return model.find_output(spec.get("name"), spec.get("shape"))
 
-    def __call__(self, model: Model, transform: FrameTransform) -> list[dict[str, Any]]:
-        return decode_ssd(
-            model.get_float(self.boxes), model.get_float(self.classes), model.get_float(self.scores),
-            model.get_float(self.count), transform, self.labels, self.threshold,
-        )
+    def decode(self, raw: dict[int, np.ndarray], transform: FrameTransform) -> list[dict[str, Any]]:
+        values = [t.dequantize(raw[t.index]) for t in self.tensors]
+        return decode_ssd(*values, transform, self.labels, self.threshold)
 
 
 def decode_ssd(

@@ -35,10 +35,9 @@ class Outbox(threading.Thread):
         self._stats = stats
         self._stats_interval = stats_interval
         self._log = log
-        self._queue: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[dict[str, Any], Callable[[], list[dict[str, Any]]]]] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._ready = threading.Event()
-        self._idle = threading.Event()
         self.error: BaseException | None = None
         self.topic = f"{link.prefix}/detections" if link else ""
         self.published = 0
@@ -52,9 +51,9 @@ class Outbox(threading.Thread):
         self._cursor = 0
 
     # -- called from the inference thread ----------------------------------------------------------------
-    def submit(self, result: dict[str, Any]) -> None:
-        self._idle.clear()
-        self._queue.put(result)
+    def submit(self, result: dict[str, Any], decode: Callable[[], list[dict[str, Any]]]) -> None:
+        """Hand over a result; ``decode`` (output arrays -> detections) runs here, off the inference thread."""
+        self._queue.put((result, decode))
 
     def finish(self, drain_timeout: float) -> bool:
         """Flush every submitted result into the spool; then wait up to ``drain_timeout`` for the broker to
@@ -108,7 +107,7 @@ class Outbox(threading.Thread):
             self.spool.close()
 
     def _take(self, timeout: float) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
+        items: list[Any] = []
         try:
             items.append(self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait())
         except queue.Empty:
@@ -118,7 +117,13 @@ class Outbox(threading.Thread):
                 items.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-        return items
+        results = []
+        for result, decode in items:
+            t0 = time.perf_counter()
+            result["detections"] = decode()
+            result["latency_ms"]["decode"] = round((time.perf_counter() - t0) * 1000, 3)
+            results.append(result)
+        return results
 
     def _store(self, batch: list[dict[str, Any]]) -> None:
         encoded: list[str] = []
@@ -161,10 +166,6 @@ class Outbox(threading.Thread):
             self.spool.ack(done)
             self.acked += len(done)
             self.depth = self.spool.depth()
-        if not self._queue.empty() or done:
-            return
-        if self.depth == 0:
-            self._idle.set()
 
     def _pump(self) -> None:
         link = self.link

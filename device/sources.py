@@ -28,13 +28,20 @@ STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https", "rtmp", "udp", "tcp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".h264", ".mjpeg")
 
 
+Prepare = Callable[[np.ndarray], tuple[np.ndarray, Any]]
+
+
 @dataclass
 class Frame:
-    """One frame: ``id`` (file name for folders, frame index otherwise), BGR ``image`` and capture time."""
+    """One frame: ``id`` (file name for folders, frame index otherwise), BGR ``image`` and capture time
+    (for files: when the loop took it). ``tensor``/``transform`` are set when the source preprocessed it on its
+    own thread (see ``Source.frames(prepare=...)``)."""
 
     id: str
     image: np.ndarray
     captured_at: float
+    tensor: np.ndarray | None = None
+    transform: Any = None
 
 
 class Source(ABC):
@@ -44,7 +51,9 @@ class Source(ABC):
     name: str = ""
 
     @abstractmethod
-    def frames(self) -> Iterator[Frame]: ...
+    def frames(self, prepare: Prepare | None = None) -> Iterator[Frame]:
+        """Yield frames. ``prepare`` (the preprocessor writing into a ring of buffers) runs on the source's
+        thread, so decoding and preprocessing overlap inference; it must only be called from one thread."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -63,7 +72,8 @@ class _Prefetch:
 
     _END = object()
 
-    def __init__(self, produce: Callable[[], Iterator[Frame]], depth: int = 8) -> None:
+    def __init__(self, produce: Callable[[], Iterator[Frame]], prepare: Prepare | None = None, depth: int = 8) -> None:
+        self._prepare = prepare
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(produce,), name="edgeq-decode", daemon=True)
@@ -72,6 +82,8 @@ class _Prefetch:
     def _run(self, produce: Callable[[], Iterator[Frame]]) -> None:
         try:
             for frame in produce():
+                if self._prepare is not None:
+                    frame.tensor, frame.transform = self._prepare(frame.image)
                 while not self._stop.is_set():
                     try:
                         self._queue.put(frame, timeout=0.1)
@@ -92,6 +104,7 @@ class _Prefetch:
                 return
             if isinstance(item, BaseException):
                 raise item
+            item.captured_at = time.time()
             yield item
 
     def stop(self) -> None:
@@ -121,8 +134,8 @@ class FolderSource(Source):
             if not self.loop:
                 return
 
-    def frames(self) -> Iterator[Frame]:
-        self._prefetch = _Prefetch(self._produce)
+    def frames(self, prepare: Prepare | None = None) -> Iterator[Frame]:
+        self._prefetch = _Prefetch(self._produce, prepare)
         return iter(self._prefetch)
 
     def close(self) -> None:
@@ -162,8 +175,8 @@ class VideoFileSource(Source):
             if not self.loop:
                 return
 
-    def frames(self) -> Iterator[Frame]:
-        self._prefetch = _Prefetch(self._produce)
+    def frames(self, prepare: Prepare | None = None) -> Iterator[Frame]:
+        self._prefetch = _Prefetch(self._produce, prepare)
         return iter(self._prefetch)
 
     def close(self) -> None:
@@ -199,6 +212,7 @@ class LiveSource(Source):
         self._dropped = 0
         self._reconnects = 0
         self._index = 0
+        self._prepare: Prepare | None = None
         self._thread = threading.Thread(target=self._run, name="edgeq-capture", daemon=True)
 
     @property
@@ -227,6 +241,8 @@ class LiveSource(Source):
                         raise OSError("stream ended or read timed out")
                     delay = self._backoff
                     frame = Frame(str(self._index), image, time.time())
+                    if self._prepare is not None:
+                        frame.tensor, frame.transform = self._prepare(image)
                     self._index += 1
                     with self._cond:
                         if self._latest is not None:
@@ -247,9 +263,10 @@ class LiveSource(Source):
                     except Exception:
                         pass
 
-    def frames(self) -> Iterator[Frame | None]:  # type: ignore[override]
+    def frames(self, prepare: Prepare | None = None) -> Iterator[Frame | None]:  # type: ignore[override]
         """Newest frames; ``None`` every 0.5 s without one, so the caller's loop (and watchdog) keeps turning
         while the stream reconnects."""
+        self._prepare = prepare
         self._thread.start()
         while not self._stop.is_set():
             with self._cond:

@@ -108,7 +108,8 @@ class Spool:
                 self._drop_oldest_locked(excess)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may already have rolled back on SQLITE_FULL
+                db.execute("ROLLBACK")
             raise
         return seqs
 
@@ -124,7 +125,8 @@ class Spool:
             self._drop_oldest_locked(n)
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
 
     # -- reading -----------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """``edgeq demo``: the whole job end to end on embedded defaults, in a work folder.
 
 Steps: generate labelled images -> train a small MobileNetV2 on them -> ``edgeq convert`` (full int8, with
---val) -> ``edgeq inspect``. Everything is made here; nothing is downloaded.
+--val) -> ``edgeq inspect`` -> a video through ``edgeq run`` into a loopback mosquitto, printed by a subscriber. Everything is made here; nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=int, default=96, help="model input size (default 96)")
     p.add_argument("--alpha", type=float, default=0.35, help="MobileNetV2 width (default 0.35)")
     p.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
+    p.add_argument("--frames", type=int, default=30, help="frames in the demo video (default 30)")
 
 
 def step(title: str) -> float:
@@ -66,4 +68,97 @@ def run_demo(args: argparse.Namespace) -> int:
 
     step("4. edgeq inspect")
     print(f"   $ edgeq inspect {bundle}")
-    return edgeq_main(["inspect", str(bundle)])
+    code = edgeq_main(["inspect", str(bundle)])
+    if code:
+        return code
+    return run_device_demo(work, bundle, args.frames)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_mosquitto(work: Path) -> tuple[subprocess.Popen | None, int]:
+    import shutil
+    import socket
+
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if exe is None:
+        return None, 0
+    port = _free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    return None, 0
+
+
+def run_device_demo(work: Path, bundle: Path, frames: int) -> int:
+    """Write a short video, start a broker on loopback, run ``edgeq run`` on it and print what a subscriber gets."""
+    import json
+    import shutil
+    import sys
+
+    from edgeq.synthetic import moving_shapes_frames, write_video
+
+    t = step(f"5. writing a {frames}-frame video of moving shapes")
+    video = write_video(work / "shapes.avi", moving_shapes_frames(frames, 240, 320))
+    print(f"   {video}, {time.perf_counter() - t:.1f} s")
+
+    step("6. starting a broker on loopback and subscribing to edgeq/#")
+    broker, port = _start_mosquitto(work)
+    exe = shutil.which("edgeq")
+    cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
+    cmd += ["run", "--model", str(bundle), "--source", str(video), "--device-id", "demo",
+            "--spool", str(work / "spool.sqlite3"), "--stats-interval", "1"]
+    if broker is None:
+        print("   mosquitto is not installed (scripts/setup.sh installs it): printing results with --output - instead")
+        step("7. edgeq run")
+        print(f"   $ edgeq run --model {bundle} --source {video} --device-id demo --output -")
+        return subprocess.call(cmd + ["--output", "-"])
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    received: list[dict] = []
+
+    def on_message(client: object, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        payload = json.loads(msg.payload)
+        received.append(payload)
+        if payload.get("schema") == "edgeq.detections":
+            top = payload["detections"][0]
+            print(f"   {msg.topic} seq={payload['seq']:>3} frame={payload['frame']['id']:>3} "
+                  f"{top['label']:<9} p={top['score']:.2f} entropy={top['uncertainty']['predictive_entropy']:.2f} "
+                  f"invoke={payload['latency_ms']['invoke']:.2f} ms")
+        else:
+            print(f"   {msg.topic} {json.dumps(payload)[:150]}")
+
+    sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="edgeq-demo-subscriber")
+    sub.on_message = on_message
+    sub.on_connect = lambda c, u, f, rc, p: c.subscribe("edgeq/#", qos=1)
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    try:
+        step("7. edgeq run: video -> int8 inference -> spool -> MQTT")
+        print(f"   $ edgeq run --model {bundle} --source {video} --mqtt mqtt://127.0.0.1:{port} --device-id demo")
+        code = subprocess.call(cmd + ["--mqtt", f"mqtt://127.0.0.1:{port}"])
+        time.sleep(0.5)
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+        broker.terminate()
+        broker.wait(timeout=10)
+    seqs = [m["seq"] for m in received if m.get("schema") == "edgeq.detections"]
+    print(f"\n   subscriber received {len(seqs)} detection messages for {frames} frames (seq {min(seqs, default=0)}..{max(seqs, default=0)})")
+    return code

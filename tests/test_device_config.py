@@ -1,0 +1,88 @@
+import pytest
+
+from conftest import assert_clean_error, run_edgeq
+from edgeq.cli import main
+from edgeq.errors import ConfigError
+from edgeq.device.config import load_config
+
+GOOD = """\
+device_id = "porch"
+model = "/var/lib/edgeq/model.edgeq"
+source = "0"
+threads = 2
+
+[mqtt]
+url = "mqtts://broker.lan:8883"
+qos = 1
+protocol = "5"
+
+[spool]
+max_messages = 5000
+"""
+
+
+def write(tmp_path, text):
+    p = tmp_path / "device.toml"
+    p.write_text(text)
+    return p
+
+
+def test_good_config_and_flag_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), {"threads": 4, "mqtt.url": "mqtt://other:1884", "source": None})
+    assert cfg.threads == 4 and cfg.source == "0" and cfg.device_id == "porch"
+    assert cfg.mqtt.host == "other" and cfg.mqtt.port == 1884 and not cfg.mqtt.tls and cfg.mqtt.protocol == "5"
+    assert load_config(write(tmp_path, GOOD)).mqtt.port == 8883
+
+
+def test_no_mqtt_section_means_no_broker(tmp_path):
+    cfg = load_config(None, {"model": "m.edgeq", "source": "clip.avi", "output": "-"})
+    assert cfg.mqtt is None
+
+
+@pytest.mark.parametrize(
+    "text,needles",
+    [
+        (GOOD.replace("threads = 2", "thraeds = 2"), ["device.toml:4", "thraeds", "unknown key"]),
+        (GOOD.replace("qos = 1", "qos = 7"), ["device.toml:8", "mqtt.qos"]),
+        (GOOD.replace("threads = 2", 'threads = "two"'), ["device.toml:4", "threads", "integer"]),
+        (GOOD.replace('url = "mqtts://broker.lan:8883"', 'url = "http://broker"'), ["mqtt.url", "mqtt://host:port"]),
+        (GOOD.replace('device_id = "porch"', 'device_id = "porch/1"'), ["device.toml:1", "device_id"]),
+        (GOOD + "\n[mqtt.tls]\nca = 1\n", ["device.toml:14", "mqtt.tls", "unknown key"]),
+        ("source = [", ["not valid TOML"]),
+    ],
+    ids=["typo", "out-of-range", "wrong-type", "bad-url", "bad-id", "unknown-table", "syntax"],
+)
+def test_validate_config_names_file_line_and_key(tmp_path, capsys, text, needles):
+    path = write(tmp_path, text)
+    code = main(["validate-config", str(path)])
+    err = capsys.readouterr().err
+    line = assert_clean_error((code, err), str(path), *needles)
+    assert line.count("\n") == 0
+
+
+def test_validate_config_ok_and_missing_file(tmp_path, capsys):
+    assert main(["validate-config", str(write(tmp_path, GOOD))]) == 0
+    assert "ok" in capsys.readouterr().out
+    code = main(["validate-config", str(tmp_path / "nope.toml")])
+    assert_clean_error((code, capsys.readouterr().err), "nope.toml", "not found")
+
+
+def test_password_file_and_credentials_directory(tmp_path, monkeypatch):
+    (tmp_path / "pw").write_text("hunter2\n")
+    cfg = load_config(write(tmp_path, GOOD.replace("qos = 1", f'qos = 1\npassword_file = "{tmp_path / "pw"}"')))
+    assert cfg.mqtt.password() == "hunter2"
+    cfg = load_config(write(tmp_path, GOOD.replace("qos = 1", 'qos = 1\npassword_credential = "mqtt-password"')))
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY"):
+        cfg.mqtt.password()
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "mqtt-password").write_text("s3cret")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+    assert cfg.mqtt.password() == "s3cret"
+
+
+def test_run_flag_errors_are_one_line(tmp_path):
+    r = run_edgeq("run", "--model", "m.edgeq", "--source", "x.avi", "--mqtt", "mqtt://host:99999")
+    assert_clean_error(r, "mqtt.url", "port")
+    r = run_edgeq("run", "--source", "x.avi")
+    assert_clean_error(r, "no model")

@@ -1,0 +1,185 @@
+"""`edgeq run` without a broker, its bad inputs, sd_notify against a real socket, and a live source that recovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_clean_error, run_edgeq
+from edgeq.device.sources import LiveSource, open_source
+from edgeq.errors import SourceError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    from edgeq.synthetic import moving_shapes_frames, write_video
+
+    return write_video(tmp_path_factory.mktemp("video") / "clip.avi", moving_shapes_frames(40, 120, 160))
+
+
+def lines(text: str, schema: str = "edgeq.detections") -> list[dict]:
+    return [m for m in (json.loads(ln) for ln in text.splitlines() if ln.strip()) if m["schema"] == schema]
+
+
+def test_output_only_needs_no_broker_and_max_frames(tmp_path, tiny_bundle, video):
+    t0 = time.monotonic()
+    r = run_edgeq("run", "--model", str(tiny_bundle), "--source", str(video), "--output", "-",
+                  "--spool", str(tmp_path / "s.db"), "--max-frames", "25")
+    assert r.returncode == 0, r.stderr
+    msgs = lines(r.stdout)
+    assert [m["seq"] for m in msgs] == list(range(1, 26))
+    assert time.monotonic() - t0 < 60
+    assert all(m["detections"][0]["uncertainty"]["method"] == "softmax" for m in msgs)
+    assert {"preprocess", "invoke", "decode"} <= set(msgs[0]["latency_ms"])
+    # seq continues across runs
+    r = run_edgeq("run", "--model", str(tiny_bundle), "--source", str(video), "--output", str(tmp_path / "o.jsonl"),
+                  "--spool", str(tmp_path / "s.db"), "--max-frames", "3")
+    assert [m["seq"] for m in lines((tmp_path / "o.jsonl").read_text())] == [26, 27, 28]
+
+
+def test_folder_source_in_order_with_file_names(tmp_path, tiny_bundle, shapes_dir):
+    r = run_edgeq("run", "--model", str(tiny_bundle), "--source", str(shapes_dir / "circle"), "--output", "-",
+                  "--spool", str(tmp_path / "s.db"))
+    assert r.returncode == 0, r.stderr
+    ids = [m["frame"]["id"] for m in lines(r.stdout)]
+    assert ids == sorted(p.name for p in (shapes_dir / "circle").iterdir())
+
+
+@pytest.mark.parametrize(
+    "source,needle",
+    [("7", "/dev/video7 does not exist"), ("/dev/video9", "does not exist"), ("ftp://cam/x", "unsupported URL scheme"),
+     ("rtsp://", "no host"), ("missing.mp4", "no such file")],
+)
+def test_bad_sources(tmp_path, tiny_bundle, source, needle):
+    r = run_edgeq("run", "--model", str(tiny_bundle), "--source", source, "--output", "-", "--spool", str(tmp_path / "s.db"))
+    assert_clean_error(r, needle)
+
+
+def test_corrupt_video_source(tmp_path, tiny_bundle):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00" * 1000)
+    r = run_edgeq("run", "--model", str(tiny_bundle), "--source", str(bad), "--output", "-", "--spool", str(tmp_path / "s.db"))
+    assert_clean_error(r, "bad.mp4", "cannot decode")
+
+
+def test_missing_and_tampered_bundle(tmp_path, tiny_bundle, video):
+    r = run_edgeq("run", "--model", str(tmp_path / "nope.edgeq"), "--source", str(video), "--output", "-")
+    assert_clean_error(r, "nope.edgeq", "not found")
+    tampered = tmp_path / "t.edgeq"
+    with zipfile.ZipFile(tiny_bundle) as zin, zipfile.ZipFile(tampered, "w") as zout:
+        for item in zin.infolist():
+            blob = zin.read(item.filename)
+            if item.filename == "model.tflite":
+                blob = blob[:100] + bytes([blob[100] ^ 0xFF]) + blob[101:]
+            zout.writestr(item, blob)
+    r = run_edgeq("run", "--model", str(tampered), "--source", str(video), "--output", "-")
+    assert_clean_error(r, "sha256")
+
+
+def test_unwritable_spool(tmp_path, tiny_bundle, video):
+    (tmp_path / "file").write_text("x")
+    r = run_edgeq("run", "--model", str(tiny_bundle), "--source", str(video), "--output", "-",
+                  "--spool", str(tmp_path / "file" / "spool.db"))
+    assert_clean_error(r, "spool", "cannot open")
+
+
+def test_full_spool_disk_is_a_clear_error(tmp_path, tiny_bundle, video):
+    """SQLite's own 'database or disk is full' (max_page_count caps the file as a full disk would)."""
+    from edgeq.device.spool import Spool, SpoolFullError
+
+    spool = Spool(tmp_path / "tiny.db", max_bytes=65536)
+    with pytest.raises(SpoolFullError, match="full"):
+        spool.append_many([("t", lambda seq: b"x" * 200_000)])
+    spool.close()
+
+
+def test_sd_notify_ready_watchdog_stopping(tmp_path, tiny_bundle, video):
+    sock_path = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(sock_path)
+    server.settimeout(0.2)
+    received: list[str] = []
+    done = threading.Event()
+
+    def listen():
+        while not done.is_set():
+            try:
+                received.append(server.recv(4096).decode())
+            except socket.timeout:
+                continue
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    env = {"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "200000"}
+    r = run_edgeq("run", "--model", str(tiny_bundle), "--source", str(video), "--output", str(tmp_path / "o.jsonl"),
+                  "--spool", str(tmp_path / "s.db"), "--max-fps", "40", env=env)
+    time.sleep(0.3)
+    done.set()
+    t.join()
+    server.close()
+    assert r.returncode == 0, r.stderr
+    joined = "\n".join(received)
+    assert received[0].startswith("READY=1")
+    assert joined.count("WATCHDOG=1") >= 5  # 40 frames at 40 fps = 1 s, one ping per 0.1 s
+    assert "STOPPING=1" in received[-1]
+
+
+def test_live_source_recovers_from_a_lost_stream(video):
+    """A live source whose stream ends (as a dropped RTSP feed would) reconnects with backoff and goes on."""
+    import cv2
+
+    opens = []
+
+    def opener():
+        opens.append(time.monotonic())
+        return cv2.VideoCapture(str(video))
+
+    logs: list[str] = []
+    src = LiveSource("stream:test", opener, backoff=0.05, max_backoff=0.2, log=logs.append)
+    frames = []
+    for frame in src.frames():
+        if frame is not None:
+            frames.append(frame)
+            time.sleep(0.002)
+        if src.reconnects >= 2 and len(frames) > 20:
+            break
+    src.close()
+    assert len(opens) >= 3 and src.reconnects >= 2
+    assert any("reconnecting" in m for m in logs) and any("reconnected" in m for m in logs)
+    ids = [int(f.id) for f in frames]
+    assert ids == sorted(ids)  # frame numbering keeps increasing across reconnects
+    assert src.dropped >= 0
+
+
+def test_live_source_keeps_latest_and_counts_drops(video):
+    import cv2
+
+    src = LiveSource("stream:test", lambda: cv2.VideoCapture(str(video)), backoff=10)
+    got = []
+    for frame in src.frames():
+        if frame is not None:
+            got.append(frame)
+            time.sleep(0.05)  # a slow consumer
+        if len(got) >= 3:
+            break
+    src.close()
+    assert src.dropped > 0  # frames that arrived while the consumer was busy were replaced, not queued
+
+
+def test_open_source_kinds(tmp_path, video, shapes_dir):
+    assert open_source(str(video)).live is False
+    assert open_source(str(shapes_dir / "circle")).live is False
+    assert open_source("rtsp://127.0.0.1:9/stream").live is True
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no jpg"):
+        open_source(str(tmp_path / "empty"))
