@@ -122,11 +122,13 @@ def run_device_demo(work: Path, bundle: Path, frames: int) -> int:
     cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
     cmd += ["run", "--model", str(bundle), "--source", str(video), "--device-id", "demo",
             "--spool", str(work / "spool.sqlite3"), "--stats-interval", "1"]
+    embedded = None
     if broker is None:
-        print("   mosquitto is not installed (scripts/setup.sh installs it): printing results with --output - instead")
-        step("7. edgeq run")
-        print(f"   $ edgeq run --model {bundle} --source {video} --device-id demo --output -")
-        return subprocess.call(cmd + ["--output", "-"])
+        from edgeq.minibroker import MiniBroker
+
+        embedded = MiniBroker().start()
+        port = embedded.port
+        print(f"   mosquitto is not installed: using edgeq's embedded demo broker on 127.0.0.1:{port}")
 
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
@@ -157,8 +159,11 @@ def run_device_demo(work: Path, bundle: Path, frames: int) -> int:
     finally:
         sub.loop_stop()
         sub.disconnect()
-        broker.terminate()
-        broker.wait(timeout=10)
+        if broker is not None:
+            broker.terminate()
+            broker.wait(timeout=10)
+        if embedded is not None:
+            embedded.stop()
     seqs = [m["seq"] for m in received if m.get("schema") == "edgeq.detections"]
     print(f"\n   subscriber received {len(seqs)} detection messages for {frames} frames (seq {min(seqs, default=0)}..{max(seqs, default=0)})")
     return code
