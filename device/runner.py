@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import datetime as _dt
 import json
-import os
 import signal
 import sys
 import threading

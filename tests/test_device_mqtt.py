@@ -6,7 +6,6 @@ credentials refused, TLS with a password. In each, every seq arrives.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

@@ -1,6 +1,5 @@
 """The demo's embedded broker (used when mosquitto is missing) carries a real `edgeq run` to a paho subscriber."""
 
-import subprocess
 
 import pytest
 
