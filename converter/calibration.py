@@ -9,10 +9,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 
+from edgeq.datasets import progress
 from edgeq.errors import CalibrationError, SourceError
 from edgeq.preprocess import Preprocessor, PreprocessSpec, list_images, read_image, to_channels
 
@@ -64,14 +65,6 @@ def load_calibration(path: str | Path, spec: PreprocessSpec, max_samples: int = 
     return CalibrationSet(samples, str(path), kind, skipped)
 
 
-def _progress(items: Iterable, total: int, desc: str) -> Iterable:
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, total=total, desc=desc, unit="img", file=sys.stderr, disable=None, leave=False)
-
-
 def evenly_spaced(n: int, k: int) -> list[int]:
     """k indices spread evenly over range(n) (all of them if k >= n)."""
     if k >= n:
@@ -86,7 +79,7 @@ def _from_folder(path: Path, channels: int, max_samples: int) -> tuple[list[np.n
     chosen = [files[i] for i in evenly_spaced(len(files), max_samples)]
     frames: list[np.ndarray] = []
     bad: list[Path] = []
-    for f in _progress(chosen, len(chosen), "calibration"):
+    for f in progress(chosen, len(chosen), "calibration"):
         try:
             image = read_image(f)
         except SourceError:

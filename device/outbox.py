@@ -13,7 +13,7 @@ import time
 from typing import IO, Any, Callable
 
 from .mqtt import MqttLink
-from .spool import Spool, SpoolFullError
+from .spool import Spool
 
 WINDOW = 200  # results in flight at once
 
@@ -137,10 +137,7 @@ class Outbox(threading.Thread):
 
             return build
 
-        try:
-            seqs = self.spool.append_many(((self.topic, builder(r)) for r in batch), store=self.link is not None)
-        except SpoolFullError:
-            raise
+        seqs = self.spool.append_many(((self.topic, builder(r)) for r in batch), store=self.link is not None)
         if self.link is None:  # seqs allocated only: build the lines here
             for seq, r in zip(seqs, batch):
                 r["seq"] = seq

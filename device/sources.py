@@ -111,7 +111,24 @@ class _Prefetch:
         self._stop.set()
 
 
-class FolderSource(Source):
+class _FileSource(Source):
+    """Files and folders: ``_produce`` yields every frame in order; a prefetch thread runs it ahead."""
+
+    _prefetch: _Prefetch | None = None
+
+    @abstractmethod
+    def _produce(self) -> Iterator[Frame]: ...
+
+    def frames(self, prepare: Prepare | None = None) -> Iterator[Frame]:
+        self._prefetch = _Prefetch(self._produce, prepare)
+        return iter(self._prefetch)
+
+    def close(self) -> None:
+        if self._prefetch:
+            self._prefetch.stop()
+
+
+class FolderSource(_FileSource):
     def __init__(self, path: Path, loop: bool = False) -> None:
         self.path = path
         self.loop = loop
@@ -119,7 +136,6 @@ class FolderSource(Source):
         self.files = list_images(path)
         if not self.files:
             raise SourceError(f"source {path}: no jpg/png/bmp images in the folder")
-        self._prefetch: _Prefetch | None = None
 
     def _produce(self) -> Iterator[Frame]:
         while True:
@@ -134,16 +150,9 @@ class FolderSource(Source):
             if not self.loop:
                 return
 
-    def frames(self, prepare: Prepare | None = None) -> Iterator[Frame]:
-        self._prefetch = _Prefetch(self._produce, prepare)
-        return iter(self._prefetch)
-
-    def close(self) -> None:
-        if self._prefetch:
-            self._prefetch.stop()
 
 
-class VideoFileSource(Source):
+class VideoFileSource(_FileSource):
     def __init__(self, path: Path, loop: bool = False) -> None:
         import cv2
 
@@ -155,7 +164,6 @@ class VideoFileSource(Source):
         probe.release()
         if not ok:
             raise SourceError(f"source {path}: cannot decode the video (corrupt file or unsupported codec)")
-        self._prefetch: _Prefetch | None = None
 
     def _produce(self) -> Iterator[Frame]:
         import cv2
@@ -175,13 +183,6 @@ class VideoFileSource(Source):
             if not self.loop:
                 return
 
-    def frames(self, prepare: Prepare | None = None) -> Iterator[Frame]:
-        self._prefetch = _Prefetch(self._produce, prepare)
-        return iter(self._prefetch)
-
-    def close(self) -> None:
-        if self._prefetch:
-            self._prefetch.stop()
 
 
 class LiveSource(Source):

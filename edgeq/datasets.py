@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, TypeVar
 
 import numpy as np
 
 from edgeq.errors import DataError
 from edgeq.preprocess import list_images
+
+
+T = TypeVar("T")
+
+
+def progress(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
+    """A tqdm bar on stderr over ``items`` (hidden when stderr is not a terminal, absent without tqdm)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, total=total, desc=desc, unit="img", file=sys.stderr, disable=None, leave=False)
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgeq import metrics
-from edgeq.datasets import LabelledFiles
+from edgeq.datasets import LabelledFiles, progress
 from edgeq.errors import DataError, SourceError
 from edgeq.preprocess import Preprocessor, PreprocessSpec, read_image
 from edgeq.runtime import Model, TensorInfo
@@ -29,14 +28,7 @@ def score_files(
     pre = Preprocessor(model_input_spec(model, spec))
     output = output or model.outputs[0]
     rows = []
-    iterator: Any = files
-    try:
-        from tqdm import tqdm
-
-        iterator = tqdm(files, desc=desc or "evaluate", unit="img", file=sys.stderr, disable=None, leave=False)
-    except ImportError:
-        pass
-    for path in iterator:
+    for path in progress(files, len(files), desc or "evaluate"):
         try:
             frame = read_image(path)
         except SourceError as exc:

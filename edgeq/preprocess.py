@@ -215,11 +215,9 @@ def build_lut(spec: PreprocessSpec) -> np.ndarray:
     normalised = (pixels[None, :] - mean) / std
     if spec.dtype == "float32":
         return normalised.astype(np.float32)
-    info = np.iinfo(np.dtype(spec.dtype))
-    # Round half away from zero, as TFLite's own QUANTIZE kernel does.
-    scaled = normalised / spec.scale
-    q = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5) + spec.zero_point
-    return np.clip(q, info.min, info.max).astype(np.dtype(spec.dtype))
+    from edgeq.runtime import quantize_values
+
+    return quantize_values(normalised, spec.scale, spec.zero_point, spec.dtype)
 
 
 def to_channels(image: np.ndarray, channels: int, source: str = "image") -> np.ndarray:

@@ -82,6 +82,15 @@ def _distribution_version(dist: str, package: str) -> str:
         return "unknown"
 
 
+def quantize_values(x: np.ndarray, scale: float, zero_point: int, dtype: np.dtype | str) -> np.ndarray:
+    """``q = round(x / scale) + zero_point`` saturated to ``dtype``, rounding half away from zero as TFLite's
+    QUANTIZE kernel does."""
+    info = np.iinfo(np.dtype(dtype))
+    scaled = np.asarray(x, dtype=np.float64) / scale
+    q = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5) + zero_point
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One input or output tensor: name, index, shape, numpy dtype and affine quantisation (scale 0 = float)."""
@@ -102,10 +111,7 @@ class TensorInfo:
         x = np.asarray(x, dtype=np.float32)
         if not self.quantized:
             return x.astype(self.dtype)
-        info = np.iinfo(self.dtype)
-        scaled = x / self.scale
-        q = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5) + self.zero_point
-        return np.clip(q, info.min, info.max).astype(self.dtype)
+        return quantize_values(x, self.scale, self.zero_point, self.dtype)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         """This tensor's values -> real values: ``x = scale * (q - zero_point)``."""

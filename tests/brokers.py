@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -114,3 +115,16 @@ class Collector:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+@contextlib.contextmanager
+def broker_and_collector(workdir: Path, topics: list[str], port: int | None = None, extra: str = "",
+                         anonymous: bool = True, **collector_kwargs: Any) -> Iterator[tuple[Broker, Collector]]:
+    """A started Broker and a Collector subscribed to ``topics``; both stopped afterwards."""
+    broker = Broker(workdir, port=port, extra=extra, anonymous=anonymous).start()
+    sub = Collector(broker.port, topics, **collector_kwargs)
+    try:
+        yield broker, sub
+    finally:
+        sub.close()
+        broker.stop()

@@ -17,7 +17,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from brokers import Broker, Collector, free_port
+from brokers import Broker, Collector, broker_and_collector, free_port
 from edgeq.bundle import message_schema
 
 pytestmark = pytest.mark.slow
@@ -46,9 +46,7 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]
 
 
 def test_every_frame_arrives_once_with_seq_and_valid_schemas(tmp_path, tiny_bundle, video):
-    broker = Broker(tmp_path / "broker").start()
-    sub = Collector(broker.port, ["edgeq/#"])
-    try:
+    with broker_and_collector(tmp_path / "broker", ["edgeq/#"]) as (broker, sub):
         assert sub.wait_for(lambda: sub.client.is_connected(), 10)
         time.sleep(0.3)
         proc = start_run("--model", str(tiny_bundle), "--source", str(video), "--mqtt", broker.url,
@@ -74,9 +72,6 @@ def test_every_frame_arrives_once_with_seq_and_valid_schemas(tmp_path, tiny_bund
         assert stats, "no stats message"
         for s in stats:
             jsonschema.validate(s, message_schema("stats"))
-    finally:
-        sub.close()
-        broker.stop()
 
 
 def test_broker_absent_at_start_then_started(tmp_path, tiny_bundle, video):
@@ -84,21 +79,14 @@ def test_broker_absent_at_start_then_started(tmp_path, tiny_bundle, video):
     proc = start_run("--model", str(tiny_bundle), "--source", str(video), "--mqtt", f"mqtt://127.0.0.1:{port}",
                      "--spool", str(tmp_path / "spool.db"), "--loop", "--max-frames", "200")
     time.sleep(3)  # results pile up in the spool while nobody listens
-    broker = Broker(tmp_path / "broker", port=port).start()
-    sub = Collector(port, ["edgeq/#"])
-    try:
+    with broker_and_collector(tmp_path / "broker", ["edgeq/#"], port=port) as (broker, sub):
         code, _, err = finish(proc)
         assert code == 0, err
         assert sub.wait_for(lambda: sub.seqs() >= set(range(1, 201)), 30), sorted(set(range(1, 201)) - sub.seqs())[:10]
-    finally:
-        sub.close()
-        broker.stop()
 
 
 def test_broker_killed_and_restarted_mid_run(tmp_path, tiny_bundle, video):
-    broker = Broker(tmp_path / "broker").start()
-    sub = Collector(broker.port, ["edgeq/+/detections"])
-    try:
+    with broker_and_collector(tmp_path / "broker", ["edgeq/+/detections"]) as (broker, sub):
         assert sub.wait_for(lambda: sub.client.is_connected(), 10)
         time.sleep(0.3)
         proc = start_run("--model", str(tiny_bundle), "--source", str(video), "--mqtt", broker.url,
@@ -113,9 +101,6 @@ def test_broker_killed_and_restarted_mid_run(tmp_path, tiny_bundle, video):
         # that window is empty in practice, and edgeq's side (PUBACK before delete) is what is tested here.
         assert sub.wait_for(lambda: not (set(range(1, 601)) - sub.seqs()), 30), sorted(set(range(1, 601)) - sub.seqs())[:20]
         assert "disconnected" in err and err.count("connected") >= 2
-    finally:
-        sub.close()
-        broker.stop()
 
 
 def test_sigkill_of_edgeq_loses_nothing(tmp_path, tiny_bundle, video):
@@ -142,9 +127,7 @@ def test_sigkill_of_edgeq_loses_nothing(tmp_path, tiny_bundle, video):
 
 
 def test_sigterm_flushes_and_publishes_stopped(tmp_path, tiny_bundle, video):
-    broker = Broker(tmp_path / "broker").start()
-    sub = Collector(broker.port, ["edgeq/#"])
-    try:
+    with broker_and_collector(tmp_path / "broker", ["edgeq/#"]) as (broker, sub):
         proc = start_run("--model", str(tiny_bundle), "--source", str(video), "--mqtt", broker.url,
                          "--spool", str(tmp_path / "spool.db"), "--loop", "--max-fps", "100")
         assert sub.wait_for(lambda: len(sub.seqs()) > 10, 30)
@@ -154,25 +137,21 @@ def test_sigterm_flushes_and_publishes_stopped(tmp_path, tiny_bundle, video):
         assert "stopped (SIGTERM)" in err
         assert sub.wait_for(lambda: sub.payloads("/status")[-1]["state"] == "stopped", 10)
         assert sub.wait_for(lambda: sub.seqs() == set(range(1, max(sub.seqs()) + 1)), 10)
-    finally:
-        sub.close()
-        broker.stop()
 
 
 def test_refused_credentials_reported_and_never_connected(tmp_path, tiny_bundle, video):
     pw = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), "edgeq", "right"], check=True)
     os.chmod(pw, 0o644)
-    broker = Broker(tmp_path / "broker", extra=f"password_file {pw}\n", anonymous=False).start()
-    (tmp_path / "pass").write_text("wrong\n")
-    cfg = tmp_path / "device.toml"
-    cfg.write_text(
-        f'model = "{tiny_bundle}"\nsource = "{video}"\ndrain_timeout = 3\n'
-        f'[mqtt]\nurl = "{broker.url}"\nusername = "edgeq"\npassword_file = "{tmp_path / "pass"}"\n'
-        f'[spool]\npath = "{tmp_path / "spool.db"}"\n'
-    )
-    sub = Collector(broker.port, ["edgeq/#"], auth=("edgeq", "right"))
-    try:
+    with broker_and_collector(tmp_path / "broker", ["edgeq/#"], extra=f"password_file {pw}\n", anonymous=False,
+                              auth=("edgeq", "right")) as (broker, sub):
+        (tmp_path / "pass").write_text("wrong\n")
+        cfg = tmp_path / "device.toml"
+        cfg.write_text(
+            f'model = "{tiny_bundle}"\nsource = "{video}"\ndrain_timeout = 3\n'
+            f'[mqtt]\nurl = "{broker.url}"\nusername = "edgeq"\npassword_file = "{tmp_path / "pass"}"\n'
+            f'[spool]\npath = "{tmp_path / "spool.db"}"\n'
+        )
         code, _, err = finish(start_run("--config", str(cfg)))
         assert code == 0, err
         assert "refused the connection" in err and "reason code" in err
@@ -184,9 +163,6 @@ def test_refused_credentials_reported_and_never_connected(tmp_path, tiny_bundle,
         code, _, err = finish(start_run("--config", str(cfg), "--max-frames", "5"))
         assert code == 0, err
         assert sub.wait_for(lambda: sub.seqs() == set(range(1, 66)), 20), sorted(sub.seqs())[-5:]
-    finally:
-        sub.close()
-        broker.stop()
 
 
 def _make_ca(tmp: Path) -> dict[str, Path]:
