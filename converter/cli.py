@@ -21,6 +21,17 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", metavar="FILE", help="class names, one per line (default: --val folder names or class_N)")
     p.add_argument("--val", metavar="DIR", help="validation folder, one subfolder per class: float vs quantised report")
     p.add_argument("--allow-float-fallback", action="store_true", help="keep ops that cannot be integer in float")
+    g = p.add_argument_group("uncertainty (see docs/bayesian.md)")
+    g.add_argument("--bayes-samples", type=int, metavar="K",
+                   help="posterior samples fused into the int8 head (default 32 when the model has a BayesDense head)")
+    g.add_argument("--bayes-seed", type=int, default=0, metavar="N", help="seed of the weight samples (default 0)")
+    g.add_argument("--bayes-layout", choices=("centred", "stacked"), default="centred",
+                   help="centred: mean + per-sample residual outputs, each with its own int8 scale (default); "
+                        "stacked: one [K, C] output")
+    g.add_argument("--review-measure", choices=("predictive_entropy", "aleatoric", "mutual_information"),
+                   default="predictive_entropy", help="uncertainty that sets needs_review (default predictive_entropy)")
+    g.add_argument("--target-accuracy", type=float, default=0.995, metavar="A",
+                   help="with --val: needs_review threshold so that the results kept reach this accuracy (default 0.995)")
     g = p.add_argument_group("built-in mobilenet_v2")
     g.add_argument("--alpha", type=float, default=1.0, help="width multiplier (default 1.0)")
     g.add_argument("--input-size", type=int, default=224, metavar="S", help="input height and width (default 224)")
@@ -58,6 +69,11 @@ def run_convert(args: argparse.Namespace) -> int:
         color_order=args.color_order,
         resize=args.resize,
         threads=args.threads,
+        bayes_samples=args.bayes_samples,
+        bayes_seed=args.bayes_seed,
+        bayes_layout=args.bayes_layout,
+        review_measure=args.review_measure,
+        target_accuracy=args.target_accuracy,
     )
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     result = convert(opts, log=log)
@@ -73,7 +89,22 @@ def run_convert(args: argparse.Namespace) -> int:
         print(f"float ops kept: {', '.join(m['quantization']['float_ops'])}")
     if "validation" in m:
         print(format_validation(m["validation"]))
+    head = m["head"]
+    if head.get("spread"):
+        sp = head["spread"]
+        print(f"bayesian head: {head['samples']} samples, logit spread float {sp['float']:.4f} -> int8 "
+              f"{sp['quantized']:.4f} ({sp['steps']} output steps), MI correlation {sp['mutual_information_correlation']}")
+    if head.get("review"):
+        print(format_review(head["review"]))
     return 0
+
+
+def format_review(r: dict[str, Any]) -> str:
+    if not r["reached"]:
+        return (f"needs_review: no {r['measure']} threshold reaches accuracy {r['target_accuracy']} on --val; "
+                "every result will be flagged")
+    return (f"needs_review when {r['measure']} > {r['threshold']:.6g}: keeps {r['coverage']:.1%} of --val at "
+            f"accuracy {r['kept_accuracy']:.4f} (target {r['target_accuracy']})")
 
 
 def format_validation(v: dict[str, Any]) -> str:
@@ -83,6 +114,73 @@ def format_validation(v: dict[str, Any]) -> str:
         ("quantized top-1", f"{v['quantized_top1']:.4f}"),
         ("top-1 agreement", f"{v['top1_agreement']:.4f}"),
         ("mean |logit error|", f"{v['mean_abs_logit_error']:.4f}"),
+        ("float / quantized ECE", f"{v['float_ece']:.4f} / {v['quantized_ece']:.4f}"),
     ]
+    if "mutual_information_correlation" in v:
+        rows.append(("float / quantized mean MI",
+                     f"{v['float_mean_mutual_information']:.4f} / {v['quantized_mean_mutual_information']:.4f}"))
+        rows.append(("MI correlation", f"{v['mutual_information_correlation']}"))
     width = max(len(k) for k, _ in rows)
     return "validation\n" + "\n".join(f"  {k:<{width}}  {val}" for k, val in rows)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", metavar="DATA_DIR", help="training images, one subfolder per class")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL.keras", help="model to write (class names go "
+                   "to MODEL.labels.txt beside it)")
+    p.add_argument("--arch", choices=("mobilenet_v2",), default="mobilenet_v2", help="backbone (default mobilenet_v2)")
+    p.add_argument("--alpha", type=float, default=0.35, help="width multiplier (default 0.35)")
+    p.add_argument("--input-size", type=int, default=96, metavar="S", help="input height and width (default 96)")
+    p.add_argument("--head", choices=("dense", "bayes"), default="dense",
+                   help="dense: deterministic; bayes: mean-field Gaussian variational head (default dense)")
+    p.add_argument("--epochs", type=int, default=10, metavar="E", help="epochs (default 10)")
+    p.add_argument("--val", metavar="DIR", help="validation folder, one subfolder per class (same classes)")
+    p.add_argument("--freeze-backbone", action="store_true",
+                   help="train the head only, on backbone features computed once and cached")
+    p.add_argument("--init", metavar="MODEL.keras",
+                   help="start from this trained model: backbone and head weights (bayes: prior and posterior means)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed; same seed, same weights (default 0)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="batch size (default 32)")
+    p.add_argument("--lr", type=float, metavar="LR", help="Adam learning rate (default 1e-3; 1e-2 with --freeze-backbone)")
+    p.add_argument("--prior-sigma", type=float, default=0.1, metavar="S",
+                   help="bayes: standard deviation of the Gaussian weight prior (default 0.1)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="train without augmentations")
+    p.add_argument("--augment-copies", type=int, default=2, metavar="N",
+                   help="with --freeze-backbone: augmented copies whose features are cached too (default 2)")
+    p.add_argument("--normalize", choices=sorted(NORMALIZATIONS), default="mobilenet",
+                   help="input normalisation; give the same to edgeq convert (default mobilenet: [-1, 1])")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from .train import TrainOptions, train
+
+    opts = TrainOptions(
+        data=args.data, output=args.output, arch=args.arch, alpha=args.alpha, input_size=args.input_size,
+        head=args.head, epochs=args.epochs, val=args.val, freeze_backbone=args.freeze_backbone, init=args.init,
+        seed=args.seed, batch_size=args.batch_size, lr=args.lr, prior_sigma=args.prior_sigma, augment=args.augment,
+        augment_copies=args.augment_copies, normalization=args.normalize,
+    )
+    import contextlib
+
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    # with --json, stdout carries only the JSON: Keras's progress bars go to stderr
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = train(opts, log=log)
+    summary = {"output": str(result.output), "labels": result.labels, "history": result.history,
+               "seconds": round(result.seconds, 2), "head": result.head}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    h = result.history
+    line = f"wrote {result.output}: {result.head['type']} head, {len(result.labels)} classes, " \
+           f"train accuracy {h.get('accuracy', float('nan')):.4f}"
+    if "val_accuracy" in h:
+        line += f", val accuracy {h['val_accuracy']:.4f}"
+    if result.head["type"] == "bayes":
+        line += f", mean posterior sigma {result.head['posterior_sigma_mean']:.4f}"
+    print(line + f", {result.seconds:.1f} s")
+    return 0

@@ -93,6 +93,9 @@ def load_source_model(
         raise ModelError(f"{model}: unknown model format {path.suffix!r}; give a .keras or .h5 file or a SavedModel")
     import keras
 
+    from .bayes import register
+
+    register()  # so that .keras files with an edgeq BayesDense head load
     try:
         keras_model = keras.models.load_model(str(path), compile=False)
     except (zipfile.BadZipFile, EOFError) as exc:

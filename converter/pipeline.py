@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from edgeq.bundle import write_bundle
 from edgeq.datasets import class_folder
 from edgeq.errors import BundleError, ModelError, QuantizationError
-from edgeq.evaluate import compare_classifiers, model_input_spec
+from edgeq.evaluate import calibrate_review, compare_scored, logit_spread, model_input_spec, score
+from edgeq.heads import BoundHead, HeadSpec
 from edgeq.preprocess import NORMALIZATIONS, PreprocessSpec
-from edgeq.runtime import Model, load_runtime
+from edgeq.runtime import Model, load_runtime, quantize_values
+from edgeq.uncertainty import MEASURES, summarize
 
-from .calibration import load_calibration
+from . import bayes
+from .calibration import CalibrationSet, load_calibration
 from .models import SourceModel, load_source_model
+from .train import labels_path
 from .quantize import (
     QuantMode,
     QuantRecipe,
@@ -48,12 +55,25 @@ class ConvertOptions:
     color_order: str = "RGB"
     resize: str = "stretch"
     threads: int = 1
+    bayes_samples: int | None = None  # None: 32 when the model has a Bayesian head
+    bayes_seed: int = 0
+    bayes_layout: str = "centred"
+    review_measure: str = "predictive_entropy"
+    target_accuracy: float = 0.995
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "quant", QuantMode(self.quant))
         object.__setattr__(self, "output", Path(self.output))
         if self.normalization not in NORMALIZATIONS:
             raise ModelError(f"--normalize {self.normalization!r}: choose one of {', '.join(NORMALIZATIONS)}")
+        if self.bayes_layout not in bayes.LAYOUTS:
+            raise ModelError(f"--bayes-layout {self.bayes_layout!r}: choose one of {', '.join(bayes.LAYOUTS)}")
+        if self.review_measure not in MEASURES:
+            raise ModelError(f"--review-measure {self.review_measure!r}: choose one of {', '.join(MEASURES)}")
+        if not 0.0 < self.target_accuracy <= 1.0:
+            raise ModelError(f"--target-accuracy {self.target_accuracy}: give a fraction in (0, 1], e.g. 0.995")
+        if self.bayes_samples is not None and self.bayes_samples < 2:
+            raise ModelError(f"--bayes-samples {self.bayes_samples}: a Monte-Carlo head needs at least 2 samples (default 32)")
         if self.quant.needs_calibration and not self.calib:
             raise QuantizationError(f"--quant {self.quant.value} needs --calib (an image folder, video or .npy/.npz)")
 
@@ -102,11 +122,16 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
     t0 = time.perf_counter()
     source = load_source_model(opts.model, opts.input_size, opts.alpha, opts.classes, opts.weights)
     timings["load_model_s"] = time.perf_counter() - t0
+    source, exported = _export_bayes_head(source, opts, log)
     default_labels = None
-    if opts.labels_file is None and opts.val:
+    labels_file = opts.labels_file
+    if labels_file is None and labels_path(opts.model).is_file():
+        labels_file = str(labels_path(opts.model))  # written by edgeq train next to the model
+        log(f"labels: {labels_file}")
+    if labels_file is None and opts.val:
         names = sorted(p.name for p in Path(opts.val).iterdir() if p.is_dir()) if Path(opts.val).is_dir() else []
         default_labels = names if len(names) == source.num_classes else None
-    labels = read_labels(opts.labels_file, source.num_classes, default_labels)
+    labels = read_labels(labels_file, source.num_classes, default_labels)
     height, width, channels = source.input_shape
     if channels not in (1, 3):
         raise ModelError(f"{source.origin}: input has {channels} channels; edgeq takes 1 (grey) or 3 (colour)")
@@ -138,18 +163,33 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
         source, QuantRecipe(QuantMode.FLOAT32), None
     )
     timings["convert_float_reference_s"] = time.perf_counter() - t0
+    with quiet_output():
+        float_model = Model(float_bytes, num_threads=opts.threads, runtime=runtime)
+
+    head_info = exported.describe() if exported else {"type": "dense", "samples": 1, "classes": len(labels)}
+    head_info["layout"] = exported.layout if exported else "single"
+    head_spec = HeadSpec.from_manifest({"head": head_info, "labels": labels})
+    outputs = describe_outputs(model, head_spec)
+    quant_head = head_spec.bind(model, outputs)
+    float_head = head_spec.bind(float_model, describe_outputs(float_model, head_spec))
+    if exported is not None:
+        head_info["weights"] = _weight_check(model, exported)
+        if calibration is not None:
+            head_info["spread"] = _spread_check(float_model, float_head, model, quant_head, calibration)
+            _warn_spread(head_info["spread"], opts, log)
 
     validation = None
     if opts.val:
         t0 = time.perf_counter()
         data = class_folder(opts.val, labels)
-        with quiet_output():
-            float_model = Model(float_bytes, num_threads=opts.threads, runtime=runtime)
-        validation = compare_classifiers(float_model, model, spec, data)
+        float_scored = score(float_model, float_head, spec, data, "float")
+        quant_scored = score(model, quant_head, spec, data, "quantized")
+        validation = compare_scored(float_scored, quant_scored)
         validation["source"] = str(opts.val)
+        head_info["review"] = calibrate_review(quant_scored, opts.review_measure, opts.target_accuracy)
         timings["validation_s"] = time.perf_counter() - t0
 
-    manifest = build_manifest(source, labels, spec, model, recipe, calibration, remaining_float)
+    manifest = build_manifest(source, labels, spec, model, recipe, calibration, remaining_float, outputs, head_info)
     manifest["sizes"] = {
         "float32_tflite": len(float_bytes),
         "model_tflite": len(model_bytes),
@@ -180,10 +220,11 @@ def build_manifest(
     recipe: QuantRecipe,
     calibration: Any,
     remaining_float: list[Any],
+    outputs: list[dict[str, Any]],
+    head: dict[str, Any],
 ) -> dict[str, Any]:
     input_spec = model_input_spec(model, spec).to_dict()
     input_spec["name"] = model.input.name
-    outputs = [{"role": "logits", **model.outputs[0].to_dict()}]
     quantization = recipe.describe()
     quantization["float_ops"] = sorted({op.name for op in remaining_float})
     return {
@@ -193,7 +234,7 @@ def build_manifest(
         "labels": labels,
         "input": input_spec,
         "outputs": outputs,
-        "head": {"type": "dense", "samples": 1, "classes": len(labels)},
+        "head": head,
         "quantization": quantization,
         "calibration": calibration.summary() if calibration is not None else {"count": 0, "source": None},
         "converter": {"tensorflow": _tf_version()},
@@ -204,3 +245,94 @@ def _tf_version() -> str:
     import tensorflow as tf
 
     return str(tf.__version__)
+
+
+def describe_outputs(model: Model, head: HeadSpec) -> list[dict[str, Any]]:
+    """The manifest's ``outputs``: each output tensor with its role, told apart by size (never by order):
+    ``logits`` has C values, ``samples`` and ``residuals`` K*C."""
+    sizes = {"logits": head.classes, "samples": head.samples * head.classes, "residuals": head.samples * head.classes}
+    out = []
+    for role in head.roles:
+        found = [t for t in model.outputs if int(np.prod(t.shape)) == sizes[role]]
+        if len(found) != 1:
+            have = ", ".join(f"{t.name} {list(t.shape)}" for t in model.outputs)
+            raise QuantizationError(f"converted model outputs ({have}) do not fit a {head.layout} head")
+        out.append({"role": role, **found[0].to_dict()})
+    return out
+
+
+def _export_bayes_head(
+    source: SourceModel, opts: ConvertOptions, log: Callable[[str], None]
+) -> tuple[SourceModel, bayes.BayesExport | None]:
+    """Swap a Bayesian head for K stacked weight samples; refuse --bayes-samples without one."""
+    if source.keras_model is None:
+        if opts.bayes_samples is not None:
+            raise ModelError(f"{source.origin}: --bayes-samples needs a .keras model with a BayesDense head, not a SavedModel")
+        return source, None
+    if not bayes.find_bayes_heads(source.keras_model):
+        if opts.bayes_samples is not None:
+            bayes.export_model(source.keras_model, opts.bayes_samples, origin=source.origin)  # raises: no head
+        return source, None
+    samples = opts.bayes_samples if opts.bayes_samples is not None else 32
+    exported = bayes.export_model(source.keras_model, samples, opts.bayes_seed, opts.bayes_layout, source.origin)
+    log(f"bayesian head: {samples} samples x {exported.classes} classes ({exported.layout}, seed {exported.seed}), "
+        f"head {exported.head_macs / exported.backbone_macs:.1%} of the backbone's multiply-accumulates")
+    return dataclasses.replace(source, keras_model=exported.model), exported
+
+
+def _weight_check(model: Model, exported: bayes.BayesExport) -> dict[str, Any]:
+    """Dequantise the int8 stacked kernel and compare it with the float samples, per output channel."""
+    k, c, f = exported.samples, exported.classes, exported.features
+    for d in model.interpreter.get_tensor_details():
+        if tuple(d["shape"]) == (k * c, f) and d["dtype"] in (np.int8, np.int16):
+            scales = d["quantization_parameters"]["scales"]
+            mean_kernel = _posterior_mean(exported) if exported.layout == "centred" else None
+            return bayes.weight_faithfulness(
+                exported.sampled_kernels, model.interpreter.get_tensor(d["index"]), scales, exported.layout, mean_kernel
+            )
+    return {"per_channel": None, "note": "no quantised stacked kernel found (float model)"}
+
+
+def _posterior_mean(exported: bayes.BayesExport) -> np.ndarray:
+    layer = exported.model.get_layer("mean_logits")
+    return np.asarray(layer.get_weights()[0], dtype=np.float64)
+
+
+def _spread_check(
+    float_model: Model, float_head: BoundHead, model: Model, head: BoundHead, calibration: CalibrationSet,
+    limit: int = 64,
+) -> dict[str, Any]:
+    """The spread of the logits across samples, before and after quantisation, on calibration images."""
+    samples = calibration.samples[:limit]
+    ref, quant = [], []
+    for x in samples:
+        float_model.set_input(x[None].astype(np.float32))
+        float_model.invoke()
+        ref.append(float_head.read(float_model))
+        t = model.input
+        model.set_input(quantize_values(x[None], t.scale, t.zero_point, t.dtype) if t.quantized else x[None])
+        model.invoke()
+        quant.append(head.read(model))
+    ref_a, quant_a = np.stack(ref), np.stack(quant)
+    spread_float, spread_quant = logit_spread(ref_a), logit_spread(quant_a)
+    step = head.tensors[-1].scale if head.tensors[-1].quantized else 0.0
+    mi_f = summarize(ref_a).mutual_information
+    mi_q = summarize(quant_a).mutual_information
+    corr = float(np.corrcoef(mi_f, mi_q)[0, 1]) if mi_f.std() > 0 and mi_q.std() > 0 else None
+    return {
+        "images": int(len(samples)),
+        "float": round(spread_float, 6),
+        "quantized": round(spread_quant, 6),
+        "kept": round(spread_quant / spread_float, 4) if spread_float > 0 else None,
+        "output_step": round(float(step), 8),
+        "steps": round(spread_float / step, 2) if step else None,
+        "mutual_information_correlation": None if corr is None else round(corr, 4),
+    }
+
+
+def _warn_spread(spread: dict[str, Any], opts: ConvertOptions, log: Callable[[str], None]) -> None:
+    steps = spread.get("steps")
+    if steps is not None and steps < 2:
+        hint = " (try --bayes-layout centred)" if opts.bayes_layout == "stacked" else ""
+        log(f"warning: the spread between samples is only {steps:.1f} output quantisation steps; int8 distorts "
+            f"mutual information below about 2{hint}")

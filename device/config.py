@@ -10,6 +10,8 @@ max_fps = 10                 # optional: cap inference rate to save power and he
 [thresholds]
 score = 0.5                  # detections below are not reported
 top_k = 3                    # classification: labels reported per frame
+# review = 0.4               # needs_review when the uncertainty exceeds this (default: calibrated in the bundle)
+# review_measure = "mutual_information"   # predictive_entropy (default), aleatoric or mutual_information
 
 [mqtt]
 url = "mqtts://broker.lan:8883"
@@ -59,6 +61,8 @@ class Thresholds(Strict):
     score: float = Field(0.5, ge=0.0, le=1.0)
     top_k: int = Field(3, ge=1, le=100)
     nms_iou: float = Field(0.5, gt=0.0, le=1.0)
+    review: float | None = Field(None, ge=0.0)  # needs_review threshold; default: the bundle's calibrated one
+    review_measure: Literal["predictive_entropy", "aleatoric", "mutual_information"] | None = None
 
 
 class MqttConfig(Strict):

@@ -1,6 +1,10 @@
 """Turn model outputs into detections.
 
-``ClassificationDecoder``: top-k labels with softmax scores, and the softmax entropy as uncertainty.
+``ClassificationDecoder``: top-k labels by mean probability. A deterministic head reports the entropy of its
+softmax (``method: "softmax"``); a Monte-Carlo head (K posterior samples in one invoke) reports predictive
+entropy, aleatoric (expected) entropy, mutual information and the label's probability spread (``method: "mc"``).
+Every result carries ``needs_review``: the uncertainty exceeds the threshold calibrated at conversion (or set in
+the device config); null when neither gives one.
 ``SSDDecoder``: the standard TFLite SSD post-processing outputs (boxes, classes, scores, count), located by name
 and shape, with boxes mapped back through the preprocessing onto the frame (normalised ymin, xmin, ymax, xmax).
 """
@@ -12,10 +16,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgeq.bundle import Bundle
-from edgeq.errors import BundleError
+from edgeq.errors import BundleError, ConfigError
+from edgeq.heads import HeadSpec
 from edgeq.preprocess import FrameTransform
 from edgeq.runtime import Model, TensorInfo
-from edgeq.uncertainty import entropy, softmax
+from edgeq.uncertainty import MEASURES, needs_review, result_uncertainty, summarize
 
 
 class Decoder(Protocol):
@@ -28,23 +33,41 @@ class Decoder(Protocol):
 
 
 class ClassificationDecoder:
-    def __init__(self, model: Model, bundle: Bundle, top_k: int = 3) -> None:
-        spec = bundle.manifest["outputs"][0]
-        self.output: TensorInfo = model.find_output(spec["name"], spec["shape"])
+    """review: ``(measure, threshold)`` from the device config, overriding the bundle's calibrated rule."""
+
+    def __init__(self, model: Model, bundle: Bundle, top_k: int = 3,
+                 review: tuple[str | None, float | None] = (None, None)) -> None:
+        where = str(bundle.path)
+        spec = HeadSpec.from_manifest(bundle.manifest, where)
+        if spec.classes != len(bundle.labels):
+            raise BundleError(f"{where}: head has {spec.classes} classes but the bundle has {len(bundle.labels)} labels")
+        self.head = spec.bind(model, bundle.manifest["outputs"], where)
         self.labels = bundle.labels
         self.top_k = max(1, min(top_k, len(self.labels)))
-        self.tensors = [self.output]
+        self.tensors = self.head.tensors
+        rule = spec.review or {}
+        self.review_measure = review[0] or rule.get("measure") or "predictive_entropy"
+        self.review_threshold = review[1] if review[1] is not None else rule.get("threshold")
+        if self.review_measure not in MEASURES:
+            raise ConfigError(f"thresholds.review_measure {self.review_measure!r}: choose one of {', '.join(MEASURES)}")
+        if spec.samples == 1 and self.review_measure != "predictive_entropy":
+            raise ConfigError(f"thresholds.review_measure {self.review_measure!r}: {bundle.name} has a deterministic "
+                              "head; only predictive_entropy applies")
 
     def decode(self, raw: dict[int, np.ndarray], transform: FrameTransform) -> list[dict[str, Any]]:
-        logits = self.output.dequantize(raw[self.output.index]).reshape(-1)
-        p = softmax(logits)
-        order = np.argsort(-p)[: self.top_k]
-        h = float(entropy(p))
-        uncertainty = {"method": "softmax", "predictive_entropy": round(h, 6)}
-        return [
-            {"label": self.labels[int(c)], "class_id": int(c), "score": round(float(p[c]), 6), "uncertainty": uncertainty}
-            for c in order
-        ]
+        summary = summarize(self.head.sample_logits(raw)[None])
+        p = summary.mean[0]
+        order = np.argsort(-p, kind="stable")[: self.top_k]
+        uncertainty = result_uncertainty(summary, (0,))
+        flag = needs_review(float(summary.measure(self.review_measure)[0]), self.review_threshold)
+        out = []
+        for c in order:
+            u = dict(uncertainty)
+            if summary.samples > 1:
+                u["std"] = round(float(summary.std[0, c]), 6)
+            out.append({"label": self.labels[int(c)], "class_id": int(c), "score": round(float(p[c]), 6),
+                        "uncertainty": u, "needs_review": flag})
+        return out
 
 
 class SSDDecoder:
@@ -86,14 +109,15 @@ def decode_ssd(
         label = labels[int(c)] if 0 <= int(c) < len(labels) else str(int(c))
         out.append({
             "label": label, "class_id": int(c), "score": round(float(s), 6),
-            "box": [round(float(v), 6) for v in box], "uncertainty": None,
+            "box": [round(float(v), 6) for v in box], "uncertainty": None, "needs_review": None,
         })
     return out
 
 
-def make_decoder(model: Model, bundle: Bundle, score_threshold: float, top_k: int) -> Decoder:
+def make_decoder(model: Model, bundle: Bundle, score_threshold: float, top_k: int,
+                 review: tuple[str | None, float | None] = (None, None)) -> Decoder:
     if bundle.task == "classify":
-        return ClassificationDecoder(model, bundle, top_k)
+        return ClassificationDecoder(model, bundle, top_k, review)
     if bundle.task == "detect":
         return SSDDecoder(model, bundle, score_threshold)
     raise BundleError(f"{bundle.path}: task {bundle.task!r} has no decoder in this edgeq")

@@ -33,7 +33,7 @@ from .sdnotify import Notifier
 from .sources import open_source
 from .spool import Spool
 
-DETECTIONS_SCHEMA = ("edgeq.detections", 1)
+DETECTIONS_SCHEMA = ("edgeq.detections", 2)
 STATS_SCHEMA = ("edgeq.stats", 1)
 
 
@@ -76,7 +76,8 @@ class Runner:
         self._ring_next = 0
         if self.pre.spec.dtype != np.dtype(self.model.input.dtype).name:
             raise EdgeqError(f"{cfg.model}: manifest input dtype {self.pre.spec.dtype} differs from the model's; re-convert")
-        self.decoder = make_decoder(self.model, self.bundle, cfg.thresholds.score, cfg.thresholds.top_k)
+        self.decoder = make_decoder(self.model, self.bundle, cfg.thresholds.score, cfg.thresholds.top_k,
+                                    (cfg.thresholds.review_measure, cfg.thresholds.review))
         self.source = open_source(cfg.source, cfg.loop, log)
         self.stop_event = threading.Event()
         self.stop_reason = "end of source"

@@ -20,6 +20,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return run_convert(args)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from edgeq.converter.cli import run_train
+
+    return run_train(args)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from edgeq.inspect import format_inspect, inspect_bundle
 
@@ -42,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgeq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    from edgeq.converter.cli import add_convert_arguments
+    from edgeq.converter.cli import add_convert_arguments, add_train_arguments
+
+    p = sub.add_parser("train", help="train a MobileNetV2 with a dense or Bayesian head (host; needs edgeq[convert])",
+                       description="Train a MobileNetV2 classifier on a class folder, with a deterministic or a "
+                                   "Bayesian (mean-field Gaussian) head, into a .keras file for edgeq convert.")
+    add_train_arguments(p)
+    p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("convert", help="quantise a model into a .edgeq bundle (host; needs edgeq[convert])",
                        description="Quantise a model into a verified .edgeq bundle (post-training, full integer by default).")

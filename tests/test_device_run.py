@@ -38,6 +38,8 @@ def test_output_only_needs_no_broker_and_max_frames(tmp_path, tiny_bundle, video
     assert [m["seq"] for m in msgs] == list(range(1, 26))
     assert time.monotonic() - t0 < 60
     assert all(m["detections"][0]["uncertainty"]["method"] == "softmax" for m in msgs)
+    # tiny_bundle was converted with --val, so every result says whether it needs review
+    assert all(isinstance(d["needs_review"], bool) for m in msgs for d in m["detections"])
     assert {"preprocess", "invoke", "decode"} <= set(msgs[0]["latency_ms"])
     # seq continues across runs
     r = run_edgeq("run", "--model", str(tiny_bundle), "--source", str(video), "--output", str(tmp_path / "o.jsonl"),

@@ -1,0 +1,253 @@
+"""Bayesian heads end to end on real data: the Keras layer, `edgeq train`, the K-sample int8 export, the device
+decoder, and every bad input the issue names. No mocks: real TensorFlow, converter, LiteRT and Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import FMNIST_CLASSES, assert_clean_error, run_edgeq
+
+pytestmark = pytest.mark.slow
+
+
+def _keras():
+    import keras
+
+    from edgeq.converter.bayes import bayes_dense_class
+
+    return keras, bayes_dense_class()
+
+
+def _small_bayes_model(features: int = 6, classes: int = 3):
+    keras, BayesDense = _keras()
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inp)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(features, activation="relu")(x)
+    return keras.Model(inp, BayesDense(classes, prior_sigma=0.1, posterior_sigma=0.2, seed=0, name="bayes")(x))
+
+
+def test_layer_saves_loads_and_samples(tmp_path):
+    keras, BayesDense = _keras()
+    model = _small_bayes_model()
+    x = np.random.default_rng(0).normal(size=(5, 8, 8, 3)).astype(np.float32)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    from edgeq.converter.models import load_source_model
+
+    loaded = load_source_model(str(path)).keras_model
+    layer = loaded.get_layer("bayes")
+    assert isinstance(layer, BayesDense) and layer.prior_sigma == 0.1
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        assert np.array_equal(a, b)
+    # inference: the posterior mean, deterministic; training: samples that differ call to call
+    assert np.array_equal(loaded(x, training=False), loaded(x, training=False))
+    assert not np.allclose(loaded(x, training=True), loaded(x, training=True))
+
+
+def test_kl_divergence_closed_form():
+    keras, BayesDense = _keras()
+    layer = BayesDense(2, prior_sigma=0.1, posterior_sigma=0.1)
+    layer.build((None, 3))
+    layer.kernel_mu.assign(np.zeros((3, 2), np.float32))  # glorot-initialised: move it onto the prior mean
+    assert float(layer.kl_divergence()) == pytest.approx(0.0, abs=1e-4)  # posterior == prior
+    layer.kernel_rho.assign(np.full((3, 2), math.log(math.expm1(0.05)), np.float32))  # sigma 0.05 on 6 weights
+    layer.kernel_mu.assign(np.full((3, 2), 0.1, np.float32))  # mean 1 sigma away from the prior's
+    per_weight = math.log(0.1 / 0.05) + (0.05**2 + 0.1**2) / (2 * 0.1**2) - 0.5
+    assert float(layer.kl_divergence()) == pytest.approx(6 * per_weight, rel=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["stacked", "centred"])
+def test_export_computes_each_weight_sample(layout):
+    from edgeq.converter.bayes import export_model
+
+    model = _small_bayes_model()
+    exp = export_model(model, samples=5, seed=3, layout=layout)
+    x = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype(np.float32)
+    feats = np.asarray(_features(model, x), dtype=np.float64)
+    expected = np.einsum("nf,kfc->nkc", feats, exp.sampled_kernels) + exp.sampled_biases[None]
+    out = exp.model.predict(x, verbose=0)
+    got = out.reshape(4, 5, 3) if layout == "stacked" else out[0][:, None, :] + out[1].reshape(4, 5, 3)
+    assert np.allclose(got, expected, atol=1e-4)
+    # the samples follow the posterior: their spread matches sigma, and another seed gives other samples
+    post = model.get_layer("bayes").posterior()
+    assert np.std(exp.sampled_kernels - post["kernel_mu"], axis=0).mean() == pytest.approx(
+        post["kernel_sigma"].mean(), rel=0.35)
+    assert not np.allclose(export_model(model, 5, seed=4, layout=layout).sampled_kernels, exp.sampled_kernels)
+
+
+def _features(model, x):
+    import keras
+
+    head = model.get_layer("bayes")
+    return keras.Model(model.inputs, head.input).predict(x, verbose=0)
+
+
+# -- real data ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(fashion_dirs, tmp_path_factory) -> dict[str, Path]:
+    """A deterministic MobileNetV2 0.35/48 trained on Fashion-MNIST, then a Bayesian head trained on its frozen
+    features with MOPED-style initialisation, both through the real `edgeq train` command."""
+    d = tmp_path_factory.mktemp("trained")
+    det, bayes = d / "det.keras", d / "bayes.keras"
+    r = run_edgeq("train", str(fashion_dirs["train"]), "--head", "dense", "--input-size", "48", "--epochs", "3",
+                  "--lr", "3e-3", "--no-augment", "--seed", "1", "-o", str(det))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_edgeq("train", str(fashion_dirs["train"]), "--head", "bayes", "--init", str(det), "--freeze-backbone",
+                  "--epochs", "15", "--seed", "1", "--val", str(fashion_dirs["test"]), "-o", str(bayes), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout)
+    assert summary["head"]["type"] == "bayes" and summary["history"]["val_accuracy"] > 0.6
+    return {"det": det, "bayes": bayes, "dir": d}
+
+
+@pytest.fixture(scope="module")
+def bayes_bundle(trained, fashion_dirs) -> Path:
+    out = trained["dir"] / "bayes.edgeq"
+    r = run_edgeq("convert", str(trained["bayes"]), "--calib", str(fashion_dirs["train"]), "--calib-samples", "60",
+                  "--val", str(fashion_dirs["test"]), "--bayes-samples", "16", "--bayes-seed", "7", "-o", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "MI correlation" in r.stdout and "needs_review" in r.stdout
+    return out
+
+
+def test_train_writes_labels_and_is_reproducible(trained, fashion_dirs, tmp_path):
+    from edgeq.converter.train import TrainOptions, labels_path, train
+
+    assert labels_path(trained["bayes"]).read_text().split() == sorted(p.name for p in fashion_dirs["train"].iterdir())
+    runs = []
+    for seed in (5, 5, 6):
+        out = tmp_path / f"b{len(runs)}.keras"
+        train(TrainOptions(str(fashion_dirs["train"]), out, head="bayes", init=str(trained["det"]),
+                           freeze_backbone=True, epochs=2, seed=seed, augment_copies=1), log=lambda s: None)
+        from edgeq.converter.models import load_source_model
+
+        runs.append(load_source_model(str(out)).keras_model.get_layer("bayes_logits").posterior())
+    assert all(np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not np.array_equal(runs[0]["kernel_mu"], runs[2]["kernel_mu"])
+
+
+def test_int8_qbnn_keeps_the_float_bnn_uncertainty(bayes_bundle):
+    """Float BNN vs int8 QBNN on held-out Fashion-MNIST, as the converter measured them, and the int8 weights."""
+    from edgeq.bundle import read_bundle
+
+    m = read_bundle(bayes_bundle).manifest
+    head, v = m["head"], m["validation"]
+    assert (head["type"], head["samples"], head["classes"], head["seed"], head["layout"]) == (
+        "bayes", 16, FMNIST_CLASSES, 7, "centred")
+    assert [o["role"] for o in m["outputs"]] == ["logits", "residuals"]
+    assert all(o["dtype"] == "int8" for o in m["outputs"]) and m["quantization"]["float_ops"] == []
+    # each of the K*C stacked output channels has its own scale and reproduces its float sample
+    assert head["weights"]["per_channel"] is True and head["weights"]["max_relative_error"] < 0.02
+    # the spread between samples survives the output quantisation
+    assert head["spread"]["steps"] > 4 and abs(head["spread"]["kept"] - 1) < 0.1
+    assert v["count"] == 120
+    assert abs(v["float_top1"] - v["quantized_top1"]) <= 0.05
+    assert abs(v["float_ece"] - v["quantized_ece"]) <= 0.03
+    assert v["mutual_information_correlation"] > 0.9
+    assert v["quantized_mean_mutual_information"] > 0
+    r = head["review"]
+    assert r["measure"] == "predictive_entropy" and r["count"] == 120 and 0 <= r["coverage"] <= 1
+    text = run_edgeq("inspect", str(bayes_bundle)).stdout
+    assert "16 posterior samples x 4 classes" in text and "needs_review" in text and "XNNPACK: whole graph" in text
+
+
+def test_device_publishes_what_the_model_computes(bayes_bundle, fashion_dirs, tmp_path):
+    """`edgeq run` payloads equal an independent pass of the same bundle through the runtime and the maths."""
+    import jsonschema
+
+    from edgeq.bundle import message_schema, read_bundle
+    from edgeq.evaluate import head_logits
+    from edgeq.heads import HeadSpec
+    from edgeq.preprocess import list_images
+    from edgeq.uncertainty import summarize
+
+    folder = fashion_dirs["test"] / "dress"
+    r = run_edgeq("run", "--model", str(bayes_bundle), "--source", str(folder), "--output", "-",
+                  "--spool", str(tmp_path / "s.db"), "--max-frames", "12")
+    assert r.returncode == 0, r.stderr
+    msgs = [json.loads(ln) for ln in r.stdout.splitlines() if '"edgeq.detections"' in ln]
+    assert len(msgs) == 12
+    b = read_bundle(bayes_bundle)
+    model = b.load_model()
+    head = HeadSpec.from_manifest(b.manifest).bind(model, b.manifest["outputs"])
+    files = list_images(folder)[:12]
+    s = summarize(head_logits(model, b.preprocess_spec, files, head))
+    threshold = b.manifest["head"]["review"]["threshold"]
+    for i, msg in enumerate(msgs):
+        jsonschema.validate(msg, message_schema("detections"))
+        assert msg["schema_version"] == 2 and msg["frame"]["id"] == files[i].name
+        top = msg["detections"][0]
+        assert top["class_id"] == int(np.argmax(s.mean[i])) and top["score"] == pytest.approx(s.mean[i].max(), abs=1e-6)
+        u = top["uncertainty"]
+        assert u["method"] == "mc" and u["samples"] == 16
+        assert u["predictive_entropy"] == pytest.approx(s.predictive_entropy[i], abs=1e-6)
+        assert u["aleatoric"] == pytest.approx(s.aleatoric[i], abs=1e-6)
+        assert u["mutual_information"] == pytest.approx(s.mutual_information[i], abs=1e-6)
+        assert u["std"] == pytest.approx(s.std[i, top["class_id"]], abs=1e-6)
+        assert top["needs_review"] is bool(s.predictive_entropy[i] > threshold)
+
+
+def test_device_review_override_from_config(bayes_bundle, fashion_dirs, tmp_path):
+    cfg = tmp_path / "edgeq.toml"
+    cfg.write_text(f'model = "{bayes_bundle}"\nsource = "{fashion_dirs["test"] / "trouser"}"\n'
+                   f'spool = {{path = "{tmp_path / "s.db"}"}}\n'
+                   '[thresholds]\nreview = 0.0\nreview_measure = "mutual_information"\n')
+    r = run_edgeq("run", "--config", str(cfg), "--output", "-", "--max-frames", "4")
+    assert r.returncode == 0, r.stderr
+    dets = [json.loads(ln)["detections"][0] for ln in r.stdout.splitlines() if '"edgeq.detections"' in ln]
+    assert len(dets) == 4
+    assert all(d["needs_review"] is (d["uncertainty"]["mutual_information"] > 0.0) for d in dets)
+
+
+# -- bad input ----------------------------------------------------------------------------------------------
+
+def test_bad_sample_counts(trained, fashion_dirs, tmp_path):
+    out = tmp_path / "x.edgeq"
+    common = ["--calib", str(fashion_dirs["train"]), "--calib-samples", "10", "-o", str(out)]
+    assert_clean_error(run_edgeq("convert", str(trained["bayes"]), "--bayes-samples", "1", *common),
+                       "--bayes-samples 1", "at least 2")
+    assert_clean_error(run_edgeq("convert", str(trained["bayes"]), "--bayes-samples", "600", *common),
+                       "--bayes-samples 600", "of the backbone", "use at most")
+    assert not out.exists()
+
+
+def test_no_bayesian_head_when_asked_for_one(trained, fashion_dirs, tmp_path):
+    out = tmp_path / "x.edgeq"
+    r = run_edgeq("convert", str(trained["det"]), "--bayes-samples", "8", "--calib", str(fashion_dirs["train"]),
+                  "--calib-samples", "10", "-o", str(out))
+    assert_clean_error(r, "det.keras", "no bayesian head", "edgeq train --head bayes")
+    assert not out.exists()
+
+
+def test_labels_that_do_not_match_the_head(trained, fashion_dirs, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\nc\n")
+    out = tmp_path / "x.edgeq"
+    r = run_edgeq("convert", str(trained["bayes"]), "--labels", str(labels), "--calib", str(fashion_dirs["train"]),
+                  "--calib-samples", "10", "-o", str(out))
+    assert_clean_error(r, str(labels), "3 labels", "4 classes")
+    assert not out.exists()
+
+
+def test_train_bad_inputs(trained, fashion_dirs, tiny_keras_path, tmp_path):
+    data = str(fashion_dirs["train"])
+    assert_clean_error(run_edgeq("train", data, "-o", str(tmp_path / "m.h5")), "-o", ".keras")
+    assert_clean_error(run_edgeq("train", str(tmp_path / "nope"), "-o", str(tmp_path / "m.keras")), "DATA_DIR", "not a folder")
+    r = run_edgeq("train", data, "--head", "bayes", "--init", str(tiny_keras_path), "-o", str(tmp_path / "m.keras"))
+    assert_clean_error(r, "--init", "3 classes", "4 class folders")
+    assert not (tmp_path / "m.keras").exists()
+
+
+def test_review_measure_needs_a_bayesian_head(tiny_bundle, shapes_dir, tmp_path):
+    cfg = tmp_path / "edgeq.toml"
+    cfg.write_text(f'model = "{tiny_bundle}"\nsource = "{shapes_dir / "circle"}"\n'
+                   '[thresholds]\nreview_measure = "mutual_information"\n')
+    assert_clean_error(run_edgeq("run", "--config", str(cfg), "--output", "-"), "review_measure", "deterministic")
