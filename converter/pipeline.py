@@ -336,3 +336,22 @@ def _warn_spread(spread: dict[str, Any], opts: ConvertOptions, log: Callable[[st
         hint = " (try --bayes-layout centred)" if opts.bayes_layout == "stacked" else ""
         log(f"warning: the spread between samples is only {steps:.1f} output quantisation steps; int8 distorts "
             f"mutual information below about 2{hint}")
+
+
+def float_reference(model_path: str, manifest: dict[str, Any], threads: int = 1) -> tuple[Model, BoundHead]:
+    """The float32 counterpart of a bundle, built from its source model: for a Bayesian head, the same K weight
+    samples (seed and layout from the manifest), so float and int8 differ only by quantisation."""
+    source = load_source_model(model_path)
+    head = manifest.get("head") or {}
+    if head.get("type") == "bayes":
+        if source.keras_model is None:
+            raise ModelError(f"{model_path}: a SavedModel cannot hold the bundle's Bayesian head; give the .keras file")
+        exported = bayes.export_model(source.keras_model, int(head["samples"]), int(head["seed"]), head["layout"],
+                                      model_path)
+        source = dataclasses.replace(source, keras_model=exported.model)
+    spec = HeadSpec.from_manifest(manifest)
+    if source.num_classes != spec.classes and head.get("type") != "bayes":
+        raise ModelError(f"{model_path}: {source.num_classes} classes, but the bundle has {spec.classes}")
+    with quiet_output():
+        model = Model(convert_model(source, QuantRecipe(QuantMode.FLOAT32), None), num_threads=threads)
+    return model, spec.bind(model, describe_outputs(model, spec))

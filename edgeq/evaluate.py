@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -146,3 +146,137 @@ def compare_classifiers(
     ref = score(float_model, float_head or single_head(float_model), spec, data, "float")
     q = score(quant_model, quant_head or single_head(quant_model), spec, data, "quantized")
     return compare_scored(ref, q)
+
+
+# -- edgeq eval ------------------------------------------------------------------------------------------------
+
+def figures(scored: Scored, ood: Summary | None, target_accuracy: float, measure: str = "predictive_entropy") -> dict[str, Any]:
+    """Every figure ``edgeq eval`` reports for one model. Uncertainty for UCE is the predictive entropy divided
+    by log C (in [0, 1]); selective prediction and the referral rate use ``measure``."""
+    s = scored.summary
+    classes = s.mean.shape[-1]
+    correct = scored.correct
+    review = pick_review_threshold(s.measure(measure), correct, target_accuracy, measure)
+    out: dict[str, Any] = {
+        "top1": metrics.top1_accuracy(s.mean, scored.targets),
+        "nll": metrics.negative_log_likelihood(s.mean, scored.targets),
+        "brier": metrics.brier_score(s.mean, scored.targets),
+        "ece": metrics.expected_calibration_error(s.mean, scored.targets),
+        "uce": metrics.uncertainty_calibration_error(
+            np.clip(s.predictive_entropy / np.log(classes), 0.0, 1.0), correct),
+        "mean_predictive_entropy": float(np.mean(s.predictive_entropy)),
+        "referral_at_target": 1.0 - review.coverage,
+        "review_threshold": review.threshold if review.reached else None,
+        "target_accuracy": target_accuracy,
+        "selective": metrics.selective_accuracy_curve(s.measure(measure), correct),
+        "reliability": metrics.reliability_bins(s.mean, scored.targets),
+    }
+    if s.samples > 1:
+        out["mean_mutual_information"] = float(np.mean(s.mutual_information))
+    if ood is not None:
+        measures = MEASURES if s.samples > 1 else ("predictive_entropy",)
+        out["ood_auroc"] = {m: metrics.roc_auc(s.measure(m), ood.measure(m)) for m in measures}
+        out["ood_roc"] = {m: metrics.roc_curve(s.measure(m), ood.measure(m)) for m in measures}
+    return out
+
+
+@dataclass
+class EvalRun:
+    """One model's pass over the evaluation data."""
+
+    name: str
+    model: Model
+    head: BoundHead
+    spec: PreprocessSpec
+    scored: Scored | None = None
+    ood: Summary | None = None
+    figures: dict[str, Any] | None = None
+
+
+KerasReference = Callable[[str, dict[str, Any], int], tuple[Model, BoundHead]]
+
+
+def _reference_run(path: str, bundle: Any, threads: int, keras_reference: KerasReference | None) -> EvalRun:
+    """A float ``.edgeq`` or ``.tflite`` loads here; a Keras model goes through ``keras_reference`` (the
+    converter's ``float_reference``, which the CLI passes in: the core never imports the converter)."""
+    from edgeq.bundle import read_bundle
+    from edgeq.errors import ModelError
+
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"--reference {path}: not found; give a .keras model, a float .edgeq bundle or a .tflite file")
+    if p.suffix == ".edgeq":
+        ref = read_bundle(p)
+        if ref.labels != bundle.labels:
+            raise DataError(f"--reference {path}: its labels differ from {bundle.path}'s; compare models of one task")
+        model = ref.load_model(threads)
+        head = HeadSpec.from_manifest(ref.manifest, str(p)).bind(model, ref.manifest["outputs"], str(p))
+        return EvalRun("reference", model, head, ref.preprocess_spec)
+    if p.suffix == ".tflite":
+        model = Model(p.read_bytes(), num_threads=threads)
+        head = single_head(model)
+        if head.spec.classes != len(bundle.labels):
+            raise DataError(f"--reference {path}: {head.spec.classes} outputs but {bundle.path} has "
+                            f"{len(bundle.labels)} labels")
+        return EvalRun("reference", model, head, bundle.preprocess_spec)
+    if keras_reference is None:
+        raise ModelError(f"--reference {path}: a Keras model needs TensorFlow: pip install 'edgeq[convert]'")
+    model, head = keras_reference(path, bundle.manifest, threads)
+    return EvalRun("reference", model, head, bundle.preprocess_spec)
+
+
+def evaluate_bundle(
+    bundle_path: str | Path, data_dir: str | Path, ood_dir: str | Path | None = None, reference: str | None = None,
+    target_accuracy: float = 0.995, threads: int = 1, latency_runs: int = 50,
+    keras_reference: KerasReference | None = None,
+) -> tuple[dict[str, Any], list[EvalRun]]:
+    """Run the bundle (and the reference, through the same preprocessing) over a class folder and an optional
+    out-of-distribution folder; return every figure as a JSON-ready dict, and the runs for the report's plots."""
+    from edgeq.bundle import read_bundle
+    from edgeq.datasets import class_folder
+    from edgeq.preprocess import list_images
+    from edgeq.runtime import interleaved_latency
+
+    if not 0.0 < target_accuracy <= 1.0:
+        raise DataError(f"--target-accuracy {target_accuracy}: give a fraction in (0, 1], e.g. 0.995")
+    bundle = read_bundle(bundle_path)
+    if bundle.task != "classify":
+        raise DataError(f"{bundle_path}: edgeq eval scores classification bundles; this one is {bundle.task!r}")
+    data = class_folder(data_dir, bundle.labels, flag="--data")
+    ood_files: list[Path] = []
+    if ood_dir is not None:
+        if not Path(ood_dir).is_dir():
+            raise DataError(f"--ood {ood_dir}: not a folder; give a folder of out-of-distribution images")
+        ood_files = list_images(ood_dir)
+        if not ood_files:
+            raise DataError(f"--ood {ood_dir}: no jpg/png/bmp images in it; add some or drop --ood")
+    model = bundle.load_model(threads)
+    head = HeadSpec.from_manifest(bundle.manifest, str(bundle_path)).bind(model, bundle.manifest["outputs"], str(bundle_path))
+    runs = [EvalRun("quantized", model, head, bundle.preprocess_spec)]
+    if reference:
+        runs.insert(0, _reference_run(reference, bundle, threads, keras_reference))
+    measure = (bundle.manifest.get("head") or {}).get("review", {}).get("measure", "predictive_entropy")
+    for run in runs:
+        run.scored = score(run.model, run.head, run.spec, data, run.name)
+        if ood_files:
+            run.ood = summarize(head_logits(run.model, run.spec, ood_files, run.head, f"{run.name} ood"))
+        run.figures = figures(run.scored, run.ood, target_accuracy, measure)
+    inputs = [np.zeros(r.model.input.shape, dtype=r.model.input.dtype) for r in runs]
+    times = interleaved_latency([r.model for r in runs], inputs, runs=latency_runs, warmup=5)
+    report: dict[str, Any] = {
+        "bundle": str(bundle_path), "name": bundle.name, "labels": bundle.labels, "data": str(data_dir),
+        "count": len(data.files), "ood": str(ood_dir) if ood_dir else None, "ood_count": len(ood_files),
+        "uncertainty_measure": measure, "models": {},
+    }
+    for run, t in zip(runs, times):
+        info = {"size_bytes": run.model.size, "latency_ms_median": float(np.median(t)),
+                "runtime": run.model.describe(), "samples": run.head.spec.samples}
+        report["models"][run.name] = {**info, **run.figures}
+    if reference:
+        ref, q = runs[0].scored, runs[1].scored
+        report["agreement"] = {
+            "top1_agreement": metrics.top1_agreement(ref.summary.mean, q.summary.mean),
+            "mean_abs_logit_error": metrics.mean_abs_error(ref.logits, q.logits)
+            if ref.logits.shape == q.logits.shape else None,
+        }
+    return report, runs

@@ -26,23 +26,34 @@ def mean_abs_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.abs(a - b)))
 
 
-def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
-    """ECE with ``bins`` equal-width confidence bins (Guo et al. 2017):
-    ``ECE = sum_b (|B_b| / N) * |acc(B_b) - conf(B_b)|``, where confidence is ``max_c p[i, c]`` and bin b holds
-    confidences in ``((b-1)/bins, b/bins]`` (the first bin also takes 0)."""
+def reliability_bins(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> dict[str, list]:
+    """Confidence histogram of a reliability diagram: ``bins`` equal-width bins of the confidence ``max_c p[i, c]``;
+    bin b holds confidences in ``((b-1)/bins, b/bins]`` (the first also takes 0). Per bin: count, mean confidence
+    and accuracy (None for an empty bin)."""
     probs = np.asarray(probs, dtype=np.float64)
     targets = np.asarray(targets)
     if len(probs) == 0:
-        raise ValueError("expected_calibration_error of an empty set")
+        raise ValueError("reliability_bins of an empty set")
     confidence = probs.max(axis=-1)
     correct = (probs.argmax(axis=-1) == targets).astype(np.float64)
     which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
-    total = 0.0
+    out: dict[str, list] = {"edges": [b / bins for b in range(bins + 1)], "count": [], "confidence": [], "accuracy": []}
     for b in range(bins):
         in_bin = which == b
-        if in_bin.any():
-            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(total)
+        n = int(in_bin.sum())
+        out["count"].append(n)
+        out["confidence"].append(float(confidence[in_bin].mean()) if n else None)
+        out["accuracy"].append(float(correct[in_bin].mean()) if n else None)
+    return out
+
+
+def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
+    """ECE with ``bins`` equal-width confidence bins (Guo et al. 2017, "On calibration of modern neural
+    networks"): ``ECE = sum_b (|B_b| / N) * |acc(B_b) - conf(B_b)|``, where confidence is ``max_c p[i, c]``,
+    binned as in :func:`reliability_bins`."""
+    r = reliability_bins(probs, targets, bins)
+    total = sum(r["count"])
+    return float(sum(n / total * abs(a - c) for n, a, c in zip(r["count"], r["accuracy"], r["confidence"]) if n))
 
 
 def roc_auc(negatives: np.ndarray, positives: np.ndarray) -> float:
@@ -64,3 +75,69 @@ def roc_auc(negatives: np.ndarray, positives: np.ndarray) -> float:
         ranks[order[s:e]] = (s + 1 + e) / 2.0
     u = ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2.0
     return float(u / (len(pos) * len(neg)))
+
+
+def negative_log_likelihood(probs: np.ndarray, targets: np.ndarray, eps: float = 1e-15) -> float:
+    """Mean NLL in nats: ``-(1/N) sum_i log p[i, y_i]``, with p clipped to ``[eps, 1]`` (as scikit-learn's
+    ``log_loss``) so that one zero probability does not make it infinite."""
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.int64)
+    if len(probs) == 0:
+        raise ValueError("negative_log_likelihood of an empty set")
+    p = np.clip(probs[np.arange(len(targets)), targets], eps, 1.0)
+    return float(-np.mean(np.log(p)))
+
+
+def brier_score(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Multi-class Brier score (Brier 1950): ``(1/N) sum_i sum_c (p[i, c] - [y_i == c])^2``, in [0, 2]."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(probs) == 0:
+        raise ValueError("brier_score of an empty set")
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(len(probs)), np.asarray(targets, dtype=np.int64)] = 1.0
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=-1)))
+
+
+def uncertainty_calibration_error(uncertainty: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """UCE (Laves et al. 2019, "Well-calibrated model uncertainty with temperature scaling for dropout variational
+    inference"): with uncertainty normalised to [0, 1] (e.g. predictive entropy / log C), bins of equal width,
+    ``UCE = sum_b (|B_b| / N) * |err(B_b) - unc(B_b)|``, where err is the error rate and unc the mean uncertainty
+    of bin b (bin b holds values in ``((b-1)/bins, b/bins]``, the first bin also takes 0)."""
+    u = np.asarray(uncertainty, dtype=np.float64).reshape(-1)
+    wrong = 1.0 - np.asarray(correct, dtype=np.float64).reshape(-1)
+    if len(u) == 0 or len(u) != len(wrong):
+        raise ValueError("uncertainty_calibration_error needs one correctness flag per value")
+    if u.min() < 0 or u.max() > 1 + 1e-9:
+        raise ValueError("uncertainty must be normalised to [0, 1]")
+    which = np.clip(np.ceil(u * bins).astype(np.int64) - 1, 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            total += in_bin.mean() * abs(wrong[in_bin].mean() - u[in_bin].mean())
+    return float(total)
+
+
+def selective_accuracy_curve(uncertainty: np.ndarray, correct: np.ndarray, points: int = 21) -> dict[str, list[float]]:
+    """Accuracy vs referral rate: refer the most uncertain fraction r of results to a person and score the rest.
+    For r in ``linspace(0, 1, points)`` (the last point keeps one result), ``accuracy(r)`` is the accuracy of the
+    ``ceil((1 - r) N)`` least uncertain results (ties broken by order, stable)."""
+    u = np.asarray(uncertainty, dtype=np.float64).reshape(-1)
+    c = np.asarray(correct, dtype=np.float64).reshape(-1)
+    order = np.argsort(u, kind="stable")
+    cum = np.cumsum(c[order])
+    rates = np.linspace(0.0, 1.0, points)
+    kept = np.maximum(1, np.ceil((1.0 - rates) * len(u) - 1e-9).astype(np.int64))
+    return {"referral_rate": [round(float(r), 6) for r in rates],
+            "accuracy": [float(cum[k - 1] / k) for k in kept]}
+
+
+def roc_curve(negatives: np.ndarray, positives: np.ndarray) -> dict[str, list[float]]:
+    """ROC points for telling ``positives`` (higher scores) from ``negatives``: for every distinct threshold t
+    from high to low, ``fpr = P(neg >= t)`` and ``tpr = P(pos >= t)``, starting at (0, 0)."""
+    neg = np.sort(np.asarray(negatives, dtype=np.float64).reshape(-1))
+    pos = np.sort(np.asarray(positives, dtype=np.float64).reshape(-1))
+    thresholds = np.unique(np.r_[neg, pos])[::-1]
+    fpr = 1.0 - np.searchsorted(neg, thresholds, side="left") / len(neg)
+    tpr = 1.0 - np.searchsorted(pos, thresholds, side="left") / len(pos)
+    return {"fpr": [0.0, *map(float, fpr)], "tpr": [0.0, *map(float, tpr)]}

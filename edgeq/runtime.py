@@ -202,6 +202,7 @@ class Model:
             raise RuntimeLoadError(f"num_threads must be >= 1, got {num_threads}")
         self.runtime = runtime or load_runtime()
         self.num_threads = num_threads
+        self.size = len(model_content)
         kwargs: dict[str, Any] = {"model_content": bytes(model_content), "num_threads": num_threads}
         if not xnnpack:
             if self.runtime.op_resolver_type is None:

@@ -40,11 +40,12 @@ def _heavy_modules(body: str) -> str:
         "import edgeq.converter",
         HELP.format(args=["--help"]),
         HELP.format(args=["convert", "--help"]),
+        HELP.format(args=["train", "--help"]),
         HELP.format(args=["run", "--help"]),
         HELP.format(args=["validate-config", "--help"]),
         "import edgeq.device.runner, edgeq.device.mqtt, edgeq.device.sources",
     ],
-    ids=["import-device", "import-converter-package", "help", "convert-help", "run-help", "validate-help",
+    ids=["import-device", "import-converter-package", "help", "convert-help", "train-help", "run-help", "validate-help",
          "device-modules"],
 )
 def test_no_tensorflow_import(body):

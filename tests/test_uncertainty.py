@@ -133,3 +133,48 @@ def test_roc_auc_hand_computed_and_against_scikit_learn():
     ours = metrics.roc_auc(neg, pos)
     ref = roc_auc_score(np.r_[np.zeros(300), np.ones(200)], np.r_[neg, pos])
     assert ours == pytest.approx(ref, abs=1e-12)
+
+
+def test_nll_and_brier_hand_computed_and_against_scikit_learn():
+    from sklearn.metrics import brier_score_loss, log_loss
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
+    targets = np.array([0, 1, 0])
+    nll = -(math.log(0.7) + math.log(0.8) + math.log(0.3)) / 3
+    assert metrics.negative_log_likelihood(probs, targets) == pytest.approx(nll)
+    brier = ((0.3**2 + 0.2**2 + 0.1**2) + (0.1**2 + 0.2**2 + 0.1**2) + (0.7**2 + 0.3**2 + 0.4**2)) / 3
+    assert metrics.brier_score(probs, targets) == pytest.approx(brier)
+    rng = np.random.default_rng(1)
+    p = rng.dirichlet(np.ones(4), size=200)
+    y = rng.integers(0, 4, 200)
+    assert metrics.negative_log_likelihood(p, y) == pytest.approx(log_loss(y, p, labels=range(4)), rel=1e-9)
+    # scikit-learn's Brier is binary: compare on a two-class problem (its score is the positive class's)
+    p2 = np.c_[1 - p[:, 0], p[:, 0]]
+    y2 = (y == 0).astype(int)
+    assert metrics.brier_score(p2, y2) == pytest.approx(2 * brier_score_loss(y2, p2[:, 1]), rel=1e-9)
+
+
+def test_uce_hand_computed():
+    u = np.array([0.05, 0.1, 0.9, 0.95])
+    correct = np.array([1, 1, 0, 1], dtype=bool)
+    # bins of 1/15: 0.05 and 0.1 share bin 1 (err 0, unc 0.075); 0.9 bin 14 (err 1); 0.95 bin 15 (err 0)
+    expected = 0.5 * abs(0 - 0.075) + 0.25 * abs(1 - 0.9) + 0.25 * abs(0 - 0.95)
+    assert metrics.uncertainty_calibration_error(u, correct) == pytest.approx(expected)
+    with pytest.raises(ValueError):
+        metrics.uncertainty_calibration_error(np.array([1.5]), np.array([True]))
+
+
+def test_selective_curve_and_reliability_bins():
+    curve = metrics.selective_accuracy_curve([0.1, 0.2, 0.3, 0.4], [1, 1, 0, 1], points=5)
+    assert curve["referral_rate"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert curve["accuracy"] == pytest.approx([0.75, 2 / 3, 1.0, 1.0, 1.0])
+    r = metrics.reliability_bins(np.array([[0.9, 0.1], [0.95, 0.05], [0.4, 0.6]]), np.array([0, 1, 1]), bins=5)
+    assert r["count"] == [0, 0, 1, 0, 2]
+    assert r["accuracy"][4] == 0.5 and r["confidence"][4] == pytest.approx(0.925) and r["accuracy"][0] is None
+
+
+def test_roc_curve_points():
+    c = metrics.roc_curve([0.1, 0.4], [0.35, 0.8])
+    assert list(zip(c["fpr"], c["tpr"])) == [(0, 0), (0, 0.5), (0.5, 0.5), (0.5, 1.0), (1.0, 1.0)]
+    auc = np.trapezoid(c["tpr"], c["fpr"]) if hasattr(np, "trapezoid") else np.trapz(c["tpr"], c["fpr"])
+    assert auc == pytest.approx(metrics.roc_auc([0.1, 0.4], [0.35, 0.8]))
