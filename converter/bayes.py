@@ -39,6 +39,9 @@ import numpy as np
 from edgeq.errors import ModelError
 
 LAYOUTS = ("centred", "stacked")
+# --bayes-layout auto picks stacked when its int8 output resolves the spread between samples in at least this
+# many quantisation steps (shared/FINDINGS.md: below about one step int8 distorts mutual information)
+AUTO_MIN_STEPS = 4.0
 MAX_SAMPLES = 1024
 # the head may cost at most this fraction of the backbone's multiply-accumulates
 MAX_HEAD_SHARE = 0.5
@@ -308,3 +311,14 @@ def weight_faithfulness(sampled_kernels: np.ndarray, quantized: np.ndarray, scal
         "max_relative_error": round(float(err.max()), 6),
         "median_relative_error": round(float(np.median(err)), 6),
     }
+
+
+def stacked_steps_estimate(exported_stacked: BayesExport, calibration_samples: np.ndarray) -> dict[str, float]:
+    """Before converting: run the stacked float model on the calibration images and estimate how many int8 steps
+    of its output the spread between samples spans. The converter calibrates the output's scale from the min and
+    max it sees, ``(max(0, hi) - min(0, lo)) / 255``; the spread is the mean std of the logits across samples."""
+    k, c = exported_stacked.samples, exported_stacked.classes
+    out = np.asarray(exported_stacked.model.predict(calibration_samples, batch_size=32, verbose=0), dtype=np.float64)
+    step = (max(0.0, float(out.max())) - min(0.0, float(out.min()))) / 255.0
+    spread = float(np.mean(np.std(out.reshape(len(out), k, c), axis=1)))
+    return {"spread": round(spread, 6), "step": round(step, 8), "steps": round(spread / step, 2) if step else 0.0}

@@ -25,9 +25,10 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bayes-samples", type=int, metavar="K",
                    help="posterior samples fused into the int8 head (default 32 when the model has a BayesDense head)")
     g.add_argument("--bayes-seed", type=int, default=0, metavar="N", help="seed of the weight samples (default 0)")
-    g.add_argument("--bayes-layout", choices=("centred", "stacked"), default="centred",
-                   help="centred: mean + per-sample residual outputs, each with its own int8 scale (default); "
-                        "stacked: one [K, C] output")
+    g.add_argument("--bayes-layout", choices=("auto", "centred", "stacked"), default="auto",
+                   help="stacked: one [K, C] output; centred: mean + per-sample residual outputs, each with its own "
+                        "int8 scale; auto (default): stacked when its output resolves the spread between samples "
+                        "in at least 4 int8 steps, else centred")
     g.add_argument("--review-measure", choices=("predictive_entropy", "aleatoric", "mutual_information"),
                    default="predictive_entropy", help="uncertainty that sets needs_review (default predictive_entropy)")
     g.add_argument("--target-accuracy", type=float, default=0.995, metavar="A",

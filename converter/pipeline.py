@@ -57,7 +57,7 @@ class ConvertOptions:
     threads: int = 1
     bayes_samples: int | None = None  # None: 32 when the model has a Bayesian head
     bayes_seed: int = 0
-    bayes_layout: str = "centred"
+    bayes_layout: str = "auto"
     review_measure: str = "predictive_entropy"
     target_accuracy: float = 0.995
 
@@ -66,8 +66,8 @@ class ConvertOptions:
         object.__setattr__(self, "output", Path(self.output))
         if self.normalization not in NORMALIZATIONS:
             raise ModelError(f"--normalize {self.normalization!r}: choose one of {', '.join(NORMALIZATIONS)}")
-        if self.bayes_layout not in bayes.LAYOUTS:
-            raise ModelError(f"--bayes-layout {self.bayes_layout!r}: choose one of {', '.join(bayes.LAYOUTS)}")
+        if self.bayes_layout not in ("auto", *bayes.LAYOUTS):
+            raise ModelError(f"--bayes-layout {self.bayes_layout!r}: choose auto or one of {', '.join(bayes.LAYOUTS)}")
         if self.review_measure not in MEASURES:
             raise ModelError(f"--review-measure {self.review_measure!r}: choose one of {', '.join(MEASURES)}")
         if not 0.0 < self.target_accuracy <= 1.0:
@@ -122,7 +122,6 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
     t0 = time.perf_counter()
     source = load_source_model(opts.model, opts.input_size, opts.alpha, opts.classes, opts.weights)
     timings["load_model_s"] = time.perf_counter() - t0
-    source, exported = _export_bayes_head(source, opts, log)
     default_labels = None
     labels_file = opts.labels_file
     if labels_file is None and labels_path(opts.model).is_file():
@@ -144,6 +143,7 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
         calibration = load_calibration(opts.calib, spec, opts.calib_samples)
         timings["calibration_s"] = time.perf_counter() - t0
         log(f"calibration: {len(calibration.samples)} samples from {calibration.source} ({calibration.kind})")
+    source, exported, layout_choice = _export_bayes_head(source, opts, calibration, log)
 
     t0 = time.perf_counter()
     model_bytes = convert_model(source, recipe, calibration)
@@ -173,6 +173,7 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
     quant_head = head_spec.bind(model, outputs)
     float_head = head_spec.bind(float_model, describe_outputs(float_model, head_spec))
     if exported is not None:
+        head_info["layout_choice"] = layout_choice
         head_info["weights"] = _weight_check(model, exported)
         if calibration is not None:
             head_info["spread"] = _spread_check(float_model, float_head, model, quant_head, calibration)
@@ -262,22 +263,41 @@ def describe_outputs(model: Model, head: HeadSpec) -> list[dict[str, Any]]:
 
 
 def _export_bayes_head(
-    source: SourceModel, opts: ConvertOptions, log: Callable[[str], None]
-) -> tuple[SourceModel, bayes.BayesExport | None]:
-    """Swap a Bayesian head for K stacked weight samples; refuse --bayes-samples without one."""
+    source: SourceModel, opts: ConvertOptions, calibration: CalibrationSet | None, log: Callable[[str], None]
+) -> tuple[SourceModel, bayes.BayesExport | None, dict[str, Any] | None]:
+    """Swap a Bayesian head for K stacked weight samples; refuse --bayes-samples without one.
+
+    ``--bayes-layout auto`` (the default) takes ``stacked`` when its int8 output would resolve the spread between
+    samples in at least ``bayes.AUTO_MIN_STEPS`` steps (one output, a little cheaper), else ``centred``."""
     if source.keras_model is None:
         if opts.bayes_samples is not None:
             raise ModelError(f"{source.origin}: --bayes-samples needs a .keras model with a BayesDense head, not a SavedModel")
-        return source, None
+        return source, None, None
     if not bayes.find_bayes_heads(source.keras_model):
         if opts.bayes_samples is not None:
             bayes.export_model(source.keras_model, opts.bayes_samples, origin=source.origin)  # raises: no head
-        return source, None
+        return source, None, None
     samples = opts.bayes_samples if opts.bayes_samples is not None else 32
-    exported = bayes.export_model(source.keras_model, samples, opts.bayes_seed, opts.bayes_layout, source.origin)
+    layout, choice = opts.bayes_layout, {"mode": opts.bayes_layout}
+    exported = None
+    if layout == "auto":
+        stacked = bayes.export_model(source.keras_model, samples, opts.bayes_seed, "stacked", source.origin)
+        if calibration is None:
+            layout = "centred"
+            choice["reason"] = "no calibration data to measure the spread: centred"
+        else:
+            estimate = bayes.stacked_steps_estimate(stacked, calibration.samples)
+            layout = "stacked" if estimate["steps"] >= bayes.AUTO_MIN_STEPS else "centred"
+            choice.update(stacked_estimate=estimate, min_steps=bayes.AUTO_MIN_STEPS)
+            choice["reason"] = (f"stacked output would resolve the spread in {estimate['steps']} int8 steps "
+                                f"({'>=' if layout == 'stacked' else '<'} {bayes.AUTO_MIN_STEPS:g}): {layout}")
+        log(f"bayes layout: {choice['reason']}")
+        exported = stacked if layout == "stacked" else None
+    if exported is None:
+        exported = bayes.export_model(source.keras_model, samples, opts.bayes_seed, layout, source.origin)
     log(f"bayesian head: {samples} samples x {exported.classes} classes ({exported.layout}, seed {exported.seed}), "
         f"head {exported.head_macs / exported.backbone_macs:.1%} of the backbone's multiply-accumulates")
-    return dataclasses.replace(source, keras_model=exported.model), exported
+    return dataclasses.replace(source, keras_model=exported.model), exported, choice
 
 
 def _weight_check(model: Model, exported: bayes.BayesExport) -> dict[str, Any]:

@@ -34,6 +34,51 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from edgeq.evaluate import evaluate_bundle
+
+    if args.report:
+        from edgeq.report import check_report_dir
+
+        check_report_dir(args.report)  # before the slow part
+    keras_reference = None
+    if args.reference and not args.reference.endswith((".edgeq", ".tflite")):
+        try:
+            from edgeq.converter.pipeline import float_reference
+        except ImportError:
+            float_reference = None  # evaluate_bundle says what to install
+        keras_reference = float_reference
+    report, runs = evaluate_bundle(args.bundle, args.data, args.ood, args.reference, args.target_accuracy,
+                                   args.threads, keras_reference=keras_reference)
+    if args.report:
+        from edgeq.report import write_report
+
+        report["report"] = str(write_report(report, runs, args.report))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        from edgeq.report import summary_rows
+
+        names = list(report["models"])
+        rows = summary_rows(report)
+        width = max(len(label) for label, _ in rows)
+        print(f"{report['name']}: {report['count']} images" + (f", {report['ood_count']} OOD" if report["ood_count"] else ""))
+        print(f"  {'':<{width}}  " + "  ".join(f"{n:>12}" for n in names))
+        for label, values in rows:
+            print(f"  {label:<{width}}  " + "  ".join(f"{v:>12}" for v in values))
+        if "report" in report:
+            print(f"report: {report['report']}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from edgeq.bench import bench, format_bench
+
+    result = bench(args.bundle, args.baseline, args.threads, args.runs, args.warmup, args.pipeline)
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from edgeq.demo import run_demo
 
@@ -66,6 +111,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", metavar="BUNDLE")
     p.add_argument("--json", action="store_true", help="print the same as JSON")
     p.set_defaults(handler=_cmd_inspect)
+
+    p = sub.add_parser("eval", help="accuracy, calibration and uncertainty of a bundle, vs its float reference",
+                       description="Run a bundle (and a reference through the same preprocessing) over a labelled "
+                                   "folder: top-1, NLL, Brier, ECE, UCE, OOD AUROC, referral rate; --report writes "
+                                   "an HTML page with the plots.")
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("--data", required=True, metavar="DIR", help="labelled images, one subfolder per class")
+    p.add_argument("--ood", metavar="DIR", help="out-of-distribution images (any layout): AUROC of each uncertainty")
+    p.add_argument("--reference", metavar="MODEL", help="float reference: the source .keras model, a float .edgeq "
+                   "bundle or a .tflite file")
+    p.add_argument("--report", metavar="OUT_DIR", help="write OUT_DIR/report.html (self-contained, with plots)")
+    p.add_argument("--target-accuracy", type=float, default=0.995, metavar="A",
+                   help="accuracy the referral rate is computed for (default 0.995)")
+    p.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
+    p.add_argument("--json", action="store_true", help="print every figure as JSON")
+    p.set_defaults(handler=_cmd_eval)
+
+    p = sub.add_parser("bench", help="invoke latency, memory and runtime of a bundle, vs a baseline",
+                       description="Interleaved A/B invoke timing (median, p95, throughput), peak memory, runtime "
+                                   "and XNNPACK use; --pipeline VIDEO times the whole edgeq run pipeline.")
+    p.add_argument("bundle", metavar="BUNDLE", help="a .edgeq bundle (or a .tflite file)")
+    p.add_argument("--baseline", metavar="MODEL", help="a float .edgeq bundle or .tflite file to compare with")
+    p.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
+    p.add_argument("--runs", type=int, default=200, help="interleaved rounds (default 200)")
+    p.add_argument("--warmup", type=int, default=20, help="warm-up invokes per model (default 20)")
+    p.add_argument("--pipeline", metavar="VIDEO", help="also run edgeq run on VIDEO: pipeline fps vs raw invoke fps")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(handler=_cmd_bench)
 
     from edgeq.demo import add_demo_arguments
 

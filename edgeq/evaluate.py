@@ -119,7 +119,7 @@ def compare_scored(reference: Scored, quantized: Scored) -> dict[str, Any]:
         )
         out["float_logit_spread"] = ref["mean_logit_spread"]
         out["quantized_logit_spread"] = q["mean_logit_spread"]
-    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}
+    return out
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float | None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what edgeq, its demo and its tests need on a fresh Debian-based machine. Idempotent.
-#   scripts/setup.sh            host + device + dev extras, mosquitto, Fashion-MNIST
+#   scripts/setup.sh            host + device + dev extras, mosquitto, Fashion-MNIST, chromium (report test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +9,8 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_packag
 command -v mosquitto_sub >/dev/null 2>&1 || apt_packages+=(mosquitto-clients)
 [ -d /usr/share/datasets/fashion-mnist ] || apt_packages+=(dataset-fashion-mnist)
 command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)
+# the eval report's test renders the page in a headless browser
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || apt_packages+=(chromium)
 if [ ${#apt_packages[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         apt-get update -qq

@@ -140,9 +140,12 @@ def test_int8_qbnn_keeps_the_float_bnn_uncertainty(bayes_bundle):
 
     m = read_bundle(bayes_bundle).manifest
     head, v = m["head"], m["validation"]
-    assert (head["type"], head["samples"], head["classes"], head["seed"], head["layout"]) == (
-        "bayes", 16, FMNIST_CLASSES, 7, "centred")
-    assert [o["role"] for o in m["outputs"]] == ["logits", "residuals"]
+    assert (head["type"], head["samples"], head["classes"], head["seed"]) == ("bayes", 16, FMNIST_CLASSES, 7)
+    # --bayes-layout auto: stacked only when its output resolves the spread in enough int8 steps
+    choice = head["layout_choice"]
+    assert choice["mode"] == "auto"
+    assert head["layout"] == ("stacked" if choice["stacked_estimate"]["steps"] >= choice["min_steps"] else "centred")
+    assert [o["role"] for o in m["outputs"]] == (["samples"] if head["layout"] == "stacked" else ["logits", "residuals"])
     assert all(o["dtype"] == "int8" for o in m["outputs"]) and m["quantization"]["float_ops"] == []
     # each of the K*C stacked output channels has its own scale and reproduces its float sample
     assert head["weights"]["per_channel"] is True and head["weights"]["max_relative_error"] < 0.02
@@ -282,3 +285,22 @@ def test_float_bnn_and_int8_qbnn_tell_ood_apart_alike(bayes_bundle, trained, fas
     mi_q = np.r_[res["int8"][0].mutual_information, res["int8"][1].mutual_information]
     assert np.corrcoef(mi_f, mi_q)[0, 1] > 0.9
     assert abs(res["float"][2] - res["int8"][2]) < 0.05
+
+
+@pytest.mark.parametrize("layout", ["centred", "stacked"])
+def test_both_layouts_convert_and_decode_alike(layout, trained, fashion_dirs, tmp_path):
+    """Each explicit layout: the same K float samples, int8 outputs that keep them, and a device that decodes it."""
+    from edgeq.bundle import read_bundle
+
+    out = tmp_path / f"{layout}.edgeq"
+    r = run_edgeq("convert", str(trained["bayes"]), "--calib", str(fashion_dirs["train"]), "--calib-samples", "40",
+                  "--val", str(fashion_dirs["test"]), "--bayes-samples", "8", "--bayes-layout", layout, "-o", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = read_bundle(out).manifest
+    assert m["head"]["layout"] == layout and m["head"]["layout_choice"] == {"mode": layout}
+    assert m["validation"]["mutual_information_correlation"] > 0.9 and m["validation"]["top1_agreement"] > 0.9
+    r = run_edgeq("run", "--model", str(out), "--source", str(fashion_dirs["test"] / "dress"), "--output", "-",
+                  "--spool", str(tmp_path / "s.db"), "--max-frames", "3")
+    assert r.returncode == 0, r.stderr
+    dets = [json.loads(ln)["detections"][0] for ln in r.stdout.splitlines() if '"edgeq.detections"' in ln]
+    assert len(dets) == 3 and all(d["uncertainty"]["samples"] == 8 for d in dets)

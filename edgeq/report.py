@@ -1,0 +1,182 @@
+"""The ``edgeq eval --report`` page: one self-contained HTML file, its plots embedded as PNG data URIs.
+
+Plots use matplotlib's Agg backend (no display). The page carries a few lines of script that count the images that
+decoded, into ``data-images-loaded`` / ``data-images-total`` on ``<body>``, so a headless browser can check it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeq.errors import DataError
+
+COLORS = {"reference": "#4c72b0", "quantized": "#dd8452"}
+
+
+def check_report_dir(path: str | Path) -> Path:
+    """Fail before the slow part when the report folder cannot be written."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise DataError(f"--report {p}: is a file; give a folder for report.html")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"--report {p}: cannot create the folder ({exc.strerror or exc.__class__.__name__})") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise DataError(f"--report {p}: folder is not writable")
+    return p
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plots(report: dict[str, Any], runs: list[Any]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    images: dict[str, str] = {}
+
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
+    for ax, (name, m) in zip(axes[0], models.items()):
+        r = m["reliability"]
+        centres = (np.array(r["edges"][:-1]) + np.array(r["edges"][1:])) / 2
+        acc = [a if a is not None else 0.0 for a in r["accuracy"]]
+        ax.bar(centres, acc, width=1 / len(centres), edgecolor="black", color=COLORS.get(name, "grey"), alpha=0.8)
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.set(title=f"{name}: ECE {m['ece']:.4f}", xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    images["reliability"] = _png(fig)
+
+    measures = ["predictive_entropy"] + (["mutual_information"] if all(r.scored.summary.samples > 1 for r in runs) else [])
+    fig, axes = plt.subplots(len(measures), len(runs), figsize=(4.2 * len(runs), 3.2 * len(measures)), squeeze=False)
+    for j, run in enumerate(runs):
+        for i, measure in enumerate(measures):
+            ax = axes[i][j]
+            values = run.scored.summary.measure(measure)
+            bins = np.linspace(0, max(float(values.max()), 1e-6), 30)
+            for mask, label, color in ((run.scored.correct, "correct", "#55a868"), (~run.scored.correct, "incorrect", "#c44e52")):
+                if mask.any():
+                    ax.hist(values[mask], bins=bins, density=True, alpha=0.6, label=label, color=color)
+            ax.set(title=f"{run.name}: {measure.replace('_', ' ')}", xlabel="nats", ylabel="density")
+            ax.legend()
+    images["uncertainty"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    for name, m in models.items():
+        s = m["selective"]
+        ax.plot(s["referral_rate"], s["accuracy"], marker="o", ms=3, label=name, color=COLORS.get(name))
+    target = next(iter(models.values()))["target_accuracy"]
+    ax.axhline(target, color="k", ls=":", lw=1, label=f"target {target}")
+    ax.set(xlabel="referral rate (most uncertain sent to a person)", ylabel="accuracy of the rest", xlim=(0, 1))
+    ax.legend()
+    images["referral"] = _png(fig)
+
+    if all("ood_roc" in m for m in models.values()):
+        names = list(next(iter(models.values()))["ood_roc"])
+        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+        for ax, measure in zip(axes[0], names):
+            for name, m in models.items():
+                c = m["ood_roc"][measure]
+                ax.plot(c["fpr"], c["tpr"], label=f"{name} AUROC {m['ood_auroc'][measure]:.3f}", color=COLORS.get(name))
+            ax.plot([0, 1], [0, 1], "k--", lw=1)
+            ax.set(title=measure.replace("_", " "), xlabel="false positive rate", ylabel="true positive rate")
+            ax.legend(loc="lower right")
+        images["ood_roc"] = _png(fig)
+    return images
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return html.escape(str(v))
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    models = report["models"]
+    rows = [
+        ("top-1 accuracy", "top1"), ("NLL", "nll"), ("Brier", "brier"), ("ECE (15 bins)", "ece"),
+        ("UCE (15 bins)", "uce"), (f"referral for accuracy {next(iter(models.values()))['target_accuracy']}",
+                                   "referral_at_target"),
+        ("mean predictive entropy", "mean_predictive_entropy"), ("mean mutual information", "mean_mutual_information"),
+    ]
+    out = [(label, [_fmt(m.get(key)) for m in models.values()]) for label, key in rows]
+    measures = sorted({k for m in models.values() for k in m.get("ood_auroc", {})})
+    for measure in measures:
+        out.append((f"OOD AUROC, {measure.replace('_', ' ')}", [_fmt(m.get("ood_auroc", {}).get(measure)) for m in models.values()]))
+    out.append(("size (MB)", [f"{m['size_bytes'] / 1e6:.3f}" for m in models.values()]))
+    out.append(("invoke latency, median (ms)", [f"{m['latency_ms_median']:.3f}" for m in models.values()]))
+    out.append(("runtime", [html.escape(f"{m['runtime']['runtime']} {m['runtime']['runtime_version']}, XNNPACK "
+                                        + ("whole graph" if m["runtime"]["whole_graph"] else
+                                           f"{m['runtime']['delegated_ops']}/{m['runtime']['total_ops']} ops"))
+                            for m in models.values()]))
+    return out
+
+
+def write_report(report: dict[str, Any], runs: list[Any], out_dir: str | Path) -> Path:
+    out = check_report_dir(out_dir)
+    images = _plots(report, runs)
+    names = list(report["models"])
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    body = "".join(f"<tr><td>{html.escape(label)}</td>{''.join(f'<td>{v}</td>' for v in values)}</tr>"
+                   for label, values in summary_rows(report))
+    agreement = report.get("agreement")
+    agree = (f"<p>Top-1 agreement reference vs quantized: {agreement['top1_agreement']:.4f}</p>" if agreement else "")
+    sections = [
+        ("Reliability diagram", "reliability", "Accuracy per confidence bin; the dashed line is perfect calibration."),
+        ("Uncertainty of correct and incorrect predictions", "uncertainty",
+         "Density of each measure for correct (green) and incorrect (red) predictions, per model."),
+        ("Accuracy vs referral rate", "referral",
+         "Refer the most uncertain results to a person; the accuracy of those kept."),
+        ("Out-of-distribution detection", "ood_roc", f"In-distribution {html.escape(report['data'])} vs "
+                                                     f"{html.escape(str(report['ood']))}: ROC of each measure."),
+    ]
+    figures = "".join(
+        f"<h2>{title}</h2><p>{text}</p><img alt='{key}' src='{images[key]}'>" for title, key, text in sections if key in images
+    )
+    if "ood_roc" not in images:
+        figures += "<h2>Out-of-distribution detection</h2><p>Not measured: run edgeq eval with --ood DIR.</p>"
+    figures += ("<h2>Per-layer quantisation error</h2><p>Not available in this edgeq: the converter does not record "
+                "per-layer errors yet.</p>")
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>edgeq eval: {html.escape(report['name'])}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
+</head><body>
+<h1>edgeq eval: {html.escape(report['name'])}</h1>
+<p>Bundle {html.escape(report['bundle'])}; {report['count']} images from {html.escape(report['data'])}
+({len(report['labels'])} classes){f"; {report['ood_count']} out-of-distribution images" if report['ood_count'] else ""}.
+Uncertainty for referral: {html.escape(report['uncertainty_measure'].replace('_', ' '))}.</p>
+<table><tr><th></th>{head}</tr>{body}</table>{agree}
+{figures}
+<script>
+window.addEventListener("load", function () {{
+  var imgs = document.images, ok = 0;
+  for (var i = 0; i < imgs.length; i++) if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++;
+  document.body.setAttribute("data-images-loaded", ok);
+  document.body.setAttribute("data-images-total", imgs.length);
+}});
+</script>
+</body></html>
+"""
+    path = out / "report.html"
+    tmp = out / ".report.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,148 @@
+"""`edgeq eval` and `edgeq bench` on real bundles: the figures equal an independent computation, the report page
+loads in a real headless browser with every image, and every bad input gets one clear line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_clean_error, run_edgeq, write_pngs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ood_dir(tmp_path_factory) -> Path:
+    return write_pngs(tmp_path_factory.mktemp("ood") / "noise", 12, (64, 64, 3), seed=5)
+
+
+@pytest.fixture(scope="module")
+def float_bundle(tmp_path_factory, tiny_keras_path, shapes_dir) -> Path:
+    out = tmp_path_factory.mktemp("float") / "tiny_f32.edgeq"
+    r = run_edgeq("convert", str(tiny_keras_path), "--quant", "float32", "--val", str(shapes_dir), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_bundle, tiny_keras_path, shapes_dir, ood_dir, tmp_path_factory) -> tuple[dict, Path]:
+    report_dir = tmp_path_factory.mktemp("report") / "out"
+    r = run_edgeq("eval", str(tiny_bundle), "--data", str(shapes_dir), "--ood", str(ood_dir),
+                  "--reference", str(tiny_keras_path), "--report", str(report_dir), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout), report_dir
+
+
+def test_eval_figures_match_an_independent_computation(evaluated, tiny_bundle, shapes_dir, ood_dir):
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    from edgeq.bundle import read_bundle
+    from edgeq.datasets import class_folder
+    from edgeq.evaluate import score_files
+    from edgeq.preprocess import list_images
+    from edgeq.uncertainty import entropy, softmax
+
+    report, _ = evaluated
+    q = report["models"]["quantized"]
+    b = read_bundle(tiny_bundle)
+    data = class_folder(shapes_dir, b.labels)
+    p = softmax(score_files(b.load_model(), b.preprocess_spec, data.files))
+    p_ood = softmax(score_files(b.load_model(), b.preprocess_spec, list_images(ood_dir)))
+    assert report["count"] == len(data.files) == 36 and report["ood_count"] == 12
+    assert q["top1"] == pytest.approx(np.mean(p.argmax(1) == data.targets))
+    assert q["nll"] == pytest.approx(log_loss(data.targets, p, labels=range(3)), rel=1e-6)
+    h, h_ood = entropy(p), entropy(p_ood)
+    assert q["ood_auroc"]["predictive_entropy"] == pytest.approx(
+        roc_auc_score(np.r_[np.zeros(len(h)), np.ones(len(h_ood))], np.r_[h, h_ood]))
+    # the reference is the Keras model itself, converted to float32 by the same code as convert --val
+    assert report["models"]["reference"]["top1"] == pytest.approx(b.manifest["validation"]["float_top1"])
+    assert 0 <= q["referral_at_target"] <= 1 and len(q["selective"]["accuracy"]) == 21
+    assert q["runtime"]["runtime"] == "ai-edge-litert" and q["latency_ms_median"] > 0
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_loads_in_headless_chromium_with_every_image(evaluated):
+    report, report_dir = evaluated
+    page = report_dir / "report.html"
+    assert Path(report["report"]) == page and page.is_file()
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 4  # reliability, uncertainty, referral, OOD ROC
+    assert "http://" not in text and "https://" not in text  # self-contained
+    exe = _chromium()
+    assert exe, "chromium is not installed: scripts/setup.sh installs it (apt-get install chromium)"
+    out = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 'data-images-total="4"' in out.stdout and 'data-images-loaded="4"' in out.stdout, out.stdout[:500]
+
+
+def test_eval_against_a_float_bundle_and_plain_text(tiny_bundle, float_bundle, shapes_dir, tmp_path):
+    r = run_edgeq("eval", str(tiny_bundle), "--data", str(shapes_dir), "--reference", str(float_bundle))
+    assert r.returncode == 0, r.stderr
+    assert "reference" in r.stdout and "quantized" in r.stdout and "ECE" in r.stdout
+    # a reference for another task is refused, naming it
+    other = tmp_path / "other.edgeq"
+    assert run_edgeq("convert", "mobilenet_v2", "--alpha", "0.35",
+                     "--input-size", "32", "--classes", "3", "--quant", "float32", "-o", str(other)).returncode == 0
+    assert_clean_error(run_edgeq("eval", str(tiny_bundle), "--data", str(shapes_dir), "--reference", str(other)),
+                       "--reference", "labels differ")
+
+
+def test_eval_bad_inputs(tiny_bundle, shapes_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_error(run_edgeq("eval", str(tiny_bundle), "--data", str(empty)), "--data", "no class subfolders")
+    wrong = tmp_path / "wrong"
+    write_pngs(wrong / "hexagon", 2, (32, 32, 3))
+    assert_clean_error(run_edgeq("eval", str(tiny_bundle), "--data", str(wrong)), "hexagon", "not among the model's labels")
+    assert_clean_error(run_edgeq("eval", str(tiny_bundle), "--data", str(shapes_dir), "--ood", str(empty)),
+                       "--ood", "no jpg/png/bmp images")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_clean_error(run_edgeq("eval", str(tiny_bundle), "--data", str(shapes_dir), "--report", str(blocker)),
+                       "--report", "is a file")
+    assert_clean_error(run_edgeq("eval", str(tiny_bundle), "--data", str(shapes_dir), "--report",
+                                 str(blocker / "sub")), "--report", "cannot create")
+
+
+def test_bench_against_baseline(tiny_bundle, float_bundle):
+    r = run_edgeq("bench", str(tiny_bundle), "--baseline", str(float_bundle), "--runs", "30", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    b, base = res["models"]["bundle"], res["models"]["baseline"]
+    assert b["runtime"]["runtime"] == "ai-edge-litert" and b["runtime"]["xnnpack_applied"]
+    assert b["p95_ms"] >= b["median_ms"] > 0 and b["throughput_per_s"] == pytest.approx(1000 / b["median_ms"])
+    assert res["speedup_vs_baseline"] == pytest.approx(base["median_ms"] / b["median_ms"])
+    assert res["size_ratio_vs_baseline"] < 1 and 20 < b["peak_rss_mb"] < 2000
+    text = run_edgeq("bench", str(tiny_bundle), "--runs", "10")
+    assert text.returncode == 0 and "median ms" in text.stdout and "XNNPACK" in text.stdout
+
+
+def test_bench_pipeline(tiny_bundle, tmp_path):
+    from edgeq.synthetic import moving_shapes_frames, write_video
+
+    video = write_video(tmp_path / "clip.avi", moving_shapes_frames(30, 120, 160))
+    r = run_edgeq("bench", str(tiny_bundle), "--runs", "20", "--pipeline", str(video), "--json")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)["pipeline"]
+    assert p["frames"] == 30 and p["fps"] > 0 and p["ratio_to_raw"] == pytest.approx(p["fps"] / p["raw_invoke_fps"])
+
+
+def test_bench_bad_inputs(tiny_bundle, tmp_path, shapes_dir):
+    other = tmp_path / "other.edgeq"
+    r = run_edgeq("convert", "mobilenet_v2", "--alpha", "0.35", "--input-size", "48", "--classes", "3",
+                  "--calib", str(shapes_dir), "--calib-samples", "10", "-o", str(other))
+    assert r.returncode == 0, r.stderr
+    assert_clean_error(run_edgeq("bench", str(tiny_bundle), "--baseline", str(other)), "--baseline", "input shape",
+                       "differs")
+    assert_clean_error(run_edgeq("bench", str(tmp_path / "nope.edgeq")), "not found")
+    assert_clean_error(run_edgeq("bench", str(tiny_bundle), "--pipeline", str(tmp_path / "none.avi")),
+                       "--pipeline", "not found")
