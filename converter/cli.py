@@ -21,6 +21,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", metavar="FILE", help="class names, one per line (default: --val folder names or class_N)")
     p.add_argument("--val", metavar="DIR", help="validation folder, one subfolder per class: float vs quantised report")
     p.add_argument("--allow-float-fallback", action="store_true", help="keep ops that cannot be integer in float")
+    p.add_argument("--layer-errors", action="store_true",
+                   help="measure each layer's quantisation error (TFLite QuantizationDebugger) into the bundle's "
+                        "report; edgeq eval --report plots it")
     g = p.add_argument_group("uncertainty (see docs/bayesian.md)")
     g.add_argument("--bayes-samples", type=int, metavar="K",
                    help="posterior samples fused into the int8 head (default 32 when the model has a BayesDense head)")
@@ -75,6 +78,7 @@ def run_convert(args: argparse.Namespace) -> int:
         bayes_layout=args.bayes_layout,
         review_measure=args.review_measure,
         target_accuracy=args.target_accuracy,
+        layer_errors=args.layer_errors,
     )
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     result = convert(opts, log=log)

@@ -31,6 +31,7 @@ from .quantize import (
     describe_float_ops,
     float_ops,
     import_tensorflow,
+    layer_errors,
     quiet_output,
 )
 
@@ -60,6 +61,7 @@ class ConvertOptions:
     bayes_layout: str = "auto"
     review_measure: str = "predictive_entropy"
     target_accuracy: float = 0.995
+    layer_errors: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "quant", QuantMode(self.quant))
@@ -72,6 +74,8 @@ class ConvertOptions:
             raise ModelError(f"--review-measure {self.review_measure!r}: choose one of {', '.join(MEASURES)}")
         if not 0.0 < self.target_accuracy <= 1.0:
             raise ModelError(f"--target-accuracy {self.target_accuracy}: give a fraction in (0, 1], e.g. 0.995")
+        if self.layer_errors and self.quant not in (QuantMode.INT8, QuantMode.UINT8):
+            raise QuantizationError(f"--layer-errors measures int8 layers; it does not apply to --quant {self.quant.value}")
         if self.bayes_samples is not None and self.bayes_samples < 2:
             raise ModelError(f"--bayes-samples {self.bayes_samples}: a Monte-Carlo head needs at least 2 samples (default 32)")
         if self.quant.needs_calibration and not self.calib:
@@ -190,6 +194,16 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
         head_info["review"] = calibrate_review(quant_scored, opts.review_measure, opts.target_accuracy)
         timings["validation_s"] = time.perf_counter() - t0
 
+    layers = None
+    if opts.layer_errors and calibration is not None:
+        t0 = time.perf_counter()
+        layers = layer_errors(source, calibration)
+        timings["layer_errors_s"] = time.perf_counter() - t0
+        worst = layers[0] if layers else None
+        if worst:
+            log(f"layer errors: {len(layers)} layers; worst {worst['layer']} ({worst['op']}), "
+                f"RMSE {worst['rmse_over_scale']:.2f} quantisation steps")
+
     manifest = build_manifest(source, labels, spec, model, recipe, calibration, remaining_float, outputs, head_info)
     manifest["sizes"] = {
         "float32_tflite": len(float_bytes),
@@ -209,6 +223,8 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "validation": validation,
     }
+    if layers is not None:
+        report["layers"] = layers
     write_bundle(opts.output, manifest, model_bytes, report)
     return ConvertResult(opts.output, manifest, report, timings)
 

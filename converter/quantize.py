@@ -190,3 +190,41 @@ def describe_float_ops(ops: list[OpInfo]) -> str:
     if glue:
         parts.append(f"{len(glue)} QUANTIZE/DEQUANTIZE around them")
     return ", ".join(parts)
+
+
+def layer_errors(source: SourceModel, calibration: CalibrationSet, samples: int = 16) -> list[dict[str, Any]]:
+    """Per-layer quantisation error from TFLite's QuantizationDebugger: each quantised op's output compared with
+    its float counterpart on ``samples`` calibration images (the float op fed the same dequantised input).
+
+    ``rmse_over_scale`` (root-mean-square error divided by the output's quantisation step) makes layers with
+    different ranges comparable: about 0.29 (the RMS of uniform rounding) is as good as int8 gets; much larger
+    means the layer's range or outliers hurt it. Sorted worst first. Keras models only."""
+    import csv
+    import io
+
+    tf = import_tensorflow()
+    if source.keras_model is None:
+        raise QuantizationError(f"{source.origin}: --layer-errors needs a Keras model")
+    data = calibration.samples[:samples]
+    with quiet_output():
+        converter = tf.lite.TFLiteConverter.from_keras_model(source.keras_model)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = calibration.representative_dataset
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=lambda: ([x[None, ...]] for x in data)
+        )
+        debugger.run()
+        buf = io.StringIO()
+        debugger.layer_statistics_dump(buf)
+    rows = []
+    for row in csv.DictReader(io.StringIO(buf.getvalue())):
+        scale = float(row["scale"])
+        mse = float(row["mean_squared_error"])
+        name = row["tensor_name"].split(";")[0]
+        rows.append({
+            "op": row["op_name"], "layer": name, "mean_error": float(row["mean_error"]),
+            "max_abs_error": float(row["max_abs_error"]), "rmse": mse ** 0.5, "scale": scale,
+            "rmse_over_scale": (mse ** 0.5) / scale if scale else None,
+        })
+    rows.sort(key=lambda r: -(r["rmse_over_scale"] or 0.0))
+    return rows

@@ -272,6 +272,9 @@ def evaluate_bundle(
         info = {"size_bytes": run.model.size, "latency_ms_median": float(np.median(t)),
                 "runtime": run.model.describe(), "samples": run.head.spec.samples}
         report["models"][run.name] = {**info, **run.figures}
+    layers = (bundle.report or {}).get("layers")
+    if layers:
+        report["layers"] = layers
     if reference:
         ref, q = runs[0].scored, runs[1].scored
         report["agreement"] = {

@@ -30,15 +30,37 @@ def float_bundle(tmp_path_factory, tiny_keras_path, shapes_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def evaluated(tiny_bundle, tiny_keras_path, shapes_dir, ood_dir, tmp_path_factory) -> tuple[dict, Path]:
+def layers_bundle(tiny_keras_path, shapes_dir, tmp_path_factory) -> Path:
+    """The tiny model converted like tiny_bundle, plus per-layer errors from TFLite's QuantizationDebugger."""
+    out = tmp_path_factory.mktemp("layers") / "tiny.edgeq"
+    r = run_edgeq("convert", str(tiny_keras_path), "--calib", str(shapes_dir), "--calib-samples", "30",
+                  "--val", str(shapes_dir), "--layer-errors", "-o", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "layer errors:" in r.stdout
+    return out
+
+
+def test_layer_errors_in_the_bundle_report(layers_bundle):
+    from edgeq.bundle import read_bundle
+
+    layers = read_bundle(layers_bundle).report["layers"]
+    assert {r["op"] for r in layers} >= {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
+    ratios = [r["rmse_over_scale"] for r in layers]
+    assert ratios == sorted(ratios, reverse=True) and all(x > 0 for x in ratios)
+    # int8 cannot beat rounding by much: every layer errs by at least a fraction of a step
+    assert max(ratios) > 0.1 and all(r["rmse"] == pytest.approx(r["rmse_over_scale"] * r["scale"]) for r in layers)
+
+
+@pytest.fixture(scope="module")
+def evaluated(layers_bundle, tiny_keras_path, shapes_dir, ood_dir, tmp_path_factory) -> tuple[dict, Path]:
     report_dir = tmp_path_factory.mktemp("report") / "out"
-    r = run_edgeq("eval", str(tiny_bundle), "--data", str(shapes_dir), "--ood", str(ood_dir),
+    r = run_edgeq("eval", str(layers_bundle), "--data", str(shapes_dir), "--ood", str(ood_dir),
                   "--reference", str(tiny_keras_path), "--report", str(report_dir), "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout), report_dir
 
 
-def test_eval_figures_match_an_independent_computation(evaluated, tiny_bundle, shapes_dir, ood_dir):
+def test_eval_figures_match_an_independent_computation(evaluated, layers_bundle, shapes_dir, ood_dir):
     from sklearn.metrics import log_loss, roc_auc_score
 
     from edgeq.bundle import read_bundle
@@ -49,7 +71,7 @@ def test_eval_figures_match_an_independent_computation(evaluated, tiny_bundle, s
 
     report, _ = evaluated
     q = report["models"]["quantized"]
-    b = read_bundle(tiny_bundle)
+    b = read_bundle(layers_bundle)
     data = class_folder(shapes_dir, b.labels)
     p = softmax(score_files(b.load_model(), b.preprocess_spec, data.files))
     p_ood = softmax(score_files(b.load_model(), b.preprocess_spec, list_images(ood_dir)))
@@ -74,14 +96,14 @@ def test_report_loads_in_headless_chromium_with_every_image(evaluated):
     page = report_dir / "report.html"
     assert Path(report["report"]) == page and page.is_file()
     text = page.read_text()
-    assert text.count("data:image/png;base64,") == 4  # reliability, uncertainty, referral, OOD ROC
+    assert text.count("data:image/png;base64,") == 5  # reliability, uncertainty, referral, OOD ROC, layers
     assert "http://" not in text and "https://" not in text  # self-contained
     exe = _chromium()
     assert exe, "chromium is not installed: scripts/setup.sh installs it (apt-get install chromium)"
     out = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert 'data-images-total="4"' in out.stdout and 'data-images-loaded="4"' in out.stdout, out.stdout[:500]
+    assert 'data-images-total="5"' in out.stdout and 'data-images-loaded="5"' in out.stdout, out.stdout[:500]
 
 
 def test_eval_against_a_float_bundle_and_plain_text(tiny_bundle, float_bundle, shapes_dir, tmp_path):
