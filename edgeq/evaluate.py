@@ -136,18 +136,6 @@ def calibrate_review(scored: Scored, measure: str, target_accuracy: float) -> di
     return pick_review_threshold(scored.summary.measure(measure), scored.correct, target_accuracy, measure).to_dict()
 
 
-def compare_classifiers(
-    float_model: Model, quant_model: Model, spec: PreprocessSpec, data: LabelledFiles,
-    float_head: BoundHead | None = None, quant_head: BoundHead | None = None,
-) -> dict[str, Any]:
-    """Float vs quantised figures of two models on the same files (deterministic heads unless given)."""
-    if not data.files:
-        raise DataError("no validation images")
-    ref = score(float_model, float_head or single_head(float_model), spec, data, "float")
-    q = score(quant_model, quant_head or single_head(quant_model), spec, data, "quantized")
-    return compare_scored(ref, q)
-
-
 # -- edgeq eval ------------------------------------------------------------------------------------------------
 
 def figures(scored: Scored, ood: Summary | None, target_accuracy: float, measure: str = "predictive_entropy") -> dict[str, Any]:
