@@ -142,8 +142,8 @@ def format_bench(r: dict[str, Any]) -> str:
         lines.append(f"{name:<9} {m['median_ms']:>10.3f} {m['p95_ms']:>8.3f} {m['throughput_per_s']:>8.1f} "
                      f"{m['size_bytes'] / 1e6:>8.3f} {rss:>12}  {rt['runtime']} {rt['runtime_version']}, {xnn}")
     if "speedup_vs_baseline" in r:
-        lines.append(f"bundle vs baseline: {r['speedup_vs_baseline']:.2f}x faster, size {r['size_ratio_vs_baseline']:.3f}x "
-                     f"({r['threads']} thread(s), {r['runs']} interleaved rounds)")
+        lines.append(f"bundle vs baseline: speed {r['speedup_vs_baseline']:.2f}x (above 1: faster), size "
+                     f"{r['size_ratio_vs_baseline']:.3f}x ({r['threads']} thread(s), {r['runs']} interleaved rounds)")
     if "pipeline" in r:
         p = r["pipeline"]
         lines.append(f"pipeline: {p['fps']:.1f} fps over {p['frames']} frames vs raw invoke {p['raw_invoke_fps']:.1f} "
