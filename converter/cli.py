@@ -24,6 +24,13 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-errors", action="store_true",
                    help="measure each layer's quantisation error (TFLite QuantizationDebugger) into the bundle's "
                         "report; edgeq eval --report plots it")
+    g = p.add_argument_group("weight clustering (k-means weight sharing before PTQ)")
+    g.add_argument("--clusters", type=int, metavar="N", help="share N values per kernel (16: 4-bit indices)")
+    g.add_argument("--cluster-init", choices=("linear", "kmeans++"), default="linear",
+                   help="centroid initialisation (default linear)")
+    g.add_argument("--cluster-per-channel", action="store_true", help="N values per output channel, not per tensor")
+    g.add_argument("--cluster-skip", metavar="REGEX",
+                   help="layers whose names match are not clustered (default: the first conv; tiny kernels always)")
     g = p.add_argument_group("uncertainty (see docs/bayesian.md)")
     g.add_argument("--bayes-samples", type=int, metavar="K",
                    help="posterior samples fused into the int8 head (default 32 when the model has a BayesDense head)")
@@ -79,6 +86,10 @@ def run_convert(args: argparse.Namespace) -> int:
         review_measure=args.review_measure,
         target_accuracy=args.target_accuracy,
         layer_errors=args.layer_errors,
+        clusters=args.clusters,
+        cluster_init=args.cluster_init,
+        cluster_per_channel=args.cluster_per_channel,
+        cluster_skip=args.cluster_skip,
     )
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     result = convert(opts, log=log)

@@ -62,6 +62,10 @@ class ConvertOptions:
     review_measure: str = "predictive_entropy"
     target_accuracy: float = 0.995
     layer_errors: bool = False
+    clusters: int | None = None
+    cluster_init: str = "linear"
+    cluster_per_channel: bool = False
+    cluster_skip: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "quant", QuantMode(self.quant))
@@ -126,6 +130,7 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
     t0 = time.perf_counter()
     source = load_source_model(opts.model, opts.input_size, opts.alpha, opts.classes, opts.weights)
     timings["load_model_s"] = time.perf_counter() - t0
+    clustering = _cluster(source, opts, log) if opts.clusters is not None else None
     default_labels = None
     labels_file = opts.labels_file
     if labels_file is None and labels_path(opts.model).is_file():
@@ -225,6 +230,12 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
     }
     if layers is not None:
         report["layers"] = layers
+    if clustering is not None:
+        clustering["shipped"] = _check_clusters(model, clustering, opts.clusters)
+        manifest["clustering"] = {k: v for k, v in clustering.items() if k != "layers"}
+        report["clustering"] = clustering
+        log(f"clustering: {clustering['clustered']} layers to {opts.clusters} values, shipped int8 kernels hold at most "
+            f"{clustering['shipped']['max_distinct_per_channel']} distinct values per channel")
     write_bundle(opts.output, manifest, model_bytes, report)
     return ConvertResult(opts.output, manifest, report, timings)
 
@@ -391,3 +402,41 @@ def float_reference(model_path: str, manifest: dict[str, Any], threads: int = 1)
     with quiet_output():
         model = Model(convert_model(source, QuantRecipe(QuantMode.FLOAT32), None), num_threads=threads)
     return model, spec.bind(model, describe_outputs(model, spec))
+
+
+def _cluster(source: SourceModel, opts: ConvertOptions, log: Callable[[str], None]) -> dict[str, Any]:
+    """k-means weight sharing of the source model's kernels, before PTQ (see converter/cluster.py)."""
+    from .cluster import ClusterOptions, cluster_model
+
+    copts = ClusterOptions(opts.clusters, opts.cluster_init, opts.cluster_per_channel, opts.cluster_skip, opts.bayes_seed)
+    if source.keras_model is None:
+        raise ModelError(f"{source.origin}: --clusters needs a Keras model (.keras/.h5 or built in), not a SavedModel")
+    t0 = time.perf_counter()
+    layers = cluster_model(source.keras_model, copts)
+    done = [r for r in layers if "clusters" in r]
+    log(f"clustering: {len(done)} of {len(layers)} kernels to {opts.clusters} values "
+        f"({'per channel' if opts.cluster_per_channel else 'per tensor'}, {opts.cluster_init} init), "
+        f"{time.perf_counter() - t0:.1f} s")
+    return {
+        "clusters": opts.clusters, "init": opts.cluster_init, "per_channel": opts.cluster_per_channel,
+        "skip": copts.skip_pattern, "clustered": len(done), "skipped": len(layers) - len(done),
+        "clustered_weights": int(sum(r["weights"] for r in done)),
+        "all_weights": int(sum(r["weights"] for r in layers)), "layers": layers,
+    }
+
+
+def _check_clusters(model: Model, clustering: dict[str, Any], clusters: int) -> dict[str, Any]:
+    """Read the int8 kernels back: the clustered layers must hold at most ``clusters`` values per channel."""
+    import re
+
+    from edgeq.runtime import weight_stats
+
+    names = [r["layer"] for r in clustering["layers"] if "clusters" in r]
+    patterns = [re.compile(rf"(^|/){re.escape(n)}(_\d+)?/") for n in names]
+    stats = weight_stats(model)
+    matched = [w for w in stats if any(p.search(w["name"]) for p in patterns)]
+    worst = max((w["max_distinct_per_channel"] for w in matched), default=0)
+    if worst > clusters:
+        raise QuantizationError(f"clustered kernels came out of the converter with {worst} distinct values in a channel "
+                                f"(more than --clusters {clusters}); this is a bug, please report it")
+    return {"kernels_checked": len(matched), "max_distinct_per_channel": int(worst)}

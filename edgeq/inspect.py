@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeq.bundle import read_bundle
+from edgeq.runtime import weight_stats
 
 
 def inspect_bundle(path: str | Path) -> dict[str, Any]:
@@ -36,6 +37,8 @@ def inspect_bundle(path: str | Path) -> dict[str, Any]:
         "validation": m.get("validation"),
         "sizes": sizes,
         "runtime": model.describe(),
+        "clustering": m.get("clustering"),
+        "kernels": weight_stats(model),
         "ops": [
             {"op": name, "operands": operands, "results": results, "count": n, "xnnpack": delegated}
             for (name, operands, results, delegated), n in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0][0]))
@@ -78,6 +81,17 @@ def format_inspect(info: dict[str, Any]) -> str:
             f"validation   {v['count']} images: float top-1 {v['float_top1']:.4f}, quantized {v['quantized_top1']:.4f}, "
             f"agreement {v['top1_agreement']:.4f}, mean |logit error| {v['mean_abs_logit_error']:.4f}"
         )
+    if info.get("clustering"):
+        c = info["clustering"]
+        lines.append(f"clustering   {c['clustered']} kernels to {c['clusters']} shared values "
+                     f"({'per channel' if c['per_channel'] else 'per tensor'}, {c['init']}), "
+                     f"{c['clustered_weights'] / max(c['all_weights'], 1):.0%} of the weights; shipped int8 kernels: "
+                     f"at most {c['shipped']['max_distinct_per_channel']} distinct values per channel")
+    kernels = info.get("kernels") or []
+    if kernels:
+        lines.append("kernels      distinct int8 values per channel (max), per layer:")
+        for k in kernels:
+            lines.append(f"  {k['max_distinct_per_channel']:>4}  {k['op']:<17} {str(k['shape']):<18} {k['name'][-60:]}")
     lines.append("ops")
     width = max((len(o["op"]) for o in info["ops"]), default=2)
     for o in info["ops"]:

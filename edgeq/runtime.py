@@ -365,3 +365,35 @@ def interleaved_latency(
             model.invoke()
             times[i][r] = (time.perf_counter() - t0) * 1000.0
     return times
+
+
+WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+def weight_stats(model: Model) -> list[dict[str, Any]]:
+    """The integer kernels of conv and fully-connected ops: per layer, the number of quantisation channels and
+    the most distinct values any channel holds (what weight clustering bounds)."""
+    interp = model.interpreter
+    try:
+        details = interp._get_ops_details()
+    except Exception:
+        return []
+    tensors = {int(d["index"]): d for d in interp.get_tensor_details()}
+    out = []
+    for op in details:
+        if op["op_name"] not in WEIGHT_OPS or len(op["inputs"]) < 2:
+            continue
+        d = tensors.get(int(op["inputs"][1]))
+        if d is None or np.dtype(d["dtype"]).kind not in "iu":
+            continue
+        try:
+            w = interp.get_tensor(int(d["index"]))
+        except ValueError:
+            continue
+        axis = int(d["quantization_parameters"].get("quantized_dimension", 0))
+        per_channel = len(d["quantization_parameters"]["scales"]) > 1
+        rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if per_channel else w.reshape(1, -1)
+        distinct = max(len(np.unique(r)) for r in rows)
+        out.append({"op": op["op_name"], "name": d["name"].split(";")[0], "shape": [int(s) for s in w.shape],
+                    "channels": int(rows.shape[0]), "max_distinct_per_channel": int(distinct)})
+    return out

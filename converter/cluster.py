@@ -1,0 +1,149 @@
+"""Weight clustering (k-means weight sharing, Deep Compression's first stage), on Keras 3 without tf_keras.
+
+Each Conv2D, DepthwiseConv2D and Dense kernel is replaced by N shared values: scalar k-means over the whole
+tensor (default) or over each output channel (``per_channel``), then every weight takes its centroid. The normal
+full-int8 PTQ follows. TFLite quantises kernels per output channel, symmetrically: ``q = round(w / s)`` with
+``s = max|w| / 127``; N centroids map to at most N int8 values per channel, so the shipped kernels keep at most N
+distinct values per quantisation channel (two centroids closer than ``s`` merge, which only lowers the count).
+The converter reads the int8 kernels back and records the largest count it finds.
+
+Initialisation: ``linear`` spaces the centroids evenly between the minimum and maximum (Deep Compression found it
+keeps the rare large weights best); ``kmeans++`` seeds them with D^2 sampling. Both then run Lloyd's iterations,
+vectorised over channels in numpy.
+
+Skipped by default (``--cluster-skip`` replaces the pattern): the first convolution (``Conv1`` in Keras'
+MobileNetV2: 3 input channels, few weights, and every later layer depends on it) and any kernel with fewer than
+``MIN_WEIGHTS`` weights (tiny layers save nothing and lose the most).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeq.errors import ModelError
+
+INITS = ("linear", "kmeans++")
+DEFAULT_SKIP = r"^(Conv1|conv1|stem_conv)$"
+MIN_WEIGHTS = 1024
+MAX_CLUSTERS = 256
+
+
+def kmeans_1d(values: np.ndarray, n: int, init: str = "linear", iterations: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Scalar k-means of each row of ``values`` ``[R, M]`` into ``n`` clusters: ``(centroids [R, n], labels [R, M])``.
+
+    Lloyd's algorithm: assign each value to its nearest centroid, move each centroid to the mean of its values;
+    a centroid that loses all its values stays where it is. Rows are independent and run together.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 2:
+        raise ValueError("kmeans_1d takes a 2-D array, one row per group")
+    rows, m = v.shape
+    k = min(n, m)
+    if init == "linear":
+        lo, hi = v.min(axis=1, keepdims=True), v.max(axis=1, keepdims=True)
+        c = lo + (hi - lo) * np.linspace(0.0, 1.0, k)[None, :]
+    elif init == "kmeans++":
+        rng = np.random.default_rng(seed)
+        c = np.empty((rows, k))
+        c[:, 0] = v[np.arange(rows), rng.integers(0, m, rows)]
+        d2 = (v - c[:, :1]) ** 2
+        for j in range(1, k):
+            total = d2.sum(axis=1, keepdims=True)
+            p = np.where(total > 0, d2 / np.where(total > 0, total, 1.0), 1.0 / m)
+            pick = (p.cumsum(axis=1) < rng.random((rows, 1))).sum(axis=1).clip(0, m - 1)
+            c[:, j] = v[np.arange(rows), pick]
+            d2 = np.minimum(d2, (v - c[:, j:j + 1]) ** 2)
+    else:
+        raise ModelError(f"--cluster-init {init!r}: choose one of {', '.join(INITS)}")
+    for _ in range(iterations):
+        labels = np.abs(v[:, :, None] - c[:, None, :]).argmin(axis=2)
+        onehot = labels[:, :, None] == np.arange(k)[None, None, :]
+        counts = onehot.sum(axis=1)
+        sums = (onehot * v[:, :, None]).sum(axis=1)
+        new = np.where(counts > 0, sums / np.maximum(counts, 1), c)
+        if np.allclose(new, c):
+            c = new
+            break
+        c = new
+    labels = np.abs(v[:, :, None] - c[:, None, :]).argmin(axis=2)
+    return c, labels
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    clusters: int
+    init: str = "linear"
+    per_channel: bool = False
+    skip: str | None = None  # None: DEFAULT_SKIP
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.clusters <= MAX_CLUSTERS:
+            raise ModelError(f"--clusters {self.clusters}: give 2 to {MAX_CLUSTERS} (16 is usual: 4-bit indices)")
+        if self.init not in INITS:
+            raise ModelError(f"--cluster-init {self.init!r}: choose one of {', '.join(INITS)}")
+        try:
+            re.compile(self.skip_pattern)
+        except re.error as exc:
+            raise ModelError(f"--cluster-skip {self.skip!r}: not a regular expression ({exc})") from None
+
+    @property
+    def skip_pattern(self) -> str:
+        return DEFAULT_SKIP if self.skip is None else self.skip
+
+
+def _channels_last(kernel: np.ndarray, depthwise: bool) -> np.ndarray:
+    """``[..., channels]`` -> ``[channels, weights per channel]`` (depthwise: channels = in x multiplier)."""
+    k = kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1]) if depthwise else kernel.reshape(-1, kernel.shape[-1])
+    return k.T
+
+
+def cluster_model(model: Any, opts: ClusterOptions) -> list[dict[str, Any]]:
+    """Cluster the model's kernels in place; return what was done to each layer (clustered or why skipped)."""
+    import keras
+
+    skip = re.compile(opts.skip_pattern)
+    report = []
+    for layer in _layers(model):
+        if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
+            continue
+        weights = layer.get_weights()
+        kernel = weights[0]
+        entry: dict[str, Any] = {"layer": layer.name, "type": layer.__class__.__name__, "weights": int(kernel.size)}
+        if skip.search(layer.name):
+            report.append({**entry, "skipped": "matches --cluster-skip"})
+            continue
+        if kernel.size < MIN_WEIGHTS:
+            report.append({**entry, "skipped": f"fewer than {MIN_WEIGHTS} weights"})
+            continue
+        depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+        if opts.per_channel:
+            rows = _channels_last(kernel, depthwise)
+            c, labels = kmeans_1d(rows, opts.clusters, opts.init, seed=opts.seed)
+            clustered_rows = np.take_along_axis(c, labels, axis=1)
+            new = clustered_rows.T.reshape(kernel.shape)
+        else:
+            c, labels = kmeans_1d(kernel.reshape(1, -1), opts.clusters, opts.init, seed=opts.seed)
+            new = c[0][labels[0]].reshape(kernel.shape)
+        err = float(np.sqrt(np.mean((new - kernel) ** 2)) / (np.sqrt(np.mean(kernel ** 2)) + 1e-12))
+        layer.set_weights([new.astype(kernel.dtype), *weights[1:]])
+        report.append({**entry, "clusters": int(c.shape[1]), "relative_rmse": round(err, 5)})
+    if not any("clusters" in r for r in report):
+        raise ModelError(f"--clusters: no layer was clustered (all {len(report)} skipped); loosen --cluster-skip")
+    return report
+
+
+def _layers(model: Any) -> list[Any]:
+    import keras
+
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            out.extend(_layers(layer))
+        else:
+            out.append(layer)
+    return out

@@ -1,0 +1,91 @@
+"""k-means weight sharing: the maths on hand-made data, and the real converter keeping at most N int8 values per
+channel in the kernels it ships."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import assert_clean_error, run_edgeq
+
+
+def test_kmeans_1d_hand_case_and_inits():
+    from edgeq.converter.cluster import kmeans_1d
+
+    v = np.array([[0.0, 0.1, 0.2, 10.0, 10.1, 10.2, -5.0, -5.2]])
+    for init in ("linear", "kmeans++"):
+        c, labels = kmeans_1d(v, 3, init, seed=1)
+        assert sorted(np.round(c[0], 6)) == pytest.approx([-5.1, 0.1, 10.1])
+        assert len(set(labels[0][:3])) == 1 and len(set(labels[0][3:6])) == 1 and labels[0][0] != labels[0][3]
+    # rows are independent; a row with fewer distinct values than clusters keeps them exactly
+    c, labels = kmeans_1d(np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 6.0, 6.0]]), 2)
+    assert np.allclose(np.take_along_axis(c, labels, 1)[1], [5, 5, 6, 6])
+
+
+def test_cluster_model_per_tensor_and_per_channel():
+    import keras
+
+    from edgeq.converter.cluster import ClusterOptions, cluster_model
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, name="Conv1")(inp)
+    x = keras.layers.DepthwiseConv2D(3, name="dw_small")(x)  # 3*3*8 = 72 weights
+    x = keras.layers.Conv2D(64, 3, name="big")(x)  # 3*3*8*64 = 4608
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="dw")(x)  # 3*3*64*2 = 1152
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, keras.layers.Dense(40, name="fc")(x))  # 128*40 = 5120
+    before = model.get_layer("Conv1").get_weights()[0].copy()
+    report = {r["layer"]: r for r in cluster_model(model, ClusterOptions(8))}
+    assert report["Conv1"]["skipped"] == "matches --cluster-skip"
+    assert "fewer than" in report["dw_small"]["skipped"]
+    assert np.array_equal(model.get_layer("Conv1").get_weights()[0], before)
+    for name in ("big", "dw", "fc"):
+        assert report[name]["clusters"] == 8 and len(np.unique(model.get_layer(name).get_weights()[0])) <= 8
+    cluster_model(model, ClusterOptions(4, per_channel=True, skip="^$"))
+    k = model.get_layer("big").get_weights()[0]
+    assert max(len(np.unique(k[..., c])) for c in range(k.shape[-1])) <= 4
+    d = model.get_layer("dw").get_weights()[0].reshape(9, -1)  # channels = in x multiplier
+    assert max(len(np.unique(d[:, c])) for c in range(d.shape[1])) <= 4
+
+
+def test_convert_with_clusters_ships_at_most_n_values(tmp_path, shapes_dir):
+    import keras
+
+    from edgeq.bundle import read_bundle
+    from edgeq.runtime import weight_stats
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="Conv1")(inp)
+    x = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="big")(x)  # 4,608 weights
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    path = tmp_path / "m.keras"
+    keras.Model(inp, keras.layers.Dense(3, name="logits")(x)).save(path)
+    out = tmp_path / "c.edgeq"
+    r = run_edgeq("convert", str(path), "--calib", str(shapes_dir), "--calib-samples", "20",
+                  "--clusters", "4", "-o", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    b = read_bundle(out)
+    c = b.manifest["clustering"]
+    assert c["clusters"] == 4 and c["clustered"] == 1 and c["skipped"] == 2
+    assert c["shipped"] == {"kernels_checked": 1, "max_distinct_per_channel": 4}
+    # read the shipped kernels independently: the clustered one has <= 4 values per channel, Conv1 (skipped) more
+    stats = {w["name"].split("/")[-2]: w for w in weight_stats(b.load_model())}
+    big = next(v for k, v in stats.items() if k.startswith("big"))
+    first = next(v for k, v in stats.items() if k.startswith("Conv1"))
+    assert big["max_distinct_per_channel"] <= 4 < first["max_distinct_per_channel"]
+    info = json.loads(run_edgeq("inspect", str(out), "--json").stdout)
+    assert info["clustering"]["clusters"] == 4 and info["kernels"]
+
+
+def test_cluster_bad_inputs(tmp_path, tiny_keras_path, shapes_dir):
+    common = ["--calib", str(shapes_dir), "--calib-samples", "10", "-o", str(tmp_path / "x.edgeq")]
+    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--clusters", "1", *common), "--clusters 1", "2 to 256")
+    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--clusters", "8", "--cluster-skip", "(", *common),
+                       "--cluster-skip", "not a regular expression")
+    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--clusters", "8", "--cluster-skip", ".*", *common),
+                       "no layer was clustered")
+    assert not (tmp_path / "x.edgeq").exists()
