@@ -16,8 +16,9 @@ from edgeq.datasets import class_folder
 from edgeq.errors import BundleError, ModelError, QuantizationError
 from edgeq.evaluate import calibrate_review, compare_scored, logit_spread, model_input_spec, score
 from edgeq.heads import BoundHead, HeadSpec
+from edgeq.packing import MAX_CODEBOOK, pack_model
 from edgeq.preprocess import NORMALIZATIONS, PreprocessSpec
-from edgeq.runtime import Model, load_runtime, quantize_values
+from edgeq.runtime import Model, load_runtime, quantize_values, weight_kernels
 from edgeq.uncertainty import MEASURES, summarize
 
 from . import bayes
@@ -230,13 +231,17 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
     }
     if layers is not None:
         report["layers"] = layers
+    packed = None
     if clustering is not None:
         clustering["shipped"] = _check_clusters(model, clustering, opts.clusters)
+        if opts.clusters <= MAX_CODEBOOK:
+            packed = pack_model(model_bytes, [(n, w, a) for _, n, w, a, per_channel in weight_kernels(model) if per_channel])
+            clustering["packed_kernels"] = len(packed[2])
         manifest["clustering"] = {k: v for k, v in clustering.items() if k != "layers"}
         report["clustering"] = clustering
         log(f"clustering: {clustering['clustered']} layers to {opts.clusters} values, shipped int8 kernels hold at most "
             f"{clustering['shipped']['max_distinct_per_channel']} distinct values per channel")
-    write_bundle(opts.output, manifest, model_bytes, report)
+    write_bundle(opts.output, manifest, model_bytes, report, packed)
     return ConvertResult(opts.output, manifest, report, timings)
 
 

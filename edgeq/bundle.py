@@ -5,6 +5,8 @@ A bundle is a zip holding
 ``manifest.json``  everything needed to reproduce the converter's numerics (see :func:`validate_manifest`)
 ``model.tflite``   the model, whose sha256 and size the manifest records
 ``report.json``    optional: the conversion report (ops, sizes, validation figures)
+``weights.npz``    optional: packed clustered kernels (see :mod:`edgeq.packing`); ``model.tflite`` then holds
+                   zeros in their place, and ``manifest.model.packed`` lists where they go
 
 Writing is atomic (a temporary file in the target folder, fsync, rename), so a failed conversion never leaves a
 half-written bundle. Reading refuses an unknown schema version, a truncated zip and a model whose sha256 does not
@@ -143,8 +145,12 @@ def write_bundle(
     manifest: dict[str, Any],
     model_bytes: bytes,
     report: dict[str, Any] | None = None,
+    packed: tuple[bytes, bytes, list[dict[str, Any]]] | None = None,
 ) -> Path:
-    """Complete the manifest's schema and model fields, validate it, and write the bundle atomically."""
+    """Complete the manifest's schema and model fields, validate it, and write the bundle atomically.
+
+    packed: ``(stripped model, weights.npz bytes, entries)`` from :func:`edgeq.packing.pack_model`; the manifest's
+    sha256 and size stay those of the full ``model_bytes``."""
     path = Path(path)
     manifest = dict(manifest)
     manifest.setdefault("schema", SCHEMA)
@@ -157,6 +163,10 @@ def write_bundle(
         "sha256": sha256_hex(model_bytes),
         "size": len(model_bytes),
     }
+    if packed is not None:
+        from edgeq.packing import PACKED_NAME
+
+        manifest["model"]["packed"] = {"file": PACKED_NAME, "kernels": packed[2]}
     validate_manifest(manifest, f"{path}: {MANIFEST_NAME}")
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
@@ -169,7 +179,9 @@ def write_bundle(
         with os.fdopen(fd, "wb") as raw:
             with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
                 zf.writestr(MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-                zf.writestr(MODEL_NAME, model_bytes)
+                zf.writestr(MODEL_NAME, model_bytes if packed is None else packed[0])
+                if packed is not None:
+                    zf.writestr(manifest["model"]["packed"]["file"], packed[1])
                 if report is not None:
                     zf.writestr(REPORT_NAME, json.dumps(report, indent=2) + "\n")
             raw.flush()
@@ -207,6 +219,9 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
             if model_file not in names:
                 raise BundleError(f"{path}: {model_file} missing from the bundle; re-convert the model")
             model_bytes = zf.read(model_file)
+            packed = manifest["model"].get("packed")
+            if packed:
+                model_bytes = _unpack(path, zf, names, model_bytes, packed)
             report = json.loads(zf.read(REPORT_NAME)) if REPORT_NAME in names else None
     except zipfile.BadZipFile as exc:
         raise BundleError(f"{path}: truncated or corrupt bundle ({exc}); copy it again or re-convert") from None
@@ -226,6 +241,17 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
                 f"{expected['sha256'][:12]}...; the bundle was modified, re-convert it"
             )
     return Bundle(manifest, model_bytes, report, path, path.stat().st_size)
+
+
+def _unpack(path: Path, zf: zipfile.ZipFile, names: set[str], stripped: bytes, packed: Any) -> bytes:
+    from edgeq.packing import unpack_model
+
+    if not isinstance(packed, dict) or packed.get("file") not in names or not isinstance(packed.get("kernels"), list):
+        raise BundleError(f"{path}: packed weights are missing or malformed; copy the bundle again or re-convert")
+    try:
+        return unpack_model(stripped, zf.read(packed["file"]), packed["kernels"])
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise BundleError(f"{path}: cannot rebuild the model from its packed weights ({exc}); re-convert it") from None
 
 
 def message_schema(name: str) -> dict[str, Any]:

@@ -370,9 +370,8 @@ def interleaved_latency(
 WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
-def weight_stats(model: Model) -> list[dict[str, Any]]:
-    """The integer kernels of conv and fully-connected ops: per layer, the number of quantisation channels and
-    the most distinct values any channel holds (what weight clustering bounds)."""
+def weight_kernels(model: Model) -> list[tuple[str, str, np.ndarray, int, bool]]:
+    """The integer kernels of conv and fully-connected ops: (op, name, values, quantised axis, per-channel)."""
     interp = model.interpreter
     try:
         details = interp._get_ops_details()
@@ -390,10 +389,18 @@ def weight_stats(model: Model) -> list[dict[str, Any]]:
             w = interp.get_tensor(int(d["index"]))
         except ValueError:
             continue
-        axis = int(d["quantization_parameters"].get("quantized_dimension", 0))
-        per_channel = len(d["quantization_parameters"]["scales"]) > 1
+        q = d["quantization_parameters"]
+        out.append((op["op_name"], d["name"].split(";")[0], w, int(q.get("quantized_dimension", 0)),
+                    len(q["scales"]) > 1))
+    return out
+
+
+def weight_stats(model: Model) -> list[dict[str, Any]]:
+    """Per kernel: the number of quantisation channels and the most distinct values any channel holds (what
+    weight clustering bounds)."""
+    out = []
+    for op, name, w, axis, per_channel in weight_kernels(model):
         rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if per_channel else w.reshape(1, -1)
-        distinct = max(len(np.unique(r)) for r in rows)
-        out.append({"op": op["op_name"], "name": d["name"].split(";")[0], "shape": [int(s) for s in w.shape],
-                    "channels": int(rows.shape[0]), "max_distinct_per_channel": int(distinct)})
+        out.append({"op": op, "name": name, "shape": [int(s) for s in w.shape], "channels": int(rows.shape[0]),
+                    "max_distinct_per_channel": int(max(len(np.unique(r)) for r in rows))})
     return out
