@@ -31,6 +31,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cluster-per-channel", action="store_true", help="N values per output channel, not per tensor")
     g.add_argument("--cluster-skip", metavar="REGEX",
                    help="layers whose names match are not clustered (default: the first conv; tiny kernels always)")
+    g.add_argument("--finetune", metavar="DATA_DIR", help="fine-tune the clustered model on this class folder, "
+                   "keeping every weight on its cluster")
+    g.add_argument("--finetune-epochs", type=int, default=1, metavar="E", help="fine-tuning epochs (default 1)")
     g = p.add_argument_group("uncertainty (see docs/bayesian.md)")
     g.add_argument("--bayes-samples", type=int, metavar="K",
                    help="posterior samples fused into the int8 head (default 32 when the model has a BayesDense head)")
@@ -90,6 +93,8 @@ def run_convert(args: argparse.Namespace) -> int:
         cluster_init=args.cluster_init,
         cluster_per_channel=args.cluster_per_channel,
         cluster_skip=args.cluster_skip,
+        finetune=args.finetune,
+        finetune_epochs=args.finetune_epochs,
     )
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     result = convert(opts, log=log)

@@ -96,14 +96,60 @@ class ClusterOptions:
         return DEFAULT_SKIP if self.skip is None else self.skip
 
 
-def _channels_last(kernel: np.ndarray, depthwise: bool) -> np.ndarray:
-    """``[..., channels]`` -> ``[channels, weights per channel]`` (depthwise: channels = in x multiplier)."""
+def _groups(kernel: np.ndarray, depthwise: bool, per_channel: bool) -> np.ndarray:
+    """The kernel as ``[groups, weights]``: one group, or one per output channel (depthwise: in x multiplier)."""
+    if not per_channel:
+        return kernel.reshape(1, -1)
     k = kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1]) if depthwise else kernel.reshape(-1, kernel.shape[-1])
     return k.T
 
 
-def cluster_model(model: Any, opts: ClusterOptions) -> list[dict[str, Any]]:
-    """Cluster the model's kernels in place; return what was done to each layer (clustered or why skipped)."""
+def _ungroup(rows: np.ndarray, shape: tuple[int, ...], depthwise: bool, per_channel: bool) -> np.ndarray:
+    return rows.reshape(shape) if not per_channel else rows.T.reshape(shape)
+
+
+def project(kernel: np.ndarray, labels: np.ndarray, depthwise: bool, per_channel: bool) -> np.ndarray:
+    """Put weights back on their clusters after a training step: each cluster's value becomes the mean of its
+    weights (the weights keep their assignment). Averaging after the step is what averaging the gradients of a
+    cluster's weights does to a shared value under plain SGD."""
+    rows = _groups(kernel, depthwise, per_channel).astype(np.float64)
+    k = int(labels.max()) + 1
+    onehot = labels[:, :, None] == np.arange(k)[None, None, :]
+    counts = onehot.sum(axis=1)
+    means = (onehot * rows[:, :, None]).sum(axis=1) / np.maximum(counts, 1)
+    return _ungroup(np.take_along_axis(means, labels, axis=1), kernel.shape, depthwise, per_channel).astype(kernel.dtype)
+
+
+def finetune(model: Any, x: np.ndarray, y: np.ndarray, assignments: dict[str, np.ndarray], per_channel: bool,
+             epochs: int, lr: float = 1e-4, batch_size: int = 32, seed: int = 0) -> dict[str, float]:
+    """Train the clustered model on ``(x, y)`` and re-project the clustered kernels onto their clusters after
+    every step, so that the weights stay shared."""
+    import keras
+
+    from .train import settle_batchnorm
+
+    layers = {layer.name: layer for layer in _layers(model) if layer.name in assignments}
+
+    class Project(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            for name, layer in layers.items():
+                w = layer.get_weights()
+                depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+                layer.set_weights([project(w[0], assignments[name], depthwise, per_channel), *w[1:]])
+
+    keras.utils.set_random_seed(seed)
+    settle_batchnorm(model)
+    model.compile(optimizer=keras.optimizers.Adam(lr),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0, callbacks=[Project()])
+    return {k: float(v[-1]) for k, v in history.history.items()}
+
+
+def cluster_model(model: Any, opts: ClusterOptions, assignments: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """Cluster the model's kernels in place; return what was done to each layer (clustered or why skipped).
+
+    assignments: if given, filled with each clustered layer's cluster index per weight, ``[groups, weights]`` in
+    the layout :func:`project` takes (one group per tensor, or one per output channel)."""
     import keras
 
     skip = re.compile(opts.skip_pattern)
@@ -121,14 +167,11 @@ def cluster_model(model: Any, opts: ClusterOptions) -> list[dict[str, Any]]:
             report.append({**entry, "skipped": f"fewer than {MIN_WEIGHTS} weights"})
             continue
         depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
-        if opts.per_channel:
-            rows = _channels_last(kernel, depthwise)
-            c, labels = kmeans_1d(rows, opts.clusters, opts.init, seed=opts.seed)
-            clustered_rows = np.take_along_axis(c, labels, axis=1)
-            new = clustered_rows.T.reshape(kernel.shape)
-        else:
-            c, labels = kmeans_1d(kernel.reshape(1, -1), opts.clusters, opts.init, seed=opts.seed)
-            new = c[0][labels[0]].reshape(kernel.shape)
+        rows = _groups(kernel, depthwise, opts.per_channel)
+        c, labels = kmeans_1d(rows, opts.clusters, opts.init, seed=opts.seed)
+        new = _ungroup(np.take_along_axis(c, labels, axis=1), kernel.shape, depthwise, opts.per_channel)
+        if assignments is not None:
+            assignments[layer.name] = labels
         err = float(np.sqrt(np.mean((new - kernel) ** 2)) / (np.sqrt(np.mean(kernel ** 2)) + 1e-12))
         layer.set_weights([new.astype(kernel.dtype), *weights[1:]])
         report.append({**entry, "clusters": int(c.shape[1]), "relative_rmse": round(err, 5)})

@@ -67,6 +67,8 @@ class ConvertOptions:
     cluster_init: str = "linear"
     cluster_per_channel: bool = False
     cluster_skip: str | None = None
+    finetune: str | None = None
+    finetune_epochs: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "quant", QuantMode(self.quant))
@@ -79,6 +81,10 @@ class ConvertOptions:
             raise ModelError(f"--review-measure {self.review_measure!r}: choose one of {', '.join(MEASURES)}")
         if not 0.0 < self.target_accuracy <= 1.0:
             raise ModelError(f"--target-accuracy {self.target_accuracy}: give a fraction in (0, 1], e.g. 0.995")
+        if self.finetune is not None and self.clusters is None:
+            raise ModelError("--finetune applies to clustered models: give --clusters N too")
+        if self.finetune_epochs < 1:
+            raise ModelError(f"--finetune-epochs {self.finetune_epochs}: give at least 1")
         if self.layer_errors and self.quant not in (QuantMode.INT8, QuantMode.UINT8):
             raise QuantizationError(f"--layer-errors measures int8 layers; it does not apply to --quant {self.quant.value}")
         if self.bayes_samples is not None and self.bayes_samples < 2:
@@ -131,7 +137,6 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
     t0 = time.perf_counter()
     source = load_source_model(opts.model, opts.input_size, opts.alpha, opts.classes, opts.weights)
     timings["load_model_s"] = time.perf_counter() - t0
-    clustering = _cluster(source, opts, log) if opts.clusters is not None else None
     default_labels = None
     labels_file = opts.labels_file
     if labels_file is None and labels_path(opts.model).is_file():
@@ -146,6 +151,7 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
         raise ModelError(f"{source.origin}: input has {channels} channels; edgeq takes 1 (grey) or 3 (colour)")
     mean, std = NORMALIZATIONS[opts.normalization]
     spec = PreprocessSpec(height, width, channels, opts.color_order, opts.resize, (mean,), (std,))
+    clustering = _cluster(source, opts, labels, spec, log) if opts.clusters is not None else None
 
     calibration = None
     if opts.quant.needs_calibration:
@@ -409,25 +415,44 @@ def float_reference(model_path: str, manifest: dict[str, Any], threads: int = 1)
     return model, spec.bind(model, describe_outputs(model, spec))
 
 
-def _cluster(source: SourceModel, opts: ConvertOptions, log: Callable[[str], None]) -> dict[str, Any]:
-    """k-means weight sharing of the source model's kernels, before PTQ (see converter/cluster.py)."""
-    from .cluster import ClusterOptions, cluster_model
+def _cluster(
+    source: SourceModel, opts: ConvertOptions, labels: list[str], spec: PreprocessSpec, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """k-means weight sharing of the source model's kernels, before PTQ, optionally fine-tuned with the weights kept
+    on their clusters (see converter/cluster.py)."""
+    from .cluster import ClusterOptions, cluster_model, finetune
 
     copts = ClusterOptions(opts.clusters, opts.cluster_init, opts.cluster_per_channel, opts.cluster_skip, opts.bayes_seed)
     if source.keras_model is None:
         raise ModelError(f"{source.origin}: --clusters needs a Keras model (.keras/.h5 or built in), not a SavedModel")
+    data = None
+    if opts.finetune is not None:  # check the folder before the slow part
+        from .train import load_folder_arrays
+
+        data = load_folder_arrays(opts.finetune, spec, labels, flag="--finetune")
     t0 = time.perf_counter()
-    layers = cluster_model(source.keras_model, copts)
+    assignments: dict[str, np.ndarray] = {}
+    layers = cluster_model(source.keras_model, copts, assignments)
     done = [r for r in layers if "clusters" in r]
     log(f"clustering: {len(done)} of {len(layers)} kernels to {opts.clusters} values "
         f"({'per channel' if opts.cluster_per_channel else 'per tensor'}, {opts.cluster_init} init), "
         f"{time.perf_counter() - t0:.1f} s")
-    return {
+    out: dict[str, Any] = {
         "clusters": opts.clusters, "init": opts.cluster_init, "per_channel": opts.cluster_per_channel,
         "skip": copts.skip_pattern, "clustered": len(done), "skipped": len(layers) - len(done),
         "clustered_weights": int(sum(r["weights"] for r in done)),
         "all_weights": int(sum(r["weights"] for r in layers)), "layers": layers,
     }
+    if data is not None:
+        t0 = time.perf_counter()
+        with quiet_output():
+            history = finetune(source.keras_model, data[0], data[1], assignments, opts.cluster_per_channel,
+                               opts.finetune_epochs, seed=opts.bayes_seed)
+        out["finetune"] = {"data": str(opts.finetune), "images": int(len(data[0])), "epochs": opts.finetune_epochs,
+                           "train_accuracy": round(history.get("accuracy", float("nan")), 4)}
+        log(f"fine-tuning: {opts.finetune_epochs} epoch(s) on {len(data[0])} images, weights kept on their clusters, "
+            f"train accuracy {out['finetune']['train_accuracy']}, {time.perf_counter() - t0:.1f} s")
+    return out
 
 
 def _check_clusters(model: Model, clustering: dict[str, Any], clusters: int) -> dict[str, Any]:

@@ -146,3 +146,46 @@ def test_packed_bundle_rebuilds_the_exact_model(tmp_path, shapes_dir):
                 data = buf.getvalue()
             dst.writestr(item, data)
     assert_clean_error(run_edgeq("inspect", str(tampered)), "sha256", "does not match")
+
+
+def test_finetune_keeps_weights_on_their_clusters(tmp_path, shapes_dir):
+    import keras
+
+    from edgeq.bundle import read_bundle
+    from edgeq.converter.cluster import ClusterOptions, cluster_model, finetune, project
+
+    # projection: each cluster takes the mean of its weights
+    k = np.array([[1.0, 2.0], [3.0, 10.0]])
+    assert np.allclose(project(k, np.array([[0, 0, 0, 1]]), False, False), [[2.0, 2.0], [2.0, 10.0]])
+
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="Conv1")(inp)
+    x = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="big")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, keras.layers.Dense(3, name="logits")(x))
+    path = tmp_path / "m.keras"
+    model.save(path)
+    assignments: dict = {}
+    cluster_model(model, ClusterOptions(8), assignments)
+    before = model.get_layer("big").get_weights()[0].copy()
+    x_train = np.random.default_rng(0).uniform(-1, 1, (64, 32, 32, 3)).astype(np.float32)
+    finetune(model, x_train, np.arange(64) % 3, assignments, False, epochs=1, lr=1e-2)
+    after = model.get_layer("big").get_weights()[0]
+    assert not np.allclose(after, before) and len(np.unique(after)) <= 8  # it trained, and stayed shared
+
+    out = tmp_path / "ft.edgeq"
+    r = run_edgeq("convert", str(path), "--calib", str(shapes_dir), "--calib-samples", "20", "--clusters", "8",
+                  "--finetune", str(shapes_dir), "--val", str(shapes_dir), "-o", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    c = read_bundle(out).manifest["clustering"]
+    assert c["finetune"]["images"] == 36 and c["shipped"]["max_distinct_per_channel"] <= 8
+
+
+def test_finetune_bad_inputs(tmp_path, tiny_keras_path, shapes_dir):
+    common = ["--calib", str(shapes_dir), "--calib-samples", "10", "-o", str(tmp_path / "x.edgeq")]
+    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--finetune", str(shapes_dir), *common),
+                       "--finetune", "--clusters")
+    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--clusters", "8", "--cluster-skip", "^$",
+                                 "--finetune", str(tmp_path / "missing"), *common), "--finetune", "not a folder")
+    assert not (tmp_path / "x.edgeq").exists()
