@@ -20,12 +20,13 @@ layers, which the TFLite converter quantises to int8 like any other layer:
 
 - ``stacked``: one Dense (features -> K*C), sample-major, which the device views as ``[K, C]`` sample logits;
 - ``centred``: a Dense (features -> C) with the posterior mean, plus a Dense (features -> K*C) with each
-  sample's deviation from it. The device adds them.
+  sample's deviation from it. The device adds them. Each output gets its own int8 scale, so the spread between
+  samples is resolved in steps of the residuals' range instead of the logits' range.
 
-The ``[K, C]`` reshape happens on the device (a numpy view): a Keras Reshape layer converts with a dynamic batch
-dimension into SHAPE/STRIDED_SLICE/PACK ops that XNNPACK does not take. Each output gets its own int8 scale,
-  so the spread between samples is resolved in steps of the residuals' range instead of the logits' range.
-  This is the default; see docs/bayesian.md for the measurement behind it.
+``edgeq convert`` picks ``stacked`` when its output would resolve the spread in at least ``AUTO_MIN_STEPS`` int8
+steps (:func:`stacked_steps_estimate`), else ``centred``; see docs/bayesian.md for the measurements. The ``[K, C]``
+reshape happens on the device (a numpy view): a Keras Reshape layer converts with a dynamic batch dimension into
+SHAPE/STRIDED_SLICE/PACK ops that XNNPACK does not take.
 """
 
 from __future__ import annotations

@@ -151,7 +151,6 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
         raise ModelError(f"{source.origin}: input has {channels} channels; edgeq takes 1 (grey) or 3 (colour)")
     mean, std = NORMALIZATIONS[opts.normalization]
     spec = PreprocessSpec(height, width, channels, opts.color_order, opts.resize, (mean,), (std,))
-    clustering = _cluster(source, opts, labels, spec, log) if opts.clusters is not None else None
 
     calibration = None
     if opts.quant.needs_calibration:
@@ -159,6 +158,7 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
         calibration = load_calibration(opts.calib, spec, opts.calib_samples)
         timings["calibration_s"] = time.perf_counter() - t0
         log(f"calibration: {len(calibration.samples)} samples from {calibration.source} ({calibration.kind})")
+    clustering = _cluster(source, opts, labels, spec, log) if opts.clusters is not None else None
     source, exported, layout_choice = _export_bayes_head(source, opts, calibration, log)
 
     t0 = time.perf_counter()
