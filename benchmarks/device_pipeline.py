@@ -60,22 +60,6 @@ def raw_fps(bundle_path: Path, threads: int, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def pipeline_fps(bundle: Path, video: Path, threads: int, tmp: Path) -> tuple[float, int]:
-    """Steady-state fps from the first to the last frame's timestamp (start-up and model load excluded)."""
-    out = tmp / "pipe.jsonl"
-    out.unlink(missing_ok=True)
-    cmd = edgeq_cmd() + ["run", "--model", str(bundle), "--source", str(video), "--threads", str(threads),
-                         "--output", str(out), "--spool", str(tmp / "pipe.db")]
-    subprocess.run(cmd, check=True, capture_output=True)
-    frames = sum(1 for ln in out.read_text().splitlines() if '"edgeq.detections"' in ln)
-    # per-frame timestamps exclude process start-up and model load: use first..last capture time
-    stamps = [json.loads(ln)["timestamp"] for ln in out.read_text().splitlines() if '"edgeq.detections"' in ln]
-    t_first = datetime.fromisoformat(stamps[0].replace("Z", "+00:00")).timestamp()
-    t_last = datetime.fromisoformat(stamps[-1].replace("Z", "+00:00")).timestamp()
-    steady = (frames - 1) / max(t_last - t_first, 1e-9)
-    return steady, frames
-
-
 def rss_and_latency(bundle: Path, video: Path, tmp: Path) -> dict:
     from brokers import Broker, Collector
 
@@ -142,6 +126,7 @@ def broker_restarts(bundle: Path, video: Path, tmp: Path, restarts: int = 5, fra
 
 
 def main() -> int:
+    from edgeq.bench import pipeline_fps
     from edgeq.synthetic import moving_shapes_frames, write_video
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,7 +136,8 @@ def main() -> int:
         throughput = {}
         for threads in (1, 2):
             raw_a = raw_fps(bundle, threads, 300)
-            pipe, frames = pipeline_fps(bundle, video, threads, tmp)
+            p = pipeline_fps(bundle, video, threads)  # the same measurement as `edgeq bench --pipeline`
+            pipe, frames = p["fps"], p["frames"]
             raw_b = raw_fps(bundle, threads, 300)
             raw = (raw_a + raw_b) / 2
             throughput[f"{threads}_thread"] = {"raw_invoke_fps": round(raw, 1), "pipeline_fps": round(pipe, 1),

@@ -39,6 +39,8 @@ import numpy as np
 
 from edgeq.errors import ModelError
 
+from .models import leaf_layers
+
 LAYOUTS = ("centred", "stacked")
 # --bayes-layout auto picks stacked when its int8 output resolves the spread between samples in at least this
 # many quantisation steps (shared/FINDINGS.md: below about one step int8 distorts mutual information)
@@ -166,24 +168,14 @@ def register() -> None:
 
 def find_bayes_heads(model: Any) -> list[Any]:
     cls = bayes_dense_class()
-    return [layer for layer in _all_layers(model) if isinstance(layer, cls)]
-
-
-def _all_layers(model: Any) -> list[Any]:
-    keras = _keras()
-    out = []
-    for layer in model.layers:
-        out.append(layer)
-        if isinstance(layer, keras.Model):
-            out.extend(_all_layers(layer))
-    return out
+    return [layer for layer in leaf_layers(model) if isinstance(layer, cls)]
 
 
 def count_macs(model: Any) -> int:
     """Multiply-accumulates of the Conv2D, DepthwiseConv2D and Dense layers for one image."""
     keras = _keras()
     total = 0
-    for layer in _all_layers(model):
+    for layer in leaf_layers(model):
         if isinstance(layer, keras.layers.DepthwiseConv2D):
             kh, kw = layer.kernel_size
             _, h, w, c = layer.output.shape

@@ -26,6 +26,8 @@ import numpy as np
 
 from edgeq.errors import ModelError
 
+from .models import leaf_layers
+
 INITS = ("linear", "kmeans++")
 DEFAULT_SKIP = r"^(Conv1|conv1|stem_conv)$"
 MIN_WEIGHTS = 1024
@@ -128,7 +130,7 @@ def finetune(model: Any, x: np.ndarray, y: np.ndarray, assignments: dict[str, np
 
     from .train import settle_batchnorm
 
-    layers = {layer.name: layer for layer in _layers(model) if layer.name in assignments}
+    layers = {layer.name: layer for layer in leaf_layers(model) if layer.name in assignments}
 
     class Project(keras.callbacks.Callback):
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
@@ -154,7 +156,7 @@ def cluster_model(model: Any, opts: ClusterOptions, assignments: dict[str, np.nd
 
     skip = re.compile(opts.skip_pattern)
     report = []
-    for layer in _layers(model):
+    for layer in leaf_layers(model):
         if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
             continue
         weights = layer.get_weights()
@@ -178,15 +180,3 @@ def cluster_model(model: Any, opts: ClusterOptions, assignments: dict[str, np.nd
     if not any("clusters" in r for r in report):
         raise ModelError(f"--clusters: no layer was clustered (all {len(report)} skipped); loosen --cluster-skip")
     return report
-
-
-def _layers(model: Any) -> list[Any]:
-    import keras
-
-    out = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            out.extend(_layers(layer))
-        else:
-            out.append(layer)
-    return out

@@ -140,6 +140,19 @@ def _load_saved_model(path: Path) -> SourceModel:
     )
 
 
+def leaf_layers(model: Any) -> list[Any]:
+    """Every layer of a Keras model, nested models opened up (a MobileNetV2 used as one layer included)."""
+    import keras
+
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            out.extend(leaf_layers(layer))
+        else:
+            out.append(layer)
+    return out
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else exc.__class__.__name__

@@ -14,7 +14,7 @@ import numpy as np
 from edgeq.bundle import write_bundle
 from edgeq.datasets import class_folder
 from edgeq.errors import BundleError, ModelError, QuantizationError
-from edgeq.evaluate import calibrate_review, compare_scored, logit_spread, model_input_spec, score
+from edgeq.evaluate import calibrate_review, compare_scored, correlation, logit_spread, model_input_spec, score
 from edgeq.heads import BoundHead, HeadSpec
 from edgeq.packing import MAX_CODEBOOK, pack_model
 from edgeq.preprocess import NORMALIZATIONS, PreprocessSpec
@@ -376,7 +376,7 @@ def _spread_check(
     step = head.tensors[-1].scale if head.tensors[-1].quantized else 0.0
     mi_f = summarize(ref_a).mutual_information
     mi_q = summarize(quant_a).mutual_information
-    corr = float(np.corrcoef(mi_f, mi_q)[0, 1]) if mi_f.std() > 0 and mi_q.std() > 0 else None
+    corr = correlation(mi_f, mi_q)
     return {
         "images": int(len(samples)),
         "float": round(spread_float, 6),

@@ -187,7 +187,7 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> TrainResult
 
     if opts.freeze_backbone:
         backbone.trainable = False
-        feats, targets = _cached_features(backbone, x, y, augmenter, opts.augment_copies, opts.batch_size, tf)
+        feats, targets = _cached_features(backbone, x, y, augmenter, opts.augment_copies, opts.batch_size)
         val_feats = (_features(backbone, val[0], opts.batch_size), val[1]) if val else None
         copies = opts.augment_copies if augmenter is not None else 0
         log(f"features: {feats.shape[1]} per image, cached for {len(feats)} images ({copies} augmented copies)")
@@ -262,8 +262,8 @@ def _features(backbone: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.asarray(backbone.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
 
 
-def _cached_features(backbone: Any, x: np.ndarray, y: np.ndarray, augmenter: Any, copies: int, batch_size: int,
-                     tf: Any) -> tuple[np.ndarray, np.ndarray]:
+def _cached_features(backbone: Any, x: np.ndarray, y: np.ndarray, augmenter: Any, copies: int,
+                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     parts, targets = [_features(backbone, x, batch_size)], [y]
     if augmenter is not None:
         for _ in range(copies):

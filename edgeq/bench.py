@@ -25,21 +25,14 @@ from edgeq.runtime import Model, interleaved_latency
 
 _PEAK_RSS_PROBE = """
 import resource, sys
-from pathlib import Path
-from edgeq.runtime import Model
 import numpy as np
-path = Path(sys.argv[1])
-if path.suffix == ".edgeq":
-    from edgeq.bundle import read_bundle
-    m = read_bundle(path).load_model(int(sys.argv[2]))
-else:
-    m = Model(path.read_bytes(), num_threads=int(sys.argv[2]))
+from edgeq.bench import load_any
+m = load_any(sys.argv[1], int(sys.argv[2]), "MODEL")
 m.set_input(np.zeros(m.input.shape, dtype=m.input.dtype))
 for _ in range(int(sys.argv[3])):
     m.invoke()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
-
 
 def load_any(path: str | Path, threads: int, flag: str) -> Model:
     """A ``.edgeq`` bundle (verified) or a bare ``.tflite`` file."""

@@ -41,13 +41,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from edgeq.report import check_report_dir
 
         check_report_dir(args.report)  # before the slow part
-    keras_reference = None
+    keras_reference = None  # without TensorFlow, evaluate_bundle says what to install
     if args.reference and not args.reference.endswith((".edgeq", ".tflite")):
         try:
-            from edgeq.converter.pipeline import float_reference
+            from edgeq.converter.pipeline import float_reference as keras_reference
         except ImportError:
-            float_reference = None  # evaluate_bundle says what to install
-        keras_reference = float_reference
+            pass
     report, runs = evaluate_bundle(args.bundle, args.data, args.ood, args.reference, args.target_accuracy,
                                    args.threads, keras_reference=keras_reference)
     if args.report:

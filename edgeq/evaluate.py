@@ -75,18 +75,6 @@ class Scored:
     def correct(self) -> np.ndarray:
         return self.predictions == self.targets
 
-    def figures(self) -> dict[str, float]:
-        s = self.summary
-        out = {
-            "top1": metrics.top1_accuracy(s.mean, self.targets),
-            "ece": metrics.expected_calibration_error(s.mean, self.targets),
-            "mean_predictive_entropy": float(np.mean(s.predictive_entropy)),
-        }
-        if s.samples > 1:
-            out["mean_mutual_information"] = float(np.mean(s.mutual_information))
-            out["mean_logit_spread"] = logit_spread(self.logits)
-        return out
-
 
 def logit_spread(logits: np.ndarray) -> float:
     """Mean over images and classes of the standard deviation of the logits across samples: ``[N, K, C]`` ->
@@ -101,7 +89,7 @@ def score(model: Model, head: BoundHead, spec: PreprocessSpec, data: LabelledFil
 
 def compare_scored(reference: Scored, quantized: Scored) -> dict[str, Any]:
     """Float vs quantised figures on the same files (the ``validation`` block of a manifest)."""
-    ref, q = reference.figures(), quantized.figures()
+    ref, q = core_figures(reference), core_figures(quantized)
     out: dict[str, Any] = {
         "count": int(len(reference.targets)),
         "float_top1": ref["top1"],
@@ -114,15 +102,16 @@ def compare_scored(reference: Scored, quantized: Scored) -> dict[str, Any]:
     if quantized.summary.samples > 1:
         out["float_mean_mutual_information"] = ref["mean_mutual_information"]
         out["quantized_mean_mutual_information"] = q["mean_mutual_information"]
-        out["mutual_information_correlation"] = _correlation(
+        out["mutual_information_correlation"] = correlation(
             reference.summary.mutual_information, quantized.summary.mutual_information
         )
-        out["float_logit_spread"] = ref["mean_logit_spread"]
-        out["quantized_logit_spread"] = q["mean_logit_spread"]
+        out["float_logit_spread"] = logit_spread(reference.logits)
+        out["quantized_logit_spread"] = logit_spread(quantized.logits)
     return out
 
 
-def _correlation(a: np.ndarray, b: np.ndarray) -> float | None:
+def correlation(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson correlation of two per-image series; None when either is constant."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.std() == 0 or b.std() == 0:
         return None
@@ -138,29 +127,39 @@ def calibrate_review(scored: Scored, measure: str, target_accuracy: float) -> di
 
 # -- edgeq eval ------------------------------------------------------------------------------------------------
 
-def figures(scored: Scored, ood: Summary | None, target_accuracy: float, measure: str = "predictive_entropy") -> dict[str, Any]:
-    """Every figure ``edgeq eval`` reports for one model. Uncertainty for UCE is the predictive entropy divided
-    by log C (in [0, 1]); selective prediction and the referral rate use ``measure``."""
+def core_figures(scored: Scored) -> dict[str, Any]:
+    """The figures of one model on labelled data that ``convert --val`` and ``edgeq eval`` both report.
+    Uncertainty for UCE is the predictive entropy divided by log C (in [0, 1])."""
     s = scored.summary
     classes = s.mean.shape[-1]
-    correct = scored.correct
-    review = pick_review_threshold(s.measure(measure), correct, target_accuracy, measure)
     out: dict[str, Any] = {
         "top1": metrics.top1_accuracy(s.mean, scored.targets),
         "nll": metrics.negative_log_likelihood(s.mean, scored.targets),
         "brier": metrics.brier_score(s.mean, scored.targets),
         "ece": metrics.expected_calibration_error(s.mean, scored.targets),
         "uce": metrics.uncertainty_calibration_error(
-            np.clip(s.predictive_entropy / np.log(classes), 0.0, 1.0), correct),
+            np.clip(s.predictive_entropy / np.log(classes), 0.0, 1.0), scored.correct),
         "mean_predictive_entropy": float(np.mean(s.predictive_entropy)),
+    }
+    if s.samples > 1:
+        out["mean_mutual_information"] = float(np.mean(s.mutual_information))
+    return out
+
+
+def figures(scored: Scored, ood: Summary | None, target_accuracy: float, measure: str = "predictive_entropy") -> dict[str, Any]:
+    """Every figure ``edgeq eval`` reports for one model: :func:`core_figures`, plus selective prediction and the
+    referral rate (by ``measure``), the reliability bins and, with ``ood``, each measure's AUROC and ROC."""
+    s = scored.summary
+    correct = scored.correct
+    review = pick_review_threshold(s.measure(measure), correct, target_accuracy, measure)
+    out = core_figures(scored)
+    out.update({
         "referral_at_target": 1.0 - review.coverage,
         "review_threshold": review.threshold if review.reached else None,
         "target_accuracy": target_accuracy,
         "selective": metrics.selective_accuracy_curve(s.measure(measure), correct),
         "reliability": metrics.reliability_bins(s.mean, scored.targets),
-    }
-    if s.samples > 1:
-        out["mean_mutual_information"] = float(np.mean(s.mutual_information))
+    })
     if ood is not None:
         measures = MEASURES if s.samples > 1 else ("predictive_entropy",)
         out["ood_auroc"] = {m: metrics.roc_auc(s.measure(m), ood.measure(m)) for m in measures}

@@ -26,6 +26,11 @@ def mean_abs_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.abs(a - b)))
 
 
+def _bin_index(values: np.ndarray, bins: int) -> np.ndarray:
+    """Equal-width bins over [0, 1]: bin b (0-based) holds values in ``(b/bins, (b+1)/bins]``, the first also 0."""
+    return np.clip(np.ceil(values * bins).astype(np.int64) - 1, 0, bins - 1)
+
+
 def reliability_bins(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> dict[str, list]:
     """Confidence histogram of a reliability diagram: ``bins`` equal-width bins of the confidence ``max_c p[i, c]``;
     bin b holds confidences in ``((b-1)/bins, b/bins]`` (the first also takes 0). Per bin: count, mean confidence
@@ -36,7 +41,7 @@ def reliability_bins(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> 
         raise ValueError("reliability_bins of an empty set")
     confidence = probs.max(axis=-1)
     correct = (probs.argmax(axis=-1) == targets).astype(np.float64)
-    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    which = _bin_index(confidence, bins)
     out: dict[str, list] = {"edges": [b / bins for b in range(bins + 1)], "count": [], "confidence": [], "accuracy": []}
     for b in range(bins):
         in_bin = which == b
@@ -109,7 +114,7 @@ def uncertainty_calibration_error(uncertainty: np.ndarray, correct: np.ndarray, 
         raise ValueError("uncertainty_calibration_error needs one correctness flag per value")
     if u.min() < 0 or u.max() > 1 + 1e-9:
         raise ValueError("uncertainty must be normalised to [0, 1]")
-    which = np.clip(np.ceil(u * bins).astype(np.int64) - 1, 0, bins - 1)
+    which = _bin_index(u, bins)
     total = 0.0
     for b in range(bins):
         in_bin = which == b
