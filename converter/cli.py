@@ -140,7 +140,8 @@ def format_validation(v: dict[str, Any]) -> str:
     if "mutual_information_correlation" in v:
         rows.append(("float / quantized mean MI",
                      f"{v['float_mean_mutual_information']:.4f} / {v['quantized_mean_mutual_information']:.4f}"))
-        rows.append(("MI correlation", f"{v['mutual_information_correlation']}"))
+        corr = v["mutual_information_correlation"]
+        rows.append(("MI correlation", "-" if corr is None else f"{corr:.4f}"))
     width = max(len(k) for k, _ in rows)
     return "validation\n" + "\n".join(f"  {k:<{width}}  {val}" for k, val in rows)
 
