@@ -14,6 +14,10 @@ vectorised over channels in numpy.
 Skipped by default (``--cluster-skip`` replaces the pattern): the first convolution (``Conv1`` in Keras'
 MobileNetV2: 3 input channels, few weights, and every later layer depends on it) and any kernel with fewer than
 ``MIN_WEIGHTS`` weights (tiny layers save nothing and lose the most).
+
+A Bayesian head (``BayesDense``) is vector-quantised instead (:func:`vq_posterior`): each weight's posterior
+``(mu, sigma)`` is a 2-D vector, k-means over those vectors gives N ``(mu, sigma)`` codewords, and every weight takes
+its codeword. The K weight samples the converter fuses into the head are then drawn from this quantised posterior.
 """
 
 from __future__ import annotations
@@ -147,6 +151,38 @@ def finetune(model: Any, x: np.ndarray, y: np.ndarray, assignments: dict[str, np
     return {k: float(v[-1]) for k, v in history.history.items()}
 
 
+def vq_posterior(layer: Any, n: int, seed: int = 0) -> dict[str, Any]:
+    """Vector quantisation of a ``BayesDense`` layer's kernel posterior, in place: k-means (scikit-learn, k-means++,
+    4 restarts) over the ``(mu, sigma)`` pairs of its weights, each dimension divided by its standard deviation
+    first so that neither dominates the distance; every weight then takes its cluster's mean ``(mu, sigma)``.
+    The bias (C values) is left as it is. Returns the codebook and the relative errors of mu and sigma."""
+    from sklearn.cluster import KMeans
+
+    post = layer.posterior()
+    mu, sigma = post["kernel_mu"], post["kernel_sigma"]
+    points = np.stack([mu.reshape(-1), sigma.reshape(-1)], axis=1)
+    scale = points.std(axis=0)
+    scale[scale == 0] = 1.0
+    k = min(n, len(np.unique(points, axis=0)))
+    km = KMeans(n_clusters=k, init="k-means++", n_init=4, random_state=seed).fit(points / scale)
+    labels = km.labels_
+    codebook = np.stack([np.bincount(labels, points[:, d], k) / np.maximum(np.bincount(labels, minlength=k), 1)
+                         for d in range(2)], axis=1)
+    q_mu = codebook[labels, 0].reshape(mu.shape)
+    q_sigma = codebook[labels, 1].reshape(sigma.shape)
+    layer.kernel_mu.assign(q_mu.astype(np.float32))
+    layer.kernel_rho.assign(np.log(np.expm1(np.maximum(q_sigma, 1e-8))).astype(np.float32))  # softplus^-1
+
+    def rel(a: np.ndarray, b: np.ndarray) -> float:
+        return round(float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-12)), 5)
+
+    return {
+        "layer": layer.name, "type": "BayesDense", "weights": int(mu.size), "codewords": int(k),
+        "relative_rmse_mu": rel(q_mu, mu), "relative_rmse_sigma": rel(q_sigma, sigma),
+        "codebook": [[round(float(m), 6), round(float(s), 6)] for m, s in codebook],
+    }
+
+
 def cluster_model(model: Any, opts: ClusterOptions, assignments: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Cluster the model's kernels in place; return what was done to each layer (clustered or why skipped).
 
@@ -177,6 +213,13 @@ def cluster_model(model: Any, opts: ClusterOptions, assignments: dict[str, np.nd
         err = float(np.sqrt(np.mean((new - kernel) ** 2)) / (np.sqrt(np.mean(kernel ** 2)) + 1e-12))
         layer.set_weights([new.astype(kernel.dtype), *weights[1:]])
         report.append({**entry, "clusters": int(c.shape[1]), "relative_rmse": round(err, 5)})
+    if not report:
+        raise ModelError("--clusters: the model has no Conv2D, DepthwiseConv2D or Dense kernel to cluster")
     if not any("clusters" in r for r in report):
-        raise ModelError(f"--clusters: no layer was clustered (all {len(report)} skipped); loosen --cluster-skip")
+        by_regex = sum(1 for r in report if r["skipped"].startswith("matches"))
+        if by_regex == len(report):
+            raise ModelError(f"--cluster-skip {opts.skip_pattern!r} matches every one of the {len(report)} kernels; "
+                             "nothing would be clustered: narrow the pattern")
+        raise ModelError(f"--clusters: no layer was clustered ({by_regex} match --cluster-skip "
+                         f"{opts.skip_pattern!r}, {len(report) - by_regex} have fewer than {MIN_WEIGHTS} weights)")
     return report

@@ -420,7 +420,9 @@ def _cluster(
 ) -> dict[str, Any]:
     """k-means weight sharing of the source model's kernels, before PTQ, optionally fine-tuned with the weights kept
     on their clusters (see converter/cluster.py)."""
-    from .cluster import ClusterOptions, cluster_model, finetune
+    import re
+
+    from .cluster import ClusterOptions, cluster_model, finetune, vq_posterior
 
     copts = ClusterOptions(opts.clusters, opts.cluster_init, opts.cluster_per_channel, opts.cluster_skip, opts.bayes_seed)
     if source.keras_model is None:
@@ -452,6 +454,14 @@ def _cluster(
                            "train_accuracy": round(history.get("accuracy", float("nan")), 4)}
         log(f"fine-tuning: {opts.finetune_epochs} epoch(s) on {len(data[0])} images, weights kept on their clusters, "
             f"train accuracy {out['finetune']['train_accuracy']}, {time.perf_counter() - t0:.1f} s")
+    for head in bayes.find_bayes_heads(source.keras_model):  # after fine-tuning, which moves the posterior
+        if re.search(copts.skip_pattern, head.name):
+            out["posterior"] = {"layer": head.name, "skipped": "matches --cluster-skip"}
+            continue
+        out["posterior"] = vq_posterior(head, opts.clusters, copts.seed)
+        log(f"posterior: {head.name}'s {out['posterior']['weights']:,} (mu, sigma) pairs vector-quantised to "
+            f"{out['posterior']['codewords']} codewords (relative error mu {out['posterior']['relative_rmse_mu']:.3f}, "
+            f"sigma {out['posterior']['relative_rmse_sigma']:.3f}); samples are drawn from it")
     return out
 
 

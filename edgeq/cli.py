@@ -4,6 +4,7 @@ never import TensorFlow."""
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import sys
 from typing import Callable, Sequence
@@ -48,7 +49,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     report, runs = evaluate_bundle(args.bundle, args.data, args.ood, args.reference, args.target_accuracy,
-                                   args.threads, keras_reference=keras_reference)
+                                   args.threads, keras_reference=keras_reference, compare=args.compare or ())
     if args.report:
         from edgeq.report import write_report
 
@@ -60,8 +61,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         names = list(report["models"])
         rows = summary_rows(report)
+        variants = dict(zip(names, rows.pop(0)[1]))  # long: one line each
         width = max(len(label) for label, _ in rows)
         print(f"{report['name']}: {report['count']} images" + (f", {report['ood_count']} OOD" if report["ood_count"] else ""))
+        for n, v in variants.items():
+            print(f"  {n}: {html.unescape(v)}")
         print(f"  {'':<{width}}  " + "  ".join(f"{n:>12}" for n in names))
         for label, values in rows:
             print(f"  {label:<{width}}  " + "  ".join(f"{v:>12}" for v in values))
@@ -120,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ood", metavar="DIR", help="out-of-distribution images (any layout): AUROC of each uncertainty")
     p.add_argument("--reference", metavar="MODEL", help="float reference: the source .keras model, a float .edgeq "
                    "bundle or a .tflite file")
+    p.add_argument("--compare", action="append", metavar="BUNDLE", help="another .edgeq bundle of the same classes "
+                   "to show side by side (e.g. unclustered vs clustered); repeat for more")
     p.add_argument("--report", metavar="OUT_DIR", help="write OUT_DIR/report.html (self-contained, with plots)")
     p.add_argument("--target-accuracy", type=float, default=0.995, metavar="A",
                    help="accuracy the referral rate is computed for (default 0.995)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -178,6 +178,38 @@ class EvalRun:
     scored: Scored | None = None
     ood: Summary | None = None
     figures: dict[str, Any] | None = None
+    info: dict[str, Any] | None = None  # what a bundle's manifest says it is (variant, file size)
+
+
+def variant(manifest: dict[str, Any]) -> str:
+    """One line on how a bundle was made: precision, clustering, Bayesian head."""
+    q = manifest.get("quantization") or {}
+    parts = [str(q.get("mode", "int8"))]
+    c = manifest.get("clustering")
+    if c:
+        parts.append(f"{c['clusters']} clusters {'per channel' if c.get('per_channel') else 'per tensor'} "
+                     f"({c['clustered']} layers" + (f", fine-tuned {c['finetune']['epochs']} epoch(s)" if c.get("finetune") else "")
+                     + ")")
+        post = c.get("posterior") or {}
+        if post.get("codewords"):
+            parts.append(f"posterior VQ {post['codewords']} codewords")
+    head = manifest.get("head") or {}
+    if head.get("type") == "bayes":
+        parts.append(f"Bayesian K={head['samples']} {head['layout']}")
+    return ", ".join(parts)
+
+
+def _bundle_run(name: str, path: str | Path, bundle: Any, threads: int, flag: str) -> EvalRun:
+    from edgeq.bundle import read_bundle
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{flag} {path}: not found; give a .edgeq bundle")
+    b = bundle if bundle is not None and Path(bundle.path) == p else read_bundle(p)
+    model = b.load_model(threads)
+    head = HeadSpec.from_manifest(b.manifest, str(p)).bind(model, b.manifest["outputs"], str(p))
+    return EvalRun(name, model, head, b.preprocess_spec,
+                   info={"bundle": str(p), "bundle_bytes": b.file_size, "variant": variant(b.manifest)})
 
 
 KerasReference = Callable[[str, dict[str, Any], int], tuple[Model, BoundHead]]
@@ -196,9 +228,7 @@ def _reference_run(path: str, bundle: Any, threads: int, keras_reference: KerasR
         ref = read_bundle(p)
         if ref.labels != bundle.labels:
             raise DataError(f"--reference {path}: its labels differ from {bundle.path}'s; compare models of one task")
-        model = ref.load_model(threads)
-        head = HeadSpec.from_manifest(ref.manifest, str(p)).bind(model, ref.manifest["outputs"], str(p))
-        return EvalRun("reference", model, head, ref.preprocess_spec)
+        return _bundle_run("reference", p, ref, threads, "--reference")
     if p.suffix == ".tflite":
         model = Model(p.read_bytes(), num_threads=threads)
         head = single_head(model)
@@ -215,10 +245,11 @@ def _reference_run(path: str, bundle: Any, threads: int, keras_reference: KerasR
 def evaluate_bundle(
     bundle_path: str | Path, data_dir: str | Path, ood_dir: str | Path | None = None, reference: str | None = None,
     target_accuracy: float = 0.995, threads: int = 1, latency_runs: int = 50,
-    keras_reference: KerasReference | None = None,
+    keras_reference: KerasReference | None = None, compare: Sequence[str | Path] = (),
 ) -> tuple[dict[str, Any], list[EvalRun]]:
-    """Run the bundle (and the reference, through the same preprocessing) over a class folder and an optional
-    out-of-distribution folder; return every figure as a JSON-ready dict, and the runs for the report's plots."""
+    """Run the bundle (and the reference, and any ``compare`` bundles, e.g. the unclustered model next to the
+    clustered one, all through the same preprocessing) over a class folder and an optional out-of-distribution
+    folder; return every figure as a JSON-ready dict, and the runs for the report's plots."""
     from edgeq.bundle import read_bundle
     from edgeq.datasets import class_folder
     from edgeq.preprocess import list_images
@@ -237,9 +268,17 @@ def evaluate_bundle(
         ood_files = list_images(ood_dir)
         if not ood_files:
             raise DataError(f"--ood {ood_dir}: no jpg/png/bmp images in it; add some or drop --ood")
-    model = bundle.load_model(threads)
-    head = HeadSpec.from_manifest(bundle.manifest, str(bundle_path)).bind(model, bundle.manifest["outputs"], str(bundle_path))
-    runs = [EvalRun("quantized", model, head, bundle.preprocess_spec)]
+    runs = [_bundle_run("quantized", bundle_path, bundle, threads, "BUNDLE")]
+    for path in compare:
+        if not Path(path).is_file():
+            raise DataError(f"--compare {path}: not found; give another .edgeq bundle of the same classes")
+        other = read_bundle(path)
+        if other.task != "classify" or other.labels != bundle.labels:
+            raise DataError(f"--compare {path}: its labels or task differ from {bundle_path}'s; compare models of one task")
+        name = Path(path).stem
+        while name in ("reference", *(r.name for r in runs)):
+            name += "'"
+        runs.append(_bundle_run(name, path, other, threads, "--compare"))
     if reference:
         runs.insert(0, _reference_run(reference, bundle, threads, keras_reference))
     measure = (bundle.manifest.get("head") or {}).get("review", {}).get("measure", "predictive_entropy")
@@ -257,7 +296,7 @@ def evaluate_bundle(
     }
     for run, t in zip(runs, times):
         info = {"size_bytes": run.model.size, "latency_ms_median": float(np.median(t)),
-                "runtime": run.model.describe(), "samples": run.head.spec.samples}
+                "runtime": run.model.describe(), "samples": run.head.spec.samples, **(run.info or {})}
         report["models"][run.name] = {**info, **run.figures}
     layers = (bundle.report or {}).get("layers")
     if layers:

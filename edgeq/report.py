@@ -18,6 +18,13 @@ import numpy as np
 from edgeq.errors import DataError
 
 COLORS = {"reference": "#4c72b0", "quantized": "#dd8452"}
+PALETTE = ("#55a868", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
+
+
+def _colors(names: list[str]) -> dict[str, str]:
+    """Reference and the bundle keep their colours; --compare bundles take the palette in order."""
+    extra = iter(PALETTE * (1 + len(names) // len(PALETTE)))
+    return {n: COLORS.get(n) or next(extra) for n in names}
 
 
 def check_report_dir(path: str | Path) -> Path:
@@ -50,6 +57,7 @@ def _plots(report: dict[str, Any], runs: list[Any]) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     models = report["models"]
+    colors = _colors(list(models))
     images: dict[str, str] = {}
 
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
@@ -57,7 +65,7 @@ def _plots(report: dict[str, Any], runs: list[Any]) -> dict[str, str]:
         r = m["reliability"]
         centres = (np.array(r["edges"][:-1]) + np.array(r["edges"][1:])) / 2
         acc = [a if a is not None else 0.0 for a in r["accuracy"]]
-        ax.bar(centres, acc, width=1 / len(centres), edgecolor="black", color=COLORS.get(name, "grey"), alpha=0.8)
+        ax.bar(centres, acc, width=1 / len(centres), edgecolor="black", color=colors[name], alpha=0.8)
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         ax.set(title=f"{name}: ECE {m['ece']:.4f}", xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
     images["reliability"] = _png(fig)
@@ -79,7 +87,7 @@ def _plots(report: dict[str, Any], runs: list[Any]) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(5, 3.8))
     for name, m in models.items():
         s = m["selective"]
-        ax.plot(s["referral_rate"], s["accuracy"], marker="o", ms=3, label=name, color=COLORS.get(name))
+        ax.plot(s["referral_rate"], s["accuracy"], marker="o", ms=3, label=name, color=colors[name])
     target = next(iter(models.values()))["target_accuracy"]
     ax.axhline(target, color="k", ls=":", lw=1, label=f"target {target}")
     ax.set(xlabel="referral rate (most uncertain sent to a person)", ylabel="accuracy of the rest", xlim=(0, 1))
@@ -92,7 +100,7 @@ def _plots(report: dict[str, Any], runs: list[Any]) -> dict[str, str]:
         for ax, measure in zip(axes[0], names):
             for name, m in models.items():
                 c = m["ood_roc"][measure]
-                ax.plot(c["fpr"], c["tpr"], label=f"{name} AUROC {m['ood_auroc'][measure]:.3f}", color=COLORS.get(name))
+                ax.plot(c["fpr"], c["tpr"], label=f"{name} AUROC {m['ood_auroc'][measure]:.3f}", color=colors[name])
             ax.plot([0, 1], [0, 1], "k--", lw=1)
             ax.set(title=measure.replace("_", " "), xlabel="false positive rate", ylabel="true positive rate")
             ax.legend(loc="lower right")
@@ -130,7 +138,10 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
     measures = sorted({k for m in models.values() for k in m.get("ood_auroc", {})})
     for measure in measures:
         out.append((f"OOD AUROC, {measure.replace('_', ' ')}", [_fmt(m.get("ood_auroc", {}).get(measure)) for m in models.values()]))
-    out.append(("size (MB)", [f"{m['size_bytes'] / 1e6:.3f}" for m in models.values()]))
+    out.insert(0, ("variant", [html.escape(m.get("variant", "float reference")) for m in models.values()]))
+    out.append(("model size (MB)", [f"{m['size_bytes'] / 1e6:.3f}" for m in models.values()]))
+    out.append(("bundle file (MB)", [f"{m['bundle_bytes'] / 1e6:.3f}" if m.get("bundle_bytes") else "-"
+                                     for m in models.values()]))
     out.append(("invoke latency, median (ms)", [f"{m['latency_ms_median']:.3f}" for m in models.values()]))
     out.append(("runtime", [html.escape(f"{m['runtime']['runtime']} {m['runtime']['runtime_version']}, XNNPACK "
                                         + ("whole graph" if m["runtime"]["whole_graph"] else

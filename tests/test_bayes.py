@@ -304,3 +304,40 @@ def test_both_layouts_convert_and_decode_alike(layout, trained, fashion_dirs, tm
     assert r.returncode == 0, r.stderr
     dets = [json.loads(ln)["detections"][0] for ln in r.stdout.splitlines() if '"edgeq.detections"' in ln]
     assert len(dets) == 3 and all(d["uncertainty"]["samples"] == 8 for d in dets)
+
+
+def test_clustered_bayesian_bundle_next_to_the_unclustered_one(trained, bayes_bundle, fashion_dirs, tmp_path):
+    """--clusters on a Bayesian model: the backbone's kernels are clustered and the head's (mu, sigma) posterior
+    vector-quantised; the K samples come from the quantised posterior. edgeq eval --compare shows both bundles
+    side by side, in the JSON and in the report."""
+    from edgeq.bundle import read_bundle
+
+    out = tmp_path / "bayes_c16.edgeq"
+    r = run_edgeq("convert", str(trained["bayes"]), "--calib", str(fashion_dirs["train"]), "--calib-samples", "60",
+                  "--val", str(fashion_dirs["test"]), "--bayes-samples", "16", "--bayes-seed", "7",
+                  "--clusters", "16", "--cluster-per-channel", "-o", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "vector-quantised to 16 codewords" in r.stdout
+    b = read_bundle(out)
+    post = b.manifest["clustering"]["posterior"]
+    assert post["layer"] == "bayes_logits" and post["codewords"] == 16 and len(post["codebook"]) == 16
+    assert all(s > 0 for _, s in post["codebook"]) and post["relative_rmse_mu"] < 0.5
+    assert b.file_size < read_bundle(bayes_bundle).file_size
+    # the quantised posterior still gives a spread that int8 keeps
+    assert b.manifest["validation"]["mutual_information_correlation"] > 0.8
+
+    report_dir = tmp_path / "report"
+    r = run_edgeq("eval", str(out), "--compare", str(bayes_bundle), "--data", str(fashion_dirs["test"]),
+                  "--ood", str(fashion_dirs["ood"]), "--report", str(report_dir), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    models = json.loads(r.stdout)["models"]
+    assert list(models) == ["quantized", "bayes"]
+    assert "16 clusters per channel" in models["quantized"]["variant"] and "posterior VQ 16" in models["quantized"]["variant"]
+    assert "clusters" not in models["bayes"]["variant"] and "Bayesian K=16" in models["bayes"]["variant"]
+    assert models["quantized"]["bundle_bytes"] < models["bayes"]["bundle_bytes"]
+    assert abs(models["quantized"]["top1"] - models["bayes"]["top1"]) < 0.1
+    page = (report_dir / "report.html").read_text()
+    assert "posterior VQ 16 codewords" in page and "<th>bayes</th>" in page
+    # another task's bundle is refused
+    assert_clean_error(run_edgeq("eval", str(out), "--compare", str(tmp_path / "nope.edgeq"), "--data",
+                                 str(fashion_dirs["test"])), "--compare", "not found")

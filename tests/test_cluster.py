@@ -87,8 +87,49 @@ def test_cluster_bad_inputs(tmp_path, tiny_keras_path, shapes_dir):
     assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--clusters", "8", "--cluster-skip", "(", *common),
                        "--cluster-skip", "not a regular expression")
     assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--clusters", "8", "--cluster-skip", ".*", *common),
-                       "no layer was clustered")
+                       "--cluster-skip '.*' matches every one of the", "narrow the pattern")
+    # the tiny model's kernels are all below the size worth clustering: nothing to target
+    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--clusters", "8", "--cluster-skip", "^$", *common),
+                       "no layer was clustered", "fewer than 1024 weights")
     assert not (tmp_path / "x.edgeq").exists()
+
+
+def test_no_kernel_to_cluster():
+    import keras
+
+    from edgeq.converter.cluster import ClusterOptions, cluster_model
+    from edgeq.errors import ModelError
+
+    inp = keras.Input((8, 8, 3))
+    model = keras.Model(inp, keras.layers.GlobalAveragePooling2D()(inp))
+    with pytest.raises(ModelError, match="no Conv2D, DepthwiseConv2D or Dense kernel"):
+        cluster_model(model, ClusterOptions(16))
+
+
+def test_vq_posterior_recovers_a_known_codebook():
+    """(mu, sigma) pairs drawn around 3 known codewords: 2-D k-means finds them, every weight takes one, and the
+    layer's sigma (through softplus) is the codeword's."""
+    import keras
+
+    from edgeq.converter.bayes import bayes_dense_class
+    from edgeq.converter.cluster import vq_posterior
+
+    layer = bayes_dense_class()(32, name="bayes")
+    keras.Sequential([keras.Input((64,)), layer])
+    rng = np.random.default_rng(0)
+    truth = np.array([[-0.3, 0.02], [0.0, 0.2], [0.4, 0.05]])
+    pick = rng.integers(0, 3, (64, 32))
+    mu = truth[pick, 0] + rng.normal(0, 0.01, pick.shape)
+    sigma = truth[pick, 1] * rng.uniform(0.95, 1.05, pick.shape)
+    layer.kernel_mu.assign(mu.astype(np.float32))
+    layer.kernel_rho.assign(np.log(np.expm1(sigma)).astype(np.float32))
+    info = vq_posterior(layer, 3)
+    assert info["codewords"] == 3 and info["weights"] == 64 * 32
+    assert np.allclose(sorted(map(tuple, info["codebook"])), truth, atol=0.01)
+    post = layer.posterior()
+    pairs = np.unique(np.round(np.stack([post["kernel_mu"].ravel(), post["kernel_sigma"].ravel()], 1), 5), axis=0)
+    assert len(pairs) == 3
+    assert info["relative_rmse_mu"] < 0.05 and info["relative_rmse_sigma"] < 0.05
 
 
 def test_packed_bundle_rebuilds_the_exact_model(tmp_path, shapes_dir):
