@@ -1,4 +1,4 @@
-"""Device subcommands: ``edgeq run`` and ``edgeq validate-config``. Imports neither TensorFlow nor the converter;
+"""Device subcommands: ``edgeq run``, ``edgeq doctor`` and ``edgeq validate-config``. Imports neither TensorFlow nor the converter;
 heavy modules (OpenCV, paho) are imported only when a command runs."""
 
 from __future__ import annotations
@@ -28,6 +28,17 @@ def add_device_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stats-interval", type=float, metavar="S", help="seconds between stats messages")
     p.set_defaults(handler=_cmd_run)
 
+    p = sub.add_parser("doctor", help="check this machine: runtime, XNNPACK, CPU, threads, cameras, broker, bundle",
+                       description="Check that this machine can run edgeq well: the TFLite runtime and its version, "
+                                   "the CPU and its SIMD features, threads, cameras, the MQTT broker (with --config), "
+                                   "and a bundle (valid, loads, XNNPACK coverage, one invoke). Exit code 1 if any "
+                                   "check fails.")
+    p.add_argument("--model", metavar="BUNDLE", help=".edgeq bundle to load and invoke (default: the config's model)")
+    p.add_argument("--config", metavar="FILE", help="device TOML file: source, threads, broker and model to check")
+    p.add_argument("--threads", type=int, metavar="N", help="interpreter threads (default: the config's, else 1)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.set_defaults(handler=_cmd_doctor)
+
     p = sub.add_parser("validate-config", help="check a device config file and say what is wrong",
                        description="Validate a device TOML file; errors name the file, line and key.")
     p.add_argument("config", metavar="FILE")
@@ -56,6 +67,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, _overrides(args))
     return run_device(cfg)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from .doctor import format_table, overall, run_checks, to_json
+
+    if args.threads is not None and args.threads < 1:
+        print(f"edgeq: error: --threads {args.threads}: give at least 1", file=sys.stderr)
+        return 2
+    checks = run_checks(args.model, args.config, args.threads)
+    print(json.dumps(to_json(checks), indent=2) if args.json else format_table(checks))
+    return 1 if overall(checks) == "fail" else 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

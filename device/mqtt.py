@@ -19,6 +19,18 @@ from paho.mqtt.enums import CallbackAPIVersion
 from .config import MqttConfig
 
 
+def apply_security(client: mqtt.Client, cfg: MqttConfig) -> None:
+    """Username and password (file or systemd credential) and, for mqtts://, TLS with the configured CA and client
+    certificate."""
+    if cfg.username:
+        client.username_pw_set(cfg.username, cfg.password())
+    if cfg.tls:
+        context = ssl.create_default_context(cafile=str(cfg.ca) if cfg.ca else None)
+        if cfg.cert:
+            context.load_cert_chain(str(cfg.cert), str(cfg.key) if cfg.key else None)
+        client.tls_set_context(context)
+
+
 class MqttLink:
     def __init__(
         self,
@@ -50,13 +62,7 @@ class MqttLink:
         self.client = mqtt.Client(**kwargs)
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
-        if cfg.username:
-            self.client.username_pw_set(cfg.username, cfg.password())
-        if cfg.tls:
-            context = ssl.create_default_context(cafile=str(cfg.ca) if cfg.ca else None)
-            if cfg.cert:
-                context.load_cert_chain(str(cfg.cert), str(cfg.key) if cfg.key else None)
-            self.client.tls_set_context(context)
+        apply_security(self.client, cfg)
         self.client.will_set(self.status_topic, json.dumps(self.status_payload("offline")), qos=1, retain=True)
         self.client.on_connect = self._handle_connect
         self.client.on_disconnect = self._handle_disconnect

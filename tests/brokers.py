@@ -26,6 +26,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def password_file(tmp: Path, user: str, password: str) -> Path:
+    """A mosquitto password file with one user, readable by the broker when it drops root."""
+    pw = tmp / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), user, password], check=True)
+    os.chmod(pw, 0o644)
+    return pw
+
+
 class Broker:
     """mosquitto with persistence (so a restart keeps the subscriber's session and queued QoS 1 messages)."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from brokers import Broker, Collector, broker_and_collector, free_port
+from brokers import Broker, Collector, broker_and_collector, free_port, password_file
 from edgeq.bundle import message_schema
 
 pytestmark = pytest.mark.slow
@@ -139,16 +139,8 @@ def test_sigterm_flushes_and_publishes_stopped(tmp_path, tiny_bundle, video):
         assert sub.wait_for(lambda: sub.seqs() == set(range(1, max(sub.seqs()) + 1)), 10)
 
 
-def _password_file(tmp: Path, user: str, password: str) -> Path:
-    """A mosquitto password file with one user, readable by the broker when it drops root."""
-    pw = tmp / "passwd"
-    subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), user, password], check=True)
-    os.chmod(pw, 0o644)
-    return pw
-
-
 def test_refused_credentials_reported_and_never_connected(tmp_path, tiny_bundle, video):
-    pw = _password_file(tmp_path, "edgeq", "right")
+    pw = password_file(tmp_path, "edgeq", "right")
     with broker_and_collector(tmp_path / "broker", ["edgeq/#"], extra=f"password_file {pw}\n", anonymous=False,
                               auth=("edgeq", "right")) as (broker, sub):
         (tmp_path / "pass").write_text("wrong\n")
@@ -189,7 +181,7 @@ def _make_ca(tmp: Path) -> dict[str, Path]:
 
 def test_tls_with_password_from_credentials_directory(tmp_path, tiny_bundle, video):
     certs = _make_ca(tmp_path)
-    pw = _password_file(tmp_path, "edgeq", "s3cret")
+    pw = password_file(tmp_path, "edgeq", "s3cret")
     port = free_port()
     broker = Broker(tmp_path / "broker", port=port, anonymous=False, extra=(
         f"password_file {pw}\ncafile {certs['ca']}\ncertfile {certs['cert']}\nkeyfile {certs['key']}\n")).start()
