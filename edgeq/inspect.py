@@ -87,6 +87,12 @@ def format_inspect(info: dict[str, Any]) -> str:
                      f"({'per channel' if c['per_channel'] else 'per tensor'}, {c['init']}), "
                      f"{c['clustered_weights'] / max(c['all_weights'], 1):.0%} of the weights; shipped int8 kernels: "
                      f"at most {c['shipped']['max_distinct_per_channel']} distinct values per channel")
+        post = c.get("posterior") or {}
+        if post.get("codewords"):
+            lines.append(f"posterior    {post['layer']}: {post['weights']:,} (mu, sigma) pairs vector-quantised to "
+                         f"{post['codewords']} codewords (relative error mu {post['relative_rmse_mu']:.3f}, sigma "
+                         f"{post['relative_rmse_sigma']:.3f}); the {(info.get('head') or {}).get('samples', 'K')} samples "
+                         "are drawn from it")
     kernels = info.get("kernels") or []
     if kernels:
         lines.append("kernels      distinct int8 values per channel (max), per layer:")

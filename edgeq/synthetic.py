@@ -118,15 +118,18 @@ def moving_shapes_frames(
     return frames
 
 
-def write_video(path: str | Path, frames: list[np.ndarray], fps: float = 15.0) -> Path:
-    """Write frames as an MJPG AVI (decodable by every OpenCV build); return the path."""
+def write_video(path: str | Path, frames: list[np.ndarray], fps: float = 15.0, fourcc: str = "MJPG") -> Path:
+    """Write frames as an AVI, MJPG by default (decodable by every OpenCV build); return the path.
+
+    ``fourcc="FFV1"`` writes lossless frames: the x86_64 and aarch64 OpenCV wheels decode JPEG to slightly different
+    pixels, so a clip meant to give bit-identical inputs on both must be lossless."""
     import cv2
 
     path = Path(path)
     h, w = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (w, h))
     if not writer.isOpened():
-        raise OSError(f"{path}: OpenCV cannot write MJPG video here")
+        raise OSError(f"{path}: OpenCV cannot write {fourcc} video here")
     try:
         for frame in frames:
             writer.write(frame)

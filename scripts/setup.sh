@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what edgeq, its demo and its tests need on a fresh Debian-based machine. Idempotent.
-#   scripts/setup.sh            host + device + dev extras, mosquitto, Fashion-MNIST, chromium (report test)
+#   scripts/setup.sh            host + device + dev extras, mosquitto, Fashion-MNIST, chromium (report test),
+#                               qemu-user-static + debootstrap (ARM tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,9 @@ command -v mosquitto_sub >/dev/null 2>&1 || apt_packages+=(mosquitto-clients)
 command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)
 # the eval report's test renders the page in a headless browser
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || apt_packages+=(chromium)
+# the ARM tests (tests/arm) run the device runtime on an emulated Raspberry Pi 4
+command -v qemu-aarch64-static >/dev/null 2>&1 || apt_packages+=(qemu-user-static)
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || apt_packages+=(debootstrap)
 if [ ${#apt_packages[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         apt-get update -qq

@@ -325,6 +325,7 @@ def test_clustered_bayesian_bundle_next_to_the_unclustered_one(trained, bayes_bu
     assert b.file_size < read_bundle(bayes_bundle).file_size
     # the quantised posterior still gives a spread that int8 keeps
     assert b.manifest["validation"]["mutual_information_correlation"] > 0.8
+    assert "vector-quantised to 16 codewords" in run_edgeq("inspect", str(out)).stdout
 
     report_dir = tmp_path / "report"
     r = run_edgeq("eval", str(out), "--compare", str(bayes_bundle), "--data", str(fashion_dirs["test"]),

@@ -1,0 +1,95 @@
+"""The device runtime on an emulated Raspberry Pi 4 (qemu-aarch64, -cpu cortex-a72, Debian bookworm arm64, the
+aarch64 wheels of edgeq[device]): every bundle kind gives exactly the x86 results, with LiteRT and XNNPACK taking
+the int8 graph. Emulation proves correctness, not speed: no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_edgeq
+
+pytestmark = [pytest.mark.arm, pytest.mark.slow]
+
+FRAMES = 6
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    from edgeq.synthetic import moving_shapes_frames, write_video
+
+    # lossless: the x86_64 and aarch64 OpenCV wheels decode MJPG to pixels a level or two apart (found here), which
+    # would test the JPEG decoders, not the runtime
+    frames = moving_shapes_frames(FRAMES, 120, 160, seed=4)
+    return write_video(tmp_path_factory.mktemp("arm-video") / "clip.avi", frames, fourcc="FFV1")
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, tiny_bundle, tiny_keras_path, shapes_dir) -> dict[str, Path]:
+    """One bundle of each kind, through the real converter: int8, float32, clustered (packed 4-bit weights) and
+    Bayesian (K posterior samples fused into the int8 head)."""
+    import keras
+
+    from edgeq.converter.bayes import bayes_dense_class
+    from edgeq.converter.models import build_mobilenet_v2
+
+    d = tmp_path_factory.mktemp("arm-bundles")
+    out = {"int8": tiny_bundle}
+    common = ["--calib", str(shapes_dir), "--calib-samples", "20"]
+    jobs = {
+        "float32": [str(tiny_keras_path), "--quant", "float32"],
+        "clustered": ["mobilenet_v2", "--alpha", "0.35", "--input-size", "64", "--classes", "3", "--weights", "none",
+                      *common, "--clusters", "16", "--cluster-per-channel"],
+    }
+    base = build_mobilenet_v2(64, 0.35, 3, None, 3)
+    head = bayes_dense_class()(3, posterior_sigma=0.2, name="bayes_logits")
+    bayes_path = d / "bayes.keras"
+    keras.Model(base.inputs, head(base.get_layer("logits").input)).save(bayes_path)
+    jobs["bayes"] = [str(bayes_path), *common, "--bayes-samples", "8"]
+    for name, args in jobs.items():
+        out[name] = d / f"{name}.edgeq"
+        r = run_edgeq("convert", *args, "-o", str(out[name]))
+        assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def _results(stdout: str) -> list[dict]:
+    """Per frame: what the model said (labels, scores, uncertainty, needs_review), without timings and clocks."""
+    frames = []
+    for line in stdout.splitlines():
+        m = json.loads(line)
+        if m["schema"] == "edgeq.detections":
+            frames.append({"seq": m["seq"], "frame": m["frame"], "model": m["model"], "detections": m["detections"]})
+    return frames
+
+
+def test_emulated_pi_is_an_aarch64_cortex_a72(pi):
+    r = pi.edgeq("doctor", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert checks["cpu"]["data"]["machine"] == "aarch64" and checks["cpu"]["data"]["model"] == "Cortex-A72"
+    assert checks["cpu"]["data"]["features"] == {"neon": True, "dotprod": False, "i8mm": False}
+    assert checks["runtime"]["status"] == "pass" and checks["runtime"]["data"]["runtime"] == "ai-edge-litert"
+
+
+@pytest.mark.parametrize("kind", ["int8", "float32", "clustered", "bayes"])
+def test_every_bundle_kind_gives_the_x86_results_exactly(kind, pi, bundles, clip, tmp_path):
+    bundle = bundles[kind]
+    args = ["run", "--model", str(bundle), "--source", str(clip), "--output", "-", "--max-frames", str(FRAMES)]
+    host = run_edgeq(*args, "--spool", str(tmp_path / "host.db"))
+    assert host.returncode == 0, host.stderr[-2000:]
+    arm = pi.edgeq(*args, "--spool", str(tmp_path / "arm.db"))
+    assert arm.returncode == 0, arm.stderr[-3000:]
+    want, got = _results(host.stdout), _results(arm.stdout)
+    assert len(want) == FRAMES and got == want
+    if kind == "bayes":
+        assert all(d["uncertainty"]["method"] == "mc" and d["uncertainty"]["samples"] == 8
+                   for f in got for d in f["detections"])
+    # the same bundle on the Pi: LiteRT, and XNNPACK took the whole graph
+    r = pi.edgeq("doctor", "--model", str(bundle), "--json")
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert checks["bundle"]["status"] == "pass" and checks["model"]["status"] == "pass", r.stdout
+    assert checks["xnnpack"]["data"]["whole_graph"] is True, checks["xnnpack"]
+    assert checks["model"]["data"]["runtime"] == "ai-edge-litert"
