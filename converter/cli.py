@@ -34,6 +34,19 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune", metavar="DATA_DIR", help="fine-tune the clustered model on this class folder, "
                    "keeping every weight on its cluster")
     g.add_argument("--finetune-epochs", type=int, default=1, metavar="E", help="fine-tuning epochs (default 1)")
+    g = p.add_argument_group("accuracy repair (see docs/accuracy.md)")
+    g.add_argument("--bias-correction", choices=("auto", "on", "off"), default="auto",
+                   help="empirical bias correction of int8 weight rounding (default auto: kept when --val shows it "
+                        "does not lower top-1; without --val, off)")
+    g.add_argument("--max-drop", type=float, metavar="D", help="accuracy-aware mode: keep the most sensitive layers "
+                   "in float until the top-1 drop on --val is at most D (0.01 = one point)")
+    g.add_argument("--drop-type", choices=("absolute", "relative"), default="absolute",
+                   help="--max-drop as points of accuracy (default) or relative to float accuracy")
+    g.add_argument("--max-reverts", type=int, default=10, metavar="N", help="at most N layers in float (default 10)")
+    g.add_argument("--best-effort", action="store_true",
+                   help="when --max-drop is not reached, keep the best model found and exit 0")
+    g.add_argument("--keep-float", metavar="REGEX", help="ops whose names match stay float (mixed precision)")
+    g.add_argument("--int16", metavar="REGEX", help="per-layer 16x8: refused, the TFLite converter cannot do it")
     g = p.add_argument_group("uncertainty (see docs/bayesian.md)")
     g.add_argument("--bayes-samples", type=int, metavar="K",
                    help="posterior samples fused into the int8 head (default 32 when the model has a BayesDense head)")
@@ -95,6 +108,13 @@ def run_convert(args: argparse.Namespace) -> int:
         cluster_skip=args.cluster_skip,
         finetune=args.finetune,
         finetune_epochs=args.finetune_epochs,
+        bias_correction=args.bias_correction,
+        keep_float=args.keep_float,
+        int16=args.int16,
+        max_drop=args.max_drop,
+        drop_type=args.drop_type,
+        max_reverts=args.max_reverts,
+        best_effort=args.best_effort,
     )
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     result = convert(opts, log=log)

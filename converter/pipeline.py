@@ -69,6 +69,13 @@ class ConvertOptions:
     cluster_skip: str | None = None
     finetune: str | None = None
     finetune_epochs: int = 1
+    bias_correction: str = "auto"  # auto: keep it when --val shows it does not lower top-1; on; off
+    keep_float: str | None = None  # regex of op names kept in float
+    int16: str | None = None  # refused: the converter has no per-layer 16x8
+    max_drop: float | None = None  # accuracy-aware mode: top-1 drop bound on --val
+    drop_type: str = "absolute"
+    max_reverts: int = 10
+    best_effort: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "quant", QuantMode(self.quant))
@@ -89,6 +96,24 @@ class ConvertOptions:
             raise QuantizationError(f"--layer-errors measures int8 layers; it does not apply to --quant {self.quant.value}")
         if self.bayes_samples is not None and self.bayes_samples < 2:
             raise ModelError(f"--bayes-samples {self.bayes_samples}: a Monte-Carlo head needs at least 2 samples (default 32)")
+        if self.bias_correction not in ("auto", "on", "off"):
+            raise ModelError(f"--bias-correction {self.bias_correction!r}: choose auto, on or off")
+        if self.int16 is not None:
+            raise QuantizationError(
+                f"--int16 {self.int16!r}: the TFLite converter quantises 16x8 only for a whole model (--quant int16x8), "
+                "not per layer; keep those layers in float with --keep-float REGEX")
+        mixed = self.keep_float is not None or self.max_drop is not None
+        if mixed and self.quant not in (QuantMode.INT8, QuantMode.UINT8):
+            raise QuantizationError(f"--keep-float and --max-drop apply to --quant int8 or uint8, not {self.quant.value}")
+        if self.max_drop is not None:
+            if not self.val:
+                raise ModelError("--max-drop needs --val DIR: the accuracy drop is measured on it")
+            if not 0.0 <= self.max_drop < 1.0:
+                raise ModelError(f"--max-drop {self.max_drop}: give a fraction of accuracy, e.g. 0.01 for one point")
+        if self.drop_type not in ("absolute", "relative"):
+            raise ModelError(f"--drop-type {self.drop_type!r}: choose absolute or relative")
+        if self.max_reverts < 1:
+            raise ModelError(f"--max-reverts {self.max_reverts}: give at least 1")
         if self.quant.needs_calibration and not self.calib:
             raise QuantizationError(f"--quant {self.quant.value} needs --calib (an image folder, video or .npy/.npz)")
 
@@ -161,33 +186,54 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
     clustering = _cluster(source, opts, labels, spec, log) if opts.clusters is not None else None
     source, exported, layout_choice = _export_bayes_head(source, opts, calibration, log)
 
-    t0 = time.perf_counter()
-    model_bytes = convert_model(source, recipe, calibration)
-    timings["convert_s"] = time.perf_counter() - t0
     runtime = load_runtime()
-    with quiet_output():  # the runtime announces its delegate on stderr
-        model = Model(model_bytes, num_threads=opts.threads, runtime=runtime)
+    # the float reference first: bias correction changes the weights the int8 model is made from, never the reference
+    t0 = time.perf_counter()
+    float_bytes = convert_model(source, QuantRecipe(QuantMode.FLOAT32), None)
+    timings["convert_float_reference_s"] = time.perf_counter() - t0
+    with quiet_output():
+        float_model = Model(float_bytes, num_threads=opts.threads, runtime=runtime)
+    head_info = exported.describe() if exported else {"type": "dense", "samples": 1, "classes": len(labels)}
+    head_info["layout"] = exported.layout if exported else "single"
+    head_spec = HeadSpec.from_manifest({"head": head_info, "labels": labels})
+    float_head = head_spec.bind(float_model, describe_outputs(float_model, head_spec))
+    data = class_folder(opts.val, labels) if opts.val else None
+    float_scored = score(float_model, float_head, spec, data, "float") if data is not None else None
+
+    def load(b: bytes) -> tuple[Model, BoundHead]:
+        with quiet_output():  # the runtime announces its delegate on stderr
+            m = Model(b, num_threads=opts.threads, runtime=runtime)
+        return m, head_spec.bind(m, describe_outputs(m, head_spec))
+
+    def top1_of(b: bytes) -> float:
+        m, h = load(b)
+        return float(score(m, h, spec, data, "candidate").correct.mean()) if data is not None else float("nan")
+
+    t0 = time.perf_counter()
+    model_bytes = float_bytes if recipe.mode is QuantMode.FLOAT32 else convert_model(source, recipe, calibration)
+    timings["convert_s"] = time.perf_counter() - t0
+    precision: dict[str, Any] = {}
+    precision_report: dict[str, Any] = {}
+    if recipe.mode in (QuantMode.INT8, QuantMode.UINT8) and calibration is not None:
+        t0 = time.perf_counter()
+        model_bytes, precision["bias_correction"], precision_report["bias_correction"] = _bias_correction(
+            source, opts, recipe, calibration, model_bytes, top1_of if data is not None else None, log)
+        timings["bias_correction_s"] = time.perf_counter() - t0
+    if opts.keep_float is not None or opts.max_drop is not None:
+        t0 = time.perf_counter()
+        model_bytes, mixed = _mixed_precision(source, opts, recipe, calibration, model_bytes, float_model,
+                                              float_scored, top1_of, log)
+        precision.update(mixed)
+        timings["mixed_precision_s"] = time.perf_counter() - t0
+    model, quant_head = load(model_bytes)
+    outputs = describe_outputs(model, head_spec)
     remaining_float = float_ops(model)
-    if recipe.mode.integer_only and remaining_float and not recipe.allow_float_fallback:
+    if recipe.mode.integer_only and remaining_float and not recipe.allow_float_fallback and not precision.get("float_layers"):
         raise QuantizationError(
             f"{source.origin}: ops stay float in --quant {recipe.mode.value}: {describe_float_ops(remaining_float)}; "
             "replace them, or pass --allow-float-fallback to keep them float"
         )
 
-    t0 = time.perf_counter()
-    float_bytes = model_bytes if recipe.mode is QuantMode.FLOAT32 else convert_model(
-        source, QuantRecipe(QuantMode.FLOAT32), None
-    )
-    timings["convert_float_reference_s"] = time.perf_counter() - t0
-    with quiet_output():
-        float_model = Model(float_bytes, num_threads=opts.threads, runtime=runtime)
-
-    head_info = exported.describe() if exported else {"type": "dense", "samples": 1, "classes": len(labels)}
-    head_info["layout"] = exported.layout if exported else "single"
-    head_spec = HeadSpec.from_manifest({"head": head_info, "labels": labels})
-    outputs = describe_outputs(model, head_spec)
-    quant_head = head_spec.bind(model, outputs)
-    float_head = head_spec.bind(float_model, describe_outputs(float_model, head_spec))
     if exported is not None:
         head_info["layout_choice"] = layout_choice
         head_info["weights"] = _weight_check(model, exported)
@@ -196,10 +242,8 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
             _warn_spread(head_info["spread"], opts, log)
 
     validation = None
-    if opts.val:
+    if data is not None:
         t0 = time.perf_counter()
-        data = class_folder(opts.val, labels)
-        float_scored = score(float_model, float_head, spec, data, "float")
         quant_scored = score(model, quant_head, spec, data, "quantized")
         validation = compare_scored(float_scored, quant_scored)
         validation["source"] = str(opts.val)
@@ -217,6 +261,7 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
                 f"RMSE {worst['rmse_over_scale']:.2f} quantisation steps")
 
     manifest = build_manifest(source, labels, spec, model, recipe, calibration, remaining_float, outputs, head_info)
+    manifest["quantization"].update(precision)
     manifest["sizes"] = {
         "float32_tflite": len(float_bytes),
         "model_tflite": len(model_bytes),
@@ -237,6 +282,7 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
     }
     if layers is not None:
         report["layers"] = layers
+    report.update(precision_report)
     packed = None
     if clustering is not None:
         clustering["shipped"] = _check_clusters(model, clustering, opts.clusters)
@@ -248,6 +294,13 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
         log(f"clustering: {clustering['clustered']} layers to {opts.clusters} values, shipped int8 kernels hold at most "
             f"{clustering['shipped']['max_distinct_per_channel']} distinct values per channel")
     write_bundle(opts.output, manifest, model_bytes, report, packed)
+    aa = precision.get("accuracy_aware")
+    if aa is not None and not aa["met"] and not opts.best_effort:
+        raise QuantizationError(
+            f"--max-drop {opts.max_drop:g}: not reached after trying {len(aa['steps'])} layer(s) in float "
+            f"(--max-reverts {opts.max_reverts}); best {aa['drop_type']} drop {aa['final_drop']:.4f} "
+            f"({len(aa['float_layers'])} float), kept in {opts.output}; "
+            "raise --max-reverts, or accept it with --best-effort")
     return ConvertResult(opts.output, manifest, report, timings)
 
 
@@ -480,3 +533,79 @@ def _check_clusters(model: Model, clustering: dict[str, Any], clusters: int) -> 
         raise QuantizationError(f"clustered kernels came out of the converter with {worst} distinct values in a channel "
                                 f"(more than --clusters {clusters}); this is a bug, please report it")
     return {"kernels_checked": len(matched), "max_distinct_per_channel": int(worst)}
+
+
+def _bias_correction(
+    source: SourceModel, opts: ConvertOptions, recipe: QuantRecipe, calibration: CalibrationSet, plain: bytes,
+    top1_of: Callable[[bytes], float] | None, log: Callable[[str], None],
+) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+    """Empirical bias correction (converter/biascorrect.py). ``on`` keeps it; ``auto`` keeps it when --val shows
+    that top-1 does not go down (without --val, auto does nothing: there is nothing to decide on). Returns the
+    model bytes, the manifest's summary and the report's per-layer corrections. The source model is left corrected
+    only when the correction is kept (mixed precision re-quantises from it)."""
+    from .biascorrect import bias_correction
+
+    mode = opts.bias_correction
+    if mode == "off" or source.keras_model is None:
+        return plain, {"mode": mode, "applied": False}, {}
+    if mode == "auto" and top1_of is None:
+        return plain, {"mode": mode, "applied": False, "reason": "auto decides on --val; none given"}, {}
+    snapshot = source.keras_model.get_weights()
+    layers = bias_correction(source.keras_model, calibration.samples, log=log)
+    corrected = convert_model(source, recipe, calibration)
+    info: dict[str, Any] = {"mode": mode, "corrected_layers": sum(1 for r in layers if "corrected" in r),
+                            "kernel_layers": len(layers)}
+    shifts = [r["mean_abs_shift"] for r in layers if "corrected" in r]
+    if shifts:
+        info["mean_abs_shift"] = round(float(np.mean(shifts)), 6)
+    applied = True
+    if top1_of is not None:
+        info["top1_without"], info["top1_with"] = round(top1_of(plain), 5), round(top1_of(corrected), 5)
+        applied = mode == "on" or info["top1_with"] >= info["top1_without"]
+        log(f"bias correction: top-1 on --val {info['top1_without']:.4f} without, {info['top1_with']:.4f} with: "
+            + ("kept" if applied else "not kept (auto)"))
+    if not applied:
+        source.keras_model.set_weights(snapshot)
+    info["applied"] = applied
+    return (corrected if applied else plain), info, {"layers": layers}
+
+
+def _mixed_precision(
+    source: SourceModel, opts: ConvertOptions, recipe: QuantRecipe, calibration: CalibrationSet, model_bytes: bytes,
+    float_model: Model, float_scored: Any, top1_of: Callable[[bytes], float], log: Callable[[str], None],
+) -> tuple[bytes, dict[str, Any]]:
+    """--keep-float and the accuracy-aware loop (converter/mixed.py)."""
+    from edgeq.runtime import interleaved_latency
+
+    from .mixed import MixedQuantizer, accuracy_aware, short_name
+
+    mq = MixedQuantizer(source, recipe, calibration)
+    float_nodes = mq.match(opts.keep_float) if opts.keep_float is not None else []
+    if float_nodes:
+        model_bytes = mq.quantize(float_nodes)
+        log(f"--keep-float: {len(float_nodes)} op(s) in float: {', '.join(short_name(n) for n in float_nodes)}")
+    out: dict[str, Any] = {"float_layers": [short_name(n) for n in float_nodes]}
+    if opts.max_drop is None:
+        return model_bytes, out
+    float_top1 = float(float_scored.correct.mean())
+    aa, best = accuracy_aware(mq, float_model, calibration.samples[:32], top1_of, float_top1, top1_of(model_bytes),
+                              opts.max_drop, opts.drop_type, opts.max_reverts, float_nodes, log)
+    record = aa.describe()
+    if best is not None:
+        with quiet_output():
+            plain_m, best_m = Model(model_bytes), Model(best)
+        x = [np.zeros(m.input.shape, dtype=m.input.dtype) for m in (plain_m, best_m)]
+        t_plain, t_best = interleaved_latency([plain_m, best_m], x, runs=100, warmup=10)
+        record["cost"] = {
+            "model_bytes": [len(model_bytes), len(best)],
+            "latency_ms_median": [round(float(np.median(t_plain)), 4), round(float(np.median(t_best)), 4)],
+            "latency_ratio": round(float(np.median(t_best) / np.median(t_plain)), 4),
+            "xnnpack": best_m.delegation.to_dict(),
+        }
+        model_bytes = best
+        out["float_layers"] = record["float_layers"]
+    state = "reached" if aa.met else "NOT reached"
+    log(f"accuracy-aware: bound {state}: {opts.drop_type} drop {aa.plain_drop:.4f} -> {aa.final_drop:.4f} with "
+        f"{len(out['float_layers'])} layer(s) in float" + (f": {', '.join(out['float_layers'])}" if out["float_layers"] else ""))
+    out["accuracy_aware"] = record
+    return model_bytes, out

@@ -184,7 +184,11 @@ class EvalRun:
 def variant(manifest: dict[str, Any]) -> str:
     """One line on how a bundle was made: precision, clustering, Bayesian head."""
     q = manifest.get("quantization") or {}
-    parts = [str(q.get("mode", "int8"))]
+    parts = [str(q.get("scheme", "int8"))]
+    if (q.get("bias_correction") or {}).get("applied"):
+        parts.append("bias-corrected")
+    if q.get("float_layers"):
+        parts.append(f"{len(q['float_layers'])} layer(s) float")
     c = manifest.get("clustering")
     if c:
         parts.append(f"{c['clusters']} clusters {'per channel' if c.get('per_channel') else 'per tensor'} "

@@ -1,0 +1,168 @@
+"""Issue 9 figures: bias correction and accuracy-aware quantisation.
+
+1. A model made hard on purpose: ``converter/hardmodels.py``'s small CNN trained on Fashion-MNIST (10 classes,
+   32 px), then given one outlier channel (x300, compensated in the next layer: same float function). Plain int8
+   vs bias-corrected vs accuracy-aware (``--max-drop``): top-1 drop on held-out images, layers kept in float,
+   model size, and invoke latency measured interleaved in one run.
+2. The normal MobileNetV2 of the other benchmarks (0.35/96, trained with ``edgeq train``) over 3 training seeds:
+   int8 top-1 with and without bias correction (``--bias-correction on`` vs ``off``).
+
+    python benchmarks/accuracy_aware.py > benchmarks/results/accuracy_aware.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def log(s: str) -> None:
+    print(s, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--train", type=int, default=6000)
+    p.add_argument("--test", type=int, default=2000)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--mnv2-train", type=int, default=4000)
+    p.add_argument("--mnv2-epochs", type=int, default=3)
+    p.add_argument("--max-drop", type=float, default=0.01)
+    p.add_argument("--runs", type=int, default=300)
+    p.add_argument("--skip-mnv2", action="store_true")
+    p.add_argument("--workdir", help="keep data, models and bundles here")
+    args = p.parse_args(argv)
+
+    from edgeq.datasets import FASHION_MNIST_LABELS, fashion_mnist, write_class_folder
+
+    rng = np.random.default_rng(0)
+    x_train, y_train = fashion_mnist("train")
+    x_test, y_test = fashion_mnist("test")
+    tr = rng.choice(len(x_train), args.train, replace=False)
+    te = rng.choice(len(x_test), args.test, replace=False)
+    result: dict = {"benchmark": "accuracy_aware"}
+    with (contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()) as tmp:
+        tmp = Path(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        labels = list(FASHION_MNIST_LABELS)
+        train_dir = write_class_folder(tmp / "train", x_train[tr], y_train[tr], labels)
+        test_dir = write_class_folder(tmp / "test", x_test[te], y_test[te], labels)
+        with contextlib.redirect_stdout(sys.stderr):
+            result["hard_model"] = hard(tmp, train_dir, test_dir, labels, args)
+            if not args.skip_mnv2:
+                result["mobilenet_v2_bias_correction"] = mnv2(tmp, train_dir, test_dir, args)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _validation(path: Path) -> dict:
+    from edgeq.bundle import read_bundle
+
+    m = read_bundle(path).manifest
+    v = m["validation"]
+    return {"float_top1": v["float_top1"], "int8_top1": v["quantized_top1"],
+            "drop_points": round(100 * (v["float_top1"] - v["quantized_top1"]), 2),
+            "float_layers": m["quantization"].get("float_layers", []),
+            "bias_correction": {k: v for k, v in m["quantization"].get("bias_correction", {}).items()}}
+
+
+def hard(tmp: Path, train_dir: Path, test_dir: Path, labels: list[str], args) -> dict:
+    from edgeq.bundle import read_bundle
+    from edgeq.converter import ConvertOptions, convert
+    from edgeq.converter.hardmodels import add_outlier_channel, train_small
+    from edgeq.converter.quantize import quiet_output
+    from edgeq.converter.train import load_folder_arrays
+    from edgeq.preprocess import PreprocessSpec
+    from edgeq.runtime import interleaved_latency
+
+    spec = PreprocessSpec(32, 32, 3, "RGB", "stretch", (127.5,), (127.5,))
+    x, y, _ = load_folder_arrays(train_dir, spec, labels)
+    model = train_small(x, y, len(labels), epochs=8)
+    add_outlier_channel(model, "conv_b", "conv_c", factor=300.0)
+    path = tmp / "hard.keras"
+    model.save(path)
+    path.with_suffix(".labels.txt").write_text("\n".join(labels) + "\n")
+    common = dict(calib=str(train_dir), calib_samples=200, val=str(test_dir))
+    variants = {
+        "plain": {"bias_correction": "off"},
+        "bias_corrected": {"bias_correction": "on"},
+        "accuracy_aware": {"bias_correction": "off", "max_drop": args.max_drop, "best_effort": True},
+    }
+    out: dict = {"model": "small CNN (conv 16, conv 32/2, conv 32, GAP, dense) on 32 px Fashion-MNIST, "
+                          "8 epochs; conv_b output channel 0 x300, conv_c input channel 0 / 300",
+                 "max_drop": args.max_drop, "variants": {}}
+    paths = {}
+    for name, extra in variants.items():
+        paths[name] = tmp / f"hard_{name}.edgeq"
+        convert(ConvertOptions(str(path), paths[name], **common, **extra), log=log)
+        out["variants"][name] = _validation(paths[name])
+        m = read_bundle(paths[name]).manifest
+        out["variants"][name]["model_bytes"] = m["sizes"]["model_tflite"]
+        if name == "accuracy_aware":
+            aa = m["quantization"]["accuracy_aware"]
+            out["variants"][name]["steps"] = aa["steps"]
+            out["variants"][name]["met"] = aa["met"]
+            out["variants"][name]["ranking_top5"] = aa["ranking"][:5]
+    with quiet_output():
+        models = [read_bundle(paths[n]).load_model(num_threads=1) for n in variants]
+    xs = [np.zeros(m.input.shape, dtype=m.input.dtype) for m in models]
+    times = interleaved_latency(models, xs, runs=args.runs, warmup=20)
+    base = float(np.median(times[0]))
+    for name, m, t in zip(variants, models, times):
+        out["variants"][name]["latency_ms_median"] = round(float(np.median(t)), 4)
+        out["variants"][name]["latency_vs_plain"] = round(float(np.median(t)) / base, 3)
+        out["variants"][name]["size_vs_plain"] = round(out["variants"][name]["model_bytes"]
+                                                       / out["variants"]["plain"]["model_bytes"], 3)
+        out["variants"][name]["xnnpack"] = m.delegation.summary()
+    return out
+
+
+def mnv2(tmp: Path, train_dir: Path, test_dir: Path, args) -> dict:
+    import shutil
+
+    from edgeq.converter import ConvertOptions, convert
+    from edgeq.converter.train import TrainOptions, train
+
+    small = tmp / "train_small"
+    if not small.exists():  # a subset for training speed; calibration uses the same images
+        rng = np.random.default_rng(1)
+        files = sorted(train_dir.rglob("*.png"))
+        for f in rng.choice(files, min(args.mnv2_train, len(files)), replace=False):
+            dst = small / f.parent.name / f.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, dst)
+    out: dict = {"model": f"MobileNetV2 0.35/96, {args.mnv2_epochs} epochs on {args.mnv2_train} Fashion-MNIST images "
+                          "(edgeq train, no augmentation)", "seeds": {}}
+    for seed in range(args.seeds):
+        model = tmp / f"mnv2_seed{seed}.keras"
+        if not model.exists():
+            train(TrainOptions(str(small), model, head="dense", epochs=args.mnv2_epochs, lr=2e-3, augment=False,
+                               batch_size=64, input_size=96, alpha=0.35, seed=seed), log=log)
+        row = {}
+        for mode in ("off", "on"):
+            b = tmp / f"mnv2_seed{seed}_bc_{mode}.edgeq"
+            convert(ConvertOptions(str(model), b, calib=str(small), calib_samples=200, val=str(test_dir),
+                                   bias_correction=mode), log=log)
+            row[mode] = _validation(b)
+        out["seeds"][seed] = {"float_top1": row["off"]["float_top1"], "int8_top1_without": row["off"]["int8_top1"],
+                              "int8_top1_with": row["on"]["int8_top1"],
+                              "gain_points": round(100 * (row["on"]["int8_top1"] - row["off"]["int8_top1"]), 2),
+                              "corrected_layers": row["on"]["bias_correction"].get("corrected_layers")}
+    gains = [s["gain_points"] for s in out["seeds"].values()]
+    out["gain_points"] = {"mean": round(float(np.mean(gains)), 2), "min": min(gains), "max": max(gains)}
+    out["noise_note"] = ("one image of the test set is 100/{} points; a gain within a few images either way is "
+                         "noise").format(args.test)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

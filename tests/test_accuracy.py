@@ -1,0 +1,203 @@
+"""Bias correction and accuracy-aware quantisation with the real converter: the maths on a tiny model, the
+simulation against the kernels TFLite really stores, and a model made hard for int8 on purpose (one outlier
+channel) that plain PTQ breaks and the accuracy-aware mode repairs within the bound, naming the layers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import FMNIST_CLASSES, assert_clean_error, run_edgeq
+
+pytestmark = pytest.mark.slow
+
+
+def _skewed_conv_model(use_bias: bool):
+    """A conv whose every output channel has one large weight and small positive others: int8 rounds the small
+    ones towards a few levels, which shifts the output mean (what bias correction removes)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((12, 12, 8))
+    conv = keras.layers.Conv2D(6, 3, use_bias=use_bias, name="conv")
+    x = conv(inp)
+    outs = keras.layers.BatchNormalization(name="bn")(x) if not use_bias else x
+    model = keras.Model(inp, outs)
+    rng = np.random.default_rng(0)
+    w = rng.uniform(0.0, 0.004, (3, 3, 8, 6))
+    w[0, 0, 0, :] = 1.0  # the outlier sets the channel's int8 step to 1/127
+    conv.set_weights([w.astype(np.float32)] + ([np.zeros(6, np.float32)] if use_bias else []))
+    if not use_bias:
+        bn = model.get_layer("bn")
+        bn.set_weights([np.full(6, 2.0, np.float32), np.full(6, 0.5, np.float32), np.zeros(6, np.float32),
+                        np.ones(6, np.float32)])
+    x = rng.uniform(0.0, 1.0, (64, 12, 12, 8)).astype(np.float32)
+    return model, x
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_bias_correction_moves_the_mean_error_towards_zero(use_bias):
+    import keras
+
+    from edgeq.converter.biascorrect import bias_correction, quantize_weights
+
+    model, x = _skewed_conv_model(use_bias)
+    conv = model.get_layer("conv")
+    w = conv.get_weights()[0]
+    wq = quantize_weights(w, depthwise=False)
+    assert np.abs(wq - w).max() <= (np.abs(w).max(axis=(0, 1, 2)) / 127 / 2 + 1e-9).max()
+
+    def simulated(m):
+        """The model with the int8-rounded kernel (what the converter ships), float everywhere else."""
+        clone = keras.models.clone_model(m)
+        clone.set_weights(m.get_weights())
+        cw = clone.get_layer("conv").get_weights()
+        clone.get_layer("conv").set_weights([quantize_weights(cw[0], False).astype(np.float32), *cw[1:]])
+        return np.asarray(clone(x, training=False), dtype=np.float64)
+
+    reference = np.asarray(model(x, training=False), dtype=np.float64)
+    before = np.abs((simulated(model) - reference).mean(axis=(0, 1, 2)))
+    report = bias_correction(model, x)
+    after = np.abs((simulated(model) - reference).mean(axis=(0, 1, 2)))
+    assert report[0]["corrected"] == ("bias" if use_bias else "bn.moving_mean")
+    assert before.mean() > 1e-3  # the rounding really shifted the mean
+    assert (after < before).all() and after.max() < 0.05 * before.max()
+
+
+def test_simulated_rounding_is_what_tflite_stores(tmp_path, shapes_dir, tiny_keras_path):
+    """quantize_weights reproduces the converter's int8 kernels: Conv2D, DepthwiseConv2D and Dense."""
+    import keras
+
+    from edgeq.bundle import read_bundle
+    from edgeq.converter.biascorrect import quantize_weights
+    from edgeq.runtime import weight_kernels
+
+    out = tmp_path / "t.edgeq"
+    r = run_edgeq("convert", str(tiny_keras_path), "--calib", str(shapes_dir), "--calib-samples", "20",
+                  "--bias-correction", "off", "-o", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = keras.models.load_model(tiny_keras_path, compile=False)
+    shipped = [(op, w) for op, _, w, _, _ in weight_kernels(read_bundle(out).load_model())]
+    checked = 0
+    for layer in model.layers:
+        if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
+            continue
+        depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+        k = layer.get_weights()[0]
+        q = quantize_weights(k, depthwise)
+        steps = np.round(q / (np.abs(k).max(axis=(0, 1) if depthwise else tuple(range(k.ndim - 1))) / 127))
+        op = {"Conv2D": "CONV_2D", "DepthwiseConv2D": "DEPTHWISE_CONV_2D", "Dense": "FULLY_CONNECTED"}[
+            layer.__class__.__name__]
+        # TFLite layouts: conv [out, h, w, in], depthwise [1, h, w, in*mult], dense [out, in]
+        mine = (np.transpose(steps, (3, 0, 1, 2)) if op == "CONV_2D" else
+                steps.reshape(1, *steps.shape[:2], -1) if depthwise else steps.T)
+        same = [w for o, w in shipped if o == op and w.shape == mine.shape]
+        assert len(same) == 1, (op, mine.shape)
+        assert np.array_equal(mine.astype(np.int64), same[0].astype(np.int64)), layer.name
+        checked += 1
+    assert checked == 4
+
+
+@pytest.fixture(scope="module")
+def hard_model(fashion_dirs, tmp_path_factory) -> Path:
+    """A small CNN trained on Fashion-MNIST (4 classes, 32 px), then given one outlier channel: same float
+    function, broken int8."""
+    from edgeq.converter.hardmodels import add_outlier_channel, train_small
+    from edgeq.converter.train import load_folder_arrays
+    from edgeq.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(32, 32, 3, "RGB", "stretch", (127.5,), (127.5,))
+    x, y, labels = load_folder_arrays(fashion_dirs["train"], spec)
+    model = train_small(x, y, FMNIST_CLASSES, epochs=8)
+    before = np.asarray(model(x[:64], training=False))
+    add_outlier_channel(model, "conv_b", "conv_c", factor=1000.0)
+    assert np.allclose(np.asarray(model(x[:64], training=False)), before, atol=1e-3)
+    path = tmp_path_factory.mktemp("hard") / "hard.keras"
+    model.save(path)
+    path.with_suffix(".labels.txt").write_text("\n".join(labels) + "\n")
+    return path
+
+
+def _convert(model: Path, out: Path, fashion_dirs, *extra: str):
+    return run_edgeq("convert", str(model), "--calib", str(fashion_dirs["train"]), "--calib-samples", "100",
+                     "--val", str(fashion_dirs["test"]), "-o", str(out), *extra)
+
+
+def test_accuracy_aware_mode_repairs_the_outlier_model(hard_model, fashion_dirs, tmp_path):
+    from edgeq.bundle import read_bundle
+
+    plain = tmp_path / "plain.edgeq"
+    r = _convert(hard_model, plain, fashion_dirs, "--bias-correction", "off")
+    assert r.returncode == 0, r.stderr[-2000:]
+    v = read_bundle(plain).manifest["validation"]
+    plain_drop = v["float_top1"] - v["quantized_top1"]
+    assert plain_drop > 0.2, v  # plain PTQ loses far more than one point
+
+    fixed = tmp_path / "fixed.edgeq"
+    r = _convert(hard_model, fixed, fashion_dirs, "--max-drop", "0.01")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "accuracy-aware: bound reached" in r.stdout
+    b = read_bundle(fixed)
+    q = b.manifest["quantization"]
+    aa = q["accuracy_aware"]
+    assert aa["met"] and aa["final_drop"] <= 0.01 and aa["plain_drop"] > 0.05
+    assert q["float_layers"] == aa["float_layers"] and 1 <= len(aa["float_layers"]) <= 10
+    # the outlier tensor is produced by conv_b and read by conv_c: the layers kept in float are among those
+    assert any("conv_b" in n or "conv_c" in n for n in aa["float_layers"])
+    assert aa["ranking"][0]["output_error"] > aa["ranking"][-1]["output_error"]
+    # what the repair cost, and the bundle's own validation agrees with the loop's last measurement
+    assert aa["cost"]["model_bytes"][1] > aa["cost"]["model_bytes"][0]
+    v = b.manifest["validation"]
+    assert v["float_top1"] - v["quantized_top1"] == pytest.approx(aa["final_drop"], abs=1e-4)
+    assert b.manifest["input"]["dtype"] == "int8" and all(o["dtype"] == "int8" for o in b.manifest["outputs"])
+    # the device runs the mixed graph, and inspect/doctor say which ops left the int8 path
+    r = run_edgeq("run", "--model", str(fixed), "--source", str(fashion_dirs["test"] / "dress"), "--output", "-",
+                  "--spool", str(tmp_path / "s.db"), "--max-frames", "2")
+    assert r.returncode == 0 and r.stdout.count('"edgeq.detections"') == 2, r.stderr[-2000:]
+    info = json.loads(run_edgeq("inspect", str(fixed), "--json").stdout)
+    assert any(op["operands"] and "float32" in op["operands"] for op in info["ops"])
+
+    # eval shows plain and repaired side by side, each labelled
+    r = run_edgeq("eval", str(fixed), "--compare", str(plain), "--data", str(fashion_dirs["test"]), "--json")
+    models = json.loads(r.stdout)["models"]
+    assert "layer(s) float" in models["quantized"]["variant"] and "float" not in models["plain"]["variant"]
+    assert models["quantized"]["top1"] > models["plain"]["top1"] + 0.04
+
+
+def test_unmet_bound_keeps_the_best_model_and_fails_unless_best_effort(hard_model, fashion_dirs, tmp_path):
+    from edgeq.bundle import read_bundle
+
+    out = tmp_path / "best.edgeq"
+    r = _convert(hard_model, out, fashion_dirs, "--max-drop", "0.0", "--max-reverts", "1", "--bias-correction", "off")
+    # one float layer cannot repair it: the outlier tensor is written by conv_b and read by conv_c
+    assert_clean_error(r, "--max-drop 0", "not reached", "--best-effort")
+    assert read_bundle(out).manifest["quantization"]["accuracy_aware"]["met"] is False  # kept, complete
+    r = _convert(hard_model, out, fashion_dirs, "--max-drop", "0.0", "--max-reverts", "1", "--bias-correction",
+                 "off", "--best-effort")
+    assert r.returncode == 0 and "NOT reached" in r.stdout
+
+
+def test_keep_float_by_name_and_bad_inputs(hard_model, fashion_dirs, tmp_path, tiny_keras_path, shapes_dir):
+    from edgeq.bundle import read_bundle
+
+    out = tmp_path / "kf.edgeq"
+    r = _convert(hard_model, out, fashion_dirs, "--keep-float", "conv_[bc]", "--bias-correction", "off")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = read_bundle(out).manifest
+    assert len(m["quantization"]["float_layers"]) == 2
+    assert m["validation"]["float_top1"] - m["validation"]["quantized_top1"] <= 0.02
+
+    x = tmp_path / "x.edgeq"
+    common = ["--calib", str(shapes_dir), "--calib-samples", "10", "-o", str(x)]
+    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--max-drop", "0.01", *common), "--max-drop", "--val")
+    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--int16", "conv", *common), "--int16", "--keep-float")
+    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--keep-float", "no_such_layer", *common),
+                       "--keep-float", "matches none")
+    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--keep-float", "x", "--quant", "float16", *common),
+                       "--keep-float", "int8")
+    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--max-drop", "2", "--val", str(shapes_dir),
+                                 *common), "--max-drop 2")
+    assert not x.exists()
