@@ -228,7 +228,12 @@ def check_model(path: str | Path | None, threads: int) -> list[Check]:
     data = {**model.describe(), "load_ms": round(load_ms, 1), "invoke_ms_median": round(float(np.median(times)), 3)}
     checks.append(Check("model", "pass", f"loads in {load_ms:.0f} ms; one invoke {data['invoke_ms_median']:.2f} ms "
                         f"(median of 5, {threads} thread(s))", data))
-    if d.whole_graph:
+    float_ops = sorted({op.name for op in model.ops if op.is_float})
+    if float_ops and model.input.quantized:  # an int8 bundle with float islands (--keep-float, --max-drop)
+        data = {**d.to_dict(), "float_ops": float_ops}
+        detail = f"{d.summary()}; off the int8 path (float): {', '.join(float_ops)}"
+        checks.append(Check("xnnpack", "pass" if d.whole_graph else "warn", detail, data))
+    elif d.whole_graph:
         checks.append(Check("xnnpack", "pass", d.summary(), d.to_dict()))
     else:
         checks.append(Check("xnnpack", "warn", d.summary() + ("" if d.xnnpack_applied else

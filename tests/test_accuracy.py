@@ -159,6 +159,8 @@ def test_accuracy_aware_mode_repairs_the_outlier_model(hard_model, fashion_dirs,
     assert r.returncode == 0 and r.stdout.count('"edgeq.detections"') == 2, r.stderr[-2000:]
     info = json.loads(run_edgeq("inspect", str(fixed), "--json").stdout)
     assert any(op["operands"] and "float32" in op["operands"] for op in info["ops"])
+    doctor = {c["name"]: c for c in json.loads(run_edgeq("doctor", "--model", str(fixed), "--json").stdout)["checks"]}
+    assert "CONV_2D" in doctor["xnnpack"]["data"]["float_ops"] and "off the int8 path" in doctor["xnnpack"]["detail"]
 
     # eval shows plain and repaired side by side, each labelled
     r = run_edgeq("eval", str(fixed), "--compare", str(plain), "--data", str(fashion_dirs["test"]), "--json")
