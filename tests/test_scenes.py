@@ -1,0 +1,97 @@
+"""Detection data: the synthetic scene generator (real Fashion-MNIST silhouettes, COCO JSON) and the COCO reader,
+which refuses each kind of broken file with one line naming the file and the entry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_clean_error, run_edgeq
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("scenes") / "train"
+    r = run_edgeq("datasets", "scenes", str(out), "--n", "16", "--ood-classes", "bag,sandal", "--seed", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["images"] == 16 and summary["objects"] == summary["known"] + summary["unknown"] >= 16
+    return out
+
+
+def test_scenes_are_coco_with_unknown_classes_marked(scenes, tmp_path):
+    import cv2
+
+    from edgeq.scenes import read_coco
+
+    doc = json.loads((scenes / "annotations.json").read_text())
+    cats = {c["id"]: c for c in doc["categories"]}
+    assert sorted(c["name"] for c in doc["categories"] if c["supercategory"] == "unknown") == ["bag", "sandal"]
+    for a in doc["annotations"]:
+        im = doc["images"][a["image_id"] - 1]
+        x, y, w, h = a["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= im["width"] and y + h <= im["height"] and w >= 4 and h >= 4
+        assert a["area"] == w * h and a["category_id"] in cats
+    img = cv2.imread(str(scenes / "images" / doc["images"][0]["file_name"]))
+    assert img.shape == (192, 192, 3)
+    coco = read_coco(scenes)
+    assert len(coco.images) == 16 and len(coco.known_categories) == 8 and len(coco.unknown_category_ids) == 2
+    # same seed, same data
+    again = tmp_path / "again"
+    assert run_edgeq("datasets", "scenes", str(again), "--n", "16", "--ood-classes", "bag,sandal", "--seed",
+                     "3").returncode == 0
+    assert (again / "annotations.json").read_text() == (scenes / "annotations.json").read_text()
+    assert (again / "images" / "000005.png").read_bytes() == (scenes / "images" / "000005.png").read_bytes()
+
+
+def test_pasted_box_is_tight():
+    from edgeq.datasets import fashion_mnist
+    from edgeq.scenes import _paste
+
+    x, _ = fashion_mnist("test")
+    for k, angle in ((0, 0.0), (1, 25.0), (2, -30.0)):
+        canvas = np.zeros((96, 96, 3), np.uint8)
+        box = _paste(canvas, x[k], 48, angle, (40.0, 50.0), np.array([200.0, 200.0, 200.0]))
+        ys, xs = np.nonzero(canvas.max(axis=2) > 0)
+        assert box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        w, h = box[2] - box[0], box[3] - box[1]
+        assert 10 < max(w, h) <= 48 * 2 ** 0.5 + 1  # the 28-px item frame scaled to 48 px, then rotated
+
+
+def _broken(scenes: Path, tmp: Path, edit) -> Path:
+    dst = tmp / "broken"
+    shutil.copytree(scenes, dst)
+    doc = json.loads((dst / "annotations.json").read_text())
+    edit(doc, dst)
+    (dst / "annotations.json").write_text(json.dumps(doc))
+    return dst
+
+
+@pytest.mark.parametrize("name, edit, needles", [
+    ("missing image", lambda d, p: (p / "images" / d["images"][2]["file_name"]).unlink(),
+     ["images[2]", "000002.png not found"]),
+    ("box out of range", lambda d, p: d["annotations"][3].update(bbox=[180, 10, 40, 20]),
+     ["annotations[3]", "outside the 192x192 image"]),
+    ("unknown category", lambda d, p: d["annotations"][1].update(category_id=42),
+     ["annotations[1]", "category_id 42 is not in categories"]),
+    ("empty annotations", lambda d, p: d.update(annotations=[]), ["annotation set is empty"]),
+    ("unknown image id", lambda d, p: d["annotations"][0].update(image_id=999), ["annotations[0]", "image_id 999"]),
+    ("not coco", lambda d, p: d.pop("categories"), ["'categories' is missing"]),
+    ("duplicate image id", lambda d, p: d["images"][1].update(id=1), ["images[1]", "appears twice"]),
+])
+def test_coco_reader_refuses_broken_files(scenes, tmp_path, name, edit, needles):
+    broken = _broken(scenes, tmp_path, edit)
+    assert_clean_error(run_edgeq("datasets", "check", str(broken)), "annotations.json", *needles)
+    assert run_edgeq("datasets", "check", str(scenes)).returncode == 0
+
+
+def test_scene_generator_bad_inputs(tmp_path):
+    assert_clean_error(run_edgeq("datasets", "scenes", str(tmp_path / "a"), "--ood-classes", "cat"),
+                       "--ood-classes cat", "not Fashion-MNIST classes")
+    assert_clean_error(run_edgeq("datasets", "scenes", str(tmp_path / "b"), "--size", "32"), "size >= 64")
+    (tmp_path / "c.json").write_text("{not json")
+    assert_clean_error(run_edgeq("datasets", "check", str(tmp_path / "c.json")), "c.json", "not readable JSON")
