@@ -30,9 +30,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_scenes(args: argparse.Namespace) -> int:
     from edgeq.scenes import generate_scenes
 
-    ood = tuple(c.strip() for c in (args.ood_classes or "").split(",") if c.strip())
-    summary = generate_scenes(args.out, args.n, args.size, args.seed, ood, (args.min_objects, args.max_objects),
-                              args.min_size, args.max_size, args.clutter, args.split)
+    def names(text: str | None) -> tuple[str, ...]:
+        return tuple(c.strip() for c in (text or "").split(",") if c.strip())
+
+    summary = generate_scenes(args.out, args.n, args.size, args.seed, names(args.ood_classes),
+                              (args.min_objects, args.max_objects), args.min_size, args.max_size, args.clutter,
+                              args.split, names(args.exclude_classes))
     print(json.dumps(summary) if args.json else
           f"wrote {summary['images']} scenes, {summary['objects']} objects ({summary['unknown']} of held-out classes) "
           f"to {summary['path']}")
@@ -133,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n", type=int, default=200, help="scenes (default 200)")
     d.add_argument("--size", type=int, default=192, help="scene width and height in pixels (default 192)")
     d.add_argument("--ood-classes", metavar="A,B", help="Fashion-MNIST classes to hold out as unknown objects")
+    d.add_argument("--exclude-classes", metavar="A,B", help="classes never pasted (a training set without the "
+                   "classes a test set holds out; still listed, as unknown)")
     d.add_argument("--min-objects", type=int, default=1, help="objects per scene, at least (default 1)")
     d.add_argument("--max-objects", type=int, default=4, help="objects per scene, at most (default 4)")
     d.add_argument("--min-size", type=int, default=28, help="object size in pixels, at least (default 28)")

@@ -58,23 +58,30 @@ def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
 
 def generate_scenes(out: str | Path, n: int = 200, size: int = 192, seed: int = 0, ood_classes: tuple[str, ...] = (),
                     objects: tuple[int, int] = (1, 4), min_size: int = 28, max_size: int = 72, clutter: int = 3,
-                    split: str = "train") -> dict[str, Any]:
-    """Write ``n`` scenes to ``out/images/*.png`` and ``out/annotations.json``; return a summary."""
+                    split: str = "train", exclude_classes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Write ``n`` scenes to ``out/images/*.png`` and ``out/annotations.json``; return a summary.
+
+    ``exclude_classes`` are never pasted (a training set without the classes a test set holds out); they stay in
+    ``categories``, marked unknown, so that both sets share category ids."""
     import cv2
 
     from edgeq.datasets import FASHION_MNIST_LABELS, fashion_mnist
     from edgeq.synthetic import SHAPES, _background, draw_shape
 
     labels = list(FASHION_MNIST_LABELS)
-    unknown = [c for c in ood_classes if c not in labels]
-    if unknown:
-        raise DataError(f"--ood-classes {', '.join(unknown)}: not Fashion-MNIST classes; choose from {', '.join(labels)}")
-    if len(set(ood_classes)) >= len(labels):
-        raise DataError("--ood-classes: leave at least one class known")
+    for flag, names in (("--ood-classes", ood_classes), ("--exclude-classes", exclude_classes)):
+        unknown = [c for c in names if c not in labels]
+        if unknown:
+            raise DataError(f"{flag} {', '.join(unknown)}: not Fashion-MNIST classes; choose from {', '.join(labels)}")
+    ood_classes = tuple(dict.fromkeys((*ood_classes, *exclude_classes)))
+    if len(ood_classes) >= len(labels):
+        raise DataError("--ood-classes/--exclude-classes: leave at least one class known")
     if n < 1 or size < 64 or not 8 <= min_size <= max_size <= size // 2:
         raise DataError(f"scenes: need n >= 1, size >= 64 and 8 <= min_size <= max_size <= size / 2 (got n={n}, "
                         f"size={size}, sizes {min_size}..{max_size})")
     x, y = fashion_mnist("train" if split == "train" else "test")
+    allowed = np.isin(y, [labels.index(c) for c in exclude_classes], invert=True)
+    x, y = x[allowed], y[allowed]
     rng = np.random.default_rng(seed)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -113,7 +120,8 @@ def generate_scenes(out: str | Path, n: int = 200, size: int = 192, seed: int = 
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
     doc = {
         "info": {"description": "edgeq synthetic scenes: Fashion-MNIST items on textured backgrounds",
-                 "seed": seed, "split": split, "ood_classes": list(ood_classes)},
+                 "seed": seed, "split": split, "ood_classes": list(ood_classes),
+                 "excluded_classes": list(exclude_classes)},
         "images": images, "annotations": annotations, "categories": categories,
     }
     tmp = out / ".annotations.json.tmp"

@@ -48,6 +48,17 @@ def test_scenes_are_coco_with_unknown_classes_marked(scenes, tmp_path):
     assert (again / "images" / "000005.png").read_bytes() == (scenes / "images" / "000005.png").read_bytes()
 
 
+def test_excluded_classes_are_never_pasted(tmp_path):
+    r = run_edgeq("datasets", "scenes", str(tmp_path / "t"), "--n", "12", "--exclude-classes", "bag,sandal",
+                  "--max-objects", "6")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "t" / "annotations.json").read_text())
+    unknown = {c["id"] for c in doc["categories"] if c["supercategory"] == "unknown"}
+    assert len(unknown) == 2 and len(doc["annotations"]) >= 12
+    assert not any(a["category_id"] in unknown for a in doc["annotations"])
+    assert doc["info"]["excluded_classes"] == ["bag", "sandal"]
+
+
 def test_pasted_box_is_tight():
     from edgeq.datasets import fashion_mnist
     from edgeq.scenes import _paste
