@@ -1,0 +1,79 @@
+"""Decoding the anchor-free detector's grid outputs (numpy + OpenCV NMS): hand-built grids with known answers,
+and the uncertainty of each detection from its cell's K class distributions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeq.detection import decode
+
+G, STRIDE, SIZE, C = 12, 16, 192, 3
+
+
+def _grid(k: int = 1):
+    obj = np.full((G, G, 1), -8.0, np.float32)  # sigmoid ~ 0.0003: background
+    boxes = np.zeros((G, G, 4), np.float32)
+    logits = np.zeros((G, G, k, C), np.float32)
+    return obj, boxes, logits
+
+
+def _put(obj, boxes, logits, row, col, ltrb, cls, strength=6.0, logit=8.0):
+    obj[row, col, 0] = strength
+    boxes[row, col] = ltrb
+    logits[row, col, :, cls] = logit
+
+
+def test_one_object_decodes_to_its_box_label_and_score():
+    obj, boxes, logits = _grid()
+    _put(obj, boxes, logits, 5, 7, (1.0, 2.0, 1.5, 0.5), 2)  # cell centre (x, y) = (120, 88) px
+    d = decode(obj, boxes, logits, STRIDE, (SIZE, SIZE), score_threshold=0.3)
+    assert len(d) == 1 and d.classes.tolist() == [2] and d.samples == 1
+    x0, y0, x1, y1 = 120 - 16, 88 - 32, 120 + 24, 88 + 8
+    assert d.boxes[0] == pytest.approx([y0 / SIZE, x0 / SIZE, y1 / SIZE, x1 / SIZE], abs=1e-6)
+    p = np.exp(8.0) / (np.exp(8.0) + 2)
+    assert d.scores[0] == pytest.approx(p / (1 + np.exp(-6.0)), rel=1e-5)
+    assert d.mutual_information[0] == pytest.approx(0.0, abs=1e-9)  # one sample: no epistemic part
+
+
+def test_nms_is_per_class_and_keeps_the_best():
+    obj, boxes, logits = _grid()
+    # two neighbouring cells predicting nearly the same box of class 0: one survives, the stronger
+    _put(obj, boxes, logits, 4, 4, (1.5, 1.5, 1.5, 1.5), 0, strength=5.0)
+    _put(obj, boxes, logits, 4, 5, (2.5, 1.5, 0.5, 1.5), 0, strength=3.0)
+    # the same place, another class: NMS is per class, so it stays
+    _put(obj, boxes, logits, 5, 4, (1.5, 2.5, 1.5, 0.5), 1, strength=4.0)
+    d = decode(obj, boxes, logits, STRIDE, (SIZE, SIZE), score_threshold=0.3, nms_iou=0.5)
+    assert sorted(d.classes.tolist()) == [0, 1]
+    assert d.objectness[d.classes == 0][0] == pytest.approx(1 / (1 + np.exp(-5.0)), rel=1e-6)
+    assert d.scores.tolist() == sorted(d.scores.tolist(), reverse=True)
+
+
+def test_disagreeing_samples_give_mutual_information():
+    obj, boxes, logits = _grid(k=4)
+    _put(obj, boxes, logits, 2, 2, (1, 1, 1, 1), 0)
+    _put(obj, boxes, logits, 8, 8, (1, 1, 1, 1), 0)
+    logits[8, 8] = 0.0
+    for s, c in enumerate((0, 1, 2, 0)):  # the samples disagree at this cell
+        logits[8, 8, s, c] = 8.0
+    d = decode(obj, boxes, logits, STRIDE, (SIZE, SIZE), score_threshold=0.2)
+    by_row = {round(float(b[0]) * SIZE): i for i, b in enumerate(d.boxes)}
+    agree, disagree = by_row[2 * 16 + 8 - 16], by_row[8 * 16 + 8 - 16]
+    assert d.mutual_information[disagree] > 0.5 > 0.01 > d.mutual_information[agree]
+    assert d.predictive_entropy[disagree] == pytest.approx(d.aleatoric[disagree] + d.mutual_information[disagree])
+
+
+def test_thresholds_and_caps():
+    obj, boxes, logits = _grid()
+    rng = np.random.default_rng(0)
+    for r in range(G):
+        for c in range(G):
+            _put(obj, boxes, logits, r, c, (0.4, 0.4, 0.4, 0.4), int(rng.integers(0, C)), strength=float(rng.uniform(0, 6)))
+    all_ = decode(obj, boxes, logits, STRIDE, (SIZE, SIZE), score_threshold=0.0, max_candidates=200, max_detections=500)
+    assert len(all_) == G * G  # small boxes, one per cell, no overlap: NMS keeps all
+    capped = decode(obj, boxes, logits, STRIDE, (SIZE, SIZE), score_threshold=0.0, max_candidates=100, max_detections=30)
+    assert len(capped) == 30 and capped.scores.min() >= np.sort(all_.scores)[::-1][99] - 1e-7
+    high = decode(obj, boxes, logits, STRIDE, (SIZE, SIZE), score_threshold=0.9, max_detections=500)
+    assert (high.scores >= 0.9).all() and len(high) == int((all_.scores >= 0.9).sum())
+    empty = decode(*_grid(), STRIDE, (SIZE, SIZE))
+    assert len(empty) == 0 and empty.boxes.shape == (0, 4)
