@@ -42,20 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="keep data, models and bundles here")
     args = p.parse_args(argv)
 
-    from edgeq.datasets import FASHION_MNIST_LABELS, fashion_mnist, write_class_folder
+    from edgeq.datasets import fashion_mnist_folders
 
-    rng = np.random.default_rng(0)
-    x_train, y_train = fashion_mnist("train")
-    x_test, y_test = fashion_mnist("test")
-    tr = rng.choice(len(x_train), args.train, replace=False)
-    te = rng.choice(len(x_test), args.test, replace=False)
     result: dict = {"benchmark": "accuracy_aware"}
     with (contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()) as tmp:
         tmp = Path(tmp)
         tmp.mkdir(parents=True, exist_ok=True)
-        labels = list(FASHION_MNIST_LABELS)
-        train_dir = write_class_folder(tmp / "train", x_train[tr], y_train[tr], labels)
-        test_dir = write_class_folder(tmp / "test", x_test[te], y_test[te], labels)
+        train_dir, test_dir, labels = fashion_mnist_folders(tmp, args.train, args.test, np.random.default_rng(0))
         with contextlib.redirect_stdout(sys.stderr):
             result["hard_model"] = hard(tmp, train_dir, test_dir, labels, args)
             if not args.skip_mnv2:

@@ -55,22 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     from edgeq.bundle import read_bundle
     from edgeq.converter import ConvertOptions, convert
     from edgeq.converter.train import TrainOptions, train
-    from edgeq.datasets import FASHION_MNIST_LABELS, fashion_mnist, mnist_digits, write_class_folder
+    from edgeq.datasets import fashion_mnist_folders, mnist_digits
 
     rng = np.random.default_rng(args.seed)
-    x_train, y_train = fashion_mnist("train")
-    x_test, y_test = fashion_mnist("test")
     digits, _ = mnist_digits()
-    tr = rng.choice(len(x_train), args.train, replace=False)
-    te = rng.choice(len(x_test), args.test, replace=False)
-    od = rng.choice(len(digits), min(args.ood, len(digits)), replace=False)
     result: dict = {"benchmark": "bayes_head", "machine": _machine()}
     with (contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()) as tmp:
         tmp = Path(tmp)
         tmp.mkdir(parents=True, exist_ok=True)
-        labels = list(FASHION_MNIST_LABELS)
-        train_dir = write_class_folder(tmp / "train", x_train[tr], y_train[tr], labels)
-        test_dir = write_class_folder(tmp / "test", x_test[te], y_test[te], labels)
+        train_dir, test_dir, labels = fashion_mnist_folders(tmp, args.train, args.test, rng)
+        od = rng.choice(len(digits), min(args.ood, len(digits)), replace=False)  # after train and test, as before
         ood_dir = tmp / "ood" / "digits"
         ood_dir.mkdir(parents=True, exist_ok=True)
         import cv2

@@ -19,8 +19,6 @@ input as the quantised one.
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 import time
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ from edgeq.runtime import Model
 
 from .calibration import CalibrationSet
 from .models import SourceModel
-from .quantize import QuantMode, QuantRecipe, _configure, import_tensorflow, quiet_output
+from .quantize import QuantMode, QuantRecipe, _configure, import_tensorflow, layer_statistics, quiet_output
 
 DEBUG_SAMPLES = 8
 
@@ -55,11 +53,8 @@ class MixedQuantizer:
             self.debugger = tf.lite.experimental.QuantizationDebugger(
                 converter=converter, debug_dataset=lambda: ([x[None, ...]] for x in data),
                 debug_options=tf.lite.experimental.QuantizationDebugOptions(fully_quantize=True))
-            self.debugger.run()
-            buf = io.StringIO()
-            self.debugger.layer_statistics_dump(buf)
-        self.nodes = [row["tensor_name"] for row in csv.DictReader(io.StringIO(buf.getvalue()))]
-        self.ops = {row["tensor_name"]: row["op_name"] for row in csv.DictReader(io.StringIO(buf.getvalue()))}
+        self.ops = {row["tensor_name"]: row["op_name"] for row in layer_statistics(self.debugger)}
+        self.nodes = list(self.ops)  # graph order
 
     def quantize(self, float_nodes: list[str]) -> bytes:
         with quiet_output():

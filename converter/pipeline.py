@@ -205,9 +205,17 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
             m = Model(b, num_threads=opts.threads, runtime=runtime)
         return m, head_spec.bind(m, describe_outputs(m, head_spec))
 
+    scored: dict[bytes, Any] = {}  # one pass over --val per distinct model: bias correction, the accuracy-aware
+    # loop and the final validation ask for the same models again
+
+    def scored_of(b: bytes) -> Any:
+        if b not in scored:
+            m, h = load(b)
+            scored[b] = score(m, h, spec, data, "quantized")
+        return scored[b]
+
     def top1_of(b: bytes) -> float:
-        m, h = load(b)
-        return float(score(m, h, spec, data, "candidate").correct.mean()) if data is not None else float("nan")
+        return float(scored_of(b).correct.mean()) if data is not None else float("nan")
 
     t0 = time.perf_counter()
     model_bytes = float_bytes if recipe.mode is QuantMode.FLOAT32 else convert_model(source, recipe, calibration)
@@ -244,7 +252,7 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
     validation = None
     if data is not None:
         t0 = time.perf_counter()
-        quant_scored = score(model, quant_head, spec, data, "quantized")
+        quant_scored = scored_of(model_bytes)
         validation = compare_scored(float_scored, quant_scored)
         validation["source"] = str(opts.val)
         head_info["review"] = calibrate_review(quant_scored, opts.review_measure, opts.target_accuracy)

@@ -192,6 +192,19 @@ def describe_float_ops(ops: list[OpInfo]) -> str:
     return ", ".join(parts)
 
 
+def layer_statistics(debugger: Any) -> list[dict[str, str]]:
+    """Run a TFLite QuantizationDebugger and return its per-layer statistics, one dict per quantised op (keys
+    ``op_name``, ``tensor_name``, ``scale``, ``mean_squared_error``, ...), in graph order."""
+    import csv
+    import io
+
+    with quiet_output():
+        debugger.run()
+        buf = io.StringIO()
+        debugger.layer_statistics_dump(buf)
+    return list(csv.DictReader(io.StringIO(buf.getvalue())))
+
+
 def layer_errors(source: SourceModel, calibration: CalibrationSet, samples: int = 16) -> list[dict[str, Any]]:
     """Per-layer quantisation error from TFLite's QuantizationDebugger: each quantised op's output compared with
     its float counterpart on ``samples`` calibration images (the float op fed the same dequantised input).
@@ -199,9 +212,6 @@ def layer_errors(source: SourceModel, calibration: CalibrationSet, samples: int 
     ``rmse_over_scale`` (root-mean-square error divided by the output's quantisation step) makes layers with
     different ranges comparable: about 0.29 (the RMS of uniform rounding) is as good as int8 gets; much larger
     means the layer's range or outliers hurt it. Sorted worst first. Keras models only."""
-    import csv
-    import io
-
     tf = import_tensorflow()
     if source.keras_model is None:
         raise QuantizationError(f"{source.origin}: --layer-errors needs a Keras model")
@@ -213,11 +223,8 @@ def layer_errors(source: SourceModel, calibration: CalibrationSet, samples: int 
         debugger = tf.lite.experimental.QuantizationDebugger(
             converter=converter, debug_dataset=lambda: ([x[None, ...]] for x in data)
         )
-        debugger.run()
-        buf = io.StringIO()
-        debugger.layer_statistics_dump(buf)
     rows = []
-    for row in csv.DictReader(io.StringIO(buf.getvalue())):
+    for row in layer_statistics(debugger):
         scale = float(row["scale"])
         mse = float(row["mean_squared_error"])
         name = row["tensor_name"].split(";")[0]

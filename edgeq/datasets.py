@@ -123,3 +123,15 @@ def write_class_folder(root: str | Path, images: np.ndarray, targets: np.ndarray
     for i, (image, y) in enumerate(zip(images, targets)):
         cv2.imwrite(str(root / labels[int(y)] / f"{i:05d}.png"), image)
     return root
+
+
+def fashion_mnist_folders(root: str | Path, n_train: int, n_test: int, rng: np.random.Generator) -> tuple[Path, Path, list[str]]:
+    """Random subsets of Fashion-MNIST's train and test splits (drawn in that order from ``rng``, without
+    replacement) written as class folders ``root/train`` and ``root/test``; returns them and the labels."""
+    labels = list(FASHION_MNIST_LABELS)
+    dirs = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        x, y = fashion_mnist(split)
+        pick = rng.choice(len(x), n, replace=False)
+        dirs.append(write_class_folder(Path(root) / split, x[pick], y[pick], labels))
+    return dirs[0], dirs[1], labels

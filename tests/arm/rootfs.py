@@ -138,11 +138,3 @@ def guest_command(root: Path, app: Path, *args: str) -> tuple[list[str], dict[st
     env["PYTHONPATH"] = f"{app}:/opt/edgeq/deps"
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return [qemu, "-cpu", CPU, "-L", str(root), str(root) + PYTHON, "-m", "edgeq.cli", *args], env
-
-
-def guest_python_version(root: Path) -> str:
-    qemu, _ = _tools()
-    out = subprocess.run([qemu, "-cpu", CPU, "-L", str(root), str(root) + PYTHON, "-c",
-                          "import platform; print(platform.machine(), platform.python_version())"],
-                         capture_output=True, text=True, timeout=120)
-    return out.stdout.strip()
