@@ -202,4 +202,6 @@ def test_keep_float_by_name_and_bad_inputs(hard_model, fashion_dirs, tmp_path, t
                        "--keep-float", "int8")
     assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--max-drop", "2", "--val", str(shapes_dir),
                                  *common), "--max-drop 2")
+    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--max-drop", "0.01", "--max-reverts", "0", "--val",
+                                 str(shapes_dir), *common), "--max-reverts 0", "at least 1")
     assert not x.exists()

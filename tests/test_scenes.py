@@ -103,6 +103,8 @@ def test_coco_reader_refuses_broken_files(scenes, tmp_path, name, edit, needles)
 def test_scene_generator_bad_inputs(tmp_path):
     assert_clean_error(run_edgeq("datasets", "scenes", str(tmp_path / "a"), "--ood-classes", "cat"),
                        "--ood-classes cat", "not Fashion-MNIST classes")
+    assert_clean_error(run_edgeq("datasets", "scenes", str(tmp_path / "a"), "--exclude-classes", "bag,dog"),
+                       "--exclude-classes dog", "not Fashion-MNIST classes")
     assert_clean_error(run_edgeq("datasets", "scenes", str(tmp_path / "b"), "--size", "32"), "size >= 64")
     (tmp_path / "c.json").write_text("{not json")
     assert_clean_error(run_edgeq("datasets", "check", str(tmp_path / "c.json")), "c.json", "not readable JSON")
