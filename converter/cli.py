@@ -128,7 +128,9 @@ def run_convert(args: argparse.Namespace) -> int:
           f"({sizes['ratio_to_float32']:.2f}x float32), {result.timings['total_s']:.1f} s")
     if m["quantization"]["float_ops"]:
         print(f"float ops kept: {', '.join(m['quantization']['float_ops'])}")
-    if "validation" in m:
+    if "validation" in m and m["task"] == "detect":
+        print(format_detect_validation(m["validation"]))
+    elif "validation" in m:
         print(format_validation(m["validation"]))
     head = m["head"]
     if head.get("spread"):
@@ -146,6 +148,24 @@ def format_review(r: dict[str, Any]) -> str:
                 "every result will be flagged")
     return (f"needs_review when {r['measure']} > {r['threshold']:.6g}: keeps {r['coverage']:.1%} of --val at "
             f"accuracy {r['kept_accuracy']:.4f} (target {r['target_accuracy']})")
+
+
+def format_detect_validation(v: dict[str, Any]) -> str:
+    f, q = v["float"], v["quantized"]
+
+    def auroc(m: dict[str, Any]) -> str:
+        a = (m.get("unknown_auroc") or {}).get("mutual_information")
+        return "-" if a is None else f"{a:.4f}"
+
+    rows = [
+        ("images", f"{v['images']}"),
+        ("float / int8 mAP@0.5", f"{f['map50']:.4f} / {q['map50']:.4f}"),
+        ("float / int8 mAP@[.5:.95]", f"{f['map']:.4f} / {q['map']:.4f}"),
+        ("float / int8 detections", f"{f['detections']} / {q['detections']}"),
+        ("float / int8 AUROC unknown (MI)", f"{auroc(f)} / {auroc(q)}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "validation\n" + "\n".join(f"  {k:<{width}}  {val}" for k, val in rows)
 
 
 def format_validation(v: dict[str, Any]) -> str:
@@ -167,16 +187,24 @@ def format_validation(v: dict[str, Any]) -> str:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", metavar="DATA_DIR", help="training images, one subfolder per class")
+    p.add_argument("data", metavar="DATA", help="training images: a class folder (one subfolder per class), or with "
+                   "--task detect a COCO annotations.json (or the folder holding it)")
+    p.add_argument("--task", choices=("classify", "detect"), default="classify",
+                   help="classify (default) or detect: an anchor-free MobileNetV2 detector (docs/detection.md)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL.keras", help="model to write (class names go "
                    "to MODEL.labels.txt beside it)")
     p.add_argument("--arch", choices=("mobilenet_v2",), default="mobilenet_v2", help="backbone (default mobilenet_v2)")
     p.add_argument("--alpha", type=float, default=0.35, help="width multiplier (default 0.35)")
-    p.add_argument("--input-size", type=int, default=96, metavar="S", help="input height and width (default 96)")
-    p.add_argument("--head", choices=("dense", "bayes"), default="dense",
-                   help="dense: deterministic; bayes: mean-field Gaussian variational head (default dense)")
-    p.add_argument("--epochs", type=int, default=10, metavar="E", help="epochs (default 10)")
-    p.add_argument("--val", metavar="DIR", help="validation folder, one subfolder per class (same classes)")
+    p.add_argument("--input-size", type=int, metavar="S", help="input height and width (default 96; detect: 192)")
+    p.add_argument("--head", choices=("dense", "bayes"),
+                   help="dense: deterministic; bayes: mean-field Gaussian variational head (default dense; detect: "
+                        "bayes, trained after the deterministic one and initialised from it)")
+    p.add_argument("--epochs", type=int, metavar="E", help="epochs (default 10; detect: 20)")
+    p.add_argument("--bayes-epochs", type=int, default=30, metavar="E",
+                   help="detect: epochs of the Bayesian class head on cached features (default 30)")
+    p.add_argument("--val", metavar="DIR", help="validation data, same classes (detect: a COCO set)")
+    p.add_argument("--init-backbone", metavar="MODEL.keras",
+                   help="detect: start the MobileNetV2 backbone from this classifier (edgeq train, same --alpha)")
     p.add_argument("--freeze-backbone", action="store_true",
                    help="train the head only, on backbone features computed once and cached")
     p.add_argument("--init", metavar="MODEL.keras",
@@ -198,26 +226,58 @@ def run_train(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import contextlib
+
     from .train import TrainOptions, train
 
-    opts = TrainOptions(
-        data=args.data, output=args.output, arch=args.arch, alpha=args.alpha, input_size=args.input_size,
-        head=args.head, epochs=args.epochs, val=args.val, freeze_backbone=args.freeze_backbone, init=args.init,
-        seed=args.seed, batch_size=args.batch_size, lr=args.lr, prior_sigma=args.prior_sigma, augment=args.augment,
-        augment_copies=args.augment_copies, normalization=args.normalize,
-    )
-    import contextlib
+    if args.task == "detect":
+        from edgeq.errors import ModelError
+
+        from .detect import DetectTrainOptions, train_detector
+
+        if args.freeze_backbone or args.init:
+            raise ModelError("--freeze-backbone and --init apply to classifiers; a detector trains its Bayesian class "
+                             "head on frozen features by itself")
+        opts = DetectTrainOptions(
+            data=args.data, output=args.output, val=args.val, head=args.head or "bayes", alpha=args.alpha,
+            input_size=args.input_size or 192, epochs=args.epochs or 20, bayes_epochs=args.bayes_epochs,
+            batch_size=args.batch_size, lr=args.lr or 2e-3, seed=args.seed, prior_sigma=args.prior_sigma,
+            augment=args.augment, augment_copies=args.augment_copies, normalization=args.normalize,
+            init_backbone=args.init_backbone,
+        )
+        run: Any = train_detector
+    else:
+        if args.init_backbone:
+            from edgeq.errors import ModelError
+
+            raise ModelError("--init-backbone applies to --task detect; a classifier starts from --init MODEL.keras")
+        opts = TrainOptions(
+            data=args.data, output=args.output, arch=args.arch, alpha=args.alpha, input_size=args.input_size or 96,
+            head=args.head or "dense", epochs=args.epochs or 10, val=args.val, freeze_backbone=args.freeze_backbone,
+            init=args.init, seed=args.seed, batch_size=args.batch_size, lr=args.lr, prior_sigma=args.prior_sigma,
+            augment=args.augment, augment_copies=args.augment_copies, normalization=args.normalize,
+        )
+        run = train
 
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     # with --json, stdout carries only the JSON: Keras's progress bars go to stderr
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        result = train(opts, log=log)
+        result = run(opts, log=log)
     summary = {"output": str(result.output), "labels": result.labels, "history": result.history,
                "seconds": round(result.seconds, 2), "head": result.head}
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     h = result.history
+    if result.head.get("task") == "detect":
+        line = f"wrote {result.output}: detector, {result.head['type']} class head, {len(result.labels)} classes, " \
+               f"train loss {h.get('loss', float('nan')):.4f}"
+        if "val_loss" in h:
+            line += f", val loss {h['val_loss']:.4f}"
+        if "bayes_accuracy" in h:
+            line += f", class head accuracy on positive cells {h['bayes_accuracy']:.4f}"
+        print(line + f", {result.seconds:.1f} s")
+        return 0
     line = f"wrote {result.output}: {result.head['type']} head, {len(result.labels)} classes, " \
            f"train accuracy {h.get('accuracy', float('nan')):.4f}"
     if "val_accuracy" in h:

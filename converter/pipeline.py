@@ -162,6 +162,11 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
     t0 = time.perf_counter()
     source = load_source_model(opts.model, opts.input_size, opts.alpha, opts.classes, opts.weights)
     timings["load_model_s"] = time.perf_counter() - t0
+    from .detect import is_detector
+
+    detector = is_detector(source.keras_model)
+    if detector:  # the class head's width, not the objectness output's
+        source = dataclasses.replace(source, num_classes=int(source.keras_model.outputs[2].shape[-1]))
     default_labels = None
     labels_file = opts.labels_file
     if labels_file is None and labels_path(opts.model).is_file():
@@ -174,6 +179,10 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
     height, width, channels = source.input_shape
     if channels not in (1, 3):
         raise ModelError(f"{source.origin}: input has {channels} channels; edgeq takes 1 (grey) or 3 (colour)")
+    if detector:
+        from .detect_convert import convert_detector
+
+        return convert_detector(opts, source, labels, log)
     mean, std = NORMALIZATIONS[opts.normalization]
     spec = PreprocessSpec(height, width, channels, opts.color_order, opts.resize, (mean,), (std,))
 

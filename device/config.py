@@ -8,7 +8,7 @@ threads = 2
 max_fps = 10                 # optional: cap inference rate to save power and heat
 
 [thresholds]
-score = 0.5                  # detections below are not reported
+# score = 0.3                # detections below are not reported (default: the bundle's, else 0.5)
 top_k = 3                    # classification: labels reported per frame
 # review = 0.4               # needs_review when the uncertainty exceeds this (default: calibrated in the bundle)
 # review_measure = "mutual_information"   # predictive_entropy (default), aleatoric or mutual_information
@@ -58,7 +58,7 @@ class Strict(BaseModel):
 
 
 class Thresholds(Strict):
-    score: float = Field(0.5, ge=0.0, le=1.0)
+    score: float | None = Field(None, ge=0.0, le=1.0)  # default: the bundle's detector.score_threshold, else 0.5
     top_k: int = Field(3, ge=1, le=100)
     nms_iou: float = Field(0.5, gt=0.0, le=1.0)
     review: float | None = Field(None, ge=0.0)  # needs_review threshold; default: the bundle's calibrated one

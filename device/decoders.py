@@ -5,6 +5,9 @@ softmax (``method: "softmax"``); a Monte-Carlo head (K posterior samples in one 
 entropy, aleatoric (expected) entropy, mutual information and the label's probability spread (``method: "mc"``).
 Every result carries ``needs_review``: the uncertainty exceeds the threshold calibrated at conversion (or set in
 the device config); null when neither gives one.
+``GridDecoder``: edgeq's anchor-free detector (``detector.type: grid``): objectness, box distances and K x C class
+logits per cell, decoded with class-aware NMS by :mod:`edgeq.detection`; every detection carries its box on the
+frame and the uncertainty of the K class distributions at its cell, and ``needs_review``.
 ``SSDDecoder``: the standard TFLite SSD post-processing outputs (boxes, classes, scores, count), located by name
 and shape, with boxes mapped back through the preprocessing onto the frame (normalised ymin, xmin, ymax, xmax).
 """
@@ -16,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgeq.bundle import Bundle
+from edgeq.detection import GridSpec
 from edgeq.errors import BundleError, ConfigError
 from edgeq.heads import HeadSpec
 from edgeq.preprocess import FrameTransform
@@ -70,6 +74,51 @@ class ClassificationDecoder:
         return out
 
 
+class GridDecoder:
+    """review: ``(measure, threshold)`` from the device config, overriding the bundle's calibrated rule;
+    score_threshold: None keeps the bundle's ``detector.score_threshold``."""
+
+    def __init__(self, model: Model, bundle: Bundle, score_threshold: float | None = None,
+                 review: tuple[str | None, float | None] = (None, None)) -> None:
+        where = str(bundle.path)
+        self.spec = GridSpec.from_manifest(bundle.manifest, where)
+        self.grid = self.spec.bind(model, bundle.manifest["outputs"], where)
+        self.labels = bundle.labels
+        self.tensors = self.grid.tensors
+        self.score_threshold = self.spec.score_threshold if score_threshold is None else score_threshold
+        spec = bundle.preprocess_spec
+        self.input_size = (spec.height, spec.width)
+        rule = (bundle.manifest.get("head") or {}).get("review") or {}
+        self.review_measure = review[0] or rule.get("measure") or "predictive_entropy"
+        self.review_threshold = review[1] if review[1] is not None else rule.get("threshold")
+        if self.review_measure not in MEASURES:
+            raise ConfigError(f"thresholds.review_measure {self.review_measure!r}: choose one of {', '.join(MEASURES)}")
+        if self.spec.samples == 1 and self.review_measure != "predictive_entropy":
+            raise ConfigError(f"thresholds.review_measure {self.review_measure!r}: {bundle.name} has a deterministic "
+                              "class head; only predictive_entropy applies")
+
+    def decode(self, raw: dict[int, np.ndarray], transform: FrameTransform) -> list[dict[str, Any]]:
+        d = self.grid.decode(raw, self.input_size, self.score_threshold)
+        frame_boxes = transform.boxes_to_frame(d.boxes)
+        mc = d.samples > 1
+        values = d.measure(self.review_measure)
+        out = []
+        for i in range(len(d)):
+            u: dict[str, Any] = {"method": "mc" if mc else "softmax",
+                                 "predictive_entropy": round(float(d.predictive_entropy[i]), 6)}
+            if mc:
+                u.update(samples=d.samples, aleatoric=round(float(d.aleatoric[i]), 6),
+                         mutual_information=round(float(d.mutual_information[i]), 6), std=round(float(d.std[i]), 6))
+            c = int(d.classes[i])
+            out.append({
+                "label": self.labels[c], "class_id": c, "score": round(float(d.scores[i]), 6),
+                "objectness": round(float(d.objectness[i]), 6),
+                "box": [round(float(v), 6) for v in frame_boxes[i]], "uncertainty": u,
+                "needs_review": needs_review(float(values[i]), self.review_threshold),
+            })
+        return out
+
+
 class SSDDecoder:
     """Outputs of TFLite_Detection_PostProcess: boxes [1, N, 4], classes [1, N], scores [1, N], count [1]."""
 
@@ -114,10 +163,12 @@ def decode_ssd(
     return out
 
 
-def make_decoder(model: Model, bundle: Bundle, score_threshold: float, top_k: int,
+def make_decoder(model: Model, bundle: Bundle, score_threshold: float | None, top_k: int,
                  review: tuple[str | None, float | None] = (None, None)) -> Decoder:
     if bundle.task == "classify":
         return ClassificationDecoder(model, bundle, top_k, review)
+    if bundle.task == "detect" and (bundle.manifest.get("detector") or {}).get("type") == "grid":
+        return GridDecoder(model, bundle, None if score_threshold is None else score_threshold, review)
     if bundle.task == "detect":
-        return SSDDecoder(model, bundle, score_threshold)
+        return SSDDecoder(model, bundle, score_threshold if score_threshold is not None else 0.5)
     raise BundleError(f"{bundle.path}: task {bundle.task!r} has no decoder in this edgeq")

@@ -63,12 +63,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from edgeq.bundle import read_bundle
     from edgeq.evaluate import evaluate_bundle
 
     if args.report:
         from edgeq.report import check_report_dir
 
         check_report_dir(args.report)  # before the slow part
+    if read_bundle(args.bundle).task == "detect":
+        return _eval_detection(args)
     keras_reference = None  # without TensorFlow, evaluate_bundle says what to install
     if args.reference and not args.reference.endswith((".edgeq", ".tflite")):
         try:
@@ -98,6 +101,45 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             print(f"  {label:<{width}}  " + "  ".join(f"{v:>12}" for v in values))
         if "report" in report:
             print(f"report: {report['report']}")
+    return 0
+
+
+def _eval_detection(args: argparse.Namespace) -> int:
+    from edgeq.bundle import read_bundle
+    from edgeq.detect_eval import detection_rows, evaluate_detection
+    from edgeq.errors import DataError
+
+    bundle = read_bundle(args.bundle)
+    if args.ood:
+        raise DataError(f"--ood {args.ood}: a detection eval finds unknown objects in the COCO set itself (categories "
+                        "with supercategory 'unknown'); drop --ood")
+    keras_reference = None
+    if args.reference and not args.reference.endswith(".edgeq"):
+        try:
+            from edgeq.converter.detect_convert import float_reference_detector as keras_reference
+        except ImportError:
+            pass
+    report, runs, coco = evaluate_detection(bundle, args.data, args.reference, args.target_accuracy, args.threads,
+                                            args.compare or (), keras_reference)
+    if args.report:
+        from edgeq.detect_report import write_detection_report
+
+        report["report"] = str(write_detection_report(report, runs, coco, args.report))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    names = list(report["models"])
+    rows = detection_rows(report)
+    width = max(len(label) for label, _ in rows)
+    print(f"{report['name']}: {report['count']} images, uncertainty measure {report['uncertainty_measure']}")
+    for label, values in rows[:1]:
+        for n, v in zip(names, values):
+            print(f"  {n}: {v}")
+    print(f"  {'':<{width}}  " + "  ".join(f"{n:>12}" for n in names))
+    for label, values in rows[1:]:
+        print(f"  {label:<{width}}  " + "  ".join(f"{v:>12}" for v in values))
+    if "report" in report:
+        print(f"report: {report['report']}")
     return 0
 
 
@@ -175,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "folder: top-1, NLL, Brier, ECE, UCE, OOD AUROC, referral rate; --report writes "
                                    "an HTML page with the plots.")
     p.add_argument("bundle", metavar="BUNDLE")
-    p.add_argument("--data", required=True, metavar="DIR", help="labelled images, one subfolder per class")
+    p.add_argument("--data", required=True, metavar="DIR", help="labelled images, one subfolder per class; for a "
+                   "detection bundle a COCO set (annotations.json or its folder)")
     p.add_argument("--ood", metavar="DIR", help="out-of-distribution images (any layout): AUROC of each uncertainty")
     p.add_argument("--reference", metavar="MODEL", help="float reference: the source .keras model, a float .edgeq "
                    "bundle or a .tflite file")

@@ -16,10 +16,15 @@ distributions at its cell: predictive entropy, aleatoric entropy, mutual informa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from edgeq.errors import BundleError
+from edgeq.runtime import Model, TensorInfo
 from edgeq.uncertainty import summarize
+
+GRID_ROLES = ("objectness", "boxes", "class_logits")
 
 
 @dataclass(frozen=True)
@@ -97,3 +102,114 @@ def decode(objectness: np.ndarray, boxes: np.ndarray, class_logits: np.ndarray, 
         mutual_information=summary.mutual_information[i],
         std=summary.std[i, c_sel] if len(i) else np.zeros(0), samples=k,
     )
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """The manifest's ``detector`` block of a grid detector (``"type": "grid"``) with its head's K and C:
+    ``stride`` (pixels per cell), ``grid`` ``[G_h, G_w]``, ``category_ids`` (COCO id of each class index),
+    ``score_threshold``, ``nms_iou``, ``max_candidates``, ``max_detections``."""
+
+    stride: int
+    grid: tuple[int, int]
+    samples: int
+    classes: int
+    category_ids: tuple[int, ...]
+    score_threshold: float = 0.3
+    nms_iou: float = 0.5
+    max_candidates: int = 100
+    max_detections: int = 50
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], where: str = "manifest") -> "GridSpec":
+        det = manifest.get("detector")
+        if not isinstance(det, dict) or det.get("type") != "grid":
+            raise BundleError(f"{where}: no grid 'detector' block; this is not an edgeq grid detector")
+        head = manifest.get("head") or {}
+        try:
+            spec = cls(int(det["stride"]), (int(det["grid"][0]), int(det["grid"][1])), int(head.get("samples", 1)),
+                       int(head.get("classes", len(manifest.get("labels", [])))),
+                       tuple(int(c) for c in det.get("category_ids", [])),
+                       float(det.get("score_threshold", 0.3)), float(det.get("nms_iou", 0.5)),
+                       int(det.get("max_candidates", 100)), int(det.get("max_detections", 50)))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise BundleError(f"{where}: field 'detector' is invalid ({exc.__class__.__name__}: {exc}); "
+                              "convert the bundle again") from None
+        if spec.classes != len(manifest.get("labels", [])):
+            raise BundleError(f"{where}: head has {spec.classes} classes but the bundle has "
+                              f"{len(manifest.get('labels', []))} labels")
+        if spec.category_ids and len(spec.category_ids) != spec.classes:
+            raise BundleError(f"{where}: detector.category_ids has {len(spec.category_ids)} ids for "
+                              f"{spec.classes} classes")
+        if not 0.0 < spec.score_threshold < 1.0 or not 0.0 < spec.nms_iou <= 1.0:
+            raise BundleError(f"{where}: detector.score_threshold and nms_iou must lie in (0, 1)")
+        return spec
+
+    def channels(self, role: str) -> int:
+        return {"objectness": 1, "boxes": 4, "class_logits": self.samples * self.classes}[role]
+
+    def bind(self, model: Model, outputs: list[dict[str, Any]], where: str = "manifest") -> "BoundGrid":
+        by_role = {o.get("role"): o for o in outputs}
+        tensors = []
+        for role in GRID_ROLES:
+            o = by_role.get(role)
+            if o is None:
+                raise BundleError(f"{where}: outputs have no {role!r} entry, which a grid detector needs")
+            t = model.find_output(o.get("name"), o.get("shape"))
+            want = (1, *self.grid, self.channels(role))
+            if tuple(int(d) for d in t.shape) != want:
+                raise BundleError(f"{where}: output {role!r} has shape {list(t.shape)}, expected {list(want)}")
+            tensors.append(t)
+        return BoundGrid(self, tensors)
+
+
+@dataclass(frozen=True)
+class BoundGrid:
+    """A grid spec with the model's objectness, boxes and class tensors."""
+
+    spec: GridSpec
+    tensors: list[TensorInfo]
+
+    def decode(self, raw: dict[int, np.ndarray], input_size: tuple[int, int],
+               score_threshold: float | None = None) -> Detections:
+        """Decode raw (possibly quantised) output values keyed by tensor index."""
+        s = self.spec
+        obj, box, cls = (t.dequantize(raw[t.index]) for t in self.tensors)
+        gh, gw = s.grid
+        return decode(obj.reshape(gh, gw), box.reshape(gh, gw, 4), cls.reshape(gh, gw, s.samples, s.classes),
+                      s.stride, input_size, s.score_threshold if score_threshold is None else score_threshold,
+                      s.nms_iou, s.max_candidates, s.max_detections)
+
+    def read(self, model: Model, input_size: tuple[int, int], score_threshold: float | None = None) -> Detections:
+        """Detections of the model's last invoke."""
+        return self.decode({t.index: model.get(t) for t in self.tensors}, input_size, score_threshold)
+
+
+def describe_grid_outputs(model: Model, signature_order: list[int] | None = None) -> list[dict[str, Any]]:
+    """The manifest's ``outputs`` of a converted grid detector: objectness, boxes and class logits, taken in the
+    source model's output order from the TFLite signature (``output_0``, ``output_1``, ``output_2``) when
+    ``signature_order`` (their tensor indices) is given, else by channel count."""
+    by_index = {t.index: t for t in model.outputs}
+    if signature_order is not None and all(i in by_index for i in signature_order) and len(signature_order) == 3:
+        found = [by_index[i] for i in signature_order]
+    else:
+        found = sorted(model.outputs, key=lambda t: int(t.shape[-1]))
+        if len(found) != 3 or int(found[0].shape[-1]) != 1 or int(found[1].shape[-1]) != 4:
+            have = ", ".join(f"{t.name} {list(t.shape)}" for t in model.outputs)
+            raise BundleError(f"converted model outputs ({have}) do not fit a grid detector")
+    return [{"role": role, **t.to_dict()} for role, t in zip(GRID_ROLES, found)]
+
+
+def signature_outputs(model: Model) -> list[int] | None:
+    """Tensor indices of the serving signature's outputs ``output_0, output_1, ...`` (the Keras output order)."""
+    try:
+        sigs = model.interpreter._get_full_signature_list()  # the runtimes' own accessor of the index map
+    except AttributeError:
+        return None
+    if len(sigs) != 1:
+        return None
+    outs = next(iter(sigs.values())).get("outputs", {})
+    try:
+        return [int(outs[f"output_{i}"]) for i in range(len(outs))]
+    except KeyError:
+        return None

@@ -263,7 +263,13 @@ def evaluate_bundle(
         raise DataError(f"--target-accuracy {target_accuracy}: give a fraction in (0, 1], e.g. 0.995")
     bundle = read_bundle(bundle_path)
     if bundle.task != "classify":
-        raise DataError(f"{bundle_path}: edgeq eval scores classification bundles; this one is {bundle.task!r}")
+        raise DataError(f"{bundle_path}: a {bundle.task!r} bundle; give --data a COCO set (annotations.json), "
+                        "edgeq eval scores it as a detector")
+    from edgeq.detect_eval import is_coco_path
+
+    if is_coco_path(data_dir):
+        raise DataError(f"--data {data_dir}: a COCO detection set, but {bundle_path} is a classification bundle; "
+                        "give a class folder (one subfolder per class)")
     data = class_folder(data_dir, bundle.labels, flag="--data")
     ood_files: list[Path] = []
     if ood_dir is not None:

@@ -61,6 +61,22 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int
     return float(sum(n / total * abs(a - c) for n, a, c in zip(r["count"], r["accuracy"], r["confidence"]) if n))
 
 
+def detection_calibration_error(scores: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """Detection ECE (D-ECE, Kueppers et al. 2020, confidence only): detections binned by score into ``bins``
+    equal-width bins, ``sum_b (|B_b| / N) * |precision(B_b) - mean score(B_b)|``."""
+    s = np.clip(np.asarray(scores, dtype=np.float64).reshape(-1), 0.0, 1.0)
+    c = np.asarray(correct, dtype=np.float64).reshape(-1)
+    if len(s) == 0 or len(s) != len(c):
+        raise ValueError("detection_calibration_error needs one correctness flag per score, and at least one score")
+    which = _bin_index(s, bins)
+    total = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            total += in_bin.sum() / len(s) * abs(c[in_bin].mean() - s[in_bin].mean())
+    return float(total)
+
+
 def roc_auc(negatives: np.ndarray, positives: np.ndarray) -> float:
     """Area under the ROC curve for telling ``positives`` (should score higher) from ``negatives``: the
     probability that a random positive scores above a random negative, ties counting one half

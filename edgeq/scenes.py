@@ -223,3 +223,51 @@ def read_coco(path: str | Path, image_dir: str | Path | None = None, flag: str =
     return CocoSet(p, image_dir, images, categories,
                    {k: np.asarray(v, dtype=np.float32).reshape(-1, 4) for k, v in boxes.items()},
                    {k: np.asarray(v, dtype=np.int64) for k, v in cats.items()})
+
+
+def moving_scene_frames(n_frames: int = 60, size: int = 192, seed: int = 0, classes: tuple[str, ...] = (),
+                        unknown_classes: tuple[str, ...] = (), objects: int = 3, object_size: tuple[int, int] = (40, 64),
+                        split: str = "test") -> tuple[list[np.ndarray], list[list[tuple[str, tuple[int, int, int, int]]]]]:
+    """A clip of Fashion-MNIST items drifting across one textured background: each object keeps its item, size
+    and tint and moves in a straight line, bouncing off the edges. The first ``objects`` are of ``classes``
+    (all known classes when empty); each of ``unknown_classes`` adds one more object, for the second half of the
+    clip only. Returns the BGR frames and, per frame, ``(class name, box x0, y0, x1, y1)`` of every object."""
+    from edgeq.datasets import FASHION_MNIST_LABELS, fashion_mnist
+    from edgeq.synthetic import _background
+
+    labels = list(FASHION_MNIST_LABELS)
+    for name in (*classes, *unknown_classes):
+        if name not in labels:
+            raise DataError(f"{name}: not a Fashion-MNIST class; choose from {', '.join(labels)}")
+    known = [c for c in (classes or labels) if c not in unknown_classes]
+    x, y = fashion_mnist(split)
+    rng = np.random.default_rng(seed)
+    background = _background(rng, size, size)
+    specs = []
+    for i in range(objects + len(unknown_classes)):
+        name = known[i % len(known)] if i < objects else unknown_classes[i - objects]
+        item = x[rng.choice(np.flatnonzero(y == labels.index(name)))]
+        s = int(rng.integers(object_size[0], object_size[1] + 1))
+        pos = rng.uniform(s / 2 + 2, size - s / 2 - 2, 2)
+        vel = rng.uniform(-3, 3, 2)
+        specs.append({"name": name, "item": item, "size": s, "pos": pos, "vel": vel, "color": rng.uniform(140, 255, 3),
+                      "angle": float(rng.uniform(-20, 20)), "from": 0 if i < objects else n_frames // 2})
+    frames, truth = [], []
+    for f in range(n_frames):
+        canvas = background.copy()
+        boxes = []
+        for o in specs:
+            half = o["size"] / 2 + 2
+            for axis in (0, 1):
+                nxt = o["pos"][axis] + o["vel"][axis]
+                if not half <= nxt <= size - half:
+                    o["vel"][axis] = -o["vel"][axis]
+                o["pos"][axis] += o["vel"][axis]
+            if f < o["from"]:
+                continue
+            box = _paste(canvas, o["item"], o["size"], o["angle"], (float(o["pos"][0]), float(o["pos"][1])), o["color"])
+            if box is not None:
+                boxes.append((o["name"], box))
+        frames.append(canvas)
+        truth.append(boxes)
+    return frames, truth

@@ -1,0 +1,237 @@
+"""``edgeq convert`` for a grid detector (converter/detect.py): Bayesian class head fused into one 1x1 conv,
+full-integer PTQ, float-vs-int8 validation on a COCO set, ``needs_review`` calibrated on it, a ``task: detect``
+bundle.
+
+The K posterior samples ``W_k = mu + sigma * eps_k`` (seeded) of the per-cell ``BayesDense`` class head become
+one Conv2D 1x1 with K*C output channels, sample-major (channel ``k*C + c``), so one invoke gives K class
+distributions for every cell and the device views the output as ``[G_h, G_w, K, C]``. A deterministic class head
+is exported as it is (K = 1).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgeq.bundle import write_bundle
+from edgeq.detection import GridSpec, describe_grid_outputs, signature_outputs
+from edgeq.errors import ModelError, QuantizationError
+from edgeq.preprocess import NORMALIZATIONS, PreprocessSpec
+from edgeq.runtime import Model, load_runtime, quantize_values
+from edgeq.uncertainty import summarize
+
+from . import bayes
+from .calibration import load_calibration
+from .detect import class_head, read_detect_info
+from .models import SourceModel
+from .quantize import QuantMode, QuantRecipe, convert_model, describe_float_ops, float_ops, quiet_output
+
+DEFAULT_SCORE_THRESHOLD = 0.3
+DEFAULT_NMS_IOU = 0.5
+# options of edgeq convert that the detector path does not take (yet); refused rather than ignored
+UNSUPPORTED = {"clusters": "--clusters", "max_drop": "--max-drop", "keep_float": "--keep-float",
+               "layer_errors": "--layer-errors", "finetune": "--finetune"}
+
+
+def export_detector(model: Any, samples: int | None, seed: int = 0, mean_only: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The exportable detector (Conv2D class head) and the manifest's ``head``; ``samples`` None: 32 for a
+    Bayesian class head. ``mean_only``: a deterministic head from the posterior means (the benchmark's baseline)."""
+    import keras
+
+    head = class_head(model)
+    obj, box = model.outputs[0], model.outputs[1]
+    features = head.input
+    f = int(features.shape[-1])
+    if not isinstance(head, bayes.bayes_dense_class()):
+        if samples is not None:
+            raise ModelError(f"{model.name}: --bayes-samples given, but the detector's class head is deterministic; "
+                             "train it with edgeq train --task detect --head bayes, or drop --bayes-samples")
+        c = int(head.get_weights()[0].shape[-1])
+        return model, {"type": "dense", "samples": 1, "classes": c, "layout": "single", "features": f}
+    if mean_only:
+        post = head.posterior()
+        c = post["kernel_mu"].shape[1]
+        conv = keras.layers.Conv2D(c, 1, name="class_mean")
+        out = conv(features)
+        conv.set_weights([post["kernel_mu"].reshape(1, 1, f, c).astype(np.float32), post["bias_mu"].astype(np.float32)])
+        return keras.Model(model.inputs, [obj, box, out], name=f"{model.name}_mean"), {
+            "type": "dense", "samples": 1, "classes": int(c), "layout": "single", "features": f}
+    k = 32 if samples is None else samples
+    if k < 2 or k > bayes.MAX_SAMPLES:
+        raise ModelError(f"--bayes-samples {k}: give 2 to {bayes.MAX_SAMPLES}; 32 is usual")
+    post = head.posterior()
+    c = post["kernel_mu"].shape[1]
+    rng = np.random.default_rng(seed)
+    kernels = post["kernel_mu"][None] + post["kernel_sigma"][None] * rng.standard_normal((k, f, c))
+    biases = post["bias_mu"][None] + post["bias_sigma"][None] * rng.standard_normal((k, c))
+    conv = keras.layers.Conv2D(k * c, 1, name="class_samples")
+    out = conv(features)
+    conv.set_weights([np.transpose(kernels, (1, 0, 2)).reshape(1, 1, f, k * c).astype(np.float32),
+                      biases.reshape(-1).astype(np.float32)])
+    exported = keras.Model(model.inputs, [obj, box, out], name=f"{model.name}_mc{k}")
+    backbone_macs = bayes.count_macs(keras.Model(model.inputs, features))
+    gh, gw = int(features.shape[1]), int(features.shape[2])
+    info = {"type": "bayes", "samples": k, "classes": int(c), "layout": "stacked", "seed": seed, "features": f,
+            "prior_sigma": head.prior_sigma, "posterior_sigma_mean": round(float(post["kernel_sigma"].mean()), 6),
+            "head_macs": gh * gw * f * k * c, "deterministic_head_macs": gh * gw * f * c,
+            "backbone_macs": backbone_macs}
+    return exported, info
+
+
+def convert_detector(opts: Any, source: SourceModel, labels: list[str], log: Callable[[str], None]) -> Any:
+    """The detector branch of :func:`converter.pipeline.convert` (same options, same result type)."""
+    from .pipeline import ConvertResult, build_manifest
+
+    for field, flag in UNSUPPORTED.items():
+        if getattr(opts, field):
+            raise ModelError(f"{flag} does not apply to detectors yet; convert {source.origin} without it")
+    if opts.quant not in (QuantMode.INT8, QuantMode.FLOAT32):
+        raise QuantizationError(f"--quant {opts.quant.value}: a detector converts to int8 (default) or float32")
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    info = read_detect_info(source.origin, source.num_classes) if Path(source.origin).is_file() else \
+        read_detect_info("", source.num_classes)
+    height, width, channels = source.input_shape
+    mean, std = NORMALIZATIONS[opts.normalization]
+    spec = PreprocessSpec(height, width, channels, opts.color_order, opts.resize, (mean,), (std,))
+    calibration = None
+    if opts.quant.needs_calibration:
+        t0 = time.perf_counter()
+        calibration = load_calibration(opts.calib, spec, opts.calib_samples)
+        timings["calibration_s"] = time.perf_counter() - t0
+        log(f"calibration: {len(calibration.samples)} samples from {calibration.source} ({calibration.kind})")
+    exported, head = export_detector(source.keras_model, opts.bayes_samples, opts.bayes_seed)
+    if head["samples"] > 1:
+        log(f"bayesian class head: {head['samples']} samples x {head['classes']} classes fused into one 1x1 conv "
+            f"(seed {opts.bayes_seed}), {head['head_macs'] / head['backbone_macs']:.1%} of the backbone's "
+            "multiply-accumulates")
+    source = SourceModel(exported, None, source.input_shape, exported.outputs[2].shape[-1], source.name, source.origin)
+    runtime = load_runtime()
+    t0 = time.perf_counter()
+    float_bytes = convert_model(source, QuantRecipe(QuantMode.FLOAT32), None)
+    timings["convert_float_reference_s"] = time.perf_counter() - t0
+    recipe = QuantRecipe(opts.quant, opts.allow_float_fallback)
+    t0 = time.perf_counter()
+    model_bytes = float_bytes if recipe.mode is QuantMode.FLOAT32 else convert_model(source, recipe, calibration)
+    timings["convert_s"] = time.perf_counter() - t0
+    with quiet_output():
+        float_model = Model(float_bytes, num_threads=opts.threads, runtime=runtime)
+        model = Model(model_bytes, num_threads=opts.threads, runtime=runtime)
+    remaining = float_ops(model)
+    if recipe.mode.integer_only and remaining and not recipe.allow_float_fallback:
+        raise QuantizationError(f"{source.origin}: ops stay float in --quant {recipe.mode.value}: "
+                                f"{describe_float_ops(remaining)}; replace them, or pass --allow-float-fallback")
+    outputs = describe_grid_outputs(model, signature_outputs(model))
+    float_outputs = describe_grid_outputs(float_model, signature_outputs(float_model))
+    grid = (int(outputs[0]["shape"][1]), int(outputs[0]["shape"][2]))
+    detector = {"type": "grid", "stride": int(height // grid[0]), "grid": list(grid),
+                "category_ids": [int(c) for c in info["category_ids"]],
+                "score_threshold": DEFAULT_SCORE_THRESHOLD, "nms_iou": DEFAULT_NMS_IOU,
+                "max_candidates": 100, "max_detections": 50, "box_encoding": "ltrb_cells",
+                "architecture": "mobilenet_v2 stride-16 anchor-free (docs/detection.md)"}
+    pseudo = {"labels": labels, "head": head, "detector": detector}
+    gspec = GridSpec.from_manifest(pseudo)
+    qgrid, fgrid = gspec.bind(model, outputs), gspec.bind(float_model, float_outputs)
+    if head["samples"] > 1 and calibration is not None:
+        head["spread"] = _spread_check(float_model, fgrid, model, qgrid, calibration.samples[:32])
+        if head["spread"]["steps"] is not None and head["spread"]["steps"] < 2:
+            log(f"warning: the class samples spread over only {head['spread']['steps']:.1f} output quantisation "
+                "steps; int8 distorts mutual information below about 2")
+    validation = None
+    if opts.val:
+        from edgeq.detect_eval import detection_figures, run_detector
+        from edgeq.scenes import read_coco
+
+        t0 = time.perf_counter()
+        coco = read_coco(opts.val, flag="--val")
+        _check_categories(coco, detector["category_ids"], labels, "--val")
+        measure = opts.review_measure
+        if head["samples"] == 1 and measure != "predictive_entropy":
+            raise ModelError(f"--review-measure {measure}: the detector's class head is deterministic; only "
+                             "predictive_entropy applies")
+        figs = {}
+        for name, m, g in (("float", float_model, fgrid), ("quantized", model, qgrid)):
+            res = run_detector(m, g, spec, coco, f"val {name}")
+            figs[name] = detection_figures(res, coco, detector["category_ids"], DEFAULT_SCORE_THRESHOLD,
+                                           opts.target_accuracy, measure)
+        validation = {"source": str(coco.path), "images": len(coco.images), **figs}
+        head["review"] = figs["quantized"]["review"]
+        if head["review"] is None:
+            log(f"needs_review: not calibrated: no int8 detection of --val at score >= {DEFAULT_SCORE_THRESHOLD} "
+                "matched a known object; the device reports needs_review null unless its config sets "
+                "thresholds.review")
+        timings["validation_s"] = time.perf_counter() - t0
+    manifest = build_manifest(source, labels, spec, model, recipe, calibration, remaining, outputs, head)
+    manifest["task"] = "detect"
+    manifest["detector"] = detector
+    manifest["sizes"] = {"float32_tflite": len(float_bytes), "model_tflite": len(model_bytes),
+                         "ratio_to_float32": round(len(model_bytes) / len(float_bytes), 4)}
+    if validation is not None:
+        manifest["validation"] = validation
+    timings["total_s"] = time.perf_counter() - started
+    report = {
+        "ops": [{"index": op.index, "op": op.name, "operands": list(op.operand_types),
+                 "results": list(op.result_types)} for op in model.ops],
+        "runtime": model.describe(), "sizes": manifest["sizes"],
+        "timings": {k: round(v, 3) for k, v in timings.items()}, "validation": validation,
+    }
+    write_bundle(opts.output, manifest, model_bytes, report)
+    return ConvertResult(opts.output, manifest, report, timings)
+
+
+def _check_categories(coco: Any, category_ids: list[int], labels: list[str], flag: str) -> None:
+    names = {int(c["id"]): c["name"] for c in coco.categories}
+    missing = [c for c in category_ids if c not in names]
+    if missing:
+        raise ModelError(f"{flag} {coco.path}: the detector's category ids {missing} are not in its categories; "
+                         "give a set with the training set's categories")
+
+
+def _spread_check(float_model: Model, fgrid: Any, model: Model, qgrid: Any, samples: np.ndarray) -> dict[str, Any]:
+    """Spread of the class logits across samples at the cells most likely to hold an object, float vs int8."""
+    ref, quant = [], []
+    k, c = fgrid.spec.samples, fgrid.spec.classes
+    for x in samples:
+        float_model.set_input(x[None].astype(np.float32))
+        float_model.invoke()
+        obj = float_model.get_float(fgrid.tensors[0]).reshape(-1)
+        cells = np.argsort(-obj)[:4]
+        ref.append(float_model.get_float(fgrid.tensors[2]).reshape(-1, k, c)[cells])
+        t = model.input
+        model.set_input(quantize_values(x[None], t.scale, t.zero_point, t.dtype) if t.quantized else x[None])
+        model.invoke()
+        quant.append(model.get_float(qgrid.tensors[2]).reshape(-1, k, c)[cells])
+    ref_a, quant_a = np.concatenate(ref), np.concatenate(quant)
+    spread_f = float(np.mean(np.std(ref_a, axis=1)))
+    spread_q = float(np.mean(np.std(quant_a, axis=1)))
+    t = qgrid.tensors[2]
+    step = float(t.scale) if t.quantized else 0.0
+    mi_f, mi_q = summarize(ref_a).mutual_information, summarize(quant_a).mutual_information
+    corr = float(np.corrcoef(mi_f, mi_q)[0, 1]) if np.std(mi_f) > 0 and np.std(mi_q) > 0 else None
+    return {"cells": int(len(ref_a)), "float": round(spread_f, 6), "quantized": round(spread_q, 6),
+            "output_step": round(step, 8), "steps": round(spread_f / step, 2) if step else None,
+            "mutual_information_correlation": None if corr is None else round(corr, 4)}
+
+
+def float_reference_detector(model_path: str, manifest: dict[str, Any], threads: int = 1) -> tuple[Model, Any]:
+    """The float32 counterpart of a detection bundle from its source ``.keras``: the same K weight samples (seed
+    from the manifest), so float and int8 differ only by quantisation."""
+    from .detect import is_detector
+    from .models import load_source_model
+    from .quantize import import_tensorflow
+
+    import_tensorflow()
+    source = load_source_model(model_path)
+    if not is_detector(source.keras_model):
+        raise ModelError(f"--reference {model_path}: not an edgeq detector (edgeq train --task detect)")
+    head = manifest.get("head") or {}
+    samples = int(head["samples"]) if head.get("type") == "bayes" else None
+    exported, _ = export_detector(source.keras_model, samples, int(head.get("seed", 0)))
+    src = SourceModel(exported, None, source.input_shape, int(exported.outputs[2].shape[-1]), source.name, model_path)
+    with quiet_output():
+        model = Model(convert_model(src, QuantRecipe(QuantMode.FLOAT32), None), num_threads=threads)
+    spec = GridSpec.from_manifest(manifest)
+    return model, spec.bind(model, describe_grid_outputs(model, signature_outputs(model)))

@@ -1,0 +1,215 @@
+"""The grid detector end to end with real parts: scenes written as PNG + COCO JSON, `edgeq train --task detect`
+(real TensorFlow), `edgeq convert` (real full-int8 conversion), `edgeq run` on a real video file, `edgeq eval`
+through pycocotools, and the bad inputs of each."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_clean_error, run_edgeq
+
+pytestmark = pytest.mark.slow
+
+SIZE = 96  # scenes and model input: a 6x6 grid at stride 16, quick to train on 2 cores
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("scenes")
+    common = ["--size", str(SIZE), "--min-size", "20", "--max-size", "40", "--max-objects", "3"]
+    assert run_edgeq("datasets", "scenes", str(root / "train"), "--n", "48", "--exclude-classes", "bag,sandal",
+                     *common).returncode == 0
+    assert run_edgeq("datasets", "scenes", str(root / "val"), "--n", "16", "--split", "test",
+                     "--ood-classes", "bag,sandal", "--seed", "1", *common).returncode == 0
+    return {"train": root / "train", "val": root / "val"}
+
+
+@pytest.fixture(scope="module")
+def detector(scenes, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("det") / "det.keras"
+    r = run_edgeq("train", "--task", "detect", str(scenes["train"]), "--val", str(scenes["val"]), "-o", str(out),
+                  "--input-size", str(SIZE), "--epochs", "1", "--bayes-epochs", "2", "--batch-size", "8",
+                  "--augment-copies", "1", "--json", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    assert summary["head"]["type"] == "bayes" and summary["head"]["task"] == "detect"
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(detector, scenes) -> Path:
+    out = detector.with_name("det.edgeq")
+    r = run_edgeq("convert", str(detector), "--calib", str(scenes["train"]), "--calib-samples", "30",
+                  "--val", str(scenes["val"]), "--resize", "letterbox", "-o", str(out), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "float / int8 mAP@0.5" in r.stdout
+    return out
+
+
+def test_train_writes_the_model_its_labels_and_category_ids(detector):
+    labels = detector.with_name("det.labels.txt").read_text().split()
+    info = json.loads(detector.with_name("det.detect.json").read_text())
+    assert "bag" not in labels and "sandal" not in labels and len(labels) == 8
+    assert info["labels"] == labels and info["stride"] == 16
+    assert info["category_ids"] == [1, 2, 3, 4, 5, 7, 8, 10]  # COCO ids of the known classes, not 1..8
+
+
+def test_convert_gives_a_full_int8_detect_bundle(bundle):
+    from edgeq.bundle import read_bundle
+
+    b = read_bundle(bundle)
+    m = b.manifest
+    assert m["task"] == "detect" and m["input"]["resize"] == "letterbox"
+    assert m["quantization"]["full_integer"] and m["quantization"]["float_ops"] == []
+    assert m["head"]["type"] == "bayes" and m["head"]["samples"] == 32 and m["head"]["layout"] == "stacked"
+    assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits"]
+    assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, 32 * 8]
+    assert all(o["dtype"] == "int8" for o in m["outputs"])
+    det = m["detector"]
+    assert det["type"] == "grid" and det["stride"] == 16 and det["grid"] == [SIZE // 16, SIZE // 16]
+    assert 0 < det["score_threshold"] < 1 and 0 < det["nms_iou"] <= 1
+    ops = {op["op"] for op in b.report["ops"]}
+    assert ops <= {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "QUANTIZE", "DEQUANTIZE", "PAD"}, ops
+    for name in ("float", "quantized"):
+        v = m["validation"][name]
+        assert 0.0 <= v["map50"] <= 1.0 and 0.0 <= v["map"] <= v["map50"] + 1e-9
+        assert v["unknown_objects"] > 0  # the val scenes hold bag and sandal
+    # the class samples survive int8: the spread between them is kept within a quarter
+    spread = m["head"]["spread"]
+    assert 0.75 < spread["quantized"] / spread["float"] < 1.33, spread
+    r = run_edgeq("inspect", str(bundle), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["runtime"]["whole_graph"] is True
+
+
+def test_run_publishes_detections_with_uncertainty_on_a_video(bundle, tmp_path):
+    import jsonschema
+
+    from edgeq.bundle import message_schema
+    from edgeq.scenes import moving_scene_frames
+    from edgeq.synthetic import write_video
+
+    frames, _ = moving_scene_frames(12, 160, seed=3, unknown_classes=("bag",), object_size=(30, 50))
+    # a 4:3 frame into the square letterboxed input: boxes must map back through the padding
+    clip = write_video(tmp_path / "clip.avi", [f[20:140] for f in frames], fourcc="FFV1")
+    from edgeq.bundle import read_bundle
+
+    m = read_bundle(bundle).manifest
+    r = run_edgeq("run", "--model", str(bundle), "--source", str(clip), "--output", "-", "--spool",
+                  str(tmp_path / "s.db"), "--config", str(_config(tmp_path, score=0.001)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    msgs = [json.loads(ln) for ln in r.stdout.splitlines() if '"edgeq.detections"' in ln]
+    assert len(msgs) == 12  # a file source drops nothing
+    schema = message_schema("detections")
+    found = 0
+    for msg in msgs:
+        jsonschema.validate(msg, schema)
+        assert msg["task"] == "detect" and msg["frame"]["width"] == 160 and msg["frame"]["height"] == 120
+        for d in msg["detections"]:
+            found += 1
+            y0, x0, y1, x1 = d["box"]
+            assert 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1
+            assert d["label"] in m["labels"] and d["score"] <= d["objectness"] + 1e-6
+            u = d["uncertainty"]
+            assert u["method"] == "mc" and u["samples"] == 32
+            assert abs(u["predictive_entropy"] - u["aleatoric"] - u["mutual_information"]) < 1e-4
+            assert isinstance(d["needs_review"], bool)
+    assert found > 0
+
+
+def _config(tmp_path: Path, score: float) -> Path:
+    """A device config setting the score threshold and a needs_review rule of its own (a 1-epoch model may have
+    too few confident validation detections for convert to calibrate one)."""
+    p = tmp_path / "device.toml"
+    p.write_text(f"[thresholds]\nscore = {score}\nreview = 0.01\nreview_measure = \"mutual_information\"\n")
+    return p
+
+
+def test_eval_reports_map_calibration_and_unknown_auroc(bundle, detector, scenes, tmp_path):
+    r = run_edgeq("eval", str(bundle), "--data", str(scenes["val"]), "--reference", str(detector),
+                  "--report", str(tmp_path / "rep"), "--json", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert report["task"] == "detect" and set(report["models"]) == {"reference", "quantized"}
+    for name, fig in report["models"].items():
+        assert 0 <= fig["map50"] <= 1 and fig["images"] == 16
+        assert fig["samples"] == 32 if name == "quantized" else fig["samples"] == 32
+    q = report["models"]["quantized"]
+    assert q["runtime"]["runtime"] in ("ai-edge-litert", "tflite-runtime", "tensorflow")
+    page = tmp_path / "rep" / "report.html"
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") >= 2 and "https://" not in text
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "chromium is not installed: scripts/setup.sh installs it"
+    out = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    n = text.count("data:image/png;base64,")
+    assert f'data-images-loaded="{n}"' in out.stdout, out.stdout[:500]
+    # plain text: the two models side by side
+    r = run_edgeq("eval", str(bundle), "--data", str(scenes["val"]))
+    assert r.returncode == 0 and "mAP@0.5" in r.stdout and "AUROC unknown" in r.stdout
+
+
+def test_eval_refuses_a_task_and_data_mismatch(bundle, tiny_bundle, scenes, shapes_dir):
+    assert_clean_error(run_edgeq("eval", str(bundle), "--data", str(shapes_dir)), "detection bundle", "COCO")
+    assert_clean_error(run_edgeq("eval", str(tiny_bundle), "--data", str(scenes["val"])),
+                       "COCO detection set", "classification bundle")
+    assert_clean_error(run_edgeq("eval", str(bundle), "--data", str(scenes["val"]), "--ood", str(shapes_dir)), "--ood")
+
+
+def _broken_coco(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    doc = json.loads((dst / "annotations.json").read_text())
+    edit(doc)
+    (dst / "annotations.json").write_text(json.dumps(doc))
+    return dst
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda d: d["images"][0].update(file_name="gone.png"), "gone.png not found"),
+    (lambda d: d["annotations"][0].update(category_id=99), "category_id 99"),
+    (lambda d: d["annotations"][0].update(bbox=[90, 90, 40, 40]), "outside"),
+    (lambda d: d.update(annotations=[]), "empty"),
+])
+def test_train_refuses_broken_coco_sets(scenes, tmp_path, edit, needle):
+    data = _broken_coco(scenes["train"], tmp_path / "broken", edit)
+    out = tmp_path / "m.keras"
+    err = assert_clean_error(run_edgeq("train", "--task", "detect", str(data), "-o", str(out),
+                                       "--input-size", str(SIZE), "--epochs", "1"), needle)
+    assert "annotations.json" in err
+    assert not out.exists()
+
+
+def test_convert_refuses_what_a_detector_does_not_take(detector, scenes, tmp_path):
+    out = tmp_path / "x.edgeq"
+    assert_clean_error(run_edgeq("convert", str(detector), "--calib", str(scenes["train"]), "--clusters", "16",
+                                 "-o", str(out)), "--clusters", "detectors")
+    assert_clean_error(run_edgeq("convert", str(detector), "--calib", str(scenes["train"]), "--quant", "float16",
+                                 "-o", str(out)), "float16")
+    assert not out.exists()
+
+
+def test_grid_decoder_maps_boxes_back_through_letterbox():
+    """Pure logic: one object on a hand-built grid, a 4:3 frame letterboxed into a square input."""
+    from edgeq.detection import decode
+    from edgeq.preprocess import Preprocessor, PreprocessSpec
+
+    spec = PreprocessSpec(96, 96, resize="letterbox")
+    _, transform = Preprocessor(spec)(np.zeros((120, 160, 3), np.uint8))  # scale 0.6, 12 px padding top/bottom
+    obj = np.full((6, 6), -8.0, np.float32)
+    obj[2, 3] = 6.0  # cell centre (56, 40) in input pixels
+    boxes = np.zeros((6, 6, 4), np.float32)
+    boxes[2, 3] = [1.0, 0.5, 1.0, 1.5]  # left, top, right, bottom in cells: x 40..72, y 32..64
+    logits = np.zeros((6, 6, 4, 3), np.float32)
+    logits[2, 3, :, 1] = 5.0
+    d = decode(obj, boxes, logits, 16, (96, 96), score_threshold=0.3)
+    assert len(d) == 1 and int(d.classes[0]) == 1
+    frame_box = transform.boxes_to_frame(d.boxes)[0] * np.array([120, 160, 120, 160])
+    # input y 32..64 -> frame (y - 12) / 0.6 = 33.3..86.7; x 40..72 -> 66.7..120
+    np.testing.assert_allclose(frame_box, [33.33, 66.67, 86.67, 120.0], atol=0.05)
