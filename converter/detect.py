@@ -96,13 +96,13 @@ def is_detector(model: Any) -> bool:
     """A model ``edgeq train --task detect`` made: three outputs, the first two named objectness and boxes."""
     if model is None or len(model.outputs) != 3:
         return False
-    names = [t._keras_history[0].name if hasattr(t, "_keras_history") else "" for t in model.outputs]
-    return names[0] == "objectness" and names[1] == "boxes"
+    names = list(getattr(model, "output_names", None) or [])
+    return names[:2] == ["objectness", "boxes"]
 
 
 def class_head(model: Any) -> Any:
     """The layer producing the class logits (a Conv2D, or a BayesDense applied per cell)."""
-    return model.outputs[2]._keras_history[0]
+    return model.get_layer(model.output_names[2])
 
 
 # -- targets -----------------------------------------------------------------------------------------------------

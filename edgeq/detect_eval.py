@@ -195,6 +195,31 @@ def detection_figures(results: list[ImageDetections], coco: CocoSet, category_id
     return figures
 
 
+def best_f1_threshold(results: list[ImageDetections], coco: CocoSet, category_ids: list[int],
+                      floor: float = EVAL_SCORE_THRESHOLD, ceiling: float = 0.9) -> dict[str, Any]:
+    """The score threshold with the highest F1 on the known objects (a detection is a true positive when it is
+    correct, see the module docstring; a detection of an unknown object is a false positive), within
+    ``[floor, ceiling]``: what ``convert --val`` records as the device's ``score_threshold``."""
+    m = match_all(results, coco, category_ids, floor)
+    unknown = coco.unknown_category_ids
+    known_objects = sum(int((~np.isin(c, list(unknown))).sum()) for c in coco.category_ids.values())
+    if not len(m.scores) or not known_objects:
+        return {"threshold": None, "f1": None, "known_objects": known_objects}
+    order = np.argsort(-m.scores, kind="stable")
+    s, c = m.scores[order], m.correct[order]
+    tp = np.cumsum(c)
+    fp = np.cumsum(~c)
+    f1 = 2 * tp / (2 * tp + fp + (known_objects - tp))
+    last_of_tie = np.append(s[1:] != s[:-1], True)  # a threshold keeps every detection of equal score
+    ok = last_of_tie & (s <= ceiling)
+    if not ok.any():
+        return {"threshold": None, "f1": None, "known_objects": known_objects}
+    i = int(np.flatnonzero(ok)[np.argmax(f1[ok])])
+    return {"threshold": round(float(s[i]), 6), "f1": round(float(f1[i]), 6), "precision":
+            round(float(tp[i] / (i + 1)), 6), "recall": round(float(tp[i] / known_objects), 6),
+            "known_objects": known_objects}
+
+
 def review_rule(m: Matched, measure: str, target_accuracy: float) -> dict[str, Any] | None:
     """The needs_review threshold on ``measure`` over detections matched to known objects."""
     if measure not in MEASURES:

@@ -38,6 +38,7 @@ def inspect_bundle(path: str | Path) -> dict[str, Any]:
         "sizes": sizes,
         "runtime": model.describe(),
         "clustering": m.get("clustering"),
+        "detector": m.get("detector"),
         "kernels": weight_stats(model),
         "ops": [
             {"op": name, "operands": operands, "results": results, "count": n, "xnnpack": delegated}
@@ -75,7 +76,20 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"{rt['delegated_ops']}/{rt['total_ops']} ops, left: {', '.join(rt['cpu_ops'])}" if rt["xnnpack_applied"] else "not applied"
     )
     lines.append(f"runtime      {rt['runtime']} {rt['runtime_version']}, {rt['threads']} thread(s), XNNPACK: {xnn}")
-    if info.get("validation"):
+    det = info.get("detector")
+    if det:
+        cal = det.get("score_threshold_calibration")
+        lines.append(f"detector     grid {det['grid'][0]}x{det['grid'][1]} at stride {det['stride']}, score >= "
+                     f"{det['score_threshold']:.3g}" + (f" (F1 {cal['f1']:.3f} on validation)" if cal else "")
+                     + f", NMS IoU {det['nms_iou']:g}, COCO category ids {det.get('category_ids')}")
+    if info.get("validation") and det:
+        v = info["validation"]
+        f, q = v["float"], v["quantized"]
+        au = lambda m: (m.get("unknown_auroc") or {}).get("mutual_information")  # noqa: E731
+        fmt = lambda a: "-" if a is None else f"{a:.4f}"  # noqa: E731
+        lines.append(f"validation   {v['images']} images: mAP@0.5 float {f['map50']:.4f}, int8 {q['map50']:.4f}; "
+                     f"mAP@[.5:.95] {f['map']:.4f} / {q['map']:.4f}; AUROC unknown (MI) {fmt(au(f))} / {fmt(au(q))}")
+    elif info.get("validation"):
         v = info["validation"]
         lines.append(
             f"validation   {v['count']} images: float top-1 {v['float_top1']:.4f}, quantized {v['quantized_top1']:.4f}, "

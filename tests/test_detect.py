@@ -86,6 +86,9 @@ def test_convert_gives_a_full_int8_detect_bundle(bundle):
     r = run_edgeq("inspect", str(bundle), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["runtime"]["whole_graph"] is True
+    r = run_edgeq("inspect", str(bundle))
+    assert r.returncode == 0, r.stderr
+    assert f"grid {SIZE // 16}x{SIZE // 16} at stride 16" in r.stdout and "mAP@0.5 float" in r.stdout
 
 
 def test_run_publishes_detections_with_uncertainty_on_a_video(bundle, tmp_path):

@@ -28,8 +28,8 @@ def clip(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, tiny_bundle, tiny_keras_path, shapes_dir) -> dict[str, Path]:
-    """One bundle of each kind, through the real converter: int8, float32, clustered (packed 4-bit weights) and
-    Bayesian (K posterior samples fused into the int8 head)."""
+    """One bundle of each kind, through the real converter: int8, float32, clustered (packed 4-bit weights),
+    Bayesian (K posterior samples fused into the int8 head) and a grid detector with a Bayesian class head."""
     import keras
 
     from edgeq.converter.bayes import bayes_dense_class
@@ -48,6 +48,15 @@ def bundles(tmp_path_factory, tiny_bundle, tiny_keras_path, shapes_dir) -> dict[
     bayes_path = d / "bayes.keras"
     keras.Model(base.inputs, head(base.get_layer("logits").input)).save(bayes_path)
     jobs["bayes"] = [str(bayes_path), *common, "--bayes-samples", "8"]
+    # a grid detector (random weights) whose Bayesian class head gives every detection K=8 class samples
+    from edgeq.converter.detect import build_detector, class_head
+
+    det = build_detector(96, 0.35, 3, seed=2)
+    feats = class_head(det).input
+    det_head = bayes_dense_class()(3, posterior_sigma=0.2, name="bayes_class_logits")
+    detect_path = d / "detect.keras"
+    keras.Model(det.inputs, [det.outputs[0], det.outputs[1], det_head(feats)]).save(detect_path)
+    jobs["detect"] = [str(detect_path), *common, "--bayes-samples", "8", "--resize", "letterbox"]
     for name, args in jobs.items():
         out[name] = d / f"{name}.edgeq"
         r = run_edgeq("convert", *args, "-o", str(out[name]))
@@ -74,16 +83,23 @@ def test_emulated_pi_is_an_aarch64_cortex_a72(pi):
     assert checks["runtime"]["status"] == "pass" and checks["runtime"]["data"]["runtime"] == "ai-edge-litert"
 
 
-@pytest.mark.parametrize("kind", ["int8", "float32", "clustered", "bayes"])
+@pytest.mark.parametrize("kind", ["int8", "float32", "clustered", "bayes", "detect"])
 def test_every_bundle_kind_gives_the_x86_results_exactly(kind, pi, bundles, clip, tmp_path):
     bundle = bundles[kind]
     args = ["run", "--model", str(bundle), "--source", str(clip), "--output", "-", "--max-frames", str(FRAMES)]
+    if kind == "detect":  # an untrained detector scores low: report everything, so there are boxes to compare
+        config = tmp_path / "device.toml"
+        config.write_text("[thresholds]\nscore = 0.001\n")
+        args += ["--config", str(config)]
     host = run_edgeq(*args, "--spool", str(tmp_path / "host.db"))
     assert host.returncode == 0, host.stderr[-2000:]
     arm = pi.edgeq(*args, "--spool", str(tmp_path / "arm.db"))
     assert arm.returncode == 0, arm.stderr[-3000:]
     want, got = _results(host.stdout), _results(arm.stdout)
     assert len(want) == FRAMES and got == want
+    if kind == "detect":
+        assert sum(len(f["detections"]) for f in got) > 0
+        assert all(len(d["box"]) == 4 and d["uncertainty"]["samples"] == 8 for f in got for d in f["detections"])
     if kind == "bayes":
         assert all(d["uncertainty"]["method"] == "mc" and d["uncertainty"]["samples"] == 8
                    for f in got for d in f["detections"])
