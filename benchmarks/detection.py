@@ -57,6 +57,7 @@ def measure(argv: list[str] | None) -> dict:
     p.add_argument("--runs", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ood-classes", default="bag,sandal")
+    p.add_argument("--layout", default="auto", choices=("auto", "stacked", "centred"), help="--bayes-layout")
     p.add_argument("--workdir", help="keep data and models here; reuse what is found there")
     args = p.parse_args(argv)
 
@@ -109,14 +110,17 @@ def measure(argv: list[str] | None) -> dict:
         out = work / f"detector_{quant}.edgeq"
         if not out.is_file():
             t0 = time.perf_counter()
+            # float32 with the int8 bundle's layout and the same weight samples: they differ only by quantisation
+            layout = bundles["int8"].manifest["head"]["layout"] if quant == "float32" else args.layout
             convert(ConvertOptions(str(det_path), out, calib=str(work / "train"), quant=quant,
-                                   bayes_samples=args.samples, val=str(work / "test") if quant == "int8" else None),
-                    log=quiet)
+                                   bayes_samples=args.samples, bayes_layout=layout,
+                                   val=str(work / "test") if quant == "int8" else None), log=quiet)
             timings[f"convert_{quant}_s"] = time.perf_counter() - t0
         bundles[quant] = read_bundle(out)
     quality = {}
+    threshold = bundles["int8"].manifest["detector"]["score_threshold"]  # both scored at the int8 bundle's threshold
     for quant, b in bundles.items():
-        figs, _, _ = evaluate_detector_bundle(b, str(work / "test"))
+        figs, _, _ = evaluate_detector_bundle(b, str(work / "test"), score_threshold=threshold)
         quality[quant] = figs
         log(f"{quant}: mAP@0.5 {figs['map50']:.4f}, mAP {figs['map']:.4f}, AUROC {figs['unknown_auroc']}")
 
@@ -142,8 +146,9 @@ def measure(argv: list[str] | None) -> dict:
         "xnnpack": models["int8_mc"].delegation.to_dict(),
         "settings": {k: v for k, v in vars(args).items() if k != "workdir"},
         "input": f"{args.size}x{args.size}", "grid": bundles["int8"].manifest["detector"]["grid"],
-        "head": {k: head.get(k) for k in ("samples", "classes", "layout", "head_macs", "deterministic_head_macs",
-                                         "backbone_macs", "spread", "review")},
+        "head": {k: head.get(k) for k in ("samples", "classes", "layout", "layout_choice", "head_macs",
+                                         "deterministic_head_macs", "backbone_macs", "spread", "review")},
+        "detector": {k: v for k, v in bundles["int8"].manifest["detector"].items() if k.startswith("score")},
         "quality": quality,
         "map50_drop_points": round(100 * (f["map50"] - q["map50"]), 3),
         "auroc_mi_float_minus_int8": None if not (q["unknown_auroc"] and f["unknown_auroc"]) else

@@ -36,7 +36,8 @@ UNSUPPORTED = {"clusters": "--clusters", "max_drop": "--max-drop", "keep_float":
                "layer_errors": "--layer-errors", "finetune": "--finetune"}
 
 
-def export_detector(model: Any, samples: int | None, seed: int = 0, mean_only: bool = False) -> tuple[Any, dict[str, Any]]:
+def export_detector(model: Any, samples: int | None, seed: int = 0, mean_only: bool = False,
+                    layout: str = "stacked") -> tuple[Any, dict[str, Any]]:
     """The exportable detector (Conv2D class head) and the manifest's ``head``; ``samples`` None: 32 for a
     Bayesian class head. ``mean_only``: a deterministic head from the posterior means (the benchmark's baseline)."""
     import keras
@@ -67,16 +68,30 @@ def export_detector(model: Any, samples: int | None, seed: int = 0, mean_only: b
     rng = np.random.default_rng(seed)
     kernels = post["kernel_mu"][None] + post["kernel_sigma"][None] * rng.standard_normal((k, f, c))
     biases = post["bias_mu"][None] + post["bias_sigma"][None] * rng.standard_normal((k, c))
-    conv = keras.layers.Conv2D(k * c, 1, name="class_samples")
-    out = conv(features)
-    conv.set_weights([np.transpose(kernels, (1, 0, 2)).reshape(1, 1, f, k * c).astype(np.float32),
-                      biases.reshape(-1).astype(np.float32)])
-    exported = keras.Model(model.inputs, [obj, box, out], name=f"{model.name}_mc{k}")
+    if layout not in ("stacked", "centred"):
+        raise ModelError(f"--bayes-layout {layout!r}: choose stacked or centred")
+
+    def stacked(kern: np.ndarray) -> np.ndarray:  # [K, F, C] -> [1, 1, F, K*C], channel k*C + c
+        return np.transpose(kern, (1, 0, 2)).reshape(1, 1, f, k * c).astype(np.float32)
+
+    if layout == "stacked":
+        conv = keras.layers.Conv2D(k * c, 1, name="class_samples")
+        outs = [conv(features)]
+        conv.set_weights([stacked(kernels), biases.reshape(-1).astype(np.float32)])
+    else:
+        mean_conv = keras.layers.Conv2D(c, 1, name="class_mean")
+        res_conv = keras.layers.Conv2D(k * c, 1, name="class_residuals")
+        outs = [mean_conv(features), res_conv(features)]
+        mean_conv.set_weights([post["kernel_mu"].reshape(1, 1, f, c).astype(np.float32),
+                               post["bias_mu"].astype(np.float32)])
+        res_conv.set_weights([stacked(kernels - post["kernel_mu"][None]),
+                              (biases - post["bias_mu"][None]).reshape(-1).astype(np.float32)])
+    exported = keras.Model(model.inputs, [obj, box, *outs], name=f"{model.name}_mc{k}")
     backbone_macs = bayes.count_macs(keras.Model(model.inputs, features))
     gh, gw = int(features.shape[1]), int(features.shape[2])
-    info = {"type": "bayes", "samples": k, "classes": int(c), "layout": "stacked", "seed": seed, "features": f,
+    info = {"type": "bayes", "samples": k, "classes": int(c), "layout": layout, "seed": seed, "features": f,
             "prior_sigma": head.prior_sigma, "posterior_sigma_mean": round(float(post["kernel_sigma"].mean()), 6),
-            "head_macs": gh * gw * f * k * c, "deterministic_head_macs": gh * gw * f * c,
+            "head_macs": gh * gw * f * c * (k + (1 if layout == "centred" else 0)), "deterministic_head_macs": gh * gw * f * c,
             "backbone_macs": backbone_macs}
     return exported, info
 
@@ -88,8 +103,6 @@ def convert_detector(opts: Any, source: SourceModel, labels: list[str], log: Cal
     for field, flag in UNSUPPORTED.items():
         if getattr(opts, field):
             raise ModelError(f"{flag} does not apply to detectors yet; convert {source.origin} without it")
-    if opts.bayes_layout == "centred":
-        raise ModelError("--bayes-layout centred: a detector's class samples are one stacked conv; drop the option")
     if opts.bias_correction == "on":
         raise ModelError("--bias-correction on does not apply to detectors yet; convert without it")
     if opts.quant not in (QuantMode.INT8, QuantMode.FLOAT32):
@@ -107,7 +120,10 @@ def convert_detector(opts: Any, source: SourceModel, labels: list[str], log: Cal
         calibration = load_calibration(opts.calib, spec, opts.calib_samples)
         timings["calibration_s"] = time.perf_counter() - t0
         log(f"calibration: {len(calibration.samples)} samples from {calibration.source} ({calibration.kind})")
-    exported, head = export_detector(source.keras_model, opts.bayes_samples, opts.bayes_seed)
+    layout, choice = _choose_layout(source.keras_model, opts, calibration, log)
+    exported, head = export_detector(source.keras_model, opts.bayes_samples, opts.bayes_seed, layout=layout)
+    if choice:
+        head["layout_choice"] = choice
     if head["samples"] > 1:
         log(f"bayesian class head: {head['samples']} samples x {head['classes']} classes fused into one 1x1 conv "
             f"(seed {opts.bayes_seed}), {head['head_macs'] / head['backbone_macs']:.1%} of the backbone's "
@@ -128,8 +144,8 @@ def convert_detector(opts: Any, source: SourceModel, labels: list[str], log: Cal
     if recipe.mode.integer_only and remaining and not recipe.allow_float_fallback:
         raise QuantizationError(f"{source.origin}: ops stay float in --quant {recipe.mode.value}: "
                                 f"{describe_float_ops(remaining)}; replace them, or pass --allow-float-fallback")
-    outputs = describe_grid_outputs(model, signature_outputs(model))
-    float_outputs = describe_grid_outputs(float_model, signature_outputs(float_model))
+    outputs = describe_grid_outputs(model, signature_outputs(model), head["layout"])
+    float_outputs = describe_grid_outputs(float_model, signature_outputs(float_model), head["layout"])
     grid = (int(outputs[0]["shape"][1]), int(outputs[0]["shape"][2]))
     detector = {"type": "grid", "stride": int(height // grid[0]), "grid": list(grid),
                 "category_ids": [int(c) for c in info["category_ids"]],
@@ -192,6 +208,34 @@ def convert_detector(opts: Any, source: SourceModel, labels: list[str], log: Cal
     return ConvertResult(opts.output, manifest, report, timings)
 
 
+def _choose_layout(model: Any, opts: Any, calibration: Any, log: Callable[[str], None]) -> tuple[str, dict | None]:
+    """``--bayes-layout auto`` (the default): stacked when its int8 output would resolve the spread between samples
+    in at least ``bayes.AUTO_MIN_STEPS`` steps, else centred (the classifier's rule, docs/bayesian.md). The spread
+    is measured at the cells most likely to hold an object, the output step over all cells, on the float model."""
+    if not isinstance(class_head(model), bayes.bayes_dense_class()):
+        return "single", None
+    if opts.bayes_layout != "auto":
+        return opts.bayes_layout, {"mode": opts.bayes_layout}
+    if calibration is None:
+        return "centred", {"mode": "auto", "reason": "no calibration data to measure the spread: centred"}
+    exported, head = export_detector(model, opts.bayes_samples, opts.bayes_seed, layout="stacked")
+    x = calibration.samples[:32]
+    obj, _, cls = (np.asarray(o, np.float64) for o in exported.predict(x, batch_size=16, verbose=0))
+    k, c = head["samples"], head["classes"]
+    step = (max(0.0, float(cls.max())) - min(0.0, float(cls.min()))) / 255.0
+    top = np.argsort(-obj.reshape(len(x), -1), axis=1)[:, :4]
+    cells = cls.reshape(len(x), -1, k, c)[np.arange(len(x))[:, None], top]
+    spread = float(np.mean(np.std(cells, axis=2)))
+    steps = spread / step if step else 0.0
+    layout = "stacked" if steps >= bayes.AUTO_MIN_STEPS else "centred"
+    reason = (f"stacked output would resolve the spread in {steps:.2f} int8 steps "
+              f"({'>=' if layout == 'stacked' else '<'} {bayes.AUTO_MIN_STEPS:g}): {layout}")
+    log(f"bayes layout: {reason}")
+    return layout, {"mode": "auto", "reason": reason, "stacked_estimate": {"spread": round(spread, 6),
+                                                                          "step": round(step, 8),
+                                                                          "steps": round(steps, 2)}}
+
+
 def _check_categories(coco: Any, category_ids: list[int], labels: list[str], flag: str) -> None:
     names = {int(c["id"]): c["name"] for c in coco.categories}
     missing = [c for c in category_ids if c not in names]
@@ -201,23 +245,22 @@ def _check_categories(coco: Any, category_ids: list[int], labels: list[str], fla
 
 
 def _spread_check(float_model: Model, fgrid: Any, model: Model, qgrid: Any, samples: np.ndarray) -> dict[str, Any]:
-    """Spread of the class logits across samples at the cells most likely to hold an object, float vs int8."""
+    """Spread of the class logits across samples at the cells most likely to hold an object, float vs int8, and
+    how many output steps of the tensor holding the samples it spans."""
     ref, quant = [], []
-    k, c = fgrid.spec.samples, fgrid.spec.classes
     for x in samples:
         float_model.set_input(x[None].astype(np.float32))
         float_model.invoke()
-        obj = float_model.get_float(fgrid.tensors[0]).reshape(-1)
-        cells = np.argsort(-obj)[:4]
-        ref.append(float_model.get_float(fgrid.tensors[2]).reshape(-1, k, c)[cells])
+        cells = np.argsort(-float_model.get_float(fgrid.tensors[0]).reshape(-1))[:4]
+        ref.append(fgrid.class_samples(fgrid.raw(float_model))[cells])
         t = model.input
         model.set_input(quantize_values(x[None], t.scale, t.zero_point, t.dtype) if t.quantized else x[None])
         model.invoke()
-        quant.append(model.get_float(qgrid.tensors[2]).reshape(-1, k, c)[cells])
+        quant.append(qgrid.class_samples(qgrid.raw(model))[cells])
     ref_a, quant_a = np.concatenate(ref), np.concatenate(quant)
     spread_f = float(np.mean(np.std(ref_a, axis=1)))
     spread_q = float(np.mean(np.std(quant_a, axis=1)))
-    t = qgrid.tensors[2]
+    t = qgrid.tensors[-1]  # the stacked samples, or the centred residuals
     step = float(t.scale) if t.quantized else 0.0
     mi_f, mi_q = summarize(ref_a).mutual_information, summarize(quant_a).mutual_information
     corr = float(np.corrcoef(mi_f, mi_q)[0, 1]) if np.std(mi_f) > 0 and np.std(mi_q) > 0 else None
@@ -239,9 +282,11 @@ def float_reference_detector(model_path: str, manifest: dict[str, Any], threads:
         raise ModelError(f"--reference {model_path}: not an edgeq detector (edgeq train --task detect)")
     head = manifest.get("head") or {}
     samples = int(head["samples"]) if head.get("type") == "bayes" else None
-    exported, _ = export_detector(source.keras_model, samples, int(head.get("seed", 0)))
+    layout = head.get("layout", "stacked") if samples else "single"
+    exported, _ = export_detector(source.keras_model, samples, int(head.get("seed", 0)),
+                                  layout=layout if samples else "stacked")
     src = SourceModel(exported, None, source.input_shape, int(exported.outputs[2].shape[-1]), source.name, model_path)
     with quiet_output():
         model = Model(convert_model(src, QuantRecipe(QuantMode.FLOAT32), None), num_threads=threads)
     spec = GridSpec.from_manifest(manifest)
-    return model, spec.bind(model, describe_grid_outputs(model, signature_outputs(model)))
+    return model, spec.bind(model, describe_grid_outputs(model, signature_outputs(model), spec.layout))

@@ -233,8 +233,10 @@ def review_rule(m: Matched, measure: str, target_accuracy: float) -> dict[str, A
 
 
 def evaluate_detector_bundle(bundle: Any, data: str, threads: int = 1, target_accuracy: float = 0.995,
-                             flag: str = "--data") -> tuple[dict[str, Any], list[ImageDetections], CocoSet]:
-    """One detection bundle over a COCO set: its figures, per-image detections and the set."""
+                             flag: str = "--data", score_threshold: float | None = None
+                             ) -> tuple[dict[str, Any], list[ImageDetections], CocoSet]:
+    """One detection bundle over a COCO set: its figures, per-image detections and the set. ``score_threshold``
+    (default: the bundle's) sets which detections the matched figures count; compare bundles at one threshold."""
     from edgeq.detection import GridSpec
     from edgeq.scenes import read_coco
 
@@ -250,7 +252,8 @@ def evaluate_detector_bundle(bundle: Any, data: str, threads: int = 1, target_ac
     review = (bundle.manifest.get("head") or {}).get("review") or {}
     measure = review.get("measure") or ("mutual_information" if spec.samples > 1 else "predictive_entropy")
     results = run_detector(model, grid, bundle.preprocess_spec, coco, f"detect {bundle.name}")
-    figs = detection_figures(results, coco, list(spec.category_ids), spec.score_threshold, target_accuracy, measure)
+    threshold = spec.score_threshold if score_threshold is None else score_threshold
+    figs = detection_figures(results, coco, list(spec.category_ids), threshold, target_accuracy, measure)
     figs["samples"] = spec.samples
     return figs, results, coco
 

@@ -25,6 +25,8 @@ from edgeq.runtime import Model, TensorInfo
 from edgeq.uncertainty import summarize
 
 GRID_ROLES = ("objectness", "boxes", "class_logits")
+# the centred layout adds each sample's deviation from the posterior-mean logits, with its own int8 scale
+CENTRED_ROLES = (*GRID_ROLES, "class_residuals")
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class GridSpec:
     samples: int
     classes: int
     category_ids: tuple[int, ...]
+    layout: str = "stacked"  # stacked: class_logits holds K*C; centred: class_logits C (mean) + class_residuals K*C
     score_threshold: float = 0.3
     nms_iou: float = 0.5
     max_candidates: int = 100
@@ -130,6 +133,7 @@ class GridSpec:
             spec = cls(int(det["stride"]), (int(det["grid"][0]), int(det["grid"][1])), int(head.get("samples", 1)),
                        int(head.get("classes", len(manifest.get("labels", [])))),
                        tuple(int(c) for c in det.get("category_ids", [])),
+                       str(head.get("layout", "stacked" if int(head.get("samples", 1)) > 1 else "single")),
                        float(det.get("score_threshold", 0.3)), float(det.get("nms_iou", 0.5)),
                        int(det.get("max_candidates", 100)), int(det.get("max_detections", 50)))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
@@ -141,17 +145,26 @@ class GridSpec:
         if spec.category_ids and len(spec.category_ids) != spec.classes:
             raise BundleError(f"{where}: detector.category_ids has {len(spec.category_ids)} ids for "
                               f"{spec.classes} classes")
+        if spec.layout not in ("single", "stacked", "centred") or (spec.layout == "single") != (spec.samples == 1):
+            raise BundleError(f"{where}: head.layout {spec.layout!r} with {spec.samples} samples is not a grid "
+                              "detector layout; convert the bundle again")
         if not 0.0 < spec.score_threshold < 1.0 or not 0.0 < spec.nms_iou <= 1.0:
             raise BundleError(f"{where}: detector.score_threshold and nms_iou must lie in (0, 1)")
         return spec
 
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return CENTRED_ROLES if self.layout == "centred" else GRID_ROLES
+
     def channels(self, role: str) -> int:
-        return {"objectness": 1, "boxes": 4, "class_logits": self.samples * self.classes}[role]
+        kc = self.samples * self.classes
+        return {"objectness": 1, "boxes": 4, "class_logits": self.classes if self.layout == "centred" else kc,
+                "class_residuals": kc}[role]
 
     def bind(self, model: Model, outputs: list[dict[str, Any]], where: str = "manifest") -> "BoundGrid":
         by_role = {o.get("role"): o for o in outputs}
         tensors = []
-        for role in GRID_ROLES:
+        for role in self.roles:
             o = by_role.get(role)
             if o is None:
                 raise BundleError(f"{where}: outputs have no {role!r} entry, which a grid detector needs")
@@ -174,30 +187,46 @@ class BoundGrid:
                score_threshold: float | None = None) -> Detections:
         """Decode raw (possibly quantised) output values keyed by tensor index."""
         s = self.spec
-        obj, box, cls = (t.dequantize(raw[t.index]) for t in self.tensors)
+        obj, box = (t.dequantize(raw[t.index]) for t in self.tensors[:2])
         gh, gw = s.grid
-        return decode(obj.reshape(gh, gw), box.reshape(gh, gw, 4), cls.reshape(gh, gw, s.samples, s.classes),
+        return decode(obj.reshape(gh, gw), box.reshape(gh, gw, 4), self.class_samples(raw).reshape(gh, gw, s.samples, s.classes),
                       s.stride, input_size, s.score_threshold if score_threshold is None else score_threshold,
                       s.nms_iou, s.max_candidates, s.max_detections)
 
+    def class_samples(self, raw: dict[int, np.ndarray]) -> np.ndarray:
+        """``[G_h * G_w, K, C]`` float class logits of every cell."""
+        s = self.spec
+        cells = s.grid[0] * s.grid[1]
+        first = self.tensors[2].dequantize(raw[self.tensors[2].index])
+        if s.layout != "centred":
+            return first.reshape(cells, s.samples, s.classes)
+        residuals = self.tensors[3].dequantize(raw[self.tensors[3].index])
+        return first.reshape(cells, 1, s.classes) + residuals.reshape(cells, s.samples, s.classes)
+
+    def raw(self, model: Model) -> dict[int, np.ndarray]:
+        return {t.index: model.get(t) for t in self.tensors}
+
     def read(self, model: Model, input_size: tuple[int, int], score_threshold: float | None = None) -> Detections:
         """Detections of the model's last invoke."""
-        return self.decode({t.index: model.get(t) for t in self.tensors}, input_size, score_threshold)
+        return self.decode(self.raw(model), input_size, score_threshold)
 
 
-def describe_grid_outputs(model: Model, signature_order: list[int] | None = None) -> list[dict[str, Any]]:
-    """The manifest's ``outputs`` of a converted grid detector: objectness, boxes and class logits, taken in the
-    source model's output order from the TFLite signature (``output_0``, ``output_1``, ``output_2``) when
-    ``signature_order`` (their tensor indices) is given, else by channel count."""
+def describe_grid_outputs(model: Model, signature_order: list[int] | None = None,
+                          layout: str = "stacked") -> list[dict[str, Any]]:
+    """The manifest's ``outputs`` of a converted grid detector (objectness, boxes, class logits and, for the
+    centred layout, class residuals), taken in the source model's output order from the TFLite signature
+    (``output_0``, ``output_1``, ...) when ``signature_order`` (their tensor indices) is given, else by channel
+    count."""
+    roles = CENTRED_ROLES if layout == "centred" else GRID_ROLES
     by_index = {t.index: t for t in model.outputs}
-    if signature_order is not None and all(i in by_index for i in signature_order) and len(signature_order) == 3:
+    if signature_order is not None and all(i in by_index for i in signature_order) and len(signature_order) == len(roles):
         found = [by_index[i] for i in signature_order]
     else:
         found = sorted(model.outputs, key=lambda t: int(t.shape[-1]))
-        if len(found) != 3 or int(found[0].shape[-1]) != 1 or int(found[1].shape[-1]) != 4:
+        if len(found) != len(roles) or int(found[0].shape[-1]) != 1 or int(found[1].shape[-1]) != 4:
             have = ", ".join(f"{t.name} {list(t.shape)}" for t in model.outputs)
-            raise BundleError(f"converted model outputs ({have}) do not fit a grid detector")
-    return [{"role": role, **t.to_dict()} for role, t in zip(GRID_ROLES, found)]
+            raise BundleError(f"converted model outputs ({have}) do not fit a {layout} grid detector")
+    return [{"role": role, **t.to_dict()} for role, t in zip(roles, found)]
 
 
 def signature_outputs(model: Model) -> list[int] | None:

@@ -67,9 +67,17 @@ def test_convert_gives_a_full_int8_detect_bundle(bundle):
     m = b.manifest
     assert m["task"] == "detect" and m["input"]["resize"] == "letterbox"
     assert m["quantization"]["full_integer"] and m["quantization"]["float_ops"] == []
-    assert m["head"]["type"] == "bayes" and m["head"]["samples"] == 32 and m["head"]["layout"] == "stacked"
-    assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits"]
-    assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, 32 * 8]
+    head = m["head"]
+    assert head["type"] == "bayes" and head["samples"] == 32
+    # --bayes-layout auto: stacked only when its output resolves the spread between samples in >= 4 int8 steps
+    estimate = head["layout_choice"]["stacked_estimate"]["steps"]
+    assert head["layout"] == ("stacked" if estimate >= 4 else "centred")
+    if head["layout"] == "stacked":
+        assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits"]
+        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, 32 * 8]
+    else:
+        assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits", "class_residuals"]
+        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, 8, 32 * 8]
     assert all(o["dtype"] == "int8" for o in m["outputs"])
     det = m["detector"]
     assert det["type"] == "grid" and det["stride"] == 16 and det["grid"] == [SIZE // 16, SIZE // 16]
@@ -216,3 +224,29 @@ def test_grid_decoder_maps_boxes_back_through_letterbox():
     frame_box = transform.boxes_to_frame(d.boxes)[0] * np.array([120, 160, 120, 160])
     # input y 32..64 -> frame (y - 12) / 0.6 = 33.3..86.7; x 40..72 -> 66.7..120
     np.testing.assert_allclose(frame_box, [33.33, 66.67, 86.67, 120.0], atol=0.05)
+
+
+def test_centred_outputs_add_up_to_the_stacked_sample_logits():
+    """Pure logic: the centred layout's mean + residual tensors give the same [cells, K, C] logits as stacked."""
+    from edgeq.detection import GridSpec
+    from edgeq.runtime import TensorInfo
+
+    rng = np.random.default_rng(0)
+    k, c, g = 4, 3, 2
+    samples = rng.normal(size=(g * g, k, c)).astype(np.float32)
+    mean = samples.mean(axis=1, keepdims=True)
+
+    def info(i: int, ch: int) -> TensorInfo:
+        return TensorInfo(f"t{i}", i, (1, g, g, ch), np.dtype(np.float32), 0.0, 0)
+
+    manifest = {"labels": ["a", "b", "c"], "head": {"samples": k, "classes": c, "layout": "centred"},
+                "detector": {"type": "grid", "stride": 16, "grid": [g, g]}}
+    spec = GridSpec.from_manifest(manifest)
+    from edgeq.detection import BoundGrid
+
+    bound = BoundGrid(spec, [info(0, 1), info(1, 4), info(2, c), info(3, k * c)])
+    raw = {2: mean.reshape(1, g, g, c), 3: (samples - mean).reshape(1, g, g, k * c)}
+    np.testing.assert_allclose(bound.class_samples(raw), samples, atol=1e-6)
+    stacked = BoundGrid(GridSpec.from_manifest({**manifest, "head": {**manifest["head"], "layout": "stacked"}}),
+                        [info(0, 1), info(1, 4), info(2, k * c)])
+    np.testing.assert_allclose(stacked.class_samples({2: samples.reshape(1, g, g, k * c)}), samples)
