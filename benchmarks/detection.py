@@ -66,12 +66,12 @@ def measure(argv: list[str] | None) -> dict:
     from edgeq.converter.detect import DetectTrainOptions, train_detector
     from edgeq.converter.detect_convert import export_detector
     from edgeq.converter.models import load_source_model
-    from edgeq.converter.quantize import QuantMode, QuantRecipe, convert_model
-    from edgeq.converter.models import SourceModel
     from edgeq.converter.calibration import load_calibration
+    from edgeq.converter.models import SourceModel
+    from edgeq.converter.quantize import QuantMode, QuantRecipe, convert_model
     from edgeq.converter.train import TrainOptions, train
     from edgeq.datasets import FASHION_MNIST_LABELS, fashion_mnist, write_class_folder
-    from edgeq.detect_eval import evaluate_detector_bundle
+    from edgeq.detect_eval import evaluate_detection
     from edgeq.runtime import Model, interleaved_latency
     from edgeq.scenes import generate_scenes
 
@@ -117,11 +117,10 @@ def measure(argv: list[str] | None) -> dict:
                                    val=str(work / "test") if quant == "int8" else None), log=quiet)
             timings[f"convert_{quant}_s"] = time.perf_counter() - t0
         bundles[quant] = read_bundle(out)
-    quality = {}
-    threshold = bundles["int8"].manifest["detector"]["score_threshold"]  # both scored at the int8 bundle's threshold
-    for quant, b in bundles.items():
-        figs, _, _ = evaluate_detector_bundle(b, str(work / "test"), score_threshold=threshold)
-        quality[quant] = figs
+    # edgeq eval's code, the float32 bundle as the reference: both scored at the int8 bundle's score threshold
+    report, _, _ = evaluate_detection(bundles["int8"], str(work / "test"), str(work / "detector_float32.edgeq"))
+    quality = {"int8": report["models"]["quantized"], "float32": report["models"]["reference"]}
+    for quant, figs in quality.items():
         log(f"{quant}: mAP@0.5 {figs['map50']:.4f}, mAP {figs['map']:.4f}, AUROC {figs['unknown_auroc']}")
 
     # latency: int8 vs float32, and the K-sample class head vs the posterior-mean head, all interleaved

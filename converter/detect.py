@@ -209,11 +209,8 @@ def load_detection_data(path: str, size: int, flag: str = "DATA", category_ids: 
         category_ids = [int(c["id"]) for c in known]
     if not category_ids:
         raise DataError(f"{flag} {coco.path}: every category is marked unknown; a detector needs known classes")
+    coco.require_categories(category_ids, flag, "the training set")
     names = {int(c["id"]): str(c["name"]) for c in coco.categories}
-    missing = [c for c in category_ids if c not in names]
-    if missing:
-        raise DataError(f"{flag} {coco.path}: category ids {missing} of the model are not in its categories; "
-                        "use a set with the training set's categories")
     index = {c: i for i, c in enumerate(category_ids)}
     images, boxes, classes, unknown = [], [], [], []
     for im in progress(coco.images, len(coco.images), f"read {coco.path.parent.name}"):
@@ -352,18 +349,12 @@ class DetectTrainOptions:
 
 def train_detector(opts: DetectTrainOptions, log: Callable[[str], None] = print) -> Any:
     """Train and save the detector; returns a ``TrainResult`` (converter/train.py)."""
-    from .quantize import import_tensorflow
-    from .train import TrainResult, _save_atomic, labels_path
+    from .train import TrainResult, _save_atomic, labels_path, start_training
 
     started = time.perf_counter()
-    parent = opts.output.parent if str(opts.output.parent) else Path(".")
-    if not parent.is_dir():
-        raise ModelError(f"-o {opts.output}: folder {parent} does not exist; create it first")
-    tf = import_tensorflow()
+    start_training(opts.output, opts.seed)
     import keras
 
-    keras.utils.set_random_seed(opts.seed)
-    tf.config.experimental.enable_op_determinism()
     data = load_detection_data(opts.data, opts.input_size)
     val = load_detection_data(opts.val, opts.input_size, "--val", data.category_ids) if opts.val else None
     n_boxes = sum(len(b) for b in data.boxes)

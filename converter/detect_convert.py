@@ -167,7 +167,7 @@ def convert_detector(opts: Any, source: SourceModel, labels: list[str], log: Cal
 
         t0 = time.perf_counter()
         coco = read_coco(opts.val, flag="--val")
-        _check_categories(coco, detector["category_ids"], labels, "--val")
+        coco.require_categories(detector["category_ids"], "--val", source.origin)
         measure = opts.review_measure
         if head["samples"] == 1 and measure != "predictive_entropy":
             raise ModelError(f"--review-measure {measure}: the detector's class head is deterministic; only "
@@ -234,14 +234,6 @@ def _choose_layout(model: Any, opts: Any, calibration: Any, log: Callable[[str],
     return layout, {"mode": "auto", "reason": reason, "stacked_estimate": {"spread": round(spread, 6),
                                                                           "step": round(step, 8),
                                                                           "steps": round(steps, 2)}}
-
-
-def _check_categories(coco: Any, category_ids: list[int], labels: list[str], flag: str) -> None:
-    names = {int(c["id"]): c["name"] for c in coco.categories}
-    missing = [c for c in category_ids if c not in names]
-    if missing:
-        raise ModelError(f"{flag} {coco.path}: the detector's category ids {missing} are not in its categories; "
-                         "give a set with the training set's categories")
 
 
 def _spread_check(float_model: Model, fgrid: Any, model: Model, qgrid: Any, samples: np.ndarray) -> dict[str, Any]:

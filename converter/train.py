@@ -131,20 +131,28 @@ def labels_path(model_path: str | Path) -> Path:
     return p.with_name(p.stem + ".labels.txt")
 
 
-def train(opts: TrainOptions, log: Callable[[str], None] = print) -> TrainResult:
-    started = time.perf_counter()
-    parent = opts.output.parent if str(opts.output.parent) else Path(".")
+def start_training(output: Path, seed: int) -> Any:
+    """Check the output folder before the slow part, import TensorFlow quietly and seed it for reproducible runs;
+    returns the tensorflow module."""
+    parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
-        raise ModelError(f"-o {opts.output}: folder {parent} does not exist; create it first")
+        raise ModelError(f"-o {output}: folder {parent} does not exist; create it first")
     from .quantize import import_tensorflow
 
     tf = import_tensorflow()
     import keras
 
-    from . import bayes
-
-    keras.utils.set_random_seed(opts.seed)
+    keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+    return tf
+
+
+def train(opts: TrainOptions, log: Callable[[str], None] = print) -> TrainResult:
+    started = time.perf_counter()
+    tf = start_training(opts.output, opts.seed)
+    import keras
+
+    from . import bayes
 
     init_model = _load_init(opts.init) if opts.init else None
     if init_model is not None:

@@ -232,32 +232,6 @@ def review_rule(m: Matched, measure: str, target_accuracy: float) -> dict[str, A
     return out
 
 
-def evaluate_detector_bundle(bundle: Any, data: str, threads: int = 1, target_accuracy: float = 0.995,
-                             flag: str = "--data", score_threshold: float | None = None
-                             ) -> tuple[dict[str, Any], list[ImageDetections], CocoSet]:
-    """One detection bundle over a COCO set: its figures, per-image detections and the set. ``score_threshold``
-    (default: the bundle's) sets which detections the matched figures count; compare bundles at one threshold."""
-    from edgeq.detection import GridSpec
-    from edgeq.scenes import read_coco
-
-    coco = read_coco(data, flag=flag)
-    spec = GridSpec.from_manifest(bundle.manifest, str(bundle.path))
-    names = {int(c["id"]) for c in coco.categories}
-    missing = [c for c in spec.category_ids if c not in names]
-    if missing:
-        raise DataError(f"{flag} {coco.path}: the bundle's category ids {missing} are not in its categories; give a "
-                        "COCO set with the training set's categories")
-    model = bundle.load_model(num_threads=threads)
-    grid = spec.bind(model, bundle.manifest["outputs"], str(bundle.path))
-    review = (bundle.manifest.get("head") or {}).get("review") or {}
-    measure = review.get("measure") or ("mutual_information" if spec.samples > 1 else "predictive_entropy")
-    results = run_detector(model, grid, bundle.preprocess_spec, coco, f"detect {bundle.name}")
-    threshold = spec.score_threshold if score_threshold is None else score_threshold
-    figs = detection_figures(results, coco, list(spec.category_ids), threshold, target_accuracy, measure)
-    figs["samples"] = spec.samples
-    return figs, results, coco
-
-
 def is_coco_path(path: str | Path) -> bool:
     """A COCO instances file, or a folder holding ``annotations.json``: what a detection eval takes."""
     p = Path(path)
@@ -296,11 +270,7 @@ def evaluate_detection(bundle: Any, data: str, reference: str | None = None, tar
                         "the folder holding it), not a class folder")
     coco = read_coco(data, flag="--data")
     spec = GridSpec.from_manifest(bundle.manifest, str(bundle.path))
-    names = {int(c["id"]) for c in coco.categories}
-    missing = [c for c in spec.category_ids if c not in names]
-    if missing:
-        raise DataError(f"--data {coco.path}: the bundle's category ids {missing} are not in its categories; give a "
-                        "COCO set with the training set's categories")
+    coco.require_categories(spec.category_ids, "--data", str(bundle.path))
 
     def bundle_run(name: str, b: Any) -> DetectionRun:
         m = b.load_model(num_threads=threads)

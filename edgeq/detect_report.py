@@ -9,14 +9,13 @@ bin). Same page conventions as edgeq/report.py, including the image-count attrib
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgeq import metrics
-from edgeq.report import _colors, _png, check_report_dir
+from edgeq.report import _colors, _png, check_report_dir, write_page
 
 SAMPLE_FRAMES = 6
 
@@ -133,12 +132,7 @@ def write_detection_report(report: dict[str, Any], runs: list[Any], coco: Any, o
     roc_html = (f"<img alt='unknown_roc' src='{roc}'>" if roc else
                 "<p>Not measured: the set has no detections of unknown objects (categories with supercategory "
                 "'unknown'), or none of known ones.</p>")
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>edgeq eval: {html.escape(report['name'])}</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
-</head><body>
-<h1>edgeq eval: {html.escape(report['name'])} (detection)</h1>
+    page_body = f"""<h1>edgeq eval: {html.escape(report['name'])} (detection)</h1>
 <p>Bundle {html.escape(report['bundle'])}; {report['count']} images from {html.escape(report['data'])}
 ({len(report['labels'])} known classes). Detections at score &ge; {report['score_threshold']:g} are matched to
 ground truth at IoU &ge; 0.5; mAP comes from pycocotools.</p>
@@ -150,18 +144,5 @@ unknown classes. One row per model.</p><img alt='frames' src='{frames}'>
 {roc_html}
 <h2>Detection reliability</h2><p>Precision per score bin; the dashed line is a calibrated score.</p>
 <img alt='reliability' src='{reliability}'>
-<script>
-window.addEventListener("load", function () {{
-  var imgs = document.images, ok = 0;
-  for (var i = 0; i < imgs.length; i++) if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++;
-  document.body.setAttribute("data-images-loaded", ok);
-  document.body.setAttribute("data-images-total", imgs.length);
-}});
-</script>
-</body></html>
 """
-    path = out / "report.html"
-    tmp = out / ".report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_page(out, f"edgeq eval: {report['name']}", page_body)

@@ -41,6 +41,31 @@ def check_report_dir(path: str | Path) -> Path:
     return p
 
 
+def write_page(out: Path, title: str, body: str) -> Path:
+    """``out/report.html``, written atomically: ``body`` (HTML) in the page shell with the image-count script."""
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
+</head><body>
+{body}
+<script>
+window.addEventListener("load", function () {{
+  var imgs = document.images, ok = 0;
+  for (var i = 0; i < imgs.length; i++) if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++;
+  document.body.setAttribute("data-images-loaded", ok);
+  document.body.setAttribute("data-images-total", imgs.length);
+}});
+</script>
+</body></html>
+"""
+    path = out / "report.html"
+    tmp = out / ".report.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
@@ -180,29 +205,11 @@ def write_report(report: dict[str, Any], runs: list[Any], out_dir: str | Path) -
     else:
         figures += ("<h2>Per-layer quantisation error</h2><p>Not recorded for this bundle: convert it with "
                     "--layer-errors.</p>")
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>edgeq eval: {html.escape(report['name'])}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
-</head><body>
-<h1>edgeq eval: {html.escape(report['name'])}</h1>
+    page_body = f"""<h1>edgeq eval: {html.escape(report['name'])}</h1>
 <p>Bundle {html.escape(report['bundle'])}; {report['count']} images from {html.escape(report['data'])}
 ({len(report['labels'])} classes){f"; {report['ood_count']} out-of-distribution images" if report['ood_count'] else ""}.
 Uncertainty for referral: {html.escape(report['uncertainty_measure'].replace('_', ' '))}.</p>
 <table><tr><th></th>{head}</tr>{body}</table>{agree}
 {figures}
-<script>
-window.addEventListener("load", function () {{
-  var imgs = document.images, ok = 0;
-  for (var i = 0; i < imgs.length; i++) if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++;
-  document.body.setAttribute("data-images-loaded", ok);
-  document.body.setAttribute("data-images-total", imgs.length);
-}});
-</script>
-</body></html>
 """
-    path = out / "report.html"
-    tmp = out / ".report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_page(out, f"edgeq eval: {report['name']}", page_body)

@@ -155,6 +155,14 @@ class CocoSet:
     def image_path(self, image: dict[str, Any]) -> Path:
         return self.image_dir / image["file_name"]
 
+    def require_categories(self, category_ids: list[int] | tuple[int, ...], flag: str, owner: str) -> None:
+        """Refuse a set that lacks any of ``owner``'s (a model's, a bundle's) COCO category ids."""
+        have = {int(c["id"]) for c in self.categories}
+        missing = [int(c) for c in category_ids if int(c) not in have]
+        if missing:
+            raise DataError(f"{flag} {self.path}: {owner}'s category ids {missing} are not in its categories; give a "
+                            "COCO set with the training set's categories")
+
 
 def read_coco(path: str | Path, image_dir: str | Path | None = None, flag: str = "DATA") -> CocoSet:
     """Load and check a COCO instances file. ``image_dir`` defaults to ``images/`` next to it, else its folder."""
