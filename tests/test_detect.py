@@ -162,7 +162,13 @@ def test_eval_reports_map_calibration_and_unknown_auroc(bundle, detector, scenes
                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     n = text.count("data:image/png;base64,")
     assert f'data-images-loaded="{n}"' in out.stdout, out.stdout[:500]
-    # plain text: the two models side by side
+    # plain text, with another bundle side by side (here a copy: its figures must equal the bundle's)
+    other = tmp_path / "copy.edgeq"
+    shutil.copy(bundle, other)
+    r = run_edgeq("eval", str(bundle), "--data", str(scenes["val"]), "--compare", str(other), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    models = json.loads(r.stdout)["models"]
+    assert models["copy"]["map50"] == models["quantized"]["map50"] and models["copy"]["detections"] == models["quantized"]["detections"]
     r = run_edgeq("eval", str(bundle), "--data", str(scenes["val"]))
     assert r.returncode == 0 and "mAP@0.5" in r.stdout and "AUROC unknown" in r.stdout
 
