@@ -230,6 +230,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     from .train import TrainOptions, train
 
+    def given(value: Any, default: Any) -> Any:  # 0 is a value to refuse, not a missing one
+        return default if value is None else value
+
     if args.task == "detect":
         from edgeq.errors import ModelError
 
@@ -240,8 +243,8 @@ def run_train(args: argparse.Namespace) -> int:
                              "head on frozen features by itself")
         opts = DetectTrainOptions(
             data=args.data, output=args.output, val=args.val, head=args.head or "bayes", alpha=args.alpha,
-            input_size=args.input_size or 192, epochs=args.epochs or 20, bayes_epochs=args.bayes_epochs,
-            batch_size=args.batch_size, lr=args.lr or 2e-3, seed=args.seed, prior_sigma=args.prior_sigma,
+            input_size=given(args.input_size, 192), epochs=given(args.epochs, 20), bayes_epochs=args.bayes_epochs,
+            batch_size=args.batch_size, lr=given(args.lr, 2e-3), seed=args.seed, prior_sigma=args.prior_sigma,
             augment=args.augment, augment_copies=args.augment_copies, normalization=args.normalize,
             init_backbone=args.init_backbone,
         )
@@ -252,8 +255,8 @@ def run_train(args: argparse.Namespace) -> int:
 
             raise ModelError("--init-backbone applies to --task detect; a classifier starts from --init MODEL.keras")
         opts = TrainOptions(
-            data=args.data, output=args.output, arch=args.arch, alpha=args.alpha, input_size=args.input_size or 96,
-            head=args.head or "dense", epochs=args.epochs or 10, val=args.val, freeze_backbone=args.freeze_backbone,
+            data=args.data, output=args.output, arch=args.arch, alpha=args.alpha, input_size=given(args.input_size, 96),
+            head=args.head or "dense", epochs=given(args.epochs, 10), val=args.val, freeze_backbone=args.freeze_backbone,
             init=args.init, seed=args.seed, batch_size=args.batch_size, lr=args.lr, prior_sigma=args.prior_sigma,
             augment=args.augment, augment_copies=args.augment_copies, normalization=args.normalize,
         )

@@ -338,6 +338,10 @@ class DetectTrainOptions:
             raise ModelError(f"--epochs {self.epochs} / --bayes-epochs {self.bayes_epochs}: give at least 1")
         if self.batch_size < 1:
             raise ModelError(f"--batch-size {self.batch_size}: give at least 1")
+        if not self.lr > 0:
+            raise ModelError(f"--lr {self.lr}: give a positive learning rate, e.g. 2e-3")
+        if self.augment_copies < 0:
+            raise ModelError(f"--augment-copies {self.augment_copies}: give 0 or more")
         if self.prior_sigma <= 0:
             raise ModelError(f"--prior-sigma {self.prior_sigma}: give a positive standard deviation, e.g. 0.1")
         if self.input_size % STRIDE or self.input_size < 4 * STRIDE:

@@ -203,6 +203,15 @@ def test_train_refuses_broken_coco_sets(scenes, tmp_path, edit, needle):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags,needle", [
+    (["--epochs", "0"], "--epochs 0"), (["--input-size", "100"], "multiple of 16"), (["--lr", "0"], "--lr 0"),
+    (["--freeze-backbone"], "--freeze-backbone"),
+])
+def test_train_detect_refuses_bad_options(scenes, tmp_path, flags, needle):
+    assert_clean_error(run_edgeq("train", "--task", "detect", str(scenes["train"]), "-o", str(tmp_path / "m.keras"),
+                                 *flags), needle)
+
+
 def test_convert_refuses_what_a_detector_does_not_take(detector, scenes, tmp_path):
     out = tmp_path / "x.edgeq"
     assert_clean_error(run_edgeq("convert", str(detector), "--calib", str(scenes["train"]), "--clusters", "16",
