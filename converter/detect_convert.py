@@ -155,6 +155,8 @@ def convert_detector(opts: Any, source: SourceModel, labels: list[str], log: Cal
     pseudo = {"labels": labels, "head": head, "detector": detector}
     gspec = GridSpec.from_manifest(pseudo)
     qgrid, fgrid = gspec.bind(model, outputs), gspec.bind(float_model, float_outputs)
+    probe = calibration.samples[:1] if calibration is not None else np.zeros((1, height, width, channels), np.float32)
+    _check_roles(exported, float_model, fgrid, probe)
     if head["samples"] > 1 and calibration is not None:
         head["spread"] = _spread_check(float_model, fgrid, model, qgrid, calibration.samples[:32])
         if head["spread"]["steps"] is not None and head["spread"]["steps"] < 2:
@@ -234,6 +236,20 @@ def _choose_layout(model: Any, opts: Any, calibration: Any, log: Callable[[str],
     return layout, {"mode": "auto", "reason": reason, "stacked_estimate": {"spread": round(spread, 6),
                                                                           "step": round(step, 8),
                                                                           "steps": round(steps, 2)}}
+
+
+def _check_roles(keras_model: Any, float_model: Model, grid: Any, x: np.ndarray) -> None:
+    """Each output role of the float TFLite model must reproduce the Keras output it stands for: shapes alone
+    cannot tell a 4-class deterministic head from the boxes, and the signature order is the converter's promise,
+    not ours."""
+    want = [np.asarray(o, np.float32) for o in keras_model.predict(x.astype(np.float32), verbose=0)]
+    float_model.set_input(x.astype(np.float32))
+    float_model.invoke()
+    for role, t, w in zip(grid.spec.roles, grid.tensors, want):
+        got = float_model.get_float(t)
+        if got.size != w.size or not np.allclose(got.reshape(w.shape), w, atol=1e-3 * max(1.0, float(np.abs(w).max()))):
+            raise QuantizationError(f"converted output {t.name} does not match the model's {role!r} output; the "
+                                    "output roles could not be identified (this is a bug, please report it)")
 
 
 def _spread_check(float_model: Model, fgrid: Any, model: Model, qgrid: Any, samples: np.ndarray) -> dict[str, Any]:

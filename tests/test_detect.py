@@ -265,3 +265,27 @@ def test_centred_outputs_add_up_to_the_stacked_sample_logits():
     stacked = BoundGrid(GridSpec.from_manifest({**manifest, "head": {**manifest["head"], "layout": "stacked"}}),
                         [info(0, 1), info(1, 4), info(2, k * c)])
     np.testing.assert_allclose(stacked.class_samples({2: samples.reshape(1, g, g, k * c)}), samples)
+
+
+def test_conversion_checks_each_output_role_against_the_keras_model(detector):
+    """Roles come from the TFLite signature's order; the converter verifies them numerically, so a swap (which
+    shapes alone would miss for a 4-class deterministic head) is an error, not a silently wrong bundle."""
+    from edgeq.converter.detect_convert import _check_roles, export_detector
+    from edgeq.converter.models import SourceModel, load_source_model
+    from edgeq.converter.quantize import QuantMode, QuantRecipe, convert_model
+    from edgeq.detection import BoundGrid, GridSpec, describe_grid_outputs, signature_outputs
+    from edgeq.errors import QuantizationError
+    from edgeq.runtime import Model
+
+    source = load_source_model(str(detector))
+    exported, head = export_detector(source.keras_model, 4, layout="stacked")
+    model = Model(convert_model(SourceModel(exported, None, source.input_shape, 1, "d", "d"),
+                                QuantRecipe(QuantMode.FLOAT32), None))
+    manifest = {"labels": [str(i) for i in range(head["classes"])], "head": head,
+                "detector": {"type": "grid", "stride": 16, "grid": [SIZE // 16, SIZE // 16]}}
+    grid = GridSpec.from_manifest(manifest).bind(model, describe_grid_outputs(model, signature_outputs(model)))
+    x = np.random.default_rng(0).uniform(-1, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
+    _check_roles(exported, model, grid, x)  # the right roles pass
+    swapped = BoundGrid(grid.spec, [grid.tensors[1], grid.tensors[0], grid.tensors[2]])
+    with pytest.raises(QuantizationError, match="output roles"):
+        _check_roles(exported, model, swapped, x)
