@@ -114,6 +114,16 @@ def convert_detector(opts: Any, source: SourceModel, labels: list[str], log: Cal
     height, width, channels = source.input_shape
     mean, std = NORMALIZATIONS[opts.normalization]
     spec = PreprocessSpec(height, width, channels, opts.color_order, opts.resize, (mean,), (std,))
+    coco = None
+    if opts.val:  # before the slow part: a broken --val fails fast
+        from edgeq.scenes import read_coco
+
+        coco = read_coco(opts.val, flag="--val")
+        coco.require_categories(info["category_ids"], "--val", source.origin)
+        if not isinstance(class_head(source.keras_model), bayes.bayes_dense_class()) and \
+                opts.review_measure != "predictive_entropy":
+            raise ModelError(f"--review-measure {opts.review_measure}: the detector's class head is deterministic; "
+                             "only predictive_entropy applies")
     calibration = None
     if opts.quant.needs_calibration:
         t0 = time.perf_counter()
@@ -163,17 +173,11 @@ def convert_detector(opts: Any, source: SourceModel, labels: list[str], log: Cal
             log(f"warning: the class samples spread over only {head['spread']['steps']:.1f} output quantisation "
                 "steps; int8 distorts mutual information below about 2")
     validation = None
-    if opts.val:
+    if coco is not None:
         from edgeq.detect_eval import best_f1_threshold, detection_figures, run_detector
-        from edgeq.scenes import read_coco
 
         t0 = time.perf_counter()
-        coco = read_coco(opts.val, flag="--val")
-        coco.require_categories(detector["category_ids"], "--val", source.origin)
         measure = opts.review_measure
-        if head["samples"] == 1 and measure != "predictive_entropy":
-            raise ModelError(f"--review-measure {measure}: the detector's class head is deterministic; only "
-                             "predictive_entropy applies")
         results = {name: run_detector(m, g, spec, coco, f"val {name}")
                    for name, m, g in (("float", float_model, fgrid), ("quantized", model, qgrid))}
         best = best_f1_threshold(results["quantized"], coco, detector["category_ids"])

@@ -219,6 +219,18 @@ def test_convert_refuses_what_a_detector_does_not_take(detector, scenes, tmp_pat
     assert_clean_error(run_edgeq("convert", str(detector), "--calib", str(scenes["train"]), "--quant", "float16",
                                  "-o", str(out)), "float16")
     assert not out.exists()
+    # a --val of other categories fails before any conversion
+    other = tmp_path / "other"
+    shutil.copytree(scenes["val"], other)
+    doc = json.loads((other / "annotations.json").read_text())
+    for c in doc["categories"]:
+        c["id"] += 100
+    for a in doc["annotations"]:
+        a["category_id"] += 100
+    (other / "annotations.json").write_text(json.dumps(doc))
+    assert_clean_error(run_edgeq("convert", str(detector), "--calib", str(scenes["train"]), "--val", str(other),
+                                 "-o", str(out)), "category ids", "--val")
+    assert not out.exists()
 
 
 def test_grid_decoder_maps_boxes_back_through_letterbox():
