@@ -1,0 +1,73 @@
+"""Pure logic of detection evaluation on hand-built detections: greedy matching, mAP through pycocotools, D-ECE,
+the F1 score threshold and the known/unknown split of the AUROC."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeq import metrics
+from edgeq.detect_eval import ImageDetections, best_f1_threshold, coco_map, detection_figures, match
+from edgeq.detection import Detections
+from edgeq.scenes import CocoSet
+
+KNOWN, UNKNOWN = 1, 2  # COCO category ids; class index 0 is category 1
+
+
+def _coco(boxes: dict[int, list[tuple[float, float, float, float]]], cats: dict[int, list[int]]) -> CocoSet:
+    images = [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in boxes]
+    categories = [{"id": KNOWN, "name": "thing", "supercategory": "fashion"},
+                  {"id": UNKNOWN, "name": "other", "supercategory": "unknown"}]
+    return CocoSet(Path("annotations.json"), Path("."), images, categories,
+                   {i: np.asarray(b, np.float32).reshape(-1, 4) for i, b in boxes.items()},
+                   {i: np.asarray(c, np.int64) for i, c in cats.items()})
+
+
+def _dets(image_id: int, boxes: list[tuple[float, ...]], scores: list[float], mi: list[float]) -> ImageDetections:
+    n = len(scores)
+    z = np.zeros(n, np.float32)
+    d = Detections(np.zeros((n, 4), np.float32), np.zeros(n, np.int64), np.asarray(scores, np.float32),
+                   np.asarray(scores, np.float32), np.ones((n, 1), np.float32), z, z, np.asarray(mi, np.float32), z, 4)
+    return ImageDetections(image_id, np.asarray(boxes, np.float32).reshape(-1, 4), d)
+
+
+def test_matching_is_greedy_by_score_and_needs_iou_half():
+    gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 26, 26], [50, 50, 60, 60]], np.float32)
+    # the second box overlaps the first ground truth too, but the higher-scored first one took it
+    assert match(boxes, np.array([0.9, 0.8, 0.7, 0.6]), gt).tolist() == [0, -1, -1, -1]  # IoU 0.36 < 0.5
+    assert match(boxes, np.array([0.5, 0.9, 0.7, 0.6]), gt).tolist() == [-1, 0, -1, -1]
+
+
+def test_coco_map_perfect_shifted_and_empty():
+    coco = _coco({1: [(10, 10, 50, 50)], 2: [(20, 20, 60, 60)]}, {1: [KNOWN], 2: [KNOWN]})
+    perfect = [_dets(1, [(10, 10, 50, 50)], [0.9], [0.0]), _dets(2, [(20, 20, 60, 60)], [0.8], [0.0])]
+    assert coco_map(perfect, coco, [KNOWN]) == {"map": 1.0, "map50": 1.0}
+    shifted = [_dets(1, [(14, 10, 54, 50)], [0.9], [0.0]), _dets(2, [(24, 20, 64, 60)], [0.8], [0.0])]  # IoU 0.82
+    m = coco_map(shifted, coco, [KNOWN])
+    assert m["map50"] == 1.0 and 0.3 < m["map"] < 0.9
+    assert coco_map([_dets(1, [], [], []), _dets(2, [], [], [])], coco, [KNOWN]) == {"map": 0.0, "map50": 0.0}
+
+
+def test_detection_calibration_error():
+    scores = np.full(10, 0.8)
+    assert metrics.detection_calibration_error(scores, np.array([1] * 8 + [0] * 2)) == pytest.approx(0.0)
+    assert metrics.detection_calibration_error(scores, np.array([1] * 5 + [0] * 5)) == pytest.approx(0.3)
+
+
+def test_f1_threshold_and_unknown_auroc():
+    # image 1: a known object found at 0.9, a false detection at 0.4; image 2: an unknown object detected at 0.7
+    coco = _coco({1: [(10, 10, 50, 50)], 2: [(10, 10, 50, 50)]}, {1: [KNOWN], 2: [UNKNOWN]})
+    results = [_dets(1, [(10, 10, 50, 50), (60, 60, 90, 90)], [0.9, 0.4], [0.01, 0.2]),
+               _dets(2, [(10, 10, 50, 50)], [0.7], [0.5])]
+    best = best_f1_threshold(results, coco, [KNOWN])
+    # keeping only the 0.9 detection: 1 TP, 0 FP, 0 FN of the one known object -> F1 1.0
+    assert best["threshold"] == pytest.approx(0.9) and best["f1"] == 1.0 and best["known_objects"] == 1
+    figs = detection_figures(results, coco, [KNOWN], 0.3, review_measure="mutual_information")
+    assert figs["matched_known"] == 1 and figs["matched_unknown"] == 1 and figs["unmatched"] == 1
+    assert figs["label_accuracy_known"] == 1.0
+    # the detection of the unknown object has the higher mutual information: perfectly told apart
+    assert figs["unknown_auroc"]["mutual_information"] == 1.0
+    assert figs["unknown_auroc"]["one_minus_score"] == 1.0  # its score (0.7) is lower too
