@@ -166,6 +166,16 @@ def register() -> None:
     bayes_dense_class()
 
 
+def start_at(layer: Any, kernel: np.ndarray, bias: np.ndarray) -> Any:
+    """Build a BayesDense ``layer`` for ``kernel``'s input width with its posterior and prior means at the given
+    (deterministic) weights, MOPED-style (see the module docstring); returns the layer."""
+    layer.build((None, kernel.shape[0]))
+    for var, value in ((layer.kernel_mu, kernel), (layer.bias_mu, bias), (layer.prior_kernel_mu, kernel),
+                       (layer.prior_bias_mu, bias)):
+        var.assign(value)
+    return layer
+
+
 def find_bayes_heads(model: Any) -> list[Any]:
     cls = bayes_dense_class()
     return [layer for layer in leaf_layers(model) if isinstance(layer, cls)]

@@ -467,12 +467,9 @@ def _train_bayes_class_head(model: Any, data: DetectionData, pre: Preprocessor, 
         f"{opts.bayes_epochs} epochs, prior N(stage-1 weights, {opts.prior_sigma}^2)")
     kernel, bias = head.get_weights()
     kernel = kernel.reshape(kernel.shape[-2], kernel.shape[-1])
-    layer = bayes.bayes_dense_class()(len(data.labels), prior_sigma=opts.prior_sigma, kl_weight=1.0 / len(x),
-                                      seed=opts.seed, name=BAYES_CLASS_HEAD)
-    layer.build((None, kernel.shape[0]))
-    for var, value in ((layer.kernel_mu, kernel), (layer.bias_mu, bias), (layer.prior_kernel_mu, kernel),
-                       (layer.prior_bias_mu, bias)):
-        var.assign(value)
+    layer = bayes.start_at(bayes.bayes_dense_class()(len(data.labels), prior_sigma=opts.prior_sigma,
+                                                     kl_weight=1.0 / len(x), seed=opts.seed, name=BAYES_CLASS_HEAD),
+                           kernel, bias)
     inp = keras.Input((kernel.shape[0],), name="cell_features")
     head_model = keras.Model(inp, layer(inp))
     head_model.compile(optimizer=keras.optimizers.Adam(1e-2),

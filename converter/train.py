@@ -249,11 +249,7 @@ def _make_head(opts: TrainOptions, classes: int, n: int, init: tuple[np.ndarray,
     layer = bayes.bayes_dense_class()(classes, prior_sigma=opts.prior_sigma, kl_weight=1.0 / n, seed=opts.seed,
                                       name="bayes_logits")
     if init is not None:
-        layer.build((None, init[0].shape[0]))
-        layer.kernel_mu.assign(init[0])
-        layer.bias_mu.assign(init[1])
-        layer.prior_kernel_mu.assign(init[0])
-        layer.prior_bias_mu.assign(init[1])
+        bayes.start_at(layer, init[0], init[1])
     return layer
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgeq.errors import BundleError
+from edgeq.heads import bind_roles
 from edgeq.runtime import Model, TensorInfo
 from edgeq.uncertainty import summarize
 
@@ -162,17 +163,11 @@ class GridSpec:
                 "class_residuals": kc}[role]
 
     def bind(self, model: Model, outputs: list[dict[str, Any]], where: str = "manifest") -> "BoundGrid":
-        by_role = {o.get("role"): o for o in outputs}
-        tensors = []
-        for role in self.roles:
-            o = by_role.get(role)
-            if o is None:
-                raise BundleError(f"{where}: outputs have no {role!r} entry, which a grid detector needs")
-            t = model.find_output(o.get("name"), o.get("shape"))
+        tensors = bind_roles(model, outputs, self.roles, "a grid detector", where)
+        for role, t in zip(self.roles, tensors):
             want = (1, *self.grid, self.channels(role))
             if tuple(int(d) for d in t.shape) != want:
                 raise BundleError(f"{where}: output {role!r} has shape {list(t.shape)}, expected {list(want)}")
-            tensors.append(t)
         return BoundGrid(self, tensors)
 
 

@@ -54,14 +54,21 @@ class HeadSpec:
         return LAYOUT_ROLES[self.layout]
 
     def bind(self, model: Model, outputs: list[dict[str, Any]], where: str = "manifest") -> "BoundHead":
-        by_role = {o.get("role"): o for o in outputs}
-        tensors = []
-        for role in self.roles:
-            spec = by_role.get(role)
-            if spec is None:
-                raise BundleError(f"{where}: outputs have no {role!r} entry, which a {self.layout} head needs")
-            tensors.append(model.find_output(spec.get("name"), spec.get("shape")))
-        return BoundHead(self, tensors)
+        return BoundHead(self, bind_roles(model, outputs, self.roles, f"a {self.layout} head", where))
+
+
+def bind_roles(model: Model, outputs: list[dict[str, Any]], roles: tuple[str, ...], needs: str,
+               where: str = "manifest") -> list[TensorInfo]:
+    """The model's output tensor for each of ``roles``, found by the manifest's name and shape (never by index
+    order); a missing role is refused, naming ``needs`` (what requires it)."""
+    by_role = {o.get("role"): o for o in outputs}
+    tensors = []
+    for role in roles:
+        spec = by_role.get(role)
+        if spec is None:
+            raise BundleError(f"{where}: outputs have no {role!r} entry, which {needs} needs")
+        tensors.append(model.find_output(spec.get("name"), spec.get("shape")))
+    return tensors
 
 
 @dataclass(frozen=True)

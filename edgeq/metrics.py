@@ -31,6 +31,18 @@ def _bin_index(values: np.ndarray, bins: int) -> np.ndarray:
     return np.clip(np.ceil(values * bins).astype(np.int64) - 1, 0, bins - 1)
 
 
+def _binned_gap(values: np.ndarray, outcomes: np.ndarray, bins: int) -> float:
+    """``sum_b (|B_b| / N) * |mean outcome(B_b) - mean value(B_b)|`` over :func:`_bin_index`'s bins of ``values``
+    in [0, 1]: the form D-ECE and UCE share."""
+    which = _bin_index(values, bins)
+    total = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            total += in_bin.mean() * abs(outcomes[in_bin].mean() - values[in_bin].mean())
+    return float(total)
+
+
 def reliability_bins(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> dict[str, list]:
     """Confidence histogram of a reliability diagram: ``bins`` equal-width bins of the confidence ``max_c p[i, c]``;
     bin b holds confidences in ``((b-1)/bins, b/bins]`` (the first also takes 0). Per bin: count, mean confidence
@@ -68,13 +80,7 @@ def detection_calibration_error(scores: np.ndarray, correct: np.ndarray, bins: i
     c = np.asarray(correct, dtype=np.float64).reshape(-1)
     if len(s) == 0 or len(s) != len(c):
         raise ValueError("detection_calibration_error needs one correctness flag per score, and at least one score")
-    which = _bin_index(s, bins)
-    total = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            total += in_bin.sum() / len(s) * abs(c[in_bin].mean() - s[in_bin].mean())
-    return float(total)
+    return _binned_gap(s, c, bins)
 
 
 def roc_auc(negatives: np.ndarray, positives: np.ndarray) -> float:
@@ -130,13 +136,7 @@ def uncertainty_calibration_error(uncertainty: np.ndarray, correct: np.ndarray, 
         raise ValueError("uncertainty_calibration_error needs one correctness flag per value")
     if u.min() < 0 or u.max() > 1 + 1e-9:
         raise ValueError("uncertainty must be normalised to [0, 1]")
-    which = _bin_index(u, bins)
-    total = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            total += in_bin.mean() * abs(wrong[in_bin].mean() - u[in_bin].mean())
-    return float(total)
+    return _binned_gap(u, wrong, bins)
 
 
 def selective_accuracy_curve(uncertainty: np.ndarray, correct: np.ndarray, points: int = 21) -> dict[str, list[float]]:
