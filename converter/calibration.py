@@ -7,9 +7,10 @@ or a ``.npy``/``.npz`` array of uint8 images in RGB order, shaped (N, H, W) or (
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -36,6 +37,16 @@ class CalibrationSet:
     def representative_dataset(self) -> Iterator[list[np.ndarray]]:
         for sample in self.samples:
             yield [sample[None, ...]]
+
+
+def load_calibration_logged(path: str | Path, spec: PreprocessSpec, max_samples: int, timings: dict[str, float],
+                            log: Callable[[str], None]) -> CalibrationSet:
+    """:func:`load_calibration` as ``edgeq convert`` runs it: timed into ``timings["calibration_s"]`` and logged."""
+    t0 = time.perf_counter()
+    calibration = load_calibration(path, spec, max_samples)
+    timings["calibration_s"] = time.perf_counter() - t0
+    log(f"calibration: {len(calibration.samples)} samples from {calibration.source} ({calibration.kind})")
+    return calibration
 
 
 def load_calibration(path: str | Path, spec: PreprocessSpec, max_samples: int = 200) -> CalibrationSet:

@@ -24,7 +24,7 @@ from edgeq.runtime import Model, load_runtime, quantize_values
 from edgeq.uncertainty import summarize
 
 from . import bayes
-from .calibration import load_calibration
+from .calibration import load_calibration_logged
 from .detect import class_head, read_detect_info
 from .models import SourceModel
 from .quantize import QuantMode, QuantRecipe, convert_model, describe_float_ops, float_ops, quiet_output
@@ -124,14 +124,10 @@ def convert_detector(opts: Any, source: SourceModel, labels: list[str], log: Cal
                 opts.review_measure != "predictive_entropy":
             raise ModelError(f"--review-measure {opts.review_measure}: the detector's class head is deterministic; "
                              "only predictive_entropy applies")
-    calibration = None
-    if opts.quant.needs_calibration:
-        t0 = time.perf_counter()
-        calibration = load_calibration(opts.calib, spec, opts.calib_samples)
-        timings["calibration_s"] = time.perf_counter() - t0
-        log(f"calibration: {len(calibration.samples)} samples from {calibration.source} ({calibration.kind})")
-    layout, choice = _choose_layout(source.keras_model, opts, calibration, log)
-    exported, head = export_detector(source.keras_model, opts.bayes_samples, opts.bayes_seed, layout=layout)
+    calibration = (load_calibration_logged(opts.calib, spec, opts.calib_samples, timings, log)
+                   if opts.quant.needs_calibration else None)
+    layout, choice, stacked = _choose_layout(source.keras_model, opts, calibration, log)
+    exported, head = stacked or export_detector(source.keras_model, opts.bayes_samples, opts.bayes_seed, layout=layout)
     if choice:
         head["layout_choice"] = choice
     if head["samples"] > 1:
@@ -214,16 +210,19 @@ def convert_detector(opts: Any, source: SourceModel, labels: list[str], log: Cal
     return ConvertResult(opts.output, manifest, report, timings)
 
 
-def _choose_layout(model: Any, opts: Any, calibration: Any, log: Callable[[str], None]) -> tuple[str, dict | None]:
+def _choose_layout(model: Any, opts: Any, calibration: Any, log: Callable[[str], None]
+                   ) -> tuple[str, dict | None, tuple[Any, dict[str, Any]] | None]:
     """``--bayes-layout auto`` (the default): stacked when its int8 output would resolve the spread between samples
     in at least ``bayes.AUTO_MIN_STEPS`` steps, else centred (the classifier's rule, docs/bayesian.md). The spread
-    is measured at the cells most likely to hold an object, the output step over all cells, on the float model."""
+    is measured at the cells most likely to hold an object, the output step over all cells, on the float model.
+    Returns the layout, the manifest's record of the choice, and the stacked export when that is the one chosen
+    (it was built to measure it)."""
     if not isinstance(class_head(model), bayes.bayes_dense_class()):
-        return "single", None
+        return "single", None, None
     if opts.bayes_layout != "auto":
-        return opts.bayes_layout, {"mode": opts.bayes_layout}
+        return opts.bayes_layout, {"mode": opts.bayes_layout}, None
     if calibration is None:
-        return "centred", {"mode": "auto", "reason": "no calibration data to measure the spread: centred"}
+        return "centred", {"mode": "auto", "reason": "no calibration data to measure the spread: centred"}, None
     exported, head = export_detector(model, opts.bayes_samples, opts.bayes_seed, layout="stacked")
     x = calibration.samples[:32]
     obj, _, cls = (np.asarray(o, np.float64) for o in exported.predict(x, batch_size=16, verbose=0))
@@ -237,9 +236,9 @@ def _choose_layout(model: Any, opts: Any, calibration: Any, log: Callable[[str],
     reason = (f"stacked output would resolve the spread in {steps:.2f} int8 steps "
               f"({'>=' if layout == 'stacked' else '<'} {bayes.AUTO_MIN_STEPS:g}): {layout}")
     log(f"bayes layout: {reason}")
-    return layout, {"mode": "auto", "reason": reason, "stacked_estimate": {"spread": round(spread, 6),
-                                                                          "step": round(step, 8),
-                                                                          "steps": round(steps, 2)}}
+    choice = {"mode": "auto", "reason": reason,
+              "stacked_estimate": {"spread": round(spread, 6), "step": round(step, 8), "steps": round(steps, 2)}}
+    return layout, choice, ((exported, head) if layout == "stacked" else None)
 
 
 def _check_roles(keras_model: Any, float_model: Model, grid: Any, x: np.ndarray) -> None:

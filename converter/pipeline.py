@@ -22,7 +22,7 @@ from edgeq.runtime import Model, load_runtime, quantize_values, weight_kernels
 from edgeq.uncertainty import MEASURES, summarize
 
 from . import bayes
-from .calibration import CalibrationSet, load_calibration
+from .calibration import CalibrationSet, load_calibration_logged
 from .models import SourceModel, load_source_model
 from .train import labels_path
 from .quantize import (
@@ -186,12 +186,8 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Convert
     mean, std = NORMALIZATIONS[opts.normalization]
     spec = PreprocessSpec(height, width, channels, opts.color_order, opts.resize, (mean,), (std,))
 
-    calibration = None
-    if opts.quant.needs_calibration:
-        t0 = time.perf_counter()
-        calibration = load_calibration(opts.calib, spec, opts.calib_samples)
-        timings["calibration_s"] = time.perf_counter() - t0
-        log(f"calibration: {len(calibration.samples)} samples from {calibration.source} ({calibration.kind})")
+    calibration = (load_calibration_logged(opts.calib, spec, opts.calib_samples, timings, log)
+                   if opts.quant.needs_calibration else None)
     clustering = _cluster(source, opts, labels, spec, log) if opts.clusters is not None else None
     source, exported, layout_choice = _export_bayes_head(source, opts, calibration, log)
 

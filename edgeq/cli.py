@@ -70,15 +70,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from edgeq.report import check_report_dir
 
         check_report_dir(args.report)  # before the slow part
-    if read_bundle(args.bundle).task == "detect":
-        return _eval_detection(args)
+    bundle = read_bundle(args.bundle)
+    if bundle.task == "detect":
+        return _eval_detection(args, bundle)
     keras_reference = None  # without TensorFlow, evaluate_bundle says what to install
     if args.reference and not args.reference.endswith((".edgeq", ".tflite")):
         try:
             from edgeq.converter.pipeline import float_reference as keras_reference
         except ImportError:
             pass
-    report, runs = evaluate_bundle(args.bundle, args.data, args.ood, args.reference, args.target_accuracy,
+    report, runs = evaluate_bundle(bundle, args.data, args.ood, args.reference, args.target_accuracy,
                                    args.threads, keras_reference=keras_reference, compare=args.compare or ())
     if args.report:
         from edgeq.report import write_report
@@ -89,27 +90,32 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         from edgeq.report import summary_rows
 
-        names = list(report["models"])
         rows = summary_rows(report)
-        variants = dict(zip(names, rows.pop(0)[1]))  # long: one line each
-        width = max(len(label) for label, _ in rows)
-        print(f"{report['name']}: {report['count']} images" + (f", {report['ood_count']} OOD" if report["ood_count"] else ""))
-        for n, v in variants.items():
-            print(f"  {n}: {html.unescape(v)}")
-        print(f"  {'':<{width}}  " + "  ".join(f"{n:>12}" for n in names))
-        for label, values in rows:
-            print(f"  {label:<{width}}  " + "  ".join(f"{v:>12}" for v in values))
-        if "report" in report:
-            print(f"report: {report['report']}")
+        variants = [html.unescape(v) for v in rows.pop(0)[1]]
+        _print_models(f"{report['name']}: {report['count']} images"
+                      + (f", {report['ood_count']} OOD" if report["ood_count"] else ""), report, variants, rows)
     return 0
 
 
-def _eval_detection(args: argparse.Namespace) -> int:
-    from edgeq.bundle import read_bundle
+def _print_models(title: str, report: dict, variants: list[str], rows: list[tuple[str, list[str]]]) -> None:
+    """An eval's figures as text: the title, how each model was made (long: one line each), then one row per
+    figure with a column per model."""
+    names = list(report["models"])
+    width = max(len(label) for label, _ in rows)
+    print(title)
+    for n, v in zip(names, variants):
+        print(f"  {n}: {v}")
+    print(f"  {'':<{width}}  " + "  ".join(f"{n:>12}" for n in names))
+    for label, values in rows:
+        print(f"  {label:<{width}}  " + "  ".join(f"{v:>12}" for v in values))
+    if "report" in report:
+        print(f"report: {report['report']}")
+
+
+def _eval_detection(args: argparse.Namespace, bundle: object) -> int:
     from edgeq.detect_eval import detection_rows, evaluate_detection
     from edgeq.errors import DataError
 
-    bundle = read_bundle(args.bundle)
     if args.ood:
         raise DataError(f"--ood {args.ood}: a detection eval finds unknown objects in the COCO set itself (categories "
                         "with supercategory 'unknown'); drop --ood")
@@ -128,18 +134,9 @@ def _eval_detection(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    names = list(report["models"])
     rows = detection_rows(report)
-    width = max(len(label) for label, _ in rows)
-    print(f"{report['name']}: {report['count']} images, uncertainty measure {report['uncertainty_measure']}")
-    for label, values in rows[:1]:
-        for n, v in zip(names, values):
-            print(f"  {n}: {v}")
-    print(f"  {'':<{width}}  " + "  ".join(f"{n:>12}" for n in names))
-    for label, values in rows[1:]:
-        print(f"  {label:<{width}}  " + "  ".join(f"{v:>12}" for v in values))
-    if "report" in report:
-        print(f"report: {report['report']}")
+    _print_models(f"{report['name']}: {report['count']} images, uncertainty measure {report['uncertainty_measure']}",
+                  report, rows[0][1], rows[1:])
     return 0
 
 

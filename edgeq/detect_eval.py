@@ -261,7 +261,7 @@ def evaluate_detection(bundle: Any, data: str, reference: str | None = None, tar
     from edgeq.bundle import read_bundle
     from edgeq.detection import GridSpec
     from edgeq.errors import ModelError
-    from edgeq.evaluate import variant
+    from edgeq.evaluate import compare_bundles, variant
     from edgeq.runtime import interleaved_latency
     from edgeq.scenes import read_coco
 
@@ -278,14 +278,7 @@ def evaluate_detection(bundle: Any, data: str, reference: str | None = None, tar
         return DetectionRun(name, m, g, b.preprocess_spec, {"bundle": str(b.path), "bundle_bytes": b.file_size,
                                                             "variant": variant(b.manifest)})
 
-    runs = [bundle_run("quantized", bundle)]
-    for path in compare:
-        if not Path(path).is_file():
-            raise DataError(f"--compare {path}: not found; give another .edgeq detection bundle of the same classes")
-        other = read_bundle(path)
-        if other.task != "detect" or other.labels != bundle.labels:
-            raise DataError(f"--compare {path}: its labels or task differ from {bundle.path}'s; compare models of one task")
-        runs.append(bundle_run(Path(path).stem, other))
+    runs = [bundle_run("quantized", bundle)] + [bundle_run(name, other) for name, other in compare_bundles(compare, bundle)]
     if reference:
         p = Path(reference)
         if not p.exists():

@@ -246,22 +246,46 @@ def _reference_run(path: str, bundle: Any, threads: int, keras_reference: KerasR
     return EvalRun("reference", model, head, bundle.preprocess_spec)
 
 
+def compare_bundles(paths: Sequence[str | Path], bundle: Any, taken: Sequence[str] = ("reference", "quantized")
+                    ) -> list[tuple[str, Any]]:
+    """The ``--compare`` bundles: each must exist and share ``bundle``'s task and labels. Each is named by its file
+    stem, primed (``'``) while the name is taken by another column."""
+    from edgeq.bundle import read_bundle
+
+    names, out = list(taken), []
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"--compare {path}: not found; give another .edgeq bundle of the same classes")
+        other = read_bundle(path)
+        if other.task != bundle.task or other.labels != bundle.labels:
+            raise DataError(f"--compare {path}: its labels or task differ from {bundle.path}'s; compare models of one task")
+        name = Path(path).stem
+        while name in names:
+            name += "'"
+        names.append(name)
+        out.append((name, other))
+    return out
+
+
 def evaluate_bundle(
-    bundle_path: str | Path, data_dir: str | Path, ood_dir: str | Path | None = None, reference: str | None = None,
+    bundle_path: Any, data_dir: str | Path, ood_dir: str | Path | None = None, reference: str | None = None,
     target_accuracy: float = 0.995, threads: int = 1, latency_runs: int = 50,
     keras_reference: KerasReference | None = None, compare: Sequence[str | Path] = (),
 ) -> tuple[dict[str, Any], list[EvalRun]]:
-    """Run the bundle (and the reference, and any ``compare`` bundles, e.g. the unclustered model next to the
-    clustered one, all through the same preprocessing) over a class folder and an optional out-of-distribution
+    """Run the bundle (a path, or a Bundle already read; and the reference, and any ``compare`` bundles, e.g. the
+    unclustered model next to the clustered one, all through the same preprocessing) over a class folder and an optional out-of-distribution
     folder; return every figure as a JSON-ready dict, and the runs for the report's plots."""
-    from edgeq.bundle import read_bundle
+    from edgeq.bundle import Bundle, read_bundle
     from edgeq.datasets import class_folder
     from edgeq.preprocess import list_images
     from edgeq.runtime import interleaved_latency
 
     if not 0.0 < target_accuracy <= 1.0:
         raise DataError(f"--target-accuracy {target_accuracy}: give a fraction in (0, 1], e.g. 0.995")
-    bundle = read_bundle(bundle_path)
+    if isinstance(bundle_path, Bundle):  # already read (and verified) by the caller
+        bundle, bundle_path = bundle_path, bundle_path.path
+    else:
+        bundle = read_bundle(bundle_path)
     if bundle.task != "classify":
         raise DataError(f"{bundle_path}: a {bundle.task!r} bundle; give --data a COCO set (annotations.json), "
                         "edgeq eval scores it as a detector")
@@ -279,16 +303,7 @@ def evaluate_bundle(
         if not ood_files:
             raise DataError(f"--ood {ood_dir}: no jpg/png/bmp images in it; add some or drop --ood")
     runs = [_bundle_run("quantized", bundle_path, bundle, threads, "BUNDLE")]
-    for path in compare:
-        if not Path(path).is_file():
-            raise DataError(f"--compare {path}: not found; give another .edgeq bundle of the same classes")
-        other = read_bundle(path)
-        if other.task != "classify" or other.labels != bundle.labels:
-            raise DataError(f"--compare {path}: its labels or task differ from {bundle_path}'s; compare models of one task")
-        name = Path(path).stem
-        while name in ("reference", *(r.name for r in runs)):
-            name += "'"
-        runs.append(_bundle_run(name, path, other, threads, "--compare"))
+    runs += [_bundle_run(name, other.path, other, threads, "--compare") for name, other in compare_bundles(compare, bundle)]
     if reference:
         runs.insert(0, _reference_run(reference, bundle, threads, keras_reference))
     measure = (bundle.manifest.get("head") or {}).get("review", {}).get("measure", "predictive_entropy")
