@@ -301,3 +301,62 @@ def test_conversion_checks_each_output_role_against_the_keras_model(detector):
     swapped = BoundGrid(grid.spec, [grid.tensors[1], grid.tensors[0], grid.tensors[2]])
     with pytest.raises(QuantizationError, match="output roles"):
         _check_roles(exported, model, swapped, x)
+
+
+def test_init_backbone_is_refused_where_it_cannot_apply(scenes, tiny_keras_path, tmp_path, shapes_dir):
+    out = tmp_path / "m.keras"
+    assert_clean_error(run_edgeq("train", str(shapes_dir), "--init-backbone", str(tiny_keras_path), "-o", str(out)),
+                       "--init-backbone", "--task detect")
+    common = ["train", "--task", "detect", str(scenes["train"]), "-o", str(out), "--input-size", str(SIZE),
+              "--epochs", "1"]
+    assert_clean_error(run_edgeq(*common, "--init-backbone", str(shapes_dir)), "--init-backbone", ".keras")
+    # a model with none of MobileNetV2's layers
+    assert_clean_error(run_edgeq(*common, "--init-backbone", str(tiny_keras_path)), "no layer matches")
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def deterministic_detector(tmp_path_factory) -> Path:
+    """An untrained detector with a deterministic class head (no BayesDense)."""
+    from edgeq.converter.detect import build_detector
+
+    path = tmp_path_factory.mktemp("det-dense") / "dense.keras"
+    build_detector(SIZE, 0.35, 8, seed=1).save(path)
+    return path
+
+
+def test_deterministic_detector_options(deterministic_detector, scenes, tmp_path):
+    out = tmp_path / "x.edgeq"
+    common = ["convert", str(deterministic_detector), "--calib", str(scenes["train"]), "--calib-samples", "10",
+              "-o", str(out)]
+    assert_clean_error(run_edgeq(*common, "--bayes-samples", "8"), "--bayes-samples", "deterministic")
+    assert_clean_error(run_edgeq(*common, "--val", str(scenes["val"]), "--review-measure", "mutual_information"),
+                       "--review-measure", "deterministic")
+    assert_clean_error(run_edgeq(*common, "--bias-correction", "on"), "--bias-correction")
+    assert not out.exists()
+    # and without those, it converts: K = 1, the single layout, three outputs
+    r = run_edgeq(*common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from edgeq.bundle import read_bundle
+
+    m = read_bundle(out).manifest
+    assert m["head"]["samples"] == 1 and m["head"]["layout"] == "single" and len(m["outputs"]) == 3
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda d: d["detector"].pop("stride"), "field 'detector' is invalid"),
+    (lambda d: d["detector"].update(category_ids=[1, 2]), "category_ids has 2 ids for 3 classes"),
+    (lambda d: d["detector"].update(score_threshold=1.5), "score_threshold"),
+    (lambda d: d["head"].update(layout="diagonal"), "head.layout"),
+    (lambda d: d["detector"].update(type="yolo"), "no grid 'detector' block"),
+])
+def test_grid_spec_refuses_a_broken_detector_block(edit, needle):
+    from edgeq.detection import GridSpec
+    from edgeq.errors import BundleError
+
+    manifest = {"labels": ["a", "b", "c"], "head": {"samples": 4, "classes": 3, "layout": "stacked"},
+                "detector": {"type": "grid", "stride": 16, "grid": [6, 6], "category_ids": [1, 2, 3]}}
+    GridSpec.from_manifest(manifest)  # the unbroken block reads
+    edit(manifest)
+    with pytest.raises(BundleError, match=needle.replace("(", r"\(")):
+        GridSpec.from_manifest(manifest, "det.edgeq")
