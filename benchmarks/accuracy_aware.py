@@ -7,14 +7,13 @@
 2. The normal MobileNetV2 of the other benchmarks (0.35/96, trained with ``edgeq train``) over 3 training seeds:
    int8 top-1 with and without bias correction (``--bias-correction on`` vs ``off``).
 
-    python benchmarks/accuracy_aware.py > benchmarks/results/accuracy_aware.json
+    python benchmarks/accuracy_aware.py        # writes benchmarks/results/accuracy_aware.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+
+from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="keep data, models and bundles here")
     args = p.parse_args(argv)
 
-    from edgeq.datasets import fashion_mnist_folders
+    from edgeq.converter.data.datasets import fashion_mnist_folders
 
     result: dict = {"benchmark": "accuracy_aware"}
     with (contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()) as tmp:
@@ -53,14 +54,14 @@ def main(argv: list[str] | None = None) -> int:
             result["hard_model"] = hard(tmp, train_dir, test_dir, labels, args)
             if not args.skip_mnv2:
                 result["mobilenet_v2_bias_correction"] = mnv2(tmp, train_dir, test_dir, args)
-    print(json.dumps(result, indent=2))
+    write_result("accuracy_aware", result)
     return 0
 
 
 def _validation(path: Path) -> dict:
     from edgeq.bundle import read_bundle
 
-    m = read_bundle(path).manifest
+    m = read_bundle(path).manifest.to_json()
     v = m["validation"]
     return {"float_top1": v["float_top1"], "int8_top1": v["quantized_top1"],
             "drop_points": round(100 * (v["float_top1"] - v["quantized_top1"]), 2),
@@ -70,10 +71,10 @@ def _validation(path: Path) -> dict:
 
 def hard(tmp: Path, train_dir: Path, test_dir: Path, labels: list[str], args) -> dict:
     from edgeq.bundle import read_bundle
-    from edgeq.converter import ConvertOptions, convert
-    from edgeq.converter.hardmodels import add_outlier_channel, train_small
-    from edgeq.converter.quantize import quiet_output
-    from edgeq.converter.train import load_folder_arrays
+    from edgeq.converter import convert, recipe_from_flags
+    from fixtures.hardmodels import add_outlier_channel, train_small
+    from edgeq.converter.tf import quiet_output
+    from edgeq.converter.training.classifier import load_folder_arrays
     from edgeq.preprocess import PreprocessSpec
     from edgeq.runtime import interleaved_latency
 
@@ -96,9 +97,9 @@ def hard(tmp: Path, train_dir: Path, test_dir: Path, labels: list[str], args) ->
     paths = {}
     for name, extra in variants.items():
         paths[name] = tmp / f"hard_{name}.edgeq"
-        convert(ConvertOptions(str(path), paths[name], **common, **extra), log=log)
+        convert(recipe_from_flags(str(path), paths[name], **common, **extra), log=log)
         out["variants"][name] = _validation(paths[name])
-        m = read_bundle(paths[name]).manifest
+        m = read_bundle(paths[name]).manifest.to_json()
         out["variants"][name]["model_bytes"] = m["sizes"]["model_tflite"]
         if name == "accuracy_aware":
             aa = m["quantization"]["accuracy_aware"]
@@ -122,8 +123,8 @@ def hard(tmp: Path, train_dir: Path, test_dir: Path, labels: list[str], args) ->
 def mnv2(tmp: Path, train_dir: Path, test_dir: Path, args) -> dict:
     import shutil
 
-    from edgeq.converter import ConvertOptions, convert
-    from edgeq.converter.train import TrainOptions, train
+    from edgeq.converter import convert, recipe_from_flags
+    from edgeq.converter.training.classifier import TrainOptions, train
 
     small = tmp / "train_small"
     if not small.exists():  # a subset for training speed; calibration uses the same images
@@ -143,7 +144,7 @@ def mnv2(tmp: Path, train_dir: Path, test_dir: Path, args) -> dict:
         row = {}
         for mode in ("off", "on"):
             b = tmp / f"mnv2_seed{seed}_bc_{mode}.edgeq"
-            convert(ConvertOptions(str(model), b, calib=str(small), calib_samples=200, val=str(test_dir),
+            convert(recipe_from_flags(str(model), b, calib=str(small), calib_samples=200, val=str(test_dir),
                                    bias_correction=mode), log=log)
             row[mode] = _validation(b)
         out["seeds"][seed] = {"float_top1": row["off"]["float_top1"], "int8_top1_without": row["off"]["int8_top1"],

@@ -11,7 +11,7 @@
 Models go through the real commands' code: ``edgeq train`` (deterministic, then a Bayesian head on frozen
 features initialised from it) and ``edgeq convert``.
 
-    python benchmarks/bayes_head.py [--train 6000] [--test 2000] [--samples 32] > bayes_head.json
+    python benchmarks/bayes_head.py [--train 6000] [--test 2000] [--samples 32]        # writes benchmarks/results/bayes_head.json
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+
+from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -53,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from edgeq.bundle import read_bundle
-    from edgeq.converter import ConvertOptions, convert
-    from edgeq.converter.train import TrainOptions, train
-    from edgeq.datasets import fashion_mnist_folders, mnist_digits
+    from edgeq.converter import convert, recipe_from_flags
+    from edgeq.converter.training.classifier import TrainOptions, train
+    from edgeq.converter.data.datasets import fashion_mnist_folders, mnist_digits
 
     rng = np.random.default_rng(args.seed)
     digits, _ = mnist_digits()
-    result: dict = {"benchmark": "bayes_head", "machine": _machine()}
+    result: dict = {"benchmark": "bayes_head"}
     with (contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()) as tmp:
         tmp = Path(tmp)
         tmp.mkdir(parents=True, exist_ok=True)
@@ -101,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         bundles = {}
         for layout in ("auto", "centred", "stacked"):
             out = tmp / f"bayes_{layout}.edgeq"
-            convert(ConvertOptions(str(tmp / "bayes.keras"), out, calib=str(train_dir), calib_samples=args.calib_samples,
+            convert(recipe_from_flags(str(tmp / "bayes.keras"), out, calib=str(train_dir), calib_samples=args.calib_samples,
                                    val=str(test_dir), bayes_samples=args.samples, bayes_layout=layout), log=log)
             bundles[layout] = out
         det_bundle = tmp / "det.edgeq"
-        convert(ConvertOptions(str(tmp / "det.keras"), det_bundle, calib=str(train_dir),
+        convert(recipe_from_flags(str(tmp / "det.keras"), det_bundle, calib=str(train_dir),
                                calib_samples=args.calib_samples), log=log)
 
-        auto_head = read_bundle(bundles.pop("auto")).manifest["head"]
+        auto_head = read_bundle(bundles.pop("auto")).manifest.to_json()["head"]
         result["auto_layout"] = {"chose": auto_head["layout"], **auto_head["layout_choice"]}
         result["quality"] = {layout: quality(path, tmp / "bayes.keras", test_dir, ood_dir)
                              for layout, path in bundles.items()}
@@ -122,24 +123,24 @@ def main(argv: list[str] | None = None) -> int:
         result["targets"] = {
             "latency_vs_deterministic": 1.05, "top1_points": 0.5, "ece": 0.01, "auroc_mi": 0.01,
         }
-    print(json.dumps(result, indent=2))
+    write_result("bayes_head", result)
     return 0
 
 
 def quality(bundle_path: Path, keras_path: Path, test_dir: Path, ood_dir: Path) -> dict:
     """Float BNN (the same K weight samples, float32 .tflite) vs the int8 QBNN, on the same files."""
-    from edgeq import metrics
+    from edgeq.converter.evaluation import metrics
     from edgeq.bundle import read_bundle
-    from edgeq.converter.pipeline import float_reference
-    from edgeq.datasets import class_folder
-    from edgeq.evaluate import head_logits
+    from edgeq.converter.reference import classifier_reference as float_reference
+    from edgeq.converter.data.datasets import class_folder
+    from edgeq.converter.evaluation.classify import head_logits
     from edgeq.heads import HeadSpec
     from edgeq.uncertainty import summarize
 
     b = read_bundle(bundle_path)
-    head = b.manifest["head"]
+    head = b.manifest.to_json()["head"]
     q_model = b.load_model()
-    q_head = HeadSpec.from_manifest(b.manifest).bind(q_model, b.manifest["outputs"])
+    q_head = HeadSpec.from_manifest(b.manifest).bind(q_model, b.manifest.outputs)
     f_model, f_head = float_reference(str(keras_path), b.manifest)
     data = class_folder(test_dir, b.labels)
     ood_files = sorted(ood_dir.iterdir())
@@ -188,7 +189,7 @@ def latency(bayes_bundle: Path, det_bundle: Path, k: int, runs: int) -> dict:
       so neither model is timed right after the other evicted its weights from the cache.
     """
     from edgeq.bundle import read_bundle
-    from edgeq.converter.quantize import quiet_output
+    from edgeq.converter.tf import quiet_output
     from edgeq.runtime import interleaved_latency
 
     with quiet_output():
@@ -221,10 +222,10 @@ def latency_224(tmp: Path, k: int, runs: int, seed: int) -> dict:
     """The same comparison on MobileNetV2 1.0/224 with 10 classes and random weights (timing only)."""
     import keras
 
-    from edgeq.converter import ConvertOptions, convert
-    from edgeq.converter.bayes import bayes_dense_class
-    from edgeq.converter.models import build_mobilenet_v2
-    from edgeq.synthetic import write_shape_folder
+    from edgeq.converter import convert, recipe_from_flags
+    from edgeq.converter.models.bayes import bayes_dense_class
+    from edgeq.converter.stages.load import build_mobilenet_v2
+    from fixtures.synthetic import write_shape_folder
 
     write_shape_folder(tmp / "calib224", per_class=20, size=224, seed=3)
     base = build_mobilenet_v2(224, 1.0, 10, None, seed)
@@ -234,24 +235,14 @@ def latency_224(tmp: Path, k: int, runs: int, seed: int) -> dict:
     head = bayes_dense_class()(10, name="bayes_logits")
     keras.Model(base.inputs, head(feats)).save(bayes_path)
     det = tmp / "det224.edgeq"
-    convert(ConvertOptions(str(det_path), det, calib=str(tmp / "calib224"), calib_samples=100), log=log)
+    convert(recipe_from_flags(str(det_path), det, calib=str(tmp / "calib224"), calib_samples=100), log=log)
     res: dict = {"model": "MobileNetV2 1.0/224, 10 classes, random weights (an untrained posterior: timing only)"}
     for layout in ("centred", "stacked"):
         out = tmp / f"bayes224_{layout}.edgeq"
-        convert(ConvertOptions(str(bayes_path), out, calib=str(tmp / "calib224"), calib_samples=100,
+        convert(recipe_from_flags(str(bayes_path), out, calib=str(tmp / "calib224"), calib_samples=100,
                                bayes_samples=k, bayes_layout=layout), log=log)
         res[layout] = latency(out, det, k, runs)
     return res
-
-
-def _machine() -> dict:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version()}
 
 
 if __name__ == "__main__":

@@ -2,19 +2,19 @@
 clustered to 16 values per tensor and per channel (packed 4-bit storage), against the float32 .tflite; with
 --model/--val, the top-1 cost of clustering a trained model.
 
-    python benchmarks/clustering.py > benchmarks/results/clustering.json
+    python benchmarks/clustering.py        # writes benchmarks/results/clustering.json
     python benchmarks/clustering.py --model det.keras --calib train/ --val test/
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
+from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -24,11 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib", help="calibration folder (default: generated shapes)")
     p.add_argument("--val", help="validation folder: adds float and int8 top-1 to each variant")
     p.add_argument("--clusters", type=int, default=16)
+    p.add_argument("--name", default="clustering", help="results file name (default clustering; the Fashion-MNIST "
+                   "run in docs/clustering.md is clustering_fashion_mnist)")
     args = p.parse_args(argv)
 
     from edgeq.bundle import read_bundle
-    from edgeq.converter import ConvertOptions, convert
-    from edgeq.synthetic import write_shape_folder
+    from edgeq.converter import convert, recipe_from_flags
+    from fixtures.synthetic import write_shape_folder
 
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     result: dict = {"benchmark": "clustering", "model": args.model, "clusters": args.clusters, "variants": {}}
@@ -45,25 +47,25 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name, extra in variants.items():
             out = tmp / f"{name}.edgeq"
-            convert(ConvertOptions(args.model, out, calib=calib, calib_samples=100, classes=10, val=args.val, **extra),
+            convert(recipe_from_flags(args.model, out, calib=calib, calib_samples=100, classes=10, val=args.val, **extra),
                     log=log)
             b = read_bundle(out)
-            sizes = b.manifest["sizes"]
+            sizes = b.manifest.to_json()["sizes"]
             entry = {
                 "model_tflite_bytes": sizes["model_tflite"],
                 "float32_tflite_bytes": sizes["float32_tflite"],
                 "bundle_bytes": b.file_size,
                 "bundle_over_float32": round(b.file_size / sizes["float32_tflite"], 4),
             }
-            if "clustering" in b.manifest:
-                c = b.manifest["clustering"]
+            if b.manifest.clustering is not None:
+                c = b.manifest.to_json()["clustering"]
                 entry.update(clustered_kernels=c["clustered"], packed_kernels=c.get("packed_kernels"),
                              max_distinct_per_channel=c["shipped"]["max_distinct_per_channel"])
-            if "validation" in b.manifest:
-                v = b.manifest["validation"]
+            if b.manifest.validation is not None:
+                v = b.manifest.validation.model_dump()
                 entry.update(float_top1=v["float_top1"], int8_top1=v["quantized_top1"])
             result["variants"][name] = entry
-    print(json.dumps(result, indent=2))
+    write_result(args.name, result)
     return 0
 
 

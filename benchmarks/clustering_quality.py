@@ -14,13 +14,12 @@ same preprocessing, interleaved invoke timing): top-1, ECE (15 bins), OOD AUROC 
 - load time on the device: ``read_bundle`` + interpreter creation, packed vs plain (median of repeated loads).
 
     python benchmarks/bayes_head.py --workdir /tmp/bhw > /dev/null   # trains the two models once
-    python benchmarks/clustering_quality.py --workdir /tmp/bhw > benchmarks/results/clustering_quality.json
+    python benchmarks/clustering_quality.py --workdir /tmp/bhw        # writes benchmarks/results/clustering_quality.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+
+from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -53,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{work / need}: missing; run benchmarks/bayes_head.py --workdir {work} first")
             return 2
 
-    from edgeq.converter import ConvertOptions, convert
-    from edgeq.converter.bayes import find_bayes_heads
-    from edgeq.converter.cluster import vq_posterior
-    from edgeq.converter.models import load_source_model
+    from edgeq.converter import convert, recipe_from_flags
+    from edgeq.converter.models.bayes import find_bayes_heads
+    from edgeq.converter.stages.cluster import vq_posterior
+    from edgeq.converter.stages.load import load_source_model
 
     out_dir = work / "clustering_quality"
     out_dir.mkdir(exist_ok=True)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = dict(extra)
             t0 = time.perf_counter()
             bayes = {"bayes_samples": args.samples, "bayes_layout": "stacked"} if family == "bayes" else {}
-            convert(ConvertOptions(extra.pop("model", model), out, **common, **bayes, **extra), log=log)
+            convert(recipe_from_flags(extra.pop("model", model), out, **common, **bayes, **extra), log=log)
             log(f"{family}/{name}: converted in {time.perf_counter() - t0:.0f} s")
             paths[name] = out
         result["families"][family] = evaluate(paths, work, args.runs, family == "bayes")
@@ -110,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         result["load_ms"] = load_times(out_dir / "deterministic_int8.edgeq", out_dir / f"deterministic_c{n}_channel.edgeq",
                                        args.loads)
     result["targets"] = {"top1_points_with_finetune": 1.0, "ece": 0.01, "ood_auroc": 0.01, "latency": 0.05}
-    print(json.dumps(result, indent=2))
+    write_result("clustering_quality", result)
     return 0
 
 
 def evaluate(paths: dict[str, Path], work: Path, runs: int, bayes: bool) -> dict:
     """One edgeq eval over every variant; deltas against the unclustered int8 bundle."""
     from edgeq.bundle import read_bundle
-    from edgeq.evaluate import evaluate_bundle
+    from edgeq.converter.evaluation.classify import evaluate_bundle
 
     names = list(paths)
     report, eval_runs = evaluate_bundle(paths[names[0]], work / "test", work / "ood",
@@ -134,7 +135,7 @@ def evaluate(paths: dict[str, Path], work: Path, runs: int, bayes: bool) -> dict
         entry = {
             "variant": m["variant"],
             "bundle_bytes": m["bundle_bytes"],
-            "bundle_over_float32": round(m["bundle_bytes"] / b.manifest["sizes"]["float32_tflite"], 4),
+            "bundle_over_float32": round(m["bundle_bytes"] / b.manifest.to_json()["sizes"]["float32_tflite"], 4),
             "top1": round(m["top1"], 4),
             "ece": round(m["ece"], 4),
             "ood_auroc": {k: round(v, 4) for k, v in m["ood_auroc"].items()},
@@ -162,7 +163,7 @@ def evaluate(paths: dict[str, Path], work: Path, runs: int, bayes: bool) -> dict
                 mi = np.r_[run.scored.summary.mutual_information, run.ood.mutual_information]
                 mi0 = np.r_[base_run.scored.summary.mutual_information, base_run.ood.mutual_information]
                 entry["delta_vs_int8"]["mi_correlation"] = round(float(np.corrcoef(mi, mi0)[0, 1]), 4)
-        c = b.manifest.get("clustering")
+        c = b.manifest.to_json().get("clustering")
         if c:
             entry["clustered_layers"] = c["clustered"]
             if c.get("finetune"):
@@ -178,10 +179,10 @@ def finetuned_copy(work: Path, name: str, epochs: int, out_dir: Path) -> Path:
     clustered model (same optimiser, rate, batches and seed), but with nothing to re-project."""
     import shutil
 
-    from edgeq.converter.cluster import finetune
-    from edgeq.converter.models import load_source_model
-    from edgeq.converter.quantize import quiet_output
-    from edgeq.converter.train import load_folder_arrays
+    from edgeq.converter.stages.cluster import finetune
+    from edgeq.converter.stages.load import load_source_model
+    from edgeq.converter.tf import quiet_output
+    from edgeq.converter.training.classifier import load_folder_arrays
     from edgeq.preprocess import NORMALIZATIONS, PreprocessSpec
 
     out = out_dir / f"{name}_ft.keras"
@@ -202,7 +203,7 @@ def finetuned_copy(work: Path, name: str, epochs: int, out_dir: Path) -> Path:
 def load_times(plain: Path, packed: Path, loads: int) -> dict:
     """Median time to read, verify (and for packed, rebuild) a bundle and create its interpreter."""
     from edgeq.bundle import read_bundle
-    from edgeq.converter.quantize import quiet_output
+    from edgeq.converter.tf import quiet_output
 
     times: dict[str, list[float]] = {"plain": [], "packed": []}
     with quiet_output():

@@ -11,15 +11,13 @@
 5. Latency, interleaved in one run (LiteRT, XNNPACK, 1 thread): int8 vs float32; the K=32 class head vs a
    deterministic class head (the posterior mean) on the same int8 backbone.
 
-    python benchmarks/detection.py --workdir /tmp/det-bench > benchmarks/results/detection.json
+    python benchmarks/detection.py --workdir /tmp/det-bench        # writes benchmarks/results/detection.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+
+from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with contextlib.redirect_stdout(sys.stderr):  # Keras's progress lines; stdout carries only the JSON
         result = measure(argv)
-    print(json.dumps(result, indent=2))
+    write_result("detection", result)
     return 0
 
 
@@ -62,18 +62,19 @@ def measure(argv: list[str] | None) -> dict:
     args = p.parse_args(argv)
 
     from edgeq.bundle import read_bundle
-    from edgeq.converter import ConvertOptions, convert
-    from edgeq.converter.detect import DetectTrainOptions, train_detector
-    from edgeq.converter.detect_convert import export_detector
-    from edgeq.converter.models import load_source_model
-    from edgeq.converter.calibration import load_calibration
-    from edgeq.converter.models import SourceModel
-    from edgeq.converter.quantize import QuantMode, QuantRecipe, convert_model
-    from edgeq.converter.train import TrainOptions, train
-    from edgeq.datasets import FASHION_MNIST_LABELS, fashion_mnist, write_class_folder
-    from edgeq.detect_eval import evaluate_detection
+    from edgeq.converter import convert, recipe_from_flags
+    from edgeq.converter.training.detector import DetectTrainOptions, train_detector
+    from edgeq.converter.models.detector import export_detector
+    from edgeq.converter.stages.load import load_source_model
+    from edgeq.converter.stages.calibrate import load_calibration
+    from edgeq.converter.stages.load import SourceModel
+    from edgeq.converter.recipes import QuantMode, QuantRecipe
+    from edgeq.converter.stages.quantise import convert_model
+    from edgeq.converter.training.classifier import TrainOptions, train
+    from edgeq.converter.data.datasets import FASHION_MNIST_LABELS, fashion_mnist, write_class_folder
+    from edgeq.converter.evaluation.detect import evaluate_detection
     from edgeq.runtime import Model, interleaved_latency
-    from edgeq.scenes import generate_scenes
+    from edgeq.converter.data.scenes import generate_scenes
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="edgeq-det-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -111,8 +112,8 @@ def measure(argv: list[str] | None) -> dict:
         if not out.is_file():
             t0 = time.perf_counter()
             # float32 with the int8 bundle's layout and the same weight samples: they differ only by quantisation
-            layout = bundles["int8"].manifest["head"]["layout"] if quant == "float32" else args.layout
-            convert(ConvertOptions(str(det_path), out, calib=str(work / "train"), quant=quant,
+            layout = bundles["int8"].manifest.to_json()["head"]["layout"] if quant == "float32" else args.layout
+            convert(recipe_from_flags(str(det_path), out, calib=str(work / "train"), quant=quant,
                                    bayes_samples=args.samples, bayes_layout=layout,
                                    val=str(work / "test") if quant == "int8" else None), log=quiet)
             timings[f"convert_{quant}_s"] = time.perf_counter() - t0
@@ -135,19 +136,17 @@ def measure(argv: list[str] | None) -> dict:
     inputs = [np.zeros(m.input.shape, dtype=m.input.dtype) for m in models.values()]
     times = interleaved_latency(list(models.values()), inputs, runs=args.runs, warmup=30)
     med = {name: float(np.median(t)) for name, t in zip(models, times)}
-    head = bundles["int8"].manifest["head"]
+    head = bundles["int8"].manifest.to_json()["head"]
     q, f = quality["int8"], quality["float32"]
     result = {
         "benchmark": "detection",
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},
         "runtime": models["int8_mc"].describe(),
         "xnnpack": models["int8_mc"].delegation.to_dict(),
         "settings": {k: v for k, v in vars(args).items() if k != "workdir"},
-        "input": f"{args.size}x{args.size}", "grid": bundles["int8"].manifest["detector"]["grid"],
+        "input": f"{args.size}x{args.size}", "grid": bundles["int8"].manifest.to_json()["detector"]["grid"],
         "head": {k: head.get(k) for k in ("samples", "classes", "layout", "layout_choice", "head_macs",
                                          "deterministic_head_macs", "backbone_macs", "spread", "review")},
-        "detector": {k: v for k, v in bundles["int8"].manifest["detector"].items() if k.startswith("score")},
+        "detector": {k: v for k, v in bundles["int8"].manifest.to_json()["detector"].items() if k.startswith("score")},
         "quality": quality,
         "map50_drop_points": round(100 * (f["map50"] - q["map50"]), 3),
         "auroc_mi_float_minus_int8": None if not (q["unknown_auroc"] and f["unknown_auroc"]) else
@@ -156,7 +155,7 @@ def measure(argv: list[str] | None) -> dict:
         "latency_ms_p95": {name: round(float(np.percentile(t, 95)), 4) for name, t in zip(models, times)},
         "float32_over_int8": round(med["float32_mc"] / med["int8_mc"], 4),
         "mc_head_over_mean_head": round(med["int8_mc"] / med["int8_mean_head"], 4),
-        "sizes": {k: b.manifest["sizes"]["model_tflite"] for k, b in bundles.items()},
+        "sizes": {k: b.manifest.to_json()["sizes"]["model_tflite"] for k, b in bundles.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     return result

@@ -4,18 +4,18 @@ A 12x12 grid (192 px input, stride 16) with K=32 posterior samples x 8 classes p
 exactly ``candidates`` cells pass the score threshold, boxes overlapping enough for NMS to work. Median and p95 of
 ``decode`` over many frames, one thread, numpy + OpenCV (``cv2.dnn.NMSBoxesBatched``).
 
-    python benchmarks/detection_decode.py > benchmarks/results/detection_decode.json
+    python benchmarks/detection_decode.py        # writes benchmarks/results/detection_decode.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 
 import numpy as np
+
+from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 
 
 def frame(rng: np.random.Generator, grid: int, k: int, c: int, candidates: int) -> tuple[np.ndarray, ...]:
@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cv2.setNumThreads(1)
     rng = np.random.default_rng(0)
-    out: dict = {"benchmark": "detection_decode", "machine": {"arch": platform.machine(), "python": platform.python_version()},
-                 "samples": args.samples, "classes": args.classes, "target_ms": 2.0, "cases": {}}
+    out: dict = {"benchmark": "detection_decode", "samples": args.samples, "classes": args.classes, "target_ms": 2.0, "cases": {}}
     for grid, candidates in ((12, 25), (12, 100), (12, 144), (24, 100)):
         frames = [frame(rng, grid, args.samples, args.classes, candidates) for _ in range(50)]
         for f in frames[:20]:
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             "grid": grid, "cells_above_threshold": candidates, "median_ms": round(float(np.median(times)), 4),
             "p95_ms": round(float(np.percentile(times, 95)), 4), "mean_detections_after_nms": round(float(np.mean(kept)), 1),
         }
-    print(json.dumps(out, indent=2))
+    write_result("detection_decode", out)
     return 0
 
 

@@ -6,7 +6,7 @@
 - peak RSS of the `edgeq run` process;
 - results lost across 5 broker restarts (SIGTERM, then start) during a 2,000-frame run.
 
-    python benchmarks/device_pipeline.py > device_pipeline.json      (needs mosquitto)
+    python benchmarks/device_pipeline.py        # writes benchmarks/results/device_pipeline.json      (needs mosquitto)
 """
 
 from __future__ import annotations
@@ -24,18 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def make_bundle(tmp: Path) -> Path:
-    from edgeq.converter import ConvertOptions, convert
-    from edgeq.synthetic import write_shape_folder
+    from edgeq.converter import convert, recipe_from_flags
+    from fixtures.synthetic import write_shape_folder
 
     write_shape_folder(tmp / "calib", per_class=20, size=224, seed=3)
     out = tmp / "mnv2.edgeq"
-    convert(ConvertOptions("mobilenet_v2", out, calib=str(tmp / "calib"), calib_samples=100, classes=10),
+    convert(recipe_from_flags("mobilenet_v2", out, calib=str(tmp / "calib"), calib_samples=100, classes=10),
             log=lambda s: None)
     return out
 
@@ -127,7 +129,7 @@ def broker_restarts(bundle: Path, video: Path, tmp: Path, restarts: int = 5, fra
 
 def main() -> int:
     from edgeq.bench import pipeline_fps
-    from edgeq.synthetic import moving_shapes_frames, write_video
+    from fixtures.synthetic import moving_shapes_frames, write_video
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -151,7 +153,7 @@ def main() -> int:
             "target_rss_mb": 200,
             "broker_restarts": broker_restarts(bundle, video, tmp),
         }
-    print(json.dumps(result, indent=2))
+    write_result("device_pipeline", result)
     return 0
 
 

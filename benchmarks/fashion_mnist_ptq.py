@@ -1,13 +1,12 @@
 """Issue 2 accuracy figure: a small MobileNetV2 trained a few epochs on real data (Fashion-MNIST from Debian's
 dataset-fashion-mnist, grey 28x28 resized to RGB), float vs full-int8 top-1 through `edgeq convert --val`.
 
-    python benchmarks/fashion_mnist_ptq.py [--train 12000] [--test 2000] [--epochs 3] > fashion_mnist_ptq.json
+    python benchmarks/fashion_mnist_ptq.py [--train 12000] [--test 2000] [--epochs 3]        # writes benchmarks/results/fashion_mnist_ptq.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+
+from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -29,15 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from edgeq.converter.quantize import import_tensorflow
+    from edgeq.converter.tf import import_tensorflow
 
     import_tensorflow()
     import keras
 
     from edgeq.bundle import read_bundle
-    from edgeq.converter import ConvertOptions, convert
-    from edgeq.converter.models import build_mobilenet_v2
-    from edgeq.datasets import FASHION_MNIST_LABELS, fashion_mnist, write_class_folder
+    from edgeq.converter import convert, recipe_from_flags
+    from edgeq.converter.stages.load import build_mobilenet_v2
+    from edgeq.converter.data.datasets import FASHION_MNIST_LABELS, fashion_mnist, write_class_folder
     from edgeq.preprocess import Preprocessor, PreprocessSpec
 
     rng = np.random.default_rng(args.seed)
@@ -72,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         out = tmp / "fmnist.edgeq"
         labels = tmp / "labels.txt"  # the model's class order, not the folders' alphabetical one
         labels.write_text("\n".join(FASHION_MNIST_LABELS) + "\n")
-        convert(ConvertOptions(str(model_path), out, calib=str(calib_dir), calib_samples=200, val=str(val_dir),
-                               labels_file=str(labels)),
+        convert(recipe_from_flags(str(model_path), out, calib=str(calib_dir), calib_samples=200, val=str(val_dir),
+                               labels=str(labels)),
                 log=lambda s: print(s, file=sys.stderr))
-        v = read_bundle(out).manifest["validation"]
-    print(json.dumps({
+        v = read_bundle(out).manifest.validation.model_dump()
+    write_result("fashion_mnist_ptq", {
         "benchmark": "fashion_mnist_ptq",
         "model": f"MobileNetV2 {args.alpha}/{args.size}, trained {args.epochs} epochs on {args.train} Fashion-MNIST images",
         "train_seconds": round(train_s, 1),
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "target_drop_points": 1.0,
         "top1_agreement": round(v["top1_agreement"], 4),
         "mean_abs_logit_error": round(v["mean_abs_logit_error"], 4),
-    }, indent=2))
+    })
     return 0
 
 

@@ -1,12 +1,29 @@
-"""edgeq's host side (installed as ``edgeq.converter``): model loading, calibration, PTQ, bundles.
+"""edgeq's host room (installed as ``edgeq.converter``): conversion, training, evaluation, data and the demo.
 
-Importing this package is cheap; TensorFlow is imported only by the functions that convert.
+Importing this package is cheap; TensorFlow is imported only by the functions that need it.
 
->>> from edgeq.converter import ConvertOptions, convert
->>> convert(ConvertOptions("mobilenet_v2", "model.edgeq", calib="images/", classes=10, weights="none"))
+>>> from edgeq.converter import convert, recipe_from_flags
+>>> convert(recipe_from_flags("mobilenet_v2", "model.edgeq", calib="images/", classes=10))
+
+Layout: ``pipeline.py`` runs the convert stages (``stages/``, one module each) with a task adapter (``tasks/``);
+``recipes.py`` holds the options as frozen recipes; ``models/`` the Keras models (Bayesian head, detector),
+``training/`` what ``edgeq train`` runs, ``evaluation/`` what ``edgeq eval`` runs, ``data/`` datasets and COCO,
+``commands/`` the host subcommands of the ``edgeq`` CLI.
 """
 
-from .pipeline import ConvertOptions, ConvertResult, convert
-from .quantize import QuantMode, QuantRecipe
+from .pipeline import convert
+from .recipes import (
+    BayesRecipe,
+    ClusterRecipe,
+    ConvertRecipe,
+    InputRecipe,
+    QuantMode,
+    QuantRecipe,
+    RepairRecipe,
+    ValidationRecipe,
+    recipe_from_flags,
+)
+from .stages.write import ConvertResult
 
-__all__ = ["ConvertOptions", "ConvertResult", "QuantMode", "QuantRecipe", "convert"]
+__all__ = ["BayesRecipe", "ClusterRecipe", "ConvertRecipe", "ConvertResult", "InputRecipe", "QuantMode", "QuantRecipe",
+           "RepairRecipe", "ValidationRecipe", "convert", "recipe_from_flags"]

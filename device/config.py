@@ -9,6 +9,7 @@ max_fps = 10                 # optional: cap inference rate to save power and he
 
 [thresholds]
 # score = 0.3                # detections below are not reported (default: the bundle's, else 0.5)
+# nms_iou = 0.5              # grid detectors: overlap at which NMS keeps one box (default: the bundle's)
 top_k = 3                    # classification: labels reported per frame
 # review = 0.4               # needs_review when the uncertainty exceeds this (default: calibrated in the bundle)
 # review_measure = "mutual_information"   # predictive_entropy (default), aleatoric or mutual_information
@@ -60,7 +61,7 @@ class Strict(BaseModel):
 class Thresholds(Strict):
     score: float | None = Field(None, ge=0.0, le=1.0)  # default: the bundle's detector.score_threshold, else 0.5
     top_k: int = Field(3, ge=1, le=100)
-    nms_iou: float = Field(0.5, gt=0.0, le=1.0)
+    nms_iou: float | None = Field(None, gt=0.0, le=1.0)  # grid detectors; default: the bundle's detector.nms_iou
     review: float | None = Field(None, ge=0.0)  # needs_review threshold; default: the bundle's calibrated one
     review_measure: Literal["predictive_entropy", "aleatoric", "mutual_information"] | None = None
 

@@ -14,14 +14,15 @@ and shape, with boxes mapped back through the preprocessing onto the frame (norm
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 import numpy as np
 
 from edgeq.bundle import Bundle
 from edgeq.detection import GridSpec
-from edgeq.errors import BundleError, ConfigError
-from edgeq.heads import HeadSpec
+from edgeq.errors import ConfigError
+from edgeq.heads import HeadSpec, bind_roles
 from edgeq.preprocess import FrameTransform
 from edgeq.runtime import Model, TensorInfo
 from edgeq.uncertainty import MEASURES, needs_review, result_uncertainty, summarize
@@ -36,27 +37,31 @@ class Decoder(Protocol):
     def decode(self, raw: dict[int, np.ndarray], transform: FrameTransform) -> list[dict[str, Any]]: ...
 
 
+def review_rule(bundle: Bundle, samples: int, override: tuple[str | None, float | None]) -> tuple[str, float | None]:
+    """The ``needs_review`` measure and threshold: the device config's, else the bundle's calibrated rule, else
+    predictive entropy with no threshold (``needs_review`` null)."""
+    rule = bundle.manifest.head_or_dense.review
+    measure = override[0] or (rule.measure if rule else None) or "predictive_entropy"
+    threshold = override[1] if override[1] is not None else (rule.threshold if rule else None)
+    if measure not in MEASURES:
+        raise ConfigError(f"thresholds.review_measure {measure!r}: choose one of {', '.join(MEASURES)}")
+    if samples == 1 and measure != "predictive_entropy":
+        raise ConfigError(f"thresholds.review_measure {measure!r}: {bundle.name} has a deterministic head; only "
+                          "predictive_entropy applies")
+    return measure, threshold
+
+
 class ClassificationDecoder:
     """review: ``(measure, threshold)`` from the device config, overriding the bundle's calibrated rule."""
 
     def __init__(self, model: Model, bundle: Bundle, top_k: int = 3,
                  review: tuple[str | None, float | None] = (None, None)) -> None:
-        where = str(bundle.path)
-        spec = HeadSpec.from_manifest(bundle.manifest, where)
-        if spec.classes != len(bundle.labels):
-            raise BundleError(f"{where}: head has {spec.classes} classes but the bundle has {len(bundle.labels)} labels")
-        self.head = spec.bind(model, bundle.manifest["outputs"], where)
+        spec = HeadSpec.from_manifest(bundle.manifest)
+        self.head = spec.bind(model, bundle.manifest.outputs, bundle.where)
         self.labels = bundle.labels
         self.top_k = max(1, min(top_k, len(self.labels)))
         self.tensors = self.head.tensors
-        rule = spec.review or {}
-        self.review_measure = review[0] or rule.get("measure") or "predictive_entropy"
-        self.review_threshold = review[1] if review[1] is not None else rule.get("threshold")
-        if self.review_measure not in MEASURES:
-            raise ConfigError(f"thresholds.review_measure {self.review_measure!r}: choose one of {', '.join(MEASURES)}")
-        if spec.samples == 1 and self.review_measure != "predictive_entropy":
-            raise ConfigError(f"thresholds.review_measure {self.review_measure!r}: {bundle.name} has a deterministic "
-                              "head; only predictive_entropy applies")
+        self.review_measure, self.review_threshold = review_rule(bundle, spec.samples, review)
 
     def decode(self, raw: dict[int, np.ndarray], transform: FrameTransform) -> list[dict[str, Any]]:
         summary = summarize(self.head.sample_logits(raw)[None])
@@ -76,26 +81,20 @@ class ClassificationDecoder:
 
 class GridDecoder:
     """review: ``(measure, threshold)`` from the device config, overriding the bundle's calibrated rule;
-    score_threshold: None keeps the bundle's ``detector.score_threshold``."""
+    score_threshold and nms_iou: None keeps the bundle's ``detector.score_threshold`` and ``detector.nms_iou``."""
 
     def __init__(self, model: Model, bundle: Bundle, score_threshold: float | None = None,
-                 review: tuple[str | None, float | None] = (None, None)) -> None:
-        where = str(bundle.path)
-        self.spec = GridSpec.from_manifest(bundle.manifest, where)
-        self.grid = self.spec.bind(model, bundle.manifest["outputs"], where)
+                 review: tuple[str | None, float | None] = (None, None), nms_iou: float | None = None) -> None:
+        spec = GridSpec.from_manifest(bundle.manifest, bundle.where)
+        if nms_iou is not None:
+            spec = dataclasses.replace(spec, nms_iou=nms_iou)
+        self.spec = spec
+        self.grid = spec.bind(model, bundle.manifest.outputs, bundle.where)
         self.labels = bundle.labels
         self.tensors = self.grid.tensors
-        self.score_threshold = self.spec.score_threshold if score_threshold is None else score_threshold
-        spec = bundle.preprocess_spec
-        self.input_size = (spec.height, spec.width)
-        rule = (bundle.manifest.get("head") or {}).get("review") or {}
-        self.review_measure = review[0] or rule.get("measure") or "predictive_entropy"
-        self.review_threshold = review[1] if review[1] is not None else rule.get("threshold")
-        if self.review_measure not in MEASURES:
-            raise ConfigError(f"thresholds.review_measure {self.review_measure!r}: choose one of {', '.join(MEASURES)}")
-        if self.spec.samples == 1 and self.review_measure != "predictive_entropy":
-            raise ConfigError(f"thresholds.review_measure {self.review_measure!r}: {bundle.name} has a deterministic "
-                              "class head; only predictive_entropy applies")
+        self.score_threshold = spec.score_threshold if score_threshold is None else score_threshold
+        self.input_size = (bundle.manifest.input.height, bundle.manifest.input.width)
+        self.review_measure, self.review_threshold = review_rule(bundle, spec.samples, review)
 
     def decode(self, raw: dict[int, np.ndarray], transform: FrameTransform) -> list[dict[str, Any]]:
         d = self.grid.decode(raw, self.input_size, self.score_threshold)
@@ -119,24 +118,18 @@ class GridDecoder:
         return out
 
 
+SSD_ROLES = ("boxes", "classes", "scores", "count")
+
+
 class SSDDecoder:
     """Outputs of TFLite_Detection_PostProcess: boxes [1, N, 4], classes [1, N], scores [1, N], count [1]."""
 
     def __init__(self, model: Model, bundle: Bundle, score_threshold: float = 0.5) -> None:
         self.labels = bundle.labels
         self.threshold = score_threshold
-        by_role = {o.get("role"): o for o in bundle.manifest["outputs"]}
-        self.boxes, self.classes, self.scores, self.count = (
-            self._find(model, by_role, role) for role in ("boxes", "classes", "scores", "count")
-        )
-        self.tensors = [self.boxes, self.classes, self.scores, self.count]
-
-    @staticmethod
-    def _find(model: Model, by_role: dict[str | None, dict[str, Any]], role: str) -> TensorInfo:
-        spec = by_role.get(role)
-        if spec is None:
-            raise BundleError(f"manifest outputs have no '{role}' entry; a detect bundle needs boxes, classes, scores, count")
-        return model.find_output(spec.get("name"), spec.get("shape"))
+        self.tensors = bind_roles(model, bundle.manifest.outputs, SSD_ROLES, "an SSD detect bundle (boxes, classes, "
+                                  "scores, count)", bundle.where)
+        self.boxes, self.classes, self.scores, self.count = self.tensors
 
     def decode(self, raw: dict[int, np.ndarray], transform: FrameTransform) -> list[dict[str, Any]]:
         values = [t.dequantize(raw[t.index]) for t in self.tensors]
@@ -164,11 +157,9 @@ def decode_ssd(
 
 
 def make_decoder(model: Model, bundle: Bundle, score_threshold: float | None, top_k: int,
-                 review: tuple[str | None, float | None] = (None, None)) -> Decoder:
+                 review: tuple[str | None, float | None] = (None, None), nms_iou: float | None = None) -> Decoder:
     if bundle.task == "classify":
         return ClassificationDecoder(model, bundle, top_k, review)
-    if bundle.task == "detect" and (bundle.manifest.get("detector") or {}).get("type") == "grid":
-        return GridDecoder(model, bundle, None if score_threshold is None else score_threshold, review)
-    if bundle.task == "detect":
-        return SSDDecoder(model, bundle, score_threshold if score_threshold is not None else 0.5)
-    raise BundleError(f"{bundle.path}: task {bundle.task!r} has no decoder in this edgeq")
+    if bundle.manifest.detector is not None:
+        return GridDecoder(model, bundle, score_threshold, review, nms_iou)
+    return SSDDecoder(model, bundle, score_threshold if score_threshold is not None else 0.5)

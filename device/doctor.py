@@ -208,7 +208,7 @@ def check_model(path: str | Path | None, threads: int) -> list[Check]:
     except EdgeqError as exc:
         return [Check("bundle", "fail", str(exc), {"path": str(path)})]
     info = {"path": str(path), "name": bundle.name, "task": bundle.task, "bytes": bundle.file_size,
-            "sha256": bundle.manifest.get("model", {}).get("sha256")}
+            "sha256": bundle.sha256}
     checks = [Check("bundle", "pass", f"{path}: valid ({bundle.name}, {bundle.task}, {bundle.file_size:,} bytes)", info)]
     try:
         t0 = time.perf_counter()

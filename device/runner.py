@@ -77,7 +77,7 @@ class Runner:
         if self.pre.spec.dtype != np.dtype(self.model.input.dtype).name:
             raise EdgeqError(f"{cfg.model}: manifest input dtype {self.pre.spec.dtype} differs from the model's; re-convert")
         self.decoder = make_decoder(self.model, self.bundle, cfg.thresholds.score, cfg.thresholds.top_k,
-                                    (cfg.thresholds.review_measure, cfg.thresholds.review))
+                                    (cfg.thresholds.review_measure, cfg.thresholds.review), cfg.thresholds.nms_iou)
         self.source = open_source(cfg.source, cfg.loop, log)
         self.stop_event = threading.Event()
         self.stop_reason = "end of source"
@@ -193,8 +193,8 @@ class Runner:
                     if not self.source.live:  # a file frame "arrives" when its slot comes, not when decoded
                         frame.captured_at = time.time()
                 t0 = time.perf_counter()
-                if frame.tensor is None:
-                    frame.tensor, frame.transform = self.pre(frame.image)
+                if frame.tensor is None:  # every source prepares on its own thread, whose scratch buffers these are
+                    raise RuntimeError(f"source {self.source.name} yielded a frame it did not preprocess (a bug)")
                 t1 = time.perf_counter()
                 self.model.set_input(frame.tensor)
                 self.model.invoke()

@@ -25,7 +25,6 @@ from edgeq.errors import SourceError
 from edgeq.preprocess import list_images, read_image
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https", "rtmp", "udp", "tcp")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".h264", ".mjpeg")
 
 
 Prepare = Callable[[np.ndarray], tuple[np.ndarray, Any]]
@@ -80,26 +79,35 @@ class _Prefetch:
         self._thread.start()
 
     def _run(self, produce: Callable[[], Iterator[Frame]]) -> None:
+        end: Any = self._END
         try:
             for frame in produce():
                 if self._prepare is not None:
                     frame.tensor, frame.transform = self._prepare(frame.image)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(frame, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
+                if not self._put(frame):
+                    return  # stopped: the consumer is gone or leaving, and __iter__ checks _stop itself
         except BaseException as exc:  # surfaced in the consumer's thread
-            self._queue.put(exc)
-            return
-        self._queue.put(self._END)
+            end = exc
+        self._put(end)
+
+    def _put(self, item: Any) -> bool:
+        """Queue ``item``, waiting while the queue is full; False when stopped first."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __iter__(self) -> Iterator[Frame]:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set() or not self._thread.is_alive() and self._queue.empty():
+                    return  # stopped, or the decoder ended without its marker
+                continue
             if item is self._END:
                 return
             if isinstance(item, BaseException):

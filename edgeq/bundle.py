@@ -2,7 +2,7 @@
 
 A bundle is a zip holding
 
-``manifest.json``  everything needed to reproduce the converter's numerics (see :func:`validate_manifest`)
+``manifest.json``  everything needed to reproduce the converter's numerics (typed in :mod:`edgeq.manifest`)
 ``model.tflite``   the model, whose sha256 and size the manifest records
 ``report.json``    optional: the conversion report (ops, sizes, validation figures)
 ``weights.npz``    optional: packed clustered kernels (see :mod:`edgeq.packing`); ``model.tflite`` then holds
@@ -27,37 +27,12 @@ from typing import Any
 
 from edgeq._version import __version__
 from edgeq.errors import BundleError
+from edgeq.manifest import SCHEMA, SCHEMA_VERSION, Manifest, parse_manifest
 from edgeq.preprocess import PreprocessSpec
 
-SCHEMA = "edgeq.bundle"
-SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.tflite"
 REPORT_NAME = "report.json"
-TASKS = ("classify", "detect")
-
-# field -> type the manifest must hold (dotted paths into nested objects)
-_REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "schema": str,
-    "schema_version": int,
-    "edgeq_version": str,
-    "created": str,
-    "task": str,
-    "labels": list,
-    "input": dict,
-    "input.height": int,
-    "input.width": int,
-    "input.channels": int,
-    "input.dtype": str,
-    "outputs": list,
-    "quantization": dict,
-    "quantization.scheme": str,
-    "calibration": dict,
-    "model": dict,
-    "model.file": str,
-    "model.sha256": str,
-    "model.size": int,
-}
 
 
 def sha256_hex(data: bytes) -> str:
@@ -68,43 +43,11 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _get(manifest: dict[str, Any], dotted: str) -> Any:
-    value: Any = manifest
-    for key in dotted.split("."):
-        if not isinstance(value, dict) or key not in value:
-            raise KeyError(dotted)
-        value = value[key]
-    return value
-
-
-def validate_manifest(manifest: Any, source: str = MANIFEST_NAME) -> None:
-    """Check the schema version first, then every required field and its type; raise BundleError naming it."""
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{source}: manifest is not a JSON object")
-    version = manifest.get("schema_version")
-    if manifest.get("schema") != SCHEMA or not isinstance(version, int):
-        raise BundleError(f"{source}: not an edgeq manifest (schema {manifest.get('schema')!r})")
-    if version != SCHEMA_VERSION:
-        raise BundleError(
-            f"{source}: unknown schema version {version} (this edgeq {__version__} reads {SCHEMA_VERSION}); "
-            "upgrade edgeq or re-convert the model"
-        )
-    for field, kind in _REQUIRED.items():
-        try:
-            value = _get(manifest, field)
-        except KeyError:
-            raise BundleError(f"{source}: field '{field}' is missing; re-convert the model") from None
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise BundleError(f"{source}: field '{field}' has the wrong type ({type(value).__name__})")
-    if manifest["task"] not in TASKS:
-        raise BundleError(f"{source}: field 'task' is {manifest['task']!r}; expected one of {', '.join(TASKS)}")
-
-
 @dataclass
 class Bundle:
     """A verified bundle in memory: its manifest, model bytes and optional report."""
 
-    manifest: dict[str, Any]
+    manifest: Manifest
     model_bytes: bytes
     report: dict[str, Any] | None = None
     path: Path | None = None
@@ -112,26 +55,31 @@ class Bundle:
 
     @property
     def task(self) -> str:
-        return str(self.manifest["task"])
+        return self.manifest.task
 
     @property
     def labels(self) -> list[str]:
-        return list(self.manifest["labels"])
+        return list(self.manifest.labels)
 
     @property
     def name(self) -> str:
-        return str(self.manifest.get("name", self.path.stem if self.path else "model"))
+        return self.manifest.name or (self.path.stem if self.path else "model")
 
     @property
     def sha256(self) -> str:
-        return str(self.manifest["model"]["sha256"])
+        return self.manifest.model.sha256
+
+    @property
+    def where(self) -> str:
+        """How errors name this bundle."""
+        return str(self.path or MANIFEST_NAME)
 
     @property
     def preprocess_spec(self) -> PreprocessSpec:
         try:
-            return PreprocessSpec.from_dict(self.manifest["input"])
+            return PreprocessSpec.from_dict(self.manifest.input.model_dump())
         except (TypeError, ValueError) as exc:
-            raise BundleError(f"{self.path or MANIFEST_NAME}: field 'input' is invalid: {exc}") from None
+            raise BundleError(f"{self.where}: field 'input' is invalid: {exc}") from None
 
     def load_model(self, num_threads: int = 1, runtime: Any = None, xnnpack: bool = True) -> Any:
         """Load ``model.tflite`` into the runtime loader (see :class:`edgeq.runtime.Model`)."""
@@ -142,7 +90,7 @@ class Bundle:
 
 def write_bundle(
     path: str | Path,
-    manifest: dict[str, Any],
+    manifest: Manifest | dict[str, Any],
     model_bytes: bytes,
     report: dict[str, Any] | None = None,
     packed: tuple[bytes, bytes, list[dict[str, Any]]] | None = None,
@@ -152,7 +100,7 @@ def write_bundle(
     packed: ``(stripped model, weights.npz bytes, entries)`` from :func:`edgeq.packing.pack_model`; the manifest's
     sha256 and size stay those of the full ``model_bytes``."""
     path = Path(path)
-    manifest = dict(manifest)
+    manifest = dict(manifest.to_json() if isinstance(manifest, Manifest) else manifest)
     manifest.setdefault("schema", SCHEMA)
     manifest.setdefault("schema_version", SCHEMA_VERSION)
     manifest.setdefault("edgeq_version", __version__)
@@ -167,7 +115,7 @@ def write_bundle(
         from edgeq.packing import PACKED_NAME
 
         manifest["model"]["packed"] = {"file": PACKED_NAME, "kernels": packed[2]}
-    validate_manifest(manifest, f"{path}: {MANIFEST_NAME}")
+    typed = parse_manifest(manifest, f"{path}: {MANIFEST_NAME}")
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise BundleError(f"{path}: is a folder; give a file name such as model.edgeq")
@@ -178,10 +126,10 @@ def write_bundle(
     try:
         with os.fdopen(fd, "wb") as raw:
             with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-                zf.writestr(MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+                zf.writestr(MANIFEST_NAME, json.dumps(typed.to_json(), indent=2) + "\n")
                 zf.writestr(MODEL_NAME, model_bytes if packed is None else packed[0])
                 if packed is not None:
-                    zf.writestr(manifest["model"]["packed"]["file"], packed[1])
+                    zf.writestr(typed.model.packed.file, packed[1])
                 if report is not None:
                     zf.writestr(REPORT_NAME, json.dumps(report, indent=2) + "\n")
             raw.flush()
@@ -211,34 +159,33 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
             if MANIFEST_NAME not in names:
                 raise BundleError(f"{path}: no {MANIFEST_NAME} inside; not an edgeq bundle")
             try:
-                manifest = json.loads(zf.read(MANIFEST_NAME))
+                data = json.loads(zf.read(MANIFEST_NAME))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise BundleError(f"{path}: {MANIFEST_NAME} is not valid JSON ({exc}); re-convert the model") from None
-            validate_manifest(manifest, f"{path}: {MANIFEST_NAME}")
-            model_file = manifest["model"]["file"]
+            manifest = parse_manifest(data, f"{path}: {MANIFEST_NAME}")
+            model_file = manifest.model.file
             if model_file not in names:
                 raise BundleError(f"{path}: {model_file} missing from the bundle; re-convert the model")
             model_bytes = zf.read(model_file)
-            packed = manifest["model"].get("packed")
-            if packed:
-                model_bytes = _unpack(path, zf, names, model_bytes, packed)
+            if manifest.model.packed is not None:
+                model_bytes = _unpack(path, zf, names, model_bytes, manifest.model.packed)
             report = json.loads(zf.read(REPORT_NAME)) if REPORT_NAME in names else None
     except zipfile.BadZipFile as exc:
         raise BundleError(f"{path}: truncated or corrupt bundle ({exc}); copy it again or re-convert") from None
     except (OSError, EOFError) as exc:
         raise BundleError(f"{path}: cannot read the bundle ({exc}); copy it again or re-convert") from None
     if verify:
-        expected = manifest["model"]
-        if len(model_bytes) != expected["size"]:
+        expected = manifest.model
+        if len(model_bytes) != expected.size:
             raise BundleError(
-                f"{path}: {model_file} is {len(model_bytes)} bytes but the manifest says {expected['size']}; "
+                f"{path}: {model_file} is {len(model_bytes)} bytes but the manifest says {expected.size}; "
                 "the bundle was modified, re-convert it"
             )
         digest = sha256_hex(model_bytes)
-        if digest != expected["sha256"]:
+        if digest != expected.sha256:
             raise BundleError(
                 f"{path}: {model_file} sha256 {digest[:12]}... does not match the manifest's "
-                f"{expected['sha256'][:12]}...; the bundle was modified, re-convert it"
+                f"{expected.sha256[:12]}...; the bundle was modified, re-convert it"
             )
     return Bundle(manifest, model_bytes, report, path, path.stat().st_size)
 
@@ -246,10 +193,10 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
 def _unpack(path: Path, zf: zipfile.ZipFile, names: set[str], stripped: bytes, packed: Any) -> bytes:
     from edgeq.packing import unpack_model
 
-    if not isinstance(packed, dict) or packed.get("file") not in names or not isinstance(packed.get("kernels"), list):
-        raise BundleError(f"{path}: packed weights are missing or malformed; copy the bundle again or re-convert")
+    if packed.file not in names:
+        raise BundleError(f"{path}: packed weights {packed.file} are missing; copy the bundle again or re-convert")
     try:
-        return unpack_model(stripped, zf.read(packed["file"]), packed["kernels"])
+        return unpack_model(stripped, zf.read(packed.file), [k.model_dump() for k in packed.kernels])
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise BundleError(f"{path}: cannot rebuild the model from its packed weights ({exc}); re-convert it") from None
 

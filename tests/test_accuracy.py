@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FMNIST_CLASSES, assert_clean_error, run_edgeq
+from conftest import FMNIST_CLASSES, assert_clean_error, run_edgeq, save_with_labels
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def _skewed_conv_model(use_bias: bool):
 def test_bias_correction_moves_the_mean_error_towards_zero(use_bias):
     import keras
 
-    from edgeq.converter.biascorrect import bias_correction, quantize_weights
+    from edgeq.converter.stages.bias_correct import bias_correction, quantize_weights
 
     model, x = _skewed_conv_model(use_bias)
     conv = model.get_layer("conv")
@@ -72,7 +72,7 @@ def test_simulated_rounding_is_what_tflite_stores(tmp_path, shapes_dir, tiny_ker
     import keras
 
     from edgeq.bundle import read_bundle
-    from edgeq.converter.biascorrect import quantize_weights
+    from edgeq.converter.stages.bias_correct import quantize_weights
     from edgeq.runtime import weight_kernels
 
     out = tmp_path / "t.edgeq"
@@ -105,8 +105,8 @@ def test_simulated_rounding_is_what_tflite_stores(tmp_path, shapes_dir, tiny_ker
 def hard_model(fashion_dirs, tmp_path_factory) -> Path:
     """A small CNN trained on Fashion-MNIST (4 classes, 32 px), then given one outlier channel: same float
     function, broken int8."""
-    from edgeq.converter.hardmodels import add_outlier_channel, train_small
-    from edgeq.converter.train import load_folder_arrays
+    from fixtures.hardmodels import add_outlier_channel, train_small
+    from edgeq.converter.training.classifier import load_folder_arrays
     from edgeq.preprocess import PreprocessSpec
 
     spec = PreprocessSpec(32, 32, 3, "RGB", "stretch", (127.5,), (127.5,))
@@ -116,9 +116,7 @@ def hard_model(fashion_dirs, tmp_path_factory) -> Path:
     add_outlier_channel(model, "conv_b", "conv_c", factor=1000.0)
     assert np.allclose(np.asarray(model(x[:64], training=False)), before, atol=1e-3)
     path = tmp_path_factory.mktemp("hard") / "hard.keras"
-    model.save(path)
-    path.with_suffix(".labels.txt").write_text("\n".join(labels) + "\n")
-    return path
+    return save_with_labels(model, path, labels)
 
 
 def _convert(model: Path, out: Path, fashion_dirs, *extra: str):
@@ -132,7 +130,7 @@ def test_accuracy_aware_mode_repairs_the_outlier_model(hard_model, fashion_dirs,
     plain = tmp_path / "plain.edgeq"
     r = _convert(hard_model, plain, fashion_dirs, "--bias-correction", "off")
     assert r.returncode == 0, r.stderr[-2000:]
-    v = read_bundle(plain).manifest["validation"]
+    v = read_bundle(plain).manifest.to_json()["validation"]
     plain_drop = v["float_top1"] - v["quantized_top1"]
     assert plain_drop > 0.2, v  # plain PTQ loses far more than one point
 
@@ -141,7 +139,7 @@ def test_accuracy_aware_mode_repairs_the_outlier_model(hard_model, fashion_dirs,
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "accuracy-aware: bound reached" in r.stdout
     b = read_bundle(fixed)
-    q = b.manifest["quantization"]
+    q = b.manifest.to_json()["quantization"]
     aa = q["accuracy_aware"]
     assert aa["met"] and aa["final_drop"] <= 0.01 and aa["plain_drop"] > 0.05
     assert q["float_layers"] == aa["float_layers"] and 1 <= len(aa["float_layers"]) <= 10
@@ -150,9 +148,9 @@ def test_accuracy_aware_mode_repairs_the_outlier_model(hard_model, fashion_dirs,
     assert aa["ranking"][0]["output_error"] > aa["ranking"][-1]["output_error"]
     # what the repair cost, and the bundle's own validation agrees with the loop's last measurement
     assert aa["cost"]["model_bytes"][1] > aa["cost"]["model_bytes"][0]
-    v = b.manifest["validation"]
+    v = b.manifest.to_json()["validation"]
     assert v["float_top1"] - v["quantized_top1"] == pytest.approx(aa["final_drop"], abs=1e-4)
-    assert b.manifest["input"]["dtype"] == "int8" and all(o["dtype"] == "int8" for o in b.manifest["outputs"])
+    assert b.manifest.to_json()["input"]["dtype"] == "int8" and all(o["dtype"] == "int8" for o in b.manifest.to_json()["outputs"])
     # the device runs the mixed graph, and inspect/doctor say which ops left the int8 path
     r = run_edgeq("run", "--model", str(fixed), "--source", str(fashion_dirs["test"] / "dress"), "--output", "-",
                   "--spool", str(tmp_path / "s.db"), "--max-frames", "2")
@@ -176,7 +174,7 @@ def test_unmet_bound_keeps_the_best_model_and_fails_unless_best_effort(hard_mode
     r = _convert(hard_model, out, fashion_dirs, "--max-drop", "0.0", "--max-reverts", "1", "--bias-correction", "off")
     # one float layer cannot repair it: the outlier tensor is written by conv_b and read by conv_c
     assert_clean_error(r, "--max-drop 0", "not reached", "--best-effort")
-    assert read_bundle(out).manifest["quantization"]["accuracy_aware"]["met"] is False  # kept, complete
+    assert read_bundle(out).manifest.to_json()["quantization"]["accuracy_aware"]["met"] is False  # kept, complete
     r = _convert(hard_model, out, fashion_dirs, "--max-drop", "0.0", "--max-reverts", "1", "--bias-correction",
                  "off", "--best-effort")
     assert r.returncode == 0 and "NOT reached" in r.stdout
@@ -188,7 +186,7 @@ def test_keep_float_by_name_and_bad_inputs(hard_model, fashion_dirs, tmp_path, t
     out = tmp_path / "kf.edgeq"
     r = _convert(hard_model, out, fashion_dirs, "--keep-float", "conv_[bc]", "--bias-correction", "off")
     assert r.returncode == 0, r.stderr[-2000:]
-    m = read_bundle(out).manifest
+    m = read_bundle(out).manifest.to_json()
     assert len(m["quantization"]["float_layers"]) == 2
     assert m["validation"]["float_top1"] - m["validation"]["quantized_top1"] <= 0.02
 

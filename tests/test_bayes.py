@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def _keras():
     import keras
 
-    from edgeq.converter.bayes import bayes_dense_class
+    from edgeq.converter.models.bayes import bayes_dense_class
 
     return keras, bayes_dense_class()
 
@@ -39,7 +39,7 @@ def test_layer_saves_loads_and_samples(tmp_path):
     x = np.random.default_rng(0).normal(size=(5, 8, 8, 3)).astype(np.float32)
     path = tmp_path / "m.keras"
     model.save(path)
-    from edgeq.converter.models import load_source_model
+    from edgeq.converter.stages.load import load_source_model
 
     loaded = load_source_model(str(path)).keras_model
     layer = loaded.get_layer("bayes")
@@ -65,7 +65,7 @@ def test_kl_divergence_closed_form():
 
 @pytest.mark.parametrize("layout", ["stacked", "centred"])
 def test_export_computes_each_weight_sample(layout):
-    from edgeq.converter.bayes import export_model
+    from edgeq.converter.models.bayes import export_model
 
     model = _small_bayes_model()
     exp = export_model(model, samples=5, seed=3, layout=layout)
@@ -119,15 +119,17 @@ def bayes_bundle(trained, fashion_dirs) -> Path:
 
 
 def test_train_writes_labels_and_is_reproducible(trained, fashion_dirs, tmp_path):
-    from edgeq.converter.train import TrainOptions, labels_path, train
+    from edgeq.converter.models.info import read_model_info
+    from edgeq.converter.training.classifier import TrainOptions, train
 
-    assert labels_path(trained["bayes"]).read_text().split() == sorted(p.name for p in fashion_dirs["train"].iterdir())
+    stored = read_model_info(trained["bayes"])
+    assert stored["labels"] == sorted(p.name for p in fashion_dirs["train"].iterdir()) and stored["task"] == "classify"
     runs = []
     for seed in (5, 5, 6):
         out = tmp_path / f"b{len(runs)}.keras"
         train(TrainOptions(str(fashion_dirs["train"]), out, head="bayes", init=str(trained["det"]),
                            freeze_backbone=True, epochs=2, seed=seed, augment_copies=1), log=lambda s: None)
-        from edgeq.converter.models import load_source_model
+        from edgeq.converter.stages.load import load_source_model
 
         runs.append(load_source_model(str(out)).keras_model.get_layer("bayes_logits").posterior())
     assert all(np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
@@ -138,7 +140,7 @@ def test_int8_qbnn_keeps_the_float_bnn_uncertainty(bayes_bundle):
     """Float BNN vs int8 QBNN on held-out Fashion-MNIST, as the converter measured them, and the int8 weights."""
     from edgeq.bundle import read_bundle
 
-    m = read_bundle(bayes_bundle).manifest
+    m = read_bundle(bayes_bundle).manifest.to_json()
     head, v = m["head"], m["validation"]
     assert (head["type"], head["samples"], head["classes"], head["seed"]) == ("bayes", 16, FMNIST_CLASSES, 7)
     # --bayes-layout auto: stacked only when its output resolves the spread in enough int8 steps
@@ -167,7 +169,7 @@ def test_device_publishes_what_the_model_computes(bayes_bundle, fashion_dirs, tm
     import jsonschema
 
     from edgeq.bundle import message_schema, read_bundle
-    from edgeq.evaluate import head_logits
+    from edgeq.converter.evaluation.classify import head_logits
     from edgeq.heads import HeadSpec
     from edgeq.preprocess import list_images
     from edgeq.uncertainty import summarize
@@ -180,10 +182,10 @@ def test_device_publishes_what_the_model_computes(bayes_bundle, fashion_dirs, tm
     assert len(msgs) == 12
     b = read_bundle(bayes_bundle)
     model = b.load_model()
-    head = HeadSpec.from_manifest(b.manifest).bind(model, b.manifest["outputs"])
+    head = HeadSpec.from_manifest(b.manifest).bind(model, b.manifest.outputs)
     files = list_images(folder)[:12]
     s = summarize(head_logits(model, b.preprocess_spec, files, head))
-    threshold = b.manifest["head"]["review"]["threshold"]
+    threshold = b.manifest.to_json()["head"]["review"]["threshold"]
     for i, msg in enumerate(msgs):
         jsonschema.validate(msg, message_schema("detections"))
         assert msg["schema_version"] == 2 and msg["frame"]["id"] == files[i].name
@@ -214,7 +216,7 @@ def test_device_review_override_from_config(bayes_bundle, fashion_dirs, tmp_path
     assert all(d["needs_review"] for d in dets if d["uncertainty"]["mutual_information"] > 0.0), dets
     from edgeq.bundle import read_bundle
 
-    own = read_bundle(bayes_bundle).manifest["head"]["review"]["threshold"]
+    own = read_bundle(bayes_bundle).manifest.to_json()["head"]["review"]["threshold"]
     assert any(d["needs_review"] and d["uncertainty"]["predictive_entropy"] <= own for d in dets), dets
 
 
@@ -267,17 +269,17 @@ def test_review_measure_needs_a_bayesian_head(tiny_bundle, shapes_dir, tmp_path)
 def test_float_bnn_and_int8_qbnn_tell_ood_apart_alike(bayes_bundle, trained, fashion_dirs):
     """The float BNN (same K samples, float32) and the int8 QBNN on held-out Fashion-MNIST and MNIST digits:
     the same predictions nearly everywhere, per-image MI that tracks, and the same OOD AUROC of MI."""
-    from edgeq import metrics
+    from edgeq.converter.evaluation import metrics
     from edgeq.bundle import read_bundle
-    from edgeq.converter.pipeline import float_reference
-    from edgeq.datasets import class_folder
-    from edgeq.evaluate import head_logits
+    from edgeq.converter.reference import classifier_reference as float_reference
+    from edgeq.converter.data.datasets import class_folder
+    from edgeq.converter.evaluation.classify import head_logits
     from edgeq.heads import HeadSpec
     from edgeq.uncertainty import summarize
 
     b = read_bundle(bayes_bundle)
     q_model = b.load_model()
-    q_head = HeadSpec.from_manifest(b.manifest).bind(q_model, b.manifest["outputs"])
+    q_head = HeadSpec.from_manifest(b.manifest).bind(q_model, b.manifest.outputs)
     f_model, f_head = float_reference(str(trained["bayes"]), b.manifest)
     data = class_folder(fashion_dirs["test"], b.labels)
     ood = sorted(fashion_dirs["ood"].iterdir())
@@ -288,7 +290,7 @@ def test_float_bnn_and_int8_qbnn_tell_ood_apart_alike(bayes_bundle, trained, fas
         res[name] = (ind, out, metrics.roc_auc(ind.mutual_information, out.mutual_information))
     # the float reference is the manifest's: same top-1 as the converter measured
     assert metrics.top1_accuracy(res["float"][0].mean, data.targets) == pytest.approx(
-        b.manifest["validation"]["float_top1"])
+        b.manifest.to_json()["validation"]["float_top1"])
     mi_f = np.r_[res["float"][0].mutual_information, res["float"][1].mutual_information]
     mi_q = np.r_[res["int8"][0].mutual_information, res["int8"][1].mutual_information]
     assert np.corrcoef(mi_f, mi_q)[0, 1] > 0.9
@@ -304,7 +306,7 @@ def test_both_layouts_convert_and_decode_alike(layout, trained, fashion_dirs, tm
     r = run_edgeq("convert", str(trained["bayes"]), "--calib", str(fashion_dirs["train"]), "--calib-samples", "40",
                   "--val", str(fashion_dirs["test"]), "--bayes-samples", "8", "--bayes-layout", layout, "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
-    m = read_bundle(out).manifest
+    m = read_bundle(out).manifest.to_json()
     assert m["head"]["layout"] == layout and m["head"]["layout_choice"] == {"mode": layout}
     assert m["validation"]["mutual_information_correlation"] > 0.9 and m["validation"]["top1_agreement"] > 0.9
     r = run_edgeq("run", "--model", str(out), "--source", str(fashion_dirs["test"] / "dress"), "--output", "-",
@@ -327,12 +329,12 @@ def test_clustered_bayesian_bundle_next_to_the_unclustered_one(trained, bayes_bu
     assert r.returncode == 0, r.stderr[-2000:]
     assert "vector-quantised to 16 codewords" in r.stdout
     b = read_bundle(out)
-    post = b.manifest["clustering"]["posterior"]
+    post = b.manifest.to_json()["clustering"]["posterior"]
     assert post["layer"] == "bayes_logits" and post["codewords"] == 16 and len(post["codebook"]) == 16
     assert all(s > 0 for _, s in post["codebook"]) and post["relative_rmse_mu"] < 0.5
     assert b.file_size < read_bundle(bayes_bundle).file_size
     # the quantised posterior still gives a spread that int8 keeps
-    assert b.manifest["validation"]["mutual_information_correlation"] > 0.8
+    assert b.manifest.to_json()["validation"]["mutual_information_correlation"] > 0.8
     assert "vector-quantised to 16 codewords" in run_edgeq("inspect", str(out)).stdout
 
     report_dir = tmp_path / "report"

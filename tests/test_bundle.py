@@ -12,8 +12,10 @@ def manifest():
         "task": "classify",
         "labels": ["a", "b"],
         "input": {"height": 4, "width": 4, "channels": 3, "dtype": "int8", "scale": 0.1, "zero_point": 0},
-        "outputs": [{"name": "out", "shape": [1, 2], "dtype": "int8", "scale": 0.1, "zero_point": 0}],
-        "quantization": {"scheme": "int8"},
+        "outputs": [{"role": "logits", "name": "out", "shape": [1, 2], "dtype": "int8", "scale": 0.1,
+                     "zero_point": 0}],
+        "quantization": {"scheme": "int8", "weights": "int8 per-channel", "activations": "int8",
+                         "full_integer": True},
         "calibration": {"count": 10, "source": "x"},
     }
 
@@ -22,9 +24,9 @@ def test_roundtrip_fills_schema_and_hash(tmp_path):
     path = write_bundle(tmp_path / "m.edgeq", manifest(), b"model-bytes", report={"k": 1})
     b = read_bundle(path)
     assert b.model_bytes == b"model-bytes"
-    assert b.manifest["schema_version"] == 1 and b.manifest["model"]["size"] == 11
+    assert b.manifest.schema_version == 1 and b.manifest.model.size == 11
     assert len(b.sha256) == 64 and b.report == {"k": 1}
-    assert b.manifest["created"].endswith("Z")
+    assert b.manifest.created.endswith("Z")
     assert [p.name for p in tmp_path.iterdir()] == ["m.edgeq"]
 
 

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import assert_clean_error, run_edgeq
+from conftest import SHAPE_LABELS, assert_clean_error, run_edgeq, save_with_labels
 
 
 def test_kmeans_1d_hand_case_and_inits():
-    from edgeq.converter.cluster import kmeans_1d
+    from edgeq.converter.stages.cluster import kmeans_1d
 
     v = np.array([[0.0, 0.1, 0.2, 10.0, 10.1, 10.2, -5.0, -5.2]])
     for init in ("linear", "kmeans++"):
@@ -27,7 +27,8 @@ def test_kmeans_1d_hand_case_and_inits():
 def test_cluster_model_per_tensor_and_per_channel():
     import keras
 
-    from edgeq.converter.cluster import ClusterOptions, cluster_model
+    from edgeq.converter.recipes import ClusterRecipe
+    from edgeq.converter.stages.cluster import cluster_model
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((16, 16, 3))
@@ -38,13 +39,13 @@ def test_cluster_model_per_tensor_and_per_channel():
     x = keras.layers.GlobalAveragePooling2D()(x)
     model = keras.Model(inp, keras.layers.Dense(40, name="fc")(x))  # 128*40 = 5120
     before = model.get_layer("Conv1").get_weights()[0].copy()
-    report = {r["layer"]: r for r in cluster_model(model, ClusterOptions(8))}
+    report = {r["layer"]: r for r in cluster_model(model, ClusterRecipe(8))}
     assert report["Conv1"]["skipped"] == "matches --cluster-skip"
     assert "fewer than" in report["dw_small"]["skipped"]
     assert np.array_equal(model.get_layer("Conv1").get_weights()[0], before)
     for name in ("big", "dw", "fc"):
         assert report[name]["clusters"] == 8 and len(np.unique(model.get_layer(name).get_weights()[0])) <= 8
-    cluster_model(model, ClusterOptions(4, per_channel=True, skip="^$"))
+    cluster_model(model, ClusterRecipe(4, per_channel=True, skip="^$"))
     k = model.get_layer("big").get_weights()[0]
     assert max(len(np.unique(k[..., c])) for c in range(k.shape[-1])) <= 4
     d = model.get_layer("dw").get_weights()[0].reshape(9, -1)  # channels = in x multiplier
@@ -62,14 +63,14 @@ def test_convert_with_clusters_ships_at_most_n_values(tmp_path, shapes_dir):
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="Conv1")(inp)
     x = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="big")(x)  # 4,608 weights
     x = keras.layers.GlobalAveragePooling2D()(x)
-    path = tmp_path / "m.keras"
-    keras.Model(inp, keras.layers.Dense(3, name="logits")(x)).save(path)
+    path = save_with_labels(keras.Model(inp, keras.layers.Dense(3, name="logits")(x)), tmp_path / "m.keras",
+                            SHAPE_LABELS)
     out = tmp_path / "c.edgeq"
     r = run_edgeq("convert", str(path), "--calib", str(shapes_dir), "--calib-samples", "20",
                   "--clusters", "4", "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     b = read_bundle(out)
-    c = b.manifest["clustering"]
+    c = b.manifest.to_json()["clustering"]
     assert c["clusters"] == 4 and c["clustered"] == 1 and c["skipped"] == 2
     assert c["shipped"] == {"kernels_checked": 1, "max_distinct_per_channel": 4}
     # read the shipped kernels independently: the clustered one has <= 4 values per channel, Conv1 (skipped) more
@@ -97,13 +98,14 @@ def test_cluster_bad_inputs(tmp_path, tiny_keras_path, shapes_dir):
 def test_no_kernel_to_cluster():
     import keras
 
-    from edgeq.converter.cluster import ClusterOptions, cluster_model
+    from edgeq.converter.recipes import ClusterRecipe
+    from edgeq.converter.stages.cluster import cluster_model
     from edgeq.errors import ModelError
 
     inp = keras.Input((8, 8, 3))
     model = keras.Model(inp, keras.layers.GlobalAveragePooling2D()(inp))
     with pytest.raises(ModelError, match="no Conv2D, DepthwiseConv2D or Dense kernel"):
-        cluster_model(model, ClusterOptions(16))
+        cluster_model(model, ClusterRecipe(16))
 
 
 def test_vq_posterior_recovers_a_known_codebook():
@@ -111,8 +113,8 @@ def test_vq_posterior_recovers_a_known_codebook():
     layer's sigma (through softplus) is the codeword's."""
     import keras
 
-    from edgeq.converter.bayes import bayes_dense_class
-    from edgeq.converter.cluster import vq_posterior
+    from edgeq.converter.models.bayes import bayes_dense_class
+    from edgeq.converter.stages.cluster import vq_posterior
 
     layer = bayes_dense_class()(32, name="bayes")
     keras.Sequential([keras.Input((64,)), layer])
@@ -153,15 +155,15 @@ def test_packed_bundle_rebuilds_the_exact_model(tmp_path, shapes_dir):
     x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="Conv1")(inp)
     x = keras.layers.Conv2D(96, 3, padding="same", activation="relu", name="big")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    path = tmp_path / "m.keras"
-    keras.Model(inp, keras.layers.Dense(3, name="logits")(x)).save(path)
+    path = save_with_labels(keras.Model(inp, keras.layers.Dense(3, name="logits")(x)), tmp_path / "m.keras",
+                            SHAPE_LABELS)
     plain, clustered = tmp_path / "plain.edgeq", tmp_path / "c.edgeq"
     common = ["--calib", str(shapes_dir), "--calib-samples", "20"]
     assert run_edgeq("convert", str(path), *common, "-o", str(plain)).returncode == 0
     r = run_edgeq("convert", str(path), *common, "--clusters", "16", "--cluster-per-channel", "-o", str(clustered))
     assert r.returncode == 0, r.stderr[-2000:]
     b = read_bundle(clustered)  # verifies size and sha256 of the rebuilt model
-    entries = b.manifest["model"]["packed"]["kernels"]
+    entries = b.manifest.to_json()["model"]["packed"]["kernels"]
     assert len(entries) == 1 and entries[0]["values"] <= 16 and entries[0]["bytes"] == 96 * 3 * 3 * 16
     with zipfile.ZipFile(clustered) as zf:
         stored = zf.read("model.tflite")
@@ -193,7 +195,8 @@ def test_finetune_keeps_weights_on_their_clusters(tmp_path, shapes_dir):
     import keras
 
     from edgeq.bundle import read_bundle
-    from edgeq.converter.cluster import ClusterOptions, cluster_model, finetune, project
+    from edgeq.converter.recipes import ClusterRecipe
+    from edgeq.converter.stages.cluster import cluster_model, finetune, project
 
     # projection: each cluster takes the mean of its weights
     k = np.array([[1.0, 2.0], [3.0, 10.0]])
@@ -205,10 +208,9 @@ def test_finetune_keeps_weights_on_their_clusters(tmp_path, shapes_dir):
     x = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="big")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     model = keras.Model(inp, keras.layers.Dense(3, name="logits")(x))
-    path = tmp_path / "m.keras"
-    model.save(path)
+    path = save_with_labels(model, tmp_path / "m.keras", SHAPE_LABELS)
     assignments: dict = {}
-    cluster_model(model, ClusterOptions(8), assignments)
+    cluster_model(model, ClusterRecipe(8), assignments)
     before = model.get_layer("big").get_weights()[0].copy()
     x_train = np.random.default_rng(0).uniform(-1, 1, (64, 32, 32, 3)).astype(np.float32)
     finetune(model, x_train, np.arange(64) % 3, assignments, False, epochs=1, lr=1e-2)
@@ -219,7 +221,7 @@ def test_finetune_keeps_weights_on_their_clusters(tmp_path, shapes_dir):
     r = run_edgeq("convert", str(path), "--calib", str(shapes_dir), "--calib-samples", "20", "--clusters", "8",
                   "--finetune", str(shapes_dir), "--val", str(shapes_dir), "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
-    c = read_bundle(out).manifest["clustering"]
+    c = read_bundle(out).manifest.to_json()["clustering"]
     assert c["finetune"]["images"] == 36 and c["shipped"]["max_distinct_per_channel"] <= 8
 
 

@@ -1,5 +1,5 @@
-"""Pure logic of detection evaluation on hand-built detections: greedy matching, mAP through pycocotools, D-ECE,
-the F1 score threshold and the known/unknown split of the AUROC."""
+"""Pure logic of detection evaluation on hand-built detections: COCOeval's matching (greedy by score, IoU 0.5, any
+category), mAP through pycocotools, D-ECE, the F1 score threshold and the known/unknown split of the AUROC."""
 
 from __future__ import annotations
 
@@ -8,10 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeq import metrics
-from edgeq.detect_eval import ImageDetections, best_f1_threshold, coco_map, detection_figures, match
+from edgeq.converter.evaluation import metrics
+from edgeq.converter.evaluation.detect import (
+    ImageDetections,
+    best_f1_threshold,
+    coco_map,
+    detection_figures,
+    match_all,
+)
 from edgeq.detection import Detections
-from edgeq.scenes import CocoSet
+from edgeq.converter.data.coco import CocoSet
 
 KNOWN, UNKNOWN = 1, 2  # COCO category ids; class index 0 is category 1
 
@@ -33,12 +39,19 @@ def _dets(image_id: int, boxes: list[tuple[float, ...]], scores: list[float], mi
     return ImageDetections(image_id, np.asarray(boxes, np.float32).reshape(-1, 4), d)
 
 
-def test_matching_is_greedy_by_score_and_needs_iou_half():
-    gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
-    boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 26, 26], [50, 50, 60, 60]], np.float32)
-    # the second box overlaps the first ground truth too, but the higher-scored first one took it
-    assert match(boxes, np.array([0.9, 0.8, 0.7, 0.6]), gt).tolist() == [0, -1, -1, -1]  # IoU 0.36 < 0.5
-    assert match(boxes, np.array([0.5, 0.9, 0.7, 0.6]), gt).tolist() == [-1, 0, -1, -1]
+def test_matching_is_cocoevals_greedy_by_score_with_iou_half_and_any_category():
+    coco = _coco({1: [(0, 0, 10, 10), (20, 20, 30, 30)], 2: [(0, 0, 10, 10)]}, {1: [KNOWN, KNOWN], 2: [UNKNOWN]})
+    boxes = [(0, 0, 10, 10), (1, 1, 10, 10), (20, 20, 26, 26), (50, 50, 60, 60)]
+    # the second box overlaps the first ground truth too, but the higher-scored first one took it; the third has
+    # IoU 0.36 < 0.5; the fourth overlaps nothing
+    m = match_all([_dets(1, boxes, [0.9, 0.8, 0.7, 0.6], [0.0] * 4)], coco, [KNOWN])
+    assert m.matched.tolist() == [True, False, False, False] and m.correct.tolist() == [True, False, False, False]
+    m = match_all([_dets(1, boxes, [0.5, 0.9, 0.7, 0.6], [0.0] * 4)], coco, [KNOWN])
+    assert m.matched.tolist() == [False, True, False, False]
+    # a detection labelled with a known class on an unknown object's box: matched (any category), unknown
+    m = match_all([_dets(2, [(0, 0, 10, 10)], [0.9], [0.3])], coco, [KNOWN])
+    assert m.unknown.tolist() == [True] and m.known.tolist() == [False] and m.correct.tolist() == [False]
+    assert m.measures["mutual_information"].tolist() == pytest.approx([0.3])
 
 
 def test_coco_map_perfect_shifted_and_empty():

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def video(tmp_path_factory) -> Path:
-    from edgeq.synthetic import moving_shapes_frames, write_video
+    from fixtures.synthetic import moving_shapes_frames, write_video
 
     return write_video(tmp_path_factory.mktemp("video") / "clip.avi", moving_shapes_frames(60, 120, 160))
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def video(tmp_path_factory) -> Path:
-    from edgeq.synthetic import moving_shapes_frames, write_video
+    from fixtures.synthetic import moving_shapes_frames, write_video
 
     return write_video(tmp_path_factory.mktemp("video") / "clip.avi", moving_shapes_frames(40, 120, 160))
 
@@ -158,7 +158,8 @@ def test_live_source_recovers_from_a_lost_stream(video):
     assert any("reconnecting" in m for m in logs) and any("reconnected" in m for m in logs)
     ids = [int(f.id) for f in frames]
     assert ids == sorted(ids)  # frame numbering keeps increasing across reconnects
-    assert src.dropped >= 0
+    # every frame read across the reconnects was delivered or counted as dropped (one may still be pending)
+    assert 0 <= src._index - len(frames) - src.dropped <= 1
 
 
 def test_live_source_keeps_latest_and_counts_drops(video):

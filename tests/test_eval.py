@@ -64,8 +64,8 @@ def test_eval_figures_match_an_independent_computation(evaluated, layers_bundle,
     from sklearn.metrics import log_loss, roc_auc_score
 
     from edgeq.bundle import read_bundle
-    from edgeq.datasets import class_folder
-    from edgeq.evaluate import score_files
+    from edgeq.converter.data.datasets import class_folder
+    from edgeq.converter.evaluation.classify import score_files
     from edgeq.preprocess import list_images
     from edgeq.uncertainty import entropy, softmax
 
@@ -82,7 +82,7 @@ def test_eval_figures_match_an_independent_computation(evaluated, layers_bundle,
     assert q["ood_auroc"]["predictive_entropy"] == pytest.approx(
         roc_auc_score(np.r_[np.zeros(len(h)), np.ones(len(h_ood))], np.r_[h, h_ood]))
     # the reference is the Keras model itself, converted to float32 by the same code as convert --val
-    assert report["models"]["reference"]["top1"] == pytest.approx(b.manifest["validation"]["float_top1"])
+    assert report["models"]["reference"]["top1"] == pytest.approx(b.manifest.to_json()["validation"]["float_top1"])
     assert 0 <= q["referral_at_target"] <= 1 and len(q["selective"]["accuracy"]) == 21
     assert q["runtime"]["runtime"] == "ai-edge-litert" and q["latency_ms_median"] > 0
 
@@ -147,7 +147,7 @@ def test_bench_against_baseline(tiny_bundle, float_bundle):
     # bias tensors outweigh 700 weights)
     from edgeq.bundle import read_bundle
 
-    assert b["size_bytes"] == read_bundle(tiny_bundle).manifest["sizes"]["model_tflite"]
+    assert b["size_bytes"] == read_bundle(tiny_bundle).manifest.to_json()["sizes"]["model_tflite"]
     assert res["size_ratio_vs_baseline"] == pytest.approx(b["size_bytes"] / base["size_bytes"])
     assert 20 < b["peak_rss_mb"] < 2000
     text = run_edgeq("bench", str(tiny_bundle), "--runs", "10")
@@ -155,7 +155,7 @@ def test_bench_against_baseline(tiny_bundle, float_bundle):
 
 
 def test_bench_pipeline(tiny_bundle, tmp_path):
-    from edgeq.synthetic import moving_shapes_frames, write_video
+    from fixtures.synthetic import moving_shapes_frames, write_video
 
     video = write_video(tmp_path / "clip.avi", moving_shapes_frames(30, 120, 160))
     r = run_edgeq("bench", str(tiny_bundle), "--runs", "20", "--pipeline", str(video), "--json")

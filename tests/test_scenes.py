@@ -26,7 +26,7 @@ def scenes(tmp_path_factory) -> Path:
 def test_scenes_are_coco_with_unknown_classes_marked(scenes, tmp_path):
     import cv2
 
-    from edgeq.scenes import read_coco
+    from edgeq.converter.data.coco import read_coco
 
     doc = json.loads((scenes / "annotations.json").read_text())
     cats = {c["id"]: c for c in doc["categories"]}
@@ -60,8 +60,8 @@ def test_excluded_classes_are_never_pasted(tmp_path):
 
 
 def test_pasted_box_is_tight():
-    from edgeq.datasets import fashion_mnist
-    from edgeq.scenes import _paste
+    from edgeq.converter.data.datasets import fashion_mnist
+    from edgeq.converter.data.scenes import _paste
 
     x, _ = fashion_mnist("test")
     for k, angle in ((0, 0.0), (1, 25.0), (2, -30.0)):

@@ -52,6 +52,14 @@ def _ssd_tflite() -> bytes:
     return bytes(converter.convert())
 
 
+def _postprocess_outputs(model) -> list:
+    """The TFLite_Detection_PostProcess op's four output tensors in the op's own order (boxes, classes, scores,
+    count, by its definition): the roles known by construction, not guessed from names or shapes."""
+    op = next(d for d in model.interpreter._get_ops_details() if d["op_name"] == "TFLite_Detection_PostProcess")
+    by_index = {t.index: t for t in model.outputs}
+    return [by_index[int(i)] for i in op["outputs"]]
+
+
 @pytest.fixture(scope="module")
 def ssd_bundle(tmp_path_factory) -> Path:
     from edgeq.bundle import write_bundle
@@ -59,20 +67,15 @@ def ssd_bundle(tmp_path_factory) -> Path:
 
     model_bytes = _ssd_tflite()
     model = Model(model_bytes)
-    assert "TFLite_Detection_PostProcess" in {op.name for op in model.ops}
-    by_shape = {}
-    for t in model.outputs:
-        by_shape.setdefault(tuple(int(d) for d in t.shape), []).append(t)
-    boxes, count = by_shape[(1, 10, 4)][0], by_shape[(1,)][0]
-    # classes and scores share a shape: told apart by the op's output order (boxes, classes, scores, count)
-    classes, scores = sorted(by_shape[(1, 10)], key=lambda t: t.name)
-    outputs = [{"role": role, **t.to_dict()} for role, t in
-               (("boxes", boxes), ("classes", classes), ("scores", scores), ("count", count))]
+    outputs = [{"role": role, **t.to_dict()} for role, t in zip(("boxes", "classes", "scores", "count"),
+                                                                _postprocess_outputs(model))]
     manifest = {
         "name": "ssd_test", "task": "detect", "labels": ["a", "b", "c"],
         "input": {"height": SIZE, "width": SIZE, "channels": 3, "dtype": "float32", "color_order": "RGB",
                   "resize": "stretch", "mean": [127.5] * 3, "std": [127.5] * 3},
-        "outputs": outputs, "quantization": {"scheme": "float32"}, "calibration": {"count": 0, "source": None},
+        "outputs": outputs, "quantization": {"scheme": "float32", "weights": "float32", "activations": "float32",
+                                             "full_integer": False},
+        "calibration": {"count": 0, "source": None},
     }
     return write_bundle(tmp_path_factory.mktemp("ssd") / "ssd.edgeq", manifest, model_bytes)
 
@@ -94,7 +97,7 @@ def test_ssd_bundle_runs_and_reports_the_ops_own_boxes(ssd_bundle, tmp_path):
     tensor, _ = Preprocessor(b.preprocess_spec)(read_image(first))
     model.set_input(tensor)
     model.invoke()
-    roles = {o["role"]: model.find_output(o["name"], o["shape"]) for o in b.manifest["outputs"]}
+    roles = dict(zip(("boxes", "classes", "scores", "count"), _postprocess_outputs(model)))
     n = int(model.get(roles["count"]).reshape(-1)[0])
     scores = model.get(roles["scores"]).reshape(-1)[:n]
     keep = scores >= 0.5  # the device's default score threshold for SSD bundles
@@ -106,3 +109,8 @@ def test_ssd_bundle_runs_and_reports_the_ops_own_boxes(ssd_bundle, tmp_path):
     classes = model.get(roles["classes"]).reshape(-1)[:n][keep].astype(int)
     assert [d["class_id"] for d in dets] == classes.tolist()
     assert all(d["uncertainty"] is None and d["needs_review"] is None for d in dets)
+    # what each role means, checked on the published values (a classes/scores swap fails here): scores are
+    # probabilities sorted high to low and not whole numbers, class ids index the labels
+    published = [d["score"] for d in dets]
+    assert published == sorted(published, reverse=True) and all(0.5 <= s < 1 and s != round(s) for s in published)
+    assert all(0 <= d["class_id"] < CLASSES and d["label"] == ["a", "b", "c"][d["class_id"]] for d in dets)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from edgeq import metrics
+from edgeq.converter.evaluation import metrics
 from edgeq.uncertainty import (
     class_std,
     expected_entropy,

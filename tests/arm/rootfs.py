@@ -4,8 +4,8 @@
   Python packages it fetches but leaves packed are unpacked with ``dpkg-deb -x``. Nothing is configured and no
   chroot is needed: ``qemu-aarch64-static -L ROOT ROOT/usr/bin/python3.11`` finds its libraries under ROOT.
 - The aarch64 wheels of ``edgeq[device]`` go in with the host's pip (``--target``, ``--only-binary=:all:``, several
-  ``--platform`` tags: ai-edge-litert is tagged manylinux_2_27_aarch64 only). imutils ships only an sdist: it and
-  edgeq are built as pure-Python wheels first. Dependencies are cached with the root; edgeq itself is reinstalled
+  ``--platform`` tags: ai-edge-litert is tagged manylinux_2_27_aarch64 only). edgeq is built as a pure-Python
+  wheel first. Dependencies are cached with the root; edgeq itself is reinstalled
   into a fresh folder for every test session, so the code under test is always the working tree's.
 - Two traps: qemu passes the host's x86 /proc/cpuinfo through, which crashes CPU detection, so ROOT/proc/cpuinfo
   holds a Cortex-A72's (qemu's ``-L`` prefix makes the guest read that one); and ``-cpu max`` gives wrong int8
@@ -110,11 +110,9 @@ def build_root(cache: Path | None = None) -> Path:
         deb.unlink()
     (root / "proc").mkdir(exist_ok=True)
     (root / "proc" / "cpuinfo").write_text(CPUINFO)
-    wheels = cache / "pure-wheels"
-    _run(_pip("wheel", "--no-deps", "-w", str(wheels), "imutils>=0.5"), log)
     platforms = [a for p in PLATFORMS for a in ("--platform", p)]
     _run(_pip("install", "--target", str(root / "opt/edgeq/deps"), "--only-binary=:all:", *PY_TAGS, *platforms,
-              "--platform", "any", "--find-links", str(wheels), *device_requirements()), log)
+              "--platform", "any", *device_requirements()), log)
     (root / ".complete").write_text(cache_key() + "\n")
     return root
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_edgeq
+from conftest import SHAPE_LABELS, run_edgeq, save_with_labels
 
 pytestmark = [pytest.mark.arm, pytest.mark.slow]
 
@@ -18,7 +18,7 @@ FRAMES = 6
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
-    from edgeq.synthetic import moving_shapes_frames, write_video
+    from fixtures.synthetic import moving_shapes_frames, write_video
 
     # lossless: the x86_64 and aarch64 OpenCV wheels decode MJPG to pixels a level or two apart (found here), which
     # would test the JPEG decoders, not the runtime
@@ -32,8 +32,8 @@ def bundles(tmp_path_factory, tiny_bundle, tiny_keras_path, shapes_dir) -> dict[
     Bayesian (K posterior samples fused into the int8 head) and a grid detector with a Bayesian class head."""
     import keras
 
-    from edgeq.converter.bayes import bayes_dense_class
-    from edgeq.converter.models import build_mobilenet_v2
+    from edgeq.converter.models.bayes import bayes_dense_class
+    from edgeq.converter.stages.load import build_mobilenet_v2
 
     d = tmp_path_factory.mktemp("arm-bundles")
     out = {"int8": tiny_bundle}
@@ -46,16 +46,17 @@ def bundles(tmp_path_factory, tiny_bundle, tiny_keras_path, shapes_dir) -> dict[
     base = build_mobilenet_v2(64, 0.35, 3, None, 3)
     head = bayes_dense_class()(3, posterior_sigma=0.2, name="bayes_logits")
     bayes_path = d / "bayes.keras"
-    keras.Model(base.inputs, head(base.get_layer("logits").input)).save(bayes_path)
+    save_with_labels(keras.Model(base.inputs, head(base.get_layer("logits").input)), bayes_path, SHAPE_LABELS)
     jobs["bayes"] = [str(bayes_path), *common, "--bayes-samples", "8"]
     # a grid detector (random weights) whose Bayesian class head gives every detection K=8 class samples
-    from edgeq.converter.detect import build_detector, class_head
+    from edgeq.converter.models.detector import build_detector, class_head
 
     det = build_detector(96, 0.35, 3, seed=2)
     feats = class_head(det).input
     det_head = bayes_dense_class()(3, posterior_sigma=0.2, name="bayes_class_logits")
     detect_path = d / "detect.keras"
-    keras.Model(det.inputs, [det.outputs[0], det.outputs[1], det_head(feats)]).save(detect_path)
+    save_with_labels(keras.Model(det.inputs, [det.outputs[0], det.outputs[1], det_head(feats)]), detect_path,
+                     SHAPE_LABELS)
     jobs["detect"] = [str(detect_path), *common, "--bayes-samples", "8", "--resize", "letterbox"]
     for name, args in jobs.items():
         out[name] = d / f"{name}.edgeq"

@@ -1,0 +1,76 @@
+"""What every benchmark shares: the fixtures' import path, and results written with the machine they were
+measured on (CPU model and SIMD flags, cores, runtime and library versions, the commit).
+
+    from _common import write_result
+    write_result("detection", result)   # benchmarks/results/detection.json, and the same JSON on stdout
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "tests"))  # fixtures (tests/fixtures) for the benchmarks that draw shapes
+
+# SIMD features that decide int8 and float speed (x86 and ARM names as /proc/cpuinfo spells them)
+FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
+         "neon", "asimd", "asimddp", "i8mm", "bf16", "sve")
+PACKAGES = ("edgeq", "numpy", "tensorflow-cpu", "tensorflow", "keras", "ai-edge-litert", "tflite-runtime",
+            "opencv-python-headless", "scikit-learn", "pycocotools", "paho-mqtt")
+
+
+def machine() -> dict[str, Any]:
+    """The CPU, its flags, the Python and package versions, and the commit the figures were measured at."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if key in ("model name", "hardware", "cpu model") and value.strip():
+                model = value.strip()
+            elif key in ("flags", "features"):
+                flags.update(value.split())
+    except OSError:
+        pass
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "cpu": model, "cpu_flags": sorted(f for f in FLAGS if f in flags), "cores": os.cpu_count(),
+        "machine": platform.machine(), "python": platform.python_version(), "packages": versions,
+        "commit": _commit(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    """Add the machine to ``result``, write ``benchmarks/results/<name>.json`` and print it."""
+    result = {**result, "environment": machine()}
+    text = json.dumps(result, indent=2) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(text)
+    sys.stdout.write(text)
+    return path

@@ -1,0 +1,214 @@
+"""The figures README and docs/ quote, rendered from benchmarks/results/*.json: one definition per table.
+
+Each table lives in its markdown file between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->``.
+
+    python benchmarks/figures.py            # print every table
+    python benchmarks/figures.py --write    # rewrite them in README.md and docs/*.md
+
+tests/test_figures.py renders them again and fails when a file's table differs from its results, so a figure
+cannot drift from the run that measured it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+class R(dict):
+    """A results file: keys as attributes, dotted paths with ``at``."""
+
+    def __getattr__(self, key: str) -> Any:
+        value = self[key]
+        return R(value) if isinstance(value, dict) else value
+
+    def at(self, dotted: str) -> Any:
+        value: Any = self
+        for k in dotted.split("."):
+            value = value[k]
+        return value
+
+
+def results() -> dict[str, R]:
+    return {p.stem: R(json.loads(p.read_text())) for p in sorted(RESULTS.glob("*.json"))}
+
+
+Row = tuple[str, Callable[[dict[str, R]], str], str]  # figure, value from the results, command
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _auroc(block: dict, measure: str) -> str:
+    v = (block.get("unknown_auroc") or {}).get(measure)
+    return "-" if v is None else f"{v:.2f}"
+
+
+README: list[Row] = [
+    ("MobileNetV2 1.0/224, 10 classes: int8 / float32 `.tflite` size",
+     lambda r: f"{r['ptq_mobilenet_v2'].int8_over_float32_size:.3f} ({_mb(r['ptq_mobilenet_v2'].int8_tflite_bytes)} / "
+               f"{_mb(r['ptq_mobilenet_v2'].float32_tflite_bytes)})",
+     "`python benchmarks/ptq_mobilenet_v2.py`"),
+    ("conversion with 200 calibration images (incl. float reference and verification)",
+     lambda r: f"{r['ptq_mobilenet_v2'].convert_seconds_total:.1f} s", "same"),
+    ("invoke latency float32 / int8, interleaved, 1 thread (XNNPACK)",
+     lambda r: _lat(r["ptq_mobilenet_v2"].latency, "1_thread"), "same"),
+    ("same, 2 threads", lambda r: _lat(r["ptq_mobilenet_v2"].latency, "2_thread"), "same"),
+    ("MobileNetV2 0.35/96 (the `edgeq train` default), float32 / int8, 1 thread",
+     lambda r: _lat(r["ptq_mobilenet_v2"].small_model.latency, "1_thread"), "same"),
+    ("same, 2 threads", lambda r: _lat(r["ptq_mobilenet_v2"].small_model.latency, "2_thread"), "same"),
+    ("MobileNetV2 0.35/64, 3 epochs on 12,000 Fashion-MNIST images: float / int8 top-1 on 2,000 test images",
+     lambda r: f"{r['fashion_mnist_ptq'].float_top1:.3f} / {r['fashion_mnist_ptq'].int8_top1:.3f} (drop "
+               f"{r['fashion_mnist_ptq'].drop_points:g} points), agreement {r['fashion_mnist_ptq'].top1_agreement:.3f}",
+     "`python benchmarks/fashion_mnist_ptq.py`"),
+    ("`edgeq run` on a 640x480 video vs raw invoke, MobileNetV2 224 int8, 1 thread",
+     lambda r: _pipe(r["device_pipeline"].throughput["1_thread"]), "`python benchmarks/device_pipeline.py`"),
+    ("same, 2 threads (video decoding shares the 2 cores)",
+     lambda r: _pipe(r["device_pipeline"].throughput["2_thread"]), "same"),
+    ("frame time to subscriber receive over loopback mosquitto, 30 fps, p50 / p99",
+     lambda r: f"{r['device_pipeline'].latency_and_rss['capture_to_receive_ms_p50']:.1f} / "
+               f"{r['device_pipeline'].latency_and_rss['capture_to_receive_ms_p99']:.1f} ms", "same"),
+    ("peak RSS of `edgeq run`, MobileNetV2 224 int8",
+     lambda r: f"{r['device_pipeline'].latency_and_rss['rss_peak_mb']:.1f} MB", "same"),
+    ("results lost across 5 broker restarts in a 2,000-frame run",
+     lambda r: f"{r['device_pipeline'].broker_restarts['lost']} ({r['device_pipeline'].broker_restarts['duplicates']} "
+               "duplicates, dropped by seq)", "same"),
+    ("Bayesian head, K=32, int8, one invoke vs the same backbone with a dense head, MobileNetV2 0.35/96",
+     lambda r: _bayes_latency(r["bayes_head"]), "`python benchmarks/bayes_head.py`"),
+    ("one K=32 pass vs 32 passes of the deterministic int8 network (0.35/96)",
+     lambda r: _k_passes(r["bayes_head"]), "same"),
+    ("int8 QBNN vs float BNN, 2,000 held-out Fashion-MNIST images: top-1",
+     lambda r: _bayes_q(r["bayes_head"], "top1", "{:.4f}"), "same"),
+    ("same: ECE (15 bins)", lambda r: _bayes_q(r["bayes_head"], "ece", "{:.4f}"), "same"),
+    ("same: AUROC of mutual information, Fashion-MNIST vs 2,000 MNIST digits (0.5 is chance)",
+     lambda r: _bayes_q(r["bayes_head"], "auroc_mi", "{:.3f}"), "same"),
+    ("MobileNetV2 1.0/224 bundle file / float32 `.tflite`: int8, int8 + 16 clusters per tensor, per channel (packed 4-bit)",
+     lambda r: " / ".join(f"{r['clustering'].variants[v]['bundle_over_float32']:.3f}" for v in
+                          ("int8", "clustered_per_tensor", "clustered_per_channel")),
+     "`python benchmarks/clustering.py`"),
+    ("model with an outlier channel (small CNN, Fashion-MNIST): top-1 drop plain / bias-corrected / accuracy-aware "
+     "(`--max-drop 0.01`)",
+     lambda r: " / ".join(f"{r['accuracy_aware'].hard_model['variants'][v]['drop_points']:g}" for v in
+                          ("plain", "bias_corrected", "accuracy_aware")) + " points",
+     "`python benchmarks/accuracy_aware.py`"),
+    ("grid detector, MobileNetV2 0.35 at 192x192, K=32 Bayesian class head: mAP@0.5 float / int8 (300 test scenes)",
+     lambda r: f"{r['detection'].quality['float32']['map50']:.3f} / {r['detection'].quality['int8']['map50']:.3f}",
+     "`python benchmarks/detection.py`"),
+    ("same: AUROC of mutual information, unknown (bag, sandal) vs known detections, float / int8",
+     lambda r: f"{_auroc(r['detection'].quality['float32'], 'mutual_information')} / "
+               f"{_auroc(r['detection'].quality['int8'], 'mutual_information')}", "same"),
+    ("device decode + NMS, 12x12 grid, K=32, 100 candidates (median / p95)",
+     lambda r: f"{r['detection_decode'].cases['grid12_cand100']['median_ms']:.2f} / "
+               f"{r['detection_decode'].cases['grid12_cand100']['p95_ms']:.2f} ms",
+     "`python benchmarks/detection_decode.py`"),
+    ("the demo (`bash scripts/demo.sh` after setup): wall time", lambda r: f"{r['demo'].wall_seconds / 60:.1f} min",
+     "`python benchmarks/demo.py`"),
+    ("the demo: detector mAP@0.5 float / int8 on its 120 validation scenes",
+     lambda r: f"{r['demo'].validation['float']['map50']:.3f} / {r['demo'].validation['quantized']['map50']:.3f}",
+     "same"),
+    ("the demo: AUROC of mutual information, unknown vs known detections (int8)",
+     lambda r: _auroc(r["demo"].validation["quantized"], "mutual_information"), "same"),
+    ("the demo clip: frames where the never-seen bag is detected / flagged, of frames it is in",
+     lambda r: f"{r['demo'].unknown['frames_detected']} / {r['demo'].unknown['frames_flagged']} of "
+               f"{r['demo'].unknown['frames_present']}", "same"),
+    ("the demo clip: detections of known items flagged for review",
+     lambda r: f"{r['demo'].known['flagged']} of {r['demo'].known['detections']}", "same"),
+]
+
+
+def _lat(latency: dict, threads: str) -> str:
+    t = latency[threads]
+    return f"{t['float32_median_ms']:.2f} / {t['int8_median_ms']:.2f} ms = {t['float32_over_int8']:.2f}x"
+
+
+def _pipe(t: dict) -> str:
+    return f"{t['pipeline_fps']:.0f} / {t['raw_invoke_fps']:.0f} fps = {t['ratio']:.2f}x"
+
+
+def _auto(r: R) -> str:
+    return r.auto_layout["chose"]
+
+
+def _bayes_latency(r: R) -> str:
+    t = r.latency_trained[_auto(r)]
+    return (f"{t['median_ms']['bayes_one_pass']:.3f} / {t['median_ms']['deterministic']:.3f} ms = "
+            f"{t['ratio_vs_deterministic']:.2f}x ({_auto(r)} layout)")
+
+
+def _k_passes(r: R) -> str:
+    t = r.latency_trained[_auto(r)]
+    return (f"{t['median_ms']['bayes_one_pass']:.2f} / {t['median_ms']['deterministic_x32']:.1f} ms: "
+            f"{t['speedup_vs_k_passes']:.1f}x faster")
+
+
+def _bayes_q(r: R, key: str, fmt: str) -> str:
+    q = r.quality[_auto(r)]
+    return f"{fmt.format(q['int8'][key])} int8 vs {fmt.format(q['float'][key])} float"
+
+
+def environment_rows(res: dict[str, R]) -> list[str]:
+    """Where each results file was measured: CPU and flags, runtime versions, commit and date."""
+    lines = ["| results file | CPU (cores; SIMD flags) | LiteRT / TensorFlow | commit, date |", "|---|---|---|---|"]
+    for name, r in res.items():
+        env = r.get("environment")
+        if not env:
+            lines.append(f"| {name}.json | not recorded | | |")
+            continue
+        pk = env["packages"]
+        lines.append(f"| {name}.json | {env['cpu']} ({env['cores']}; {' '.join(env['cpu_flags'])}) | "
+                     f"{pk.get('ai-edge-litert', '-')} / {pk.get('tensorflow-cpu', pk.get('tensorflow', '-'))} | "
+                     f"{env['commit'][:10]}, {env['date'][:10]} |")
+    return lines
+
+
+def render_table(rows: list[Row], res: dict[str, R]) -> str:
+    lines = ["| figure | value | command |", "|---|---|---|"]
+    for label, value, command in rows:
+        lines.append(f"| {label} | {value(res)} | {command} |")
+    return "\n".join(lines)
+
+
+TABLES: dict[str, tuple[str, Callable[[dict[str, R]], str]]] = {
+    "readme": ("README.md", lambda res: render_table(README, res)),
+    "environments": ("README.md", lambda res: "\n".join(environment_rows(res))),
+}
+
+
+def blocks(res: dict[str, R] | None = None) -> dict[str, tuple[Path, str]]:
+    """Every table: its file and its rendered markdown."""
+    res = results() if res is None else res
+    return {name: (ROOT / file, render(res)) for name, (file, render) in TABLES.items()}
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    start, end = f"<!-- figures:{name} -->", f"<!-- /figures:{name} -->"
+    if start not in text or end not in text:
+        raise KeyError(f"no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def current_block(text: str, name: str) -> str:
+    start, end = f"<!-- figures:{name} -->", f"<!-- /figures:{name} -->"
+    return text.split(start, 1)[1].split(end, 1)[0].strip("\n")
+
+
+def main(argv: list[str]) -> int:
+    for name, (path, body) in blocks().items():
+        if "--write" in argv:
+            path.write_text(replace_block(path.read_text(), name, body))
+            print(f"wrote {name} in {path.relative_to(ROOT)}")
+        else:
+            print(f"## {name} ({path.relative_to(ROOT)})\n{body}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

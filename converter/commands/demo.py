@@ -1,0 +1,273 @@
+"""``edgeq demo``: the whole job end to end on embedded defaults, in a work folder.
+
+Steps: Fashion-MNIST items (Debian's ``dataset-fashion-mnist``, which ``scripts/setup.sh`` installs) -> ``edgeq
+train`` a small MobileNetV2 classifier on them (it stands in for the ImageNet weights a detector starts from,
+which cannot be downloaded) -> ``edgeq datasets scenes`` (items pasted on textured backgrounds, COCO JSON; the
+training scenes leave ``bag`` and ``sandal`` out, the validation scenes hold them as unknown objects) -> ``edgeq
+train --task detect --init-backbone`` (deterministic class head, then a Bayesian one) -> ``edgeq convert`` (full
+int8, 32 posterior samples in one pass, score threshold and needs_review calibrated on the validation scenes) ->
+``edgeq inspect`` -> a clip of moving items, a bag (a class the detector never saw) entering halfway, through
+``edgeq run`` into a loopback mosquitto, each detection printed by a subscriber with its uncertainty.
+Each step runs the same code as its ``edgeq`` subcommand, in this process.
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+
+HELP = "run the whole job end to end on generated data (host + device)"
+DESCRIPTION = ("Generate data, train a detector, convert it, inspect the bundle, and run it on a video into a "
+               "loopback MQTT broker, in --workdir.")
+UNKNOWN = ("bag", "sandal")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", default="edgeq-demo", help="folder for the demo's files (default ./edgeq-demo)")
+    p.add_argument("--input-size", type=int, default=192, help="detector input size, a multiple of 16 (default 192)")
+    p.add_argument("--alpha", type=float, default=0.35, help="MobileNetV2 width (default 0.35)")
+    p.add_argument("--images", type=int, default=3000, help="Fashion-MNIST items for the backbone (default 3000)")
+    p.add_argument("--scenes", type=int, default=800, help="training scenes (default 800)")
+    p.add_argument("--epochs", type=int, default=8, help="detector training epochs (default 8)")
+    p.add_argument("--frames", type=int, default=40, help="frames in the demo video (default 40)")
+
+
+def step(title: str) -> float:
+    print(f"\n== {title}", flush=True)
+    return time.perf_counter()
+
+
+def _edgeq(argv: list[str]) -> int:
+    """Run one edgeq subcommand in this process, as ``edgeq ARGV`` would (errors reach the CLI's handler)."""
+    from edgeq.inspect import format_inspect, inspect_bundle
+
+    from . import convert, datasets, train
+
+    print("   $ edgeq " + " ".join(argv), flush=True)
+    if argv[0] == "inspect":
+        print(format_inspect(inspect_bundle(argv[1])))
+        return 0
+    module = {"convert": convert, "datasets": datasets, "train": train}[argv[0]]
+    parser = argparse.ArgumentParser(prog=f"edgeq {argv[0]}")
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv[1:]))
+
+
+def _items(work: Path, n: int) -> Path:
+    """``n`` Fashion-MNIST training items of the known classes as a class folder."""
+    from ..data.datasets import FASHION_MNIST_LABELS, fashion_mnist, write_class_folder
+
+    x, y = fashion_mnist("train")
+    known = [i for i, name in enumerate(FASHION_MNIST_LABELS) if name not in UNKNOWN]
+    pick = np.random.default_rng(0).choice(np.flatnonzero(np.isin(y, known)), n, replace=False)
+    remap = {c: i for i, c in enumerate(known)}
+    return write_class_folder(work / "items", x[pick], np.array([remap[int(v)] for v in y[pick]]),
+                              [FASHION_MNIST_LABELS[i] for i in known])
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.datasets import fashion_mnist
+
+    started = time.perf_counter()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    fashion_mnist("test")  # a clear error, before anything else, when dataset-fashion-mnist is missing
+    t = step(f"1. data in {work}: Fashion-MNIST items, then detection scenes (COCO JSON)")
+    items = _items(work, args.images)
+    size = str(args.input_size)
+    for argv in (["datasets", "scenes", str(work / "scenes_train"), "--n", str(args.scenes), "--size", size,
+                  "--exclude-classes", ",".join(UNKNOWN)],
+                 ["datasets", "scenes", str(work / "scenes_val"), "--n", "120", "--size", size, "--split", "test",
+                  "--ood-classes", ",".join(UNKNOWN), "--seed", "1"]):
+        code = _edgeq(argv)
+        if code:
+            return code
+    print(f"   {time.perf_counter() - t:.1f} s")
+
+    step(f"2. edgeq train: a MobileNetV2 {args.alpha:g} classifier on the items (the detector's starting backbone)")
+    backbone = work / "backbone.keras"
+    code = _edgeq(["train", str(items), "--input-size", "96", "--alpha", f"{args.alpha:g}", "--epochs", "3",
+                   "--lr", "2e-3", "--no-augment", "--batch-size", "64", "-o", str(backbone)])
+    if code:
+        return code
+    step(f"3. edgeq train --task detect: {args.epochs} epochs end to end, then the Bayesian class head")
+    detector = work / "detector.keras"
+    code = _edgeq(["train", "--task", "detect", str(work / "scenes_train"), "--init-backbone", str(backbone),
+                   "--input-size", size, "--alpha", f"{args.alpha:g}", "--epochs", str(args.epochs),
+                   "--batch-size", "16", "-o", str(detector)])
+    if code:
+        return code
+
+    bundle = work / "detector.edgeq"
+    step("4. edgeq convert: full-integer int8, 32 class-head samples fused into one pass, checked on held-out scenes")
+    code = _edgeq(["convert", str(detector), "--calib", str(work / "scenes_train"), "--calib-samples", "100",
+                   "--val", str(work / "scenes_val"), "--review-measure", "mutual_information",
+                   "--target-accuracy", "0.95", "-o", str(bundle)])
+    if code:
+        return code
+
+    step("5. edgeq inspect")
+    code = _edgeq(["inspect", str(bundle)])
+    if code:
+        return code
+    from ..data.scenes import moving_scene_frames
+
+    frames, truth = moving_scene_frames(args.frames, args.input_size, seed=5, objects=3, unknown_classes=("bag",))
+    code, received = run_device_demo(work, bundle, frames, args.frames // 2)
+    summary = write_summary(work, bundle, received, truth, time.perf_counter() - started)
+    print(f"\n   summary ({work / 'summary.json'}): the bag was detected in {summary['unknown']['frames_detected']} of "
+          f"{summary['unknown']['frames_present']} frames, flagged in {summary['unknown']['frames_flagged']}; "
+          f"{summary['known']['flagged']} of {summary['known']['detections']} detections of known items flagged")
+    return code
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_mosquitto(work: Path) -> tuple[subprocess.Popen | None, int]:
+    import shutil
+    import socket
+
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if exe is None:
+        return None, 0
+    port = _free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    return None, 0
+
+
+def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_unknown: int | None = None
+                    ) -> tuple[int, list[dict]]:
+    """Write a short video, start a broker on loopback, run ``edgeq run`` on it and print what a subscriber gets."""
+    import json
+    import shutil
+    import sys
+
+    from ..data.scenes import write_video
+
+    t = step(f"6. writing a {len(frames)}-frame video of moving items")
+    video = write_video(work / "demo.avi", frames, fps=10)
+    print(f"   {video}, {time.perf_counter() - t:.1f} s")
+
+    step("7. starting a broker on loopback and subscribing to edgeq/#")
+    broker, port = _start_mosquitto(work)
+    if broker is None:
+        raise EdgeqError("the demo needs a local MQTT broker: install mosquitto (apt-get install mosquitto; "
+                         "scripts/setup.sh does it)")
+    exe = shutil.which("edgeq")
+    cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
+    cmd += ["run", "--model", str(bundle), "--source", str(video), "--device-id", "demo",
+            "--spool", str(work / "spool.sqlite3"), "--stats-interval", "1"]
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    received: list[dict] = []
+
+    def on_message(client: object, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        payload = json.loads(msg.payload)
+        received.append(payload)
+        if payload.get("schema") == "edgeq.detections":
+            frame_no = int(payload["frame"]["id"]) if str(payload["frame"]["id"]).isdigit() else -1
+            note = "   <- a bag has entered: no trained class" if first_unknown is not None and frame_no == first_unknown else ""
+            print(f"   {msg.topic} seq={payload['seq']:>3} frame={payload['frame']['id']:>3} "
+                  f"invoke={payload['latency_ms']['invoke']:.2f} ms, {len(payload['detections'])} detections{note}")
+            for d in payload["detections"]:
+                u = d["uncertainty"] or {}
+                mi = f" MI={u['mutual_information']:.3f}" if "mutual_information" in u else ""
+                review = "  NEEDS REVIEW" if d.get("needs_review") else ""
+                box = d.get("box")
+                where = f" at ({box[1]:.2f}, {box[0]:.2f})" if box else ""
+                print(f"        {d['label']:<10} score={d['score']:.2f} entropy={u.get('predictive_entropy', 0):.2f}"
+                      f"{mi}{where}{review}")
+        else:
+            print(f"   {msg.topic} {json.dumps(payload)[:150]}")
+
+    sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="edgeq-demo-subscriber")
+    sub.on_message = on_message
+    sub.on_connect = lambda c, u, f, rc, p: c.subscribe("edgeq/#", qos=1)
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    try:
+        step("8. edgeq run: video -> int8 inference -> decode + NMS + uncertainty -> spool -> MQTT")
+        print(f"   $ edgeq run --model {bundle} --source {video} --mqtt mqtt://127.0.0.1:{port} --device-id demo")
+        code = subprocess.call(cmd + ["--mqtt", f"mqtt://127.0.0.1:{port}"])
+        time.sleep(0.5)
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+        broker.terminate()
+        broker.wait(timeout=10)
+    seqs = [m["seq"] for m in received if m.get("schema") == "edgeq.detections"]
+    print(f"\n   subscriber received {len(seqs)} detection messages for {len(frames)} frames (seq {min(seqs, default=0)}..{max(seqs, default=0)})")
+    return code, received
+
+
+def write_summary(work: Path, bundle: Path, received: list[dict], truth: list[list[tuple[str, tuple]]],
+                  seconds: float) -> dict:
+    """What the demo showed, as figures (``summary.json``; benchmarks/demo.py records it): the bundle's
+    validation, and on the clip, matched to the objects drawn (IoU >= 0.5, pycocotools), how often the unknown
+    item was detected and flagged, and how many detections of known items were flagged."""
+    import json
+
+    from pycocotools import mask as mask_utils
+
+    from edgeq.bundle import read_bundle
+
+    manifest = read_bundle(bundle).manifest
+    v = manifest.validation.model_dump() if manifest.validation is not None else {}
+    known = {"detections": 0, "flagged": 0, "matched": 0}
+    unknown = {"frames_present": 0, "frames_detected": 0, "frames_flagged": 0}
+    messages = {int(m["frame"]["id"]): m for m in received if m.get("schema") == "edgeq.detections"}
+    for i, objects in enumerate(truth):
+        m = messages.get(i)
+        if m is None:
+            continue
+        h, w = m["frame"]["height"], m["frame"]["width"]
+        dets = m["detections"]
+        boxes = [[d["box"][1] * w, d["box"][0] * h, (d["box"][3] - d["box"][1]) * w, (d["box"][2] - d["box"][0]) * h]
+                 for d in dets]
+        gts = [[x0, y0, x1 - x0, y1 - y0] for _, (x0, y0, x1, y1) in objects]
+        iou = np.asarray(mask_utils.iou(boxes, gts, [0] * len(gts))) if boxes and gts else np.zeros((len(dets), 0))
+        unknown_cols = [j for j, (name, _) in enumerate(objects) if name in UNKNOWN]
+        if unknown_cols:
+            unknown["frames_present"] += 1
+            on_unknown = [k for k in range(len(dets)) if iou.shape[1] and iou[k, unknown_cols].max() >= 0.5]
+            unknown["frames_detected"] += bool(on_unknown)
+            unknown["frames_flagged"] += any(dets[k].get("needs_review") for k in on_unknown)
+        for k, d in enumerate(dets):
+            if iou.shape[1] and unknown_cols and iou[k, unknown_cols].max() >= 0.5:
+                continue
+            known["detections"] += 1
+            known["flagged"] += bool(d.get("needs_review"))
+            known["matched"] += bool(iou.shape[1] and iou[k].max() >= 0.5)
+    summary = {
+        "seconds": round(seconds, 1), "frames": len(truth), "messages": len(messages),
+        "validation": {name: {k: v.get(name, {}).get(k) for k in ("map50", "map", "unknown_auroc", "detections")}
+                       for name in ("float", "quantized")},
+        "review": manifest.head_or_dense.review.model_dump() if manifest.head_or_dense.review else None,
+        "unknown": unknown, "known": known,
+    }
+    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,146 @@
+"""The ``edgeq eval --report`` page of a detection bundle: one self-contained HTML file.
+
+Plots: sample frames with every detection drawn and coloured by its uncertainty (the review measure, one colour
+scale for all models; ground truth dashed, unknown objects in magenta), ROC curves of each model's uncertainty for
+telling detections of unknown objects from known ones, and a detection reliability diagram (precision per score
+bin). Same page conventions as edgeq/report.py, including the image-count attributes a headless browser checks.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import metrics
+from .detect import detection_rows, match_all
+from .report import _colors, _png, check_report_dir, write_page
+
+SAMPLE_FRAMES = 6
+
+
+def _frames_plot(report: dict[str, Any], runs: list[Any], coco: Any) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from edgeq.preprocess import read_image
+
+    measure = report["uncertainty_measure"]
+    unknown = coco.unknown_category_ids
+    # frames with an unknown object first: that is where the uncertainty has something to tell
+    order = sorted(range(len(coco.images)), key=lambda i: -int(np.isin(
+        coco.category_ids[coco.images[i]["id"]], list(unknown)).any()))[:SAMPLE_FRAMES]
+    values = np.concatenate([r.results[i].detections.measure(measure) for r in runs for i in order] or [np.zeros(1)])
+    vmax = float(max(values.max(), 1e-6)) if values.size else 1.0
+    cmap = plt.get_cmap("viridis")
+    fig, axes = plt.subplots(len(runs), len(order), figsize=(2.6 * len(order), 2.8 * len(runs)), squeeze=False)
+    threshold = report["score_threshold"]
+    for row, run in enumerate(runs):
+        for col, i in enumerate(order):
+            ax = axes[row][col]
+            im = coco.images[i]
+            frame = read_image(coco.image_path(im))
+            ax.imshow(frame[..., ::-1] if frame.ndim == 3 else frame, cmap=None if frame.ndim == 3 else "gray")
+            for b, c in zip(coco.boxes[im["id"]], coco.category_ids[im["id"]]):
+                ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, linestyle="--", lw=1,
+                                       edgecolor="magenta" if int(c) in unknown else "white"))
+            res = run.results[i]
+            d = res.detections
+            for j in np.flatnonzero(d.scores >= threshold):
+                x0, y0, x1, y1 = res.boxes[j]
+                color = cmap(float(d.measure(measure)[j]) / vmax)
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2, edgecolor=color))
+                ax.text(x0, y0 - 1, f"{report['labels'][int(d.classes[j])]} {d.scores[j]:.2f}", fontsize=6,
+                        color="black", backgroundcolor=color)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(run.name)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, vmax))
+    fig.colorbar(sm, ax=axes, fraction=0.02, label=measure.replace("_", " "))
+    return _png(fig)
+
+
+def _roc_plot(report: dict[str, Any], runs: list[Any], coco: Any) -> str | None:
+    import matplotlib.pyplot as plt
+
+
+    colors = _colors([r.name for r in runs])
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    drawn = False
+    for run in runs:
+        m = match_all(run.results, coco, list(run.grid.spec.category_ids), report["score_threshold"])
+        if not (m.known.any() and m.unknown.any()):
+            continue
+        for name, style in (("mutual_information", "-"), ("predictive_entropy", "--")):
+            v = m.measures[name]
+            curve = metrics.roc_curve(v[m.known], v[m.unknown])
+            ax.plot(curve["fpr"], curve["tpr"], style, color=colors[run.name],
+                    label=f"{run.name} {name.replace('_', ' ')} ({metrics.roc_auc(v[m.known], v[m.unknown]):.3f})")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.plot([0, 1], [0, 1], ":", color="#999")
+    ax.set_xlabel("false positive rate (known objects flagged)")
+    ax.set_ylabel("true positive rate (unknown objects flagged)")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _reliability_plot(report: dict[str, Any], runs: list[Any], coco: Any) -> str:
+    import matplotlib.pyplot as plt
+
+
+    colors = _colors([r.name for r in runs])
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    edges = np.linspace(0, 1, 11)
+    for run in runs:
+        m = match_all(run.results, coco, list(run.grid.spec.category_ids), report["score_threshold"])
+        centres, precision = [], []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            sel = (m.scores > lo) & (m.scores <= hi)
+            if sel.any():
+                centres.append(float(m.scores[sel].mean()))
+                precision.append(float(m.correct[sel].mean()))
+        ax.plot(centres, precision, "o-", color=colors[run.name], label=run.name)
+    ax.plot([0, 1], [0, 1], "--", color="#999")
+    ax.set_xlabel("score")
+    ax.set_ylabel("precision (label and box right)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def write_detection_report(report: dict[str, Any], runs: list[Any], coco: Any, out_dir: str | Path) -> Path:
+
+    out = check_report_dir(out_dir)
+    names = list(report["models"])
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    body = "".join(f"<tr><td>{html.escape(label)}</td>{''.join(f'<td>{html.escape(v)}</td>' for v in values)}</tr>"
+                   for label, values in detection_rows(report))
+    frames = _frames_plot(report, runs, coco)
+    roc = _roc_plot(report, runs, coco)
+    reliability = _reliability_plot(report, runs, coco)
+    measure = html.escape(report["uncertainty_measure"].replace("_", " "))
+    roc_html = (f"<img alt='unknown_roc' src='{roc}'>" if roc else
+                "<p>Not measured: the set has no detections of unknown objects (categories with supercategory "
+                "'unknown'), or none of known ones.</p>")
+    page_body = f"""<h1>edgeq eval: {html.escape(report['name'])} (detection)</h1>
+<p>Bundle {html.escape(report['bundle'])}; {report['count']} images from {html.escape(report['data'])}
+({len(report['labels'])} known classes). Detections at score &ge; {report['score_threshold']:g} are matched to
+ground truth at IoU &ge; 0.5; mAP comes from pycocotools.</p>
+<table><tr><th></th>{head}</tr>{body}</table>
+<h2>Detections coloured by uncertainty</h2>
+<p>Colour: {measure} of each detection (yellow: uncertain). Dashed: ground truth, magenta for objects of
+unknown classes. One row per model.</p><img alt='frames' src='{frames}'>
+<h2>Unknown objects</h2><p>ROC of the uncertainty for telling detections of unknown objects from known ones.</p>
+{roc_html}
+<h2>Detection reliability</h2><p>Precision per score bin; the dashed line is a calibrated score.</p>
+<img alt='reliability' src='{reliability}'>
+"""
+    return write_page(out, f"edgeq eval: {report['name']}", page_body)

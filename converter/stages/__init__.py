@@ -1,0 +1,1 @@
+"""The stages of edgeq convert, one module each (see converter/pipeline.py)."""

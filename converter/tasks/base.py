@@ -1,0 +1,98 @@
+"""What a task adapter supplies to the one convert pipeline: everything that differs between classifying and
+detecting. The stages (converter/stages/) do the rest the same way for every task."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from edgeq.manifest import OutputSpec
+from edgeq.runtime import Model
+
+if TYPE_CHECKING:
+    from ..context import ConvertContext, Converted
+    from ..stages.load import SourceModel
+
+
+@dataclass(frozen=True)
+class HeadExport:
+    """A model whose head the TFLite converter can quantise (K weight samples as plain layers), the manifest's
+    ``head`` block, and what the checks need afterwards (the float weight samples)."""
+
+    keras_model: Any
+    head: dict[str, Any]
+    detail: Any = None
+
+
+class Task(ABC):
+    """One task's part of ``edgeq convert``."""
+
+    name: str  # the manifest's task
+    # recipe options this task does not take yet: (recipe, field) -> flag; refused rather than ignored
+    refuses: dict[tuple[str, str], str] = {}
+
+    @abstractmethod
+    def classes(self, source: "SourceModel") -> int:
+        """The number of classes the model predicts."""
+
+    def check(self, ctx: "ConvertContext") -> None:
+        """Refuse what this task cannot do, and read the validation data, before the slow part."""
+        for (group, name), flag_name in self.refuses.items():
+            if getattr(getattr(ctx.recipe, group), name):
+                raise_refused(flag_name, ctx.source.origin, self.name)
+
+    # -- head export (stages/export_head.py) --------------------------------------------------------------
+    @abstractmethod
+    def bayes_head(self, ctx: "ConvertContext") -> bool:
+        """Whether the source model has a Bayesian head (refusing ``--bayes-samples`` when it does not)."""
+
+    @abstractmethod
+    def export_dense(self, ctx: "ConvertContext") -> HeadExport:
+        """The model as it is, with a deterministic head."""
+
+    @abstractmethod
+    def export_bayes(self, ctx: "ConvertContext", samples: int, seed: int, layout: str) -> HeadExport:
+        """The model with K weight samples of its Bayesian head fused in, in ``layout``."""
+
+    @abstractmethod
+    def stacked_steps(self, ctx: "ConvertContext", stacked: HeadExport) -> dict[str, float]:
+        """Before converting: ``{"spread", "step", "steps"}``, how many int8 steps of the stacked output the
+        spread between samples would span (the float model on calibration images)."""
+
+    # -- converted models ----------------------------------------------------------------------------------
+    @abstractmethod
+    def describe_outputs(self, ctx: "ConvertContext", model: Model) -> list[OutputSpec]:
+        """The manifest's outputs of a converted model, each with its role."""
+
+    @abstractmethod
+    def bind(self, ctx: "ConvertContext", model: Model, outputs: list[OutputSpec]) -> Any:
+        """The core's reader of those outputs (the same one the device uses)."""
+
+    @abstractmethod
+    def verify(self, ctx: "ConvertContext") -> None:
+        """Task checks of the converted models against the source: roles, sampled weights, spread."""
+
+    # -- validation (stages/validate.py) -----------------------------------------------------------------
+    @abstractmethod
+    def read_validation(self, ctx: "ConvertContext") -> Any:
+        """The validation data of ``--val``, checked against the model's classes."""
+
+    @abstractmethod
+    def score(self, ctx: "ConvertContext", converted: "Converted", name: str) -> Any:
+        """One pass of a converted model over the validation data."""
+
+    def top1(self, scored: Any) -> float:
+        """Top-1 accuracy of a pass (what bias correction and the accuracy-aware loop decide on)."""
+        raise NotImplementedError(f"{self.name}: no top-1 accuracy")
+
+    @abstractmethod
+    def validate(self, ctx: "ConvertContext", reference: Any, quantised: Any) -> dict[str, Any]:
+        """The manifest's validation block from the two passes; sets the head's review rule."""
+
+
+def raise_refused(flag_name: str, origin: str, task: str) -> None:
+    from edgeq.errors import ModelError
+
+    kind = "detectors" if task == "detect" else f"{task} models"
+    raise ModelError(f"{flag_name} does not apply to {kind} yet; convert {origin} without it")

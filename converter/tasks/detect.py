@@ -1,0 +1,190 @@
+"""The detection task: edgeq's anchor-free grid detector (converter/models/detector.py).
+
+The K posterior samples ``W_k = mu + sigma * eps_k`` (seeded) of the per-cell ``BayesDense`` class head become
+one Conv2D 1x1 with K*C output channels, sample-major (channel ``k*C + c``), so one invoke gives K class
+distributions for every cell and the device views the output as ``[G_h, G_w, K, C]``; or, ``centred``, a 1x1
+conv with the posterior mean plus one with each sample's residual. A deterministic class head is exported as it
+is (K = 1). Output roles are read from the TFLite signature's order (the Keras output order) and then checked
+numerically against the Keras model, since shapes alone cannot tell a 4-class head from the boxes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgeq.detection import BoundGrid, GridSpec, describe_grid_outputs, signature_outputs
+from edgeq.errors import ModelError, QuantizationError
+from edgeq.manifest import Detector, Head, OutputSpec
+from edgeq.runtime import Model, quantize_values
+from edgeq.uncertainty import summarize
+
+from ..models import bayes
+from ..models.detector import class_head, export_detector
+from .base import HeadExport, Task, raise_refused
+
+if TYPE_CHECKING:
+    from ..context import ConvertContext, Converted
+    from ..stages.load import SourceModel
+
+DEFAULT_SCORE_THRESHOLD = 0.3
+DEFAULT_NMS_IOU = 0.5
+
+
+class DetectTask(Task):
+    name = "detect"
+    refuses = {("cluster", "clusters"): "--clusters", ("repair", "max_drop"): "--max-drop",
+               ("repair", "keep_float"): "--keep-float", ("repair", "layer_errors"): "--layer-errors",
+               ("cluster", "finetune"): "--finetune"}
+
+    def __init__(self, category_ids: list[int]) -> None:
+        self.category_ids = [int(c) for c in category_ids]
+
+    def classes(self, source: "SourceModel") -> int:
+        return int(source.keras_model.outputs[2].shape[-1])  # the class head's width, not the objectness output's
+
+    def check(self, ctx: "ConvertContext") -> None:
+        from ..recipes import QuantMode
+
+        super().check(ctx)
+        if ctx.recipe.repair.bias_correction == "on":
+            raise_refused("--bias-correction on", ctx.source.origin, self.name)
+        if ctx.recipe.quant.mode not in (QuantMode.INT8, QuantMode.FLOAT32):
+            raise QuantizationError(f"--quant {ctx.recipe.quant.mode.value}: a detector converts to int8 (default) "
+                                    "or float32")
+        deterministic = not isinstance(class_head(ctx.source.keras_model), bayes.bayes_dense_class())
+        if ctx.recipe.validation.val and deterministic and ctx.recipe.validation.review_measure != "predictive_entropy":
+            raise ModelError(f"--review-measure {ctx.recipe.validation.review_measure}: the detector's class head is "
+                             "deterministic; only predictive_entropy applies")
+
+    # -- head export ----------------------------------------------------------------------------------------
+    def bayes_head(self, ctx: "ConvertContext") -> bool:
+        if isinstance(class_head(ctx.source.keras_model), bayes.bayes_dense_class()):
+            return True
+        if ctx.recipe.bayes.samples is not None:
+            raise ModelError(f"{ctx.source.keras_model.name}: --bayes-samples given, but the detector's class head is "
+                             "deterministic; train it with edgeq train --task detect --head bayes, or drop "
+                             "--bayes-samples")
+        return False
+
+    def export_dense(self, ctx: "ConvertContext") -> HeadExport:
+        model, head = export_detector(ctx.source.keras_model, None)
+        return HeadExport(model, head)
+
+    def export_bayes(self, ctx: "ConvertContext", samples: int, seed: int, layout: str) -> HeadExport:
+        model, head = export_detector(ctx.source.keras_model, samples, seed, layout=layout)
+        return HeadExport(model, head)
+
+    def stacked_steps(self, ctx: "ConvertContext", stacked: HeadExport) -> dict[str, float]:
+        """The spread at the 4 cells per image most likely to hold an object, the output step over all cells."""
+        x = ctx.calibration.samples[:32]
+        obj, _, cls = (np.asarray(o, np.float64) for o in stacked.keras_model.predict(x, batch_size=16, verbose=0))
+        k, c = stacked.head["samples"], stacked.head["classes"]
+        step = (max(0.0, float(cls.max())) - min(0.0, float(cls.min()))) / 255.0
+        top = np.argsort(-obj.reshape(len(x), -1), axis=1)[:, :4]
+        cells = cls.reshape(len(x), -1, k, c)[np.arange(len(x))[:, None], top]
+        spread = float(np.mean(np.std(cells, axis=2)))
+        return {"spread": round(spread, 6), "step": round(step, 8), "steps": round(spread / step, 2) if step else 0.0}
+
+    # -- converted models -----------------------------------------------------------------------------------
+    def describe_outputs(self, ctx: "ConvertContext", model: Model) -> list[OutputSpec]:
+        return describe_grid_outputs(model, signature_outputs(model), ctx.head["layout"])
+
+    def bind(self, ctx: "ConvertContext", model: Model, outputs: list[OutputSpec]) -> BoundGrid:
+        grid = tuple(int(d) for d in outputs[0].shape[1:3])
+        height = ctx.spec.height
+        if "detector" not in ctx.extras:
+            ctx.extras["detector"] = {
+                "type": "grid", "stride": int(height // grid[0]), "grid": list(grid),
+                "category_ids": self.category_ids, "score_threshold": DEFAULT_SCORE_THRESHOLD,
+                "nms_iou": DEFAULT_NMS_IOU, "max_candidates": 100, "max_detections": 50, "box_encoding": "ltrb_cells",
+                "architecture": "mobilenet_v2 stride-16 anchor-free (docs/detection.md)"}
+        head = Head.model_validate({k: v for k, v in ctx.head.items() if k in ("type", "samples", "classes", "layout")})
+        spec = GridSpec.from_blocks(Detector.model_validate(ctx.extras["detector"]), head, len(ctx.labels))
+        return spec.bind(model, outputs)
+
+    def verify(self, ctx: "ConvertContext") -> None:
+        calibration = ctx.calibration
+        spec = ctx.spec
+        probe = calibration.samples[:1] if calibration is not None else \
+            np.zeros((1, spec.height, spec.width, spec.channels), np.float32)
+        _check_roles(ctx.source.keras_model, ctx.reference, probe)
+        if ctx.head["samples"] > 1 and calibration is not None:
+            ctx.head["spread"] = _spread_check(ctx.reference, ctx.quantised, calibration.samples[:32])
+
+    # -- validation -----------------------------------------------------------------------------------------
+    def read_validation(self, ctx: "ConvertContext") -> Any:
+        from ..data.coco import read_coco
+
+        coco = read_coco(ctx.recipe.validation.val, flag="--val")
+        coco.require_categories(self.category_ids, "--val", ctx.source.origin)
+        return coco
+
+    def score(self, ctx: "ConvertContext", converted: "Converted", name: str) -> Any:
+        from ..evaluation.detect import run_detector
+
+        return run_detector(converted.model, converted.bound, ctx.spec, ctx.data, f"val {name}")
+
+    def validate(self, ctx: "ConvertContext", reference: Any, quantised: Any) -> dict[str, Any]:
+        from ..evaluation.detect import best_f1_threshold, detection_figures
+
+        detector, coco, v = ctx.extras["detector"], ctx.data, ctx.recipe.validation
+        best = best_f1_threshold(quantised, coco, detector["category_ids"])
+        if best["threshold"] is not None:
+            detector["score_threshold"] = best["threshold"]
+            detector["score_threshold_calibration"] = {"rule": "highest F1 on the known objects of --val (int8)",
+                                                       **best}
+            ctx.log(f"score threshold: {best['threshold']:.3f} (F1 {best['f1']:.3f}, precision "
+                    f"{best['precision']:.3f}, recall {best['recall']:.3f} on --val)")
+        figures = {name: detection_figures(res, coco, detector["category_ids"], detector["score_threshold"],
+                                           v.target_accuracy, v.review_measure)
+                   for name, res in (("float", reference), ("quantized", quantised))}
+        ctx.head["review"] = figures["quantized"]["review"]
+        if ctx.head["review"] is None:
+            ctx.log(f"needs_review: not calibrated: no int8 detection of --val at score >= "
+                    f"{detector['score_threshold']:g} matched a known object; the device reports needs_review null "
+                    "unless its config sets thresholds.review")
+        return {"source": str(coco.path), "images": len(coco.images), **figures}
+
+
+def _check_roles(keras_model: Any, reference: "Converted", x: np.ndarray) -> None:
+    """Each output role of the float TFLite model must reproduce the Keras output it stands for: shapes alone
+    cannot tell a 4-class deterministic head from the boxes, and the signature order is the converter's promise,
+    not ours."""
+    want = [np.asarray(o, np.float32) for o in keras_model.predict(x.astype(np.float32), verbose=0)]
+    float_model, grid = reference.model, reference.bound
+    float_model.set_input(x.astype(np.float32))
+    float_model.invoke()
+    for role, t, w in zip(grid.spec.roles, grid.tensors, want):
+        got = float_model.get_float(t)
+        if got.size != w.size or not np.allclose(got.reshape(w.shape), w, atol=1e-3 * max(1.0, float(np.abs(w).max()))):
+            raise QuantizationError(f"converted output {t.name} does not match the model's {role!r} output; the "
+                                    "output roles could not be identified (this is a bug, please report it)")
+
+
+def _spread_check(reference: "Converted", quantised: "Converted", samples: np.ndarray) -> dict[str, Any]:
+    """Spread of the class logits across samples at the cells most likely to hold an object, float vs int8, and
+    how many output steps of the tensor holding the samples it spans."""
+    from ..evaluation.classify import correlation
+
+    ref, quant = [], []
+    float_model, fgrid, model, qgrid = reference.model, reference.bound, quantised.model, quantised.bound
+    for x in samples:
+        float_model.set_input(x[None].astype(np.float32))
+        float_model.invoke()
+        cells = np.argsort(-float_model.get_float(fgrid.tensors[0]).reshape(-1))[:4]
+        ref.append(fgrid.class_samples(fgrid.raw(float_model))[cells])
+        t = model.input
+        model.set_input(quantize_values(x[None], t.scale, t.zero_point, t.dtype) if t.quantized else x[None])
+        model.invoke()
+        quant.append(qgrid.class_samples(qgrid.raw(model))[cells])
+    ref_a, quant_a = np.concatenate(ref), np.concatenate(quant)
+    spread_f = float(np.mean(np.std(ref_a, axis=1)))
+    spread_q = float(np.mean(np.std(quant_a, axis=1)))
+    t = qgrid.tensors[-1]  # the stacked samples, or the centred residuals
+    step = float(t.scale) if t.quantized else 0.0
+    corr = correlation(summarize(ref_a).mutual_information, summarize(quant_a).mutual_information)
+    return {"cells": int(len(ref_a)), "float": round(spread_f, 6), "quantized": round(spread_q, 6),
+            "output_step": round(step, 8), "steps": round(spread_f / step, 2) if step else None,
+            "mutual_information_correlation": None if corr is None else round(corr, 4)}

@@ -1,0 +1,80 @@
+"""TensorFlow and Keras helpers for the host room: a quiet import, silenced native output, and walking a model.
+
+Nothing here imports TensorFlow at module level; every function imports it when called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def quiet_output() -> Iterator[None]:
+    """Silence TensorFlow's and Keras's prints (both C++ and Python) at the file-descriptor level."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def import_tensorflow() -> Any:
+    """Import TensorFlow and Keras once, without their start-up chatter on the terminal."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with quiet_output():
+        import keras  # noqa: F401
+        import tensorflow as tf
+    return tf
+
+
+def leaf_layers(model: Any) -> list[Any]:
+    """Every layer of a Keras model, nested models opened up (a MobileNetV2 used as one layer included)."""
+    import keras
+
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            out.extend(leaf_layers(layer))
+        else:
+            out.append(layer)
+    return out
+
+
+def count_macs(model: Any) -> int:
+    """Multiply-accumulates of the Conv2D, DepthwiseConv2D and Dense layers for one image."""
+    import keras
+
+    total = 0
+    for layer in leaf_layers(model):
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            kh, kw = layer.kernel_size
+            _, h, w, c = layer.output.shape
+            total += int(h) * int(w) * int(c) * kh * kw
+        elif isinstance(layer, keras.layers.Conv2D):
+            kh, kw = layer.kernel_size
+            _, h, w, c = layer.output.shape
+            cin = int(layer.input.shape[-1])
+            total += int(h) * int(w) * int(c) * kh * kw * cin // max(1, int(layer.groups))
+        elif isinstance(layer, keras.layers.Dense):
+            total += int(layer.input.shape[-1]) * int(layer.units)
+    return total
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, short enough for a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else exc.__class__.__name__

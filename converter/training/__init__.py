@@ -1,0 +1,1 @@
+"""What edgeq train runs: the classifier and the detector trainers."""

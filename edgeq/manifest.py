@@ -1,0 +1,319 @@
+"""The bundle's contract, typed: frozen pydantic models of ``manifest.json``, parsed once by ``read_bundle``.
+
+Everything the device needs to reproduce the converter's numerics is a typed field here; the device, ``edgeq
+eval`` and ``edgeq inspect`` read fields, never dict keys. Blocks that only record what the converter measured
+(validation figures, the spread check, the layout choice, clustering statistics) are :class:`Record` s: their
+known fields are typed, and further measured figures are kept as they are.
+
+``edgeq/schemas/manifest.schema.json`` is generated from these models (``python -m edgeq.manifest``) and a test
+keeps it equal to them.
+
+Schema version 1 is the only one so far: bundles written by every earlier edgeq 0.1 validate here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edgeq.errors import BundleError
+
+SCHEMA = "edgeq.bundle"
+SCHEMA_VERSION = 1
+TASKS = ("classify", "detect")
+MEASURES = ("predictive_entropy", "aleatoric", "mutual_information")
+HEAD_LAYOUTS = ("single", "stacked", "centred")
+# output roles each head layout reads (classification); a grid detector's are in edgeq.detection
+LAYOUT_ROLES = {"single": ("logits",), "stacked": ("samples",), "centred": ("logits", "residuals")}
+
+
+class Strict(BaseModel):
+    """A contract block: every key is known, nothing can change after parsing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Record(BaseModel):
+    """A block of measured figures: known keys typed, further figures kept (they are reports, not contract)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A figure by name, typed or extra (reports print what they find)."""
+        return getattr(self, key, None) if key in type(self).model_fields else (self.model_extra or {}).get(key, default)
+
+
+class InputSpec(Strict):
+    """How a frame becomes the input tensor: size, colour order, resize mode, ``(p - mean) / std`` normalisation,
+    and the tensor's dtype and quantisation ``q = round(x / scale) + zero_point``."""
+
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    channels: Literal[1, 3] = 3
+    color_order: Literal["RGB", "BGR"] = "RGB"
+    resize: Literal["stretch", "letterbox"] = "stretch"
+    mean: tuple[float, ...] = (127.5, 127.5, 127.5)
+    std: tuple[float, ...] = (127.5, 127.5, 127.5)
+    dtype: Literal["int8", "uint8", "int16", "float32"]
+    scale: float = Field(1.0, ge=0.0)
+    zero_point: int = 0
+    pad_value: int = Field(0, ge=0, le=255)
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "InputSpec":
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) not in (1, self.channels):
+                raise ValueError(f"{key} needs 1 or {self.channels} values")
+        if any(s == 0 for s in self.std):
+            raise ValueError("std must be non-zero")
+        if self.dtype != "float32" and not self.scale > 0:
+            raise ValueError(f"scale must be positive for a {self.dtype} input")
+        return self
+
+
+class OutputSpec(Strict):
+    """One output tensor and its role (what the device reads it as); found by name, then shape, never by index."""
+
+    role: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float = 0.0
+    zero_point: int = 0
+
+
+class ReviewRule(Record):
+    """The calibrated ``needs_review`` rule: flag a result when ``measure > threshold``."""
+
+    measure: Literal["predictive_entropy", "aleatoric", "mutual_information"]
+    threshold: float
+    target_accuracy: float = Field(gt=0.0, le=1.0)
+    coverage: float | None = None
+    kept_accuracy: float | None = None
+    reached: bool = True
+    count: int | None = None
+
+
+class Head(Strict):
+    """What the classifier (or a detector's class branch) computes per image (per cell): K sampled logit vectors
+    of C classes. ``single``: K = 1 (a dense head); ``stacked``: one ``[K*C]`` output, sample-major; ``centred``:
+    the posterior-mean logits ``[C]`` plus each sample's residual ``[K*C]``, each with its own int8 scale."""
+
+    type: Literal["dense", "bayes"] = "dense"
+    samples: int = Field(1, ge=1)
+    classes: int | None = Field(None, ge=1)
+    layout: Literal["single", "stacked", "centred"] = "single"
+    seed: int | None = None
+    features: int | None = None
+    prior_sigma: float | None = None
+    posterior_sigma_mean: float | None = None
+    head_macs: int | None = None
+    deterministic_head_macs: int | None = None
+    backbone_macs: int | None = None
+    layout_choice: Record | None = None
+    weights: Record | None = None
+    spread: Record | None = None
+    review: ReviewRule | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Head":
+        if (self.layout == "single") != (self.samples == 1):
+            raise ValueError(f"layout {self.layout!r} does not fit {self.samples} sample(s): 'single' is for one")
+        if self.type == "dense" and self.samples != 1:
+            raise ValueError("a dense head has one sample")
+        return self
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return LAYOUT_ROLES[self.layout]
+
+
+class Detector(Strict):
+    """A grid detector's decoding: ``stride`` pixels per cell, ``grid`` ``[G_h, G_w]``, the COCO category id of
+    each class index, the score threshold and NMS IoU, and how many candidates and detections are kept."""
+
+    type: Literal["grid"] = "grid"
+    stride: int = Field(ge=1)
+    grid: tuple[int, int]
+    category_ids: tuple[int, ...] = ()
+    score_threshold: float = Field(0.3, gt=0.0, lt=1.0)
+    nms_iou: float = Field(0.5, gt=0.0, le=1.0)
+    max_candidates: int = Field(100, ge=1)
+    max_detections: int = Field(50, ge=1)
+    box_encoding: Literal["ltrb_cells"] = "ltrb_cells"
+    architecture: str | None = None
+    score_threshold_calibration: Record | None = None
+
+
+class Quantization(Strict):
+    """The conversion scheme, float ops that stayed, and the accuracy repairs applied."""
+
+    scheme: Literal["int8", "uint8", "int16x8", "dynamic", "float16", "float32"]
+    weights: str
+    activations: str
+    full_integer: bool
+    allow_float_fallback: bool = False
+    float_ops: tuple[str, ...] = ()
+    bias_correction: Record | None = None
+    float_layers: tuple[str, ...] | None = None
+    accuracy_aware: Record | None = None
+
+
+class Calibration(Record):
+    count: int = Field(ge=0)
+    source: str | None = None
+    kind: str | None = None
+    skipped: int | None = None
+
+
+class PackedKernel(Strict):
+    name: str
+    offset: int = Field(ge=0)
+    bytes: int = Field(ge=1)
+    shape: tuple[int, ...]
+    axis: int = Field(ge=0)
+    dtype: str
+    values: int = Field(ge=1, le=16)
+
+
+class Packed(Strict):
+    file: str
+    kernels: tuple[PackedKernel, ...]
+
+
+class ModelFile(Strict):
+    """``model.tflite``'s sha256 and size (of the full model, even when kernels ship packed)."""
+
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=1)
+    packed: Packed | None = None
+
+
+class Manifest(Strict):
+    """``manifest.json`` of a ``.edgeq`` bundle, schema version 1."""
+
+    schema_: Literal["edgeq.bundle"] = Field(SCHEMA, alias="schema")
+    schema_version: Literal[1] = SCHEMA_VERSION
+    edgeq_version: str
+    created: str
+    name: str | None = None
+    source: str | None = None
+    task: Literal["classify", "detect"]
+    labels: tuple[str, ...] = Field(min_length=1)
+    input: InputSpec
+    outputs: tuple[OutputSpec, ...] = Field(min_length=1)
+    head: Head | None = None
+    detector: Detector | None = None
+    quantization: Quantization
+    calibration: Calibration
+    converter: Record | None = None
+    sizes: Record | None = None
+    validation: Record | None = None
+    clustering: Record | None = None
+    model: ModelFile
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Manifest":
+        if self.head is not None and self.head.classes is not None and self.head.classes != len(self.labels):
+            raise ValueError(f"head.classes is {self.head.classes} but there are {len(self.labels)} labels")
+        if self.detector is not None:
+            if self.task != "detect":
+                raise ValueError("a detector block needs task 'detect'")
+            if self.detector.category_ids and len(self.detector.category_ids) != len(self.labels):
+                raise ValueError(f"detector.category_ids has {len(self.detector.category_ids)} ids for "
+                                 f"{len(self.labels)} labels")
+        roles = [o.role for o in self.outputs]
+        if len(set(roles)) != len(roles):
+            raise ValueError(f"outputs repeat a role: {roles}")
+        return self
+
+    @property
+    def head_or_dense(self) -> Head:
+        """The head, or the dense single-output head a bundle without one has."""
+        return self.head if self.head is not None else Head(classes=len(self.labels))
+
+    def output(self, role: str) -> OutputSpec | None:
+        return next((o for o in self.outputs if o.role == role), None)
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``manifest.json`` holds: absent optional fields are left out, as earlier edgeq wrote them."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def replace(self, **changes: Any) -> "Manifest":
+        """A copy with top-level fields changed, validated again."""
+        return parse_manifest({**self.to_json(), **{k: _plain(v) for k, v in changes.items()}})
+
+
+def _plain(value: Any) -> Any:
+    return value.model_dump(mode="json", by_alias=True, exclude_none=True) if isinstance(value, BaseModel) else value
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts[-1:] = [f"{parts[-1]}[{p}]"] if parts else [f"[{p}]"]
+        elif p not in ("function-after",) and not str(p).startswith("function-"):
+            parts.append("schema" if p == "schema_" else str(p))
+    return ".".join(parts) or "(top level)"
+
+
+def parse_manifest(data: Any, source: str = "manifest.json") -> Manifest:
+    """Validate a manifest: the schema and its version first (an unknown version says to upgrade or re-convert),
+    then every field; the first broken field is named by its dotted path."""
+    from edgeq._version import __version__
+
+    if not isinstance(data, dict):
+        raise BundleError(f"{source}: manifest is not a JSON object")
+    version = data.get("schema_version")
+    if data.get("schema") != SCHEMA or not isinstance(version, int) or isinstance(version, bool):
+        raise BundleError(f"{source}: not an edgeq manifest (schema {data.get('schema')!r})")
+    if version != SCHEMA_VERSION:
+        raise BundleError(f"{source}: unknown schema version {version} (this edgeq {__version__} reads "
+                          f"{SCHEMA_VERSION}); upgrade edgeq or re-convert the model")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = _dotted(tuple(err["loc"]))
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            raise BundleError(f"{source}: field '{where}' is missing; re-convert the model") from None
+        raise BundleError(f"{source}: field '{where}': {message}; re-convert the model") from None
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of ``manifest.json``, as shipped in ``edgeq/schemas/manifest.schema.json``."""
+    schema = Manifest.model_json_schema(by_alias=True)
+    schema["$id"] = "https://edgeq.dev/schemas/manifest.schema.json"
+    schema["title"] = "edgeq bundle manifest (schema_version 1)"
+    return schema
+
+
+def schema_path() -> Path:
+    return Path(__file__).parent / "schemas" / "manifest.schema.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m edgeq.manifest [--check]``: write (or check) the shipped JSON Schema."""
+    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    if argv and "--check" in argv:
+        same = schema_path().read_text() == text
+        print("manifest.schema.json is up to date" if same else "manifest.schema.json is stale: run "
+              "python -m edgeq.manifest", file=sys.stderr)
+        return 0 if same else 1
+    schema_path().write_text(text)
+    print(f"wrote {schema_path()}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))
