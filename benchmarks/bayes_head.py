@@ -225,15 +225,17 @@ def latency_224(tmp: Path, k: int, runs: int, seed: int) -> dict:
     from edgeq.converter import convert, recipe_from_flags
     from edgeq.converter.models.bayes import bayes_dense_class
     from edgeq.converter.stages.load import build_mobilenet_v2
+    from edgeq.converter.training.common import save_model
     from fixtures.synthetic import write_shape_folder
 
     write_shape_folder(tmp / "calib224", per_class=20, size=224, seed=3)
     base = build_mobilenet_v2(224, 1.0, 10, None, seed)
     det_path, bayes_path = tmp / "det224.keras", tmp / "bayes224.keras"
-    base.save(det_path)
+    labels = {"labels": [f"class_{i}" for i in range(10)]}
+    save_model(base, det_path, labels)
     feats = base.get_layer("logits").input
     head = bayes_dense_class()(10, name="bayes_logits")
-    keras.Model(base.inputs, head(feats)).save(bayes_path)
+    save_model(keras.Model(base.inputs, head(feats)), bayes_path, labels)
     det = tmp / "det224.edgeq"
     convert(recipe_from_flags(str(det_path), det, calib=str(tmp / "calib224"), calib_samples=100), log=log)
     res: dict = {"model": "MobileNetV2 1.0/224, 10 classes, random weights (an untrained posterior: timing only)"}

@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib", help="calibration folder (default: generated shapes)")
     p.add_argument("--val", help="validation folder: adds float and int8 top-1 to each variant")
     p.add_argument("--clusters", type=int, default=16)
-    p.add_argument("--name", default="clustering", help="results file name (default clustering; the Fashion-MNIST "
-                   "run in docs/clustering.md is clustering_fashion_mnist)")
+    p.add_argument("--name", default="clustering", help="results file name (default clustering: the random-weight "
+                   "size run README quotes)")
     args = p.parse_args(argv)
 
     from edgeq.bundle import read_bundle

@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     from edgeq.converter import convert, recipe_from_flags
     from edgeq.converter.models.bayes import find_bayes_heads
     from edgeq.converter.stages.cluster import vq_posterior
+    from edgeq.converter.models.info import read_model_info
     from edgeq.converter.stages.load import load_source_model
+    from edgeq.converter.training.common import save_model
 
     out_dir = work / "clustering_quality"
     out_dir.mkdir(exist_ok=True)
@@ -69,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     src = load_source_model(str(work / "bayes.keras"))
     head = find_bayes_heads(src.keras_model)[0]
     post_info = vq_posterior(head, n)
-    src.keras_model.save(post_only)
-    (out_dir / "bayes_posterior_vq.labels.txt").write_text((work / "bayes.labels.txt").read_text())
+    save_model(src.keras_model, post_only, read_model_info(work / "bayes.keras"))
 
     # the fair baseline for fine-tuning: the unclustered model trained the same extra epoch(s), no projection
     ft_models = {name: finetuned_copy(work, name, args.finetune_epochs, out_dir) for name in ("det", "bayes")}
@@ -121,7 +122,7 @@ def evaluate(paths: dict[str, Path], work: Path, runs: int, bayes: bool) -> dict
     from edgeq.converter.evaluation.classify import evaluate_bundle
 
     names = list(paths)
-    report, eval_runs = evaluate_bundle(paths[names[0]], work / "test", work / "ood",
+    report, eval_runs = evaluate_bundle(read_bundle(paths[names[0]]), work / "test", work / "ood",
                                         compare=[paths[k] for k in names[1:]], latency_runs=runs)
     models = list(report["models"].values())
     measure = "mutual_information" if bayes else "predictive_entropy"
@@ -177,12 +178,13 @@ def evaluate(paths: dict[str, Path], work: Path, runs: int, bayes: bool) -> dict
 def finetuned_copy(work: Path, name: str, epochs: int, out_dir: Path) -> Path:
     """``work/NAME.keras`` trained ``epochs`` more epoch(s) on ``work/train`` exactly as --finetune trains a
     clustered model (same optimiser, rate, batches and seed), but with nothing to re-project."""
-    import shutil
 
     from edgeq.converter.stages.cluster import finetune
     from edgeq.converter.stages.load import load_source_model
     from edgeq.converter.tf import quiet_output
+    from edgeq.converter.models.info import read_model_info
     from edgeq.converter.training.classifier import load_folder_arrays
+    from edgeq.converter.training.common import save_model
     from edgeq.preprocess import NORMALIZATIONS, PreprocessSpec
 
     out = out_dir / f"{name}_ft.keras"
@@ -191,12 +193,12 @@ def finetuned_copy(work: Path, name: str, epochs: int, out_dir: Path) -> Path:
     source = load_source_model(str(work / f"{name}.keras"))
     h, w, c = source.input_shape
     mean, std = NORMALIZATIONS["mobilenet"]
-    labels = (work / f"{name}.labels.txt").read_text().split()
+    info = read_model_info(work / f"{name}.keras")
+    labels = info["labels"]
     x, y, _ = load_folder_arrays(work / "train", PreprocessSpec(h, w, c, "RGB", "stretch", (mean,), (std,)), labels)
     with quiet_output():
         finetune(source.keras_model, x, y, {}, False, epochs)
-    source.keras_model.save(out)
-    shutil.copy(work / f"{name}.labels.txt", out_dir / f"{name}_ft.labels.txt")
+    save_model(source.keras_model, out, info)
     return out
 
 

@@ -174,9 +174,125 @@ def render_table(rows: list[Row], res: dict[str, R]) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(rows: list[tuple[str, Callable[[dict[str, R]], tuple[str, str]]]], res: dict[str, R],
+                 columns: tuple[str, str] = ("float32", "int8")) -> str:
+    lines = [f"| figure | {columns[0]} | {columns[1]} |", "|---|---|---|"]
+    for label, value in rows:
+        a, b = value(res)
+        lines.append(f"| {label} | {a} | {b} |")
+    return "\n".join(lines)
+
+
+def _det(key: str, fmt: str = "{:.4f}") -> Callable[[dict[str, R]], tuple[str, str]]:
+    def get(r: dict[str, R]) -> tuple[str, str]:
+        q = r["detection"].quality
+        return tuple("-" if q[m].get(key) is None else fmt.format(q[m][key]) for m in ("float32", "int8"))
+    return get
+
+
+def _det_auroc(measure: str) -> Callable[[dict[str, R]], tuple[str, str]]:
+    return lambda r: tuple(_auroc(r["detection"].quality[m], measure) for m in ("float32", "int8"))
+
+
+DETECTION = [
+    ("mAP@0.5 (pycocotools, known classes)", _det("map50")),
+    ("mAP@[.5:.95]", _det("map")),
+    ("detections at the calibrated score threshold", _det("detections", "{}")),
+    ("label accuracy of detections on known objects", _det("label_accuracy_known", "{:.3f}")),
+    ("D-ECE", _det("d_ece", "{:.3f}")),
+    ("AUROC unknown vs known detections, mutual information", _det_auroc("mutual_information")),
+    ("AUROC unknown vs known detections, predictive entropy", _det_auroc("predictive_entropy")),
+    ("AUROC unknown vs known detections, 1 - score", _det_auroc("one_minus_score")),
+    ("invoke, 1 thread, interleaved (median)",
+     lambda r: (f"{r['detection'].latency_ms_median['float32_mc']:.3f} ms",
+                f"{r['detection'].latency_ms_median['int8_mc']:.3f} ms")),
+    ("K=32 Bayesian class head vs the posterior-mean head (int8, median)",
+     lambda r: ("", f"{r['detection'].latency_ms_median['int8_mc']:.3f} vs "
+                    f"{r['detection'].latency_ms_median['int8_mean_head']:.3f} ms = "
+                    f"{r['detection'].mc_head_over_mean_head:.3f}x")),
+    ("model size", lambda r: (f"{r['detection'].sizes['float32'] / 1e3:.0f} KB", f"{r['detection'].sizes['int8'] / 1e3:.0f} KB")),
+    ("layout chosen by auto (int8 steps of the stacked output's spread)",
+     lambda r: ("", f"{r['detection'].head['layout']} ({r['detection'].head['layout_choice']['stacked_estimate']['steps']})")),
+]
+
+DECODE = [(f"{c['grid']}x{c['grid']} grid, {c['cells_above_threshold']} cells above the threshold", key)
+          for key, c in json.loads((RESULTS / "detection_decode.json").read_text())["cases"].items()]
+
+
+def _decode(res: dict[str, R]) -> str:
+    lines = ["| case | median | p95 | detections after NMS |", "|---|---|---|---|"]
+    for label, key in DECODE:
+        c = res["detection_decode"].cases[key]
+        lines.append(f"| {label} | {c['median_ms']:.2f} ms | {c['p95_ms']:.2f} ms | {c['mean_detections_after_nms']} |")
+    return "\n".join(lines)
+
+
+def _bayes_rows(res: dict[str, R]) -> str:
+    r = res["bayes_head"]
+    lines = ["| layout | figure | float BNN | int8 QBNN |", "|---|---|---|---|"]
+    for layout, q in r.quality.items():
+        for key, label, fmt in (("top1", "top-1", "{:.4f}"), ("ece", "ECE (15 bins)", "{:.4f}"),
+                                ("auroc_mi", "AUROC MNIST digits, mutual information", "{:.3f}"),
+                                ("auroc_predictive_entropy", "AUROC MNIST digits, predictive entropy", "{:.3f}")):
+            lines.append(f"| {layout} | {label} | {fmt.format(q['float'][key])} | {fmt.format(q['int8'][key])} |")
+        lines.append(f"| {layout} | per-image MI correlation float vs int8 | | {q['mi_correlation']:.3f} |")
+    for layout, t in r.latency_trained.items():
+        lines.append(f"| {layout} | invoke, K=32 one pass vs dense head (0.35/96, median) | | "
+                     f"{t['median_ms']['bayes_one_pass']:.3f} vs {t['median_ms']['deterministic']:.3f} ms = "
+                     f"{t['ratio_vs_deterministic']:.3f}x |")
+        lines.append(f"| {layout} | one K=32 pass vs 32 deterministic passes | | {t['speedup_vs_k_passes']:.1f}x faster |")
+    for layout in ("centred", "stacked"):
+        t = r.latency_224[layout]
+        lines.append(f"| {layout} | invoke vs dense head, MobileNetV2 1.0/224 (median) | | "
+                     f"{t['ratio_vs_deterministic']:.3f}x |")
+    return "\n".join(lines)
+
+
+def _accuracy(res: dict[str, R]) -> str:
+    h = res["accuracy_aware"].hard_model
+    lines = ["| outlier-channel model | float top-1 | int8 top-1 | drop (points) | float layers | size | latency |",
+             "|---|---|---|---|---|---|---|"]
+    for name, v in h["variants"].items():
+        lines.append(f"| {name.replace('_', ' ')} | {v['float_top1']:.4f} | {v['int8_top1']:.4f} | {v['drop_points']:g} | "
+                     f"{len(v['float_layers'])} | {v['size_vs_plain']:.2f}x | {v['latency_vs_plain']:.2f}x |")
+    m = res["accuracy_aware"].mobilenet_v2_bias_correction
+    lines += ["", "| MobileNetV2 0.35/96, training seed | float top-1 | int8 without / with bias correction | change |",
+              "|---|---|---|---|"]
+    for seed, v in m["seeds"].items():
+        lines.append(f"| {seed} | {v['float_top1']:.4f} | {v['int8_top1_without']:.4f} / {v['int8_top1_with']:.4f} | "
+                     f"{v['gain_points']:+g} points |")
+    return "\n".join(lines)
+
+
+def _clustering(res: dict[str, R]) -> str:
+    c = res["clustering"].variants
+    lines = ["| MobileNetV2 1.0/224, random weights | bundle / float32 `.tflite` | max distinct int8 values per channel |",
+             "|---|---|---|"]
+    for name, v in c.items():
+        lines.append(f"| {name.replace('_', ' ')} | {v['bundle_over_float32']:.3f} | {v.get('max_distinct_per_channel', '-')} |")
+    q = res["clustering_quality"]
+    lines += ["", "| Fashion-MNIST model | variant | bundle / f32 | top-1 | ECE | OOD AUROC (MNIST digits) | latency vs int8 |",
+              "|---|---|---|---|---|---|---|"]
+    for family, fam in q.families.items():
+        for name, v in fam["variants"].items():
+            ratio = (v.get("delta_vs_int8") or {}).get("latency_ratio", 1.0)
+            lines.append(f"| {family} | {v['variant']} ({name}) | {v['bundle_over_float32']:.3f} | {v['top1']:.4f} | "
+                         f"{v['ece']:.4f} | {fam['ood_measure'].replace('_', ' ')} {v['ood_auroc'][fam['ood_measure']]:.3f} | "
+                         f"{ratio:.2f}x |")
+    lo = q.load_ms
+    lines += ["", f"Load (read, rebuild, sha256, interpreter), packed per-channel vs plain int8: {lo['packed']:.1f} vs "
+              f"{lo['plain']:.1f} ms (median of {lo['loads']})."]
+    return "\n".join(lines)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict[str, R]], str]]] = {
     "readme": ("README.md", lambda res: render_table(README, res)),
     "environments": ("README.md", lambda res: "\n".join(environment_rows(res))),
+    "detection": ("docs/detection.md", lambda res: side_by_side(DETECTION, res)),
+    "decode": ("docs/detection.md", _decode),
+    "bayesian": ("docs/bayesian.md", _bayes_rows),
+    "accuracy": ("docs/accuracy.md", _accuracy),
+    "clustering": ("docs/clustering.md", _clustering),
 }
 
 

@@ -1,0 +1,52 @@
+"""README's and docs' figures are the results files' (benchmarks/figures.py renders each table from
+benchmarks/results/*.json); every results file records where it was measured; no figure table is left empty."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _figures():
+    spec = importlib.util.spec_from_file_location("figures", ROOT / "benchmarks" / "figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FIGURES = _figures()
+BLOCKS = FIGURES.blocks()
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_each_table_equals_its_results(name):
+    path, rendered = BLOCKS[name]
+    written = FIGURES.current_block(path.read_text(), name)
+    assert written == rendered, (f"{path.name}'s figures:{name} table differs from benchmarks/results; run "
+                                 "python benchmarks/figures.py --write after re-running the benchmark")
+    assert rendered.count("\n") >= 2  # a header and at least one row
+
+
+def test_every_results_file_records_its_machine_and_commit():
+    for name, r in FIGURES.results().items():
+        env = r.get("environment")
+        assert env, f"{name}.json has no environment: re-run benchmarks/{name}.py"
+        assert env["cpu"] and env["cores"] >= 1 and isinstance(env["cpu_flags"], list)
+        assert env["commit"] != "unknown" and len(env["commit"]) >= 40
+        assert "ai-edge-litert" in env["packages"] and "numpy" in env["packages"]
+
+
+def test_every_results_file_has_a_script():
+    for name in FIGURES.results():
+        assert (ROOT / "benchmarks" / f"{name}.py").is_file(), f"{name}.json has no benchmarks/{name}.py"
+
+
+def test_a_drifted_figure_is_caught(tmp_path):
+    """The check above can fail: change one number in a rendered table and it no longer matches."""
+    path, rendered = BLOCKS["readme"]
+    text = FIGURES.replace_block(path.read_text(), "readme", rendered.replace("|", "| 9", 1))
+    assert FIGURES.current_block(text, "readme") != rendered
