@@ -52,6 +52,8 @@ class ConvertContext:
     report: dict[str, Any] = field(default_factory=dict)  # extra report.json blocks
     extras: dict[str, Any] = field(default_factory=dict)  # extra manifest blocks (detector)
     validation: dict[str, Any] | None = None
+    density: dict[str, Any] | None = None  # the manifest's density block (stages/density.py)
+    density_data: Any = None  # its fitting and held-out data
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 

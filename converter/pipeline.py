@@ -1,7 +1,7 @@
 """``edgeq convert``: one pipeline for every task, as a list of stages (one module each in converter/stages/).
 
-    load -> calibrate -> cluster -> export head -> quantise (float reference, then int8) -> bias-correct
-         -> mixed precision -> verify -> validate -> write
+    load -> calibrate -> cluster -> export head -> density (fit) -> quantise (float reference, then int8)
+         -> bias-correct -> mixed precision -> verify -> density (calibrate) -> validate -> write
 
 Each stage takes its recipe (converter/recipes.py) and the context (converter/context.py) and returns what it
 made; the task adapter (converter/tasks/) supplies what differs between a classifier and a detector.
@@ -13,7 +13,18 @@ from typing import Callable
 
 from .context import ConvertContext
 from .recipes import ConvertRecipe
-from .stages import bias_correct, calibrate, cluster, export_head, load, mixed_precision, quantise, validate, verify
+from .stages import (
+    bias_correct,
+    calibrate,
+    cluster,
+    density,
+    export_head,
+    load,
+    mixed_precision,
+    quantise,
+    validate,
+    verify,
+)
 from .stages.write import ConvertResult
 from .stages.write import run as write
 from .tasks import task_for
@@ -25,11 +36,13 @@ def convert(recipe: ConvertRecipe, log: Callable[[str], None] = print) -> Conver
     ctx.calibration = calibrate.run(recipe.quant, ctx)
     ctx.clustering = cluster.run(recipe.cluster, ctx)
     export_head.run(recipe.bayes, ctx)
+    density.run(recipe.density, ctx)
     ctx.reference = quantise.reference(ctx)
     ctx.quantised = quantise.run(recipe.quant, ctx)
     bias_correct.run(recipe.repair, ctx)
     mixed_precision.run(recipe.repair, ctx)
     verify.run(ctx)
+    density.calibrate(ctx)
     ctx.validation = validate.run(recipe.validation, ctx)
     return write(ctx)
 

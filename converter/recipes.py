@@ -210,21 +210,56 @@ class RepairRecipe:
 
 
 @dataclass(frozen=True)
+class DensityRecipe:
+    """The unfamiliarity measure (edgeq/density.py): a feature density fitted on labelled data, its linear part
+    fused into the int8 graph. On whenever convert has labelled data."""
+
+    density: str = flag("auto", "--density", "auto (default): fit the unfamiliarity measure when there is labelled "
+                        "data (--density-data, a labelled --calib, or --val); off: leave it out",
+                        choices=("auto", "off"))
+    data: str | None = flag(None, "--density-data", "labelled data to fit it on (a class folder, for a detector a "
+                            "COCO set); default: --calib when it is labelled, else --val", metavar="DIR")
+    rank: int = flag(192, "--density-rank", "principal directions of the feature covariance the measure keeps "
+                     "(default 192)", type=int, metavar="D")
+    max_samples: int = flag(4000, "--density-samples", "at most this many fitting samples (default 4000)", type=int,
+                            metavar="N")
+
+    def __post_init__(self) -> None:
+        if self.density not in ("auto", "off"):
+            raise ModelError(f"--density {self.density!r}: choose auto or off")
+        if self.rank < 1:
+            raise ModelError(f"--density-rank {self.rank}: give at least 1")
+        if self.max_samples < 20:
+            raise ModelError(f"--density-samples {self.max_samples}: give at least 20")
+        if self.density == "off" and self.data is not None:
+            raise ModelError("--density-data with --density off: drop one of them")
+
+
+@dataclass(frozen=True)
 class ValidationRecipe:
     """Labelled data that checks the quantised model against float and calibrates ``needs_review``."""
 
     val: str | None = flag(None, "--val", "validation data: a class folder (one subfolder per class), for a detector "
                            "a COCO set: float vs quantised report, needs_review calibrated on it", metavar="DIR")
-    review_measure: str = flag("predictive_entropy", "--review-measure", "uncertainty that sets needs_review "
+    review_measure: str = flag("predictive_entropy", "--review-measure", "uncertainty that flags ambiguous results "
                                "(default predictive_entropy)", choices=MEASURES)
-    target_accuracy: float = flag(0.995, "--target-accuracy", "with --val: needs_review threshold so that the "
+    target_accuracy: float = flag(0.995, "--target-accuracy", "with --val: flag ambiguous results so that the "
                                   "results kept reach this accuracy (default 0.995)", type=float, metavar="A")
+    review_budget: float = flag(0.10, "--review-budget", "when --val shows --target-accuracy cannot be reached, flag "
+                                "this fraction of the most ambiguous results instead (default 0.10)", type=float,
+                                metavar="F")
+    review_ood_rate: float = flag(0.05, "--review-ood-rate", "flag results as unfamiliar at this false-flag rate on "
+                                  "in-distribution data (default 0.05)", type=float, metavar="F")
 
     def __post_init__(self) -> None:
         if self.review_measure not in MEASURES:
             raise ModelError(f"--review-measure {self.review_measure!r}: choose one of {', '.join(MEASURES)}")
         if not 0.0 < self.target_accuracy <= 1.0:
             raise ModelError(f"--target-accuracy {self.target_accuracy}: give a fraction in (0, 1], e.g. 0.995")
+        if not 0.0 < self.review_budget < 1.0:
+            raise ModelError(f"--review-budget {self.review_budget}: give a fraction in (0, 1), e.g. 0.1")
+        if not 0.0 < self.review_ood_rate < 1.0:
+            raise ModelError(f"--review-ood-rate {self.review_ood_rate}: give a fraction in (0, 1), e.g. 0.05")
 
 
 GROUPS: dict[str, tuple[type, str]] = {
@@ -233,6 +268,7 @@ GROUPS: dict[str, tuple[type, str]] = {
     "bayes": (BayesRecipe, "uncertainty (see docs/bayesian.md)"),
     "cluster": (ClusterRecipe, "weight clustering (k-means weight sharing before PTQ)"),
     "repair": (RepairRecipe, "accuracy repair (see docs/accuracy.md)"),
+    "density": (DensityRecipe, "unfamiliarity (see docs/uncertainty.md)"),
     "validation": (ValidationRecipe, "validation and needs_review"),
 }
 
@@ -248,6 +284,7 @@ class ConvertRecipe:
     bayes: BayesRecipe = BayesRecipe()
     cluster: ClusterRecipe = ClusterRecipe()
     repair: RepairRecipe = RepairRecipe()
+    density: DensityRecipe = DensityRecipe()
     validation: ValidationRecipe = ValidationRecipe()
     threads: int = 1
 

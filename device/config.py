@@ -13,6 +13,7 @@ max_fps = 10                 # optional: cap inference rate to save power and he
 top_k = 3                    # classification: labels reported per frame
 # review = 0.4               # needs_review when the uncertainty exceeds this (default: calibrated in the bundle)
 # review_measure = "mutual_information"   # predictive_entropy (default), aleatoric or mutual_information
+# unfamiliar_percentile = 95  # needs_review when unfamiliarity is above this percentile of in-distribution data
 
 [mqtt]
 url = "mqtts://broker.lan:8883"
@@ -64,6 +65,8 @@ class Thresholds(Strict):
     nms_iou: float | None = Field(None, gt=0.0, le=1.0)  # grid detectors; default: the bundle's detector.nms_iou
     review: float | None = Field(None, ge=0.0)  # needs_review threshold; default: the bundle's calibrated one
     review_measure: Literal["predictive_entropy", "aleatoric", "mutual_information"] | None = None
+    # needs_review when the unfamiliarity percentile exceeds this; default: the bundle's calibrated rule
+    unfamiliar_percentile: float | None = Field(None, ge=0.0, le=100.0)
 
 
 class MqttConfig(Strict):

@@ -3,11 +3,14 @@
 ``ClassificationDecoder``: top-k labels by mean probability. A deterministic head reports the entropy of its
 softmax (``method: "softmax"``); a Monte-Carlo head (K posterior samples in one invoke) reports predictive
 entropy, aleatoric (expected) entropy, mutual information and the label's probability spread (``method: "mc"``).
-Every result carries ``needs_review``: the uncertainty exceeds the threshold calibrated at conversion (or set in
-the device config); null when neither gives one.
+A bundle converted with labelled data also has a feature density: every result then carries its
+``unfamiliarity`` and ``unfamiliarity_percentile`` (edgeq/density.py). Every result carries ``needs_review`` and
+``review_reason``: *unfamiliar* (unfamiliarity above the threshold set for a false-flag rate) and/or *ambiguous*
+(the uncertainty measure above its threshold), by the rule calibrated at conversion or the device config's;
+``needs_review`` is null when neither rule is known.
 ``GridDecoder``: edgeq's anchor-free detector (``detector.type: grid``): objectness, box distances and K x C class
 logits per cell, decoded with class-aware NMS by :mod:`edgeq.detection`; every detection carries its box on the
-frame and the uncertainty of the K class distributions at its cell, and ``needs_review``.
+frame, the uncertainty of the K class distributions and the unfamiliarity at its cell, and its review.
 ``SSDDecoder``: the standard TFLite SSD post-processing outputs (boxes, classes, scores, count), located by name
 and shape, with boxes mapped back through the preprocessing onto the frame (normalised ymin, xmin, ymax, xmax).
 """
@@ -15,17 +18,19 @@ and shape, with boxes mapped back through the preprocessing onto the frame (norm
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from edgeq.bundle import Bundle
+from edgeq.density import BoundDensity, finite_or_none
 from edgeq.detection import GridSpec
 from edgeq.errors import ConfigError
 from edgeq.heads import HeadSpec, bind_roles
 from edgeq.preprocess import FrameTransform
 from edgeq.runtime import Model, TensorInfo
-from edgeq.uncertainty import MEASURES, needs_review, result_uncertainty, summarize
+from edgeq.uncertainty import MEASURES, result_uncertainty, review, summarize
 
 
 class Decoder(Protocol):
@@ -37,70 +42,102 @@ class Decoder(Protocol):
     def decode(self, raw: dict[int, np.ndarray], transform: FrameTransform) -> list[dict[str, Any]]: ...
 
 
-def review_rule(bundle: Bundle, samples: int, override: tuple[str | None, float | None]) -> tuple[str, float | None]:
-    """The ``needs_review`` measure and threshold: the device config's, else the bundle's calibrated rule, else
-    predictive entropy with no threshold (``needs_review`` null)."""
-    rule = bundle.manifest.head_or_dense.review
-    measure = override[0] or (rule.measure if rule else None) or "predictive_entropy"
-    threshold = override[1] if override[1] is not None else (rule.threshold if rule else None)
-    if measure not in MEASURES:
-        raise ConfigError(f"thresholds.review_measure {measure!r}: choose one of {', '.join(MEASURES)}")
-    if samples == 1 and measure != "predictive_entropy":
-        raise ConfigError(f"thresholds.review_measure {measure!r}: {bundle.name} has a deterministic head; only "
-                          "predictive_entropy applies")
-    return measure, threshold
+@dataclass(frozen=True)
+class ReviewPolicy:
+    """How a result gets ``needs_review`` and ``review_reason`` (edgeq.uncertainty.review): the ambiguity measure
+    and its threshold, and the unfamiliarity threshold. The device config overrides the bundle's calibrated rule:
+    ``thresholds.review`` / ``review_measure`` the ambiguity part, ``thresholds.unfamiliar_percentile`` the
+    unfamiliar part (as a percentile of the bundle's held-out in-distribution scores)."""
+
+    measure: str
+    threshold: float | None
+    unfamiliar_threshold: float | None
+
+    @classmethod
+    def of(cls, bundle: Bundle, samples: int, override: tuple[str | None, float | None],
+           unfamiliar_percentile: float | None = None) -> "ReviewPolicy":
+        rule = bundle.manifest.head_or_dense.review
+        measure = override[0] or (rule.measure if rule else None) or "predictive_entropy"
+        threshold = override[1] if override[1] is not None else (rule.threshold if rule else None)
+        if measure not in MEASURES:
+            raise ConfigError(f"thresholds.review_measure {measure!r}: choose one of {', '.join(MEASURES)}")
+        if samples == 1 and measure != "predictive_entropy":
+            raise ConfigError(f"thresholds.review_measure {measure!r}: {bundle.name} has a deterministic head; only "
+                              "predictive_entropy applies")
+        density = bundle.manifest.density
+        unfamiliar = rule.unfamiliar_threshold if rule is not None else None
+        if unfamiliar_percentile is not None:
+            if density is None:
+                raise ConfigError(f"thresholds.unfamiliar_percentile: {bundle.name} has no unfamiliarity measure; "
+                                  "convert it with labelled data (--val or --density-data)")
+            unfamiliar = float(np.percentile(np.asarray(density.reference), unfamiliar_percentile))
+        return cls(measure, threshold, unfamiliar)
+
+    def apply(self, item: dict[str, Any], ambiguity: float, unfamiliarity: float | None,
+              bound: BoundDensity | None) -> dict[str, Any]:
+        """Add the unfamiliarity (and its percentile) to ``item['uncertainty']``, and the review fields."""
+        if unfamiliarity is not None and bound is not None:
+            item["uncertainty"]["unfamiliarity"] = finite_or_none(unfamiliarity)
+            pct = bound.density.percentile(np.array([unfamiliarity]))[0] if np.isfinite(unfamiliarity) else None
+            item["uncertainty"]["unfamiliarity_percentile"] = None if pct is None else round(float(pct), 2)
+            if item["uncertainty"]["unfamiliarity"] is None:  # never publish NaN: drop the key, flag the result
+                del item["uncertainty"]["unfamiliarity"], item["uncertainty"]["unfamiliarity_percentile"]
+        r = review(ambiguity, self.threshold, unfamiliarity, self.unfamiliar_threshold)
+        item["needs_review"], item["review_reason"] = r.flag, r.reason
+        return item
 
 
 class ClassificationDecoder:
-    """review: ``(measure, threshold)`` from the device config, overriding the bundle's calibrated rule."""
+    """Top-k labels of one image, with the image's uncertainty and review."""
 
-    def __init__(self, model: Model, bundle: Bundle, top_k: int = 3,
-                 review: tuple[str | None, float | None] = (None, None)) -> None:
+    def __init__(self, model: Model, bundle: Bundle, top_k: int = 3, policy: ReviewPolicy | None = None) -> None:
         spec = HeadSpec.from_manifest(bundle.manifest)
-        self.head = spec.bind(model, bundle.manifest.outputs, bundle.where)
+        self.head = spec.bind(model, bundle.manifest.outputs, bundle.where, bundle.manifest.density)
         self.labels = bundle.labels
         self.top_k = max(1, min(top_k, len(self.labels)))
-        self.tensors = self.head.tensors
-        self.review_measure, self.review_threshold = review_rule(bundle, spec.samples, review)
+        self.tensors = self.head.all_tensors
+        self.policy = policy or ReviewPolicy.of(bundle, spec.samples, (None, None))
 
     def decode(self, raw: dict[int, np.ndarray], transform: FrameTransform) -> list[dict[str, Any]]:
         summary = summarize(self.head.sample_logits(raw)[None])
         p = summary.mean[0]
         order = np.argsort(-p, kind="stable")[: self.top_k]
         uncertainty = result_uncertainty(summary, (0,))
-        flag = needs_review(float(summary.measure(self.review_measure)[0]), self.review_threshold)
+        ambiguity = float(summary.measure(self.policy.measure)[0])
+        unfamiliarity = self.head.unfamiliarity(raw)
         out = []
         for c in order:
             u = dict(uncertainty)
             if summary.samples > 1:
                 u["std"] = round(float(summary.std[0, c]), 6)
-            out.append({"label": self.labels[int(c)], "class_id": int(c), "score": round(float(p[c]), 6),
-                        "uncertainty": u, "needs_review": flag})
+            item = {"label": self.labels[int(c)], "class_id": int(c), "score": round(float(p[c]), 6), "uncertainty": u}
+            out.append(self.policy.apply(item, ambiguity, unfamiliarity, self.head.density))
         return out
 
 
 class GridDecoder:
-    """review: ``(measure, threshold)`` from the device config, overriding the bundle's calibrated rule;
-    score_threshold and nms_iou: None keeps the bundle's ``detector.score_threshold`` and ``detector.nms_iou``."""
+    """edgeq's grid detector: detections with their boxes on the frame, the uncertainty of the K class
+    distributions and the unfamiliarity at their cell, and their review. score_threshold and nms_iou: None keeps
+    the bundle's ``detector.score_threshold`` and ``detector.nms_iou``."""
 
     def __init__(self, model: Model, bundle: Bundle, score_threshold: float | None = None,
-                 review: tuple[str | None, float | None] = (None, None), nms_iou: float | None = None) -> None:
+                 policy: ReviewPolicy | None = None, nms_iou: float | None = None) -> None:
         spec = GridSpec.from_manifest(bundle.manifest, bundle.where)
         if nms_iou is not None:
             spec = dataclasses.replace(spec, nms_iou=nms_iou)
         self.spec = spec
-        self.grid = spec.bind(model, bundle.manifest.outputs, bundle.where)
+        self.grid = spec.bind(model, bundle.manifest.outputs, bundle.where, bundle.manifest.density)
         self.labels = bundle.labels
-        self.tensors = self.grid.tensors
+        self.tensors = self.grid.all_tensors
         self.score_threshold = spec.score_threshold if score_threshold is None else score_threshold
         self.input_size = (bundle.manifest.input.height, bundle.manifest.input.width)
-        self.review_measure, self.review_threshold = review_rule(bundle, spec.samples, review)
+        self.policy = policy or ReviewPolicy.of(bundle, spec.samples, (None, None))
 
     def decode(self, raw: dict[int, np.ndarray], transform: FrameTransform) -> list[dict[str, Any]]:
         d = self.grid.decode(raw, self.input_size, self.score_threshold)
         frame_boxes = transform.boxes_to_frame(d.boxes)
         mc = d.samples > 1
-        values = d.measure(self.review_measure)
+        values = d.measure(self.policy.measure)
         out = []
         for i in range(len(d)):
             u: dict[str, Any] = {"method": "mc" if mc else "softmax",
@@ -109,12 +146,11 @@ class GridDecoder:
                 u.update(samples=d.samples, aleatoric=round(float(d.aleatoric[i]), 6),
                          mutual_information=round(float(d.mutual_information[i]), 6), std=round(float(d.std[i]), 6))
             c = int(d.classes[i])
-            out.append({
-                "label": self.labels[c], "class_id": c, "score": round(float(d.scores[i]), 6),
-                "objectness": round(float(d.objectness[i]), 6),
-                "box": [round(float(v), 6) for v in frame_boxes[i]], "uncertainty": u,
-                "needs_review": needs_review(float(values[i]), self.review_threshold),
-            })
+            item = {"label": self.labels[c], "class_id": c, "score": round(float(d.scores[i]), 6),
+                    "objectness": round(float(d.objectness[i]), 6),
+                    "box": [round(float(v), 6) for v in frame_boxes[i]], "uncertainty": u}
+            unfamiliarity = float(d.unfamiliarity[i]) if d.unfamiliarity is not None else None
+            out.append(self.policy.apply(item, float(values[i]), unfamiliarity, self.grid.density))
         return out
 
 
@@ -157,9 +193,13 @@ def decode_ssd(
 
 
 def make_decoder(model: Model, bundle: Bundle, score_threshold: float | None, top_k: int,
-                 review: tuple[str | None, float | None] = (None, None), nms_iou: float | None = None) -> Decoder:
+                 review: tuple[str | None, float | None] = (None, None), nms_iou: float | None = None,
+                 unfamiliar_percentile: float | None = None) -> Decoder:
+    samples = bundle.manifest.head_or_dense.samples
     if bundle.task == "classify":
-        return ClassificationDecoder(model, bundle, top_k, review)
+        return ClassificationDecoder(model, bundle, top_k, ReviewPolicy.of(bundle, samples, review,
+                                                                            unfamiliar_percentile))
     if bundle.manifest.detector is not None:
-        return GridDecoder(model, bundle, score_threshold, review, nms_iou)
+        return GridDecoder(model, bundle, score_threshold,
+                           ReviewPolicy.of(bundle, samples, review, unfamiliar_percentile), nms_iou)
     return SSDDecoder(model, bundle, score_threshold if score_threshold is not None else 0.5)

@@ -77,7 +77,8 @@ class Runner:
         if self.pre.spec.dtype != np.dtype(self.model.input.dtype).name:
             raise EdgeqError(f"{cfg.model}: manifest input dtype {self.pre.spec.dtype} differs from the model's; re-convert")
         self.decoder = make_decoder(self.model, self.bundle, cfg.thresholds.score, cfg.thresholds.top_k,
-                                    (cfg.thresholds.review_measure, cfg.thresholds.review), cfg.thresholds.nms_iou)
+                                    (cfg.thresholds.review_measure, cfg.thresholds.review), cfg.thresholds.nms_iou,
+                                    cfg.thresholds.unfamiliar_percentile)
         self.source = open_source(cfg.source, cfg.loop, log)
         self.stop_event = threading.Event()
         self.stop_reason = "end of source"

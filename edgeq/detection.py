@@ -15,14 +15,15 @@ distributions at its cell: predictive entropy, aleatoric entropy, mutual informa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
 
+from edgeq.density import BoundDensity, bind_density
 from edgeq.errors import BundleError
 from edgeq.heads import bind_roles
-from edgeq.manifest import Detector, Head, Manifest, OutputSpec
+from edgeq.manifest import Density, Detector, Head, Manifest, OutputSpec
 from edgeq.runtime import Model, TensorInfo
 from edgeq.uncertainty import summarize
 
@@ -46,12 +47,17 @@ class Detections:
     mutual_information: np.ndarray
     std: np.ndarray
     samples: int
+    cells: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # the grid cell of each detection
+    unfamiliarity: np.ndarray | None = None  # [N] when the bundle has a density (edgeq/density.py)
 
     def __len__(self) -> int:
         return int(len(self.scores))
 
     def measure(self, name: str) -> np.ndarray:
-        return getattr(self, name)
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"no {name} in these detections (the bundle has no density)")
+        return value
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -104,7 +110,7 @@ def decode(objectness: np.ndarray, boxes: np.ndarray, class_logits: np.ndarray, 
         objectness=obj[cand][i].astype(np.float32), probabilities=p[i],
         predictive_entropy=summary.predictive_entropy[i], aleatoric=summary.aleatoric[i],
         mutual_information=summary.mutual_information[i],
-        std=summary.std[i, c_sel] if len(i) else np.zeros(0), samples=k,
+        std=summary.std[i, c_sel] if len(i) else np.zeros(0), samples=k, cells=cand[i].astype(np.int64),
     )
 
 
@@ -145,13 +151,14 @@ class GridSpec:
         return {"objectness": 1, "boxes": 4, "class_logits": self.classes if self.layout == "centred" else kc,
                 "class_residuals": kc}[role]
 
-    def bind(self, model: Model, outputs: Sequence[OutputSpec], where: str = "manifest") -> "BoundGrid":
+    def bind(self, model: Model, outputs: Sequence[OutputSpec], where: str = "manifest",
+             density: Density | None = None) -> "BoundGrid":
         tensors = bind_roles(model, outputs, self.roles, "a grid detector", where)
         for role, t in zip(self.roles, tensors):
             want = (1, *self.grid, self.channels(role))
             if tuple(int(d) for d in t.shape) != want:
                 raise BundleError(f"{where}: output {role!r} has shape {list(t.shape)}, expected {list(want)}")
-        return BoundGrid(self, tensors)
+        return BoundGrid(self, tensors, bind_density(density, model, list(outputs), where))
 
 
 @dataclass(frozen=True)
@@ -160,16 +167,26 @@ class BoundGrid:
 
     spec: GridSpec
     tensors: list[TensorInfo]
+    density: BoundDensity | None = None
+
+    @property
+    def all_tensors(self) -> list[TensorInfo]:
+        """Every output the device copies after an invoke: the grid's, and the density's."""
+        return self.tensors + (self.density.tensors if self.density is not None else [])
 
     def decode(self, raw: dict[int, np.ndarray], input_size: tuple[int, int],
                score_threshold: float | None = None) -> Detections:
-        """Decode raw (possibly quantised) output values keyed by tensor index."""
+        """Decode raw (possibly quantised) output values keyed by tensor index; with a density, each detection's
+        unfamiliarity at its cell."""
         s = self.spec
         obj, box = (t.dequantize(raw[t.index]) for t in self.tensors[:2])
         gh, gw = s.grid
-        return decode(obj.reshape(gh, gw), box.reshape(gh, gw, 4), self.class_samples(raw).reshape(gh, gw, s.samples, s.classes),
-                      s.stride, input_size, s.score_threshold if score_threshold is None else score_threshold,
-                      s.nms_iou, s.max_candidates, s.max_detections)
+        d = decode(obj.reshape(gh, gw), box.reshape(gh, gw, 4), self.class_samples(raw).reshape(gh, gw, s.samples, s.classes),
+                   s.stride, input_size, s.score_threshold if score_threshold is None else score_threshold,
+                   s.nms_iou, s.max_candidates, s.max_detections)
+        if self.density is not None:
+            d = replace(d, unfamiliarity=self.density.scores(raw, d.cells))
+        return d
 
     def class_samples(self, raw: dict[int, np.ndarray]) -> np.ndarray:
         """``[G_h * G_w, K, C]`` float class logits of every cell."""
@@ -182,7 +199,7 @@ class BoundGrid:
         return first.reshape(cells, 1, s.classes) + residuals.reshape(cells, s.samples, s.classes)
 
     def raw(self, model: Model) -> dict[int, np.ndarray]:
-        return {t.index: model.get(t) for t in self.tensors}
+        return {t.index: model.get(t) for t in self.all_tensors}
 
     def read(self, model: Model, input_size: tuple[int, int], score_threshold: float | None = None) -> Detections:
         """Detections of the model's last invoke."""
@@ -190,18 +207,18 @@ class BoundGrid:
 
 
 def describe_grid_outputs(model: Model, signature_order: list[int] | None = None,
-                          layout: str = "stacked") -> list[OutputSpec]:
+                          layout: str = "stacked", extra_roles: tuple[str, ...] = ()) -> list[OutputSpec]:
     """The manifest's ``outputs`` of a converted grid detector (objectness, boxes, class logits and, for the
-    centred layout, class residuals), taken in the source model's output order from the TFLite signature
-    (``output_0``, ``output_1``, ...) when ``signature_order`` (their tensor indices) is given, else by channel
-    count."""
-    roles = CENTRED_ROLES if layout == "centred" else GRID_ROLES
+    centred layout, class residuals, then ``extra_roles`` such as the density's projection), taken in the source
+    model's output order from the TFLite signature (``output_0``, ``output_1``, ...) when ``signature_order``
+    (their tensor indices) is given, else, without extra roles, by channel count."""
+    roles = (*(CENTRED_ROLES if layout == "centred" else GRID_ROLES), *extra_roles)
     by_index = {t.index: t for t in model.outputs}
     if signature_order is not None and all(i in by_index for i in signature_order) and len(signature_order) == len(roles):
         found = [by_index[i] for i in signature_order]
     else:
         found = sorted(model.outputs, key=lambda t: int(t.shape[-1]))
-        if len(found) != len(roles) or int(found[0].shape[-1]) != 1 or int(found[1].shape[-1]) != 4:
+        if extra_roles or len(found) != len(roles) or int(found[0].shape[-1]) != 1 or int(found[1].shape[-1]) != 4:
             have = ", ".join(f"{t.name} {list(t.shape)}" for t in model.outputs)
             raise BundleError(f"converted model outputs ({have}) do not fit a {layout} grid detector")
     return [OutputSpec(role=role, **t.to_dict()) for role, t in zip(roles, found)]

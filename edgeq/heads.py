@@ -18,13 +18,16 @@ The manifest's ``head`` (:class:`edgeq.manifest.Head`) says what the model compu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from edgeq.errors import BundleError
-from edgeq.manifest import LAYOUT_ROLES, Manifest, OutputSpec, ReviewRule
+from edgeq.manifest import LAYOUT_ROLES, Density, Manifest, OutputSpec, ReviewRule
 from edgeq.runtime import Model, TensorInfo
+
+if TYPE_CHECKING:
+    from edgeq.density import BoundDensity
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,11 @@ class HeadSpec:
     def roles(self) -> tuple[str, ...]:
         return LAYOUT_ROLES[self.layout]
 
-    def bind(self, model: Model, outputs: Sequence[OutputSpec], where: str = "manifest") -> "BoundHead":
-        return BoundHead(self, bind_roles(model, outputs, self.roles, f"a {self.layout} head", where))
+    def bind(self, model: Model, outputs: Sequence[OutputSpec], where: str = "manifest",
+             density: Density | None = None) -> "BoundHead":
+        """The head's tensors, and the density's when the bundle has one."""
+        return BoundHead(self, bind_roles(model, outputs, self.roles, f"a {self.layout} head", where),
+                         bind_density(density, model, list(outputs), where))
 
 
 def bind_roles(model: Model, outputs: Sequence[OutputSpec], roles: tuple[str, ...], needs: str,
@@ -70,6 +76,16 @@ class BoundHead:
 
     spec: HeadSpec
     tensors: list[TensorInfo]
+    density: BoundDensity | None = None
+
+    @property
+    def all_tensors(self) -> list[TensorInfo]:
+        """Every output the device copies after an invoke: the head's, and the density's."""
+        return self.tensors + (self.density.tensors if self.density is not None else [])
+
+    def unfamiliarity(self, raw: dict[int, np.ndarray]) -> float | None:
+        """The image's unfamiliarity (edgeq/density.py), None without a density."""
+        return None if self.density is None else float(self.density.scores(raw)[0])
 
     def sample_logits(self, raw: dict[int, np.ndarray]) -> np.ndarray:
         """``[K, C]`` float logits from the raw (possibly quantised) output values, keyed by tensor index."""
@@ -98,3 +114,9 @@ def describe_outputs(model: Model, spec: HeadSpec) -> list[OutputSpec]:
             raise BundleError(f"converted model outputs ({have}) do not fit a {spec.layout} head")
         out.append(OutputSpec(role=role, **found[0].to_dict()))
     return out
+
+
+def bind_density(block: Density | None, model: Model, outputs: list[OutputSpec], where: str) -> "BoundDensity | None":
+    from edgeq.density import bind_density as bind
+
+    return bind(block, model, outputs, where)

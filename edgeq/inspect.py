@@ -71,6 +71,12 @@ def format_inspect(ins: Inspection) -> str:
                  + (f", float ops: {', '.join(q.float_ops)}" if q.float_ops else ""))
     lines.append(f"calibration  {cal.count} samples from {cal.source}")
     lines.extend(format_head(m.head))
+    if m.density is not None:
+        fit = m.density.fit.model_dump() if m.density.fit is not None else {}
+        lines.append(f"density      class Gaussians on {m.density.features} features ({', '.join(fit.get('taps', []))}), "
+                     f"{m.density.rank} whitened directions, fitted on {fit.get('samples')} samples of "
+                     f"{fit.get('data')}; percentiles from {fit.get('held_out_samples')} held-out samples; int8 vs "
+                     f"float correlation {fit.get('int8_vs_float_correlation')}")
     size_parts = [f"model.tflite {sizes['model_tflite'] / 1e6:.3f} MB", f"bundle {sizes['bundle_file'] / 1e6:.3f} MB"]
     if sizes.get("float32_tflite"):
         size_parts.append(f"float32 .tflite {sizes['float32_tflite'] / 1e6:.3f} MB")
@@ -141,11 +147,20 @@ def format_head(head: Head | None) -> list[str]:
     else:
         out = [f"head         {head.type}: one softmax over {head.classes} classes"]
     r = head.review
-    if r is not None:
-        rule = (f"{r.measure} > {r.threshold:.6g} (keeps {r.coverage:.1%} of validation at accuracy "
-                f"{r.kept_accuracy:.4f}, target {r.target_accuracy})" if r.reached
-                else f"always (no threshold reached accuracy {r.target_accuracy} on validation)")
-        out.append(f"needs_review {rule}")
-    else:
+    if r is None:
         out.append("needs_review not calibrated (convert with --val); set thresholds.review in the device config")
+        return out
+    rules = []
+    if r.unfamiliar_threshold is not None:
+        rules.append(f"unfamiliarity > {r.unfamiliar_threshold:.4g} (its {r.unfamiliar_percentile:g}th percentile on "
+                     "in-distribution data)")
+    if r.threshold is not None and r.mode == "budget":
+        rules.append(f"{r.measure} > {r.threshold:.6g} (the {r.budget:.0%} most ambiguous; target accuracy "
+                     f"{r.target_accuracy} out of reach within that budget)")
+    elif r.threshold is not None and r.reached:
+        rules.append(f"{r.measure} > {r.threshold:.6g} (keeps {r.coverage:.1%} of validation at accuracy "
+                     f"{r.kept_accuracy:.4f}, target {r.target_accuracy})")
+    elif r.threshold is not None:
+        rules.append(f"always (no threshold reached accuracy {r.target_accuracy} on validation)")
+    out.append("needs_review " + " or ".join(rules))
     return out

@@ -88,15 +88,24 @@ class OutputSpec(Strict):
 
 
 class ReviewRule(Record):
-    """The calibrated ``needs_review`` rule: flag a result when ``measure > threshold``."""
+    """The calibrated ``needs_review`` rule. A result is *ambiguous* when ``measure > threshold``: the threshold that
+    keeps ``target_accuracy`` on validation (``mode: target``), or, when no threshold reaches it, the one that flags
+    the ``budget`` fraction of validation results (``mode: budget``). It is *unfamiliar* when its unfamiliarity
+    exceeds ``unfamiliar_threshold``, set to flag ``ood_rate`` of held-out in-distribution data (the
+    ``unfamiliar_percentile``-th percentile of their scores)."""
 
     measure: Literal["predictive_entropy", "aleatoric", "mutual_information"]
-    threshold: float
+    threshold: float | None = None
     target_accuracy: float = Field(gt=0.0, le=1.0)
     coverage: float | None = None
     kept_accuracy: float | None = None
     reached: bool = True
     count: int | None = None
+    mode: Literal["target", "budget", "always"] = "target"
+    budget: float | None = Field(None, gt=0.0, lt=1.0)
+    unfamiliar_threshold: float | None = None
+    unfamiliar_percentile: float | None = Field(None, ge=0.0, le=100.0)
+    ood_rate: float | None = Field(None, gt=0.0, lt=1.0)
 
 
 class Head(Strict):
@@ -148,6 +157,33 @@ class Detector(Strict):
     box_encoding: Literal["ltrb_cells"] = "ltrb_cells"
     architecture: str | None = None
     score_threshold_calibration: Record | None = None
+
+
+class Density(Strict):
+    """The unfamiliarity measure (edgeq/density.py): class-conditional Gaussians with one shared, shrunk
+    covariance on the model's features, in the covariance's top ``rank`` directions, whitened. The whitening is the
+    graph's ``density_projection`` output; the class means finish it on the device."""
+
+    method: Literal["gda_shared_covariance"] = "gda_shared_covariance"
+    features: int = Field(ge=1)
+    rank: int = Field(ge=1)
+    eigenvalues: tuple[float, ...]
+    class_means: tuple[tuple[float, ...], ...]
+    shrinkage: float = Field(ge=0.0, le=1.0)
+    reference: tuple[float, ...] = Field(min_length=2)
+    fit: Record | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Density":
+        if len(self.eigenvalues) != self.rank or any(not v > 0 for v in self.eigenvalues):
+            raise ValueError(f"eigenvalues needs {self.rank} positive values")
+        if any(len(m) != self.rank for m in self.class_means):
+            raise ValueError(f"class_means needs rows of {self.rank} values")
+        if self.rank > self.features:
+            raise ValueError(f"rank {self.rank} exceeds the {self.features} features")
+        if any(not a <= b for a, b in zip(self.reference, self.reference[1:])):
+            raise ValueError("reference must be sorted")
+        return self
 
 
 class Quantization(Strict):
@@ -216,6 +252,7 @@ class Manifest(Strict):
     sizes: Record | None = None
     validation: Record | None = None
     clustering: Record | None = None
+    density: Density | None = None
     model: ModelFile
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -233,6 +270,8 @@ class Manifest(Strict):
         roles = [o.role for o in self.outputs]
         if len(set(roles)) != len(roles):
             raise ValueError(f"outputs repeat a role: {roles}")
+        if self.density is not None and self.head is not None and len(self.density.class_means) != len(self.labels):
+            raise ValueError(f"density has {len(self.density.class_means)} class means for {len(self.labels)} labels")
         return self
 
     @property

@@ -186,3 +186,30 @@ def result_uncertainty(summary: Summary, index: tuple[int, ...] = ()) -> dict[st
         "aleatoric": round(float(summary.aleatoric[index]), 6),
         "mutual_information": round(float(summary.mutual_information[index]), 6),
     }
+
+
+@dataclass(frozen=True)
+class Review:
+    """A result's review: ``flag`` (None when no rule is known) and ``reason`` (None when not flagged)."""
+
+    flag: bool | None
+    reason: str | None
+
+
+def review(ambiguity: float | None, threshold: float | None, unfamiliarity: float | None,
+           unfamiliar_threshold: float | None) -> Review:
+    """``needs_review`` from the two rules: *ambiguous* when ``ambiguity > threshold`` (the uncertainty measure
+    against its threshold for the target accuracy, or its review budget), *unfamiliar* when ``unfamiliarity >
+    unfamiliar_threshold`` (set for a false-flag rate on in-distribution data). A rule whose threshold or value is
+    missing is not applied; with neither, the flag is None. A non-finite value counts as flagged: the result cannot
+    be trusted."""
+    reasons, known = [], False
+    for name, value, limit in (("unfamiliar", unfamiliarity, unfamiliar_threshold), ("ambiguous", ambiguity, threshold)):
+        if value is None or limit is None:
+            continue
+        known = True
+        if not np.isfinite(value) or value > limit:
+            reasons.append(name)
+    if not known:
+        return Review(None, None)
+    return Review(bool(reasons), "+".join(reasons) or None)

@@ -34,6 +34,15 @@ ROWS = [
     ("convert {model} --calib {calib} --labels {tmp}/nope.txt -o {out}", ["--labels", "cannot read"]),
     ("convert {unnamed} --calib {calib} -o {out}", ["no class names stored with the model", "--labels"]),
     ("convert {model} --calib {tmp}/nope -o {out}", ["--calib", "not found"]),
+    # 2 of the 3 images: without --val, half of each class is held out to calibrate the percentiles
+    ("convert {model} --calib {calib} --density-data {few} -o {out}",
+     ["--density-data", "class 'square' has 2 usable sample(s)", "at least 5"]),
+    ("convert {model} --calib {calib} --density-data {flat} -o {out}", ["--density-data", "class"]),
+    ("convert {model} --calib {calib} --density off --density-data {calib} -o {out}", ["--density off"]),
+    ("convert {model} --calib {calib} --density-rank 0 -o {out}", ["--density-rank 0"]),
+    ("convert {model} --calib {calib} --density-samples 3 -o {out}", ["--density-samples 3"]),
+    ("convert {model} --calib {calib} --review-budget 1.5 -o {out}", ["--review-budget 1.5"]),
+    ("convert {model} --calib {calib} --review-ood-rate 0 -o {out}", ["--review-ood-rate 0"]),
     ("train {calib} --epochs 0 -o {tmp}/m.keras", ["--epochs 0"]),
     ("train {calib} -o {tmp}/m.h5", ["-o", ".keras"]),
     ("train {calib} -o {tmp}/missing/m.keras", ["does not exist"]),
@@ -55,9 +64,20 @@ def unnamed_model(tmp_path_factory, tiny_keras_path) -> Path:
 
 @pytest.mark.parametrize("args,needles", ROWS, ids=[r[0].split(" -o")[0][:60] for r in ROWS])
 def test_bad_input_is_one_clear_line(args, needles, capsys, tmp_path, tiny_keras_path, shapes_dir, unnamed_model):
+    import shutil
+
     (tmp_path / "model.onnx").write_bytes(b"not a keras model")
+    few, flat = tmp_path / "few", tmp_path / "flat"
+    if "{few}" in args:  # labelled, but one class too small for the unfamiliarity fit
+        shutil.copytree(shapes_dir, few)
+        for p in sorted((few / "square").iterdir())[3:]:
+            p.unlink()
+    if "{flat}" in args:  # images without class folders: no labels to fit on
+        flat.mkdir()
+        for p in sorted((shapes_dir / "circle").iterdir())[:10]:
+            shutil.copy(p, flat / p.name)
     argv = args.format(model=tiny_keras_path, calib=shapes_dir, out=tmp_path / "o.edgeq", tmp=tmp_path,
-                       unnamed=unnamed_model).split()
+                       unnamed=unnamed_model, few=few, flat=flat).split()
     code = main(argv)
     err = capsys.readouterr().err
     assert_clean_error((code, err), *needles)

@@ -78,9 +78,33 @@ def test_f1_threshold_and_unknown_auroc():
     best = best_f1_threshold(results, coco, [KNOWN])
     # keeping only the 0.9 detection: 1 TP, 0 FP, 0 FN of the one known object -> F1 1.0
     assert best["threshold"] == pytest.approx(0.9) and best["f1"] == 1.0 and best["known_objects"] == 1
-    figs = detection_figures(results, coco, [KNOWN], 0.3, review_measure="mutual_information")
+    figs = detection_figures(results, coco, [KNOWN], 0.3)
     assert figs["matched_known"] == 1 and figs["matched_unknown"] == 1 and figs["unmatched"] == 1
     assert figs["label_accuracy_known"] == 1.0
     # the detection of the unknown object has the higher mutual information: perfectly told apart
     assert figs["unknown_auroc"]["mutual_information"] == 1.0
     assert figs["unknown_auroc"]["one_minus_score"] == 1.0  # its score (0.7) is lower too
+
+
+def test_review_rule_on_detections_flags_the_unknown_and_says_why():
+    """The rule calibrated on known detections (budget mode: the target is out of reach) and its flag rates: the
+    unknown object's detection, far more unfamiliar than the known ones, is flagged as unfamiliar."""
+    from edgeq.converter.evaluation.detect import calibrate_detection_rule
+
+    boxes = {i: [(10, 10, 50, 50)] for i in range(1, 41)}
+    cats = {i: [KNOWN] for i in range(1, 41)}
+    boxes[41], cats[41] = [(10, 10, 50, 50)], [UNKNOWN]
+    coco = _coco(boxes, cats)
+    results = []
+    for i in range(1, 42):
+        d = _dets(i, [(10, 10, 50, 50)], [0.9], [0.01 * (i % 7)])
+        from dataclasses import replace
+
+        d = ImageDetections(i, d.boxes, replace(d.detections, unfamiliarity=np.array([100.0 if i == 41 else float(i)])))
+        results.append(d)
+    rule = calibrate_detection_rule(results, coco, [KNOWN], 0.3, "mutual_information", 0.995, 0.1, 35.0, 0.05)
+    assert rule["unfamiliar_threshold"] == 35.0 and rule["calibrated_on"].startswith("detections matched")
+    figs = detection_figures(results, coco, [KNOWN], 0.3, rule)
+    assert figs["flagged"]["unknown"]["unfamiliar"] == 1.0
+    assert figs["unknown_auroc"]["unfamiliarity"] == 1.0
+    assert 0 < figs["flagged"]["known"]["flagged"] < 0.5

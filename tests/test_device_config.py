@@ -49,8 +49,9 @@ def test_no_mqtt_section_means_no_broker(tmp_path):
         (GOOD.replace('device_id = "porch"', 'device_id = "porch/1"'), ["device.toml:1", "device_id"]),
         (GOOD + "\n[mqtt.tls]\nca = 1\n", ["device.toml:14", "mqtt.tls", "unknown key"]),
         ("source = [", ["not valid TOML"]),
+        (GOOD + "\n[thresholds]\nunfamiliar_percentile = 120\n", ["thresholds.unfamiliar_percentile"]),
     ],
-    ids=["typo", "out-of-range", "wrong-type", "bad-url", "bad-id", "unknown-table", "syntax"],
+    ids=["typo", "out-of-range", "wrong-type", "bad-url", "bad-id", "unknown-table", "syntax", "percentile"],
 )
 def test_validate_config_names_file_line_and_key(tmp_path, capsys, text, needles):
     path = write(tmp_path, text)

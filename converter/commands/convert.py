@@ -57,11 +57,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_review(r: dict[str, Any]) -> str:
-    if not r["reached"]:
-        return (f"needs_review: no {r['measure']} threshold reaches accuracy {r['target_accuracy']} on --val; "
-                "every result will be flagged")
-    return (f"needs_review when {r['measure']} > {r['threshold']:.6g}: keeps {r['coverage']:.1%} of --val at "
-            f"accuracy {r['kept_accuracy']:.4f} (target {r['target_accuracy']})")
+    """The review rule in one line (edgeq inspect shows the same)."""
+    parts = []
+    if r.get("unfamiliar_threshold") is not None:
+        parts.append(f"unfamiliar when unfamiliarity > {r['unfamiliar_threshold']:.4g} (percentile "
+                     f"{r['unfamiliar_percentile']:g}: {r['ood_rate']:.0%} of in-distribution data)")
+    if r.get("threshold") is None:
+        parts.append("never ambiguous (no threshold)")
+    elif r.get("mode") == "budget":
+        parts.append(f"ambiguous when {r['measure']} > {r['threshold']:.6g} (the {r['budget']:.0%} most ambiguous of "
+                     f"--val; accuracy {r['target_accuracy']} out of reach within that budget; the rest reach "
+                     f"{r['kept_accuracy']:.4f})")
+    else:
+        parts.append(f"ambiguous when {r['measure']} > {r['threshold']:.6g} (keeps {r['coverage']:.1%} of --val at "
+                     f"accuracy {r['kept_accuracy']:.4f}, target {r['target_accuracy']})")
+    return "needs_review: " + "; or ".join(parts)
 
 
 def format_detect_validation(v: dict[str, Any]) -> str:

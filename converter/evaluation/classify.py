@@ -28,16 +28,17 @@ def single_head(model: Model, output: TensorInfo | None = None) -> BoundHead:
     return BoundHead(HeadSpec("dense", 1, int(np.prod(output.shape[1:])), "single"), [output])
 
 
-def head_logits(
+def run_files(
     model: Model, spec: PreprocessSpec, files: list[Path], head: BoundHead | None = None, desc: str = ""
-) -> np.ndarray:
-    """``[N, K, C]`` dequantised sample logits, one row per file, through the one preprocessor.
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``[N, K, C]`` dequantised sample logits, one row per file, through the one preprocessor, and ``[N]``
+    unfamiliarity when the head has a density.
 
     Unreadable files are an error: an evaluation that skips images would report on a different set.
     """
     pre = Preprocessor(input_spec_for(model, spec))
     head = head or single_head(model)
-    rows = []
+    rows, unfamiliar = [], []
     for path in progress(files, len(files), desc or "evaluate"):
         try:
             frame = read_image(path)
@@ -46,8 +47,17 @@ def head_logits(
         tensor, _ = pre(frame)
         model.set_input(tensor)
         model.invoke()
-        rows.append(head.read(model).copy())
-    return np.stack(rows)
+        raw = {t.index: model.get(t) for t in head.all_tensors}
+        rows.append(head.sample_logits(raw).copy())
+        unfamiliar.append(head.unfamiliarity(raw))
+    return np.stack(rows), (np.asarray(unfamiliar, np.float64) if head.density is not None else None)
+
+
+def head_logits(
+    model: Model, spec: PreprocessSpec, files: list[Path], head: BoundHead | None = None, desc: str = ""
+) -> np.ndarray:
+    """``[N, K, C]`` dequantised sample logits (see :func:`run_files`)."""
+    return run_files(model, spec, files, head, desc)[0]
 
 
 def score_files(
@@ -64,6 +74,7 @@ class Scored:
     logits: np.ndarray  # [N, K, C]
     summary: Summary
     targets: np.ndarray
+    unfamiliarity: np.ndarray | None = None  # [N], when the model has a density
 
     @property
     def predictions(self) -> np.ndarray:
@@ -81,8 +92,8 @@ def logit_spread(logits: np.ndarray) -> float:
 
 
 def score(model: Model, head: BoundHead, spec: PreprocessSpec, data: LabelledFiles, desc: str) -> Scored:
-    logits = head_logits(model, spec, data.files, head, desc)
-    return Scored(logits, summarize(logits), data.targets)
+    logits, unfamiliarity = run_files(model, spec, data.files, head, desc)
+    return Scored(logits, summarize(logits), data.targets, unfamiliarity)
 
 
 def compare_scored(reference: Scored, quantized: Scored) -> dict[str, Any]:
@@ -144,9 +155,22 @@ def core_figures(scored: Scored) -> dict[str, Any]:
     return out
 
 
-def figures(scored: Scored, ood: Summary | None, target_accuracy: float, measure: str = "predictive_entropy") -> dict[str, Any]:
+def measures_of(scored: Scored) -> dict[str, np.ndarray]:
+    """Every per-result uncertainty a model publishes (higher: less certain), by name."""
+    s = scored.summary
+    out = {m: s.measure(m) for m in (MEASURES if s.samples > 1 else ("predictive_entropy",))}
+    if scored.unfamiliarity is not None:
+        out["unfamiliarity"] = scored.unfamiliarity
+    return out
+
+
+def figures(scored: Scored, ood: Scored | None, target_accuracy: float, measure: str = "predictive_entropy",
+            rule: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every figure ``edgeq eval`` reports for one model: :func:`core_figures`, plus selective prediction and the
-    referral rate (by ``measure``), the reliability bins and, with ``ood``, each measure's AUROC and ROC."""
+    referral rate (by ``measure``), the reliability bins; with ``ood``, each measure's AUROC, FPR at 95% TPR and
+    ROC; with the bundle's review ``rule``, how many in-distribution and OOD results it flags."""
+    from .review import flag_rates
+
     s = scored.summary
     correct = scored.correct
     review = pick_review_threshold(s.measure(measure), correct, target_accuracy, measure)
@@ -158,11 +182,17 @@ def figures(scored: Scored, ood: Summary | None, target_accuracy: float, measure
         "selective": metrics.selective_accuracy_curve(s.measure(measure), correct),
         "reliability": metrics.reliability_bins(s.mean, scored.targets),
     })
+    if rule is not None:
+        out["flagged"] = {"in_distribution": flag_rates(s.measure(rule["measure"]), scored.unfamiliarity, rule,
+                                                        correct)}
     if ood is not None:
-        measures = MEASURES if s.samples > 1 else ("predictive_entropy",)
-        out["ood_auroc"] = {m: metrics.roc_auc(s.measure(m), ood.measure(m)) for m in measures}
-        out["ood_fpr_at_95_tpr"] = {m: metrics.fpr_at_tpr(s.measure(m), ood.measure(m)) for m in measures}
-        out["ood_roc"] = {m: metrics.roc_curve(s.measure(m), ood.measure(m)) for m in measures}
+        ind, far = measures_of(scored), measures_of(ood)
+        names = [m for m in ind if m in far]
+        out["ood_auroc"] = {m: metrics.roc_auc(ind[m], far[m]) for m in names}
+        out["ood_fpr_at_95_tpr"] = {m: metrics.fpr_at_tpr(ind[m], far[m]) for m in names}
+        out["ood_roc"] = {m: metrics.roc_curve(ind[m], far[m]) for m in names}
+        if rule is not None:
+            out["flagged"]["ood"] = flag_rates(ood.summary.measure(rule["measure"]), ood.unfamiliarity, rule)
     return out
 
 
@@ -175,7 +205,7 @@ class EvalRun:
     head: BoundHead
     spec: PreprocessSpec
     scored: Scored | None = None
-    ood: Summary | None = None
+    ood: Scored | None = None  # targets unused: OOD images have no class
     figures: dict[str, Any] | None = None
     info: dict[str, Any] | None = None  # what a bundle's manifest says it is (variant, file size)
 
@@ -205,7 +235,7 @@ def variant(manifest: Manifest) -> str:
 
 def _bundle_run(name: str, b: Bundle, threads: int) -> EvalRun:
     model = b.load_model(threads)
-    head = HeadSpec.from_manifest(b.manifest).bind(model, b.manifest.outputs, b.where)
+    head = HeadSpec.from_manifest(b.manifest).bind(model, b.manifest.outputs, b.where, b.manifest.density)
     return EvalRun(name, model, head, b.preprocess_spec,
                    info={"bundle": b.where, "bundle_bytes": b.file_size, "variant": variant(b.manifest)})
 
@@ -288,11 +318,13 @@ def evaluate_bundle(
         runs.insert(0, _reference_run(reference, bundle, threads))
     review = bundle.manifest.head_or_dense.review
     measure = review.measure if review is not None else "predictive_entropy"
+    rule = review.model_dump() if review is not None and review.threshold is not None else None
     for run in runs:
         run.scored = score(run.model, run.head, run.spec, data, run.name)
         if ood_files:
-            run.ood = summarize(head_logits(run.model, run.spec, ood_files, run.head, f"{run.name} ood"))
-        run.figures = figures(run.scored, run.ood, target_accuracy, measure)
+            logits, unfamiliarity = run_files(run.model, run.spec, ood_files, run.head, f"{run.name} ood")
+            run.ood = Scored(logits, summarize(logits), np.full(len(logits), -1), unfamiliarity)
+        run.figures = figures(run.scored, run.ood, target_accuracy, measure, rule)
     inputs = [np.zeros(r.model.input.shape, dtype=r.model.input.dtype) for r in runs]
     times = interleaved_latency([r.model for r in runs], inputs, runs=latency_runs, warmup=5)
     report: dict[str, Any] = {

@@ -31,7 +31,7 @@ from edgeq.detection import BoundGrid, Detections, GridSpec
 from edgeq.errors import DataError, SourceError
 from edgeq.preprocess import Preprocessor, PreprocessSpec, input_spec_for, read_image
 from edgeq.runtime import Model
-from edgeq.uncertainty import MEASURES, pick_review_threshold
+from edgeq.uncertainty import MEASURES
 
 from ..data.coco import CocoSet, is_coco_path, read_coco
 from ..data.datasets import progress
@@ -139,6 +139,7 @@ def match_all(results: list[ImageDetections], coco: CocoSet, category_ids: list[
         ev.params.areaRng, ev.params.areaRngLbl = [[0.0, 1e10]], ["all"]
         ev.params.maxDets = [max(len(r.detections) for r in results)]
         ev.evaluate()
+    names = [*MEASURES, *(["unfamiliarity"] if all(r.detections.unfamiliarity is not None for r in results) else [])]
     gt_of = np.zeros(len(dets), np.int64)  # 0: unmatched, else the ground-truth annotation id
     for e in ev.evalImgs:
         if e is not None:
@@ -149,7 +150,7 @@ def match_all(results: list[ImageDetections], coco: CocoSet, category_ids: list[
     unknown = matched & np.isin(gt_cat, list(coco.unknown_category_ids))
     known = matched & ~unknown
     predicted = np.array([d["category_id"] for d in dets], np.int64)
-    measures = {k: np.array([results[i].detections.measure(k)[j] for i, j in where], np.float64) for k in MEASURES}
+    measures = {k: np.array([results[i].detections.measure(k)[j] for i, j in where], np.float64) for k in names}
     return Matched(np.array([d["score"] for d in dets], np.float64), measures, matched, known, unknown,
                    known & (predicted == gt_cat))
 
@@ -172,10 +173,10 @@ def coco_map(results: list[ImageDetections], coco: CocoSet, category_ids: list[i
 
 
 def detection_figures(results: list[ImageDetections], coco: CocoSet, category_ids: list[int],
-                      score_threshold: float, target_accuracy: float = 0.995,
-                      review_measure: str = "mutual_information") -> dict[str, Any]:
+                      score_threshold: float, rule: dict[str, Any] | None = None) -> dict[str, Any]:
     """mAP (all detections down to the eval threshold), then, over detections at or above the device's
-    ``score_threshold``: counts, D-ECE, known-vs-unknown AUROC of each measure, and the needs_review rule."""
+    ``score_threshold``: counts, D-ECE, known-vs-unknown AUROC (and FPR at 95% TPR) of each measure, and with a
+    review ``rule`` how many detections of known and of unknown objects it flags."""
     figures: dict[str, Any] = dict(coco_map(results, coco, category_ids))
     m = match_all(results, coco, category_ids, score_threshold)
     n_unknown_gt = sum(int(np.isin(c, list(coco.unknown_category_ids)).sum()) for c in coco.category_ids.values())
@@ -188,12 +189,38 @@ def detection_figures(results: list[ImageDetections], coco: CocoSet, category_id
         "score_threshold": score_threshold,
     })
     auroc: dict[str, float | None] = {}
+    fpr: dict[str, float | None] = {}
     if m.known.any() and m.unknown.any():
         for name, values in {**m.measures, "one_minus_score": 1.0 - m.scores}.items():
             auroc[name] = round(metrics.roc_auc(values[m.known], values[m.unknown]), 6)
+            fpr[name] = round(metrics.fpr_at_tpr(values[m.known], values[m.unknown]), 6)
     figures["unknown_auroc"] = auroc or None
-    figures["review"] = review_rule(m, review_measure, target_accuracy)
+    figures["unknown_fpr_at_95_tpr"] = fpr or None
+    if rule is not None and rule.get("measure") in m.measures:
+        from .review import flag_rates
+
+        unf = m.measures.get("unfamiliarity")
+        figures["flagged"] = {
+            name: flag_rates(m.measures[rule["measure"]][sel], None if unf is None else unf[sel], rule,
+                             m.correct[sel] if name == "known" else None)
+            for name, sel in (("known", m.known), ("unknown", m.unknown)) if sel.any()}
     return figures
+
+
+def calibrate_detection_rule(results: list[ImageDetections], coco: CocoSet, category_ids: list[int],
+                             score_threshold: float, measure: str, target_accuracy: float, budget: float,
+                             unfamiliar_threshold: float | None, ood_rate: float | None,
+                             log: Any = lambda s: None) -> dict[str, Any] | None:
+    """The needs_review rule on the detections matched to known objects (converter/evaluation/review.py)."""
+    from .review import calibrate_rule
+
+    m = match_all(results, coco, category_ids, score_threshold)
+    if not m.known.any():
+        return None
+    rule = calibrate_rule(m.measures[measure][m.known], m.correct[m.known], measure, target_accuracy, budget,
+                          unfamiliar_threshold, ood_rate, log)
+    rule["calibrated_on"] = "detections matched to known objects"
+    return rule
 
 
 def best_f1_threshold(results: list[ImageDetections], coco: CocoSet, category_ids: list[int],
@@ -219,18 +246,6 @@ def best_f1_threshold(results: list[ImageDetections], coco: CocoSet, category_id
     return {"threshold": round(float(s[i]), 6), "f1": round(float(f1[i]), 6), "precision":
             round(float(tp[i] / (i + 1)), 6), "recall": round(float(tp[i] / known_objects), 6),
             "known_objects": known_objects}
-
-
-def review_rule(m: Matched, measure: str, target_accuracy: float) -> dict[str, Any] | None:
-    """The needs_review threshold on ``measure`` over detections matched to known objects."""
-    if measure not in MEASURES:
-        raise DataError(f"--review-measure {measure!r}: choose one of {', '.join(MEASURES)}")
-    if not m.known.any():
-        return None
-    rule = pick_review_threshold(m.measures[measure][m.known], m.correct[m.known], target_accuracy, measure)
-    out = rule.to_dict()
-    out["calibrated_on"] = "detections matched to known objects"
-    return out
 
 
 @dataclass
@@ -263,7 +278,7 @@ def evaluate_detection(bundle: Bundle, data: str, reference: str | None = None, 
 
     def bundle_run(name: str, b: Bundle) -> DetectionRun:
         m = b.load_model(num_threads=threads)
-        g = GridSpec.from_manifest(b.manifest, b.where).bind(m, b.manifest.outputs, b.where)
+        g = GridSpec.from_manifest(b.manifest, b.where).bind(m, b.manifest.outputs, b.where, b.manifest.density)
         return DetectionRun(name, m, g, b.preprocess_spec, {"bundle": b.where, "bundle_bytes": b.file_size,
                                                             "variant": variant(b.manifest)})
 
@@ -285,10 +300,10 @@ def evaluate_detection(bundle: Bundle, data: str, reference: str | None = None, 
     review = bundle.manifest.head_or_dense.review
     measure = review.measure if review is not None else (
         "mutual_information" if spec.samples > 1 else "predictive_entropy")
+    rule = review.model_dump() if review is not None and review.threshold is not None else None
     for run in runs:
         run.results = run_detector(run.model, run.grid, run.spec, coco, f"detect {run.name}")
-        run.figures = detection_figures(run.results, coco, list(spec.category_ids), spec.score_threshold,
-                                        target_accuracy, measure)
+        run.figures = detection_figures(run.results, coco, list(spec.category_ids), spec.score_threshold, rule)
     inputs = [np.zeros(r.model.input.shape, dtype=r.model.input.dtype) for r in runs]
     times = interleaved_latency([r.model for r in runs], inputs, runs=latency_runs, warmup=5)
     report: dict[str, Any] = {
@@ -322,10 +337,14 @@ def detection_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
         ("on known / unknown objects", [f"{m['matched_known']} / {m['matched_unknown']}" for m in models]),
         ("label accuracy (known)", [fmt(m["label_accuracy_known"]) for m in models]),
         ("D-ECE", [fmt(m["d_ece"]) for m in models]),
+        ("AUROC unknown: unfamiliarity", [auroc(m, "unfamiliarity") for m in models]),
         ("AUROC unknown: mutual information", [auroc(m, "mutual_information") for m in models]),
         ("AUROC unknown: predictive entropy", [auroc(m, "predictive_entropy") for m in models]),
         ("AUROC unknown: 1 - score", [auroc(m, "one_minus_score") for m in models]),
-        ("needs_review coverage", [fmt((m.get("review") or {}).get("coverage")) for m in models]),
+        ("needs_review flags, known objects", [fmt(((m.get("flagged") or {}).get("known") or {}).get("flagged"))
+                                               for m in models]),
+        ("needs_review flags, unknown objects", [fmt(((m.get("flagged") or {}).get("unknown") or {}).get("flagged"))
+                                                 for m in models]),
         ("latency ms (median)", [fmt(m["latency_ms_median"], 3) for m in models]),
         ("model bytes", [str(m["size_bytes"]) for m in models]),
     ]

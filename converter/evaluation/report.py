@@ -120,10 +120,12 @@ def _plots(report: dict[str, Any], runs: list[Any]) -> dict[str, str]:
     images["referral"] = _png(fig)
 
     if all("ood_roc" in m for m in models.values()):
-        names = list(next(iter(models.values()))["ood_roc"])
+        names = list(dict.fromkeys(k for m in models.values() for k in m["ood_roc"]))  # every measure of any model
         fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
         for ax, measure in zip(axes[0], names):
             for name, m in models.items():
+                if measure not in m["ood_roc"]:
+                    continue
                 c = m["ood_roc"][measure]
                 ax.plot(c["fpr"], c["tpr"], label=f"{name} AUROC {m['ood_auroc'][measure]:.3f}", color=colors[name])
             ax.plot([0, 1], [0, 1], "k--", lw=1)
@@ -163,6 +165,17 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
     measures = sorted({k for m in models.values() for k in m.get("ood_auroc", {})})
     for measure in measures:
         out.append((f"OOD AUROC, {measure.replace('_', ' ')}", [_fmt(m.get("ood_auroc", {}).get(measure)) for m in models.values()]))
+        out.append((f"OOD FPR at 95% TPR, {measure.replace('_', ' ')}",
+                    [_fmt(m.get("ood_fpr_at_95_tpr", {}).get(measure)) for m in models.values()]))
+    for where, label in (("in_distribution", "in-distribution"), ("ood", "OOD")):
+        if any(where in (m.get("flagged") or {}) for m in models.values()):
+            out.append((f"needs_review flags, {label}", [_fmt((m.get("flagged") or {}).get(where, {}).get("flagged"))
+                                                         for m in models.values()]))
+    if any("in_distribution" in (m.get("flagged") or {}) for m in models.values()):
+        out.append(("accuracy of unflagged / all", [
+            "-" if "in_distribution" not in (m.get("flagged") or {}) else
+            f"{m['flagged']['in_distribution']['accuracy_unflagged'] or 0:.4f} / "
+            f"{m['flagged']['in_distribution']['accuracy_all']:.4f}" for m in models.values()]))
     out.insert(0, ("variant", [html.escape(m.get("variant", "float reference")) for m in models.values()]))
     out.append(("model size (MB)", [f"{m['size_bytes'] / 1e6:.3f}" for m in models.values()]))
     out.append(("bundle file (MB)", [f"{m['bundle_bytes'] / 1e6:.3f}" if m.get("bundle_bytes") else "-"

@@ -45,6 +45,8 @@ def manifest_of(ctx: "ConvertContext") -> dict[str, Any]:
         manifest["validation"] = ctx.validation
     if ctx.clustering is not None:
         manifest["clustering"] = {k: v for k, v in ctx.clustering.items() if k != "layers"}
+    if ctx.density is not None:
+        manifest["density"] = ctx.density
     return manifest
 
 

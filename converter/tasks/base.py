@@ -73,6 +73,26 @@ class Task(ABC):
     def verify(self, ctx: "ConvertContext") -> None:
         """Task checks of the converted models against the source: roles, sampled weights, spread."""
 
+    # -- unfamiliarity (stages/density.py) -----------------------------------------------------------------
+    def density_data(self, ctx: "ConvertContext", recipe: Any) -> Any:
+        """The fitting and held-out data (a :class:`converter.stages.density.DensityData`), None without labels."""
+        return None
+
+    def density_tap_names(self, ctx: "ConvertContext") -> list[str]:
+        raise NotImplementedError
+
+    def density_features(self, ctx: "ConvertContext", data: Any) -> tuple[Any, Any]:
+        """``[N, F]`` float features of the fitting data and their class indices."""
+        raise NotImplementedError
+
+    def add_density_outputs(self, ctx: "ConvertContext", W: Any) -> None:
+        """Add ``density_projection`` (the features' whitened coordinates, features @ W) to ``ctx.source``'s model."""
+        raise NotImplementedError
+
+    def density_scores(self, ctx: "ConvertContext", converted: "Converted", held_out: Any) -> Any:
+        """Unfamiliarity of the held-out data through a converted model."""
+        raise NotImplementedError
+
     # -- validation (stages/validate.py) -----------------------------------------------------------------
     @abstractmethod
     def read_validation(self, ctx: "ConvertContext") -> Any:

@@ -7,11 +7,13 @@ roles are told apart by size, never by order: ``logits`` has C values, ``samples
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeq.errors import ModelError
+from edgeq.density import PROJECTION_ROLE
+from edgeq.errors import ModelError, QuantizationError
 from edgeq.heads import BoundHead, HeadSpec, describe_outputs
 from edgeq.manifest import OutputSpec
 from edgeq.runtime import Model, quantize_values
@@ -25,7 +27,121 @@ if TYPE_CHECKING:
     from ..stages.load import SourceModel
 
 
-class ClassifyTask(Task):
+# -- unfamiliarity (stages/density.py) --------------------------------------------------------------------------
+# MobileNetV2's block outputs whose spatial means join the pooled features: early blocks see what an unknown input
+# looks like before the classifier's features map it onto a known class (measured: benchmarks/unknowns.py)
+EARLY_TAPS = ("block_1_project_BN", "block_3_project_BN", "block_6_project_BN", "block_10_project_BN",
+              "block_13_project_BN")
+HELD_OUT_MAX = 2000
+
+
+def _taps(model: Any) -> list[tuple[str, Any]]:
+    """(name, pooled tensor) of each feature tap of an exported classifier: early block means, then the head's input."""
+    import keras
+
+    head = next(layer for layer in model.layers if layer.output is model.outputs[0])
+    names = {layer.name for layer in model.layers}
+    taps = [(n, keras.ops.mean(model.get_layer(n).output, axis=(1, 2))) for n in EARLY_TAPS if n in names]
+    return taps + [("penultimate", head.input)]
+
+
+def _split(files: list, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every other file of each class for the fit, the rest held out (deterministic)."""
+    fit, held = [], []
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        fit.extend(idx[0::2])
+        held.extend(idx[1::2])
+    return np.sort(fit), np.sort(held)
+
+
+def _even(idx: np.ndarray, n: int) -> np.ndarray:
+    return idx if len(idx) <= n else idx[np.linspace(0, len(idx) - 1, n).round().astype(int)]
+
+
+class _ClassifyDensity:
+    """The classifier's part of the density stage (mixed into ClassifyTask)."""
+
+    def density_data(self, ctx: "ConvertContext", recipe: Any) -> Any:
+        from pathlib import Path
+
+        from ..data.datasets import class_folder
+        from ..stages.density import DensityData
+
+        v = ctx.recipe.validation.val
+        source = recipe.data
+        if source is None and ctx.recipe.quant.calib and Path(ctx.recipe.quant.calib).is_dir():
+            sub = {p.name for p in Path(ctx.recipe.quant.calib).iterdir() if p.is_dir()}
+            if sub and sub <= set(ctx.labels):  # a labelled calibration folder: the training data, usually
+                source = ctx.recipe.quant.calib
+        if source is None:
+            source = v
+        if source is None:
+            return None
+        flag = "--density-data" if recipe.data else ("--calib" if source != v else "--val")
+        data = class_folder(source, ctx.labels, flag=flag)
+        if v is not None and source != v:
+            held = class_folder(v, ctx.labels)
+            keep = _even(np.arange(len(data.files)), recipe.max_samples)
+            return DensityData([data.files[i] for i in keep], data.targets[keep],
+                               [held.files[i] for i in _even(np.arange(len(held.files)), HELD_OUT_MAX)], source, str(v))
+        fit, held = _split(data.files, data.targets)
+        fit = _even(fit, recipe.max_samples)
+        return DensityData([data.files[i] for i in fit], data.targets[fit],
+                           [data.files[i] for i in _even(held, HELD_OUT_MAX)], f"{source} (every other image)",
+                           f"{source} (the other half)")
+
+    def density_tap_names(self, ctx: "ConvertContext") -> list[str]:
+        return [name for name, _ in _taps(ctx.source.keras_model)]
+
+    def density_features(self, ctx: "ConvertContext", data: Any) -> tuple[np.ndarray, np.ndarray]:
+        import keras
+
+        from edgeq.preprocess import Preprocessor, read_image
+
+        model = ctx.source.keras_model
+        taps = [t for _, t in _taps(model)]
+        extractor = keras.Model(model.inputs, keras.ops.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0])
+        pre = Preprocessor(ctx.spec.with_dtype("float32"))
+        feats = []
+        for start in range(0, len(data.fit), 256):
+            x = pre.batch([read_image(f) for f in data.fit[start:start + 256]])
+            feats.append(np.asarray(extractor.predict(x, batch_size=64, verbose=0), np.float64))
+        return np.concatenate(feats), np.asarray(data.targets)
+
+    def add_density_outputs(self, ctx: "ConvertContext", W: np.ndarray) -> None:
+        """The whitening as one Dense per tap (no bias), summed: the ``density_projection`` output (taps of
+        different ranges keep their own int8 scales, where one concatenated tensor would share one)."""
+        import keras
+
+        model = ctx.source.keras_model
+        taps = [t for _, t in _taps(model)]
+        parts, row = [], 0
+        for i, t in enumerate(taps):
+            width = int(t.shape[-1])
+            dense = keras.layers.Dense(W.shape[1], use_bias=False, name=f"density_projection_{i}")
+            parts.append(dense(t))
+            dense.set_weights([W[row:row + width]])
+            row += width
+        projection = parts[0] if len(parts) == 1 else keras.layers.Add(name="density_projection")(parts)
+        exported = keras.Model(model.inputs, [*model.outputs, projection], name=model.name)
+        ctx.source = dataclasses.replace(ctx.source, keras_model=exported)
+
+    def density_scores(self, ctx: "ConvertContext", converted: "Converted", files: list) -> np.ndarray:
+        from edgeq.preprocess import Preprocessor, input_spec_for, read_image
+
+        model, head = converted.model, converted.bound
+        pre = Preprocessor(input_spec_for(model, ctx.spec))
+        out = []
+        for f in files:
+            tensor, _ = pre(read_image(f))
+            model.set_input(tensor)
+            model.invoke()
+            out.append(head.unfamiliarity({t.index: model.get(t) for t in head.all_tensors}))
+        return np.asarray(out, np.float64)
+
+
+class ClassifyTask(_ClassifyDensity, Task):
     name = "classify"
 
     def classes(self, source: "SourceModel") -> int:
@@ -59,10 +175,20 @@ class ClassifyTask(Task):
 
     # -- converted models -----------------------------------------------------------------------------------
     def describe_outputs(self, ctx: "ConvertContext", model: Model) -> list[OutputSpec]:
-        return describe_outputs(model, _head_spec(ctx))
+        outputs = describe_outputs(model, _head_spec(ctx))
+        if ctx.density is not None:  # its size, the rank, is kept apart from the head's (stages/density.py)
+            size = ctx.density["rank"]
+            found = [t for t in model.outputs if int(np.prod(t.shape)) == size]
+            if len(found) != 1:
+                raise QuantizationError(f"converted model has {len(found)} outputs of size {size} for "
+                                        f"{PROJECTION_ROLE!r}")
+            outputs.append(OutputSpec(role=PROJECTION_ROLE, **found[0].to_dict()))
+        return outputs
 
     def bind(self, ctx: "ConvertContext", model: Model, outputs: list[OutputSpec]) -> BoundHead:
-        return _head_spec(ctx).bind(model, outputs)
+        from ..stages.density import typed
+
+        return _head_spec(ctx).bind(model, outputs, density=typed(ctx))
 
     def verify(self, ctx: "ConvertContext") -> None:
         if ctx.export is None:
@@ -86,12 +212,18 @@ class ClassifyTask(Task):
         return float(scored.correct.mean())
 
     def validate(self, ctx: "ConvertContext", reference: Any, quantised: Any) -> dict[str, Any]:
-        from ..evaluation.classify import calibrate_review, compare_scored
+        from ..evaluation.classify import compare_scored
+        from ..evaluation.review import calibrate_rule, flag_rates
+        from ..stages.density import unfamiliar_threshold
 
         validation = compare_scored(reference, quantised)
         validation["source"] = str(ctx.recipe.validation.val)
         v = ctx.recipe.validation
-        ctx.head["review"] = calibrate_review(quantised, v.review_measure, v.target_accuracy)
+        values = quantised.summary.measure(v.review_measure)
+        rule = calibrate_rule(values, quantised.correct, v.review_measure, v.target_accuracy, v.review_budget,
+                              unfamiliar_threshold(ctx, v.review_ood_rate), v.review_ood_rate, ctx.log)
+        ctx.head["review"] = rule
+        validation["review"] = flag_rates(values, quantised.unfamiliarity, rule, quantised.correct)
         return validation
 
 

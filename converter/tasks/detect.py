@@ -10,10 +10,12 @@ numerically against the Keras model, since shapes alone cannot tell a 4-class he
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgeq.density import PROJECTION_ROLE
 from edgeq.detection import BoundGrid, GridSpec, describe_grid_outputs, signature_outputs
 from edgeq.errors import ModelError, QuantizationError
 from edgeq.manifest import Detector, Head, OutputSpec
@@ -89,7 +91,8 @@ class DetectTask(Task):
 
     # -- converted models -----------------------------------------------------------------------------------
     def describe_outputs(self, ctx: "ConvertContext", model: Model) -> list[OutputSpec]:
-        return describe_grid_outputs(model, signature_outputs(model), ctx.head["layout"])
+        extra = (PROJECTION_ROLE,) if ctx.density is not None else ()
+        return describe_grid_outputs(model, signature_outputs(model), ctx.head["layout"], extra)
 
     def bind(self, ctx: "ConvertContext", model: Model, outputs: list[OutputSpec]) -> BoundGrid:
         grid = tuple(int(d) for d in outputs[0].shape[1:3])
@@ -102,7 +105,9 @@ class DetectTask(Task):
                 "architecture": "mobilenet_v2 stride-16 anchor-free (docs/detection.md)"}
         head = Head.model_validate({k: v for k, v in ctx.head.items() if k in ("type", "samples", "classes", "layout")})
         spec = GridSpec.from_blocks(Detector.model_validate(ctx.extras["detector"]), head, len(ctx.labels))
-        return spec.bind(model, outputs)
+        from ..stages.density import typed
+
+        return spec.bind(model, outputs, density=typed(ctx))
 
     def verify(self, ctx: "ConvertContext") -> None:
         calibration = ctx.calibration
@@ -127,7 +132,8 @@ class DetectTask(Task):
         return run_detector(converted.model, converted.bound, ctx.spec, ctx.data, f"val {name}")
 
     def validate(self, ctx: "ConvertContext", reference: Any, quantised: Any) -> dict[str, Any]:
-        from ..evaluation.detect import best_f1_threshold, detection_figures
+        from ..evaluation.detect import best_f1_threshold, calibrate_detection_rule, detection_figures
+        from ..stages.density import unfamiliar_threshold
 
         detector, coco, v = ctx.extras["detector"], ctx.data, ctx.recipe.validation
         best = best_f1_threshold(quantised, coco, detector["category_ids"])
@@ -137,15 +143,126 @@ class DetectTask(Task):
                                                        **best}
             ctx.log(f"score threshold: {best['threshold']:.3f} (F1 {best['f1']:.3f}, precision "
                     f"{best['precision']:.3f}, recall {best['recall']:.3f} on --val)")
-        figures = {name: detection_figures(res, coco, detector["category_ids"], detector["score_threshold"],
-                                           v.target_accuracy, v.review_measure)
-                   for name, res in (("float", reference), ("quantized", quantised))}
-        ctx.head["review"] = figures["quantized"]["review"]
-        if ctx.head["review"] is None:
+        rule = calibrate_detection_rule(quantised, coco, detector["category_ids"], detector["score_threshold"],
+                                        v.review_measure, v.target_accuracy, v.review_budget,
+                                        unfamiliar_threshold(ctx, v.review_ood_rate), v.review_ood_rate, ctx.log)
+        ctx.head["review"] = rule
+        if rule is None:
             ctx.log(f"needs_review: not calibrated: no int8 detection of --val at score >= "
                     f"{detector['score_threshold']:g} matched a known object; the device reports needs_review null "
                     "unless its config sets thresholds.review")
+        figures = {name: detection_figures(res, coco, detector["category_ids"], detector["score_threshold"], rule)
+                   for name, res in (("float", reference), ("quantized", quantised))}
         return {"source": str(coco.path), "images": len(coco.images), **figures}
+
+    # -- unfamiliarity (stages/density.py): the neck's features at the cells that hold known objects ----------
+    def density_data(self, ctx: "ConvertContext", recipe: Any) -> Any:
+        from ..data.coco import is_coco_path
+        from ..stages.density import DensityData
+
+        v = ctx.recipe.validation.val
+        source = recipe.data
+        if source is None and ctx.recipe.quant.calib and is_coco_path(ctx.recipe.quant.calib):
+            source = ctx.recipe.quant.calib
+        source = source or v
+        if source is None:
+            return None
+        flag = "--density-data" if recipe.data else ("--calib" if source != v else "--val")
+        fit = _positive_cells_data(ctx, source, flag, recipe.max_samples)
+        if v is not None and source != v:
+            return DensityData(fit, fit["targets"], _positive_cells_data(ctx, v, "--val", recipe.max_samples), source,
+                               str(v))
+        half = _split_images(fit)
+        return DensityData(half[0], half[0]["targets"], half[1], f"{source} (every other image)",
+                           f"{source} (the other half)")
+
+    def density_tap_names(self, ctx: "ConvertContext") -> list[str]:
+        return [DENSITY_TAP]
+
+    def density_features(self, ctx: "ConvertContext", data: Any) -> tuple[np.ndarray, np.ndarray]:
+        import keras
+
+        model = ctx.source.keras_model
+        extractor = keras.Model(model.inputs, model.get_layer(DENSITY_TAP).output)
+        maps = np.asarray(extractor.predict(data.fit["x"], batch_size=32, verbose=0), np.float64)
+        return maps.reshape(-1, maps.shape[-1])[data.fit["cells"]], data.targets
+
+    def add_density_outputs(self, ctx: "ConvertContext", W: np.ndarray) -> None:
+        import keras
+
+        model = ctx.source.keras_model
+        conv = keras.layers.Conv2D(W.shape[1], 1, use_bias=False, name="density_projection")
+        projection = conv(model.get_layer(DENSITY_TAP).output)
+        conv.set_weights([W.reshape(1, 1, *W.shape)])
+        exported = keras.Model(model.inputs, [*model.outputs, projection], name=model.name)
+        ctx.source = dataclasses.replace(ctx.source, keras_model=exported)
+
+    def density_scores(self, ctx: "ConvertContext", converted: "Converted", held_out: Any) -> np.ndarray:
+        model, grid = converted.model, converted.bound
+        t = model.input
+        gcells = held_out["grid_cells"]
+        out = []
+        for i, x in enumerate(held_out["x"]):
+            model.set_input(quantize_values(x[None], t.scale, t.zero_point, t.dtype) if t.quantized else x[None])
+            model.invoke()
+            cells = held_out["cells_of"][i]
+            if len(cells):
+                out.append(grid.density.scores(grid.raw(model), np.asarray(cells) - i * gcells))
+        return np.concatenate(out) if out else np.zeros(0)
+
+
+DENSITY_TAP = "neck"
+
+
+def _positive_cells_data(ctx: "ConvertContext", source: str, flag: str, max_cells: int) -> dict[str, Any]:
+    """A COCO set through the core preprocessor (float): the inputs, and each known object's positive cells
+    (training's targets, converter/models/detector.py) with their class index, at most ``max_cells`` of them."""
+    from edgeq.preprocess import Preprocessor, read_image
+
+    from ..data.coco import read_coco
+    from ..models.detector import encode_targets
+
+    coco = read_coco(source, flag=flag)
+    ids = ctx.extras.get("detector", {}).get("category_ids") or list(ctx.task.category_ids)  # type: ignore[attr-defined]
+    coco.require_categories(ids, flag, ctx.source.origin)
+    index = {c: i for i, c in enumerate(ids)}
+    pre = Preprocessor(ctx.spec.with_dtype("float32"))
+    stride = 16
+    grid = ctx.spec.height // stride
+    xs, cells, targets, cells_of = [], [], [], []
+    for im in coco.images:
+        x, tf = pre(read_image(coco.image_path(im)))
+        b = coco.boxes[im["id"]] * np.array([tf.scale_x, tf.scale_y, tf.scale_x, tf.scale_y], np.float32)
+        b = b + np.array([tf.pad_x, tf.pad_y, tf.pad_x, tf.pad_y], np.float32)
+        cats = coco.category_ids[im["id"]]
+        known = np.array([c in index for c in cats.tolist()], bool)
+        cls = encode_targets(b[known], np.array([index[c] for c in cats[known].tolist()], np.int64), grid,
+                             b[~known], stride)[2][..., 0].reshape(-1)
+        pos = np.flatnonzero(cls >= 0)
+        cells_of.append((pos + len(xs) * grid * grid).tolist())
+        cells.extend(cells_of[-1])
+        targets.extend(cls[pos].tolist())
+        xs.append(x[0].copy())
+        if len(cells) >= max_cells:
+            break
+    return {"x": np.stack(xs), "cells": np.asarray(cells, np.int64), "targets": np.asarray(targets, np.int64),
+            "cells_of": cells_of, "grid_cells": grid * grid, "source": str(coco.path)}
+
+
+def _split_images(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Even images for the fit, odd ones held out."""
+    out = []
+    for part in (0, 1):
+        picked = list(range(part, len(data["x"]), 2))
+        g = data["grid_cells"]
+        cells_of = [[c - i * g + j * g for c in data["cells_of"][i]] for j, i in enumerate(picked)]
+        flat = [c for cs in cells_of for c in cs]
+        lookup = {c: t for c, t in zip(data["cells"].tolist(), data["targets"].tolist())}
+        targets = [lookup[c - j * g + i * g] for j, i in enumerate(picked) for c in cells_of[j]]
+        out.append({"x": data["x"][picked], "cells": np.asarray(flat, np.int64),
+                    "targets": np.asarray(targets, np.int64), "cells_of": cells_of, "grid_cells": g,
+                    "source": data["source"]})
+    return out[0], out[1]
 
 
 def _check_roles(keras_model: Any, reference: "Converted", x: np.ndarray) -> None:
@@ -156,7 +273,8 @@ def _check_roles(keras_model: Any, reference: "Converted", x: np.ndarray) -> Non
     float_model, grid = reference.model, reference.bound
     float_model.set_input(x.astype(np.float32))
     float_model.invoke()
-    for role, t, w in zip(grid.spec.roles, grid.tensors, want):
+    roles = (*grid.spec.roles, *((PROJECTION_ROLE,) if grid.density is not None else ()))
+    for role, t, w in zip(roles, grid.all_tensors, want, strict=True):
         got = float_model.get_float(t)
         if got.size != w.size or not np.allclose(got.reshape(w.shape), w, atol=1e-3 * max(1.0, float(np.abs(w).max()))):
             raise QuantizationError(f"converted output {t.name} does not match the model's {role!r} output; the "

@@ -101,6 +101,9 @@ def test_every_bundle_kind_gives_the_x86_results_exactly(kind, pi, bundles, clip
     if kind == "detect":
         assert sum(len(f["detections"]) for f in got) > 0
         assert all(len(d["box"]) == 4 and d["uncertainty"]["samples"] == 8 for f in got for d in f["detections"])
+    if kind == "int8":  # converted with --val: the unfamiliarity measure, the same to the last digit on the Pi
+        assert all(isinstance(d["uncertainty"]["unfamiliarity"], float) and "review_reason" in d
+                   for f in got for d in f["detections"])
     if kind == "bayes":
         assert all(d["uncertainty"]["method"] == "mc" and d["uncertainty"]["samples"] == 8
                    for f in got for d in f["detections"])

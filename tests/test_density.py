@@ -1,0 +1,194 @@
+"""The unfamiliarity measure: the fit (converter/stages/density.py), the device's numpy finish (edgeq/density.py),
+the review rule and what a payload may carry (never a NaN). The trained-model figures are in test_bayes.py and
+test_detect.py; the x86 vs Cortex-A72 check in tests/arm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeq.density import DensityModel, finite_or_none
+from edgeq.errors import DataError
+from edgeq.manifest import Density
+from edgeq.uncertainty import review
+
+
+def _blobs(rng, n_per=60, dims=12, classes=3, spread=6.0):
+    centres = rng.normal(0, spread, (classes, dims))
+    x = np.concatenate([rng.normal(c, 1.0, (n_per, dims)) for c in centres])
+    return x, np.repeat(np.arange(classes), n_per), centres
+
+
+def _model(fitted, reference):
+    block = dict(fitted["block"], reference=sorted(reference))
+    return DensityModel.from_block(Density.model_validate(block))
+
+
+def test_fit_scores_near_points_low_and_far_points_high():
+    from edgeq.converter.stages.density import fit_gaussians
+
+    rng = np.random.default_rng(0)
+    x, y, centres = _blobs(rng)
+    fitted = fit_gaussians(x, y, ["a", "b", "c"], rank=12, where="test")
+    m = _model(fitted, [0.0, 1.0])
+    near = np.concatenate([rng.normal(c, 1.0, (20, 12)) for c in centres])
+    far = rng.normal(0, 1.0, (20, 12)) + 40.0
+    s_near, s_far = m.scores(near @ fitted["W"]), m.scores(far @ fitted["W"])
+    assert s_near.max() < s_far.min()
+    # whitened, full rank, unit within-class covariance: the squared distance to the own mean is about chi2(12)
+    assert 6 < np.median(s_near) < 20
+    # the same as the Mahalanobis distance to the nearest mean, computed directly from the fitted covariance
+    w = fitted["W"].astype(np.float64)
+    precision = w @ w.T
+    d = near[:, None, :] - np.stack([x[y == c].mean(0) for c in range(3)])[None]
+    direct = np.einsum("ncf,fg,ncg->nc", d, precision, d).min(1)
+    np.testing.assert_allclose(s_near, direct, rtol=1e-4)
+
+
+def test_rank_keeps_the_top_directions_and_the_manifest_block_validates():
+    from edgeq.converter.stages.density import fit_gaussians
+
+    x, y, _ = _blobs(np.random.default_rng(1))
+    fitted = fit_gaussians(x, y, ["a", "b", "c"], rank=5, where="test")
+    b = fitted["block"]
+    assert fitted["W"].shape == (12, 5) and b["rank"] == 5 and b["features"] == 12
+    assert list(b["eigenvalues"]) == sorted(b["eigenvalues"], reverse=True)
+    assert 0.0 <= b["shrinkage"] <= 1.0 and 0 < fitted["explained"] < 1
+    Density.model_validate(dict(b, reference=[0.0, 1.0]))
+
+
+def test_more_features_than_samples_is_shrunk_not_singular():
+    from edgeq.converter.stages.density import fit_gaussians
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(0, 1, (30, 200))  # F > N: the sample covariance is singular
+    y = np.repeat(np.arange(3), 10)
+    fitted = fit_gaussians(x, y, ["a", "b", "c"], rank=64, where="test")
+    assert np.all(np.isfinite(fitted["W"])) and fitted["block"]["shrinkage"] > 0
+    assert np.all(np.isfinite(_model(fitted, [0.0, 1.0]).scores(x @ fitted["W"])))
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("few", "class 'b' has 3 usable sample(s)"),
+    ("none", "class 'c' has 0 usable sample(s)"),
+    ("nan", "NaN or infinite"),
+])
+def test_fit_refuses_what_it_cannot_fit(case, needle):
+    from edgeq.converter.stages.density import fit_gaussians
+
+    x, y, _ = _blobs(np.random.default_rng(3))
+    if case == "few":
+        keep = (y != 1) | (np.arange(len(y)) < 63)
+        x, y = x[keep], y[keep]
+    elif case == "none":
+        x, y = x[y < 2], y[y < 2]
+    else:
+        x[5, 3] = np.nan
+    with pytest.raises(DataError) as e:
+        fit_gaussians(x, y, ["a", "b", "c"], rank=4, where="--density-data d/")
+    assert needle in str(e.value) and "--density-data d/" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_percentile_reads_the_reference():
+    m = DensityModel(2, np.zeros((1, 2)), np.sort(np.arange(1.0, 101.0)))
+    np.testing.assert_allclose(m.percentile(np.array([0.5, 1.0, 50.0, 100.0, 1e9])), [0, 1, 50, 100, 100])
+
+
+def test_non_finite_is_never_published_and_counts_as_flagged():
+    assert finite_or_none(float("nan")) is None and finite_or_none(float("inf")) is None
+    assert finite_or_none(1.23456789) == 1.234568
+    r = review(0.1, 0.5, float("nan"), 10.0)
+    assert r.flag is True and r.reason == "unfamiliar"
+    assert review(0.9, 0.5, 50.0, 10.0).reason == "unfamiliar+ambiguous"
+    assert review(0.9, 0.5, 1.0, 10.0).reason == "ambiguous"
+    assert review(0.1, 0.5, 1.0, 10.0) == review(0.1, 0.5, None, None)  # passes both, or the one it has
+    assert review(0.1, None, None, None).flag is None
+
+
+def test_payload_drops_a_nan_unfamiliarity_and_flags_it():
+    """What the device publishes for a NaN score: no unfamiliarity key (never NaN in JSON), flagged unfamiliar."""
+    import json
+
+    from device.decoders import ReviewPolicy
+
+    class Bound:  # the density part of a bound head: only its percentile table is read here
+        density = DensityModel(2, np.zeros((1, 2)), np.array([1.0, 2.0, 3.0]))
+
+    policy = ReviewPolicy("predictive_entropy", 0.5, 2.5)
+    bad = policy.apply({"uncertainty": {"predictive_entropy": 0.1}}, 0.1, float("nan"), Bound())
+    assert "unfamiliarity" not in bad["uncertainty"] and "unfamiliarity_percentile" not in bad["uncertainty"]
+    assert bad["needs_review"] is True and bad["review_reason"] == "unfamiliar"
+    json.dumps(bad, allow_nan=False)
+    ok = policy.apply({"uncertainty": {"predictive_entropy": 0.1}}, 0.1, 2.0, Bound())
+    assert ok["uncertainty"]["unfamiliarity"] == 2.0 and ok["uncertainty"]["unfamiliarity_percentile"] == pytest.approx(66.67)
+    assert ok["needs_review"] is False and ok["review_reason"] is None
+
+
+# -- through the real converter and `edgeq run` ---------------------------------------------------------------
+
+def _run(bundle, source, tmp_path, *extra):
+    import json
+
+    from conftest import run_edgeq
+
+    r = run_edgeq("run", "--model", str(bundle), "--source", str(source), "--output", "-",
+                  "--spool", str(tmp_path / "s.db"), *extra)
+    return r, [json.loads(ln) for ln in r.stdout.splitlines() if '"edgeq.detections"' in ln]
+
+
+def test_a_bundle_with_labelled_data_publishes_unfamiliarity(tiny_bundle, shapes_dir, tmp_path):
+    import jsonschema
+
+    from edgeq.bundle import message_schema, read_bundle
+
+    m = read_bundle(tiny_bundle).manifest
+    assert m.density is not None and any(o.role == "density_projection" for o in m.outputs)
+    rule = m.head.review
+    assert rule.unfamiliar_threshold is not None and rule.mode in ("target", "budget")
+    r, msgs = _run(tiny_bundle, shapes_dir / "circle", tmp_path, "--max-frames", "6")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(msgs) == 6
+    for msg in msgs:
+        jsonschema.validate(msg, message_schema("detections"))
+        for d in msg["detections"]:
+            u = d["uncertainty"]
+            assert u["unfamiliarity"] >= 0 and 0 <= u["unfamiliarity_percentile"] <= 100
+            assert d["needs_review"] is (d["review_reason"] is not None)
+
+
+def test_a_bundle_made_before_the_measure_still_runs(tiny_keras_path, shapes_dir, tmp_path):
+    """A bundle without a density block and with the edgeq 0.1 review rule (no mode, no unfamiliar threshold):
+    results carry no unfamiliarity field (absent, not null, not a crash), and a config that asks for the
+    unfamiliarity percentile is refused in one line."""
+    import json
+    import zipfile
+
+    from conftest import assert_clean_error, run_edgeq
+    from edgeq.converter import convert, recipe_from_flags
+
+    made = tmp_path / "made.edgeq"
+    convert(recipe_from_flags(str(tiny_keras_path), made, calib=str(shapes_dir), calib_samples=20, val=str(shapes_dir),
+                              density="off"), log=lambda s: None)
+    old = tmp_path / "old.edgeq"
+    with zipfile.ZipFile(made) as src, zipfile.ZipFile(old, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "manifest.json":
+                m = json.loads(data)
+                assert "density" not in m
+                m["head"]["review"] = {k: m["head"]["review"][k] for k in
+                                       ("measure", "threshold", "target_accuracy", "coverage", "kept_accuracy",
+                                        "reached", "count")}
+                data = json.dumps(m).encode()
+            dst.writestr(info, data)
+    r, msgs = _run(old, shapes_dir / "square", tmp_path, "--max-frames", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(msgs) == 4
+    for d in (d for msg in msgs for d in msg["detections"]):
+        assert "unfamiliarity" not in d["uncertainty"] and "unfamiliarity_percentile" not in d["uncertainty"]
+        assert d["review_reason"] in (None, "ambiguous") and isinstance(d["needs_review"], bool)
+    cfg = tmp_path / "device.toml"
+    cfg.write_text("[thresholds]\nunfamiliar_percentile = 99\n")
+    assert_clean_error(run_edgeq("run", "--model", str(old), "--source", str(shapes_dir / "square"), "--config",
+                                 str(cfg), "--output", "-", "--spool", str(tmp_path / "t.db")),
+                       "thresholds.unfamiliar_percentile", "no unfamiliarity measure")
