@@ -102,12 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         bundles = {}
         for layout in ("auto", "centred", "stacked"):
             out = tmp / f"bayes_{layout}.edgeq"
+            # density off: these figures are the Bayesian head's (the unfamiliarity measure's: unknowns.py)
             convert(recipe_from_flags(str(tmp / "bayes.keras"), out, calib=str(train_dir), calib_samples=args.calib_samples,
-                                   val=str(test_dir), bayes_samples=args.samples, bayes_layout=layout), log=log)
+                                   val=str(test_dir), bayes_samples=args.samples, bayes_layout=layout, density="off"),
+                    log=log)
             bundles[layout] = out
         det_bundle = tmp / "det.edgeq"
         convert(recipe_from_flags(str(tmp / "det.keras"), det_bundle, calib=str(train_dir),
-                               calib_samples=args.calib_samples), log=log)
+                               calib_samples=args.calib_samples, density="off"), log=log)
 
         auto_head = read_bundle(bundles.pop("auto")).manifest.to_json()["head"]
         result["auto_layout"] = {"chose": auto_head["layout"], **auto_head["layout_choice"]}

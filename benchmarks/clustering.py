@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name, extra in variants.items():
             out = tmp / f"{name}.edgeq"
-            convert(recipe_from_flags(args.model, out, calib=calib, calib_samples=100, classes=10, val=args.val, **extra),
+            convert(recipe_from_flags(args.model, out, calib=calib, calib_samples=100, classes=10, val=args.val,
+                                      density="off", **extra),  # sizes of the model alone
                     log=log)
             b = read_bundle(out)
             sizes = b.manifest.to_json()["sizes"]

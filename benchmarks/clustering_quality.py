@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = work / "clustering_quality"
     out_dir.mkdir(exist_ok=True)
     n, ft = args.clusters, {"finetune": str(work / "train"), "finetune_epochs": args.finetune_epochs}
-    common = dict(calib=str(work / "train"), calib_samples=args.calib_samples, val=str(work / "test"))
+    # density off: these figures compare quantisation and clustering (the unfamiliarity measure's own figures and
+    # cost: benchmarks/unknowns.py)
+    common = dict(calib=str(work / "train"), calib_samples=args.calib_samples, val=str(work / "test"), density="off")
 
     # posterior VQ alone: quantise the head's posterior in a copy of the model, backbone untouched
     post_only = out_dir / "bayes_posterior_vq.keras"

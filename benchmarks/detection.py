@@ -111,13 +111,18 @@ def measure(argv: list[str] | None) -> dict:
         out = work / f"detector_{quant}.edgeq"
         if not out.is_file():
             t0 = time.perf_counter()
-            # float32 with the int8 bundle's layout and the same weight samples: they differ only by quantisation
+            # float32 with the int8 bundle's layout, the same weight samples and the same density fit (both take
+            # --val: the fit uses the training scenes, --val the held-out scores): they differ only by quantisation
             layout = bundles["int8"].manifest.to_json()["head"]["layout"] if quant == "float32" else args.layout
             convert(recipe_from_flags(str(det_path), out, calib=str(work / "train"), quant=quant,
-                                   bayes_samples=args.samples, bayes_layout=layout,
-                                   val=str(work / "test") if quant == "int8" else None), log=quiet)
+                                   bayes_samples=args.samples, bayes_layout=layout, val=str(work / "test")), log=quiet)
             timings[f"convert_{quant}_s"] = time.perf_counter() - t0
         bundles[quant] = read_bundle(out)
+    plain = work / "detector_int8_no_density.edgeq"  # the same int8 bundle without the unfamiliarity outputs
+    if not plain.is_file():
+        convert(recipe_from_flags(str(det_path), plain, calib=str(work / "train"), bayes_samples=args.samples,
+                                  bayes_layout=bundles["int8"].manifest.to_json()["head"]["layout"], density="off"),
+                log=quiet)
     # edgeq eval's code, the float32 bundle as the reference: both scored at the int8 bundle's score threshold
     report, _, _ = evaluate_detection(bundles["int8"], str(work / "test"), str(work / "detector_float32.edgeq"))
     quality = {"int8": report["models"]["quantized"], "float32": report["models"]["reference"]}
@@ -132,7 +137,7 @@ def measure(argv: list[str] | None) -> dict:
     mean_bytes = convert_model(SourceModel(mean_model, None, source.input_shape, 8, "mean", "mean"),
                                QuantRecipe(QuantMode.INT8), calib)
     models = {"int8_mc": bundles["int8"].load_model(), "float32_mc": bundles["float32"].load_model(),
-              "int8_mean_head": Model(mean_bytes)}
+              "int8_mc_no_density": read_bundle(plain).load_model(), "int8_mean_head": Model(mean_bytes)}
     inputs = [np.zeros(m.input.shape, dtype=m.input.dtype) for m in models.values()]
     times = interleaved_latency(list(models.values()), inputs, runs=args.runs, warmup=30)
     med = {name: float(np.median(t)) for name, t in zip(models, times)}
@@ -154,11 +159,87 @@ def measure(argv: list[str] | None) -> dict:
         "latency_ms_median": {k: round(v, 4) for k, v in med.items()},
         "latency_ms_p95": {name: round(float(np.percentile(t, 95)), 4) for name, t in zip(models, times)},
         "float32_over_int8": round(med["float32_mc"] / med["int8_mc"], 4),
-        "mc_head_over_mean_head": round(med["int8_mc"] / med["int8_mean_head"], 4),
+        "mc_head_over_mean_head": round(med["int8_mc_no_density"] / med["int8_mean_head"], 4),
+        "density_over_no_density": round(med["int8_mc"] / med["int8_mc_no_density"], 4),
+        "unknown_object_features": feature_probe(det_path, bundles["int8"], work),
         "sizes": {k: b.manifest.to_json()["sizes"]["model_tflite"] for k, b in bundles.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     return result
+
+
+PROBE_LAYERS = ("block_1_project_BN", "block_3_project_BN", "block_6_project_BN", "block_10_project_BN",
+                "block_12_project_BN", "neck_pw_bn", "neck", "class_features")
+
+
+def feature_probe(det_path: Path, bundle, work: Path, train_images: int = 1000, test_images: int = 300) -> dict:
+    """Could any of the detector's features tell unknown objects from known ones? Per ground-truth object (no
+    detection step, so misses do not matter): each layer's feature map averaged over the object's box, and the
+    neck at the box centre's cell; the shipped fit (converter/stages/density.py, top 256 directions) on the
+    training scenes' objects; AUROC of the distance for the test scenes' unknown vs known
+    objects. Float features (int8 tracks them: the quality table)."""
+    import keras
+
+    from edgeq.converter.data.coco import read_coco
+    from edgeq.converter.evaluation import metrics
+    from edgeq.converter.models import bayes
+    from edgeq.converter.stages.density import fit_gaussians
+    from edgeq.density import DensityModel
+    from edgeq.preprocess import Preprocessor, read_image
+
+    bayes.register()
+    model = keras.models.load_model(det_path, compile=False)
+    names = [n for n in PROBE_LAYERS if any(layer.name == n for layer in model.layers)]
+    extractor = keras.Model(model.inputs, [model.get_layer(n).output for n in names])
+    index = {c: i for i, c in enumerate(bundle.manifest.detector.category_ids)}
+    pre = Preprocessor(bundle.preprocess_spec.with_dtype("float32"))
+    size = bundle.preprocess_spec.height
+
+    def objects(split: str, n: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        coco = read_coco(str(work / split))
+        feats: dict[str, list] = {k: [] for k in (*names, "neck_centre_cell")}
+        targets: list[int] = []
+        images = coco.images[:n]
+        for start in range(0, len(images), 64):
+            batch, meta = [], []
+            for im in images[start:start + 64]:
+                x, tf = pre(read_image(coco.image_path(im)))
+                scale = np.array([tf.scale_x, tf.scale_y] * 2, np.float32)
+                pad = np.array([tf.pad_x, tf.pad_y] * 2, np.float32)
+                batch.append(x[0])
+                meta.append((coco.boxes[im["id"]] * scale + pad, coco.category_ids[im["id"]].tolist()))
+            outs = extractor.predict(np.stack(batch), verbose=0)
+            for i, (boxes, cats) in enumerate(meta):
+                for box, cat in zip(boxes, cats):
+                    for name, out in zip(names, outs):
+                        fmap = out[i]
+                        k = size / fmap.shape[0]
+                        x0, y0 = int(box[0] // k), int(box[1] // k)
+                        x1, y1 = max(int(np.ceil(box[2] / k)), x0 + 1), max(int(np.ceil(box[3] / k)), y0 + 1)
+                        feats[name].append(fmap[y0:y1, x0:x1].reshape(-1, fmap.shape[-1]).mean(0))
+                        if name == "neck":
+                            cy, cx = int((box[1] + box[3]) / 2 // k), int((box[0] + box[2]) / 2 // k)
+                            feats["neck_centre_cell"].append(fmap[min(cy, fmap.shape[0] - 1), min(cx, fmap.shape[1] - 1)])
+                    targets.append(index.get(cat, -1))
+        return {k: np.asarray(v, np.float64) for k, v in feats.items()}, np.asarray(targets)
+
+    fit, y = objects("train", train_images)
+    test, ty = objects("test", test_images)
+    classes = int(y.max()) + 1
+
+    def auroc(train_x: np.ndarray, test_x: np.ndarray) -> float:
+        fitted = fit_gaussians(train_x, y, [str(c) for c in range(classes)], 256, "feature probe")
+        density = DensityModel(fitted["block"]["rank"], np.asarray(fitted["block"]["class_means"]), np.zeros(2))
+        score = density.scores(test_x @ fitted["W"].astype(np.float64))
+        return round(metrics.roc_auc(score[ty >= 0], score[ty < 0]), 4)
+
+    out = {"objects": {"train": int(len(y)), "test_known": int((ty >= 0).sum()), "test_unknown": int((ty < 0).sum())},
+           "auroc": {f"{n}_box_mean": auroc(fit[n], test[n]) for n in names}}
+    out["auroc"]["neck_centre_cell"] = auroc(fit["neck_centre_cell"], test["neck_centre_cell"])
+    early = [n for n in names if n.startswith("block_")]
+    out["auroc"]["early_blocks_box_mean"] = auroc(np.concatenate([fit[n] for n in early], 1),
+                                                  np.concatenate([test[n] for n in early], 1))
+    return out
 
 
 if __name__ == "__main__":

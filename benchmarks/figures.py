@@ -88,6 +88,20 @@ README: list[Row] = [
     ("same: ECE (15 bins)", lambda r: _bayes_q(r["bayes_head"], "ece", "{:.4f}"), "same"),
     ("same: AUROC of mutual information, Fashion-MNIST vs 2,000 MNIST digits (0.5 is chance)",
      lambda r: _bayes_q(r["bayes_head"], "auroc_mi", "{:.3f}"), "same"),
+    ("classifier (MobileNetV2 0.35/96, 8 Fashion-MNIST classes): AUROC of unfamiliarity vs predictive entropy, int8, "
+     "against MNIST digits / the 2 held-out classes / photo crops",
+     lambda r: " / ".join(f"{v['quantized']['auroc']['unfamiliarity']:.3f} vs {v['quantized']['auroc']['predictive_entropy']:.3f}"
+                          for v in r["unknowns"].ood.values()), "`python benchmarks/unknowns.py`"),
+    ("same, float32 bundle (same flags): unfamiliarity",
+     lambda r: " / ".join(f"{v['reference']['auroc']['unfamiliarity']:.3f}" for v in r["unknowns"].ood.values()), "same"),
+    ("same: `needs_review` with the defaults flags, int8: in-distribution / MNIST digits",
+     lambda r: f"{r['unknowns'].in_distribution['quantized']['flagged']['flagged']:.1%} / "
+               f"{r['unknowns'].ood['digits']['quantized']['flagged_ood']['flagged']:.1%}", "same"),
+    ("same: accuracy of unflagged vs all in-distribution results, int8",
+     lambda r: f"{r['unknowns'].in_distribution['quantized']['flagged']['accuracy_unflagged']:.4f} vs "
+               f"{r['unknowns'].in_distribution['quantized']['flagged']['accuracy_all']:.4f}", "same"),
+    ("same: cost of the measure, invoke latency ratio / extra peak RSS of `edgeq run`",
+     lambda r: f"{r['unknowns'].cost['latency_ratio']:.3f}x / {r['unknowns'].cost['rss_extra_mb']:+.1f} MB", "same"),
     ("MobileNetV2 1.0/224 bundle file / float32 `.tflite`: int8, int8 + 16 clusters per tensor, per channel (packed 4-bit)",
      lambda r: " / ".join(f"{r['clustering'].variants[v]['bundle_over_float32']:.3f}" for v in
                           ("int8", "clustered_per_tensor", "clustered_per_channel")),
@@ -100,8 +114,10 @@ README: list[Row] = [
     ("grid detector, MobileNetV2 0.35 at 192x192, K=32 Bayesian class head: mAP@0.5 float / int8 (300 test scenes)",
      lambda r: f"{r['detection'].quality['float32']['map50']:.3f} / {r['detection'].quality['int8']['map50']:.3f}",
      "`python benchmarks/detection.py`"),
-    ("same: AUROC of mutual information, unknown (bag, sandal) vs known detections, float / int8",
-     lambda r: f"{_auroc(r['detection'].quality['float32'], 'mutual_information')} / "
+    ("same: AUROC of unfamiliarity / mutual information, unknown (bag, sandal) vs known detections, float / int8",
+     lambda r: f"{_auroc(r['detection'].quality['float32'], 'unfamiliarity')} / "
+               f"{_auroc(r['detection'].quality['int8'], 'unfamiliarity')}; "
+               f"{_auroc(r['detection'].quality['float32'], 'mutual_information')} / "
                f"{_auroc(r['detection'].quality['int8'], 'mutual_information')}", "same"),
     ("device decode + NMS, 12x12 grid, K=32, 100 candidates (median / p95)",
      lambda r: f"{r['detection_decode'].cases['grid12_cand100']['median_ms']:.2f} / "
@@ -112,13 +128,18 @@ README: list[Row] = [
     ("the demo: detector mAP@0.5 float / int8 on its 120 validation scenes",
      lambda r: f"{r['demo'].validation['float']['map50']:.3f} / {r['demo'].validation['quantized']['map50']:.3f}",
      "same"),
-    ("the demo: AUROC of mutual information, unknown vs known detections (int8)",
-     lambda r: _auroc(r["demo"].validation["quantized"], "mutual_information"), "same"),
-    ("the demo clip: frames where the never-seen bag is detected / flagged, of frames it is in",
-     lambda r: f"{r['demo'].unknown['frames_detected']} / {r['demo'].unknown['frames_flagged']} of "
-               f"{r['demo'].unknown['frames_present']}", "same"),
+    ("the demo: AUROC of unfamiliarity / mutual information, unknown vs known detections (int8)",
+     lambda r: f"{_auroc(r['demo'].validation['quantized'], 'unfamiliarity')} / "
+               f"{_auroc(r['demo'].validation['quantized'], 'mutual_information')}", "same"),
+    ("the demo clip: frames where the never-seen bag is detected / flagged unfamiliar / flagged for any reason, "
+     "of frames it is in",
+     lambda r: f"{r['demo'].unknown['frames_detected']} / {r['demo'].unknown['frames_flagged_unfamiliar']} / "
+               f"{r['demo'].unknown['frames_flagged']} of {r['demo'].unknown['frames_present']}", "same"),
     ("the demo clip: detections of known items flagged for review",
      lambda r: f"{r['demo'].known['flagged']} of {r['demo'].known['detections']}", "same"),
+    ("the demo's classifier: images flagged unfamiliar (flagged for any reason)",
+     lambda r: ", ".join(f"{v['unfamiliar']} ({v['flagged']}) of {v['images']} {kind}"
+                         for kind, v in r["demo"].classifier.items()), "same"),
 ]
 
 
@@ -200,16 +221,27 @@ DETECTION = [
     ("detections at the calibrated score threshold", _det("detections", "{}")),
     ("label accuracy of detections on known objects", _det("label_accuracy_known", "{:.3f}")),
     ("D-ECE", _det("d_ece", "{:.3f}")),
+    ("AUROC unknown vs known detections, unfamiliarity (docs/uncertainty.md)", _det_auroc("unfamiliarity")),
+    ("FPR at 95% TPR, unfamiliarity",
+     lambda r: tuple(f"{r['detection'].quality[m]['unknown_fpr_at_95_tpr']['unfamiliarity']:.3f}"
+                     for m in ("float32", "int8"))),
+    ("`needs_review` flags: detections of known / unknown objects",
+     lambda r: tuple(f"{r['detection'].quality[m]['flagged']['known']['flagged']:.1%} / "
+                     f"{r['detection'].quality[m]['flagged']['unknown']['flagged']:.1%}" for m in ("float32", "int8"))),
     ("AUROC unknown vs known detections, mutual information", _det_auroc("mutual_information")),
     ("AUROC unknown vs known detections, predictive entropy", _det_auroc("predictive_entropy")),
     ("AUROC unknown vs known detections, 1 - score", _det_auroc("one_minus_score")),
     ("invoke, 1 thread, interleaved (median)",
      lambda r: (f"{r['detection'].latency_ms_median['float32_mc']:.3f} ms",
                 f"{r['detection'].latency_ms_median['int8_mc']:.3f} ms")),
-    ("K=32 Bayesian class head vs the posterior-mean head (int8, median)",
-     lambda r: ("", f"{r['detection'].latency_ms_median['int8_mc']:.3f} vs "
+    ("K=32 Bayesian class head vs the posterior-mean head (int8 without the unfamiliarity output, median)",
+     lambda r: ("", f"{r['detection'].latency_ms_median['int8_mc_no_density']:.3f} vs "
                     f"{r['detection'].latency_ms_median['int8_mean_head']:.3f} ms = "
                     f"{r['detection'].mc_head_over_mean_head:.3f}x")),
+    ("the unfamiliarity output's cost (int8 with vs without it, median)",
+     lambda r: ("", f"{r['detection'].latency_ms_median['int8_mc']:.3f} vs "
+                    f"{r['detection'].latency_ms_median['int8_mc_no_density']:.3f} ms = "
+                    f"{r['detection'].density_over_no_density:.3f}x")),
     ("model size", lambda r: (f"{r['detection'].sizes['float32'] / 1e3:.0f} KB", f"{r['detection'].sizes['int8'] / 1e3:.0f} KB")),
     ("layout chosen by auto (int8 steps of the stacked output's spread)",
      lambda r: ("", f"{r['detection'].head['layout']} ({r['detection'].head['layout_choice']['stacked_estimate']['steps']})")),
@@ -285,7 +317,90 @@ def _clustering(res: dict[str, R]) -> str:
     return "\n".join(lines)
 
 
+KINDS = {"digits": "MNIST digits", "held_out": "the 2 held-out classes (bag, sandal)", "photos": "photo crops"}
+
+
+def _unknowns(res: dict[str, R]) -> str:
+    """docs/uncertainty.md: every measure, float vs int8, per kind of unknown input; the rule's flags; the
+    alternatives; the cost."""
+    r = res["unknowns"]
+    t = r.targets
+    lines = ["| unknown input | measure | AUROC float | AUROC int8 | FPR at 95% TPR, int8 | target (int8 AUROC) |",
+             "|---|---|---|---|---|---|"]
+    for kind, v in r.ood.items():
+        for m in v["quantized"]["auroc"]:
+            target = f">= {t['auroc_int8'][kind]}" if m == "unfamiliarity" else ""
+            lines.append(f"| {KINDS[kind]} | {m.replace('_', ' ')} | {v['reference']['auroc'][m]:.3f} | "
+                         f"{v['quantized']['auroc'][m]:.3f} | {v['quantized']['fpr_at_95_tpr'][m]:.3f} | {target} |")
+    ind = r.in_distribution
+    lines += ["", "| `needs_review` with the defaults, int8 (float) | flagged | unfamiliar | ambiguous |", "|---|---|---|---|"]
+    fi, ff = ind["quantized"]["flagged"], ind["reference"]["flagged"]
+    lines.append(f"| in-distribution test images (target <= {t['flag_in_distribution_max']:.0%}) | {fi['flagged']:.1%} "
+                 f"({ff['flagged']:.1%}) | {fi['unfamiliar']:.1%} | {fi['ambiguous']:.1%} |")
+    for kind, v in r.ood.items():
+        q, f = v["quantized"]["flagged_ood"], v["reference"]["flagged_ood"]
+        goal = f" (target >= {t['flag_digits_min']:.0%})" if kind == "digits" else ""
+        lines.append(f"| {KINDS[kind]}{goal} | {q['flagged']:.1%} ({f['flagged']:.1%}) | {q['unfamiliar']:.1%} | "
+                     f"{q['ambiguous']:.1%} |")
+    gain = 100 * (fi["accuracy_unflagged"] - fi["accuracy_all"])
+    lines += ["", f"Accuracy of the in-distribution results left unflagged vs all, int8: {fi['accuracy_unflagged']:.4f} vs "
+              f"{fi['accuracy_all']:.4f}, {gain:+.1f} points (target +{t['unflagged_accuracy_gain_points']})."]
+    alt = r.alternatives["float_features"]
+    names = list(next(iter(alt.values())))
+    lines += ["", "| alternative, float features (AUROC) | " + " | ".join(KINDS[k] for k in alt) + " |",
+              "|---|" + "---|" * len(alt)]
+    lines.append("| shipped: unfamiliarity (float bundle) | " + " | ".join(
+        f"{r.ood[k]['reference']['auroc']['unfamiliarity']:.3f}" for k in alt) + " |")
+    for n in names:
+        lines.append(f"| {n.replace('_', ' ')} | " + " | ".join(f"{alt[k][n]:.3f}" for k in alt) + " |")
+    c = r.cost
+    lines += ["", f"Cost against the same model converted with `--density off`: invoke {c['invoke_median_ms']['with_density']:.4f} "
+              f"vs {c['invoke_median_ms']['without']:.4f} ms = {c['latency_ratio']:.3f}x (target <= {t['latency_ratio']}x; "
+              f"interleaved, 1 thread, XNNPACK {'whole graph' if c['runtime']['whole_graph'] else 'partial'}); peak RSS of "
+              f"`edgeq run` {c['rss_peak_mb']['with_density']:.1f} vs {c['rss_peak_mb']['without']:.1f} MB "
+              f"({c['rss_extra_mb']:+.1f} MB); bundle {c['bundle_bytes']['with_density'] / 1e3:.0f} vs "
+              f"{c['bundle_bytes']['without'] / 1e3:.0f} KB."]
+    return "\n".join(lines)
+
+
+def _unknowns_detector(res: dict[str, R]) -> str:
+    """docs/uncertainty.md: the detector's unknown-object AUROC of every measure, float vs int8."""
+    q = res["detection"].quality
+    lines = ["| detection benchmark, unknown (bag, sandal) vs known detections | AUROC float | AUROC int8 |",
+             "|---|---|---|"]
+    for m in q["int8"]["unknown_auroc"]:
+        lines.append(f"| {m.replace('_', ' ')} | {_auroc(q['float32'], m)} | {_auroc(q['int8'], m)} |")
+    return "\n".join(lines)
+
+
+def _bayes_mi(res: dict[str, R]) -> str:
+    """docs/bayesian.md: Bayesian heads trained one change at a time, and what their MI catches."""
+    r = res["bayes_mi"]
+    lines = ["| head | posterior sigma mean (p5-p95) | ELBO per sample | train acc. sampled / mean weights | "
+             "corr(MI, feature norm) | MI AUROC digits / held-out / photos | vote disagreement AUROC, same | "
+             "entropy AUROC, same |", "|---|---|---|---|---|---|---|---|"]
+
+    def three(h: dict, key: str) -> str:
+        return " / ".join(f"{h['ood_auroc'][k][key]:.3f}" for k in ("digits", "held_out", "photos"))
+
+    for name, h in r.heads.items():
+        lo, hi = h["posterior_sigma_p5_p95"]
+        elbo = "-" if h["elbo"] is None else f"{h['elbo']:.4f}"
+        lines.append(f"| {name.replace('_', ' ')} | {h['posterior_sigma_mean']:.4f} ({lo:.4f}-{hi:.4f}) | {elbo} | "
+                     f"{h['train_accuracy_sampled']:.3f} / {h['train_accuracy_mean']:.3f} | "
+                     f"{h['mi_vs_feature_norm_correlation']:.2f} | {three(h, 'mutual_information')} | "
+                     f"{three(h, 'vote_disagreement')} | {three(h, 'predictive_entropy')} |")
+    lines += ["", f"The prior width the ELBO prefers (empirical Bayes over the sweep): "
+              f"{r.empirical_bayes_prior.replace('_', ' ')}. The feature norm itself as a score: AUROC "
+              + " / ".join(f"{next(iter(r.heads.values()))['ood_auroc'][k]['feature_norm']:.3f}"
+                           for k in ("digits", "held_out", "photos")) + "."]
+    return "\n".join(lines)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict[str, R]], str]]] = {
+    "bayes_mi": ("docs/bayesian.md", _bayes_mi),
+    "unknowns": ("docs/uncertainty.md", _unknowns),
+    "unknowns_detector": ("docs/uncertainty.md", _unknowns_detector),
     "readme": ("README.md", lambda res: render_table(README, res)),
     "environments": ("README.md", lambda res: "\n".join(environment_rows(res))),
     "detection": ("docs/detection.md", lambda res: side_by_side(DETECTION, res)),

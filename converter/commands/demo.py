@@ -7,7 +7,9 @@ training scenes leave ``bag`` and ``sandal`` out, the validation scenes hold the
 train --task detect --init-backbone`` (deterministic class head, then a Bayesian one) -> ``edgeq convert`` (full
 int8, 32 posterior samples in one pass, score threshold and needs_review calibrated on the validation scenes) ->
 ``edgeq inspect`` -> a clip of moving items, a bag (a class the detector never saw) entering halfway, through
-``edgeq run`` into a loopback mosquitto, each detection printed by a subscriber with its uncertainty.
+``edgeq run`` into a loopback mosquitto, each detection printed by a subscriber with its uncertainty and whether
+to trust it -> the backbone classifier converted too and run on a folder of known items, garments it never saw
+and MNIST digits: the unfamiliarity measure at work where it works best (docs/uncertainty.md).
 Each step runs the same code as its ``edgeq`` subcommand, in this process.
 Nothing is downloaded.
 """
@@ -93,8 +95,10 @@ def run(args: argparse.Namespace) -> int:
 
     step(f"2. edgeq train: a MobileNetV2 {args.alpha:g} classifier on the items (the detector's starting backbone)")
     backbone = work / "backbone.keras"
-    code = _edgeq(["train", str(items), "--input-size", "96", "--alpha", f"{args.alpha:g}", "--epochs", "3",
-                   "--lr", "2e-3", "--no-augment", "--batch-size", "64", "-o", str(backbone)])
+    # augmentations on and 6 epochs: features good enough for the unfamiliarity measure to tell digits from
+    # clothing (with 3 epochs and no augmentation it could not, in the runs that chose these settings)
+    code = _edgeq(["train", str(items), "--input-size", "96", "--alpha", f"{args.alpha:g}", "--epochs", "6",
+                   "--lr", "2e-3", "--batch-size", "64", "-o", str(backbone)])
     if code:
         return code
     step(f"3. edgeq train --task detect: {args.epochs} epochs end to end, then the Bayesian class head")
@@ -120,12 +124,68 @@ def run(args: argparse.Namespace) -> int:
     from ..data.scenes import moving_scene_frames
 
     frames, truth = moving_scene_frames(args.frames, args.input_size, seed=5, objects=3, unknown_classes=("bag",))
-    code, received = run_device_demo(work, bundle, frames, args.frames // 2)
-    summary = write_summary(work, bundle, received, truth, time.perf_counter() - started)
-    print(f"\n   summary ({work / 'summary.json'}): the bag was detected in {summary['unknown']['frames_detected']} of "
-          f"{summary['unknown']['frames_present']} frames, flagged in {summary['unknown']['frames_flagged']}; "
-          f"{summary['known']['flagged']} of {summary['known']['detections']} detections of known items flagged")
+
+    step("6. edgeq convert the backbone classifier too: the same measures on whole images")
+    items_bundle, mixed, kinds = work / "items.edgeq", *_mixed_folder(work)
+    code = _edgeq(["convert", str(backbone), "--calib", str(items), "--calib-samples", "100", "--val",
+                   str(work / "items_val"), "-o", str(items_bundle)])
+    if code:
+        return code
+    code, received = run_device_demo(work, bundle, frames, args.frames // 2, (items_bundle, mixed))
+    summary = write_summary(work, bundle, received, truth, time.perf_counter() - started, items_bundle, kinds)
+    c = summary["classifier"]
+    print(f"   classifier ({items_bundle.name}): flagged unfamiliar " + ", ".join(
+        f"{v['unfamiliar']} of {v['images']} {kind}" for kind, v in c.items()))
+    u, k = summary["unknown"], summary["known"]
+    print(f"\n   summary ({work / 'summary.json'}): the never-seen bag was detected in {u['frames_detected']} of "
+          f"{u['frames_present']} frames and flagged unfamiliar in {u['frames_flagged_unfamiliar']} of them "
+          f"(flagged for any reason: {u['frames_flagged']}); {k['flagged']} of {k['detections']} detections of known "
+          f"items were flagged ({k['flagged_unfamiliar']} as unfamiliar), the rest trusted.\n"
+          "   'unfamiliar': the detection's features lie far from every class the detector was trained on (above "
+          "the 95th percentile of known objects); 'ambiguous': its class is uncertain (docs/uncertainty.md)")
     return code
+
+
+MIXED = (("known", 8), ("bag", 4), ("sandal", 4), ("digit", 4))  # what the classifier demo shows, in order
+
+
+def _mixed_folder(work: Path) -> tuple[Path, dict[str, str]]:
+    """A labelled validation folder of the known classes (Fashion-MNIST's test split) for the classifier's
+    convert, and a folder the device runs on: one test image of each known class, then the classes it never saw
+    (bag, sandal) and MNIST digits. Returns the folder and each file's kind."""
+    import cv2
+
+    from ..data.datasets import FASHION_MNIST_LABELS, fashion_mnist, mnist_digits, write_class_folder
+
+    x, y = fashion_mnist("test")
+    rng = np.random.default_rng(3)
+    known = [i for i, name in enumerate(FASHION_MNIST_LABELS) if name not in UNKNOWN]
+    val = rng.choice(np.flatnonzero(np.isin(y, known)), 400, replace=False)
+    remap = {c: i for i, c in enumerate(known)}
+    write_class_folder(work / "items_val", x[val], np.array([remap[int(v)] for v in y[val]]),
+                       [FASHION_MNIST_LABELS[i] for i in known])
+    rest = np.setdiff1d(np.arange(len(y)), val)
+    digits, _ = mnist_digits()
+    folder = work / "mixed"
+    folder.mkdir(exist_ok=True)
+    kinds, n = {}, 0
+    for kind, count in MIXED:
+        if kind == "known":
+            picks = [x[rng.choice(rest[y[rest] == c])] for c in known][:count]
+            names = [FASHION_MNIST_LABELS[c] for c in known][:count]
+        elif kind == "digit":
+            picks = [digits[i] for i in rng.choice(len(digits), count, replace=False)]
+            names = ["digit"] * count
+        else:
+            c = FASHION_MNIST_LABELS.index(kind)
+            picks = [x[i] for i in rng.choice(rest[y[rest] == c], count, replace=False)]
+            names = [kind] * count
+        for img, name in zip(picks, names):
+            n += 1
+            file = f"{n:02d}_{'known' if kind == 'known' else 'never_seen'}_{name}.png"
+            cv2.imwrite(str(folder / file), img)
+            kinds[file] = "known" if kind == "known" else ("digits" if kind == "digit" else "never-seen garments")
+    return folder, kinds
 
 
 def _free_port() -> int:
@@ -158,20 +218,21 @@ def _start_mosquitto(work: Path) -> tuple[subprocess.Popen | None, int]:
     return None, 0
 
 
-def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_unknown: int | None = None
-                    ) -> tuple[int, list[dict]]:
-    """Write a short video, start a broker on loopback, run ``edgeq run`` on it and print what a subscriber gets."""
+def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_unknown: int | None = None,
+                    classifier: tuple[Path, Path] | None = None) -> tuple[int, list[dict]]:
+    """Write a short video, start a broker on loopback, run ``edgeq run`` on it and print what a subscriber gets;
+    then, with ``classifier`` (bundle, image folder), the same for a classifier on a folder of images."""
     import json
     import shutil
     import sys
 
     from ..data.scenes import write_video
 
-    t = step(f"6. writing a {len(frames)}-frame video of moving items")
+    t = step(f"7. writing a {len(frames)}-frame video of moving items")
     video = write_video(work / "demo.avi", frames, fps=10)
     print(f"   {video}, {time.perf_counter() - t:.1f} s")
 
-    step("7. starting a broker on loopback and subscribing to edgeq/#")
+    step("8. starting a broker on loopback and subscribing to edgeq/#")
     broker, port = _start_mosquitto(work)
     if broker is None:
         raise EdgeqError("the demo needs a local MQTT broker: install mosquitto (apt-get install mosquitto; "
@@ -187,20 +248,25 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
 
     def on_message(client: object, userdata: object, msg: mqtt.MQTTMessage) -> None:
         payload = json.loads(msg.payload)
+        payload["_topic"] = msg.topic
         received.append(payload)
         if payload.get("schema") == "edgeq.detections":
             frame_no = int(payload["frame"]["id"]) if str(payload["frame"]["id"]).isdigit() else -1
             note = "   <- a bag has entered: no trained class" if first_unknown is not None and frame_no == first_unknown else ""
+            if "/demo-items/" in msg.topic:
+                note = ""
             print(f"   {msg.topic} seq={payload['seq']:>3} frame={payload['frame']['id']:>3} "
                   f"invoke={payload['latency_ms']['invoke']:.2f} ms, {len(payload['detections'])} detections{note}")
-            for d in payload["detections"]:
+            for d in payload["detections"][:1 if "/demo-items/" in msg.topic else None]:  # a classifier: top-1
                 u = d["uncertainty"] or {}
                 mi = f" MI={u['mutual_information']:.3f}" if "mutual_information" in u else ""
-                review = "  NEEDS REVIEW" if d.get("needs_review") else ""
+                unf = (f" unfamiliarity={u['unfamiliarity']:.0f} (pct {u['unfamiliarity_percentile']:.0f})"
+                       if u.get("unfamiliarity") is not None else "")
+                review = f"  NEEDS REVIEW: {d['review_reason']}" if d.get("needs_review") else "  trusted"
                 box = d.get("box")
                 where = f" at ({box[1]:.2f}, {box[0]:.2f})" if box else ""
                 print(f"        {d['label']:<10} score={d['score']:.2f} entropy={u.get('predictive_entropy', 0):.2f}"
-                      f"{mi}{where}{review}")
+                      f"{mi}{unf}{where}{review}")
         else:
             print(f"   {msg.topic} {json.dumps(payload)[:150]}")
 
@@ -210,22 +276,30 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
     sub.connect("127.0.0.1", port)
     sub.loop_start()
     try:
-        step("8. edgeq run: video -> int8 inference -> decode + NMS + uncertainty -> spool -> MQTT")
+        step("9. edgeq run: video -> int8 inference -> decode + NMS + uncertainty -> spool -> MQTT")
         print(f"   $ edgeq run --model {bundle} --source {video} --mqtt mqtt://127.0.0.1:{port} --device-id demo")
         code = subprocess.call(cmd + ["--mqtt", f"mqtt://127.0.0.1:{port}"])
         time.sleep(0.5)
+        if classifier is not None and code == 0:
+            step("10. edgeq run on the classifier: known items, then garments it never saw and MNIST digits")
+            print(f"   $ edgeq run --model {classifier[0]} --source {classifier[1]} --mqtt mqtt://127.0.0.1:{port} "
+                  "--device-id demo-items")
+            code = subprocess.call((cmd[:cmd.index("run") + 1]) + [
+                "--model", str(classifier[0]), "--source", str(classifier[1]), "--device-id", "demo-items",
+                "--spool", str(work / "spool-items.sqlite3"), "--mqtt", f"mqtt://127.0.0.1:{port}"])
+            time.sleep(0.5)
     finally:
         sub.loop_stop()
         sub.disconnect()
         broker.terminate()
         broker.wait(timeout=10)
-    seqs = [m["seq"] for m in received if m.get("schema") == "edgeq.detections"]
+    seqs = [m["seq"] for m in received if m.get("schema") == "edgeq.detections" and "/demo/" in m["_topic"]]
     print(f"\n   subscriber received {len(seqs)} detection messages for {len(frames)} frames (seq {min(seqs, default=0)}..{max(seqs, default=0)})")
     return code, received
 
 
 def write_summary(work: Path, bundle: Path, received: list[dict], truth: list[list[tuple[str, tuple]]],
-                  seconds: float) -> dict:
+                  seconds: float, items_bundle: Path | None = None, kinds: dict[str, str] | None = None) -> dict:
     """What the demo showed, as figures (``summary.json``; benchmarks/demo.py records it): the bundle's
     validation, and on the clip, matched to the objects drawn (IoU >= 0.5, pycocotools), how often the unknown
     item was detected and flagged, and how many detections of known items were flagged."""
@@ -237,9 +311,10 @@ def write_summary(work: Path, bundle: Path, received: list[dict], truth: list[li
 
     manifest = read_bundle(bundle).manifest
     v = manifest.validation.model_dump() if manifest.validation is not None else {}
-    known = {"detections": 0, "flagged": 0, "matched": 0}
-    unknown = {"frames_present": 0, "frames_detected": 0, "frames_flagged": 0}
-    messages = {int(m["frame"]["id"]): m for m in received if m.get("schema") == "edgeq.detections"}
+    known = {"detections": 0, "flagged": 0, "flagged_unfamiliar": 0, "matched": 0}
+    unknown = {"frames_present": 0, "frames_detected": 0, "frames_flagged": 0, "frames_flagged_unfamiliar": 0}
+    messages = {int(m["frame"]["id"]): m for m in received
+                if m.get("schema") == "edgeq.detections" and "/demo/" in m["_topic"]}
     for i, objects in enumerate(truth):
         m = messages.get(i)
         if m is None:
@@ -256,11 +331,14 @@ def write_summary(work: Path, bundle: Path, received: list[dict], truth: list[li
             on_unknown = [k for k in range(len(dets)) if iou.shape[1] and iou[k, unknown_cols].max() >= 0.5]
             unknown["frames_detected"] += bool(on_unknown)
             unknown["frames_flagged"] += any(dets[k].get("needs_review") for k in on_unknown)
+            unknown["frames_flagged_unfamiliar"] += any("unfamiliar" in (dets[k].get("review_reason") or "")
+                                                        for k in on_unknown)
         for k, d in enumerate(dets):
             if iou.shape[1] and unknown_cols and iou[k, unknown_cols].max() >= 0.5:
                 continue
             known["detections"] += 1
             known["flagged"] += bool(d.get("needs_review"))
+            known["flagged_unfamiliar"] += "unfamiliar" in (d.get("review_reason") or "")
             known["matched"] += bool(iou.shape[1] and iou[k].max() >= 0.5)
     summary = {
         "seconds": round(seconds, 1), "frames": len(truth), "messages": len(messages),
@@ -269,5 +347,18 @@ def write_summary(work: Path, bundle: Path, received: list[dict], truth: list[li
         "review": manifest.head_or_dense.review.model_dump() if manifest.head_or_dense.review else None,
         "unknown": unknown, "known": known,
     }
+    if items_bundle is not None and kinds:
+        items = {m["frame"]["id"]: m["detections"][0] for m in received
+                 if m.get("schema") == "edgeq.detections" and "/demo-items/" in m["_topic"] and m["detections"]}
+        summary["classifier"] = {}
+        for kind in dict.fromkeys(kinds.values()):
+            files = [f for f, k in kinds.items() if k == kind]
+            got = [items[f] for f in files if f in items]
+            summary["classifier"][kind] = {
+                "images": len(files), "received": len(got),
+                "unfamiliar": sum("unfamiliar" in (d.get("review_reason") or "") for d in got),
+                "flagged": sum(bool(d.get("needs_review")) for d in got)}
+        review = read_bundle(items_bundle).manifest.head_or_dense.review
+        summary["classifier_review"] = review.model_dump() if review else None
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

