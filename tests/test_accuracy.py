@@ -76,7 +76,7 @@ def test_simulated_rounding_is_what_tflite_stores(tmp_path, shapes_dir, tiny_ker
     from edgeq.runtime import weight_kernels
 
     out = tmp_path / "t.edgeq"
-    r = run_edgeq("convert", str(tiny_keras_path), "--calib", str(shapes_dir), "--calib-samples", "20",
+    r = run_edgeq("convert", str(tiny_keras_path), "--density", "off", "--calib", str(shapes_dir), "--calib-samples", "20",
                   "--bias-correction", "off", "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     model = keras.models.load_model(tiny_keras_path, compile=False)
@@ -120,7 +120,7 @@ def hard_model(fashion_dirs, tmp_path_factory) -> Path:
 
 
 def _convert(model: Path, out: Path, fashion_dirs, *extra: str):
-    return run_edgeq("convert", str(model), "--calib", str(fashion_dirs["train"]), "--calib-samples", "100",
+    return run_edgeq("convert", str(model), "--density", "off", "--calib", str(fashion_dirs["train"]), "--calib-samples", "100",
                      "--val", str(fashion_dirs["test"]), "-o", str(out), *extra)
 
 

@@ -147,7 +147,10 @@ def test_int8_qbnn_keeps_the_float_bnn_uncertainty(bayes_bundle):
     choice = head["layout_choice"]
     assert choice["mode"] == "auto"
     assert head["layout"] == ("stacked" if choice["stacked_estimate"]["steps"] >= choice["min_steps"] else "centred")
-    assert [o["role"] for o in m["outputs"]] == (["samples"] if head["layout"] == "stacked" else ["logits", "residuals"])
+    # the head's outputs, then the unfamiliarity measure's projection (converted with labelled data: on by default)
+    assert [o["role"] for o in m["outputs"]] == (["samples"] if head["layout"] == "stacked" else ["logits", "residuals"]) \
+        + ["density_projection"]
+    assert m["outputs"][-1]["shape"][-1] == m["density"]["rank"]
     assert all(o["dtype"] == "int8" for o in m["outputs"]) and m["quantization"]["float_ops"] == []
     # each of the K*C stacked output channels has its own scale and reproduces its float sample
     assert head["weights"]["per_channel"] is True and head["weights"]["max_relative_error"] < 0.02
@@ -283,7 +286,7 @@ def test_bad_sample_counts(trained, fashion_dirs, tmp_path):
 
 def test_no_bayesian_head_when_asked_for_one(trained, fashion_dirs, tmp_path):
     out = tmp_path / "x.edgeq"
-    r = run_edgeq("convert", str(trained["det"]), "--bayes-samples", "8", "--calib", str(fashion_dirs["train"]),
+    r = run_edgeq("convert", str(trained["det"]), "--density", "off", "--bayes-samples", "8", "--calib", str(fashion_dirs["train"]),
                   "--calib-samples", "10", "-o", str(out))
     assert_clean_error(r, "det.keras", "no bayesian head", "edgeq train --head bayes")
     assert not out.exists()
@@ -352,7 +355,7 @@ def test_both_layouts_convert_and_decode_alike(layout, trained, fashion_dirs, tm
     from edgeq.bundle import read_bundle
 
     out = tmp_path / f"{layout}.edgeq"
-    r = run_edgeq("convert", str(trained["bayes"]), "--calib", str(fashion_dirs["train"]), "--calib-samples", "40",
+    r = run_edgeq("convert", str(trained["bayes"]), "--density", "off", "--calib", str(fashion_dirs["train"]), "--calib-samples", "40",
                   "--val", str(fashion_dirs["test"]), "--bayes-samples", "8", "--bayes-layout", layout, "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     m = read_bundle(out).manifest.to_json()
@@ -372,7 +375,7 @@ def test_clustered_bayesian_bundle_next_to_the_unclustered_one(trained, bayes_bu
     from edgeq.bundle import read_bundle
 
     out = tmp_path / "bayes_c16.edgeq"
-    r = run_edgeq("convert", str(trained["bayes"]), "--calib", str(fashion_dirs["train"]), "--calib-samples", "60",
+    r = run_edgeq("convert", str(trained["bayes"]), "--density", "off", "--calib", str(fashion_dirs["train"]), "--calib-samples", "60",
                   "--val", str(fashion_dirs["test"]), "--bayes-samples", "16", "--bayes-seed", "7",
                   "--clusters", "16", "--cluster-per-channel", "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]

@@ -60,7 +60,10 @@ def test_validation_numbers_match_an_independent_run(tiny_bundle, tiny_keras_pat
 
     b = read_bundle(tiny_bundle)
     data = class_folder(shapes_dir, b.labels)
-    scores = score_files(b.load_model(), b.preprocess_spec, data.files)
+    model = b.load_model()
+    logits = b.manifest.outputs[0]  # the model also has the unfamiliarity projection: take the logits by name
+    assert logits.role == "logits"
+    scores = score_files(model, b.preprocess_spec, data.files, model.find_output(logits.name, logits.shape))
     assert b.manifest.to_json()["validation"]["quantized_top1"] == pytest.approx(np.mean(scores.argmax(1) == data.targets))
     k = keras.models.load_model(tiny_keras_path)
     pre = Preprocessor(b.preprocess_spec.with_dtype("float32"))

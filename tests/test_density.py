@@ -192,3 +192,17 @@ def test_a_bundle_made_before_the_measure_still_runs(tiny_keras_path, shapes_dir
     assert_clean_error(run_edgeq("run", "--model", str(old), "--source", str(shapes_dir / "square"), "--config",
                                  str(cfg), "--output", "-", "--spool", str(tmp_path / "t.db")),
                        "thresholds.unfamiliar_percentile", "no unfamiliarity measure")
+
+
+def test_a_tap_under_one_int8_step_of_the_projection_is_left_out():
+    """A tap whose part of features @ W is below 1/127 of the whole cannot change the int8 output, and summing it
+    in would take an ADD that XNNPACK refuses (seen with a random-weight MobileNetV2: the graph fell back to CPU)."""
+    from edgeq.converter.stages.density import taps_to_keep
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 1, (50, 6))
+    w = np.eye(6)[:, :3].astype(np.float32)
+    x[:, 2:4] *= 1e-4  # the second tap (columns 2-3) contributes almost nothing
+    np.testing.assert_array_equal(taps_to_keep(x, w, [2, 2, 2]), [True, False, False])
+    np.testing.assert_array_equal(taps_to_keep(rng.normal(0, 1, (50, 6)), w, [2, 2, 2]), [True, True, False])
+    assert taps_to_keep(x * 0, w, [2, 2, 2]).sum() == 1  # never none

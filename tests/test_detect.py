@@ -89,7 +89,7 @@ def test_train_stores_labels_and_category_ids_inside_the_model(detector, scenes,
     copy = tmp_path / "copied.keras"
     copy.write_bytes(detector.read_bytes())
     out = tmp_path / "copied.edgeq"
-    r = run_edgeq("convert", str(copy), "--calib", str(scenes["train"]), "--calib-samples", "10", "-o", str(out))
+    r = run_edgeq("convert", str(copy), "--density", "off", "--calib", str(scenes["train"]), "--calib-samples", "10", "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     m = read_bundle(out).manifest
     assert list(m.labels) == labels and list(m.detector.category_ids) == info["category_ids"]
@@ -107,12 +107,15 @@ def test_convert_gives_a_full_int8_detect_bundle(bundle):
     # --bayes-layout auto: stacked only when its output resolves the spread between samples in >= 4 int8 steps
     estimate = head["layout_choice"]["stacked_estimate"]["steps"]
     assert head["layout"] == ("stacked" if estimate >= 4 else "centred")
+    # the grid's outputs, then the unfamiliarity measure's projection at every cell (--val: on by default)
+    rank = m["density"]["rank"]
     if head["layout"] == "stacked":
-        assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits"]
-        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, 32 * len(KNOWN)]
+        assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits", "density_projection"]
+        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, 32 * len(KNOWN), rank]
     else:
-        assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits", "class_residuals"]
-        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, len(KNOWN), 32 * len(KNOWN)]
+        assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits", "class_residuals",
+                                                     "density_projection"]
+        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, len(KNOWN), 32 * len(KNOWN), rank]
     assert all(o["dtype"] == "int8" for o in m["outputs"])
     det = m["detector"]
     assert det["type"] == "grid" and det["stride"] == 16 and det["grid"] == [SIZE // 16, SIZE // 16]
@@ -394,8 +397,12 @@ def test_deterministic_detector_options(deterministic_detector, scenes, tmp_path
                        "--review-measure", "deterministic")
     assert_clean_error(run_edgeq(*common, "--bias-correction", "on"), "--bias-correction")
     assert not out.exists()
+    # an untrained model with no stored COCO ids takes ids 1..C, and the --calib set holds none of id 3: the
+    # unfamiliarity fit (on by default with labelled data) refuses it, naming the class
+    assert_clean_error(run_edgeq(*common), "class 'sneaker' has 0 usable sample(s)", "--density off")
+    assert not out.exists()
     # and without those, it converts: K = 1, the single layout, three outputs
-    r = run_edgeq(*common)
+    r = run_edgeq(*common, "--density", "off")
     assert r.returncode == 0, r.stderr[-2000:]
     from edgeq.bundle import read_bundle
 

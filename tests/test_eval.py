@@ -73,8 +73,10 @@ def test_eval_figures_match_an_independent_computation(evaluated, layers_bundle,
     q = report["models"]["quantized"]
     b = read_bundle(layers_bundle)
     data = class_folder(shapes_dir, b.labels)
-    p = softmax(score_files(b.load_model(), b.preprocess_spec, data.files))
-    p_ood = softmax(score_files(b.load_model(), b.preprocess_spec, list_images(ood_dir)))
+    model = b.load_model()
+    logits = model.find_output(b.manifest.outputs[0].name, b.manifest.outputs[0].shape)  # not the projection
+    p = softmax(score_files(model, b.preprocess_spec, data.files, logits))
+    p_ood = softmax(score_files(model, b.preprocess_spec, list_images(ood_dir), logits))
     assert report["count"] == len(data.files) == 36 and report["ood_count"] == 12
     assert q["top1"] == pytest.approx(np.mean(p.argmax(1) == data.targets))
     assert q["nll"] == pytest.approx(log_loss(data.targets, p, labels=range(3)), rel=1e-6)
@@ -112,7 +114,7 @@ def test_eval_against_a_float_bundle_and_plain_text(tiny_bundle, float_bundle, s
     assert "reference" in r.stdout and "quantized" in r.stdout and "ECE" in r.stdout
     # a reference for another task is refused, naming it
     other = tmp_path / "other.edgeq"
-    assert run_edgeq("convert", "mobilenet_v2", "--alpha", "0.35",
+    assert run_edgeq("convert", "mobilenet_v2", "--density", "off", "--alpha", "0.35",
                      "--input-size", "32", "--classes", "3", "--quant", "float32", "-o", str(other)).returncode == 0
     assert_clean_error(run_edgeq("eval", str(tiny_bundle), "--data", str(shapes_dir), "--reference", str(other)),
                        "--reference", "labels differ")
@@ -166,7 +168,7 @@ def test_bench_pipeline(tiny_bundle, tmp_path):
 
 def test_bench_bad_inputs(tiny_bundle, tmp_path, shapes_dir):
     other = tmp_path / "other.edgeq"
-    r = run_edgeq("convert", "mobilenet_v2", "--alpha", "0.35", "--input-size", "48", "--classes", "3",
+    r = run_edgeq("convert", "mobilenet_v2", "--density", "off", "--alpha", "0.35", "--input-size", "48", "--classes", "3",
                   "--calib", str(shapes_dir), "--calib-samples", "10", "-o", str(other))
     assert r.returncode == 0, r.stderr
     assert_clean_error(run_edgeq("bench", str(tiny_bundle), "--baseline", str(other)), "--baseline", "input shape",

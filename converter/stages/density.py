@@ -92,15 +92,42 @@ def run(recipe: DensityRecipe, ctx: "ConvertContext") -> None:
     with ctx.timed("density_fit_s"):
         features, targets = ctx.task.density_features(ctx, data)
         fitted = fit_gaussians(features, targets, ctx.labels, _rank(recipe.rank, ctx), f"--density-data {data.source}")
-        ctx.task.add_density_outputs(ctx, fitted["W"])
+        names, widths = ctx.task.density_tap_names(ctx), ctx.task.density_tap_widths(ctx)
+        keep = taps_to_keep(features, fitted["W"], widths)
+        W = fitted["W"] * np.repeat(keep, widths)[:, None].astype(np.float32)
+        ctx.task.add_density_outputs(ctx, W, keep)
     block = fitted["block"]
+    if not keep.all():  # the class means in the coordinates the graph computes, without the dropped taps
+        means = np.stack([features[targets == c].mean(axis=0) for c in range(len(ctx.labels))])
+        block["class_means"] = (means @ W.astype(np.float64)).tolist()
+        dropped = [n for n, k in zip(names, keep) if not k]
+        ctx.log(f"unfamiliarity: left out tap(s) {', '.join(dropped)}: their part of the projection is under one int8 "
+                "step of the whole")
     block["fit"] = {"data": data.source, "samples": int(len(targets)), "per_class": np.bincount(
         targets, minlength=len(ctx.labels)).tolist(), "explained_variance": round(fitted["explained"], 4),
-        "held_out": data.held_out_source, "taps": ctx.task.density_tap_names(ctx)}
+        "held_out": data.held_out_source, "taps": [n for n, k in zip(names, keep) if k],
+        "dropped_taps": [n for n, k in zip(names, keep) if not k]}
     ctx.density, ctx.density_data = block, data
     ctx.log(f"unfamiliarity: class Gaussians on {block['features']} features of {len(targets)} samples from "
             f"{data.source} (shared covariance, Ledoit-Wolf shrinkage {block['shrinkage']:.3f}), whitened onto its top "
             f"{block['rank']} directions ({fitted['explained']:.0%} of the variance), fused as one more output")
+
+
+def taps_to_keep(features: np.ndarray, W: np.ndarray, widths: list[int]) -> np.ndarray:
+    """Which feature taps the projection keeps: those whose part of ``features @ W`` reaches one int8 step of the
+    whole (1/127 of its range on the fitting data). A smaller part is rounded away in the int8 output anyway, and
+    the int8 ADD that would sum it in has an input-to-output scale ratio XNNPACK refuses (the op would fall back
+    to the CPU, slower and not bit-identical across architectures)."""
+    x = np.asarray(features, np.float64)
+    w = np.asarray(W, np.float64)
+    total = float(np.max(np.abs(x @ w))) or 1.0
+    parts, row = [], 0
+    for width in widths:
+        parts.append(float(np.max(np.abs(x[:, row:row + width] @ w[row:row + width]))))
+        row += width
+    keep = np.array([p >= total / 127.0 for p in parts])
+    keep[int(np.argmax(parts))] = True
+    return keep
 
 
 def _rank(wanted: int, ctx: "ConvertContext") -> int:

@@ -109,8 +109,11 @@ class _ClassifyDensity:
             feats.append(np.asarray(extractor.predict(x, batch_size=64, verbose=0), np.float64))
         return np.concatenate(feats), np.asarray(data.targets)
 
-    def add_density_outputs(self, ctx: "ConvertContext", W: np.ndarray) -> None:
-        """The whitening as one Dense per tap (no bias), summed: the ``density_projection`` output (taps of
+    def density_tap_widths(self, ctx: "ConvertContext") -> list[int]:
+        return [int(t.shape[-1]) for _, t in _taps(ctx.source.keras_model)]
+
+    def add_density_outputs(self, ctx: "ConvertContext", W: np.ndarray, keep: np.ndarray) -> None:
+        """The whitening as one Dense per kept tap (no bias), summed: the ``density_projection`` output (taps of
         different ranges keep their own int8 scales, where one concatenated tensor would share one)."""
         import keras
 
@@ -119,9 +122,10 @@ class _ClassifyDensity:
         parts, row = [], 0
         for i, t in enumerate(taps):
             width = int(t.shape[-1])
-            dense = keras.layers.Dense(W.shape[1], use_bias=False, name=f"density_projection_{i}")
-            parts.append(dense(t))
-            dense.set_weights([W[row:row + width]])
+            if keep[i]:
+                dense = keras.layers.Dense(W.shape[1], use_bias=False, name=f"density_projection_{i}")
+                parts.append(dense(t))
+                dense.set_weights([W[row:row + width]])
             row += width
         projection = parts[0] if len(parts) == 1 else keras.layers.Add(name="density_projection")(parts)
         exported = keras.Model(model.inputs, [*model.outputs, projection], name=model.name)

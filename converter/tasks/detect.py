@@ -187,7 +187,10 @@ class DetectTask(Task):
         maps = np.asarray(extractor.predict(data.fit["x"], batch_size=32, verbose=0), np.float64)
         return maps.reshape(-1, maps.shape[-1])[data.fit["cells"]], data.targets
 
-    def add_density_outputs(self, ctx: "ConvertContext", W: np.ndarray) -> None:
+    def density_tap_widths(self, ctx: "ConvertContext") -> list[int]:
+        return [int(ctx.source.keras_model.get_layer(DENSITY_TAP).output.shape[-1])]
+
+    def add_density_outputs(self, ctx: "ConvertContext", W: np.ndarray, keep: np.ndarray) -> None:
         import keras
 
         model = ctx.source.keras_model
