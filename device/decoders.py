@@ -76,12 +76,11 @@ class ReviewPolicy:
     def apply(self, item: dict[str, Any], ambiguity: float, unfamiliarity: float | None,
               bound: BoundDensity | None) -> dict[str, Any]:
         """Add the unfamiliarity (and its percentile) to ``item['uncertainty']``, and the review fields."""
-        if unfamiliarity is not None and bound is not None:
-            item["uncertainty"]["unfamiliarity"] = finite_or_none(unfamiliarity)
-            pct = bound.density.percentile(np.array([unfamiliarity]))[0] if np.isfinite(unfamiliarity) else None
-            item["uncertainty"]["unfamiliarity_percentile"] = None if pct is None else round(float(pct), 2)
-            if item["uncertainty"]["unfamiliarity"] is None:  # never publish NaN: drop the key, flag the result
-                del item["uncertainty"]["unfamiliarity"], item["uncertainty"]["unfamiliarity_percentile"]
+        value = finite_or_none(unfamiliarity) if unfamiliarity is not None and bound is not None else None
+        if value is not None:  # a non-finite score is never published: the keys stay out, review() flags it
+            item["uncertainty"]["unfamiliarity"] = value
+            item["uncertainty"]["unfamiliarity_percentile"] = round(
+                float(bound.density.percentile(np.array([unfamiliarity]))[0]), 2)
         r = review(ambiguity, self.threshold, unfamiliarity, self.unfamiliar_threshold)
         item["needs_review"], item["review_reason"] = r.flag, r.reason
         return item

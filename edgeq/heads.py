@@ -18,16 +18,14 @@ The manifest's ``head`` (:class:`edgeq.manifest.Head`) says what the model compu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from edgeq.density import BoundDensity, bind_density
 from edgeq.errors import BundleError
 from edgeq.manifest import LAYOUT_ROLES, Density, Manifest, OutputSpec, ReviewRule
 from edgeq.runtime import Model, TensorInfo
-
-if TYPE_CHECKING:
-    from edgeq.density import BoundDensity
 
 
 @dataclass(frozen=True)
@@ -97,6 +95,10 @@ class BoundHead:
             return values[0].reshape(self.spec.samples, c)
         return values[0].reshape(1, c) + values[1].reshape(self.spec.samples, c)
 
+    def raw(self, model: Model) -> dict[int, np.ndarray]:
+        """The raw values of every output of the model's last invoke that :attr:`all_tensors` names."""
+        return {t.index: model.get(t) for t in self.all_tensors}
+
     def read(self, model: Model) -> np.ndarray:
         """``[K, C]`` logits of the model's last invoke."""
         return self.sample_logits({t.index: model.get(t) for t in self.tensors})
@@ -114,9 +116,3 @@ def describe_outputs(model: Model, spec: HeadSpec) -> list[OutputSpec]:
             raise BundleError(f"converted model outputs ({have}) do not fit a {spec.layout} head")
         out.append(OutputSpec(role=role, **found[0].to_dict()))
     return out
-
-
-def bind_density(block: Density | None, model: Model, outputs: list[OutputSpec], where: str) -> "BoundDensity | None":
-    from edgeq.density import bind_density as bind
-
-    return bind(block, model, outputs, where)

@@ -106,13 +106,6 @@ def summarize(sample_logits: np.ndarray) -> Summary:
     )
 
 
-def needs_review(value: float, threshold: float | None) -> bool | None:
-    """``value > threshold``; None when no threshold was calibrated (the bundle was converted without --val)."""
-    if threshold is None:
-        return None
-    return bool(value > threshold)
-
-
 @dataclass(frozen=True)
 class ReviewThreshold:
     """The largest uncertainty threshold whose kept results (measure <= threshold) reach the target accuracy.

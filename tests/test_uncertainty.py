@@ -17,10 +17,10 @@ from edgeq.uncertainty import (
     expected_entropy,
     mean_probability,
     mutual_information,
-    needs_review,
     pick_review_threshold,
     predictive_entropy,
     result_uncertainty,
+    review,
     summarize,
 )
 
@@ -98,8 +98,8 @@ def test_review_threshold_hand_computed():
     assert r.threshold == 0.5 and r.coverage == 1.0 and r.kept_accuracy == pytest.approx(0.8)
     r = pick_review_threshold(values, correct, target_accuracy=0.95)
     assert r.threshold == 0.3 and r.coverage == pytest.approx(0.6) and r.kept_accuracy == 1.0 and r.reached
-    assert needs_review(0.31, r.threshold) is True and needs_review(0.3, r.threshold) is False
-    assert needs_review(0.3, None) is None
+    assert review(0.31, r.threshold, None, None).flag is True and review(0.3, r.threshold, None, None).flag is False
+    assert review(0.3, None, None, None).flag is None
 
 
 def test_review_threshold_never_splits_ties_and_can_fail():
@@ -109,7 +109,7 @@ def test_review_threshold_never_splits_ties_and_can_fail():
     assert r.threshold == 0.1 and r.coverage == 0.25  # 0.2 cannot be kept: one of the tied results is wrong
     r = pick_review_threshold(np.array([0.1, 0.2]), np.array([0, 1], dtype=bool), target_accuracy=0.9)
     assert not r.reached and r.coverage == 0.0 and r.threshold < 0.1  # everything flagged
-    assert needs_review(0.1, r.threshold) is True
+    assert review(0.1, r.threshold, None, None).flag is True
 
 
 def test_ece_hand_computed():

@@ -47,7 +47,7 @@ def run_files(
         tensor, _ = pre(frame)
         model.set_input(tensor)
         model.invoke()
-        raw = {t.index: model.get(t) for t in head.all_tensors}
+        raw = head.raw(model)
         rows.append(head.sample_logits(raw).copy())
         unfamiliar.append(head.unfamiliarity(raw))
     return np.stack(rows), (np.asarray(unfamiliar, np.float64) if head.density is not None else None)

@@ -132,17 +132,9 @@ class _ClassifyDensity:
         ctx.source = dataclasses.replace(ctx.source, keras_model=exported)
 
     def density_scores(self, ctx: "ConvertContext", converted: "Converted", files: list) -> np.ndarray:
-        from edgeq.preprocess import Preprocessor, input_spec_for, read_image
+        from ..evaluation.classify import run_files
 
-        model, head = converted.model, converted.bound
-        pre = Preprocessor(input_spec_for(model, ctx.spec))
-        out = []
-        for f in files:
-            tensor, _ = pre(read_image(f))
-            model.set_input(tensor)
-            model.invoke()
-            out.append(head.unfamiliarity({t.index: model.get(t) for t in head.all_tensors}))
-        return np.asarray(out, np.float64)
+        return run_files(converted.model, ctx.spec, files, converted.bound, "unfamiliarity")[1]
 
 
 class ClassifyTask(_ClassifyDensity, Task):
