@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec python3 -m pytest "$@"
+# two workers (pytest-xdist), each taking whole test files so that module fixtures are built once
+exec python3 -m pytest -n "${EDGEQ_TEST_WORKERS:-2}" --dist loadfile "$@"
