@@ -206,7 +206,7 @@ def feature_probe(det_path: Path, bundle, work: Path, train_images: int = 1000, 
                 x, tf = pre(read_image(coco.image_path(im)))
                 scale = np.array([tf.scale_x, tf.scale_y] * 2, np.float32)
                 pad = np.array([tf.pad_x, tf.pad_y] * 2, np.float32)
-                batch.append(x[0])
+                batch.append(x[0].copy())  # x is the preprocessor's own buffer, overwritten by the next call
                 meta.append((coco.boxes[im["id"]] * scale + pad, coco.category_ids[im["id"]].tolist()))
             outs = extractor.predict(np.stack(batch), verbose=0)
             for i, (boxes, cats) in enumerate(meta):
