@@ -10,7 +10,9 @@ A bundle is a zip holding
 
 Writing is atomic (a temporary file in the target folder, fsync, rename), so a failed conversion never leaves a
 half-written bundle. Reading refuses an unknown schema version, a truncated zip and a model whose sha256 does not
-match the manifest.
+match the manifest. Every entry is checked before it is decompressed: its declared size against a cap
+(``MAX_ENTRY_BYTES``; a zip bomb is refused without inflating it), no encryption, stored or deflated only; and
+it is read in chunks that stop at the cap whatever the header claims.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,10 @@ from edgeq.preprocess import PreprocessSpec
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.tflite"
 REPORT_NAME = "report.json"
+# the largest entry a bundle may hold once decompressed: above any model a Pi-class device can run (MobileNetV2
+# float32 is 14 MB), far below what would exhaust its memory
+MAX_ENTRY_BYTES = 256 * 1024 * 1024
+_CHUNK = 1 << 20
 
 
 def sha256_hex(data: bytes) -> str:
@@ -158,18 +165,15 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
             names = set(zf.namelist())
             if MANIFEST_NAME not in names:
                 raise BundleError(f"{path}: no {MANIFEST_NAME} inside; not an edgeq bundle")
-            try:
-                data = json.loads(zf.read(MANIFEST_NAME))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise BundleError(f"{path}: {MANIFEST_NAME} is not valid JSON ({exc}); re-convert the model") from None
+            data = _read_json(path, zf, MANIFEST_NAME)
             manifest = parse_manifest(data, f"{path}: {MANIFEST_NAME}")
             model_file = manifest.model.file
             if model_file not in names:
                 raise BundleError(f"{path}: {model_file} missing from the bundle; re-convert the model")
-            model_bytes = zf.read(model_file)
+            model_bytes = read_entry(path, zf, model_file)
             if manifest.model.packed is not None:
                 model_bytes = _unpack(path, zf, names, model_bytes, manifest.model.packed)
-            report = json.loads(zf.read(REPORT_NAME)) if REPORT_NAME in names else None
+            report = _read_json(path, zf, REPORT_NAME) if REPORT_NAME in names else None
     except zipfile.BadZipFile as exc:
         raise BundleError(f"{path}: truncated or corrupt bundle ({exc}); copy it again or re-convert") from None
     except (OSError, EOFError) as exc:
@@ -190,13 +194,44 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
     return Bundle(manifest, model_bytes, report, path, path.stat().st_size)
 
 
+def read_entry(path: Path, zf: zipfile.ZipFile, name: str, cap: int = MAX_ENTRY_BYTES) -> bytes:
+    """One entry's bytes, checked before and while it is decompressed (see the module's docstring)."""
+    info = zf.getinfo(name)
+    if info.flag_bits & 0x1:
+        raise BundleError(f"{path}: {name} is encrypted; edgeq bundles never are, re-convert or copy it again")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise BundleError(f"{path}: {name} uses zip compression method {info.compress_type}; edgeq bundles use "
+                          "deflate only, re-convert it")
+    if info.file_size > cap:
+        raise BundleError(f"{path}: {name} would be {info.file_size} bytes decompressed, over the {cap} byte limit; "
+                          "not a bundle edgeq wrote, re-convert it")
+    out = bytearray()
+    try:
+        with zf.open(info) as f:
+            while chunk := f.read(_CHUNK):
+                out += chunk
+                if len(out) > cap:
+                    raise BundleError(f"{path}: {name} decompresses past the {cap} byte limit; not a bundle edgeq "
+                                      "wrote, re-convert it")
+    except (zlib.error, EOFError) as exc:
+        raise BundleError(f"{path}: {name} is corrupt ({exc}); copy the bundle again or re-convert") from None
+    return bytes(out)
+
+
+def _read_json(path: Path, zf: zipfile.ZipFile, name: str) -> Any:
+    try:
+        return json.loads(read_entry(path, zf, name))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: {name} is not valid JSON ({exc}); re-convert the model") from None
+
+
 def _unpack(path: Path, zf: zipfile.ZipFile, names: set[str], stripped: bytes, packed: Any) -> bytes:
     from edgeq.packing import unpack_model
 
     if packed.file not in names:
         raise BundleError(f"{path}: packed weights {packed.file} are missing; copy the bundle again or re-convert")
     try:
-        return unpack_model(stripped, zf.read(packed.file), [k.model_dump() for k in packed.kernels])
+        return unpack_model(stripped, read_entry(path, zf, packed.file), [k.model_dump() for k in packed.kernels])
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise BundleError(f"{path}: cannot rebuild the model from its packed weights ({exc}); re-convert it") from None
 

@@ -82,3 +82,99 @@ def test_bad_input_is_one_clear_line(args, needles, capsys, tmp_path, tiny_keras
     err = capsys.readouterr().err
     assert_clean_error((code, err), *needles)
     assert not [p for p in tmp_path.rglob("*") if p.suffix in (".edgeq", ".keras", ".tmp")]
+
+
+# -- bundles: every way a .edgeq file can be broken, refused by the one reader both rooms use ------------------
+
+def _rewrite(src: Path, dst: Path, edit=None, extra: dict[str, bytes] | None = None) -> Path:
+    """A copy of bundle ``src``, each entry's bytes through ``edit(name, data)``, plus ``extra`` entries."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            zout.writestr(item.filename, edit(item.filename, data) if edit else data)
+        for name, data in (extra or {}).items():
+            zout.writestr(name, data)
+    return dst
+
+
+def _patch_central(path: Path, name: str, offset: int, value: bytes) -> Path:
+    """Overwrite bytes of ``name``'s central-directory record (what a reader trusts for flags, method, sizes)."""
+    blob = bytearray(path.read_bytes())
+    at = blob.find(b"PK\x01\x02")
+    while at >= 0:
+        n = int.from_bytes(blob[at + 28:at + 30], "little")
+        if blob[at + 46:at + 46 + n].decode() == name:
+            blob[at + offset:at + offset + len(value)] = value
+            path.write_bytes(bytes(blob))
+            return path
+        at = blob.find(b"PK\x01\x02", at + 4)
+    raise AssertionError(f"{name} not in {path}")
+
+
+def _flip_compressed_model(src: Path, dst: Path) -> Path:
+    """200 bytes flipped inside model.tflite's deflated data (found in the field: zlib.error)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zf:
+        info = zf.getinfo("model.tflite")
+    blob = bytearray(src.read_bytes())
+    n, extra = int.from_bytes(blob[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(blob[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + n + extra + info.compress_size // 3
+    for i in range(start, start + 200):
+        blob[i] ^= 0x5A
+    dst.write_bytes(bytes(blob))
+    return dst
+
+
+def _bomb(src: Path, dst: Path) -> Path:
+    """The manifest of a real bundle and a 1 GiB model.tflite of zeros: a 5 MB file."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zout:
+        zout.writestr("manifest.json", zin.read("manifest.json"))
+        with zout.open("model.tflite", "w", force_zip64=True) as f:
+            chunk = bytes(1 << 24)
+            for _ in range(64):
+                f.write(chunk)
+    return dst
+
+
+BUNDLE_ROWS = [
+    ("corrupt-deflate", lambda b, d: _flip_compressed_model(b, d), ["model.tflite", "corrupt"]),
+    ("report-not-json", lambda b, d: _rewrite(b, d, lambda n, x: b"{oops" if n == "report.json" else x),
+     ["report.json", "not valid JSON"]),
+    ("encrypted-entry", lambda b, d: _patch_central(_rewrite(b, d), "manifest.json", 8, b"\x01\x00"),
+     ["manifest.json", "encrypted"]),
+    ("unknown-compression", lambda b, d: _patch_central(_rewrite(b, d), "model.tflite", 10, b"\x63\x00"),
+     ["model.tflite", "compression method 99"]),
+    ("declared-too-big", lambda b, d: _patch_central(_rewrite(b, d), "model.tflite", 24, (2**31).to_bytes(4, "little")),
+     ["model.tflite", "byte limit"]),
+    ("zip-bomb", _bomb, ["model.tflite", "byte limit"]),
+]
+
+
+@pytest.mark.parametrize("name,build,needles", BUNDLE_ROWS, ids=[r[0] for r in BUNDLE_ROWS])
+def test_broken_bundle_is_one_clear_line(name, build, needles, capsys, tmp_path, tiny_bundle):
+    import resource
+    import time
+
+    bad = build(tiny_bundle, tmp_path / f"{name}.edgeq")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.monotonic()
+    code = main(["inspect", str(bad)])
+    elapsed = time.monotonic() - t0
+    assert_clean_error((code, capsys.readouterr().err), f"{name}.edgeq", *needles)
+    # refused before inflating anything large (the zip bomb took 7.2 s and 2 GB before this check)
+    assert elapsed < 2.0 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 300_000  # KiB
+
+
+def test_broken_bundle_on_the_device_is_one_line_too(tmp_path, tiny_bundle):
+    from conftest import run_edgeq
+
+    bad = _flip_compressed_model(tiny_bundle, tmp_path / "flipped.edgeq")
+    r = run_edgeq("run", "--model", str(bad), "--source", str(tmp_path), "--output", "-", "--spool",
+                  str(tmp_path / "s.db"))
+    assert_clean_error(r, "flipped.edgeq", "corrupt")
