@@ -4,6 +4,8 @@
 device_id = "porch-pi"
 model = "/var/lib/edgeq/model.edgeq"
 source = "0"                 # camera index, /dev/videoN, video file, image folder, rtsp:// or http:// URL, picamera2
+# source_password_file = "/etc/edgeq/camera-password"  # the password of rtsp://user@camera/stream (or
+# source_password_credential = "camera-password", from $CREDENTIALS_DIRECTORY): never in the URL
 threads = 2
 max_fps = 10                 # optional: cap inference rate to save power and heat
 
@@ -19,6 +21,7 @@ top_k = 3                    # classification: labels reported per frame
 url = "mqtts://broker.lan:8883"
 username = "edgeq"
 password_file = "/etc/edgeq/mqtt-password"   # or password_credential = "mqtt-password" ($CREDENTIALS_DIRECTORY)
+# (credentials inside the URL are refused: they would show in logs)
 ca = "/etc/edgeq/ca.crt"
 qos = 1
 topic_prefix = "edgeq"
@@ -48,7 +51,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgeq.errors import ConfigError
 
@@ -89,11 +92,46 @@ class MqttConfig(Strict):
         u = urlparse(v)
         if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
             raise ValueError("must look like mqtt://host:port or mqtts://host:port")
+        if u.username is not None or u.password is not None:
+            # refused, not ignored: the broker would answer "Not authorized" with no hint why, and a password in
+            # a URL ends up in logs and in `validate-config` output
+            raise ValueError("credentials in the URL are not used; set username and password_file (or "
+                             "password_credential) in [mqtt] instead")
         try:
-            u.port
+            port = u.port
         except ValueError:
             raise ValueError("port must be a number from 1 to 65535") from None
+        if port == 0:
+            raise ValueError("port must be a number from 1 to 65535")
         return v
+
+    @field_validator("ca", "cert", "key")
+    @classmethod
+    def _readable(cls, v: Path | None, info: Any) -> Path | None:
+        if v is not None and not os.access(v, os.R_OK):
+            raise ValueError(f"{v} is missing or not readable")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> "MqttConfig":
+        if not self.tls and (self.ca or self.cert):
+            raise ValueError("ca/cert are for mqtts:// URLs; use mqtts:// or leave them out")
+        if self.ca is not None:
+            import ssl
+
+            try:
+                ssl.create_default_context(cafile=str(self.ca))
+            except (ssl.SSLError, OSError, ValueError):
+                raise ValueError(f"ca {self.ca} holds no PEM certificate; give the broker's CA certificate file") \
+                    from None
+        if self.cert is not None:
+            import ssl
+
+            try:
+                ssl.create_default_context().load_cert_chain(str(self.cert), str(self.key) if self.key else None)
+            except (ssl.SSLError, OSError, ValueError):
+                raise ValueError(f"cert {self.cert} (key {self.key}) is not a PEM certificate and its key") from None
+        return self
 
     @field_validator("topic_prefix")
     @classmethod
@@ -118,21 +156,26 @@ class MqttConfig(Strict):
     def password(self) -> str | None:
         """The password from ``password_file`` or ``$CREDENTIALS_DIRECTORY/<password_credential>`` (systemd
         ``LoadCredential=``), stripped of its trailing newline."""
-        path = self.password_file
-        if self.password_credential:
-            creds = os.environ.get("CREDENTIALS_DIRECTORY")
-            if not creds:
-                raise ConfigError(
-                    f"mqtt.password_credential = {self.password_credential!r} but $CREDENTIALS_DIRECTORY is not set; "
-                    "run under systemd with LoadCredential= or use password_file"
-                )
-            path = Path(creds) / self.password_credential
-        if path is None:
-            return None
-        try:
-            return path.read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise ConfigError(f"mqtt password file {path}: {exc.strerror or exc}") from None
+        return read_secret(self.password_file, self.password_credential, "mqtt.password")
+
+
+def read_secret(path: Path | None, credential: str | None, what: str) -> str | None:
+    """A secret from a file, or from ``$CREDENTIALS_DIRECTORY/<credential>`` (systemd ``LoadCredential=``),
+    stripped of its trailing newline; None when neither is set. Errors name the file, never the secret."""
+    if credential:
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not creds:
+            raise ConfigError(
+                f"{what}_credential = {credential!r} but $CREDENTIALS_DIRECTORY is not set; "
+                f"run under systemd with LoadCredential= or use {what}_file"
+            )
+        path = Path(creds) / credential
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} file {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 class SpoolConfig(Strict):
@@ -154,6 +197,10 @@ class DeviceConfig(Strict):
     device_id: str = Field("edgeq", pattern=DEVICE_ID_PATTERN)
     model: Path | None = None
     source: str | None = None
+    # the password of a stream URL's user (rtsp://user@camera/stream), kept out of the URL, the unit file and
+    # the process list
+    source_password_file: Path | None = None
+    source_password_credential: str | None = None
     threads: int = Field(1, ge=1, le=64)
     loop: bool = False
     max_frames: int | None = Field(None, ge=1)
@@ -207,8 +254,27 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     return None
 
 
+SECRET_KEY = re.compile(r"pass|secret|token|credential", re.IGNORECASE)
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of any ``scheme://user:password@host`` in it replaced by ``***``."""
+    return re.sub(r"(://[^/@:\s]*:)[^/@\s]*@", r"\1***@", text)
+
+
+def _shown(loc: tuple[Any, ...], value: Any) -> str:
+    """The offending value as an error line may show it: never a secret."""
+    if any(SECRET_KEY.search(str(k)) for k in loc):
+        return " (value not shown)"
+    text = repr(value)
+    return f" (got {redact_url(text)})" if "://" in text else f" (got {text})"
+
+
 def _describe(err: dict[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
+        if SECRET_KEY.search(str(err["loc"][-1])):
+            return ("unknown key; a password never goes in the config itself: use password_file or "
+                    "password_credential")
         return "unknown key (check the spelling; see edgeq run --help)"
     if err["type"] == "missing":
         return "required key is missing"
@@ -226,7 +292,7 @@ def parse_config(data: dict[str, Any], source: str = "<flags>", text: str = "") 
         line = _line_of(text, loc) if text else None
         where = f"{source}:{line}" if line else source
         more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-        value = f" (got {err['input']!r})" if err["type"] not in ("missing",) and not isinstance(err.get("input"), dict) else ""
+        value = _shown(loc, err["input"]) if err["type"] not in ("missing",) and not isinstance(err.get("input"), dict) else ""
         raise ConfigError(f"{where}: {key}: {_describe(err)}{value}{more}") from None
 
 

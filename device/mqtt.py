@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import collections
 import json
+import socket
 import ssl
+import sys
 import threading
+import time
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
@@ -29,6 +32,27 @@ def apply_security(client: mqtt.Client, cfg: MqttConfig) -> None:
         if cfg.cert:
             context.load_cert_chain(str(cfg.cert), str(cfg.key) if cfg.key else None)
         client.tls_set_context(context)
+
+
+REPEAT_LOG_S = 60.0  # the same connection error is logged again at most this often
+
+
+def describe_connect_error(exc: BaseException | None, port: int, tls: bool) -> str:
+    """Why a connection attempt failed, as a sentence with what to check."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror}); check the url in [mqtt] and DNS"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused; is the broker running and listening on port {port}?"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: the broker's certificate is not trusted ({exc.verify_message}); check ca in [mqtt]"
+    if isinstance(exc, ssl.SSLError) or (tls and isinstance(exc, (ConnectionResetError, ConnectionAbortedError))):
+        why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        return f"TLS handshake failed ({why}); is port {port} a TLS listener? use mqtt:// for a plain one"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out connecting; check the host, the port and any firewall"
+    if isinstance(exc, OSError):
+        return f"cannot connect ({exc.strerror or exc})"
+    return "cannot connect"
 
 
 class MqttLink:
@@ -51,6 +75,9 @@ class MqttLink:
         self.acked: collections.deque[tuple[int, int]] = collections.deque()  # (generation, mid)
         self.generation = 0  # bumped on every disconnect: in-flight mids of an older generation are void
         self.last_refusal: str | None = None
+        self.last_error: str | None = None  # why the link is down, for stats and doctor; None once connected
+        self.errors = 0
+        self._logged: tuple[str | None, float] = (None, 0.0)
         self._subscriptions: dict[str, Callable[[str, bytes], None]] = {}
         self._closing = False
         protocol = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
@@ -66,6 +93,7 @@ class MqttLink:
         self.client.will_set(self.status_topic, json.dumps(self.status_payload("offline")), qos=1, retain=True)
         self.client.on_connect = self._handle_connect
         self.client.on_disconnect = self._handle_disconnect
+        self.client.on_connect_fail = self._handle_connect_fail
         self.client.on_publish = self._handle_publish
         self.client.on_message = self._handle_message
 
@@ -105,15 +133,31 @@ class MqttLink:
             self.client.subscribe(topic, qos=1)
 
     # -- callbacks (paho's network thread) -----------------------------------------------------------
+    def _fault(self, message: str) -> None:
+        """Record why the link is down; log it when it changed, or again after REPEAT_LOG_S."""
+        self.last_error = message
+        self.errors += 1
+        now = time.monotonic()
+        last, at = self._logged
+        if message != last or now - at >= REPEAT_LOG_S:
+            self._log(f"mqtt {self.cfg.host}:{self.cfg.port}: {message}; retrying")
+            self._logged = (message, now)
+
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this from inside its ``except OSError`` block and passes no exception: the one being handled
+        # is the reason (DNS, refused, TLS, timeout)
+        self._fault(describe_connect_error(sys.exc_info()[1], self.cfg.port, self.cfg.tls))
+
     def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
-            message = f"mqtt {self.cfg.host}:{self.cfg.port}: broker refused the connection: {reason} (reason code {reason.value}); retrying"
-            if message != self.last_refusal:
-                self._log(message)
+            message = f"broker refused the connection: {reason} (reason code {reason.value})"
             self.last_refusal = message
+            self._fault(message)
             self.connected.clear()
             return
         self.last_refusal = None
+        self.last_error = None
+        self._logged = (None, 0.0)
         self._log(f"mqtt {self.cfg.host}:{self.cfg.port}: connected")
         client.publish(self.status_topic, json.dumps(self.status_payload("online", **self._online_payload())), qos=1,
                        retain=True)
@@ -129,6 +173,10 @@ class MqttLink:
         self.generation += 1
         if was and not self._closing:
             self._log(f"mqtt {self.cfg.host}:{self.cfg.port}: disconnected ({reason}); reconnecting")
+        elif not was and not self._closing and self.last_refusal is None:
+            # the connection closed before any CONNACK: typically mqtt:// to a TLS listener
+            hint = "" if self.cfg.tls else "; if the port is a TLS listener, use mqtts://"
+            self._fault(f"connection closed before the broker answered ({reason}){hint}")
 
     def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         if reason is None or not getattr(reason, "is_failure", False):

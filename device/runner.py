@@ -24,7 +24,7 @@ from edgeq.bundle import Bundle, read_bundle
 from edgeq.errors import ConfigError, EdgeqError
 from edgeq.preprocess import Preprocessor
 
-from .config import DeviceConfig
+from .config import DeviceConfig, read_secret
 from .decoders import make_decoder
 from .homeassistant import discovery_payload
 from .mqtt import MqttLink
@@ -79,7 +79,8 @@ class Runner:
         self.decoder = make_decoder(self.model, self.bundle, cfg.thresholds.score, cfg.thresholds.top_k,
                                     (cfg.thresholds.review_measure, cfg.thresholds.review), cfg.thresholds.nms_iou,
                                     cfg.thresholds.unfamiliar_percentile)
-        self.source = open_source(cfg.source, cfg.loop, log)
+        self.source = open_source(cfg.source, cfg.loop, log,
+                                  read_secret(cfg.source_password_file, cfg.source_password_credential, "source_password"))
         self.stop_event = threading.Event()
         self.stop_reason = "end of source"
         self.frames = 0
@@ -153,6 +154,8 @@ class Runner:
             "fps": round(fps, 2),
             "inference_ms": {"p50": round(float(np.percentile(times, 50)), 3), "p95": round(float(np.percentile(times, 95)), 3)},
             "dropped_frames": self.source.dropped, "source_reconnects": self.source.reconnects,
+            "skipped_frames": self.source.skipped,
+            "mqtt_error": self.link.last_error if self.link else None,
             "rss_mb": read_rss_mb(), "cpu_temp_c": read_cpu_temp_c(),
         }
 
@@ -237,6 +240,8 @@ class Runner:
         if self.output not in (None, sys.stdout):
             self.output.close()
         left = "" if drained or not self.link else f", {self.outbox.depth} result(s) kept in the spool for the next run"
+        if left and self.link.last_error:
+            left += f" (broker not reached: {self.link.last_error})"
         self.log(f"stopped ({self.stop_reason}): {self.frames} frames, last seq {self.outbox.last_seq}{left}")
         return 0
 

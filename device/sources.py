@@ -17,12 +17,14 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import numpy as np
 
 from edgeq.errors import SourceError
 from edgeq.preprocess import list_images, read_image
+
+from .config import redact_url
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https", "rtmp", "udp", "tcp")
 
@@ -63,6 +65,11 @@ class Source(ABC):
 
     @property
     def reconnects(self) -> int:
+        return 0
+
+    @property
+    def skipped(self) -> int:
+        """Frames that could not be read and were skipped (a folder's unreadable images)."""
         return 0
 
 
@@ -137,21 +144,33 @@ class _FileSource(Source):
 
 
 class FolderSource(_FileSource):
-    def __init__(self, path: Path, loop: bool = False) -> None:
+    """The images of a folder, in name order. One that cannot be read is skipped with a line naming it (and
+    counted in ``skipped``): one bad file does not end a run."""
+
+    def __init__(self, path: Path, loop: bool = False, log: Callable[[str], None] = lambda s: None) -> None:
         self.path = path
         self.loop = loop
         self.name = f"folder:{path}"
         self.files = list_images(path)
+        self._log = log
+        self._skipped = 0
         if not self.files:
             raise SourceError(f"source {path}: no jpg/png/bmp images in the folder")
+
+    @property
+    def skipped(self) -> int:
+        return self._skipped
 
     def _produce(self) -> Iterator[Frame]:
         while True:
             for f in self.files:
                 try:
                     image = read_image(f)
-                except SourceError as exc:
-                    raise SourceError(f"source {exc}") from None
+                except (SourceError, OSError) as exc:
+                    self._skipped += 1
+                    why = exc if isinstance(exc, SourceError) else f"{f}: {exc.strerror or exc}"
+                    self._log(f"source {why}; skipped")
+                    continue
                 if image.ndim == 2:
                     image = np.repeat(image[:, :, None], 3, axis=2)
                 yield Frame(f.name, image, time.time())
@@ -161,14 +180,20 @@ class FolderSource(_FileSource):
 
 
 class VideoFileSource(_FileSource):
-    def __init__(self, path: Path, loop: bool = False) -> None:
+    """A video file. One that ends before the frame count its container declares (truncated, or corrupt past
+    some point) ends the run there with a line saying so."""
+
+    def __init__(self, path: Path, loop: bool = False, log: Callable[[str], None] = lambda s: None) -> None:
         import cv2
 
         self.path = path
         self.loop = loop
         self.name = f"file:{path}"
+        self._log = log
+        self.truncated = False
         probe = cv2.VideoCapture(str(path))
         ok = probe.isOpened() and probe.read()[0]
+        self.declared = int(probe.get(cv2.CAP_PROP_FRAME_COUNT)) if ok else 0
         probe.release()
         if not ok:
             raise SourceError(f"source {path}: cannot decode the video (corrupt file or unsupported codec)")
@@ -188,6 +213,10 @@ class VideoFileSource(_FileSource):
                     index += 1
             finally:
                 capture.release()
+            if 0 < index < self.declared - 1:  # containers may count one frame more than decodes
+                self.truncated = True
+                self._log(f"source {self.path}: ended after {index} of the {self.declared} frames its header "
+                          "declares (truncated or corrupt file)")
             if not self.loop:
                 return
 
@@ -332,8 +361,26 @@ class Picamera2Source(LiveSource):
         super().__init__("picamera2", _Adapter, log=log)
 
 
-def open_source(spec: str, loop: bool = False, log: Callable[[str], None] = lambda s: None) -> Source:
-    """Resolve ``--source``: camera index or /dev/videoN, video file, image folder, stream URL, or picamera2."""
+def with_password(spec: str, password: str | None, log: Callable[[str], None]) -> str:
+    """The stream URL to open: ``password`` (from a file or a systemd credential) put into its user part. A
+    password written in the URL itself still works, with a line saying where it shows."""
+    url = urlparse(spec)
+    if password is None:
+        if url.password:
+            log(f"source {redact_url(spec)}: the URL carries a password, which shows in the process list and the "
+                "unit file; put it in source_password_file or source_password_credential instead")
+        return spec
+    if not url.username or url.password is not None:
+        raise SourceError(f"source {redact_url(spec)}: source_password_file/credential needs a user and no password "
+                          "in the URL, e.g. rtsp://user@camera.lan/stream")
+    host = url.netloc.split("@", 1)[1]
+    return url._replace(netloc=f"{url.username}:{quote(password, safe='')}@{host}").geturl()
+
+
+def open_source(spec: str, loop: bool = False, log: Callable[[str], None] = lambda s: None,
+                password: str | None = None) -> Source:
+    """Resolve ``--source``: camera index or /dev/videoN, video file, image folder, stream URL, or picamera2.
+    ``password``: for a stream URL's user (see :func:`with_password`)."""
     spec = str(spec).strip()
     if not spec:
         raise SourceError("source is empty; give a camera index, /dev/videoN, a file, a folder or a URL")
@@ -350,13 +397,20 @@ def open_source(spec: str, loop: bool = False, log: Callable[[str], None] = lamb
     if "://" in spec:
         url = urlparse(spec)
         if url.scheme.lower() not in STREAM_SCHEMES:
-            raise SourceError(f"source {spec}: unsupported URL scheme {url.scheme!r}; use rtsp://, http:// or https://")
+            raise SourceError(f"source {redact_url(spec)}: unsupported URL scheme {url.scheme!r}; use rtsp://, "
+                              "http:// or https://")
         if not url.hostname:
-            raise SourceError(f"source {spec}: URL has no host; use e.g. rtsp://camera.lan:554/stream")
-        return LiveSource(f"stream:{url.scheme}://{url.hostname}{url.path}", _cv2_capture(spec), log=log)
+            raise SourceError(f"source {redact_url(spec)}: URL has no host; use e.g. rtsp://camera.lan:554/stream")
+        target = with_password(spec, password, log)
+        return LiveSource(f"stream:{url.scheme}://{url.hostname}{url.path}", _cv2_capture(target), log=log)
+    if password is not None:
+        raise SourceError(f"source {spec}: source_password_file/credential is for stream URLs (rtsp://user@host/...)")
     path = Path(spec)
     if path.is_dir():
-        return FolderSource(path, loop)
+        return FolderSource(path, loop, log)
     if path.is_file():
-        return VideoFileSource(path, loop)
+        return VideoFileSource(path, loop, log)
+    if path.exists():
+        raise SourceError(f"source {spec}: not a regular file, folder or camera (a FIFO, socket or device); give a "
+                          "video file, an image folder, a camera or a stream URL")
     raise SourceError(f"source {spec}: no such file, folder or camera")

@@ -12,6 +12,7 @@ and counted in ``dropped``.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,9 @@ class Spool:
         self.max_messages = max_messages
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # results may be private: the file (and the -wal/-shm files SQLite creates with its mode) is 0600
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            os.chmod(self.path, 0o600)
             self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")

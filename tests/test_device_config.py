@@ -50,15 +50,24 @@ def test_no_mqtt_section_means_no_broker(tmp_path):
         (GOOD + "\n[mqtt.tls]\nca = 1\n", ["device.toml:14", "mqtt.tls", "unknown key"]),
         ("source = [", ["not valid TOML"]),
         (GOOD + "\n[thresholds]\nunfamiliar_percentile = 120\n", ["thresholds.unfamiliar_percentile"]),
+        # secrets: refused or flagged, and never echoed (every row is also checked for "hunter2" below)
+        (GOOD.replace("qos = 1", 'qos = 1\npassword = "hunter2"'), ["mqtt.password", "password_file"]),
+        (GOOD.replace("mqtts://broker.lan:8883", "mqtt://edgeq:hunter2@broker.lan"), ["mqtt.url", "credentials"]),
+        (GOOD.replace("mqtts://broker.lan:8883", "mqtt://broker.lan:0"), ["mqtt.url", "port"]),
+        (GOOD.replace("qos = 1", 'qos = 1\nca = "{tmp}/garbage.crt"'), ["ca", "garbage.crt", "no PEM certificate"]),
+        (GOOD.replace("qos = 1", 'qos = 1\nca = "{tmp}/missing.crt"'), ["mqtt.ca", "missing.crt", "not readable"]),
     ],
-    ids=["typo", "out-of-range", "wrong-type", "bad-url", "bad-id", "unknown-table", "syntax", "percentile"],
+    ids=["typo", "out-of-range", "wrong-type", "bad-url", "bad-id", "unknown-table", "syntax", "percentile",
+         "password-key", "url-credentials", "port-0", "ca-garbage", "ca-missing"],
 )
 def test_validate_config_names_file_line_and_key(tmp_path, capsys, text, needles):
-    path = write(tmp_path, text)
+    (tmp_path / "garbage.crt").write_text("not a certificate\n")
+    path = write(tmp_path, text.replace("{tmp}", str(tmp_path)))
     code = main(["validate-config", str(path)])
     err = capsys.readouterr().err
     line = assert_clean_error((code, err), str(path), *needles)
     assert line.count("\n") == 0
+    assert "hunter2" not in err
 
 
 def test_validate_config_ok_and_missing_file(tmp_path, capsys):

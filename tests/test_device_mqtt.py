@@ -6,6 +6,7 @@ credentials refused, TLS with a password. In each, every seq arrives.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -161,6 +162,51 @@ def test_refused_credentials_reported_and_never_connected(tmp_path, tiny_bundle,
         code, _, err = finish(start_run("--config", str(cfg), "--max-frames", "5"))
         assert code == 0, err
         assert sub.wait_for(lambda: sub.seqs() == set(range(1, 66)), 20), sorted(sub.seqs())[-5:]
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("refused", "connection refused; is the broker running and listening on port"),
+    ("dns", "cannot resolve the host name"),
+    ("tls-to-plain", "TLS handshake failed"),
+    ("wrong-ca", "certificate is not trusted"),
+])
+def test_unreachable_broker_is_logged_with_its_reason(case, needle, tmp_path, tiny_bundle, video):
+    """A broker that cannot be reached: one line saying why (not repeated on every retry), the results kept,
+    exit 0, and the reason in the closing line and in stats (found in the field: nothing was logged)."""
+    broker = None
+    extra = ""
+    if case == "refused":
+        url = f"mqtt://127.0.0.1:{free_port()}"
+    elif case == "dns":
+        url = "mqtt://no-such-broker.invalid:1883"
+    else:
+        broker = Broker(tmp_path / "broker").start()
+        url = f"mqtts://127.0.0.1:{broker.port}"
+        if case == "wrong-ca":  # a TLS listener whose certificate our CA did not sign
+            (tmp_path / "theirs").mkdir()
+            (tmp_path / "ours").mkdir()
+            theirs, ours = _make_ca(tmp_path / "theirs"), _make_ca(tmp_path / "ours")
+            broker.stop()
+            broker = Broker(tmp_path / "tls-broker", extra=(
+                f"cafile {theirs['ca']}\ncertfile {theirs['cert']}\nkeyfile {theirs['key']}\n")).start()
+            url = f"mqtts://localhost:{broker.port}"
+            extra = f'ca = "{ours["ca"]}"\n'
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(f'model = "{tiny_bundle}"\nsource = "{video}"\ndrain_timeout = 4\n[stats]\ninterval = 1\n'
+                   f'[mqtt]\nurl = "{url}"\n{extra}[spool]\npath = "{tmp_path / "spool.db"}"\n')
+    try:
+        code, out, err = finish(start_run("--config", str(cfg), "--output", str(tmp_path / "out.jsonl")))
+    finally:
+        if broker:
+            broker.stop()
+    assert code == 0, err
+    assert "Traceback" not in err
+    reasons = [ln for ln in err.splitlines() if needle in ln]
+    assert len(reasons) >= 2 and "retrying" in reasons[0], err  # the fault, then the closing line naming it
+    assert len([ln for ln in reasons if "retrying" in ln]) == 1, err  # rate-limited: retries do not repeat it
+    assert "60 result(s) kept in the spool" in err and "broker not reached" in err
+    stats = [json.loads(ln) for ln in (tmp_path / "out.jsonl").read_text().splitlines() if '"edgeq.stats"' in ln]
+    assert stats and needle in (stats[-1]["mqtt_error"] or "")
 
 
 def _make_ca(tmp: Path) -> dict[str, Path]:

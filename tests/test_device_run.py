@@ -184,3 +184,84 @@ def test_open_source_kinds(tmp_path, video, shapes_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no jpg"):
         open_source(str(tmp_path / "empty"))
+
+
+def test_fifo_source_is_named_for_what_it_is(tmp_path, tiny_bundle):
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    r = run_edgeq("run", "--model", str(tiny_bundle), "--source", str(fifo), "--output", "-", "--spool", str(tmp_path / "s.db"))
+    assert_clean_error(r, "pipe", "not a regular file")
+
+
+def test_one_bad_image_in_a_folder_is_skipped_not_fatal(tmp_path, tiny_bundle, shapes_dir):
+    import shutil
+
+    folder = tmp_path / "images"
+    shutil.copytree(shapes_dir / "circle", folder)
+    (folder / "005_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 200)
+    good = len(list((shapes_dir / "circle").iterdir()))
+    r = run_edgeq("run", "--model", str(tiny_bundle), "--source", str(folder), "--output", "-",
+                  "--spool", str(tmp_path / "s.db"))
+    assert r.returncode == 0, r.stderr
+    assert len(lines(r.stdout)) == good
+    skipped = [ln for ln in r.stderr.splitlines() if "005_corrupt.png" in ln]
+    assert len(skipped) == 1 and "skipped" in skipped[0] and "Traceback" not in r.stderr
+    assert lines(r.stdout, "edgeq.stats")[-1]["skipped_frames"] == 1
+
+
+def test_truncated_video_says_where_it_ended(tmp_path, tiny_bundle):
+    from fixtures.synthetic import moving_shapes_frames, write_video
+
+    clip = write_video(tmp_path / "clip.avi", moving_shapes_frames(40, 120, 160))
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])  # the header still declares 40 frames
+    r = run_edgeq("run", "--model", str(tiny_bundle), "--source", str(cut), "--output", "-",
+                  "--spool", str(tmp_path / "s.db"))
+    assert r.returncode == 0, r.stderr
+    n = len(lines(r.stdout))
+    assert 0 < n < 39
+    assert f"ended after {n} of the 40 frames" in r.stderr and "truncated" in r.stderr
+
+
+def test_stream_password_from_a_file_never_shows(tmp_path, tiny_bundle):
+    """The camera's password comes from a file: it is in neither the process list nor the log."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from brokers import free_port
+
+    (tmp_path / "cam-pw").write_text("hunter2\n")
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(f'model = "{tiny_bundle}"\nsource = "rtsp://viewer@127.0.0.1:{free_port()}/stream"\n'
+                   f'source_password_file = "{tmp_path / "cam-pw"}"\noutput = "-"\n'
+                   f'[spool]\npath = "{tmp_path / "s.db"}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "edgeq.cli", "run", "--config", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(6)  # the stream is down: the source retries with backoff
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert b"hunter2" not in cmdline and b"hunter2" not in environ
+    assert "hunter2" not in err and "hunter2" not in out
+    assert "viewer" in err or "127.0.0.1" in err  # it did log about the stream, without the password
+
+
+def test_stream_password_is_put_into_the_url_and_a_url_password_is_flagged():
+    from edgeq.device.sources import with_password
+
+    said: list[str] = []
+    assert with_password("rtsp://viewer@cam.lan:554/s", "p@ss:w/rd", said.append) == \
+        "rtsp://viewer:p%40ss%3Aw%2Frd@cam.lan:554/s"
+    assert said == []
+    assert with_password("rtsp://viewer:hunter2@cam.lan/s", None, said.append) == "rtsp://viewer:hunter2@cam.lan/s"
+    assert len(said) == 1 and "hunter2" not in said[0] and "source_password_file" in said[0]
+    with pytest.raises(SourceError, match="needs a user"):
+        with_password("rtsp://cam.lan/s", "x", said.append)

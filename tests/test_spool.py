@@ -26,3 +26,15 @@ def test_byte_bound_drops_oldest_when_full(tmp_path):
         s.append_many([("t", lambda q: b"y" * 20_000)])
     assert s.dropped > 0 and s.last_seq == 40
     assert s.pending(limit=1000)[-1].seq == 40
+
+
+def test_spool_files_are_private(tmp_path):
+    import stat
+
+    from edgeq.device.spool import Spool
+
+    spool = Spool(tmp_path / "s.db")
+    spool.append_many([("t", lambda seq: b"{}")])
+    for p in tmp_path.iterdir():  # the database and SQLite's -wal and -shm files
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    spool.close()
