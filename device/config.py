@@ -31,6 +31,8 @@ protocol = "3.1.1"           # or "5"
 [spool]
 path = "/var/lib/edgeq/spool.sqlite3"
 max_messages = 100000
+# reserve_bytes = 1048576    # kept free next to the spool, released when the disk fills
+# when_full = "drop_oldest"  # or "pause": stop taking frames until the disk has room
 
 [stats]
 interval = 30
@@ -182,6 +184,11 @@ class SpoolConfig(Strict):
     path: Path | None = None
     max_messages: int = Field(100_000, ge=10)
     max_bytes: int | None = Field(None, ge=65536)
+    # free space kept back next to the spool, released when the disk fills so results can still be sent
+    reserve_bytes: int = Field(1 << 20, ge=0)
+    # when the disk is full and nothing old is left to drop: "drop_oldest" drops the new results (counted and
+    # logged) and keeps running; "pause" stops taking frames until there is room (a camera's frames are skipped)
+    when_full: Literal["drop_oldest", "pause"] = "drop_oldest"
 
 
 class StatsConfig(Strict):

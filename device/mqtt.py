@@ -42,7 +42,7 @@ def describe_connect_error(exc: BaseException | None, port: int, tls: bool) -> s
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve the host name ({exc.strerror}); check the url in [mqtt] and DNS"
     if isinstance(exc, ConnectionRefusedError):
-        return f"connection refused; is the broker running and listening on port {port}?"
+        return f"connection refused (is the broker running and listening on port {port}?)"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS: the broker's certificate is not trusted ({exc.verify_message}); check ca in [mqtt]"
     if isinstance(exc, ssl.SSLError) or (tls and isinstance(exc, (ConnectionResetError, ConnectionAbortedError))):

@@ -13,9 +13,11 @@ import time
 from typing import IO, Any, Callable
 
 from .mqtt import MqttLink
-from .spool import Spool
+from .spool import Spool, SpoolFullError
 
 WINDOW = 200  # results in flight at once
+UNSAVED_MAX = 1000  # results held in memory while a full disk pauses the run
+FULL_LOG_S = 60.0
 
 
 class Outbox(threading.Thread):
@@ -27,8 +29,15 @@ class Outbox(threading.Thread):
         stats: Callable[[], dict[str, Any]],
         stats_interval: float,
         log: Callable[[str], None],
+        when_full: str = "drop_oldest",
     ) -> None:
         super().__init__(name="edgeq-outbox", daemon=True)
+        self.when_full = when_full
+        self.full = threading.Event()  # set while results cannot be stored (the runner pauses on it, if asked to)
+        self.lost = 0  # results that could not be stored on a full disk (drop_oldest)
+        self._unsaved: list[dict[str, Any]] = []
+        self._unacked: list[int] = []
+        self._full_logged = 0.0
         self._spool_factory = spool_factory
         self.link = link
         self.output = output
@@ -45,6 +54,7 @@ class Outbox(threading.Thread):
         self.spooled = 0
         self.depth = 0
         self.spool_dropped = 0
+        self.dropped_at_start = 0
         self.last_seq = 0
         self._inflight: dict[int, int] = {}  # mid -> seq, for the current connection generation
         self._generation = -1
@@ -76,7 +86,7 @@ class Outbox(threading.Thread):
             self.spool = self._spool_factory()
             self.last_seq = self.spool.last_seq
             self.depth = self.spool.depth()
-            self.spool_dropped = self.spool.dropped
+            self.spool_dropped = self.dropped_at_start = self.spool.dropped
         except BaseException as exc:
             self.error = exc
             self._ready.set()
@@ -87,6 +97,8 @@ class Outbox(threading.Thread):
             while True:
                 stopping = self._stopping.is_set()
                 batch = self._take(timeout=0.0 if stopping else 0.02)
+                if self._unsaved:
+                    batch, self._unsaved = self._unsaved + batch, []
                 if batch:
                     self._store(batch)
                 if self.link:
@@ -95,6 +107,8 @@ class Outbox(threading.Thread):
                 if time.monotonic() >= next_stats:
                     next_stats += self._stats_interval
                     self._publish_stats()
+                if stopping and self._unsaved and self.full.is_set():
+                    self._give_up_unsaved()
                 if stopping and not batch:
                     self._publish_stats()  # a final one, so short runs report too
                     if self.link:
@@ -137,7 +151,14 @@ class Outbox(threading.Thread):
 
             return build
 
-        seqs = self.spool.append_many(((self.topic, builder(r)) for r in batch), store=self.link is not None)
+        try:
+            seqs = self.spool.append_many(((self.topic, builder(r)) for r in batch), store=self.link is not None)
+        except SpoolFullError as exc:
+            self._on_full(batch, exc)
+            return
+        if self.full.is_set():
+            self.full.clear()
+            self._log(f"spool {self.spool.path}: storing results again")
         if self.link is None:  # seqs allocated only: build the lines here
             for seq, r in zip(seqs, batch):
                 r["seq"] = seq
@@ -149,18 +170,45 @@ class Outbox(threading.Thread):
             self.output.flush()
         if self.link is not None:
             self.depth = self.spool.depth()
-            self.spool_dropped = self.spool.dropped
+            self.spool_dropped = self.spool.dropped + self.lost
+
+    def _on_full(self, batch: list[dict[str, Any]], exc: SpoolFullError) -> None:
+        """A full disk, even after the spool released its reserve and dropped what it could."""
+        now = time.monotonic()
+        if self.when_full == "pause":
+            self._unsaved = batch[-UNSAVED_MAX:]
+            self.lost += len(batch) - len(self._unsaved)
+            what = f"pausing capture, {len(self._unsaved)} result(s) held in memory"
+        else:
+            self.lost += len(batch)
+            what = f"{len(batch)} new result(s) not kept ({self.lost} so far)"
+        if not self.full.is_set() or now - self._full_logged >= FULL_LOG_S:
+            self._log(f"{exc}: {what}; results already spooled are still sent")
+            self._full_logged = now
+        self.full.set()
+        self.spool_dropped = self.spool.dropped + self.lost
+
+    def _give_up_unsaved(self) -> None:
+        self.lost += len(self._unsaved)
+        self._log(f"spool {self.spool.path}: disk still full at stop; {len(self._unsaved)} result(s) held in memory "
+                  "were not kept")
+        self._unsaved = []
 
     def _apply_acks(self) -> None:
         link = self.link
         assert link is not None
-        done = []
+        done = self._unacked
         while link.acked:
             generation, mid = link.acked.popleft()
             if generation == self._generation and mid in self._inflight:
                 done.append(self._inflight.pop(mid))
         if done:
-            self.spool.ack(done)
+            try:
+                self.spool.ack(done)
+            except SpoolFullError:  # not even room to delete: they stay spooled, try again next time
+                self._unacked = done
+                return
+            self._unacked = []
             self.acked += len(done)
             self.depth = self.spool.depth()
 
@@ -188,6 +236,7 @@ class Outbox(threading.Thread):
         stats = self._stats()
         stats["spool_depth"] = self.depth
         stats["spool_dropped"] = self.spool_dropped
+        stats["spool_full"] = self.full.is_set()
         if self.output is not None:
             self.output.write(json.dumps(stats, separators=(",", ":")) + "\n")
             self.output.flush()

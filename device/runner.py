@@ -92,8 +92,10 @@ class Runner:
         self.link = self._make_link() if cfg.mqtt else None
         self.output = self._open_output(cfg.output)
         self.outbox = Outbox(
-            lambda: Spool(cfg.spool_path(), cfg.spool.max_messages, cfg.spool.max_bytes),
-            self.link, self.output, self.stats_payload, cfg.stats.interval, log,
+            # without MQTT the spool only numbers results: no reserve to keep
+            lambda: Spool(cfg.spool_path(), cfg.spool.max_messages, cfg.spool.max_bytes,
+                          cfg.spool.reserve_bytes if cfg.mqtt else 0, log),
+            self.link, self.output, self.stats_payload, cfg.stats.interval, log, cfg.spool.when_full,
         )
 
     def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, Any]:
@@ -227,6 +229,9 @@ class Runner:
                 if cfg.max_frames is not None and self.frames >= cfg.max_frames:
                     self.stop_reason = "max frames"
                     break
+                while self.outbox.full.is_set() and cfg.spool.when_full == "pause" and not self.stop_event.is_set():
+                    self.notifier.watchdog()  # paused on purpose, not hung
+                    time.sleep(0.05)
                 wait_started = time.perf_counter()
         finally:
             self.source.close()
@@ -242,6 +247,10 @@ class Runner:
         left = "" if drained or not self.link else f", {self.outbox.depth} result(s) kept in the spool for the next run"
         if left and self.link.last_error:
             left += f" (broker not reached: {self.link.last_error})"
+        dropped = self.outbox.spool_dropped - self.outbox.dropped_at_start
+        if dropped:
+            left += (f"; {dropped} result(s) dropped for lack of space, {self.outbox.lost} of them never stored "
+                     "(free disk space or raise [spool] max_bytes)")
         self.log(f"stopped ({self.stop_reason}): {self.frames} frames, last seq {self.outbox.last_seq}{left}")
         return 0
 

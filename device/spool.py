@@ -8,6 +8,12 @@ restarts even when the spool is empty.
 
 The spool is bounded by a message count and a byte size; past either, the oldest results are dropped first
 and counted in ``dropped``.
+
+A full disk: SQLite needs free space even to delete (the WAL grows before a checkpoint shrinks it), so a spool
+that filled its disk could neither store nor send. The spool therefore keeps a small reserve file next to it
+(``<spool>.reserve``, ``reserve_bytes``). When a write fails for lack of space it releases the reserve (one
+line), checkpoints, and retries; the caller's policy decides what happens to what still does not fit. When
+space returns the reserve is made again. The same applies when the spool is opened on a full disk.
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeVar
 
 from edgeq.errors import ConfigError, EdgeqError
 
 PAGE_SIZE = 4096
+T = TypeVar("T")
 
 
 class SpoolFullError(EdgeqError):
@@ -37,9 +44,30 @@ class SpoolEntry:
 class Spool:
     """An on-disk FIFO of (seq, topic, payload); use from one thread only."""
 
-    def __init__(self, path: str | Path, max_messages: int = 100_000, max_bytes: int | None = None) -> None:
+    def __init__(self, path: str | Path, max_messages: int = 100_000, max_bytes: int | None = None,
+                 reserve_bytes: int = 1 << 20, log: Callable[[str], None] = lambda s: None) -> None:
         self.path = Path(path)
         self.max_messages = max_messages
+        self.reserve = self.path.with_name(self.path.name + ".reserve")
+        self.reserve_bytes = reserve_bytes
+        self._log = log
+        self.short_of_space = False
+        try:
+            self._open(max_bytes)
+        except (sqlite3.Error, OSError) as exc:
+            # a disk filled to the last byte shows as "disk I/O error" (SQLite cannot create its -shm file)
+            short = _is_full(exc) or self._free_bytes() < 32 * PAGE_SIZE
+            if short and self._release_reserve():
+                try:
+                    self._open(max_bytes)
+                except (sqlite3.Error, OSError) as again:
+                    raise ConfigError(f"spool {self.path}: cannot open ({again}); free space on its disk") from None
+            else:
+                hint = "free space on its disk" if short else "set [spool] path to a writable file"
+                raise ConfigError(f"spool {self.path}: cannot open ({exc}); {hint}") from None
+        self._make_reserve()
+
+    def _open(self, max_bytes: int | None) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # results may be private: the file (and the -wal/-shm files SQLite creates with its mode) is 0600
@@ -48,8 +76,7 @@ class Spool:
             self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            if max_bytes is not None:
-                self.db.execute(f"PRAGMA max_page_count={max(16, max_bytes // PAGE_SIZE)}")
+            self._bound(max_bytes)
             self.db.executescript(
                 """
                 CREATE TABLE IF NOT EXISTS messages (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL);
@@ -57,10 +84,75 @@ class Spool:
                 INSERT OR IGNORE INTO meta VALUES ('last_seq', 0), ('dropped', 0);
                 """
             )
-        except (sqlite3.Error, OSError) as exc:
-            raise ConfigError(
-                f"spool {self.path}: cannot open ({exc}); set [spool] path to a writable file"
-            ) from None
+        except BaseException:
+            if getattr(self, "db", None) is not None:
+                self.db.close()
+                self.db = None
+            raise
+
+    def _bound(self, max_bytes: int | None) -> None:
+        """Preflight: cap the database at half of what its disk can give it (free space plus what it holds,
+        less the reserve), so that the WAL, which holds copies of pages until a checkpoint, always has room; and
+        checkpoint often enough to keep the WAL within that. SQLite then reports "full" at the cap, while the disk
+        still has room to delete the oldest results and to send."""
+        held = sum(p.stat().st_size for p in (self.path, self.path.with_name(self.path.name + "-wal"))
+                   if p.exists())
+        budget = self._free_bytes() + held - (0 if self.reserve.exists() else self.reserve_bytes)
+        pages = max(16, budget // 2 // PAGE_SIZE)
+        if max_bytes is not None:
+            pages = min(pages, max(16, max_bytes // PAGE_SIZE))
+        elif pages * PAGE_SIZE < 64 << 20:
+            self._log(f"spool {self.path}: {self._free_bytes() // 1024} KiB free on its disk; the spool keeps at "
+                      f"most {pages * PAGE_SIZE // 1024} KiB of results, the oldest dropped first")
+        self.db.execute(f"PRAGMA max_page_count={pages}")
+        self.db.execute(f"PRAGMA wal_autocheckpoint={max(8, min(1000, pages // 4))}")
+
+    # -- the disk reserve ----------------------------------------------------------------------------
+    def _free_bytes(self) -> int:
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return 1 << 62  # no folder to measure: the open itself will say what is wrong
+        return st.f_bavail * st.f_frsize
+
+    def _make_reserve(self) -> None:
+        """Write the reserve file when it is missing and the disk has room for it and as much again."""
+        if self.reserve_bytes <= 0 or self.reserve.exists():
+            return
+        try:
+            if self._free_bytes() < 2 * self.reserve_bytes:
+                return
+            fd = os.open(self.reserve, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(bytes(self.reserve_bytes))
+            if self.short_of_space:
+                self._log(f"spool {self.path}: disk space is back; writing normally again")
+            self.short_of_space = False
+        except OSError:
+            self.reserve.unlink(missing_ok=True)
+
+    def _release_reserve(self) -> bool:
+        """Free the reserve (True), or say there is none left (False)."""
+        if not self.reserve.exists():
+            return False
+        self.reserve.unlink()
+        self.short_of_space = True
+        self._log(f"spool {self.path}: disk full; released the {self.reserve_bytes} byte reserve to keep storing "
+                  "and sending results")
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except (sqlite3.Error, AttributeError):
+            pass
+        return True
+
+    def _retrying(self, write: Callable[[], "T"]) -> "T":
+        """``write()``, once more after releasing the reserve if the disk is full."""
+        try:
+            return write()
+        except sqlite3.OperationalError as exc:
+            if not _is_full(exc) or not self._release_reserve():
+                raise
+            return write()
 
     # -- counters ----------------------------------------------------------------------------------
     def _meta(self, key: str) -> int:
@@ -86,13 +178,19 @@ class Spool:
         items = list(items)
         for attempt in range(3):
             try:
-                return self._append(items, store)
+                seqs = self._retrying(lambda: self._append(items, store))
+                if self.short_of_space:
+                    self._make_reserve()
+                return seqs
             except sqlite3.OperationalError as exc:
-                if "full" not in str(exc).lower() or attempt == 2:
+                if not _is_full(exc) or attempt == 2 or not self.depth():
                     raise SpoolFullError(
                         f"spool {self.path}: {exc}; free disk space or raise [spool] max_bytes"
                     ) from None
-                self._drop_oldest(max(len(items), self.depth() // 10, 1))
+                try:  # make room: the oldest results go first
+                    self._drop_oldest(max(len(items), self.depth() // 10, 1))
+                except sqlite3.OperationalError as drop_exc:
+                    raise SpoolFullError(f"spool {self.path}: {drop_exc}; free disk space") from None
         raise AssertionError("unreachable")
 
     def _append(self, items: list[tuple[str, Callable[[int], bytes]]], store: bool) -> list[int]:
@@ -141,14 +239,41 @@ class Spool:
         return [SpoolEntry(int(s), str(t), bytes(p)) for s, t, p in rows]
 
     def ack(self, seqs: Iterable[int]) -> None:
-        seqs = [(int(s),) for s in seqs]
-        if seqs:
-            self.db.execute("BEGIN")
-            self.db.executemany("DELETE FROM messages WHERE seq=?", seqs)
-            self.db.execute("COMMIT")
+        """Delete acknowledged results. On a disk too full even for that, raise SpoolFullError: the results stay
+        and go again (at least once)."""
+        rows = [(int(s),) for s in seqs]
+        if not rows:
+            return
+
+        def delete() -> None:
+            try:
+                self.db.execute("BEGIN")
+                self.db.executemany("DELETE FROM messages WHERE seq=?", rows)
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+
+        try:
+            self._retrying(delete)
+        except sqlite3.OperationalError as exc:
+            if _is_full(exc):
+                raise SpoolFullError(f"spool {self.path}: {exc}; free disk space") from None
+            raise
+        if self.short_of_space:
+            try:
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._make_reserve()
 
     def close(self) -> None:
         try:
             self.db.close()
         except sqlite3.Error:
             pass
+
+
+def _is_full(exc: BaseException) -> bool:
+    return "full" in str(exc).lower()

@@ -165,7 +165,7 @@ def test_refused_credentials_reported_and_never_connected(tmp_path, tiny_bundle,
 
 
 @pytest.mark.parametrize("case,needle", [
-    ("refused", "connection refused; is the broker running and listening on port"),
+    ("refused", "connection refused (is the broker running and listening on port"),
     ("dns", "cannot resolve the host name"),
     ("tls-to-plain", "TLS handshake failed"),
     ("wrong-ca", "certificate is not trusted"),
@@ -273,3 +273,55 @@ def test_home_assistant_discovery_resent_on_ha_online(tmp_path, tiny_bundle, vid
     finally:
         sub.close()
         broker.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A 512 KiB tmpfs: a disk that fills up (the tests run as root, as CI does)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs for the full-disk test ({r.stderr.strip()}); run the suite as root",
+                    pytrace=False)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def _fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte with one file."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(bytes(4096))
+        except OSError:
+            pass
+    return filler
+
+
+def test_spool_on_a_full_disk_keeps_running_and_sends_what_it_kept(tmp_path, small_disk, tiny_bundle):
+    """Found in the field: a spool on a 256 KB tmpfs died with a traceback after 40 frames, and every restart
+    aborted, so the spooled results were never sent. Now: the spool fits itself to the disk, drops the oldest,
+    never crashes, starts on a disk filled to the last byte, and sends what it kept."""
+    from fixtures.synthetic import moving_shapes_frames, write_video
+
+    long = write_video(tmp_path / "long.avi", moving_shapes_frames(400, 120, 160))
+    port = free_port()
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(f'model = "{tiny_bundle}"\nsource = "{long}"\ndrain_timeout = 1\n[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\n'
+                   f'[spool]\npath = "{small_disk / "spool.db"}"\nreserve_bytes = 65536\n')
+    code, _, err = finish(start_run("--config", str(cfg)))  # no broker: everything goes to the spool
+    assert code == 0 and "Traceback" not in err and "FATAL" not in err, err
+    kept = int(err.split(" result(s) kept in the spool")[0].rsplit(", ", 1)[-1])
+    last = int(err.split("last seq ")[1].split(",")[0])
+    assert 0 < kept < last and "dropped for lack of space" in err, err
+    # the disk fills to the last byte (another program's file): the next start still works and sends
+    _fill(small_disk)
+    with broker_and_collector(tmp_path / "broker", ["edgeq/+/detections"], port=port) as (broker, sub):
+        cfg.write_text(cfg.read_text().replace("drain_timeout = 1", "drain_timeout = 20"))
+        code, _, err = finish(start_run("--config", str(cfg), "--max-frames", "3"))
+        assert code == 0 and "Traceback" not in err, err
+        assert sub.wait_for(lambda: len(sub.seqs()) >= kept, 20), (len(sub.seqs()), kept, err)
+        seqs = sub.seqs()
+        assert last in seqs and min(seqs) > 1, err  # the newest were kept and sent, the oldest dropped
