@@ -31,6 +31,10 @@ ROWS = [
     ("convert {model} --quant float16 --keep-float conv -o {out}", ["--keep-float", "float16"]),
     ("convert {model} --calib {calib} -o {tmp}/missing/o.edgeq", ["missing", "does not exist"]),
     ("convert {model} --calib {calib} -o {tmp}", ["is a folder"]),
+    # root passes access() there, and nothing can be created: refused before the 20 s conversion, not after it
+    ("convert {model} --calib {calib} -o /proc/x.edgeq", ["/proc/x.edgeq", "cannot create files"]),
+    ("convert {tmp}/broken.keras --calib {calib} -o {out}", ["broken.keras", "not a .keras file"]),
+    ("convert mobilenet_v2 --classes 0 --calib {calib} -o {out}", ["--classes 0"]),
     ("convert {model} --calib {calib} --labels {tmp}/nope.txt -o {out}", ["--labels", "cannot read"]),
     ("convert {unnamed} --calib {calib} -o {out}", ["no class names stored with the model", "--labels"]),
     ("convert {model} --calib {tmp}/nope -o {out}", ["--calib", "not found"]),
@@ -67,6 +71,9 @@ def test_bad_input_is_one_clear_line(args, needles, capsys, tmp_path, tiny_keras
     import shutil
 
     (tmp_path / "model.onnx").write_bytes(b"not a keras model")
+    broken = tmp_path / "broken.keras"
+    if "broken.keras" in args:
+        broken.write_bytes(b"garbage, not a zip")
     few, flat = tmp_path / "few", tmp_path / "flat"
     if "{few}" in args:  # labelled, but one class too small for the unfamiliarity fit
         shutil.copytree(shapes_dir, few)
@@ -81,7 +88,7 @@ def test_bad_input_is_one_clear_line(args, needles, capsys, tmp_path, tiny_keras
     code = main(argv)
     err = capsys.readouterr().err
     assert_clean_error((code, err), *needles)
-    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".edgeq", ".keras", ".tmp")]
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".edgeq", ".keras", ".tmp") and p != broken]
 
 
 # -- bundles: every way a .edgeq file can be broken, refused by the one reader both rooms use ------------------

@@ -10,6 +10,7 @@ bundle of ``class_N`` labels is a silent loss. Only the built-in ``mobilenet_v2`
 from __future__ import annotations
 
 import os
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,10 @@ def load_source_model(
         return _load_saved_model(path)
     if path.suffix.lower() not in (".keras", ".h5", ".hdf5"):
         raise ModelError(f"{model}: unknown model format {path.suffix!r}; give a .keras or .h5 file or a SavedModel")
+    if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):
+        # Keras itself reports this as "File not found", which sends people looking in the wrong place
+        raise ModelError(f"{model}: not a .keras file (a .keras model is a zip archive); is the file complete? "
+                         "re-save or copy it again")
     import keras
 
     from ..models.bayes import register
@@ -164,6 +169,14 @@ def check_output_path(path: Path) -> None:
         raise BundleError(f"-o {path}: folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BundleError(f"-o {path}: folder {parent} is not writable")
+    # root passes every access() check, and some folders (/proc, read-only mounts) refuse files anyway: try one
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".edgeq-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BundleError(f"-o {path}: cannot create files in {parent} ({exc.strerror or exc}); choose a writable "
+                          "folder") from None
 
 
 def read_labels(path: str, num_classes: int) -> list[str]:
