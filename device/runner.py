@@ -181,6 +181,9 @@ class Runner:
             self.link.start()
         self.log(f"running {self.bundle.name} on {self.source.name}: {self.model.runtime.name} "
                  f"{self.model.runtime.version}, {self.model.delegation.summary()}")
+        # ready once the model, the spool and the source are set up, not at the first frame: a camera or stream
+        # that is down at boot is waited for with backoff (watchdog pings go on), not killed by TimeoutStartSec
+        self.notifier.ready(f"started; waiting for the first frame from {self.source.name}")
         wait_started = time.perf_counter()
         period = 1.0 / cfg.max_fps if cfg.max_fps else 0.0
         next_slot = time.monotonic()
@@ -222,7 +225,7 @@ class Runner:
                 )
                 self.frames += 1
                 if self.frames == 1:
-                    self.notifier.ready(f"running {self.bundle.name} on {self.source.name}")
+                    self.notifier.status(f"running {self.bundle.name} on {self.source.name}")
                 self.notifier.watchdog()
                 if self.outbox.error is not None:
                     raise self.outbox.error

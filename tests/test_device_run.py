@@ -134,6 +134,41 @@ def test_sd_notify_ready_watchdog_stopping(tmp_path, tiny_bundle, video):
     assert "STOPPING=1" in received[-1]
 
 
+def test_ready_at_boot_while_the_stream_is_down(tmp_path, tiny_bundle):
+    """A stream that is down at boot: READY=1 comes once everything is set up, and the watchdog keeps being
+    pinged while the source reconnects with backoff (it used to wait for the first frame and hit
+    TimeoutStartSec)."""
+    import signal
+    import subprocess
+    import sys
+
+    from brokers import free_port
+
+    sock_path = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(sock_path)
+    server.settimeout(0.2)
+    env = {**__import__("os").environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgeq.cli", "run", "--model", str(tiny_bundle), "--source",
+                             f"rtsp://127.0.0.1:{free_port()}/stream", "--output", "-", "--spool",
+                             str(tmp_path / "s.db")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    received: list[str] = []
+    deadline = time.monotonic() + 20
+    try:
+        while time.monotonic() < deadline and sum("WATCHDOG=1" in m for m in received) < 5:
+            try:
+                received.append(server.recv(4096).decode())
+            except socket.timeout:
+                continue
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        server.close()
+    assert received and received[0].startswith("READY=1") and "waiting for the first frame" in received[0], received
+    assert sum("WATCHDOG=1" in m for m in received) >= 5, (received, err)
+    assert proc.returncode == 0 and "reconnecting" in err and '"edgeq.detections"' not in out
+
+
 def test_live_source_recovers_from_a_lost_stream(video):
     """A live source whose stream ends (as a dropped RTSP feed would) reconnects with backoff and goes on."""
     import cv2
