@@ -31,6 +31,7 @@ protocol = "3.1.1"           # or "5"
 [spool]
 path = "/var/lib/edgeq/spool.sqlite3"
 max_messages = 100000
+# max_age_s = 604800         # results older than a week are dropped unsent (0: kept however old)
 # reserve_bytes = 1048576    # kept free next to the spool, released when the disk fills
 # when_full = "drop_oldest"  # or "pause": stop taking frames until the disk has room
 
@@ -184,6 +185,8 @@ class SpoolConfig(Strict):
     path: Path | None = None
     max_messages: int = Field(100_000, ge=10)
     max_bytes: int | None = Field(None, ge=65536)
+    # results older than this are dropped unsent (logged); 0: no age cap
+    max_age_s: float = Field(7 * 86400, ge=0)
     # free space kept back next to the spool, released when the disk fills so results can still be sent
     reserve_bytes: int = Field(1 << 20, ge=0)
     # when the disk is full and nothing old is left to drop: "drop_oldest" drops the new results (counted and

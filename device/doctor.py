@@ -156,7 +156,7 @@ def check_broker(cfg: Any, timeout: float = 5.0) -> Check:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from .mqtt import apply_security
+    from .mqtt import apply_security, describe_connect_error
 
     m = cfg.mqtt
     data = {"url": m.url}
@@ -178,9 +178,10 @@ def check_broker(cfg: Any, timeout: float = 5.0) -> Check:
     started = time.perf_counter()
     try:
         client.connect(m.host, m.port, keepalive=10)
-    except (OSError, ValueError) as exc:
-        return Check("broker", "fail", f"{m.url}: cannot connect ({exc.__class__.__name__}: {exc}); is the broker "
-                     "running and reachable from here?", data)
+    except OSError as exc:
+        return Check("broker", "fail", f"{m.url}: {describe_connect_error(exc, m.port, m.tls)}", data)
+    except ValueError as exc:
+        return Check("broker", "fail", f"{m.url}: cannot connect ({exc})", data)
     client.loop_start()
     try:
         if not done.wait(timeout):
@@ -242,6 +243,41 @@ def check_model(path: str | Path | None, threads: int) -> list[Check]:
     return checks
 
 
+def check_spool(cfg: Any) -> Check:
+    """What the running (or last) `edgeq run` left in its spool: results waiting, results dropped, and the last
+    fault of each kind (broker, spool, source), read without writing."""
+    if cfg is None:
+        return Check("spool", "skip", "no config given (give --config to see the service's spool and last faults)")
+    import sqlite3
+
+    path = cfg.spool_path()
+    if not path.exists():
+        return Check("spool", "skip", f"{path}: no spool yet (edgeq run has not run with this config)")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            depth = db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            has_faults = db.execute("SELECT 1 FROM sqlite_master WHERE name='faults'").fetchone()
+            faults = db.execute("SELECT kind, at, message, active FROM faults ORDER BY at DESC").fetchall() \
+                if has_faults else []
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return Check("spool", "fail", f"{path}: cannot read the spool ({exc})", {"path": str(path)})
+    data = {"path": str(path), "waiting": depth, "dropped": meta.get("dropped", 0), "last_seq": meta.get("last_seq", 0),
+            "faults": [{"kind": k, "at": a, "message": m, "active": bool(x)} for k, a, m, x in faults]}
+    detail = f"{path}: {depth} result(s) waiting, {data['dropped']} dropped in all"
+    active = [f for f in data["faults"] if f["active"]]
+    if active:
+        last = active[0]
+        return Check("spool", "warn", f"{detail}; last fault ({last['kind']}, {last['at']}): {last['message']}", data)
+    if data["faults"]:
+        last = data["faults"][0]
+        detail += f"; no fault now (last: {last['kind']}, {last['at']}: {last['message']})"
+    return Check("spool", "pass", detail, data)
+
+
 def run_checks(model: str | Path | None = None, config: str | Path | None = None, threads: int | None = None) -> list[Check]:
     from .config import load_config
 
@@ -256,7 +292,7 @@ def run_checks(model: str | Path | None = None, config: str | Path | None = None
                     {"version": edgeq.__version__, "python": platform.python_version()})]
     runtime_check, runtime = check_runtime()
     checks += [runtime_check, check_cpu(), check_threads(n_threads), check_cameras(cfg.source if cfg else None),
-               check_broker(cfg)]
+               check_broker(cfg), check_spool(cfg)]
     if runtime is not None:
         checks += check_model(model, n_threads)
     elif model is not None:

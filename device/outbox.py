@@ -38,6 +38,8 @@ class Outbox(threading.Thread):
         self._unsaved: list[dict[str, Any]] = []
         self._unacked: list[int] = []
         self._full_logged = 0.0
+        self._faults: queue.SimpleQueue[tuple[str, str | None, str]] = queue.SimpleQueue()
+        self._mqtt_fault: str | None = None
         self._spool_factory = spool_factory
         self.link = link
         self.output = output
@@ -64,6 +66,21 @@ class Outbox(threading.Thread):
     def submit(self, result: dict[str, Any], decode: Callable[[], list[dict[str, Any]]]) -> None:
         """Hand over a result; ``decode`` (output arrays -> detections) runs here, off the inference thread."""
         self._queue.put((result, decode))
+
+    def note_fault(self, kind: str, message: str | None) -> None:
+        """Record a fault (or its end, message None) in the spool for `edgeq doctor`; from any thread."""
+        from datetime import datetime, timezone
+
+        self._faults.put((kind, message, datetime.now(timezone.utc).isoformat(timespec="seconds")))
+
+    def _save_faults(self) -> None:
+        if self.link is not None:  # a fault once it is known, cleared once connected (also one of an earlier run)
+            state = "connected" if self.link.connected.is_set() else self.link.last_error
+            if state is not None and state != self._mqtt_fault:
+                self._mqtt_fault = state
+                self.note_fault("mqtt", None if state == "connected" else state)
+        while not self._faults.empty():
+            self.spool.record_fault(*self._faults.get_nowait())
 
     def finish(self, drain_timeout: float) -> bool:
         """Flush every submitted result into the spool; then wait up to ``drain_timeout`` for the broker to
@@ -104,6 +121,7 @@ class Outbox(threading.Thread):
                 if self.link:
                     self._apply_acks()
                     self._pump()
+                self._save_faults()
                 if time.monotonic() >= next_stats:
                     next_stats += self._stats_interval
                     self._publish_stats()
@@ -118,6 +136,10 @@ class Outbox(threading.Thread):
         except BaseException as exc:  # surfaced by the runner as a clean error
             self.error = exc
         finally:
+            try:
+                self._save_faults()
+            except Exception:  # noqa: BLE001 - the history line is best effort; closing the spool is not
+                pass
             self.spool.close()
 
     def _take(self, timeout: float) -> list[dict[str, Any]]:
@@ -159,6 +181,7 @@ class Outbox(threading.Thread):
         if self.full.is_set():
             self.full.clear()
             self._log(f"spool {self.spool.path}: storing results again")
+            self.note_fault("spool", None)
         if self.link is None:  # seqs allocated only: build the lines here
             for seq, r in zip(seqs, batch):
                 r["seq"] = seq
@@ -185,6 +208,7 @@ class Outbox(threading.Thread):
         if not self.full.is_set() or now - self._full_logged >= FULL_LOG_S:
             self._log(f"{exc}: {what}; results already spooled are still sent")
             self._full_logged = now
+            self.note_fault("spool", f"{exc}: {what}")
         self.full.set()
         self.spool_dropped = self.spool.dropped + self.lost
 

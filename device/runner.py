@@ -79,7 +79,7 @@ class Runner:
         self.decoder = make_decoder(self.model, self.bundle, cfg.thresholds.score, cfg.thresholds.top_k,
                                     (cfg.thresholds.review_measure, cfg.thresholds.review), cfg.thresholds.nms_iou,
                                     cfg.thresholds.unfamiliar_percentile)
-        self.source = open_source(cfg.source, cfg.loop, log,
+        self.source = open_source(cfg.source, cfg.loop, self._source_log,
                                   read_secret(cfg.source_password_file, cfg.source_password_credential, "source_password"))
         self.stop_event = threading.Event()
         self.stop_reason = "end of source"
@@ -94,9 +94,16 @@ class Runner:
         self.outbox = Outbox(
             # without MQTT the spool only numbers results: no reserve to keep
             lambda: Spool(cfg.spool_path(), cfg.spool.max_messages, cfg.spool.max_bytes,
-                          cfg.spool.reserve_bytes if cfg.mqtt else 0, log),
+                          cfg.spool.reserve_bytes if cfg.mqtt else 0, log, cfg.spool.max_age_s),
             self.link, self.output, self.stats_payload, cfg.stats.interval, log, cfg.spool.when_full,
         )
+
+    def _source_log(self, line: str) -> None:
+        """The source's lines (skipped files, lost streams, truncation) are faults too, kept for `edgeq doctor`."""
+        self.log(line)
+        outbox = getattr(self, "outbox", None)
+        if outbox is not None:
+            outbox.note_fault("source", None if line.endswith(": reconnected") else line)
 
     def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, Any]:
         buffer = self._ring[self._ring_next]

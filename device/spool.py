@@ -6,8 +6,9 @@ in the OS page cache); after a power cut the last few commits may be lost. ``seq
 the same transaction as the row, from a counter kept in the database, so they increase without gaps across
 restarts even when the spool is empty.
 
-The spool is bounded by a message count and a byte size; past either, the oldest results are dropped first
-and counted in ``dropped``.
+The spool is bounded by a message count, a byte size and an age (``max_age_s``); past any of them the oldest
+results are dropped first, counted in ``dropped`` and logged (a line at most once a minute, with the count and
+the reason).
 
 A full disk: SQLite needs free space even to delete (the WAL grows before a checkpoint shrinks it), so a spool
 that filled its disk could neither store nor send. The spool therefore keeps a small reserve file next to it
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
@@ -27,6 +29,8 @@ from typing import Callable, Iterable, TypeVar
 from edgeq.errors import ConfigError, EdgeqError
 
 PAGE_SIZE = 4096
+DROP_LOG_S = 60.0  # drops are logged at most this often, summed
+EXPIRE_EVERY_S = 30.0  # how often results older than max_age_s are looked for
 T = TypeVar("T")
 
 
@@ -45,9 +49,15 @@ class Spool:
     """An on-disk FIFO of (seq, topic, payload); use from one thread only."""
 
     def __init__(self, path: str | Path, max_messages: int = 100_000, max_bytes: int | None = None,
-                 reserve_bytes: int = 1 << 20, log: Callable[[str], None] = lambda s: None) -> None:
+                 reserve_bytes: int = 1 << 20, log: Callable[[str], None] = lambda s: None,
+                 max_age_s: float = 0.0) -> None:
         self.path = Path(path)
         self.max_messages = max_messages
+        self.max_age_s = max_age_s
+        self._drops: dict[str, int] = {}  # dropped in the open transaction, by reason
+        self._drops_unlogged: dict[str, int] = {}
+        self._drops_logged_at = -DROP_LOG_S
+        self._expired_at = -EXPIRE_EVERY_S
         self.reserve = self.path.with_name(self.path.name + ".reserve")
         self.reserve_bytes = reserve_bytes
         self._log = log
@@ -82,8 +92,13 @@ class Spool:
                 CREATE TABLE IF NOT EXISTS messages (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL);
                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
                 INSERT OR IGNORE INTO meta VALUES ('last_seq', 0), ('dropped', 0);
+                CREATE TABLE IF NOT EXISTS faults (kind TEXT PRIMARY KEY, at TEXT NOT NULL, message TEXT NOT NULL,
+                                                   active INTEGER NOT NULL);
                 """
             )
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(messages)")}
+            if "created" not in columns:  # spools written before the age cap: their rows have no time, and stay
+                self.db.execute("ALTER TABLE messages ADD COLUMN created REAL")
         except BaseException:
             if getattr(self, "db", None) is not None:
                 self.db.close()
@@ -199,37 +214,80 @@ class Spool:
         try:
             first = self._meta("last_seq") + 1
             seqs = list(range(first, first + len(items)))
+            now = time.time()
             if store:
                 db.executemany(
-                    "INSERT INTO messages (seq, topic, payload) VALUES (?, ?, ?)",
-                    [(seq, topic, build(seq)) for seq, (topic, build) in zip(seqs, items)],
+                    "INSERT INTO messages (seq, topic, payload, created) VALUES (?, ?, ?, ?)",
+                    [(seq, topic, build(seq), now) for seq, (topic, build) in zip(seqs, items)],
                 )
             db.execute("UPDATE meta SET value=? WHERE key='last_seq'", (first + len(items) - 1,))
             excess = self.depth() - self.max_messages if store else 0
             if excess > 0:
-                self._drop_oldest_locked(excess)
+                self._drop_oldest_locked(excess, f"over max_messages {self.max_messages}")
+            if store and self.max_age_s and time.monotonic() - self._expired_at >= EXPIRE_EVERY_S:
+                self._expired_at = time.monotonic()
+                cur = db.execute("DELETE FROM messages WHERE created IS NOT NULL AND created < ?",
+                                 (now - self.max_age_s,))
+                self._count_drops(cur.rowcount, f"older than max_age_s {self.max_age_s:g}")
             db.execute("COMMIT")
         except BaseException:
+            self._drops.clear()
             if db.in_transaction:  # SQLite may already have rolled back on SQLITE_FULL
                 db.execute("ROLLBACK")
             raise
+        self._log_drops()
         return seqs
 
-    def _drop_oldest_locked(self, n: int) -> None:
+    def _count_drops(self, n: int, reason: str) -> None:
+        if n > 0:
+            self.db.execute("UPDATE meta SET value = value + ? WHERE key='dropped'", (n,))
+            self._drops[reason] = self._drops.get(reason, 0) + n
+
+    def _log_drops(self) -> None:
+        """After a commit: one line for what was dropped, at most once a minute (summed in between)."""
+        for reason, n in self._drops.items():
+            self._drops_unlogged[reason] = self._drops_unlogged.get(reason, 0) + n
+        self._drops.clear()
+        now = time.monotonic()
+        if self._drops_unlogged and now - self._drops_logged_at >= DROP_LOG_S:
+            what = "; ".join(f"{n} {reason}" for reason, n in self._drops_unlogged.items())
+            self._log(f"spool {self.path}: dropped the oldest result(s), never sent: {what} ({self.dropped} in all)")
+            self._drops_unlogged.clear()
+            self._drops_logged_at = now
+
+    def _drop_oldest_locked(self, n: int, reason: str) -> None:
         cur = self.db.execute(
             "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages ORDER BY seq LIMIT ?)", (n,)
         )
-        self.db.execute("UPDATE meta SET value = value + ? WHERE key='dropped'", (cur.rowcount,))
+        self._count_drops(cur.rowcount, reason)
 
     def _drop_oldest(self, n: int) -> None:
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self._drop_oldest_locked(n)
+            self._drop_oldest_locked(n, "to make room on a full spool")
             self.db.execute("COMMIT")
         except BaseException:
+            self._drops.clear()
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             raise
+        self._log_drops()
+
+    # -- faults: the last of each kind, for `edgeq doctor` ---------------------------------------------
+    def record_fault(self, kind: str, message: str | None, at: str) -> None:
+        """Keep the last fault of ``kind`` (message None: it cleared, the message stays as history). Best
+        effort: a disk too full for this line loses only the line."""
+        try:
+            if message is None:
+                self.db.execute("UPDATE faults SET active=0 WHERE kind=?", (kind,))
+            else:
+                self.db.execute("INSERT OR REPLACE INTO faults VALUES (?, ?, ?, 1)", (kind, at, message))
+        except sqlite3.Error:
+            pass
+
+    def faults(self) -> list[dict[str, object]]:
+        rows = self.db.execute("SELECT kind, at, message, active FROM faults ORDER BY at DESC").fetchall()
+        return [{"kind": k, "at": a, "message": m, "active": bool(x)} for k, a, m, x in rows]
 
     # -- reading -----------------------------------------------------------------------------------
     def pending(self, after: int = 0, limit: int = 100) -> list[SpoolEntry]:

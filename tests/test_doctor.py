@@ -71,7 +71,7 @@ def test_doctor_fails_on_an_absent_broker_bad_password_missing_camera_and_corrup
     r = run_edgeq("doctor", "--config", str(cfg), "--json")
     assert r.returncode == 1
     checks = _checks(r)
-    assert checks["broker"]["status"] == "fail" and "cannot connect" in checks["broker"]["detail"]
+    assert checks["broker"]["status"] == "fail" and "connection refused" in checks["broker"]["detail"]
     assert checks["camera"]["status"] == "fail" and "/dev/video57 does not exist" in checks["camera"]["detail"]
     assert checks["bundle"]["status"] == "skip"
 
@@ -102,3 +102,26 @@ def test_doctor_bad_arguments(args, needle):
     from conftest import assert_clean_error
 
     assert_clean_error(run_edgeq("doctor", *args), needle)
+
+
+def test_doctor_shows_the_last_fault_the_service_met(tmp_path, tiny_bundle, shapes_dir):
+    """`edgeq run` keeps the last fault of each kind in its spool; doctor reads it (read-only) and says it, and
+    says when it has cleared."""
+    port = free_port()
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(f'model = "{tiny_bundle}"\nsource = "{shapes_dir / "circle"}"\ndrain_timeout = 1\n'
+                   f'[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\n[spool]\npath = "{tmp_path / "spool.db"}"\n')
+    r = run_edgeq("doctor", "--config", str(cfg), "--json")
+    assert _checks(r)["spool"]["status"] == "skip"  # nothing has run yet
+    assert run_edgeq("run", "--config", str(cfg)).returncode == 0  # the broker is down
+    spool = _checks(run_edgeq("doctor", "--config", str(cfg), "--json"))["spool"]
+    assert spool["status"] == "warn" and "connection refused" in spool["detail"], spool
+    assert spool["data"]["waiting"] == 12 and spool["data"]["faults"][0]["kind"] == "mqtt"
+    broker = Broker(tmp_path / "broker", port=port).start()
+    try:
+        cfg.write_text(cfg.read_text().replace("drain_timeout = 1", "drain_timeout = 20"))
+        assert run_edgeq("run", "--config", str(cfg)).returncode == 0
+    finally:
+        broker.stop()
+    spool = _checks(run_edgeq("doctor", "--config", str(cfg), "--json"))["spool"]
+    assert spool["status"] == "pass" and "no fault now" in spool["detail"] and spool["data"]["waiting"] == 0, spool
