@@ -19,6 +19,8 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgeq.errors import ConfigError
+
 from .config import MqttConfig
 
 
@@ -28,9 +30,13 @@ def apply_security(client: mqtt.Client, cfg: MqttConfig) -> None:
     if cfg.username:
         client.username_pw_set(cfg.username, cfg.password())
     if cfg.tls:
-        context = ssl.create_default_context(cafile=str(cfg.ca) if cfg.ca else None)
-        if cfg.cert:
-            context.load_cert_chain(str(cfg.cert), str(cfg.key) if cfg.key else None)
+        try:
+            context = ssl.create_default_context(cafile=str(cfg.ca) if cfg.ca else None)
+            if cfg.cert:
+                context.load_cert_chain(str(cfg.cert), str(cfg.key) if cfg.key else None)
+        except (ssl.SSLError, OSError, ValueError) as exc:  # changed since validation: still one line
+            raise ConfigError(f"mqtt TLS files (ca {cfg.ca}, cert {cfg.cert}): {getattr(exc, 'strerror', None) or exc}"
+                              "; give PEM files this user can read") from None
         client.tls_set_context(context)
 
 
