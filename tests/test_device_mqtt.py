@@ -317,7 +317,7 @@ def test_spool_on_a_full_disk_keeps_running_and_sends_what_it_kept(tmp_path, sma
     last = int(err.split("last seq ")[1].split(",")[0])
     assert 0 < kept < last and "dropped for lack of space" in err, err
     # the disk fills to the last byte (another program's file): the next start still works and sends
-    _fill(small_disk)
+    filler = _fill(small_disk)
     with broker_and_collector(tmp_path / "broker", ["edgeq/+/detections"], port=port) as (broker, sub):
         cfg.write_text(cfg.read_text().replace("drain_timeout = 1", "drain_timeout = 20"))
         code, _, err = finish(start_run("--config", str(cfg), "--max-frames", "3"))
@@ -325,3 +325,8 @@ def test_spool_on_a_full_disk_keeps_running_and_sends_what_it_kept(tmp_path, sma
         assert sub.wait_for(lambda: len(sub.seqs()) >= kept, 20), (len(sub.seqs()), kept, err)
         seqs = sub.seqs()
         assert last in seqs and min(seqs) > 1, err  # the newest were kept and sent, the oldest dropped
+        # space returns: the spool takes its reserve back and stores normally again
+        filler.unlink()
+        code, _, err = finish(start_run("--config", str(cfg), "--max-frames", "3"))
+        assert code == 0 and (small_disk / "spool.db.reserve").is_file(), err
+        assert sub.wait_for(lambda: max(sub.seqs()) > max(seqs), 20), err
