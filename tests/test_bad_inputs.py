@@ -33,7 +33,7 @@ ROWS = [
     ("convert {model} --calib {calib} -o {tmp}", ["is a folder"]),
     # root passes access() there, and nothing can be created: refused before the 20 s conversion, not after it
     ("convert {model} --calib {calib} -o /proc/x.edgeq", ["/proc/x.edgeq", "cannot create files"]),
-    ("convert {tmp}/broken.keras --calib {calib} -o {out}", ["broken.keras", "not a .keras file"]),
+    ("convert {tmp}/broken.keras --calib {calib} -o {out}", ["broken.keras", "not a zip archive"]),
     ("convert mobilenet_v2 --classes 0 --calib {calib} -o {out}", ["--classes 0"]),
     ("convert {model} --calib {calib} --labels {tmp}/nope.txt -o {out}", ["--labels", "cannot read"]),
     ("convert {unnamed} --calib {calib} -o {out}", ["no class names stored with the model", "--labels"]),

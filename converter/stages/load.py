@@ -109,8 +109,8 @@ def load_source_model(
         raise ModelError(f"{model}: unknown model format {path.suffix!r}; give a .keras or .h5 file or a SavedModel")
     if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):
         # Keras itself reports this as "File not found", which sends people looking in the wrong place
-        raise ModelError(f"{model}: not a .keras file (a .keras model is a zip archive); is the file complete? "
-                         "re-save or copy it again")
+        raise ModelError(f"{model}: cannot load the model: not a zip archive, as a .keras file is; is the file "
+                         "complete? re-save or copy it again")
     import keras
 
     from ..models.bayes import register
