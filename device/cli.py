@@ -21,6 +21,8 @@ def add_device_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-id", metavar="ID", help="device id used in topics (letters, digits, - and _)")
     p.add_argument("--threads", type=int, metavar="N", help="interpreter threads")
     p.add_argument("--output", metavar="FILE|-", help="also write every message as JSON lines (- for stdout)")
+    p.add_argument("--annotate", metavar="PATH", help="draw every result on its frame: a .mp4/.avi video, or a "
+                   "folder of JPEGs; flagged results in red with their reason (off by default)")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
     p.add_argument("--max-fps", type=float, metavar="F", help="cap the inference rate (frames per second)")
     p.add_argument("--loop", action="store_true", default=None, help="restart file and folder sources at their end")
@@ -53,6 +55,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "device_id": args.device_id,
         "threads": args.threads,
         "output": args.output,
+        "annotate": args.annotate,
         "max_frames": args.max_frames,
         "max_fps": args.max_fps,
         "loop": args.loop,

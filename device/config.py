@@ -8,6 +8,7 @@ source = "0"                 # camera index, /dev/videoN, video file, image fold
 # source_password_credential = "camera-password", from $CREDENTIALS_DIRECTORY): never in the URL
 threads = 2
 max_fps = 10                 # optional: cap inference rate to save power and heat
+# annotate = "/var/lib/edgeq/annotated"   # optional: draw results on frames (a .mp4/.avi file or a JPEG folder)
 
 [thresholds]
 # score = 0.3                # detections below are not reported (default: the bundle's, else 0.5)
@@ -216,6 +217,8 @@ class DeviceConfig(Strict):
     max_frames: int | None = Field(None, ge=1)
     max_fps: float | None = Field(None, gt=0)
     output: str | None = None
+    # draw every result on its frame: a .mp4/.avi video, or a folder of JPEGs (device/annotate.py); off by default
+    annotate: str | None = None
     drain_timeout: float = Field(10.0, ge=0)
     thresholds: Thresholds = Thresholds()
     mqtt: MqttConfig | None = None

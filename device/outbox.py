@@ -30,9 +30,11 @@ class Outbox(threading.Thread):
         stats_interval: float,
         log: Callable[[str], None],
         when_full: str = "drop_oldest",
+        annotator: Any = None,
     ) -> None:
         super().__init__(name="edgeq-outbox", daemon=True)
         self.when_full = when_full
+        self.annotator = annotator  # device/annotate.py, or None: results are drawn on their frames here
         self.full = threading.Event()  # set while results cannot be stored (the runner pauses on it, if asked to)
         self.lost = 0  # results that could not be stored on a full disk (drop_oldest)
         self._unsaved: list[dict[str, Any]] = []
@@ -63,8 +65,12 @@ class Outbox(threading.Thread):
         self._cursor = 0
 
     # -- called from the inference thread ----------------------------------------------------------------
-    def submit(self, result: dict[str, Any], decode: Callable[[], list[dict[str, Any]]]) -> None:
-        """Hand over a result; ``decode`` (output arrays -> detections) runs here, off the inference thread."""
+    def submit(self, result: dict[str, Any], decode: Callable[[], list[dict[str, Any]]],
+               image: Any = None) -> None:
+        """Hand over a result; ``decode`` (output arrays -> detections) runs here, off the inference thread.
+        ``image``: the frame, when results are drawn (``--annotate``)."""
+        if image is not None:
+            result["_frame"] = image
         self._queue.put((result, decode))
 
     def note_fault(self, kind: str, message: str | None) -> None:
@@ -141,6 +147,8 @@ class Outbox(threading.Thread):
             except Exception:  # noqa: BLE001 - the history line is best effort; closing the spool is not
                 pass
             self.spool.close()
+            if self.annotator is not None:
+                self.annotator.close()
 
     def _take(self, timeout: float) -> list[dict[str, Any]]:
         items: list[Any] = []
@@ -162,6 +170,7 @@ class Outbox(threading.Thread):
         return results
 
     def _store(self, batch: list[dict[str, Any]]) -> None:
+        frames = [r.pop("_frame", None) for r in batch]
         encoded: list[str] = []
 
         def builder(result: dict[str, Any]) -> Callable[[int], bytes]:
@@ -191,6 +200,10 @@ class Outbox(threading.Thread):
         if self.output is not None:
             self.output.write("\n".join(encoded) + "\n")
             self.output.flush()
+        if self.annotator is not None:
+            for frame, r in zip(frames, batch):
+                if frame is not None:
+                    self.annotator.add(frame, r)
         if self.link is not None:
             self.depth = self.spool.depth()
             self.spool_dropped = self.spool.dropped + self.lost

@@ -91,11 +91,16 @@ class Runner:
         self.notifier = Notifier()
         self.link = self._make_link() if cfg.mqtt else None
         self.output = self._open_output(cfg.output)
+        annotator = None
+        if cfg.annotate is not None:  # nothing of it is imported, and no frame kept, when off
+            from .annotate import Annotator, check_target
+
+            annotator = Annotator(check_target(cfg.annotate), cfg.max_fps or getattr(self.source, "fps", None))
         self.outbox = Outbox(
             # without MQTT the spool only numbers results: no reserve to keep
             lambda: Spool(cfg.spool_path(), cfg.spool.max_messages, cfg.spool.max_bytes,
                           cfg.spool.reserve_bytes if cfg.mqtt else 0, log, cfg.spool.max_age_s),
-            self.link, self.output, self.stats_payload, cfg.stats.interval, log, cfg.spool.when_full,
+            self.link, self.output, self.stats_payload, cfg.stats.interval, log, cfg.spool.when_full, annotator,
         )
 
     def _source_log(self, line: str) -> None:
@@ -229,6 +234,7 @@ class Runner:
                         },
                     },
                     lambda raw=raw, transform=transform: self.decoder.decode(raw, transform),
+                    frame.image if self.outbox.annotator is not None else None,
                 )
                 self.frames += 1
                 if self.frames == 1:

@@ -194,6 +194,7 @@ class VideoFileSource(_FileSource):
         probe = cv2.VideoCapture(str(path))
         ok = probe.isOpened() and probe.read()[0]
         self.declared = int(probe.get(cv2.CAP_PROP_FRAME_COUNT)) if ok else 0
+        self.fps = float(probe.get(cv2.CAP_PROP_FPS)) if ok else 0.0
         probe.release()
         if not ok:
             raise SourceError(f"source {path}: cannot decode the video (corrupt file or unsupported codec)")

@@ -1,0 +1,134 @@
+"""Issue 18 figures for `edgeq run --annotate`: what drawing results on frames costs.
+
+A grid detector (MobileNetV2 0.35/192, random weights, int8), two clips of 600 frames:
+- ``demo_clip``: the demo's scene (192x192 Fashion-MNIST items drifting on a textured background, a bag entering
+  halfway), with the score threshold set so that frames carry about 4 boxes, as the demo's do;
+- ``worst_case``: a 640x480 clip with a score threshold of 0.001, so that every frame has the most boxes the
+  decoder reports (50).
+Each configuration is one `edgeq run` process; runs are interleaved (off, video, jpeg, off, ...) and repeated.
+Processing fps = frames / (wall time - the start-up time of a 1-frame run of the same configuration), so model
+loading is left out and the outbox's drawing, which runs after inference on its own thread, is counted until the
+last frame is written.
+
+    python benchmarks/annotate.py        # writes benchmarks/results/annotate.json
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+FRAMES = 600
+
+
+def make_bundle(tmp: Path) -> Path:
+    from edgeq.converter import convert, recipe_from_flags
+    from edgeq.converter.models.detector import build_detector
+    from fixtures.synthetic import write_shape_folder
+
+    from conftest import save_with_labels
+
+    write_shape_folder(tmp / "calib", per_class=10, size=192, seed=3)
+    model = save_with_labels(build_detector(192, 0.35, 3, seed=2), tmp / "det.keras", ["circle", "square", "triangle"])
+    out = tmp / "det.edgeq"
+    convert(recipe_from_flags(str(model), out, calib=str(tmp / "calib"), calib_samples=30, resize="letterbox"),
+            log=lambda s: None)
+    return out
+
+
+def run(bundle: Path, video: Path, tmp: Path, annotate: str | None, frames: int, score: float) -> float:
+    exe = shutil.which("edgeq")
+    cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
+    config = tmp / "device.toml"
+    config.write_text(f"[thresholds]\nscore = {score}\n")
+    args = ["run", "--model", str(bundle), "--source", str(video), "--config", str(config), "--max-frames",
+            str(frames), "--spool", str(tmp / "spool.db"), "--output", str(tmp / "out.jsonl")]
+    if annotate:
+        target = tmp / annotate
+        shutil.rmtree(target, ignore_errors=True)
+        if target.is_file():
+            target.unlink()
+        args += ["--annotate", str(target)]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd + args, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"edgeq run failed: {r.stderr[-500:]}")
+    return elapsed
+
+
+def scenario(bundle: Path, video: Path, tmp: Path, score: float, repeats: int) -> dict:
+    import json
+
+    configs = {"off": None, "video_avi": "annotated.avi", "jpeg_folder": "annotated"}
+    startup = {name: [] for name in configs}
+    full = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, target in configs.items():
+            startup[name].append(run(bundle, video, tmp, target, 1, score))
+            full[name].append(run(bundle, video, tmp, target, FRAMES, score))
+    boxes = [len(json.loads(ln)["detections"]) for ln in (tmp / "out.jsonl").read_text().splitlines()
+             if '"edgeq.detections"' in ln][-FRAMES:]
+    fps = {name: [FRAMES / max(f - s, 1e-6) for f, s in zip(full[name], startup[name])] for name in configs}
+    med = {name: float(np.median(v)) for name, v in fps.items()}
+    return {
+        "score_threshold": score, "boxes_per_frame_mean": round(float(np.mean(boxes)), 1),
+        "fps": {name: [round(v, 1) for v in values] for name, values in fps.items()},
+        "fps_median": {name: round(v, 1) for name, v in med.items()},
+        "off_spread": round((max(fps["off"]) - min(fps["off"])) / med["off"], 4),
+        "video_over_off": round(med["video_avi"] / med["off"], 4),
+        "jpeg_over_off": round(med["jpeg_folder"] / med["off"], 4),
+    }
+
+
+def threshold_for(bundle: Path, video: Path, tmp: Path, boxes: int) -> float:
+    """The score threshold at which the median frame of ``video`` keeps ``boxes`` boxes."""
+    import json
+
+    run(bundle, video, tmp, None, FRAMES, 0.001)
+    kth = [sorted((d["score"] for d in m["detections"]), reverse=True)[boxes - 1]
+           for m in map(json.loads, (tmp / "out.jsonl").read_text().splitlines())
+           if m["schema"] == "edgeq.detections" and len(m["detections"]) >= boxes]
+    return round(float(np.median(kth)), 6)
+
+
+def main() -> int:
+    from edgeq.converter.data.scenes import moving_scene_frames, write_video as write_scene_video
+    from fixtures.synthetic import moving_shapes_frames, write_video
+
+    repeats = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        bundle = make_bundle(tmp)
+        demo_frames, _ = moving_scene_frames(FRAMES, 192, seed=5, objects=3, unknown_classes=("bag",))
+        demo = write_scene_video(tmp / "demo.avi", demo_frames, fps=10)
+        worst = write_video(tmp / "clip.avi", moving_shapes_frames(FRAMES, 480, 640))
+        scenarios = {
+            "demo_clip": scenario(bundle, demo, tmp, threshold_for(bundle, demo, tmp, 4), repeats),
+            "worst_case": scenario(bundle, worst, tmp, 0.001, repeats),
+        }
+    result = {
+        "benchmark": "annotate",
+        "model": "grid detector MobileNetV2 0.35/192 int8, random weights",
+        "clips": {"demo_clip": "192x192, the demo's moving scene (converter/data/scenes.py), MJPG",
+                  "worst_case": "640x480 moving shapes, MJPG"},
+        "frames": FRAMES, "repeats": repeats, "scenarios": scenarios, "target_on_over_off": 0.8,
+    }
+    write_result("annotate", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

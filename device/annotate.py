@@ -1,0 +1,113 @@
+"""``edgeq run --annotate PATH``: what the device saw, with what it said drawn on it.
+
+Each detection's box carries its label, score and uncertainty (unfamiliarity percentile when the bundle has a
+density, else predictive entropy); a result flagged for review is drawn in red with a thicker frame and its
+reason. A classifier's top result is written in the top-left corner the same way. PATH ending in ``.mp4`` or
+``.avi`` writes a video (mp4v, or MJPG); any other PATH without a suffix is a folder of JPEGs, one per frame,
+named by ``seq``. Drawing runs on the outbox thread after decoding, never on the inference thread, and nothing
+of this module is imported when annotation is off.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeq.errors import ConfigError
+
+VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG"}
+TRUSTED = (80, 200, 60)  # BGR
+FLAGGED = (40, 40, 230)
+DEFAULT_FPS = 10.0
+
+
+def check_target(path: str) -> Path:
+    """The annotation target, checked before any work: a supported extension, a folder that can take files."""
+    import tempfile
+
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix and suffix not in VIDEO_CODECS:
+        raise ConfigError(f"--annotate {path}: unsupported extension {target.suffix!r}; give a .mp4 or .avi file, "
+                          "or a folder for JPEGs")
+    folder = target.parent if suffix else target
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".edgeq-write-check-")
+        import os
+
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"--annotate {path}: cannot write there ({exc.strerror or exc}); choose a writable "
+                          "folder") from None
+    return target
+
+
+def describe(item: dict[str, Any]) -> tuple[str, str | None]:
+    """The text drawn for one result, and its review reason (None: trusted or not judged)."""
+    u = item.get("uncertainty") or {}
+    text = f"{item['label']} {item['score']:.2f}"
+    if u.get("unfamiliarity_percentile") is not None:
+        text += f" unf p{u['unfamiliarity_percentile']:.0f}"
+    elif u.get("predictive_entropy") is not None:
+        text += f" H {u['predictive_entropy']:.2f}"
+    reason = (item.get("review_reason") or "review") if item.get("needs_review") else None
+    return text, reason
+
+
+class Annotator:
+    """Draws results on frames and writes them to ``target`` (see the module's docstring)."""
+
+    def __init__(self, target: Path, fps: float | None) -> None:
+        self.target = target
+        self.fps = fps or DEFAULT_FPS
+        self.video = target.suffix.lower() in VIDEO_CODECS
+        self.writer: Any = None
+        self.frames = 0
+
+    def add(self, image: np.ndarray, message: dict[str, Any]) -> None:
+        import cv2
+
+        canvas = image.copy() if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+        h, w = canvas.shape[:2]
+        for i, item in enumerate(message.get("detections") or []):
+            text, reason = describe(item)
+            colour = FLAGGED if reason else TRUSTED
+            if reason:
+                text = f"REVIEW ({reason}): {text}"
+            if "box" in item:  # [ymin, xmin, ymax, xmax], normalised to the frame
+                y0, x0, y1, x1 = (int(round(v * s)) for v, s in zip(item["box"], (h, w, h, w)))
+                cv2.rectangle(canvas, (x0, y0), (x1, y1), colour, 3 if reason else 2)
+                anchor = (x0 + 2, max(y0 - 4, 12))
+            elif i == 0:  # a classifier: its top result in the corner
+                anchor = (6, 18)
+            else:
+                continue
+            cv2.putText(canvas, text, anchor, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
+            cv2.putText(canvas, text, anchor, cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1, cv2.LINE_AA)
+        self._write(canvas, int(message["seq"]))
+
+    def _write(self, canvas: np.ndarray, seq: int) -> None:
+        import cv2
+
+        if not self.video:
+            if not cv2.imwrite(str(self.target / f"{seq:08d}.jpg"), canvas):
+                raise ConfigError(f"--annotate {self.target}: cannot write {seq:08d}.jpg")
+            self.frames += 1
+            return
+        if self.writer is None:
+            h, w = canvas.shape[:2]
+            fourcc = cv2.VideoWriter_fourcc(*VIDEO_CODECS[self.target.suffix.lower()])
+            self.writer = cv2.VideoWriter(str(self.target), fourcc, self.fps, (w, h))
+            if not self.writer.isOpened():
+                raise ConfigError(f"--annotate {self.target}: OpenCV cannot write this video format here; try .avi")
+        self.writer.write(canvas)
+        self.frames += 1
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+            self.writer = None
