@@ -2,7 +2,9 @@
 
 A grid detector (MobileNetV2 0.35/192, random weights, int8), two clips of 600 frames:
 - ``demo_clip``: the demo's scene (192x192 Fashion-MNIST items drifting on a textured background, a bag entering
-  halfway), with the score threshold set so that frames carry about 4 boxes, as the demo's do;
+  halfway), 4 boxes per frame, as the demo's trained detector gives (random weights score every cell alike, so
+  a threshold cannot pick 4: the copy of the bundle used here has ``detector.max_detections`` set to 4 in its
+  manifest);
 - ``worst_case``: a 640x480 clip with a score threshold of 0.001, so that every frame has the most boxes the
   decoder reports (50).
 Each configuration is one `edgeq run` process; runs are interleaved (off, video, jpeg, off, ...) and repeated.
@@ -93,15 +95,21 @@ def scenario(bundle: Path, video: Path, tmp: Path, score: float, repeats: int) -
     }
 
 
-def threshold_for(bundle: Path, video: Path, tmp: Path, boxes: int) -> float:
-    """The score threshold at which the median frame of ``video`` keeps ``boxes`` boxes."""
+def with_max_detections(bundle: Path, n: int) -> Path:
+    """A copy of ``bundle`` whose decoder keeps at most ``n`` boxes (the manifest's detector.max_detections)."""
     import json
+    import zipfile
 
-    run(bundle, video, tmp, None, FRAMES, 0.001)
-    kth = [sorted((d["score"] for d in m["detections"]), reverse=True)[boxes - 1]
-           for m in map(json.loads, (tmp / "out.jsonl").read_text().splitlines())
-           if m["schema"] == "edgeq.detections" and len(m["detections"]) >= boxes]
-    return round(float(np.median(kth)), 6)
+    out = bundle.with_name(f"{bundle.stem}-max{n}.edgeq")
+    with zipfile.ZipFile(bundle) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename == "manifest.json":
+                manifest = json.loads(data)
+                manifest["detector"]["max_detections"] = n
+                data = json.dumps(manifest).encode()
+            zout.writestr(item.filename, data)
+    return out
 
 
 def main() -> int:
@@ -116,7 +124,7 @@ def main() -> int:
         demo = write_scene_video(tmp / "demo.avi", demo_frames, fps=10)
         worst = write_video(tmp / "clip.avi", moving_shapes_frames(FRAMES, 480, 640))
         scenarios = {
-            "demo_clip": scenario(bundle, demo, tmp, threshold_for(bundle, demo, tmp, 4), repeats),
+            "demo_clip": scenario(with_max_detections(bundle, 4), demo, tmp, 0.001, repeats),
             "worst_case": scenario(bundle, worst, tmp, 0.001, repeats),
         }
     result = {
