@@ -45,6 +45,12 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def _annotate(s: dict) -> str:
+    f = s["fps_median"]
+    return (f"{s['video_over_off']:.2f}x / {s['jpeg_over_off']:.2f}x ({f['video_avi']:.0f} and {f['jpeg_folder']:.0f} "
+            f"vs {f['off']:.0f} fps; off runs spread {100 * s['off_spread']:.0f}%)")
+
+
 def _auroc(block: dict, measure: str) -> str:
     v = (block.get("unknown_auroc") or {}).get(measure)
     return "-" if v is None else f"{v:.2f}"
@@ -79,6 +85,10 @@ README: list[Row] = [
     ("results lost across 5 broker restarts in a 2,000-frame run",
      lambda r: f"{r['device_pipeline'].broker_restarts['lost']} ({r['device_pipeline'].broker_restarts['duplicates']} "
                "duplicates, dropped by seq)", "same"),
+    ("`edgeq run --annotate` on vs off, the demo clip (192x192, 4 boxes a frame): fps into a .avi / a JPEG folder",
+     lambda r: _annotate(r["annotate"].scenarios["demo_clip"]), "`python benchmarks/annotate.py`"),
+    ("same, worst case: 640x480, 50 boxes a frame",
+     lambda r: _annotate(r["annotate"].scenarios["worst_case"]), "same"),
     ("Bayesian head, K=32, int8, one invoke vs the same backbone with a dense head, MobileNetV2 0.35/96",
      lambda r: _bayes_latency(r["bayes_head"]), "`python benchmarks/bayes_head.py`"),
     ("one K=32 pass vs 32 passes of the deterministic int8 network (0.35/96)",
