@@ -78,8 +78,10 @@ class Annotator:
             colour = FLAGGED if reason else TRUSTED
             if reason:
                 text = f"REVIEW ({reason}): {text}"
-            if "box" in item:  # [ymin, xmin, ymax, xmax], normalised to the frame
-                y0, x0, y1, x1 = (int(round(v * s)) for v, s in zip(item["box"], (h, w, h, w)))
+            if "bbox" in item:  # normalised to the frame
+                b = item["bbox"]
+                x0, y0, x1, y1 = (int(round(v)) for v in (b["x_min"] * w, b["y_min"] * h, b["x_max"] * w,
+                                                          b["y_max"] * h))
                 cv2.rectangle(canvas, (x0, y0), (x1, y1), colour, 3 if reason else 2)
                 anchor = (x0 + 2, max(y0 - 4, 12))
             elif i == 0:  # a classifier: its top result in the corner

@@ -114,6 +114,20 @@ class ClassificationDecoder:
         return out
 
 
+def box_fields(box: np.ndarray, transform: FrameTransform) -> dict[str, Any]:
+    """A detection's box three ways: ``bbox`` (x_min, y_min, x_max, y_max normalised to the frame), ``bbox_px``
+    (the same in the frame's pixels) and the deprecated ``box`` array (TFLite's order: ymin, xmin, ymax, xmax;
+    kept for schema 3 only)."""
+    ymin, xmin, ymax, xmax = (round(float(v), 6) for v in box)
+    w, h = transform.frame_width, transform.frame_height
+    return {
+        "bbox": {"x_min": xmin, "y_min": ymin, "x_max": xmax, "y_max": ymax},
+        "bbox_px": {"x_min": int(round(xmin * w)), "y_min": int(round(ymin * h)), "x_max": int(round(xmax * w)),
+                    "y_max": int(round(ymax * h))},
+        "box": [ymin, xmin, ymax, xmax],
+    }
+
+
 class GridDecoder:
     """edgeq's grid detector: detections with their boxes on the frame, the uncertainty of the K class
     distributions and the unfamiliarity at their cell, and their review. score_threshold and nms_iou: None keeps
@@ -146,8 +160,8 @@ class GridDecoder:
                          mutual_information=round(float(d.mutual_information[i]), 6), std=round(float(d.std[i]), 6))
             c = int(d.classes[i])
             item = {"label": self.labels[c], "class_id": c, "score": round(float(d.scores[i]), 6),
-                    "objectness": round(float(d.objectness[i]), 6),
-                    "box": [round(float(v), 6) for v in frame_boxes[i]], "uncertainty": u}
+                    "objectness": round(float(d.objectness[i]), 6), **box_fields(frame_boxes[i], transform),
+                    "uncertainty": u}
             unfamiliarity = float(d.unfamiliarity[i]) if d.unfamiliarity is not None else None
             out.append(self.policy.apply(item, float(values[i]), unfamiliarity, self.grid.density))
         return out
@@ -185,8 +199,8 @@ def decode_ssd(
     for box, c, s in zip(frame_boxes, classes[keep], scores[keep]):
         label = labels[int(c)] if 0 <= int(c) < len(labels) else str(int(c))
         out.append({
-            "label": label, "class_id": int(c), "score": round(float(s), 6),
-            "box": [round(float(v), 6) for v in box], "uncertainty": None, "needs_review": None,
+            "label": label, "class_id": int(c), "score": round(float(s), 6), **box_fields(box, transform),
+            "uncertainty": None, "needs_review": None,
         })
     return out
 

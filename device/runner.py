@@ -33,7 +33,7 @@ from .sdnotify import Notifier
 from .sources import open_source
 from .spool import Spool
 
-DETECTIONS_SCHEMA = ("edgeq.detections", 2)
+DETECTIONS_SCHEMA = ("edgeq.detections", 3)
 STATS_SCHEMA = ("edgeq.stats", 1)
 
 

@@ -69,7 +69,11 @@ def test_annotated_video_has_every_frame_and_the_boxes_where_the_results_say(tmp
     for image, m in zip(frames, messages):
         h, w = image.shape[:2]
         for d in m["detections"][:1]:  # the best box of the frame: its bottom edge, away from any label text
-            y0, x0, y1, x1 = (int(round(v * s)) for v, s in zip(d["box"], (h, w, h, w)))
+            px = d["bbox_px"]  # the pixel box the payload gives, which the deprecated array must agree with
+            x0, y0, x1, y1 = px["x_min"], px["y_min"], px["x_max"], px["y_max"]
+            ymin, xmin, ymax, xmax = d["box"]
+            assert [x0, y0, x1, y1] == [round(xmin * w), round(ymin * h), round(xmax * w), round(ymax * h)]
+            assert d["bbox"] == {"x_min": xmin, "y_min": ymin, "x_max": xmax, "y_max": ymax}
             if x1 - x0 < 6 or not 0 < y1 < h - 1:
                 continue
             colour = FLAGGED if d["needs_review"] else TRUSTED
@@ -110,8 +114,9 @@ def test_drawing_puts_boxes_where_the_detection_says():
     a = Capture(Path("x.avi"), 10)
     frame = np.zeros((100, 200, 3), np.uint8)
     a.add(frame, {"seq": 7, "detections": [
-        {"label": "a", "score": 0.9, "box": [0.2, 0.1, 0.6, 0.4], "needs_review": False, "uncertainty": {}},
-        {"label": "b", "score": 0.5, "box": [0.5, 0.6, 0.9, 0.9], "needs_review": True,
+        {"label": "a", "score": 0.9, "bbox": {"x_min": 0.1, "y_min": 0.2, "x_max": 0.4, "y_max": 0.6},
+         "needs_review": False, "uncertainty": {}},
+        {"label": "b", "score": 0.5, "bbox": {"x_min": 0.6, "y_min": 0.5, "x_max": 0.9, "y_max": 0.9}, "needs_review": True,
          "review_reason": "unfamiliar", "uncertainty": {"unfamiliarity_percentile": 99.5}}]})
     canvas = written[7]
     assert tuple(canvas[60, 40]) == TRUSTED and tuple(canvas[40, 20]) == TRUSTED  # bottom and middle-left edges
