@@ -263,8 +263,8 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
                 unf = (f" unfamiliarity={u['unfamiliarity']:.0f} (pct {u['unfamiliarity_percentile']:.0f})"
                        if u.get("unfamiliarity") is not None else "")
                 review = f"  NEEDS REVIEW: {d['review_reason']}" if d.get("needs_review") else "  trusted"
-                box = d.get("box")
-                where = f" at ({box[1]:.2f}, {box[0]:.2f})" if box else ""
+                box = d.get("bbox")
+                where = f" at ({box['x_min']:.2f}, {box['y_min']:.2f})" if box else ""
                 print(f"        {d['label']:<10} score={d['score']:.2f} entropy={u.get('predictive_entropy', 0):.2f}"
                       f"{mi}{unf}{where}{review}")
         else:
@@ -321,8 +321,8 @@ def write_summary(work: Path, bundle: Path, received: list[dict], truth: list[li
             continue
         h, w = m["frame"]["height"], m["frame"]["width"]
         dets = m["detections"]
-        boxes = [[d["box"][1] * w, d["box"][0] * h, (d["box"][3] - d["box"][1]) * w, (d["box"][2] - d["box"][0]) * h]
-                 for d in dets]
+        boxes = [[b["x_min"] * w, b["y_min"] * h, (b["x_max"] - b["x_min"]) * w, (b["y_max"] - b["y_min"]) * h]
+                 for b in (d["bbox"] for d in dets)]  # COCO's [x, y, width, height] in pixels, for pycocotools
         gts = [[x0, y0, x1 - x0, y1 - y0] for _, (x0, y0, x1, y1) in objects]
         iou = np.asarray(mask_utils.iou(boxes, gts, [0] * len(gts))) if boxes and gts else np.zeros((len(dets), 0))
         unknown_cols = [j for j, (name, _) in enumerate(objects) if name in UNKNOWN]
