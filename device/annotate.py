@@ -68,29 +68,11 @@ class Annotator:
         self.writer: Any = None
         self.frames = 0
 
-    def add(self, image: np.ndarray, message: dict[str, Any]) -> None:
-        import cv2
-
-        canvas = image.copy() if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-        h, w = canvas.shape[:2]
-        for i, item in enumerate(message.get("detections") or []):
-            text, reason = describe(item)
-            colour = FLAGGED if reason else TRUSTED
-            if reason:
-                text = f"REVIEW ({reason}): {text}"
-            if "bbox" in item:  # normalised to the frame
-                b = item["bbox"]
-                x0, y0, x1, y1 = (int(round(v)) for v in (b["x_min"] * w, b["y_min"] * h, b["x_max"] * w,
-                                                          b["y_max"] * h))
-                cv2.rectangle(canvas, (x0, y0), (x1, y1), colour, 3 if reason else 2)
-                anchor = (x0 + 2, max(y0 - 4, 12))
-            elif i == 0:  # a classifier: its top result in the corner
-                anchor = (6, 18)
-            else:
-                continue
-            cv2.putText(canvas, text, anchor, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
-            cv2.putText(canvas, text, anchor, cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1, cv2.LINE_AA)
+    def add(self, image: np.ndarray, message: dict[str, Any]) -> np.ndarray:
+        """Draw ``message`` on a copy of ``image``, write it, and return it."""
+        canvas = draw(image, message)
         self._write(canvas, int(message["seq"]))
+        return canvas
 
     def _write(self, canvas: np.ndarray, seq: int) -> None:
         import cv2
@@ -113,3 +95,41 @@ class Annotator:
         if self.writer is not None:
             self.writer.release()
             self.writer = None
+
+
+def draw(image: np.ndarray, message: dict[str, Any]) -> np.ndarray:
+    """A copy of ``image`` (BGR) with ``message``'s results drawn on it (see the module's docstring)."""
+    import cv2
+
+    canvas = image.copy() if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    h, w = canvas.shape[:2]
+    for i, item in enumerate(message.get("detections") or []):
+        text, reason = describe(item)
+        colour = FLAGGED if reason else TRUSTED
+        if reason:
+            text = f"REVIEW ({reason}): {text}"
+        if "bbox" in item:  # normalised to the frame
+            b = item["bbox"]
+            x0, y0, x1, y1 = (int(round(v)) for v in (b["x_min"] * w, b["y_min"] * h, b["x_max"] * w, b["y_max"] * h))
+            cv2.rectangle(canvas, (x0, y0), (x1, y1), colour, 3 if reason else 2)
+            anchor = (x0 + 2, max(y0 - 4, 12))
+        elif i == 0:  # a classifier: its top result in the corner
+            anchor = (6, 18)
+        else:
+            continue
+        cv2.putText(canvas, text, anchor, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(canvas, text, anchor, cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1, cv2.LINE_AA)
+    return canvas
+
+
+def snapshot_jpeg(canvas: np.ndarray, max_width: int, quality: int) -> bytes:
+    """A drawn frame as a small JPEG: scaled down to ``max_width`` pixels wide (never up)."""
+    import cv2
+
+    h, w = canvas.shape[:2]
+    if w > max_width:
+        canvas = cv2.resize(canvas, (max_width, max(1, round(h * max_width / w))), interpolation=cv2.INTER_AREA)
+    ok, data = cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ConfigError("snapshot: OpenCV could not encode the frame as JPEG")
+    return data.tobytes()

@@ -40,7 +40,13 @@ max_messages = 100000
 interval = 30
 
 [homeassistant]
-discovery = true
+discovery = true             # with [snapshot] enabled, also an MQTT camera
+
+[snapshot]
+enabled = false              # a small annotated JPEG on edgeq/<id>/snapshot, retained
+rate_hz = 1.0                # at most this many a second
+max_width = 320              # pixels (scaled down, never up)
+quality = 70                 # JPEG quality
 ```
 
 Command-line flags override the file (see ``edgeq run --help``).
@@ -199,6 +205,15 @@ class StatsConfig(Strict):
     interval: float = Field(30.0, gt=0)
 
 
+class SnapshotConfig(Strict):
+    """A small annotated JPEG of the latest frame, retained on ``<prefix>/<id>/snapshot`` (MQTT only)."""
+
+    enabled: bool = False
+    rate_hz: float = Field(1.0, gt=0, le=30)  # at most this many a second
+    max_width: int = Field(320, ge=32, le=4096)  # pixels; scaled down, never up
+    quality: int = Field(70, ge=10, le=100)  # JPEG quality
+
+
 class HomeAssistantConfig(Strict):
     discovery: bool = False
     prefix: str = "homeassistant"
@@ -225,6 +240,7 @@ class DeviceConfig(Strict):
     spool: SpoolConfig = SpoolConfig()
     stats: StatsConfig = StatsConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+    snapshot: SnapshotConfig = SnapshotConfig()
 
     def spool_path(self) -> Path:
         if self.spool.path is not None:

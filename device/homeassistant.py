@@ -31,6 +31,9 @@ def discovery_payload(cfg: DeviceConfig, bundle: Bundle, prefix: str) -> tuple[s
         sensor("inference", "Inference p50", stats, "{{ value_json.inference_ms.p50 }}", unit_of_measurement="ms"),
         sensor("spool", "Spool depth", stats, "{{ value_json.spool_depth }}"),
     ])
+    if cfg.snapshot.enabled:  # the annotated snapshot as an MQTT camera (raw JPEG bytes)
+        components[f"{dev_id}_snapshot"] = {"p": "camera", "name": "Snapshot", "unique_id": f"edgeq_{dev_id}_snapshot",
+                                            "topic": f"{prefix}/snapshot"}
     payload = {
         "dev": {"ids": [f"edgeq_{dev_id}"], "name": f"edgeq {dev_id}", "mf": "edgeq", "mdl": bundle.name,
                 "sw": __version__},

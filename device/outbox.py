@@ -31,10 +31,13 @@ class Outbox(threading.Thread):
         log: Callable[[str], None],
         when_full: str = "drop_oldest",
         annotator: Any = None,
+        snapshot: Any = None,
     ) -> None:
         super().__init__(name="edgeq-outbox", daemon=True)
         self.when_full = when_full
         self.annotator = annotator  # device/annotate.py, or None: results are drawn on their frames here
+        self.snapshot = snapshot  # SnapshotConfig, or None: no snapshots
+        self.snapshots = 0
         self.full = threading.Event()  # set while results cannot be stored (the runner pauses on it, if asked to)
         self.lost = 0  # results that could not be stored on a full disk (drop_oldest)
         self._unsaved: list[dict[str, Any]] = []
@@ -66,11 +69,13 @@ class Outbox(threading.Thread):
 
     # -- called from the inference thread ----------------------------------------------------------------
     def submit(self, result: dict[str, Any], decode: Callable[[], list[dict[str, Any]]],
-               image: Any = None) -> None:
+               image: Any = None, snapshot: bool = False) -> None:
         """Hand over a result; ``decode`` (output arrays -> detections) runs here, off the inference thread.
-        ``image``: the frame, when results are drawn (``--annotate``)."""
+        ``image``: the frame, when results are drawn (``--annotate``) or it is the snapshot (``snapshot``)."""
         if image is not None:
             result["_frame"] = image
+            if snapshot:
+                result["_snapshot"] = True
         self._queue.put((result, decode))
 
     def note_fault(self, kind: str, message: str | None) -> None:
@@ -171,6 +176,7 @@ class Outbox(threading.Thread):
 
     def _store(self, batch: list[dict[str, Any]]) -> None:
         frames = [r.pop("_frame", None) for r in batch]
+        snapshot = [r.pop("_snapshot", False) for r in batch]
         encoded: list[str] = []
 
         def builder(result: dict[str, Any]) -> Callable[[int], bytes]:
@@ -200,10 +206,12 @@ class Outbox(threading.Thread):
         if self.output is not None:
             self.output.write("\n".join(encoded) + "\n")
             self.output.flush()
-        if self.annotator is not None:
-            for frame, r in zip(frames, batch):
-                if frame is not None:
-                    self.annotator.add(frame, r)
+        for frame, r, snap in zip(frames, batch, snapshot):
+            if frame is None:
+                continue
+            canvas = self.annotator.add(frame, r) if self.annotator is not None else None
+            if snap and self.snapshot is not None and self.link is not None:
+                self._publish_snapshot(frame if canvas is None else canvas, r, canvas is not None)
         if self.link is not None:
             self.depth = self.spool.depth()
             self.spool_dropped = self.spool.dropped + self.lost
@@ -230,6 +238,15 @@ class Outbox(threading.Thread):
         self._log(f"spool {self.spool.path}: disk still full at stop; {len(self._unsaved)} result(s) held in memory "
                   "were not kept")
         self._unsaved = []
+
+    def _publish_snapshot(self, image: Any, result: dict[str, Any], drawn: bool) -> None:
+        """The snapshot: best effort (QoS 0, retained, never spooled: only the latest matters)."""
+        from .annotate import draw, snapshot_jpeg
+
+        cfg = self.snapshot
+        jpeg = snapshot_jpeg(image if drawn else draw(image, result), cfg.max_width, cfg.quality)
+        if self.link.publish(f"{self.link.prefix}/snapshot", jpeg, qos=0, retain=True) is not None:
+            self.snapshots += 1
 
     def _apply_acks(self) -> None:
         link = self.link
@@ -274,6 +291,8 @@ class Outbox(threading.Thread):
         stats["spool_depth"] = self.depth
         stats["spool_dropped"] = self.spool_dropped
         stats["spool_full"] = self.full.is_set()
+        if self.snapshot is not None:
+            stats["snapshots"] = self.snapshots
         if self.output is not None:
             self.output.write(json.dumps(stats, separators=(",", ":")) + "\n")
             self.output.flush()

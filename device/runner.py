@@ -96,12 +96,26 @@ class Runner:
             from .annotate import Annotator, check_target
 
             annotator = Annotator(check_target(cfg.annotate), cfg.max_fps or getattr(self.source, "fps", None))
+        self._snapshot_period = (1.0 / cfg.snapshot.rate_hz) if (cfg.snapshot.enabled and cfg.mqtt) else None
+        self._next_snapshot = 0.0
         self.outbox = Outbox(
             # without MQTT the spool only numbers results: no reserve to keep
             lambda: Spool(cfg.spool_path(), cfg.spool.max_messages, cfg.spool.max_bytes,
                           cfg.spool.reserve_bytes if cfg.mqtt else 0, log, cfg.spool.max_age_s),
             self.link, self.output, self.stats_payload, cfg.stats.interval, log, cfg.spool.when_full, annotator,
+            cfg.snapshot if self._snapshot_period else None,
         )
+
+    def _snapshot_due(self) -> bool:
+        """Whether this frame goes out as the snapshot (at most ``rate_hz`` a second); only those frames are kept
+        for it."""
+        if self._snapshot_period is None:
+            return False
+        now = time.monotonic()
+        if now < self._next_snapshot:
+            return False
+        self._next_snapshot = now + self._snapshot_period
+        return True
 
     def _source_log(self, line: str) -> None:
         """The source's lines (skipped files, lost streams, truncation) are faults too, kept for `edgeq doctor`."""
@@ -224,6 +238,7 @@ class Runner:
                 self.invoke_ms.append((t2 - t1) * 1000)
                 h, w = frame.image.shape[:2]
                 transform = frame.transform
+                snap = self._snapshot_due()
                 self.outbox.submit(
                     {
                         **base, "seq": 0, "timestamp": utc_timestamp(frame.captured_at),
@@ -234,7 +249,8 @@ class Runner:
                         },
                     },
                     lambda raw=raw, transform=transform: self.decoder.decode(raw, transform),
-                    frame.image if self.outbox.annotator is not None else None,
+                    frame.image if self.outbox.annotator is not None or snap else None,
+                    snapshot=snap,
                 )
                 self.frames += 1
                 if self.frames == 1:

@@ -56,9 +56,10 @@ def test_no_mqtt_section_means_no_broker(tmp_path):
         (GOOD.replace("mqtts://broker.lan:8883", "mqtt://broker.lan:0"), ["mqtt.url", "port"]),
         (GOOD.replace("qos = 1", 'qos = 1\nca = "{tmp}/garbage.crt"'), ["ca", "garbage.crt", "no PEM certificate"]),
         (GOOD.replace("qos = 1", 'qos = 1\nca = "{tmp}/missing.crt"'), ["mqtt.ca", "missing.crt", "not readable"]),
+        (GOOD + "\n[snapshot]\nenabled = true\nrate_hz = 0\n", ["snapshot.rate_hz", "greater than 0"]),
     ],
     ids=["typo", "out-of-range", "wrong-type", "bad-url", "bad-id", "unknown-table", "syntax", "percentile",
-         "password-key", "url-credentials", "port-0", "ca-garbage", "ca-missing"],
+         "password-key", "url-credentials", "port-0", "ca-garbage", "ca-missing", "snapshot-rate-0"],
 )
 def test_validate_config_names_file_line_and_key(tmp_path, capsys, text, needles):
     (tmp_path / "garbage.crt").write_text("not a certificate\n")

@@ -330,3 +330,44 @@ def test_spool_on_a_full_disk_keeps_running_and_sends_what_it_kept(tmp_path, sma
         code, _, err = finish(start_run("--config", str(cfg), "--max-frames", "3"))
         assert code == 0 and (small_disk / "spool.db.reserve").is_file(), err
         assert sub.wait_for(lambda: max(sub.seqs()) > max(seqs), 20), err
+
+
+def test_snapshots_are_small_retained_annotated_jpegs_at_most_rate_hz(tmp_path, tiny_bundle, video):
+    import cv2
+    import numpy as np
+
+    broker = Broker(tmp_path / "broker").start()
+    sub = Collector(broker.port, ["edgeq/+/snapshot", "homeassistant/device/#"])
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(f'model = "{tiny_bundle}"\nsource = "{video}"\ndevice_id = "cam"\nmax_fps = 20\n'
+                   f'[mqtt]\nurl = "{broker.url}"\n[spool]\npath = "{tmp_path / "spool.db"}"\n'
+                   "[homeassistant]\ndiscovery = true\n[snapshot]\nenabled = true\nrate_hz = 2\nmax_width = 96\n")
+    try:
+        assert sub.wait_for(lambda: sub.client.is_connected(), 10)
+        t0 = time.monotonic()
+        code, _, err = finish(start_run("--config", str(cfg), "--output", str(tmp_path / "out.jsonl")))
+        took = time.monotonic() - t0
+        assert code == 0, err
+        assert sub.wait_for(lambda: any(t.endswith("/snapshot") for t, _, _ in sub.messages), 10)
+        time.sleep(0.5)
+        snaps = [p for t, p, _ in sub.messages if t == "edgeq/cam/snapshot"]
+        # 60 frames at 20 fps: 3 s of frames, at most 2 a second (plus the first)
+        assert 2 <= len(snaps) <= 2 * took + 1, (len(snaps), took)
+        image = cv2.imdecode(np.frombuffer(snaps[-1], np.uint8), cv2.IMREAD_COLOR)
+        assert image is not None and image.shape[1] == 96 and image.shape[0] == 72  # 160x120 scaled to 96 wide
+        stats = [json.loads(ln) for ln in (tmp_path / "out.jsonl").read_text().splitlines() if '"edgeq.stats"' in ln]
+        assert stats[-1]["snapshots"] == len(snaps)
+        # Home Assistant sees it as a camera
+        config = [json.loads(p) for t, p, _ in sub.messages if t.endswith("/config")][0]
+        assert config["cmps"]["cam_snapshot"] == {"p": "camera", "name": "Snapshot", "unique_id": "edgeq_cam_snapshot",
+                                                  "topic": "edgeq/cam/snapshot"}
+        # retained: a dashboard that connects later gets the last one at once
+        late = Collector(broker.port, ["edgeq/cam/snapshot"], client_id="late-dashboard")
+        try:
+            assert late.wait_for(lambda: late.messages, 10)
+            assert late.messages[0][2] is True and late.messages[0][1] == snaps[-1]
+        finally:
+            late.close()
+    finally:
+        sub.close()
+        broker.stop()
