@@ -41,6 +41,20 @@ def add_device_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.set_defaults(handler=_cmd_doctor)
 
+    p = sub.add_parser("dashboard", help="a live page of every device: state, detections, uncertainty, snapshots",
+                       description="Serve (or write, with --write) a self-contained page that connects to the broker "
+                                   "over MQTT-over-WebSockets and shows every device live. The broker needs a "
+                                   "websockets listener (docs/dashboard.md).")
+    p.add_argument("--mqtt", metavar="URL", required=True, help="the broker's websockets listener, ws://HOST:PORT or "
+                   "wss://HOST:PORT, as the browser reaches it")
+    p.add_argument("--username", metavar="USER", help="broker user (a read-only one)")
+    p.add_argument("--password-file", metavar="FILE", help="that user's password (it is written into config.js)")
+    p.add_argument("--prefix", default="edgeq", help="topic prefix (default edgeq)")
+    p.add_argument("--write", metavar="DIR", help="write the page into DIR for any web server, and exit")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080; 0: any free port)")
+    p.set_defaults(handler=_cmd_dashboard)
+
     p = sub.add_parser("validate-config", help="check a device config file and say what is wrong",
                        description="Validate a device TOML file; errors name the file, line and key.")
     p.add_argument("config", metavar="FILE")
@@ -83,6 +97,25 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     checks = run_checks(args.model, args.config, args.threads)
     print(json.dumps(to_json(checks), indent=2) if args.json else format_table(checks))
     return 1 if overall(checks) == "fail" else 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from .config import read_secret
+    from .dashboard import check_url, serve, write
+
+    check_url(args.mqtt)
+    password = read_secret(Path(args.password_file), None, "--password") if args.password_file else None
+    if args.write:
+        page = write(Path(args.write), args.mqtt, args.prefix, args.username, password)
+        print(f"wrote {page} (and config.js, app.js, vendor/); serve the folder with any web server")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="edgeq-dashboard-") as tmp:
+        write(Path(tmp), args.mqtt, args.prefix, args.username, password)
+        serve(Path(tmp), args.host, args.port, lambda s: print(s, flush=True))
+    return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

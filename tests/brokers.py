@@ -81,6 +81,24 @@ class Broker:
         return f"mqtt://127.0.0.1:{self.port}"
 
 
+def make_ca(tmp: Path) -> dict[str, Path]:
+    """A test CA and a server certificate for localhost and 127.0.0.1 signed by it (openssl), readable by the
+    broker when it drops root."""
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=edgeq test CA",
+        "-keyout", str(tmp / "ca.key"), "-out", str(tmp / "ca.crt"))
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", str(tmp / "server.key"),
+        "-out", str(tmp / "server.csr"))
+    (tmp / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", str(tmp / "server.csr"), "-CA", str(tmp / "ca.crt"), "-CAkey", str(tmp / "ca.key"),
+        "-CAcreateserial", "-days", "2", "-extfile", str(tmp / "ext.cnf"), "-out", str(tmp / "server.crt"))
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)
+    return {"ca": tmp / "ca.crt", "cert": tmp / "server.crt", "key": tmp / "server.key"}
+
+
 class Collector:
     """An independent subscriber (persistent session, QoS 1) collecting every message by topic."""
 

@@ -19,6 +19,7 @@ import jsonschema
 import pytest
 
 from brokers import Broker, Collector, broker_and_collector, free_port, password_file
+from brokers import make_ca as _make_ca
 from edgeq.bundle import message_schema
 
 pytestmark = pytest.mark.slow
@@ -207,22 +208,6 @@ def test_unreachable_broker_is_logged_with_its_reason(case, needle, tmp_path, ti
     assert "60 result(s) kept in the spool" in err and "broker not reached" in err
     stats = [json.loads(ln) for ln in (tmp_path / "out.jsonl").read_text().splitlines() if '"edgeq.stats"' in ln]
     assert stats and needle in (stats[-1]["mqtt_error"] or "")
-
-
-def _make_ca(tmp: Path) -> dict[str, Path]:
-    def ssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=edgeq test CA",
-        "-keyout", str(tmp / "ca.key"), "-out", str(tmp / "ca.crt"))
-    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", str(tmp / "server.key"),
-        "-out", str(tmp / "server.csr"))
-    (tmp / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    ssl("x509", "-req", "-in", str(tmp / "server.csr"), "-CA", str(tmp / "ca.crt"), "-CAkey", str(tmp / "ca.key"),
-        "-CAcreateserial", "-days", "2", "-extfile", str(tmp / "ext.cnf"), "-out", str(tmp / "server.crt"))
-    for f in tmp.iterdir():
-        os.chmod(f, 0o644)
-    return {"ca": tmp / "ca.crt", "cert": tmp / "server.crt", "key": tmp / "server.key"}
 
 
 def test_tls_with_password_from_credentials_directory(tmp_path, tiny_bundle, video):

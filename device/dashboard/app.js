@@ -1,0 +1,117 @@
+// The edgeq dashboard: every device's state, live detections with their uncertainty and review flags, stats and
+// the latest snapshot, straight from the broker over MQTT-over-WebSockets (the vendored MQTT.js).
+// config.js sets window.EDGEQ = {url, prefix, username, password}; `edgeq dashboard` writes it.
+"use strict";
+
+(function () {
+  const cfg = window.EDGEQ || {};
+  const prefix = cfg.prefix || "edgeq";
+  const devices = new Map();
+  const brokerEl = document.getElementById("broker");
+  const main = document.getElementById("devices");
+
+  function setBroker(state, text) {
+    brokerEl.dataset.state = state;
+    brokerEl.textContent = text;
+  }
+
+  function el(tag, attrs, text) {
+    const e = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+
+  function device(id) {
+    if (devices.has(id)) return devices.get(id);
+    const empty = document.getElementById("empty");
+    if (empty) empty.remove();
+    const card = el("section", { class: "device", "data-device": id });
+    const head = el("h2");
+    head.append(el("span", {}, id), el("span", { class: "state", "data-state": "unknown" }, "unknown"));
+    const stats = el("div", { class: "stats" }, "no stats yet");
+    const img = el("img", { class: "snapshot", alt: "latest snapshot of " + id, hidden: "" });
+    const table = el("table", { class: "detections" });
+    card.append(head, stats, img, table);
+    main.append(card);
+    const d = { card, state: head.lastChild, stats, img, table, url: null };
+    devices.set(id, d);
+    return d;
+  }
+
+  function onStatus(id, msg) {
+    const d = device(id);
+    d.state.dataset.state = msg.state;
+    d.state.textContent = msg.state;
+    d.card.dataset.state = msg.state;
+  }
+
+  function onStats(id, msg) {
+    const d = device(id);
+    const parts = [`${msg.fps} fps`, `inference p50 ${msg.inference_ms ? msg.inference_ms.p50 : "?"} ms`,
+                   `spool ${msg.spool_depth ?? "?"}`];
+    if (msg.mqtt_error) parts.push(`broker: ${msg.mqtt_error}`);
+    d.stats.textContent = parts.join(" · ");
+  }
+
+  function onDetections(id, msg) {
+    const d = device(id);
+    d.card.dataset.seq = msg.seq;
+    d.table.replaceChildren();
+    for (const det of msg.detections || []) {
+      const u = det.uncertainty || {};
+      const pct = u.unfamiliarity_percentile;
+      const row = el("tr", { class: det.needs_review ? "flagged" : "trusted",
+                             "data-needs-review": String(Boolean(det.needs_review)) });
+      const bar = el("div", { class: "bar", title: pct !== undefined ? `unfamiliarity percentile ${pct}`
+                                                                      : `entropy ${u.predictive_entropy}` });
+      const fill = el("span");
+      // the bar: how unusual the result is, 0..100 (the unfamiliarity percentile; else entropy, scaled)
+      const level = pct !== undefined ? pct : Math.min(100, 100 * (u.predictive_entropy || 0) / 2.3);
+      fill.style.width = `${level.toFixed(0)}%`;
+      bar.append(fill);
+      const barCell = el("td");
+      barCell.append(bar);
+      row.append(el("td", {}, det.label), el("td", {}, det.score.toFixed(2)), barCell,
+                 el("td", { class: det.needs_review ? "reason" : "" },
+                    det.needs_review ? `review: ${det.review_reason || "uncertain"}` : "trusted"));
+      d.table.append(row);
+    }
+  }
+
+  function onSnapshot(id, payload) {
+    const d = device(id);
+    if (d.url) URL.revokeObjectURL(d.url);
+    d.url = URL.createObjectURL(new Blob([payload], { type: "image/jpeg" }));
+    d.img.src = d.url;
+    d.img.hidden = false;
+  }
+
+  if (!window.mqtt) {
+    setBroker("error", "MQTT.js did not load (vendor/mqtt.min.js)");
+    return;
+  }
+  const options = { reconnectPeriod: 2000, connectTimeout: 5000, clientId: "edgeq-dashboard-" + Math.random().toString(16).slice(2, 10) };
+  if (cfg.username) { options.username = cfg.username; options.password = cfg.password || ""; }
+  const client = window.mqtt.connect(cfg.url, options);
+  window.edgeqClient = client;
+  client.on("connect", () => {
+    setBroker("connected", `connected to ${cfg.url}`);
+    client.subscribe([`${prefix}/+/status`, `${prefix}/+/stats`, `${prefix}/+/detections`, `${prefix}/+/snapshot`]);
+  });
+  // a broker that is down: shown, and retried every reconnectPeriod by MQTT.js (no busy loop)
+  client.on("reconnect", () => setBroker("disconnected", `disconnected from ${cfg.url}; retrying`));
+  client.on("close", () => setBroker("disconnected", `disconnected from ${cfg.url}; retrying`));
+  client.on("error", (e) => setBroker("error", `broker error: ${e.message}`));
+  client.on("message", (topic, payload) => {
+    const parts = topic.split("/");
+    const id = parts[parts.length - 2];
+    const kind = parts[parts.length - 1];
+    if (kind === "snapshot") return onSnapshot(id, payload);
+    let msg;
+    try { msg = JSON.parse(new TextDecoder().decode(payload)); } catch (e) { return; }
+    if (kind === "status") onStatus(id, msg);
+    else if (kind === "stats") onStats(id, msg);
+    else if (kind === "detections") onDetections(id, msg);
+  });
+})();
