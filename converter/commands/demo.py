@@ -241,6 +241,7 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
     cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
     cmd += ["run", "--model", str(bundle), "--source", str(video), "--device-id", "demo",
             "--spool", str(work / "spool.sqlite3"), "--stats-interval", "1"]
+    annotated = work / "demo-annotated.avi"  # what the device saw, with its results and review flags drawn on it
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -277,8 +278,11 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
     sub.loop_start()
     try:
         step("9. edgeq run: video -> int8 inference -> decode + NMS + uncertainty -> spool -> MQTT")
-        print(f"   $ edgeq run --model {bundle} --source {video} --mqtt mqtt://127.0.0.1:{port} --device-id demo")
-        code = subprocess.call(cmd + ["--mqtt", f"mqtt://127.0.0.1:{port}"])
+        print(f"   $ edgeq run --model {bundle} --source {video} --mqtt mqtt://127.0.0.1:{port} --device-id demo "
+              f"--annotate {annotated}")
+        code = subprocess.call(cmd + ["--mqtt", f"mqtt://127.0.0.1:{port}", "--annotate", str(annotated)])
+        if code == 0:
+            print(f"   annotated video (boxes, scores, unfamiliarity; flagged results in red with why): {annotated}")
         time.sleep(0.5)
         if classifier is not None and code == 0:
             step("10. edgeq run on the classifier: known items, then garments it never saw and MNIST digits")
