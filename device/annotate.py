@@ -25,7 +25,7 @@ DEFAULT_FPS = 10.0
 
 def check_target(path: str) -> Path:
     """The annotation target, checked before any work: a supported extension, a folder that can take files."""
-    import tempfile
+    from edgeq.fsutil import probe_writable
 
     target = Path(path)
     suffix = target.suffix.lower()
@@ -35,11 +35,7 @@ def check_target(path: str) -> Path:
     folder = target.parent if suffix else target
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".edgeq-write-check-")
-        import os
-
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(folder)
     except OSError as exc:
         raise ConfigError(f"--annotate {path}: cannot write there ({exc.strerror or exc}); choose a writable "
                           "folder") from None

@@ -10,13 +10,13 @@ bundle of ``class_N`` labels is a silent loss. Only the built-in ``mobilenet_v2`
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from edgeq.errors import BundleError, ModelError
+from edgeq.fsutil import probe_writable
 from edgeq.preprocess import NORMALIZATIONS, PreprocessSpec
 
 from ..models.info import read_model_info
@@ -169,11 +169,8 @@ def check_output_path(path: Path) -> None:
         raise BundleError(f"-o {path}: folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BundleError(f"-o {path}: folder {parent} is not writable")
-    # root passes every access() check, and some folders (/proc, read-only mounts) refuse files anyway: try one
     try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".edgeq-write-check-")
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(parent)
     except OSError as exc:
         raise BundleError(f"-o {path}: cannot create files in {parent} ({exc.strerror or exc}); choose a writable "
                           "folder") from None
