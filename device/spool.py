@@ -65,25 +65,32 @@ class Spool:
         try:
             self._open(max_bytes)
         except (sqlite3.Error, OSError) as exc:
-            # a disk filled to the last byte shows as "disk I/O error" (SQLite cannot create its -shm file)
-            short = _is_full(exc) or self._free_bytes() < 32 * PAGE_SIZE
-            if short and self._release_reserve():
+            # a disk filled to the last byte shows as "disk I/O error": SQLite cannot create its -shm file
+            if not (_is_full(exc) or self._disk_short()):
+                raise ConfigError(f"spool {self.path}: cannot open ({exc}); set [spool] path to a writable file") \
+                    from None
+            self._release_reserve()
+            try:
+                self._open(max_bytes)
+            except (sqlite3.Error, OSError):
+                # no room even for the -shm file: keep the WAL index in memory (exclusive locking; `edgeq doctor`
+                # cannot read the spool meanwhile), so that what is spooled can still be sent and deleted
                 try:
-                    self._open(max_bytes)
+                    self._open(max_bytes, exclusive=True)
                 except (sqlite3.Error, OSError) as again:
                     raise ConfigError(f"spool {self.path}: cannot open ({again}); free space on its disk") from None
-            else:
-                hint = "free space on its disk" if short else "set [spool] path to a writable file"
-                raise ConfigError(f"spool {self.path}: cannot open ({exc}); {hint}") from None
+                self._log(f"spool {self.path}: opened on a full disk (no room for its shared-memory file)")
         self._make_reserve()
 
-    def _open(self, max_bytes: int | None) -> None:
+    def _open(self, max_bytes: int | None, exclusive: bool = False) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # results may be private: the file (and the -wal/-shm files SQLite creates with its mode) is 0600
             os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
             os.chmod(self.path, 0o600)
             self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            if exclusive:  # before the first access: then WAL mode needs no -shm file
+                self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self._bound(max_bytes)
@@ -106,14 +113,14 @@ class Spool:
             raise
 
     def _bound(self, max_bytes: int | None) -> None:
-        """Preflight: cap the database at half of what its disk can give it (free space plus what it holds,
-        less the reserve), so that the WAL, which holds copies of pages until a checkpoint, always has room; and
-        checkpoint often enough to keep the WAL within that. SQLite then reports "full" at the cap, while the disk
+        """Preflight: cap the database at a third of what its disk can give it (free space plus what it holds,
+        less the reserve), so that the WAL, which holds copies of pages until a checkpoint, and the -shm file
+        always have room; and checkpoint often enough to keep the WAL within that. SQLite then reports "full" at the cap, while the disk
         still has room to delete the oldest results and to send."""
         held = sum(p.stat().st_size for p in (self.path, self.path.with_name(self.path.name + "-wal"))
                    if p.exists())
         budget = self._free_bytes() + held - (0 if self.reserve.exists() else self.reserve_bytes)
-        pages = max(16, budget // 2 // PAGE_SIZE)
+        pages = max(16, budget // 3 // PAGE_SIZE)
         if max_bytes is not None:
             pages = min(pages, max(16, max_bytes // PAGE_SIZE))
         elif pages * PAGE_SIZE < 64 << 20:
@@ -131,11 +138,12 @@ class Spool:
         return st.f_bavail * st.f_frsize
 
     def _make_reserve(self) -> None:
-        """Write the reserve file when it is missing and the disk has room for it and as much again."""
+        """Write the reserve file when it is missing and the disk has room for it and twice as much again (so that
+        it is not taken back only to be released again at once)."""
         if self.reserve_bytes <= 0 or self.reserve.exists():
             return
         try:
-            if self._free_bytes() < 2 * self.reserve_bytes:
+            if self._free_bytes() < 3 * self.reserve_bytes:
                 return
             fd = os.open(self.reserve, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as f:
@@ -145,6 +153,11 @@ class Spool:
             self.short_of_space = False
         except OSError:
             self.reserve.unlink(missing_ok=True)
+
+    def _disk_short(self) -> bool:
+        """Whether the disk itself is (nearly) full, as opposed to the spool at its own page cap, which SQLite
+        reports with the same "database or disk is full"."""
+        return self._free_bytes() < 16 * PAGE_SIZE
 
     def _release_reserve(self) -> bool:
         """Free the reserve (True), or say there is none left (False)."""
@@ -165,7 +178,7 @@ class Spool:
         try:
             return write()
         except sqlite3.OperationalError as exc:
-            if not _is_full(exc) or not self._release_reserve():
+            if not _is_full(exc) or not self._disk_short() or not self._release_reserve():
                 raise
             return write()
 

@@ -136,8 +136,9 @@ def test_dashboard_shows_devices_detections_flags_and_offline(tmp_path, ws_broke
         finally:
             run.send_signal(signal.SIGTERM)
             run.communicate(timeout=60)
-        # the run ended: the device shows stopped (its retained status), and offline after an unclean end
-        assert browser.wait_for(f"['stopped', 'offline'].includes({card}.querySelector('.state').dataset.state)")
+        # the run ended: the device shows offline (its retained status says it stopped cleanly)
+        assert browser.wait_for(f"{card}.querySelector('.state').dataset.state === 'offline'")
+        assert browser.js(f"{card}.querySelector('.state').textContent") == "offline (stopped)"
     finally:
         browser.close()
         server.terminate()

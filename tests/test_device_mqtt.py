@@ -301,6 +301,8 @@ def test_spool_on_a_full_disk_keeps_running_and_sends_what_it_kept(tmp_path, sma
     kept = int(err.split(" result(s) kept in the spool")[0].rsplit(", ", 1)[-1])
     last = int(err.split("last seq ")[1].split(",")[0])
     assert 0 < kept < last and "dropped for lack of space" in err, err
+    # the spool hit its own cap, not the disk's end: the reserve was kept for when the disk fills
+    assert (small_disk / "spool.db.reserve").is_file() and "released" not in err, err
     # the disk fills to the last byte (another program's file): the next start still works and sends
     filler = _fill(small_disk)
     with broker_and_collector(tmp_path / "broker", ["edgeq/+/detections"], port=port) as (broker, sub):

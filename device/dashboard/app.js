@@ -40,10 +40,12 @@
   }
 
   function onStatus(id, msg) {
+    // "online"; "stopped" (a clean shutdown) and "offline" (the last will: it vanished) both mean not running
     const d = device(id);
-    d.state.dataset.state = msg.state;
-    d.state.textContent = msg.state;
-    d.card.dataset.state = msg.state;
+    const state = msg.state === "online" ? "online" : "offline";
+    d.state.dataset.state = state;
+    d.state.textContent = msg.state === "stopped" ? "offline (stopped)" : state;
+    d.card.dataset.state = state;
   }
 
   function onStats(id, msg) {
