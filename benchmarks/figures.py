@@ -92,7 +92,7 @@ README: list[Row] = [
     ("snapshots at 1 Hz, demo clip at 30 fps for 20 s: extra CPU, share of one core (median of 3 runs each)",
      lambda r: f"{r['annotate'].snapshots_1hz['extra_percent_of_a_core']:+.2f}% (process CPU "
                f"{r['annotate'].snapshots_1hz['cpu_s_median']['on_1hz']:.2f} vs "
-               f"{r['annotate'].snapshots_1hz['cpu_s_median']['off']:.2f} s; within run-to-run noise)", "same"),
+               f"{r['annotate'].snapshots_1hz['cpu_s_median']['off']:.2f} s)", "same"),
     ("Bayesian head, K=32, int8, one invoke vs the same backbone with a dense head, MobileNetV2 0.35/96",
      lambda r: _bayes_latency(r["bayes_head"]), "`python benchmarks/bayes_head.py`"),
     ("one K=32 pass vs 32 passes of the deterministic int8 network (0.35/96)",

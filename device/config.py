@@ -117,7 +117,7 @@ class MqttConfig(Strict):
 
     @field_validator("ca", "cert", "key")
     @classmethod
-    def _readable(cls, v: Path | None, info: Any) -> Path | None:
+    def _readable(cls, v: Path | None) -> Path | None:
         if v is not None and not os.access(v, os.R_OK):
             raise ValueError(f"{v} is missing or not readable")
         return v
@@ -126,17 +126,15 @@ class MqttConfig(Strict):
     def _tls_files(self) -> "MqttConfig":
         if not self.tls and (self.ca or self.cert):
             raise ValueError("ca/cert are for mqtts:// URLs; use mqtts:// or leave them out")
-        if self.ca is not None:
-            import ssl
+        import ssl
 
+        if self.ca is not None:
             try:
                 ssl.create_default_context(cafile=str(self.ca))
             except (ssl.SSLError, OSError, ValueError):
                 raise ValueError(f"ca {self.ca} holds no PEM certificate; give the broker's CA certificate file") \
                     from None
         if self.cert is not None:
-            import ssl
-
             try:
                 ssl.create_default_context().load_cert_chain(str(self.cert), str(self.key) if self.key else None)
             except (ssl.SSLError, OSError, ValueError):

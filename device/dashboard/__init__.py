@@ -14,7 +14,9 @@ bar and their review flag, stats (fps, latency, spool depth) and the latest snap
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import json
 import shutil
 from pathlib import Path
@@ -71,9 +73,6 @@ def write(target: Path, url: str, prefix: str = "edgeq", username: str | None = 
 
 def serve(folder: Path, host: str, port: int, log) -> None:
     """Serve ``folder`` (static files) until interrupted."""
-    import functools
-    import http.server
-
     handler = functools.partial(_Quiet, directory=str(folder))
     try:
         server = http.server.ThreadingHTTPServer((host, port), handler)
@@ -89,6 +88,6 @@ def serve(folder: Path, host: str, port: int, log) -> None:
         server.server_close()
 
 
-class _Quiet(__import__("http.server").server.SimpleHTTPRequestHandler):
+class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's name
         pass
