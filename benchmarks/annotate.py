@@ -12,6 +12,11 @@ Processing fps = frames / (wall time - the start-up time of a 1-frame run of the
 loading is left out and the outbox's drawing, which runs after inference on its own thread, is counted until the
 last frame is written.
 
+Off path: what annotation and snapshots add to the inference loop's per-frame work when both are off, timed
+in-process: the loop's `_snapshot_due()` check, the frame test and `Outbox.submit()` without a frame, against a
+bare queue put (what handing a result over costs with neither feature built), 200,000 times each, interleaved;
+given in microseconds per frame and as a share of the off run's time per frame on the demo clip.
+
 Snapshots: the CPU time (user + system, from the kernel's accounting of the child process) of `edgeq run` on the
 demo clip at 30 fps for 20 s, publishing to a loopback mosquitto, with 1 Hz snapshots vs without; interleaved,
 repeated.
@@ -136,6 +141,43 @@ def snapshots(bundle: Path, video: Path, tmp: Path, repeats: int) -> dict:
             "on_over_off": round(med["on_1hz"] / med["off"], 4), "target_extra_percent": 3.0}
 
 
+def off_path(repeats: int = 5, n: int = 200_000) -> dict:
+    """Microseconds per frame the off path adds (see the module docstring)."""
+    import queue
+    from types import SimpleNamespace
+
+    from edgeq.device.outbox import Outbox
+    from edgeq.device.runner import Runner
+
+    box = Outbox(lambda: None, None, None, dict, 3600, lambda s: None)  # never started: submit only queues
+    runner = SimpleNamespace(_snapshot_period=None, _next_snapshot=0.0)
+    image = object()
+
+    def features() -> float:
+        box._queue = queue.SimpleQueue()
+        t = time.perf_counter()
+        for _ in range(n):
+            snap = Runner._snapshot_due(runner)
+            box.submit({}, list, image if box.annotator is not None or snap else None, snapshot=snap)
+        return time.perf_counter() - t
+
+    def bare() -> float:
+        q = queue.SimpleQueue()
+        t = time.perf_counter()
+        for _ in range(n):
+            q.put(({}, list))
+        return time.perf_counter() - t
+
+    with_features, without = [], []
+    for _ in range(repeats):
+        with_features.append(features())
+        without.append(bare())
+    extra_us = (float(np.median(with_features)) - float(np.median(without))) / n * 1e6
+    return {"calls": n, "repeats": repeats, "extra_us_per_frame": round(extra_us, 3),
+            "submit_us_per_frame": round(float(np.median(with_features)) / n * 1e6, 3),
+            "bare_put_us_per_frame": round(float(np.median(without)) / n * 1e6, 3)}
+
+
 def with_max_detections(bundle: Path, n: int) -> Path:
     """A copy of ``bundle`` whose decoder keeps at most ``n`` boxes (the manifest's detector.max_detections)."""
     import json
@@ -169,13 +211,16 @@ def main() -> int:
             "worst_case": scenario(bundle, worst, tmp, 0.001, repeats),
         }
         snaps = snapshots(with_max_detections(bundle, 4), demo, tmp, repeats)
+        off = off_path()
+        off["share_of_demo_frame_time"] = round(off["extra_us_per_frame"] * 1e-6
+                                                * scenarios["demo_clip"]["fps_median"]["off"], 6)
     result = {
         "benchmark": "annotate",
         "model": "grid detector MobileNetV2 0.35/192 int8, random weights",
         "clips": {"demo_clip": "192x192, the demo's moving scene (converter/data/scenes.py), MJPG",
                   "worst_case": "640x480 moving shapes, MJPG"},
         "frames": FRAMES, "repeats": repeats, "scenarios": scenarios, "target_on_over_off": 0.8,
-        "snapshots_1hz": snaps,
+        "snapshots_1hz": snaps, "off_path": off,
     }
     write_result("annotate", result)
     return 0

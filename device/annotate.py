@@ -99,22 +99,28 @@ def draw(image: np.ndarray, message: dict[str, Any]) -> np.ndarray:
 
     canvas = image.copy() if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     h, w = canvas.shape[:2]
+    scale = min(max(w / 1400, 0.3), 0.8)  # 0.45 on a 640-px frame; legible, not overflowing, on a 192-px one
+    line_h = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][1] + 5
     for i, item in enumerate(message.get("detections") or []):
         text, reason = describe(item)
         colour = FLAGGED if reason else TRUSTED
-        if reason:
-            text = f"REVIEW ({reason}): {text}"
+        lines = [f"REVIEW ({reason}): {text}"] if reason else [text]
+        if reason and cv2.getTextSize(lines[0], cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > w - 4:
+            lines = [f"REVIEW ({reason})", text]  # too wide for the frame: the reason on its own line
         if "bbox" in item:  # normalised to the frame
             b = item["bbox"]
             x0, y0, x1, y1 = (int(round(v)) for v in (b["x_min"] * w, b["y_min"] * h, b["x_max"] * w, b["y_max"] * h))
             cv2.rectangle(canvas, (x0, y0), (x1, y1), colour, 3 if reason else 2)
-            anchor = (x0 + 2, max(y0 - 4, 12))
+            x, y = x0 + 2, max(y0 - 4 - line_h * (len(lines) - 1), line_h)
         elif i == 0:  # a classifier: its top result in the corner
-            anchor = (6, 18)
+            x, y = 6, line_h + 2
         else:
             continue
-        cv2.putText(canvas, text, anchor, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(canvas, text, anchor, cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1, cv2.LINE_AA)
+        for k, line in enumerate(lines):
+            width = cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+            anchor = (max(0, min(x, w - width - 2)), y + k * line_h)  # kept inside the frame
+            cv2.putText(canvas, line, anchor, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+            cv2.putText(canvas, line, anchor, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
     return canvas
 
 

@@ -18,6 +18,7 @@ from .spool import Spool, SpoolFullError
 WINDOW = 200  # results in flight at once
 UNSAVED_MAX = 1000  # results held in memory while a full disk pauses the run
 FULL_LOG_S = 60.0
+FRAMES_IN_FLIGHT = 8  # frames held for drawing or a snapshot; more waits (--annotate) or is not kept (snapshot)
 
 
 class Outbox(threading.Thread):
@@ -52,6 +53,11 @@ class Outbox(threading.Thread):
         self._stats_interval = stats_interval
         self._log = log
         self._queue: queue.SimpleQueue[tuple[dict[str, Any], Callable[[], list[dict[str, Any]]]]] = queue.SimpleQueue()
+        # a full frame is ~1 MB: when drawing is slower than inference, --annotate waits for a slot (every frame is
+        # written) and a snapshot frame without a slot is skipped (only the latest matters)
+        self._frame_slots = threading.BoundedSemaphore(FRAMES_IN_FLIGHT)
+        self.frame_waits = 0  # times the inference loop waited for the drawing to catch up
+        self.snapshots_skipped = 0
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self.error: BaseException | None = None
@@ -72,11 +78,24 @@ class Outbox(threading.Thread):
                image: Any = None, snapshot: bool = False) -> None:
         """Hand over a result; ``decode`` (output arrays -> detections) runs here, off the inference thread.
         ``image``: the frame, when results are drawn (``--annotate``) or it is the snapshot (``snapshot``)."""
-        if image is not None:
+        if image is not None and self._take_slot(needed=self.annotator is not None):
             result["_frame"] = image
             if snapshot:
                 result["_snapshot"] = True
+        elif image is not None:
+            self.snapshots_skipped += 1
         self._queue.put((result, decode))
+
+    def _take_slot(self, needed: bool) -> bool:
+        if self._frame_slots.acquire(blocking=False):
+            return True
+        if not needed:
+            return False
+        self.frame_waits += 1
+        while not self._frame_slots.acquire(timeout=0.1):
+            if not self.is_alive():  # the thread failed: the runner raises its error after this submit
+                return False
+        return True
 
     def note_fault(self, kind: str, message: str | None) -> None:
         """Record a fault (or its end, message None) in the spool for `edgeq doctor`; from any thread."""
@@ -177,6 +196,14 @@ class Outbox(threading.Thread):
     def _store(self, batch: list[dict[str, Any]]) -> None:
         frames = [r.pop("_frame", None) for r in batch]
         snapshot = [r.pop("_snapshot", False) for r in batch]
+        try:
+            self._store_results(batch, frames, snapshot)
+        finally:
+            for frame in frames:
+                if frame is not None:
+                    self._frame_slots.release()
+
+    def _store_results(self, batch: list[dict[str, Any]], frames: list[Any], snapshot: list[bool]) -> None:
         encoded: list[str] = []
 
         def builder(result: dict[str, Any]) -> Callable[[int], bytes]:
@@ -293,6 +320,9 @@ class Outbox(threading.Thread):
         stats["spool_full"] = self.full.is_set()
         if self.snapshot is not None:
             stats["snapshots"] = self.snapshots
+            stats["snapshots_skipped"] = self.snapshots_skipped
+        if self.annotator is not None:
+            stats["annotate_waits"] = self.frame_waits
         if self.output is not None:
             self.output.write(json.dumps(stats, separators=(",", ":")) + "\n")
             self.output.flush()

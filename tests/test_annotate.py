@@ -121,7 +121,8 @@ def test_drawing_puts_boxes_where_the_detection_says():
     canvas = written[7]
     assert tuple(canvas[60, 40]) == TRUSTED and tuple(canvas[40, 20]) == TRUSTED  # bottom and middle-left edges
     assert tuple(canvas[90, 150]) == FLAGGED and tuple(canvas[70, 120]) == FLAGGED
-    assert not canvas[40, 50].any() and not canvas[10, 190].any()  # inside a box, far from any: untouched
+    assert not canvas[55, 30].any() and not canvas[95, 10].any()  # inside a box, far from any: untouched
+    assert canvas[30:50, 100:200].any(axis=2).any(axis=0).sum() > 80  # the flagged label, kept inside the frame
     assert frame.sum() == 0  # the frame itself is not drawn on
 
 
@@ -130,3 +131,47 @@ def test_bad_annotate_targets(tmp_path, tiny_bundle, clip, target, needle):
     r = run_edgeq("run", "--model", str(tiny_bundle), "--source", str(clip), "--output", "-", "--annotate",
                   target if target.startswith("/") else str(tmp_path / target), "--spool", str(tmp_path / "s.db"))
     assert_clean_error(r, "--annotate", needle)
+
+
+def test_frames_held_for_drawing_are_bounded(tmp_path):
+    """A drawing slower than inference makes the loop wait at 8 frames held, never queue them all; every frame
+    is still drawn, and a snapshot-only frame without a slot is skipped instead of waited for."""
+    import io
+    import threading
+    import time
+
+    from edgeq.device.outbox import FRAMES_IN_FLIGHT, Outbox
+    from edgeq.device.spool import Spool
+
+    held, peak, drawn = [0], [0], []
+    lock = threading.Lock()
+
+    class Slow:
+        def add(self, frame, result):
+            time.sleep(0.01)
+            drawn.append(result["seq"])
+            with lock:
+                held[0] -= 1
+
+        def close(self):
+            pass
+
+    out = io.StringIO()
+    box = Outbox(lambda: Spool(tmp_path / "s.db"), None, out, lambda: {"type": "stats"}, 3600, lambda s: None,
+                 annotator=Slow())
+    box.start()
+    box.wait_ready()
+    for i in range(60):
+        with lock:
+            held[0] += 1
+            peak[0] = max(peak[0], held[0])
+        box.submit({"frame": {"id": i}, "latency_ms": {}}, list, np.zeros((4, 4, 3), np.uint8))
+    assert box.finish(1.0)
+    assert drawn == list(range(1, 61))  # every frame drawn, in order
+    assert peak[0] <= FRAMES_IN_FLIGHT + 1 and box.frame_waits > 0
+    assert json.loads(out.getvalue().splitlines()[-1])["annotate_waits"] == box.frame_waits
+
+    snap = Outbox(lambda: Spool(tmp_path / "t.db"), None, None, dict, 3600, lambda s: None)
+    for i in range(FRAMES_IN_FLIGHT + 3):  # not started: nothing frees a slot
+        snap.submit({"latency_ms": {}}, list, np.zeros((4, 4, 3), np.uint8), snapshot=True)
+    assert snap.snapshots_skipped == 3
