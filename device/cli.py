@@ -55,10 +55,37 @@ def add_device_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080; 0: any free port)")
     p.set_defaults(handler=_cmd_dashboard)
 
+    p = sub.add_parser("push", help="send a bundle (or a rollback) to a device or a group over MQTT",
+                       description="Publish a bundle, QoS 1, on <prefix>/<id>/bundle/set (or a group's topic) and "
+                                   "report each device's answer from its bundle/state: applied, or refused and why. "
+                                   "Devices take it with [update] enabled (docs/fleet.md).")
+    p.add_argument("bundle", metavar="BUNDLE", nargs="?", help=".edgeq bundle to send")
+    p.add_argument("--mqtt", metavar="URL", required=True, help="broker, mqtt://host:port or mqtts://host:port")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--device-id", metavar="ID", help="one device")
+    who.add_argument("--group", metavar="NAME", help="every device with NAME in [update] groups")
+    p.add_argument("--rollback", action="store_true", help="return to the previous bundle instead")
+    p.add_argument("--wait", type=float, metavar="S", help="seconds to wait for answers (default 60 for a device, "
+                   "20 for a group)")
+    p.add_argument("--username", metavar="USER", help="broker user")
+    p.add_argument("--password-file", metavar="FILE", help="that user's password")
+    p.add_argument("--ca", metavar="FILE", help="CA certificate for mqtts://")
+    p.add_argument("--prefix", default="edgeq", help="topic prefix (default edgeq)")
+    p.add_argument("--max-bytes", type=int, default=64 << 20, help="refuse bigger bundles (default 64 MiB, as devices)")
+    p.set_defaults(handler=_cmd_push)
+
     p = sub.add_parser("validate-config", help="check a device config file and say what is wrong",
                        description="Validate a device TOML file; errors name the file, line and key.")
     p.add_argument("config", metavar="FILE")
     p.set_defaults(handler=_cmd_validate)
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .push import push
+
+    wait = args.wait if args.wait is not None else (60.0 if args.device_id else 20.0)
+    return push(args.bundle, args.mqtt, args.device_id, args.group, args.rollback, wait, args.username,
+                args.password_file, args.ca, args.prefix, args.max_bytes)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

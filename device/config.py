@@ -42,6 +42,15 @@ interval = 30
 [homeassistant]
 discovery = true             # with [snapshot] enabled, also an MQTT camera
 
+# trusted_keys = ["/etc/edgeq/keys/release.pub"]  # run and accept only bundles signed by one of these (edgeq keygen)
+
+[update]
+enabled = false              # take bundles pushed over MQTT (edgeq push) on edgeq/<id>/bundle/set
+groups = []                  # ... and on edgeq/group/<name>/bundle/set for each name
+max_bytes = 67108864         # a bigger pushed bundle is refused
+allow_task_change = false    # refuse a bundle of another task or input shape unless true
+# store = "/var/lib/edgeq/bundles-<device_id>"   # default: next to the spool (systemd StateDirectory=)
+
 [snapshot]
 enabled = false              # a small annotated JPEG on edgeq/<id>/snapshot, retained
 rate_hz = 1.0                # at most this many a second
@@ -212,6 +221,24 @@ class SnapshotConfig(Strict):
     quality: int = Field(70, ge=10, le=100)  # JPEG quality
 
 
+class UpdateConfig(Strict):
+    """Over-the-air bundle updates over MQTT (device/updates.py): off unless enabled."""
+
+    enabled: bool = False
+    groups: list[str] = []
+    max_bytes: int = Field(64 << 20, ge=1024, le=256 << 20)
+    allow_task_change: bool = False
+    store: Path | None = None
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.match(DEVICE_ID_PATTERN, name):
+                raise ValueError(f"group {name!r}: letters, digits, '-' and '_' only (it is a topic level)")
+        return v
+
+
 class HomeAssistantConfig(Strict):
     discovery: bool = False
     prefix: str = "homeassistant"
@@ -239,6 +266,36 @@ class DeviceConfig(Strict):
     stats: StatsConfig = StatsConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
     snapshot: SnapshotConfig = SnapshotConfig()
+    update: UpdateConfig = UpdateConfig()
+    # public keys (edgeq keygen's .pub files): when set, only bundles signed by one of them run or are applied
+    trusted_keys: list[Path] = []
+
+    @field_validator("device_id")
+    @classmethod
+    def _not_group(cls, v: str) -> str:
+        if v == "group":
+            raise ValueError("'group' is reserved (edgeq/group/<name>/... are group topics); choose another id")
+        return v
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys(cls, v: list[Path]) -> list[Path]:
+        from edgeq.signing import load_public_key
+
+        for path in v:
+            try:
+                load_public_key(path)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    def public_keys(self) -> list[Any]:
+        from edgeq.signing import load_public_key
+
+        return [load_public_key(p) for p in self.trusted_keys]
+
+    def update_store(self) -> Path:
+        return self.update.store or self.spool_path().parent / f"bundles-{self.device_id}"
 
     def spool_path(self) -> Path:
         if self.spool.path is not None:

@@ -133,6 +133,12 @@ class MqttLink:
             return None
         return info.mid
 
+    def announce(self) -> None:
+        """Publish the retained online status again (after a model swap: it names the model)."""
+        if self.connected.is_set():
+            self.client.publish(self.status_topic, json.dumps(self.status_payload("online", **self._online_payload())),
+                                qos=1, retain=True)
+
     def subscribe(self, topic: str, handler: Callable[[str, bytes], None]) -> None:
         self._subscriptions[topic] = handler
         if self.connected.is_set():

@@ -8,6 +8,7 @@ published, and the process exits 0.
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 import datetime as _dt
 import json
 import signal
@@ -59,6 +60,24 @@ def read_cpu_temp_c() -> float | None:
         return None
 
 
+@dataclass
+class Loaded:
+    """A checked bundle ready to run: its model, preprocessor, ring of input buffers and decoder. The inference
+    loop swaps the whole of it at a frame boundary (device/updates.py)."""
+
+    bundle: Bundle
+    model: Any
+    pre: Preprocessor
+    decoder: Any
+    ring: list[np.ndarray]
+    spare: np.ndarray  # the loop's own buffer for frames prepared by an earlier Loaded
+
+    @property
+    def tag(self) -> dict[str, str]:
+        """How every result names the bundle that made it."""
+        return {"name": self.bundle.name, "sha256": self.bundle.sha256, "bundle": self.bundle.file_sha256[:12]}
+
+
 class Runner:
     def __init__(self, cfg: DeviceConfig, log: Callable[[str], None]) -> None:
         if cfg.model is None:
@@ -67,18 +86,17 @@ class Runner:
             raise ConfigError("no source: set source = \"...\" in the config or pass --source SRC")
         self.cfg = cfg
         self.log = log
-        self.bundle: Bundle = read_bundle(cfg.model)
-        self.model = self.bundle.load_model(num_threads=cfg.threads)
-        self.pre = Preprocessor(self.bundle.preprocess_spec)
-        # The source preprocesses on its own thread into this ring (more buffers than frames in flight:
-        # 8 queued + 1 being inferred + 1 being written), so decoding overlaps inference.
-        self._ring = [np.empty(self.pre.spec.shape, dtype=self.pre.buffer.dtype) for _ in range(12)]
+        self._keys = cfg.public_keys()
+        self.store = None
+        self.updater = None
+        if cfg.update.enabled:
+            from .updates import BundleStore
+
+            self.store = BundleStore(cfg.update_store())
+        self.active: Loaded = self._start_bundle()
+        self._pending: Loaded | None = None
         self._ring_next = 0
-        if self.pre.spec.dtype != np.dtype(self.model.input.dtype).name:
-            raise EdgeqError(f"{cfg.model}: manifest input dtype {self.pre.spec.dtype} differs from the model's; re-convert")
-        self.decoder = make_decoder(self.model, self.bundle, cfg.thresholds.score, cfg.thresholds.top_k,
-                                    (cfg.thresholds.review_measure, cfg.thresholds.review), cfg.thresholds.nms_iou,
-                                    cfg.thresholds.unfamiliar_percentile)
+        self._swapped = threading.Condition()
         self.source = open_source(cfg.source, cfg.loop, self._source_log,
                                   read_secret(cfg.source_password_file, cfg.source_password_credential, "source_password"))
         self.stop_event = threading.Event()
@@ -125,9 +143,106 @@ class Runner:
             outbox.note_fault("source", None if line.endswith(": reconnected") else line)
 
     def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, Any]:
-        buffer = self._ring[self._ring_next]
-        self._ring_next = (self._ring_next + 1) % len(self._ring)
-        return self.pre(image, out=buffer)
+        active = self.active  # read once: a swap replaces it whole
+        buffer = active.ring[self._ring_next % len(active.ring)]
+        self._ring_next = (self._ring_next + 1) % len(active.ring)
+        return active.pre(image, out=buffer)
+
+    # -- bundles ----------------------------------------------------------------------------------------
+    @property
+    def bundle(self) -> Bundle:
+        return self.active.bundle
+
+    @property
+    def model(self) -> Any:
+        return self.active.model
+
+    @property
+    def decoder(self) -> Any:
+        return self.active.decoder
+
+    def load(self, path: Path) -> Loaded:
+        """Read, verify (trusted_keys), load and self-test a bundle; EdgeqError names what is wrong."""
+        cfg = self.cfg
+        bundle = read_bundle(path)
+        if self._keys:
+            from edgeq.signing import verify_bundle
+
+            verify_bundle(path, self._keys)
+        model = bundle.load_model(num_threads=cfg.threads)
+        pre = Preprocessor(bundle.preprocess_spec)
+        if pre.spec.dtype != np.dtype(model.input.dtype).name:
+            raise EdgeqError(f"{path}: manifest input dtype {pre.spec.dtype} differs from the model's; re-convert")
+        decoder = make_decoder(model, bundle, cfg.thresholds.score, cfg.thresholds.top_k,
+                               (cfg.thresholds.review_measure, cfg.thresholds.review), cfg.thresholds.nms_iou,
+                               cfg.thresholds.unfamiliar_percentile)
+        # The source preprocesses on its own thread into this ring (more buffers than frames in flight:
+        # 8 queued + 1 being inferred + 1 being written), so decoding overlaps inference.
+        ring = [np.empty(pre.spec.shape, dtype=pre.buffer.dtype) for _ in range(12)]
+        loaded = Loaded(bundle, model, pre, decoder, ring, np.empty(pre.spec.shape, dtype=pre.buffer.dtype))
+        self._self_test(loaded, path)
+        return loaded
+
+    @staticmethod
+    def _self_test(loaded: Loaded, path: Path) -> None:
+        """One invoke on a grey frame, decoded: a bundle that cannot do this never replaces a running one."""
+        spec = loaded.pre.spec
+        grey = np.full((spec.height, spec.width, 3), 128, np.uint8)
+        try:
+            tensor, transform = loaded.pre(grey)
+            loaded.model.set_input(tensor)
+            loaded.model.invoke()
+            raw = {t.index: loaded.model.get(t) for t in loaded.decoder.tensors}
+            if not all(np.isfinite(v).all() for v in raw.values() if np.issubdtype(v.dtype, np.floating)):
+                raise ValueError("the outputs hold NaN or inf")
+            loaded.decoder.decode(raw, transform)
+        except EdgeqError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of an untried model is a refusal, in one line
+            raise EdgeqError(f"{path}: self-test invoke failed ({exc}); re-convert the bundle") from None
+
+    def _start_bundle(self) -> Loaded:
+        """The bundle to start with: the update store's current one (a bundle pushed earlier), else the configured
+        model. A store bundle that no longer passes (keys changed) falls back to the configured model, with a line."""
+        assert self.cfg.model is not None
+        if self.store is not None:
+            for name in self.store.clean():
+                self.log(f"update store {self.store.root}: removed {name}, left by an interrupted update")
+            current = self.store.path_of(self.store.state()["current"])
+            if current is not None:
+                try:
+                    loaded = self.load(current)
+                except EdgeqError as exc:
+                    self.log(f"update store: {exc}; starting on the configured model {self.cfg.model}")
+                else:
+                    self.log(f"running the pushed bundle {current.name} from the update store (the configured model "
+                             f"{self.cfg.model} is used when the store is empty)")
+                    return loaded
+        return self.load(self.cfg.model)
+
+    def swap(self, loaded: Loaded, timeout: float = 30.0) -> bool:
+        """Called by the updater: the loop takes ``loaded`` at its next frame boundary. True once it did."""
+        with self._swapped:
+            self._pending = loaded
+            return self._swapped.wait_for(lambda: self._pending is not loaded, timeout)
+
+    def _take_pending(self, base: dict[str, Any]) -> None:
+        with self._swapped:
+            loaded, self._pending = self._pending, None
+            if loaded is None:
+                return
+            old, self.active = self.active, loaded
+            base["model"], base["task"] = loaded.tag, loaded.bundle.task
+            self._swapped.notify_all()
+        del old  # its interpreter goes once the outbox has decoded the results it made
+        if self.link:
+            self.link.announce()  # the retained online status names the new model
+            if self.cfg.homeassistant.discovery:
+                self._send_discovery()
+
+    def _publish_bundle_state(self, payload: dict[str, Any]) -> None:
+        if self.link is not None:
+            self.link.publish(f"{self.link.prefix}/bundle/state", json.dumps(payload), qos=1, retain=True)
 
     # -- pieces ----------------------------------------------------------------------------------------
     def _open_output(self, target: str | None) -> IO[str] | None:
@@ -146,11 +261,23 @@ class Runner:
         link = MqttLink(cfg.mqtt, cfg.device_id, self.online_payload, self.log, on_connected=self._on_connected)
         if cfg.homeassistant.discovery:
             link.subscribe(f"{cfg.homeassistant.prefix}/status", self._on_ha_status)
+        if self.store is not None:
+            from .updates import Updater
+
+            self.updater = Updater(cfg, self.store, self.load, self.swap, lambda: self.active,
+                                   self._publish_bundle_state, self.log)
+            link.subscribe(f"{link.prefix}/bundle/set", self.updater.offer)
+            for group in cfg.update.groups:
+                link.subscribe(f"{cfg.mqtt.topic_prefix}/group/{group}/bundle/set", self.updater.offer)
         return link
 
     def _on_connected(self) -> None:
         if self.cfg.homeassistant.discovery:
             self._send_discovery()
+        if self.store is not None:
+            from .updates import state_payload
+
+            self._publish_bundle_state(state_payload(self.cfg.device_id, "running", self.bundle, self.store))
 
     def _on_ha_status(self, topic: str, payload: bytes) -> None:
         if payload.strip().lower() == b"online":
@@ -164,7 +291,7 @@ class Runner:
     def online_payload(self) -> dict[str, Any]:
         return {
             "version": __version__,
-            "model": {"name": self.bundle.name, "sha256": self.bundle.sha256},
+            "model": self.active.tag,
             "runtime": self.model.describe(),
             "source": self.source.name,
             "timestamp": utc_timestamp(),
@@ -197,12 +324,17 @@ class Runner:
         cfg = self.cfg
         base = {
             "schema": DETECTIONS_SCHEMA[0], "schema_version": DETECTIONS_SCHEMA[1], "device_id": cfg.device_id,
-            "model": {"name": self.bundle.name, "sha256": self.bundle.sha256}, "task": self.bundle.task,
+            "model": self.active.tag, "task": self.bundle.task,
         }
         self.outbox.start()
         self.outbox.wait_ready()
         if self.outbox.error is not None:
             raise self.outbox.error
+        if self.updater is not None:
+            self.updater.start()
+            if not self._keys:
+                self.log("updates over MQTT are accepted unsigned: anyone who can publish to "
+                         f"{self.link.prefix}/bundle/set can replace the model; set trusted_keys")
         if self.link:
             self.link.start()
         self.log(f"running {self.bundle.name} on {self.source.name}: {self.model.runtime.name} "
@@ -217,6 +349,8 @@ class Runner:
             for frame in self.source.frames(prepare=self._prepare):
                 if self.stop_event.is_set():
                     break
+                if self._pending is not None:  # an update: the new model from this frame on
+                    self._take_pending(base)
                 if frame is None:  # a live source is reconnecting: the loop is alive, nothing to infer
                     self.notifier.watchdog()
                     continue
@@ -230,10 +364,13 @@ class Runner:
                 t0 = time.perf_counter()
                 if frame.tensor is None:  # every source prepares on its own thread, whose scratch buffers these are
                     raise RuntimeError(f"source {self.source.name} yielded a frame it did not preprocess (a bug)")
+                active = self.active
+                if not any(frame.tensor is b for b in active.ring):  # prepared for the model before a swap
+                    frame.tensor, frame.transform = active.pre(frame.image, out=active.spare)
                 t1 = time.perf_counter()
-                self.model.set_input(frame.tensor)
-                self.model.invoke()
-                raw = {t.index: self.model.get(t) for t in self.decoder.tensors}
+                active.model.set_input(frame.tensor)
+                active.model.invoke()
+                raw = {t.index: active.model.get(t) for t in active.decoder.tensors}
                 t2 = time.perf_counter()
                 self.invoke_ms.append((t2 - t1) * 1000)
                 h, w = frame.image.shape[:2]
@@ -248,7 +385,7 @@ class Runner:
                             "invoke": round((t2 - t1) * 1000, 3),
                         },
                     },
-                    lambda raw=raw, transform=transform: self.decoder.decode(raw, transform),
+                    lambda raw=raw, transform=transform, decoder=active.decoder: decoder.decode(raw, transform),
                     frame.image if self.outbox.annotator is not None or snap else None,
                     snapshot=snap,
                 )
@@ -268,6 +405,8 @@ class Runner:
         finally:
             self.source.close()
             self.notifier.stopping()
+            if self.updater is not None:
+                self.updater.stop()
         ended_naturally = self.stop_reason in ("end of source", "max frames")
         drained = self.outbox.finish(cfg.drain_timeout if ended_naturally else min(cfg.drain_timeout, 2.0))
         if self.outbox.error is not None:

@@ -7,6 +7,9 @@ A bundle is a zip holding
 ``report.json``    optional: the conversion report (ops, sizes, validation figures)
 ``weights.npz``    optional: packed clustered kernels (see :mod:`edgeq.packing`); ``model.tflite`` then holds
                    zeros in their place, and ``manifest.model.packed`` lists where they go
+``signature.json`` optional: the sha256 of every other entry signed with an Ed25519 key (see :mod:`edgeq.signing`)
+
+A bundle holds data only: nothing in it is executed, unpickled or extracted to a path it names.
 
 Writing is atomic (a temporary file in the target folder, fsync, rename), so a failed conversion never leaves a
 half-written bundle. Reading refuses an unknown schema version, a truncated zip and a model whose sha256 does not
@@ -59,6 +62,13 @@ class Bundle:
     report: dict[str, Any] | None = None
     path: Path | None = None
     file_size: int | None = None
+    signature: dict[str, Any] | None = None  # signature.json as written: verified only by edgeq.signing
+    file_sha256: str | None = None  # of the .edgeq file itself: what `edgeq push` sends and results name
+
+    @property
+    def signer(self) -> str | None:
+        """The key id the bundle says signed it (unverified), or None when unsigned."""
+        return self.signature["key_id"] if self.signature else None
 
     @property
     def task(self) -> str:
@@ -174,6 +184,9 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
             if manifest.model.packed is not None:
                 model_bytes = _unpack(path, zf, names, model_bytes, manifest.model.packed)
             report = _read_json(path, zf, REPORT_NAME) if REPORT_NAME in names else None
+            from edgeq.signing import read_signature
+
+            signature = read_signature(path, zf)
     except zipfile.BadZipFile as exc:
         raise BundleError(f"{path}: truncated or corrupt bundle ({exc}); copy it again or re-convert") from None
     except (OSError, EOFError) as exc:
@@ -191,7 +204,11 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
                 f"{path}: {model_file} sha256 {digest[:12]}... does not match the manifest's "
                 f"{expected.sha256[:12]}...; the bundle was modified, re-convert it"
             )
-    return Bundle(manifest, model_bytes, report, path, path.stat().st_size)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return Bundle(manifest, model_bytes, report, path, path.stat().st_size, signature, digest.hexdigest())
 
 
 def read_entry(path: Path, zf: zipfile.ZipFile, name: str, cap: int = MAX_ENTRY_BYTES) -> bytes:

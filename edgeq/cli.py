@@ -45,6 +45,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from edgeq.signing import generate_keypair
+
+    private, public, kid = generate_keypair(args.prefix)
+    print(f"wrote {private} (private, mode 0600: keep it off devices) and {public} (public: list it in a device's "
+          f"trusted_keys); key id {kid}")
+    return 0
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    from edgeq.signing import sign_bundle
+
+    print(f"signed {args.bundle} with key {sign_bundle(args.bundle, args.key)}")
+    return 0
+
+
 def _add_host_command(sub: argparse._SubParsersAction, name: str, load: bool) -> None:
     """A host subcommand: fully defined when it is the one being run, else only listed."""
     if not load:
@@ -87,6 +103,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--pipeline", metavar="VIDEO", help="also run edgeq run on VIDEO: pipeline fps vs raw invoke fps")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(handler=_cmd_bench)
+
+    p = sub.add_parser("keygen", help="write an Ed25519 key pair for signing bundles",
+                       description="Write NAME.key (private, 0600) and NAME.pub (public) for edgeq sign / convert --sign.")
+    p.add_argument("prefix", metavar="NAME", help="path prefix of the two files, e.g. keys/release")
+    p.set_defaults(handler=_cmd_keygen)
+
+    p = sub.add_parser("sign", help="sign a bundle with a private key (edgeq keygen)",
+                       description="Add signature.json to a bundle: every file's sha256, signed with an Ed25519 key. "
+                                   "The bundle is verified first and rewritten atomically.")
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("--key", required=True, metavar="KEY", help="the private key file (NAME.key)")
+    p.set_defaults(handler=_cmd_sign)
 
     _add_device_commands(sub)
     return parser

@@ -22,6 +22,8 @@ class Inspection:
     runtime: dict[str, Any]
     kernels: list[dict[str, Any]]
     ops: list[dict[str, Any]]
+    signer: str | None = None  # the key id signature.json names (not verified here: a device verifies)
+    file_sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """``edgeq inspect --json``: the manifest's blocks as written, with what was measured here."""
@@ -30,7 +32,7 @@ class Inspection:
             "bundle": self.path, "name": self.manifest.name, "task": self.manifest.task,
             "labels": list(self.manifest.labels), "schema_version": self.manifest.schema_version,
             "edgeq_version": self.manifest.edgeq_version, "created": self.manifest.created,
-            "sha256": self.manifest.model.sha256, **{k: blocks.get(k) for k in (
+            "sha256": self.manifest.model.sha256, "bundle_sha256": self.file_sha256, "signer": self.signer, **{k: blocks.get(k) for k in (
                 "input", "outputs", "head", "quantization", "calibration", "validation", "clustering", "detector")},
             "sizes": self.sizes, "runtime": self.runtime, "kernels": self.kernels, "ops": self.ops,
         }
@@ -50,6 +52,7 @@ def inspect_bundle(path: str | Path) -> Inspection:
         str(path), bundle.manifest, sizes, model.describe(), weight_stats(model),
         [{"op": name, "operands": operands, "results": results, "count": n, "xnnpack": delegated}
          for (name, operands, results, delegated), n in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0][0]))],
+        bundle.signer, bundle.file_sha256,
     )
 
 
@@ -60,6 +63,8 @@ def format_inspect(ins: Inspection) -> str:
     lines = [
         f"bundle       {ins.path}  (schema {m.schema_version}, edgeq {m.edgeq_version}, {m.created})",
         f"model        {m.name}  sha256 {m.model.sha256[:16]}...",
+        f"signed       {'by key ' + ins.signer + ' (edgeq sign; a device with trusted_keys verifies it)' if ins.signer else 'no (edgeq sign --key KEY)'}",
+        f"file         sha256 {(ins.file_sha256 or '')[:16]}... (what edgeq push sends and results name)",
         f"task         {m.task}, {len(labels)} labels: {', '.join(labels[:8])}{' ...' if len(labels) > 8 else ''}",
         f"input        {inp.height}x{inp.width}x{inp.channels} {inp.color_order} {inp.resize}, "
         f"(p - {inp.mean[0]:g}) / {inp.std[0]:g}, {inp.dtype} scale {inp.scale:.6g} zero point {inp.zero_point}",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import assert_clean_error
@@ -160,7 +161,41 @@ BUNDLE_ROWS = [
     ("declared-too-big", lambda b, d: _patch_central(_rewrite(b, d), "model.tflite", 24, (2**31).to_bytes(4, "little")),
      ["model.tflite", "byte limit"]),
     ("zip-bomb", _bomb, ["model.tflite", "byte limit"]),
+    ("signature-not-json", lambda b, d: _rewrite(b, d, extra={"signature.json": b"\x00garbage"}),
+     ["signature.json", "not valid JSON"]),
+    ("signature-not-edgeq", lambda b, d: _rewrite(b, d, extra={"signature.json": b'{"files": 3}'}),
+     ["signature.json", "not an edgeq signature"]),
+    ("pickled-weights", lambda b, d: _pickled(b, d), ["cannot rebuild the model"]),
 ]
+
+
+class _Marker:
+    """Unpickling this would create a file: a bundle must never get that far."""
+
+    path = "/tmp/edgeq-pickle-executed"
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _pickled(src: Path, dst: Path) -> Path:
+    """A bundle declaring packed weights whose weights.npz holds a pickled object: it is refused, never loaded."""
+    import io
+    import json
+
+    buf = io.BytesIO()
+    np.savez(buf, codebook_0=np.array([_Marker()], dtype=object), indices_0=np.zeros(1, np.uint8))
+    kernel = {"name": "k", "offset": 0, "bytes": 4, "shape": [1], "axis": 0, "dtype": "float32", "values": 2}
+
+    def edit(name: str, data: bytes) -> bytes:
+        if name != "manifest.json":
+            return data
+        m = json.loads(data)
+        m["model"]["packed"] = {"file": "weights.npz", "kernels": [kernel]}
+        return json.dumps(m).encode()
+
+    Path(_Marker.path).unlink(missing_ok=True)
+    return _rewrite(src, dst, edit, {"weights.npz": buf.getvalue()})
 
 
 @pytest.mark.parametrize("name,build,needles", BUNDLE_ROWS, ids=[r[0] for r in BUNDLE_ROWS])
@@ -176,6 +211,7 @@ def test_broken_bundle_is_one_clear_line(name, build, needles, capsys, tmp_path,
     assert_clean_error((code, capsys.readouterr().err), f"{name}.edgeq", *needles)
     # refused before inflating anything large (the zip bomb took 7.2 s and 2 GB before this check)
     assert elapsed < 2.0 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 300_000  # KiB
+    assert not Path(_Marker.path).exists()  # nothing in a bundle is executed
 
 
 def test_broken_bundle_on_the_device_is_one_line_too(tmp_path, tiny_bundle):

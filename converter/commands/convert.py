@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.edgeq", help="bundle to write (atomically)")
     add_recipe_arguments(p)
     p.add_argument("--threads", type=int, default=1, help="interpreter threads for verification (default 1)")
+    p.add_argument("--sign", metavar="KEY", help="sign the bundle with this private key (edgeq keygen): devices with "
+                                                 "trusted_keys accept only signed bundles")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -28,18 +30,31 @@ def run(args: argparse.Namespace) -> int:
     from ..recipes import recipe_from_flags
 
     flags = {k: v for k, v in vars(args).items() if k not in ("model", "output", "threads", "json", "handler",
-                                                               "command")}
+                                                               "command", "sign")}
+    key = None
+    if args.sign:  # a bad key is refused before the conversion, not after it
+        from edgeq.signing import load_private_key
+
+        key = load_private_key(args.sign)
     recipe = recipe_from_flags(args.model, args.output, args.threads, **flags)
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     result = convert(recipe, log=log)
+    signer = None
+    if key is not None:
+        from edgeq.signing import sign_bundle
+
+        signer = sign_bundle(result.output, key)
     m = result.manifest
     if args.json:
-        print(json.dumps({"output": str(result.output), "manifest": m.to_json(), "timings": result.timings}, indent=2))
+        print(json.dumps({"output": str(result.output), "manifest": m.to_json(), "timings": result.timings,
+                          "signer": signer}, indent=2))
         return 0
     sizes = m.sizes
     print(f"wrote {result.output}: {m.quantization.scheme} {m.input.height}x{m.input.width}, {len(m.labels)} classes, "
           f"model {sizes.get('model_tflite') / 1e6:.2f} MB ({sizes.get('ratio_to_float32'):.2f}x float32), "
           f"{result.timings['total_s']:.1f} s")
+    if signer:
+        print(f"signed by key {signer}")
     if m.quantization.float_ops:
         print(f"float ops kept: {', '.join(m.quantization.float_ops)}")
     if m.validation is not None:

@@ -1,0 +1,131 @@
+"""``edgeq push``: send a bundle (or a rollback) to a device or a group over MQTT, and report what they did.
+
+The bundle is checked here first (it reads as a bundle, is under the size cap, and says who signed it), then
+published once with QoS 1, not retained, on ``<prefix>/<id>/bundle/set`` or ``<prefix>/group/<name>/bundle/set``.
+The command then listens on the devices' retained ``bundle/state`` topics for ``--wait`` seconds: a device answers
+applied (or already running it), or refused with the reason.
+
+A device that is offline when the bundle is published does not receive it (devices use clean MQTT sessions, and
+a retained multi-megabyte bundle would be re-sent at every reconnect): push again once it is back; its
+``bundle/state`` says what it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeq.errors import ConfigError, EdgeqError
+
+from .config import MqttConfig
+from .mqtt import apply_security, describe_connect_error
+
+
+def _client(cfg: MqttConfig, log: Callable[[str], None]) -> Any:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                         client_id=f"edgeq-push-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv311)
+    apply_security(client, cfg)
+    connected = threading.Event()
+    refused: list[str] = []
+
+    def on_connect(c: Any, u: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            refused.append(f"broker refused the connection: {reason}")
+        connected.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(cfg.host, cfg.port, keepalive=30)
+    except (OSError, ValueError) as exc:
+        raise EdgeqError(f"--mqtt {cfg.url}: {describe_connect_error(exc, cfg.port, cfg.tls)}") from None
+    client.loop_start()
+    if not connected.wait(15) or refused:
+        client.loop_stop()
+        raise EdgeqError(f"--mqtt {cfg.url}: {refused[0] if refused else 'no answer from the broker in 15 s'}")
+    return client
+
+
+def push(
+    bundle: str | None, url: str, device_id: str | None, group: str | None, rollback: bool = False,
+    wait: float = 60.0, username: str | None = None, password_file: str | None = None, ca: str | None = None,
+    prefix: str = "edgeq", max_bytes: int = 64 << 20, log: Callable[[str], None] = print,
+) -> int:
+    if (device_id is None) == (group is None):
+        raise ConfigError("give --device-id ID or --group NAME (one of them)")
+    if rollback == (bundle is not None):
+        raise ConfigError("give a BUNDLE to push, or --rollback (not both)")
+    try:
+        cfg = MqttConfig(url=url, username=username, password_file=Path(password_file) if password_file else None,
+                         ca=Path(ca) if ca else None, topic_prefix=prefix)
+    except ValueError as exc:
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"msg": str(exc), "loc": ()}  # type: ignore[union-attr]
+        raise ConfigError(f"--mqtt {url}: {first['msg'].removeprefix('Value error, ')}") from None
+    target = f"{prefix}/{device_id}" if device_id else f"{prefix}/group/{group}"
+    if rollback:
+        request = uuid.uuid4().hex[:12]
+        payload = json.dumps({"action": "rollback", "request": request}).encode()
+        expect: Callable[[dict[str, Any]], bool] = lambda s: (s.get("offered") or {}).get("request") == request
+        what = "rollback"
+    else:
+        from edgeq.bundle import read_bundle
+
+        path = Path(bundle)  # type: ignore[arg-type]
+        if path.is_file() and path.stat().st_size > max_bytes:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes, over the {max_bytes}-byte cap (--max-bytes, and "
+                              "the devices' [update] max_bytes)")
+        b = read_bundle(path)
+        payload = path.read_bytes()
+        sha = hashlib.sha256(payload).hexdigest()
+        expect = lambda s: (s.get("offered") or {}).get("sha256") == sha  # noqa: E731
+        what = f"{path.name} ({sha[:12]}, {len(payload)} bytes, {b.task}, signer {b.signer or 'none: unsigned'})"
+
+    answers: dict[str, dict[str, Any]] = {}
+    done = threading.Event()
+    sent_at = [float("inf")]
+
+    def on_message(c: Any, u: Any, message: Any) -> None:
+        try:
+            state = json.loads(message.payload)
+        except ValueError:
+            return
+        if not isinstance(state, dict) or not expect(state):
+            return
+        answers[str(state.get("device_id"))] = state
+        if device_id is not None:
+            done.set()
+
+    client = _client(cfg, log)
+    try:
+        client.on_message = on_message
+        state_topic = f"{prefix}/{device_id}/bundle/state" if device_id else f"{prefix}/+/bundle/state"
+        client.subscribe(state_topic, qos=1)
+        info = client.publish(f"{target}/bundle/set", payload, qos=1)
+        info.wait_for_publish(60)
+        sent_at[0] = time.monotonic()
+        log(f"pushed {what} to {target}/bundle/set; waiting up to {wait:g} s for answers")
+        done.wait(wait)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    refused = 0
+    for dev, state in sorted(answers.items()):
+        verdict = state.get("state")
+        running = state.get("bundle") or {}
+        note = f": {state['reason']}" if state.get("reason") else ""
+        refused += verdict == "refused"
+        log(f"  {dev}: {verdict}{note} (running {running.get('name')} {str(running.get('sha256'))[:12]})")
+    if device_id is not None and not answers:
+        log(f"no answer from {device_id} in {wait:g} s: is it online, with [update] enabled? (its "
+            f"{prefix}/{device_id}/status says)")
+        return 1
+    if group is not None:
+        log(f"{len(answers)} device(s) answered: {len(answers) - refused} applied, {refused} refused")
+    return 1 if refused else 0

@@ -1,0 +1,156 @@
+"""Signed bundles (edgeq/signing.py): keygen, sign, inspect, and every way a signature check must fail."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_clean_error
+from edgeq.cli import main
+from edgeq.errors import BundleError
+from test_bad_inputs import _rewrite
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("keys")
+    assert main(["keygen", str(d / "release")]) == 0
+    assert main(["keygen", str(d / "other")]) == 0
+    return {"key": d / "release.key", "pub": d / "release.pub", "other_key": d / "other.key",
+            "other_pub": d / "other.pub"}
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory, tiny_bundle, keys) -> Path:
+    out = tmp_path_factory.mktemp("signed") / "tiny.edgeq"
+    shutil.copy(tiny_bundle, out)
+    assert main(["sign", str(out), "--key", str(keys["key"])]) == 0
+    return out
+
+
+def test_keygen_writes_a_private_key_only_its_owner_reads(keys):
+    from edgeq.signing import load_private_key, load_public_key
+
+    assert stat.S_IMODE(keys["key"].stat().st_mode) == 0o600
+    assert b"BEGIN PRIVATE KEY" in keys["key"].read_bytes() and b"BEGIN PUBLIC KEY" in keys["pub"].read_bytes()
+    load_private_key(keys["key"])
+    assert load_public_key(keys["pub"]).key_id != load_public_key(keys["other_pub"]).key_id
+
+
+def test_signed_bundle_verifies_and_inspect_names_the_signer(signed, keys, capsys):
+    from edgeq.bundle import read_bundle
+    from edgeq.signing import load_public_key, verify_bundle
+
+    pub = load_public_key(keys["pub"])
+    assert verify_bundle(signed, [pub]) == pub.key_id
+    bundle = read_bundle(signed)  # still a bundle every reader opens
+    assert bundle.signer == pub.key_id
+    with zipfile.ZipFile(signed) as zf:
+        covered = set(json.loads(zf.read("signature.json"))["files"])
+        assert covered == set(zf.namelist()) - {"signature.json"} and "manifest.json" in covered
+    assert main(["inspect", str(signed), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["signer"] == pub.key_id and info["bundle_sha256"] == bundle.file_sha256
+
+
+def _tamper_manifest(src: Path, dst: Path) -> Path:
+    def edit(name: str, data: bytes) -> bytes:
+        if name != "manifest.json":
+            return data
+        m = json.loads(data)
+        m["labels"] = list(reversed(m["labels"]))  # the model and its sha256 untouched: only a signature sees it
+        return json.dumps(m).encode()
+
+    return _rewrite(src, dst, edit)
+
+
+def _forge(src: Path, dst: Path) -> Path:
+    def edit(name: str, data: bytes) -> bytes:
+        if name != "signature.json":
+            return data
+        sig = json.loads(data)
+        raw = bytearray(__import__("base64").b64decode(sig["signature"]))
+        raw[0] ^= 1
+        sig["signature"] = __import__("base64").b64encode(bytes(raw)).decode()
+        return json.dumps(sig).encode()
+
+    return _rewrite(src, dst, edit)
+
+
+def _drop(name: str):
+    def build(src: Path, dst: Path) -> Path:
+        with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+            for item in zin.infolist():
+                if item.filename != name:
+                    zout.writestr(item.filename, zin.read(item.filename))
+        return dst
+
+    return build
+
+
+VERIFY_ROWS = [
+    ("manifest-edited", _tamper_manifest, ["manifest.json changed after signing"]),
+    ("file-added", lambda s, d: _rewrite(s, d, extra={"extra.bin": b"x"}), ["extra.bin was added after signing"]),
+    ("report-removed", _drop("report.json"), ["report.json was removed after signing"]),
+    ("signature-forged", _forge, ["signature does not match"]),
+    ("unsigned", _drop("signature.json"), ["unsigned", "trusted_keys is set"]),
+    ("unknown-signer", None, ["not in trusted_keys"]),
+]
+
+
+@pytest.mark.parametrize("name,build,needles", VERIFY_ROWS, ids=[r[0] for r in VERIFY_ROWS])
+def test_signature_check_refuses(name, build, needles, tmp_path, signed, keys):
+    from edgeq.signing import load_public_key, verify_bundle
+
+    if build is None:  # signed, but by a key the device does not trust
+        bad = tmp_path / "other.edgeq"
+        shutil.copy(signed, bad)
+        main(["sign", str(bad), "--key", str(keys["other_key"])])
+    else:
+        bad = build(signed, tmp_path / f"{name}.edgeq")
+    with pytest.raises(BundleError) as err:
+        verify_bundle(bad, [load_public_key(keys["pub"])])
+    message = str(err.value)
+    assert "\n" not in message and str(bad) in message
+    for needle in needles:
+        assert needle in message, message
+
+
+SIGN_ROWS = [
+    ("keygen {tmp}/k", ["already exists"]),
+    ("keygen {tmp}/nowhere/k", ["no such folder"]),
+    ("sign {bundle} --key {tmp}/garbage.key", ["garbage.key", "not a PEM private key"]),
+    ("sign {bundle} --key {tmp}/open.key", ["open.key", "readable by others", "chmod 600"]),
+    ("sign {bundle} --key {tmp}/k.pub", ["k.pub", "public key"]),
+    ("sign {bundle} --key {tmp}/missing.key", ["missing.key", "not found"]),
+    ("sign {tmp}/nope.edgeq --key {tmp}/k.key", ["nope.edgeq", "not found"]),
+    ("convert {model} --calib {calib} --sign {tmp}/open.key -o {tmp}/o.edgeq", ["open.key", "readable by others"]),
+    ("push {bundle} --mqtt mqtt://127.0.0.1:1 --device-id cam --max-bytes 1024", ["over the 1024-byte cap"]),
+    ("push --mqtt mqtt://127.0.0.1:1 --device-id cam", ["give a BUNDLE"]),
+    ("push {bundle} --mqtt mqtt://127.0.0.1:1 --device-id cam", ["connection refused"]),
+    ("push {bundle} --mqtt http://host --device-id cam", ["--mqtt", "mqtt://host:port"]),
+]
+
+
+@pytest.mark.parametrize("args,needles", SIGN_ROWS, ids=[r[0][:50] for r in SIGN_ROWS])
+def test_bad_key_or_push_is_one_clear_line(args, needles, capsys, tmp_path, tiny_bundle, tiny_keras_path,
+                                           shapes_dir):
+    assert main(["keygen", str(tmp_path / "k")]) == 0
+    (tmp_path / "garbage.key").write_text("hello")
+    os.chmod(tmp_path / "garbage.key", 0o600)
+    shutil.copy(tmp_path / "k.key", tmp_path / "open.key")
+    os.chmod(tmp_path / "open.key", 0o644)
+    bundle = tmp_path / "b.edgeq"
+    shutil.copy(tiny_bundle, bundle)
+    before = bundle.read_bytes()
+    capsys.readouterr()
+    code = main(args.format(tmp=tmp_path, bundle=bundle, model=tiny_keras_path, calib=shapes_dir).split())
+    assert_clean_error((code, capsys.readouterr().err), *needles)
+    assert bundle.read_bytes() == before  # nothing half-signed
+    assert not (tmp_path / "o.edgeq").exists() and not list(tmp_path.glob("*.tmp"))
