@@ -278,12 +278,53 @@ def check_spool(cfg: Any) -> Check:
     return Check("spool", "pass", detail, data)
 
 
+def starting_bundle(cfg: Any) -> Path | None:
+    """The bundle `edgeq run` starts with: the update store's current one (a pushed bundle), else the config's."""
+    if cfg.update.enabled:
+        from .updates import BundleStore
+
+        store = cfg.update_store()
+        if (store / "state.json").exists():
+            current = BundleStore(store).path_of(BundleStore(store).state()["current"])
+            if current is not None:
+                return current
+    return cfg.model
+
+
+def check_updates(cfg: Any) -> Check:
+    """Signatures and updates: which bundle runs, whether its signer is trusted, and the update store."""
+    if cfg is None or (not cfg.update.enabled and not cfg.trusted_keys):
+        return Check("updates", "skip", "no trusted_keys, updates over MQTT off (docs/fleet.md)")
+    from edgeq.errors import EdgeqError
+
+    path = starting_bundle(cfg)
+    data: dict[str, Any] = {"bundle": str(path) if path else None, "trusted_keys": [str(k) for k in cfg.trusted_keys],
+                            "updates": cfg.update.enabled}
+    parts = []
+    if cfg.update.enabled:
+        data["store"] = str(cfg.update_store())
+        parts.append(f"updates on (groups: {', '.join(cfg.update.groups) or 'none'}; store {cfg.update_store()}); "
+                     f"starts with {path}")
+    if cfg.trusted_keys and path is not None:
+        from edgeq.signing import verify_bundle
+
+        try:
+            signer = verify_bundle(path, cfg.public_keys())
+        except EdgeqError as exc:
+            return Check("updates", "fail", f"{'; '.join(parts + [str(exc)])}", data)
+        parts.append(f"{path.name} signed by trusted key {signer}")
+    if cfg.update.enabled and not cfg.trusted_keys:
+        return Check("updates", "warn", "; ".join(parts + ["no trusted_keys: anyone who can publish to its bundle/set "
+                                                          "topic can replace the model"]), data)
+    return Check("updates", "pass", "; ".join(parts), data)
+
+
 def run_checks(model: str | Path | None = None, config: str | Path | None = None, threads: int | None = None) -> list[Check]:
     from .config import load_config
 
     cfg = load_config(config) if config else None
     if model is None and cfg is not None and cfg.model is not None:
-        model = cfg.model
+        model = starting_bundle(cfg)
     n_threads = threads or (cfg.threads if cfg else 1)
     import edgeq
 
@@ -292,7 +333,7 @@ def run_checks(model: str | Path | None = None, config: str | Path | None = None
                     {"version": edgeq.__version__, "python": platform.python_version()})]
     runtime_check, runtime = check_runtime()
     checks += [runtime_check, check_cpu(), check_threads(n_threads), check_cameras(cfg.source if cfg else None),
-               check_broker(cfg), check_spool(cfg)]
+               check_broker(cfg), check_spool(cfg), check_updates(cfg)]
     if runtime is not None:
         checks += check_model(model, n_threads)
     elif model is not None:

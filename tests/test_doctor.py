@@ -125,3 +125,21 @@ def test_doctor_shows_the_last_fault_the_service_met(tmp_path, tiny_bundle, shap
         broker.stop()
     spool = _checks(run_edgeq("doctor", "--config", str(cfg), "--json"))["spool"]
     assert spool["status"] == "pass" and "no fault now" in spool["detail"] and spool["data"]["waiting"] == 0, spool
+
+
+def test_doctor_checks_the_signer_of_the_bundle_the_service_starts_with(tmp_path, tiny_bundle):
+    import shutil
+
+    from edgeq.cli import main
+
+    assert main(["keygen", str(tmp_path / "release")]) == 0
+    signed = tmp_path / "signed.edgeq"
+    shutil.copy(tiny_bundle, signed)
+    assert main(["sign", str(signed), "--key", str(tmp_path / "release.key")]) == 0
+    for model, status, needle in [(signed, "pass", "signed by trusted key"), (tiny_bundle, "fail", "unsigned")]:
+        config = tmp_path / "device.toml"
+        config.write_text(f'model = "{model}"\ntrusted_keys = ["{tmp_path / "release.pub"}"]\n'
+                          f'[spool]\npath = "{tmp_path / "s.db"}"\n[update]\nenabled = true\n')
+        r = run_edgeq("doctor", "--config", str(config), "--json")
+        check = _checks(r)["updates"]
+        assert check["status"] == status and needle in check["detail"], check
