@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -72,7 +71,7 @@ def push(
     if rollback:
         request = uuid.uuid4().hex[:12]
         payload = json.dumps({"action": "rollback", "request": request}).encode()
-        expect: Callable[[dict[str, Any]], bool] = lambda s: (s.get("offered") or {}).get("request") == request
+        field, wanted = "request", request  # the device echoes it in bundle/state's "offered"
         what = "rollback"
     else:
         from edgeq.bundle import read_bundle
@@ -84,19 +83,18 @@ def push(
         b = read_bundle(path)
         payload = path.read_bytes()
         sha = hashlib.sha256(payload).hexdigest()
-        expect = lambda s: (s.get("offered") or {}).get("sha256") == sha  # noqa: E731
+        field, wanted = "sha256", sha
         what = f"{path.name} ({sha[:12]}, {len(payload)} bytes, {b.task}, signer {b.signer or 'none: unsigned'})"
 
     answers: dict[str, dict[str, Any]] = {}
     done = threading.Event()
-    sent_at = [float("inf")]
 
     def on_message(c: Any, u: Any, message: Any) -> None:
         try:
             state = json.loads(message.payload)
         except ValueError:
             return
-        if not isinstance(state, dict) or not expect(state):
+        if not isinstance(state, dict) or (state.get("offered") or {}).get(field) != wanted:
             return
         answers[str(state.get("device_id"))] = state
         if device_id is not None:
@@ -109,7 +107,6 @@ def push(
         client.subscribe(state_topic, qos=1)
         info = client.publish(f"{target}/bundle/set", payload, qos=1)
         info.wait_for_publish(60)
-        sent_at[0] = time.monotonic()
         log(f"pushed {what} to {target}/bundle/set; waiting up to {wait:g} s for answers")
         done.wait(wait)
     finally:

@@ -283,12 +283,12 @@ class Updater(threading.Thread):
 
 def state_payload(device_id: str, state: str, bundle: Any, store: BundleStore | None,
                   offered: dict[str, Any] | None = None, reason: str | None = None) -> dict[str, Any]:
-    from .runner import utc_timestamp
+    from edgeq.bundle import utc_now
 
     previous = None
     if store is not None:
         name = store.state()["previous"]
         previous = name[: -len(".edgeq")] if name else None
     return {"schema": BUNDLE_STATE_SCHEMA[0], "schema_version": BUNDLE_STATE_SCHEMA[1], "device_id": device_id,
-            "state": state, "timestamp": utc_timestamp(), "bundle": describe_bundle(bundle),
+            "state": state, "timestamp": utc_now(), "bundle": describe_bundle(bundle),
             "previous_sha256": previous, "offered": offered, "reason": reason}

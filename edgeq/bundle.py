@@ -39,6 +39,8 @@ from edgeq.preprocess import PreprocessSpec
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.tflite"
 REPORT_NAME = "report.json"
+SIGNATURE_NAME = "signature.json"  # written and verified by edgeq.signing
+SIGNATURE_SCHEMA = "edgeq.signature"
 # the largest entry a bundle may hold once decompressed: above any model a Pi-class device can run (MobileNetV2
 # float32 is 14 MB), far below what would exhaust its memory
 MAX_ENTRY_BYTES = 256 * 1024 * 1024
@@ -184,8 +186,6 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
             if manifest.model.packed is not None:
                 model_bytes = _unpack(path, zf, names, model_bytes, manifest.model.packed)
             report = _read_json(path, zf, REPORT_NAME) if REPORT_NAME in names else None
-            from edgeq.signing import read_signature
-
             signature = read_signature(path, zf)
     except zipfile.BadZipFile as exc:
         raise BundleError(f"{path}: truncated or corrupt bundle ({exc}); copy it again or re-convert") from None
@@ -233,6 +233,20 @@ def read_entry(path: Path, zf: zipfile.ZipFile, name: str, cap: int = MAX_ENTRY_
     except (zlib.error, EOFError) as exc:
         raise BundleError(f"{path}: {name} is corrupt ({exc}); copy the bundle again or re-convert") from None
     return bytes(out)
+
+
+def read_signature(path: Path, zf: zipfile.ZipFile) -> dict[str, Any] | None:
+    """The bundle's ``signature.json`` as written (not verified: see edgeq.signing), or None when unsigned."""
+    if SIGNATURE_NAME not in zf.namelist():
+        return None
+    try:
+        sig = json.loads(read_entry(path, zf, SIGNATURE_NAME, cap=1 << 20))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BundleError(f"{path}: {SIGNATURE_NAME} is not valid JSON; sign the bundle again") from None
+    if not isinstance(sig, dict) or sig.get("schema") != SIGNATURE_SCHEMA or not isinstance(sig.get("files"), dict) \
+            or not isinstance(sig.get("key_id"), str) or not isinstance(sig.get("signature"), str):
+        raise BundleError(f"{path}: {SIGNATURE_NAME} is not an edgeq signature; sign the bundle again")
+    return sig
 
 
 def _read_json(path: Path, zf: zipfile.ZipFile, name: str) -> Any:

@@ -28,10 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeq.bundle import SIGNATURE_NAME, SIGNATURE_SCHEMA, read_bundle, read_entry, read_signature
 from edgeq.errors import BundleError, ConfigError, EdgeqError
-
-SIGNATURE_NAME = "signature.json"
-SIGNATURE_SCHEMA = "edgeq.signature"
 _CONTEXT = b"edgeq-bundle-signature-v1\n"  # signed messages are never mistaken for another protocol's
 
 
@@ -153,8 +151,6 @@ def _message(files: dict[str, str], signer: str) -> bytes:
 
 def _entries(path: Path, zf: zipfile.ZipFile) -> dict[str, bytes]:
     """Every entry but the signature, read with the bundle reader's caps; duplicate names are refused."""
-    from edgeq.bundle import read_entry
-
     names = zf.namelist()
     if len(names) != len(set(names)):
         raise BundleError(f"{path}: the zip holds two entries with one name; not a bundle edgeq wrote, re-convert it")
@@ -165,8 +161,6 @@ def sign_bundle(path: str | Path, private_key: str | Path | Any) -> str:
     """Add (or replace) ``signature.json``; the bundle is verified first and rewritten atomically. ``private_key``:
     a key file, or a key :func:`load_private_key` returned. Returns the signer's key id."""
     from cryptography.hazmat.primitives import serialization
-
-    from edgeq.bundle import read_bundle
 
     key = load_private_key(private_key) if isinstance(private_key, (str, Path)) else private_key
     path = Path(path)
@@ -198,22 +192,6 @@ def sign_bundle(path: str | Path, private_key: str | Path | Any) -> str:
             raise BundleError(f"{path}: cannot write the signed bundle ({exc.strerror or exc})") from None
         raise
     return signer
-
-
-def read_signature(path: Path, zf: zipfile.ZipFile) -> dict[str, Any] | None:
-    """The bundle's ``signature.json`` as written (not verified), or None when unsigned."""
-    from edgeq.bundle import read_entry
-
-    if SIGNATURE_NAME not in zf.namelist():
-        return None
-    try:
-        sig = json.loads(read_entry(path, zf, SIGNATURE_NAME, cap=1 << 20))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BundleError(f"{path}: {SIGNATURE_NAME} is not valid JSON; sign the bundle again") from None
-    if not isinstance(sig, dict) or sig.get("schema") != SIGNATURE_SCHEMA or not isinstance(sig.get("files"), dict) \
-            or not isinstance(sig.get("key_id"), str) or not isinstance(sig.get("signature"), str):
-        raise BundleError(f"{path}: {SIGNATURE_NAME} is not an edgeq signature; sign the bundle again")
-    return sig
 
 
 def verify_bundle(path: str | Path, trusted: list[PublicKey]) -> str:
