@@ -404,6 +404,7 @@ class Runner:
                 wait_started = time.perf_counter()
         finally:
             self.source.close()
+            self.source.join()  # its capture released on its own thread, before the interpreter shuts down
             self.notifier.stopping()
             if self.updater is not None:
                 self.updater.stop()

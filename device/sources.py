@@ -59,6 +59,9 @@ class Source(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
+    def join(self, timeout: float = 5.0) -> None:  # noqa: B027 - optional hook
+        """Wait for the source's own thread to release its capture (after ``close``)."""
+
     @property
     def dropped(self) -> int:
         return 0
@@ -87,14 +90,20 @@ class _Prefetch:
 
     def _run(self, produce: Callable[[], Iterator[Frame]]) -> None:
         end: Any = self._END
+        frames = produce()
         try:
-            for frame in produce():
+            for frame in frames:
                 if self._prepare is not None:
                     frame.tensor, frame.transform = self._prepare(frame.image)
                 if not self._put(frame):
                     return  # stopped: the consumer is gone or leaving, and __iter__ checks _stop itself
         except BaseException as exc:  # surfaced in the consumer's thread
             end = exc
+        finally:
+            # the capture is released here, on this thread, not by the garbage collector during interpreter
+            # shutdown (OpenCV's decoder threads then abort the process: "terminate called without an active
+            # exception")
+            frames.close()
         self._put(end)
 
     def _put(self, item: Any) -> bool:
@@ -125,6 +134,10 @@ class _Prefetch:
     def stop(self) -> None:
         self._stop.set()
 
+    def join(self, timeout: float) -> None:
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
 
 class _FileSource(Source):
     """Files and folders: ``_produce`` yields every frame in order; a prefetch thread runs it ahead."""
@@ -141,6 +154,10 @@ class _FileSource(Source):
     def close(self) -> None:
         if self._prefetch:
             self._prefetch.stop()
+
+    def join(self, timeout: float = 5.0) -> None:
+        if self._prefetch:
+            self._prefetch.join(timeout)
 
 
 class FolderSource(_FileSource):
@@ -318,6 +335,10 @@ class LiveSource(Source):
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+
+    def join(self, timeout: float = 5.0) -> None:
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
 
 def _cv2_capture(target: Any, open_timeout_ms: int = 10000, read_timeout_ms: int = 10000) -> Callable[[], Any]:

@@ -45,3 +45,23 @@ def test_stop_while_the_consumer_waits_ends_the_iteration():
     t0 = time.monotonic()
     rest = list(it)
     assert time.monotonic() - t0 < 2.0 and len(rest) < 50
+
+
+def test_a_stopped_decoder_releases_its_capture_on_its_own_thread():
+    """The capture's cleanup (a generator's finally: cv2.VideoCapture.release) runs on the decode thread before
+    join returns, never in the garbage collector at interpreter shutdown, where OpenCV aborted 1 process in 10."""
+    released = []
+
+    def produce():
+        try:
+            for i in range(1000):
+                yield Frame(str(i), np.zeros((2, 2, 3), np.uint8), 0.0)
+        finally:
+            released.append(threading.current_thread().name)
+
+    p = _Prefetch(produce, depth=2)
+    it = iter(p)
+    next(it)
+    p.stop()
+    p.join(5.0)
+    assert released == ["edgeq-decode"] and not p._thread.is_alive()
