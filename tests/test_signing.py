@@ -154,3 +154,20 @@ def test_bad_key_or_push_is_one_clear_line(args, needles, capsys, tmp_path, tiny
     assert_clean_error((code, capsys.readouterr().err), *needles)
     assert bundle.read_bytes() == before  # nothing half-signed
     assert not (tmp_path / "o.edgeq").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("which,needles", [("unsigned", ["unsigned", "trusted_keys is set"]),
+                                           ("other", ["not in trusted_keys"])])
+def test_run_refuses_at_start_a_bundle_no_trusted_key_signed(which, needles, tmp_path, tiny_bundle, signed, keys):
+    from conftest import run_edgeq
+
+    model = tiny_bundle if which == "unsigned" else tmp_path / "other.edgeq"
+    if which == "other":
+        shutil.copy(signed, model)
+        assert main(["sign", str(model), "--key", str(keys["other_key"])]) == 0
+    config = tmp_path / "device.toml"
+    config.write_text(f'model = "{model}"\nsource = "{tmp_path}"\ntrusted_keys = ["{keys["pub"]}"]\n'
+                      f'[spool]\npath = "{tmp_path / "s.db"}"\n')
+    r = run_edgeq("run", "--config", str(config), "--output", "-")
+    assert_clean_error(r, model.name, *needles)
+    assert r.stdout == ""  # not one result from it
