@@ -75,8 +75,43 @@ class Task(ABC):
 
     # -- unfamiliarity (stages/density.py) -----------------------------------------------------------------
     def density_data(self, ctx: "ConvertContext", recipe: Any) -> Any:
-        """The fitting and held-out data (a :class:`converter.stages.density.DensityData`), None without labels."""
-        return None
+        """The fitting and held-out data (a :class:`converter.stages.density.DensityData`), None without labels.
+
+        One policy for every task: fit on ``--density-data``, else on a labelled ``--calib``, else on ``--val``;
+        hold out ``--val`` when the fit came from elsewhere, else the other half of the fitting set. A task says
+        what its labelled data is through the three ``density_*`` hooks below."""
+        from ..stages.density import DensityData
+
+        v = ctx.recipe.validation.val
+        calib = ctx.recipe.quant.calib
+        source = recipe.data
+        if source is None and calib and self.density_labelled_calib(ctx, calib):
+            source = calib  # a labelled calibration set: the training data, usually
+        source = source or v
+        if source is None:
+            return None
+        flag = "--density-data" if recipe.data else ("--calib" if source != v else "--val")
+        data = self.density_load(ctx, source, flag, recipe.max_samples)
+        if v is not None and source != v:
+            fit, targets = self.density_subset(data, None, recipe.max_samples)
+            held, _ = self.density_subset(self.density_load(ctx, v, "--val", recipe.max_samples), None, None)
+            return DensityData(fit, targets, held, source, str(v))
+        fit, targets = self.density_subset(data, 0, recipe.max_samples)
+        held, _ = self.density_subset(data, 1, None)
+        return DensityData(fit, targets, held, f"{source} (every other image)", f"{source} (the other half)")
+
+    def density_labelled_calib(self, ctx: "ConvertContext", calib: str) -> bool:
+        """Whether ``--calib`` carries this task's labels (then the density is fitted on it)."""
+        return False
+
+    def density_load(self, ctx: "ConvertContext", source: str, flag: str, max_samples: int) -> Any:
+        """A labelled set read for the density (errors name ``flag``)."""
+        raise NotImplementedError
+
+    def density_subset(self, data: Any, half: int | None, max_samples: int | None) -> tuple[Any, Any]:
+        """``(inputs, class indices)`` of ``data``: all of it (``half`` None) or one of its two deterministic halves
+        (0: the fit, 1: held out), evenly thinned to ``max_samples`` (None: the task's own cap)."""
+        raise NotImplementedError
 
     def density_tap_names(self, ctx: "ConvertContext") -> list[str]:
         raise NotImplementedError

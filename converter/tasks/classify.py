@@ -62,34 +62,23 @@ def _even(idx: np.ndarray, n: int) -> np.ndarray:
 class _ClassifyDensity:
     """The classifier's part of the density stage (mixed into ClassifyTask)."""
 
-    def density_data(self, ctx: "ConvertContext", recipe: Any) -> Any:
+    def density_labelled_calib(self, ctx: "ConvertContext", calib: str) -> bool:
         from pathlib import Path
 
-        from ..data.datasets import class_folder
-        from ..stages.density import DensityData
+        if not Path(calib).is_dir():
+            return False
+        sub = {p.name for p in Path(calib).iterdir() if p.is_dir()}
+        return bool(sub) and sub <= set(ctx.labels)  # class folders, each one of the model's labels
 
-        v = ctx.recipe.validation.val
-        source = recipe.data
-        if source is None and ctx.recipe.quant.calib and Path(ctx.recipe.quant.calib).is_dir():
-            sub = {p.name for p in Path(ctx.recipe.quant.calib).iterdir() if p.is_dir()}
-            if sub and sub <= set(ctx.labels):  # a labelled calibration folder: the training data, usually
-                source = ctx.recipe.quant.calib
-        if source is None:
-            source = v
-        if source is None:
-            return None
-        flag = "--density-data" if recipe.data else ("--calib" if source != v else "--val")
-        data = class_folder(source, ctx.labels, flag=flag)
-        if v is not None and source != v:
-            held = class_folder(v, ctx.labels)
-            keep = _even(np.arange(len(data.files)), recipe.max_samples)
-            return DensityData([data.files[i] for i in keep], data.targets[keep],
-                               [held.files[i] for i in _even(np.arange(len(held.files)), HELD_OUT_MAX)], source, str(v))
-        fit, held = _split(data.files, data.targets)
-        fit = _even(fit, recipe.max_samples)
-        return DensityData([data.files[i] for i in fit], data.targets[fit],
-                           [data.files[i] for i in _even(held, HELD_OUT_MAX)], f"{source} (every other image)",
-                           f"{source} (the other half)")
+    def density_load(self, ctx: "ConvertContext", source: str, flag: str, max_samples: int) -> Any:
+        from ..data.datasets import class_folder
+
+        return class_folder(source, ctx.labels, flag=flag)
+
+    def density_subset(self, data: Any, half: int | None, max_samples: int | None) -> tuple[Any, Any]:
+        idx = np.arange(len(data.files)) if half is None else _split(data.files, data.targets)[half]
+        idx = _even(idx, HELD_OUT_MAX if max_samples is None else max_samples)
+        return [data.files[i] for i in idx], data.targets[idx]
 
     def density_tap_names(self, ctx: "ConvertContext") -> list[str]:
         return [name for name, _ in _taps(ctx.source.keras_model)]

@@ -156,25 +156,17 @@ class DetectTask(Task):
         return {"source": str(coco.path), "images": len(coco.images), **figures}
 
     # -- unfamiliarity (stages/density.py): the neck's features at the cells that hold known objects ----------
-    def density_data(self, ctx: "ConvertContext", recipe: Any) -> Any:
+    def density_labelled_calib(self, ctx: "ConvertContext", calib: str) -> bool:
         from ..data.coco import is_coco_path
-        from ..stages.density import DensityData
 
-        v = ctx.recipe.validation.val
-        source = recipe.data
-        if source is None and ctx.recipe.quant.calib and is_coco_path(ctx.recipe.quant.calib):
-            source = ctx.recipe.quant.calib
-        source = source or v
-        if source is None:
-            return None
-        flag = "--density-data" if recipe.data else ("--calib" if source != v else "--val")
-        fit = _positive_cells_data(ctx, source, flag, recipe.max_samples)
-        if v is not None and source != v:
-            return DensityData(fit, fit["targets"], _positive_cells_data(ctx, v, "--val", recipe.max_samples), source,
-                               str(v))
-        half = _split_images(fit)
-        return DensityData(half[0], half[0]["targets"], half[1], f"{source} (every other image)",
-                           f"{source} (the other half)")
+        return is_coco_path(calib)
+
+    def density_load(self, ctx: "ConvertContext", source: str, flag: str, max_samples: int) -> Any:
+        return _positive_cells_data(ctx, source, flag, max_samples)  # capped at load: cells, not images
+
+    def density_subset(self, data: Any, half: int | None, max_samples: int | None) -> tuple[Any, Any]:
+        part = data if half is None else _split_images(data)[half]
+        return part, part["targets"]
 
     def density_tap_names(self, ctx: "ConvertContext") -> list[str]:
         return [DENSITY_TAP]
