@@ -90,6 +90,8 @@ def push(
     done = threading.Event()
 
     def on_message(c: Any, u: Any, message: Any) -> None:
+        if message.retain:  # a state kept from before this push (it may name this very bundle): not an answer
+            return
         try:
             state = json.loads(message.payload)
         except ValueError:
@@ -125,4 +127,8 @@ def push(
         return 1
     if group is not None:
         log(f"{len(answers)} device(s) answered: {len(answers) - refused} applied, {refused} refused")
+        if not answers:
+            log(f"no device of group {group} answered in {wait:g} s: are they online, with {group!r} in [update] "
+                "groups?")
+            return 1
     return 1 if refused else 0

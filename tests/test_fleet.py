@@ -310,6 +310,8 @@ def test_group_push_reaches_20_devices(tmp_path, fleet, video):
         assert sub.wait_for(lambda: len(running()) == 20, 180), sorted(running())
         r = push(broker, str(fleet["v2"]), "--group", "lobby", wait="20")
         assert r.returncode == 0 and "20 device(s) answered: 20 applied, 0 refused" in r.stdout, r.stdout + r.stderr
+        r = push(broker, str(fleet["v2"]), "--group", "nobody", wait="1")  # a group no device is in
+        assert r.returncode == 1 and "no device of group nobody answered" in r.stdout, r.stdout + r.stderr
     finally:
         codes = []
         for d in devices:
