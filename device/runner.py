@@ -8,13 +8,13 @@ published, and the process exits 0.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
 import datetime as _dt
 import json
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable
 

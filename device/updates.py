@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -40,6 +41,7 @@ from edgeq.errors import EdgeqError
 BUNDLE_STATE_SCHEMA = ("edgeq.bundle_state", 1)
 ROLLBACK = "rollback"
 ZIP_MAGIC = b"PK\x03\x04"
+OWN_FILE = re.compile(r"^([0-9a-f]{64}\.edgeq|\.(incoming|adopt|state)-[0-9a-f]{32}\.tmp)$")  # what the store writes
 
 
 class UpdateRefused(EdgeqError):
@@ -88,11 +90,12 @@ class BundleStore:
         return path if path.is_file() else None
 
     def clean(self) -> list[str]:
-        """Remove what a kill left behind: temporary files and bundles ``state.json`` does not name."""
+        """Remove what a kill left behind: the store's own temporary files, and its ``<sha256>.edgeq`` bundles that
+        ``state.json`` does not name. Nothing else in the folder is touched (it may be shared)."""
         keep = {n for n in self.state().values() if n}
         removed = []
         for p in self.root.iterdir():
-            if p.name != self.state_path.name and p.name not in keep and (p.suffix in (".tmp", ".edgeq")):
+            if p.name not in keep and OWN_FILE.match(p.name):
                 p.unlink(missing_ok=True)
                 removed.append(p.name)
         return removed
