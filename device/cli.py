@@ -67,6 +67,8 @@ def add_device_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rollback", action="store_true", help="return to the previous bundle instead")
     p.add_argument("--wait", type=float, metavar="S", help="seconds to wait for answers (default 60 for a device, "
                    "20 for a group)")
+    p.add_argument("--expect", type=int, metavar="N", help="with --group: stop waiting once N devices answered "
+                   "(exit 1 if fewer did)")
     p.add_argument("--username", metavar="USER", help="broker user")
     p.add_argument("--password-file", metavar="FILE", help="that user's password")
     p.add_argument("--ca", metavar="FILE", help="CA certificate for mqtts://")
@@ -84,8 +86,12 @@ def _cmd_push(args: argparse.Namespace) -> int:
     from .push import push
 
     wait = args.wait if args.wait is not None else (60.0 if args.device_id else 20.0)
+    if args.expect is not None and (args.group is None or args.expect < 1):
+        from edgeq.errors import ConfigError
+
+        raise ConfigError("--expect N goes with --group, N at least 1")
     return push(args.bundle, args.mqtt, args.device_id, args.group, args.rollback, wait, args.username,
-                args.password_file, args.ca, args.prefix, args.max_bytes)
+                args.password_file, args.ca, args.prefix, args.max_bytes, expect=args.expect)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

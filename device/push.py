@@ -55,7 +55,7 @@ def _client(cfg: MqttConfig, log: Callable[[str], None]) -> Any:
 def push(
     bundle: str | None, url: str, device_id: str | None, group: str | None, rollback: bool = False,
     wait: float = 60.0, username: str | None = None, password_file: str | None = None, ca: str | None = None,
-    prefix: str = "edgeq", max_bytes: int = 64 << 20, log: Callable[[str], None] = print,
+    prefix: str = "edgeq", max_bytes: int = 64 << 20, log: Callable[[str], None] = print, expect: int | None = None,
 ) -> int:
     if (device_id is None) == (group is None):
         raise ConfigError("give --device-id ID or --group NAME (one of them)")
@@ -99,7 +99,7 @@ def push(
         if not isinstance(state, dict) or (state.get("offered") or {}).get(field) != wanted:
             return
         answers[str(state.get("device_id"))] = state
-        if device_id is not None:
+        if device_id is not None or (expect is not None and len(answers) >= expect):
             done.set()
 
     client = _client(cfg, log)
@@ -126,7 +126,10 @@ def push(
             f"{prefix}/{device_id}/status says)")
         return 1
     if group is not None:
-        log(f"{len(answers)} device(s) answered: {len(answers) - refused} applied, {refused} refused")
+        log(f"{len(answers)} device(s) answered: {len(answers) - refused} applied, {refused} refused"
+            + (f"; {expect} expected" if expect is not None and len(answers) < expect else ""))
+        if expect is not None and len(answers) < expect:
+            return 1
         if not answers:
             log(f"no device of group {group} answered in {wait:g} s: are they online, with {group!r} in [update] "
                 "groups?")

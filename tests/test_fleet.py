@@ -308,8 +308,13 @@ def test_group_push_reaches_20_devices(tmp_path, fleet, video):
             return {s["device_id"] for s in sub.payloads("/bundle/state") if s["state"] == "running"}
 
         assert sub.wait_for(lambda: len(running()) == 20, 180), sorted(running())
-        r = push(broker, str(fleet["v2"]), "--group", "lobby", wait="20")
+        r = push(broker, str(fleet["v2"]), "--group", "lobby", "--expect", "20", wait="60")
         assert r.returncode == 0 and "20 device(s) answered: 20 applied, 0 refused" in r.stdout, r.stdout + r.stderr
+        count = [len(d.results()) if d.out.exists() else 0 for d in devices]
+        deadline = time.monotonic() + 30  # a few results from the new bundle on every device
+        while time.monotonic() < deadline and not all(
+                d.out.exists() and len(d.results()) > c + 2 for d, c in zip(devices, count)):
+            time.sleep(0.2)
         r = push(broker, str(fleet["v2"]), "--group", "nobody", wait="1")  # a group no device is in
         assert r.returncode == 1 and "no device of group nobody answered" in r.stdout, r.stdout + r.stderr
     finally:

@@ -135,6 +135,7 @@ SIGN_ROWS = [
     ("push --mqtt mqtt://127.0.0.1:1 --device-id cam", ["give a BUNDLE"]),
     ("push {bundle} --mqtt mqtt://127.0.0.1:1 --device-id cam", ["connection refused"]),
     ("push {bundle} --mqtt http://host --device-id cam", ["--mqtt", "mqtt://host:port"]),
+    ("push {bundle} --mqtt mqtt://127.0.0.1:1 --device-id cam --expect 3", ["--expect N goes with --group"]),
 ]
 
 
