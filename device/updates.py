@@ -37,11 +37,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeq.errors import EdgeqError
+from edgeq.fsutil import atomic_file, fsync_dir
 
 BUNDLE_STATE_SCHEMA = ("edgeq.bundle_state", 1)
 ROLLBACK = "rollback"
 ZIP_MAGIC = b"PK\x03\x04"
-OWN_FILE = re.compile(r"^([0-9a-f]{64}\.edgeq|\.(incoming|adopt|state)-[0-9a-f]{32}\.tmp)$")  # what the store writes
+OWN_FILE = re.compile(  # the files the store writes, the only ones it ever removes
+    r"^([0-9a-f]{64}\.edgeq"  # a bundle
+    r"|\.incoming-[0-9a-f]{32}\.tmp"  # a pushed bundle being staged (stage)
+    r"|\.([0-9a-f]{64}\.edgeq|state\.json)\.[^/]+\.tmp)$"  # atomic_file's temporaries (adopt, commit)
+)
 
 
 class UpdateRefused(EdgeqError):
@@ -54,14 +59,6 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BundleStore:
@@ -82,6 +79,10 @@ class BundleStore:
         except (OSError, ValueError):
             return {"current": None, "previous": None}
         return {k: data.get(k) if isinstance(data.get(k), str) else None for k in ("current", "previous")}
+
+    def current(self) -> Path | None:
+        """The bundle ``state.json`` names as current (a pushed one), or None."""
+        return self.path_of(self.state()["current"])
 
     def path_of(self, name: str | None) -> Path | None:
         if not name or "/" in name or not name.endswith(".edgeq"):
@@ -117,30 +118,20 @@ class BundleStore:
     def keep(self, staged: Path, sha: str) -> str:
         name = f"{sha}.edgeq"
         os.replace(staged, self.root / name)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return name
 
     def adopt(self, path: Path, sha: str) -> str:
         """A copy of a bundle from outside the store (the configured model), so that it can be rolled back to."""
         name = f"{sha}.edgeq"
         if not (self.root / name).is_file():
-            tmp = self.root / f".adopt-{uuid.uuid4().hex}.tmp"
-            shutil.copyfile(path, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.root / name)
-            _fsync_dir(self.root)
+            with atomic_file(self.root / name, mode=0o600) as f, open(path, "rb") as src:
+                shutil.copyfileobj(src, f)
         return name
 
     def commit(self, current: str, previous: str | None) -> None:
-        tmp = self.root / f".state-{uuid.uuid4().hex}.tmp"
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            json.dump({"current": current, "previous": previous}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_path)
-        _fsync_dir(self.root)
+        with atomic_file(self.state_path, mode=0o600) as f:
+            f.write(json.dumps({"current": current, "previous": previous}).encode())
         self.clean()
 
 

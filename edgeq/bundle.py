@@ -23,8 +23,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from typing import Any
 
 from edgeq._version import __version__
 from edgeq.errors import BundleError
+from edgeq.fsutil import atomic_file
 from edgeq.manifest import SCHEMA, SCHEMA_VERSION, Manifest, parse_manifest
 from edgeq.preprocess import PreprocessSpec
 
@@ -135,15 +134,12 @@ def write_bundle(
 
         manifest["model"]["packed"] = {"file": PACKED_NAME, "kernels": packed[2]}
     typed = parse_manifest(manifest, f"{path}: {MANIFEST_NAME}")
-    parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise BundleError(f"{path}: is a folder; give a file name such as model.edgeq")
+    started = False  # the temporary file exists: a failure now is one of writing, not of the folder
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as exc:
-        raise BundleError(f"{path}: cannot write the bundle ({exc.strerror or exc}); choose a writable folder") from None
-    try:
-        with os.fdopen(fd, "wb") as raw:
+        with atomic_file(path) as raw:
+            started = True
             with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
                 zf.writestr(MANIFEST_NAME, json.dumps(typed.to_json(), indent=2) + "\n")
                 zf.writestr(MODEL_NAME, model_bytes if packed is None else packed[0])
@@ -151,17 +147,9 @@ def write_bundle(
                     zf.writestr(typed.model.packed.file, packed[1])
                 if report is not None:
                     zf.writestr(REPORT_NAME, json.dumps(report, indent=2) + "\n")
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise BundleError(f"{path}: cannot write the bundle ({exc.strerror or exc}); check free space") from None
-        raise
+    except OSError as exc:
+        hint = "check free space" if started else "choose a writable folder"
+        raise BundleError(f"{path}: cannot write the bundle ({exc.strerror or exc}); {hint}") from None
     return path
 
 

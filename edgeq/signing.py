@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Any
 
 from edgeq.bundle import SIGNATURE_NAME, SIGNATURE_SCHEMA, read_bundle, read_entry, read_signature
 from edgeq.errors import BundleError, ConfigError, EdgeqError
+from edgeq.fsutil import atomic_file
+
 _CONTEXT = b"edgeq-bundle-signature-v1\n"  # signed messages are never mistaken for another protocol's
 
 
@@ -175,22 +176,14 @@ def sign_bundle(path: str | Path, private_key: str | Path | Any) -> str:
         "public_key": base64.b64encode(raw).decode(), "files": files,
         "signature": base64.b64encode(key.sign(_message(files, signer))).decode(),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as raw_file:
+        with atomic_file(path, mode=stat.S_IMODE(path.stat().st_mode)) as raw_file:
             with zipfile.ZipFile(raw_file, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as out:
                 for name, data in entries.items():
                     out.writestr(name, data)
                 out.writestr(SIGNATURE_NAME, json.dumps(signature, indent=2) + "\n")
-            raw_file.flush()
-            os.fsync(raw_file.fileno())
-        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise BundleError(f"{path}: cannot write the signed bundle ({exc.strerror or exc})") from None
-        raise
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot write the signed bundle ({exc.strerror or exc})") from None
     return signer
 
 

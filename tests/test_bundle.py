@@ -83,12 +83,12 @@ def test_unwritable_target_leaves_nothing(tmp_path):
 
 
 def test_failed_write_removes_temp_file(tmp_path, monkeypatch):
-    import edgeq.bundle as bundle_mod
+    import edgeq.fsutil as fsutil  # the bundle is written through fsutil.atomic_file, which renames it
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(bundle_mod.os, "replace", boom)
+    monkeypatch.setattr(fsutil.os, "replace", boom)
     with pytest.raises(BundleError, match="No space left"):
         write_bundle(tmp_path / "m.edgeq", manifest(), b"abc")
     assert list(tmp_path.iterdir()) == []
