@@ -283,9 +283,8 @@ def starting_bundle(cfg: Any) -> Path | None:
     if cfg.update.enabled:
         from .updates import BundleStore
 
-        store = cfg.update_store()
-        if (store / "state.json").exists():
-            current = BundleStore(store).path_of(BundleStore(store).state()["current"])
+        if (cfg.update_store() / "state.json").exists():  # read only: no store is created here
+            current = BundleStore(cfg.update_store()).current()
             if current is not None:
                 return current
     return cfg.model

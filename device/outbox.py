@@ -238,7 +238,7 @@ class Outbox(threading.Thread):
                 continue
             canvas = self.annotator.add(frame, r) if self.annotator is not None else None
             if snap and self.snapshot is not None and self.link is not None:
-                self._publish_snapshot(frame if canvas is None else canvas, r, canvas is not None)
+                self._publish_snapshot(frame, r, canvas)
         if self.link is not None:
             self.depth = self.spool.depth()
             self.spool_dropped = self.spool.dropped + self.lost
@@ -266,12 +266,13 @@ class Outbox(threading.Thread):
                   "were not kept")
         self._unsaved = []
 
-    def _publish_snapshot(self, image: Any, result: dict[str, Any], drawn: bool) -> None:
-        """The snapshot: best effort (QoS 0, retained, never spooled: only the latest matters)."""
+    def _publish_snapshot(self, frame: Any, result: dict[str, Any], canvas: Any) -> None:
+        """The snapshot: best effort (QoS 0, retained, never spooled: only the latest matters). ``canvas``: the
+        frame already drawn by --annotate, else None (drawn here)."""
         from .annotate import draw, snapshot_jpeg
 
         cfg = self.snapshot
-        jpeg = snapshot_jpeg(image if drawn else draw(image, result), cfg.max_width, cfg.quality)
+        jpeg = snapshot_jpeg(draw(frame, result) if canvas is None else canvas, cfg.max_width, cfg.quality)
         if self.link.publish(f"{self.link.prefix}/snapshot", jpeg, qos=0, retain=True) is not None:
             self.snapshots += 1
 

@@ -208,7 +208,7 @@ class Runner:
         if self.store is not None:
             for name in self.store.clean():
                 self.log(f"update store {self.store.root}: removed {name}, left by an interrupted update")
-            current = self.store.path_of(self.store.state()["current"])
+            current = self.store.current()
             if current is not None:
                 try:
                     loaded = self.load(current)
