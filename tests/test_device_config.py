@@ -57,12 +57,24 @@ def test_no_mqtt_section_means_no_broker(tmp_path):
         (GOOD.replace("qos = 1", 'qos = 1\nca = "{tmp}/garbage.crt"'), ["ca", "garbage.crt", "no PEM certificate"]),
         (GOOD.replace("qos = 1", 'qos = 1\nca = "{tmp}/missing.crt"'), ["mqtt.ca", "missing.crt", "not readable"]),
         (GOOD + "\n[snapshot]\nenabled = true\nrate_hz = 0\n", ["snapshot.rate_hz", "greater than 0"]),
+        # fleet updates (docs/fleet.md)
+        (GOOD.replace("threads = 2", 'threads = 2\ntrusted_keys = ["{tmp}/missing.pub"]'),
+         ["trusted_keys", "missing.pub", "not found"]),
+        (GOOD.replace("threads = 2", 'threads = 2\ntrusted_keys = ["{tmp}/release.key"]'),
+         ["trusted_keys", "release.key", "is a private key"]),
+        (GOOD.replace("threads = 2", 'threads = 2\ntrusted_keys = ["{tmp}/garbage.crt"]'),
+         ["trusted_keys", "garbage.crt", "not a PEM public key"]),
+        (GOOD.replace('device_id = "porch"', 'device_id = "group"'), ["device_id", "reserved"]),
+        (GOOD + "\n[update]\nenabled = true\ngroups = [\"a/b\"]\n", ["update.groups", "topic level"]),
+        (GOOD + "\n[update]\nmax_bytes = 10\n", ["update.max_bytes", "greater than or equal to 1024"]),
     ],
     ids=["typo", "out-of-range", "wrong-type", "bad-url", "bad-id", "unknown-table", "syntax", "percentile",
-         "password-key", "url-credentials", "port-0", "ca-garbage", "ca-missing", "snapshot-rate-0"],
+         "password-key", "url-credentials", "port-0", "ca-garbage", "ca-missing", "snapshot-rate-0",
+         "key-missing", "key-private", "key-garbage", "id-group", "group-slash", "update-max-bytes"],
 )
 def test_validate_config_names_file_line_and_key(tmp_path, capsys, text, needles):
     (tmp_path / "garbage.crt").write_text("not a certificate\n")
+    (tmp_path / "release.key").write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
     path = write(tmp_path, text.replace("{tmp}", str(tmp_path)))
     code = main(["validate-config", str(path)])
     err = capsys.readouterr().err
