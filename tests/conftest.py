@@ -13,6 +13,19 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# The slowest modules, slowest first (`python -m pytest -n 2 --dist loadfile --durations=40`: test_detect about 8 min
+# of one worker, test_bayes 7, the emulated Pi 3). With --dist loadfile a module runs whole on one worker, and
+# xdist by default starts modules in order of their test count, so a slow module with few tests (the Pi has 6)
+# started last and left the other worker idle for minutes. scripts/test.sh passes --no-loadscope-reorder so that
+# this order holds; the rest follow in collection order and fill in around these.
+SLOW_FIRST = ("test_detect.py", "test_bayes.py", "arm/test_arm.py", "test_accuracy.py", "test_eval.py",
+              "test_fleet.py", "test_annotate.py", "test_cluster.py", "test_convert.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {f"tests/{name}": i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: order within a module kept
+
 
 def run_edgeq(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the installed ``edgeq`` console script (falls back to ``python -m edgeq.cli``)."""
@@ -20,6 +33,26 @@ def run_edgeq(*args: str, cwd: Path | None = None, timeout: float = 300, env: di
     cmd = [exe, *args] if exe else [sys.executable, "-m", "edgeq.cli", *args]
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def edgeq_here(*args: str) -> subprocess.CompletedProcess:
+    """The same CLI as :func:`run_edgeq`, in this process: for refusals and other short runs, which would otherwise
+    spend most of their time importing TensorFlow again in a new interpreter (about 5 s each, some 50 of them in
+    the suite). The exit code, stdout and stderr are ``main``'s own; an exception ``main`` does not turn into one
+    ``edgeq: error:`` line propagates and fails the test, as its traceback would in a subprocess. Runs a user starts
+    end to end (train, convert, run, eval on real data) keep :func:`run_edgeq`."""
+    import contextlib
+    import io
+
+    from edgeq.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's usage errors exit 2, as the console script does
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(["edgeq", *args], code, out.getvalue(), err.getvalue())
 
 
 def assert_clean_error(result: subprocess.CompletedProcess | tuple[int, str], *needles: str) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FMNIST_CLASSES, assert_clean_error, run_edgeq, save_with_labels
+from conftest import FMNIST_CLASSES, assert_clean_error, edgeq_here, run_edgeq, save_with_labels
 
 pytestmark = pytest.mark.slow
 
@@ -192,14 +192,16 @@ def test_keep_float_by_name_and_bad_inputs(hard_model, fashion_dirs, tmp_path, t
 
     x = tmp_path / "x.edgeq"
     common = ["--calib", str(shapes_dir), "--calib-samples", "10", "-o", str(x)]
-    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--max-drop", "0.01", *common), "--max-drop", "--val")
-    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--int16", "conv", *common), "--int16", "--keep-float")
-    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--keep-float", "no_such_layer", *common),
+    assert_clean_error(edgeq_here("convert", str(tiny_keras_path), "--max-drop", "0.01", *common),
+                       "--max-drop", "--val")
+    assert_clean_error(edgeq_here("convert", str(tiny_keras_path), "--int16", "conv", *common),
+                       "--int16", "--keep-float")
+    assert_clean_error(edgeq_here("convert", str(tiny_keras_path), "--keep-float", "no_such_layer", *common),
                        "--keep-float", "matches none")
-    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--keep-float", "x", "--quant", "float16", *common),
+    assert_clean_error(edgeq_here("convert", str(tiny_keras_path), "--keep-float", "x", "--quant", "float16", *common),
                        "--keep-float", "int8")
-    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--max-drop", "2", "--val", str(shapes_dir),
+    assert_clean_error(edgeq_here("convert", str(tiny_keras_path), "--max-drop", "2", "--val", str(shapes_dir),
                                  *common), "--max-drop 2")
-    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--max-drop", "0.01", "--max-reverts", "0", "--val",
+    assert_clean_error(edgeq_here("convert", str(tiny_keras_path), "--max-drop", "0.01", "--max-reverts", "0", "--val",
                                  str(shapes_dir), *common), "--max-reverts 0", "at least 1")
     assert not x.exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FMNIST_CLASSES, assert_clean_error, run_edgeq
+from conftest import FMNIST_CLASSES, assert_clean_error, edgeq_here, run_edgeq
 
 pytestmark = pytest.mark.slow
 
@@ -277,9 +277,9 @@ def test_unfamiliarity_catches_digits_with_either_head(which, dense_bundle, baye
 def test_bad_sample_counts(trained, fashion_dirs, tmp_path):
     out = tmp_path / "x.edgeq"
     common = ["--calib", str(fashion_dirs["train"]), "--calib-samples", "10", "-o", str(out)]
-    assert_clean_error(run_edgeq("convert", str(trained["bayes"]), "--bayes-samples", "1", *common),
+    assert_clean_error(edgeq_here("convert", str(trained["bayes"]), "--bayes-samples", "1", *common),
                        "--bayes-samples 1", "at least 2")
-    assert_clean_error(run_edgeq("convert", str(trained["bayes"]), "--bayes-samples", "600", *common),
+    assert_clean_error(edgeq_here("convert", str(trained["bayes"]), "--bayes-samples", "600", *common),
                        "--bayes-samples 600", "of the backbone", "use at most")
     assert not out.exists()
 
@@ -304,8 +304,9 @@ def test_labels_that_do_not_match_the_head(trained, fashion_dirs, tmp_path):
 
 def test_train_bad_inputs(trained, fashion_dirs, tiny_keras_path, tmp_path):
     data = str(fashion_dirs["train"])
-    assert_clean_error(run_edgeq("train", data, "-o", str(tmp_path / "m.h5")), "-o", ".keras")
-    assert_clean_error(run_edgeq("train", str(tmp_path / "nope"), "-o", str(tmp_path / "m.keras")), "DATA_DIR", "not a folder")
+    assert_clean_error(edgeq_here("train", data, "-o", str(tmp_path / "m.h5")), "-o", ".keras")
+    assert_clean_error(edgeq_here("train", str(tmp_path / "nope"), "-o", str(tmp_path / "m.keras")),
+                       "DATA_DIR", "not a folder")
     r = run_edgeq("train", data, "--head", "bayes", "--init", str(tiny_keras_path), "-o", str(tmp_path / "m.keras"))
     assert_clean_error(r, "--init", "3 classes", "4 class folders")
     assert not (tmp_path / "m.keras").exists()
@@ -315,7 +316,7 @@ def test_review_measure_needs_a_bayesian_head(tiny_bundle, shapes_dir, tmp_path)
     cfg = tmp_path / "edgeq.toml"
     cfg.write_text(f'model = "{tiny_bundle}"\nsource = "{shapes_dir / "circle"}"\n'
                    '[thresholds]\nreview_measure = "mutual_information"\n')
-    assert_clean_error(run_edgeq("run", "--config", str(cfg), "--output", "-"), "review_measure", "deterministic")
+    assert_clean_error(edgeq_here("run", "--config", str(cfg), "--output", "-"), "review_measure", "deterministic")
 
 
 def test_float_bnn_and_int8_qbnn_tell_ood_apart_alike(bayes_bundle, trained, fashion_dirs):
@@ -402,5 +403,5 @@ def test_clustered_bayesian_bundle_next_to_the_unclustered_one(trained, bayes_bu
     page = (report_dir / "report.html").read_text()
     assert "posterior VQ 16 codewords" in page and "<th>bayes</th>" in page
     # another task's bundle is refused
-    assert_clean_error(run_edgeq("eval", str(out), "--compare", str(tmp_path / "nope.edgeq"), "--data",
+    assert_clean_error(edgeq_here("eval", str(out), "--compare", str(tmp_path / "nope.edgeq"), "--data",
                                  str(fashion_dirs["test"])), "--compare", "not found")

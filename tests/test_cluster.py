@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SHAPE_LABELS, assert_clean_error, run_edgeq, save_with_labels
+from conftest import SHAPE_LABELS, assert_clean_error, edgeq_here, run_edgeq, save_with_labels
 
 
 def test_kmeans_1d_hand_case_and_inits():
@@ -84,13 +84,14 @@ def test_convert_with_clusters_ships_at_most_n_values(tmp_path, shapes_dir):
 
 def test_cluster_bad_inputs(tmp_path, tiny_keras_path, shapes_dir):
     common = ["--calib", str(shapes_dir), "--calib-samples", "10", "-o", str(tmp_path / "x.edgeq")]
-    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--clusters", "1", *common), "--clusters 1", "2 to 256")
-    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--clusters", "8", "--cluster-skip", "(", *common),
+    assert_clean_error(edgeq_here("convert", str(tiny_keras_path), "--clusters", "1", *common),
+                       "--clusters 1", "2 to 256")
+    assert_clean_error(edgeq_here("convert", str(tiny_keras_path), "--clusters", "8", "--cluster-skip", "(", *common),
                        "--cluster-skip", "not a regular expression")
-    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--clusters", "8", "--cluster-skip", ".*", *common),
+    assert_clean_error(edgeq_here("convert", str(tiny_keras_path), "--clusters", "8", "--cluster-skip", ".*", *common),
                        "--cluster-skip '.*' matches every one of the", "narrow the pattern")
     # the tiny model's kernels are all below the size worth clustering: nothing to target
-    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--clusters", "8", "--cluster-skip", "^$", *common),
+    assert_clean_error(edgeq_here("convert", str(tiny_keras_path), "--clusters", "8", "--cluster-skip", "^$", *common),
                        "no layer was clustered", "fewer than 1024 weights")
     assert not (tmp_path / "x.edgeq").exists()
 
@@ -188,7 +189,7 @@ def test_packed_bundle_rebuilds_the_exact_model(tmp_path, shapes_dir):
                 np.savez(buf, **arrays)
                 data = buf.getvalue()
             dst.writestr(item, data)
-    assert_clean_error(run_edgeq("inspect", str(tampered)), "sha256", "does not match")
+    assert_clean_error(edgeq_here("inspect", str(tampered)), "sha256", "does not match")
 
 
 def test_finetune_keeps_weights_on_their_clusters(tmp_path, shapes_dir):
@@ -227,8 +228,8 @@ def test_finetune_keeps_weights_on_their_clusters(tmp_path, shapes_dir):
 
 def test_finetune_bad_inputs(tmp_path, tiny_keras_path, shapes_dir):
     common = ["--calib", str(shapes_dir), "--calib-samples", "10", "-o", str(tmp_path / "x.edgeq")]
-    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--finetune", str(shapes_dir), *common),
+    assert_clean_error(edgeq_here("convert", str(tiny_keras_path), "--finetune", str(shapes_dir), *common),
                        "--finetune", "--clusters")
-    assert_clean_error(run_edgeq("convert", str(tiny_keras_path), "--clusters", "8", "--cluster-skip", "^$",
+    assert_clean_error(edgeq_here("convert", str(tiny_keras_path), "--clusters", "8", "--cluster-skip", "^$",
                                  "--finetune", str(tmp_path / "missing"), *common), "--finetune", "not a folder")
     assert not (tmp_path / "x.edgeq").exists()

@@ -163,7 +163,7 @@ def test_a_bundle_made_before_the_measure_still_runs(tiny_keras_path, shapes_dir
     import json
     import zipfile
 
-    from conftest import assert_clean_error, run_edgeq
+    from conftest import assert_clean_error, edgeq_here
     from edgeq.converter import convert, recipe_from_flags
 
     made = tmp_path / "made.edgeq"
@@ -189,7 +189,7 @@ def test_a_bundle_made_before_the_measure_still_runs(tiny_keras_path, shapes_dir
         assert d["review_reason"] in (None, "ambiguous") and isinstance(d["needs_review"], bool)
     cfg = tmp_path / "device.toml"
     cfg.write_text("[thresholds]\nunfamiliar_percentile = 99\n")
-    assert_clean_error(run_edgeq("run", "--model", str(old), "--source", str(shapes_dir / "square"), "--config",
+    assert_clean_error(edgeq_here("run", "--model", str(old), "--source", str(shapes_dir / "square"), "--config",
                                  str(cfg), "--output", "-", "--spool", str(tmp_path / "t.db")),
                        "thresholds.unfamiliar_percentile", "no unfamiliarity measure")
 

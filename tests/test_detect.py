@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_clean_error, run_edgeq, save_with_labels
+from conftest import assert_clean_error, edgeq_here, run_edgeq, save_with_labels
 
 pytestmark = pytest.mark.slow
 
@@ -232,10 +232,10 @@ def test_eval_reports_map_calibration_and_unknown_auroc(bundle, detector, scenes
 
 
 def test_eval_refuses_a_task_and_data_mismatch(bundle, tiny_bundle, scenes, shapes_dir):
-    assert_clean_error(run_edgeq("eval", str(bundle), "--data", str(shapes_dir)), "detection bundle", "COCO")
-    assert_clean_error(run_edgeq("eval", str(tiny_bundle), "--data", str(scenes["val"])),
+    assert_clean_error(edgeq_here("eval", str(bundle), "--data", str(shapes_dir)), "detection bundle", "COCO")
+    assert_clean_error(edgeq_here("eval", str(tiny_bundle), "--data", str(scenes["val"])),
                        "COCO detection set", "classification bundle")
-    assert_clean_error(run_edgeq("eval", str(bundle), "--data", str(scenes["val"]), "--ood", str(shapes_dir)), "--ood")
+    assert_clean_error(edgeq_here("eval", str(bundle), "--data", str(scenes["val"]), "--ood", str(shapes_dir)), "--ood")
 
 
 def _broken_coco(src: Path, dst: Path, edit) -> Path:
@@ -255,7 +255,7 @@ def _broken_coco(src: Path, dst: Path, edit) -> Path:
 def test_train_refuses_broken_coco_sets(scenes, tmp_path, edit, needle):
     data = _broken_coco(scenes["train"], tmp_path / "broken", edit)
     out = tmp_path / "m.keras"
-    err = assert_clean_error(run_edgeq("train", "--task", "detect", str(data), "-o", str(out),
+    err = assert_clean_error(edgeq_here("train", "--task", "detect", str(data), "-o", str(out),
                                        "--input-size", str(SIZE), "--epochs", "1"), needle)
     assert "annotations.json" in err
     assert not out.exists()
@@ -266,15 +266,15 @@ def test_train_refuses_broken_coco_sets(scenes, tmp_path, edit, needle):
     (["--freeze-backbone"], "--freeze-backbone"),
 ])
 def test_train_detect_refuses_bad_options(scenes, tmp_path, flags, needle):
-    assert_clean_error(run_edgeq("train", "--task", "detect", str(scenes["train"]), "-o", str(tmp_path / "m.keras"),
+    assert_clean_error(edgeq_here("train", "--task", "detect", str(scenes["train"]), "-o", str(tmp_path / "m.keras"),
                                  *flags), needle)
 
 
 def test_convert_refuses_what_a_detector_does_not_take(detector, scenes, tmp_path):
     out = tmp_path / "x.edgeq"
-    assert_clean_error(run_edgeq("convert", str(detector), "--calib", str(scenes["train"]), "--clusters", "16",
+    assert_clean_error(edgeq_here("convert", str(detector), "--calib", str(scenes["train"]), "--clusters", "16",
                                  "-o", str(out)), "--clusters", "detectors")
-    assert_clean_error(run_edgeq("convert", str(detector), "--calib", str(scenes["train"]), "--quant", "float16",
+    assert_clean_error(edgeq_here("convert", str(detector), "--calib", str(scenes["train"]), "--quant", "float16",
                                  "-o", str(out)), "float16")
     assert not out.exists()
     # a --val of other categories fails before any conversion
@@ -286,7 +286,7 @@ def test_convert_refuses_what_a_detector_does_not_take(detector, scenes, tmp_pat
     for a in doc["annotations"]:
         a["category_id"] += 100
     (other / "annotations.json").write_text(json.dumps(doc))
-    assert_clean_error(run_edgeq("convert", str(detector), "--calib", str(scenes["train"]), "--val", str(other),
+    assert_clean_error(edgeq_here("convert", str(detector), "--calib", str(scenes["train"]), "--val", str(other),
                                  "-o", str(out)), "category ids", "--val")
     assert not out.exists()
 
@@ -369,13 +369,13 @@ def test_conversion_checks_each_output_role_against_the_keras_model(detector):
 
 def test_init_backbone_is_refused_where_it_cannot_apply(scenes, tiny_keras_path, tmp_path, shapes_dir):
     out = tmp_path / "m.keras"
-    assert_clean_error(run_edgeq("train", str(shapes_dir), "--init-backbone", str(tiny_keras_path), "-o", str(out)),
+    assert_clean_error(edgeq_here("train", str(shapes_dir), "--init-backbone", str(tiny_keras_path), "-o", str(out)),
                        "--init-backbone", "--task detect")
     common = ["train", "--task", "detect", str(scenes["train"]), "-o", str(out), "--input-size", str(SIZE),
               "--epochs", "1"]
-    assert_clean_error(run_edgeq(*common, "--init-backbone", str(shapes_dir)), "--init-backbone", ".keras")
+    assert_clean_error(edgeq_here(*common, "--init-backbone", str(shapes_dir)), "--init-backbone", ".keras")
     # a model with none of MobileNetV2's layers
-    assert_clean_error(run_edgeq(*common, "--init-backbone", str(tiny_keras_path)), "no layer matches")
+    assert_clean_error(edgeq_here(*common, "--init-backbone", str(tiny_keras_path)), "no layer matches")
     assert not out.exists()
 
 
@@ -392,14 +392,14 @@ def test_deterministic_detector_options(deterministic_detector, scenes, tmp_path
     out = tmp_path / "x.edgeq"
     common = ["convert", str(deterministic_detector), "--calib", str(scenes["train"]), "--calib-samples", "10",
               "-o", str(out)]
-    assert_clean_error(run_edgeq(*common, "--bayes-samples", "8"), "--bayes-samples", "deterministic")
-    assert_clean_error(run_edgeq(*common, "--val", str(scenes["val"]), "--review-measure", "mutual_information"),
+    assert_clean_error(edgeq_here(*common, "--bayes-samples", "8"), "--bayes-samples", "deterministic")
+    assert_clean_error(edgeq_here(*common, "--val", str(scenes["val"]), "--review-measure", "mutual_information"),
                        "--review-measure", "deterministic")
-    assert_clean_error(run_edgeq(*common, "--bias-correction", "on"), "--bias-correction")
+    assert_clean_error(edgeq_here(*common, "--bias-correction", "on"), "--bias-correction")
     assert not out.exists()
     # an untrained model with no stored COCO ids takes ids 1..C, and the --calib set holds none of id 3: the
     # unfamiliarity fit (on by default with labelled data) refuses it, naming the class
-    assert_clean_error(run_edgeq(*common), "class 'sneaker' has 0 usable sample(s)", "--density off")
+    assert_clean_error(edgeq_here(*common), "class 'sneaker' has 0 usable sample(s)", "--density off")
     assert not out.exists()
     # and without those, it converts: K = 1, the single layout, three outputs
     r = run_edgeq(*common, "--density", "off")

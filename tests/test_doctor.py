@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from brokers import Broker, Collector, free_port, password_file
-from conftest import run_edgeq
+from conftest import edgeq_here, run_edgeq
 
 PI4 = """processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41
 CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n"""
@@ -101,7 +101,7 @@ def test_doctor_fails_on_an_absent_broker_bad_password_missing_camera_and_corrup
 def test_doctor_bad_arguments(args, needle):
     from conftest import assert_clean_error
 
-    assert_clean_error(run_edgeq("doctor", *args), needle)
+    assert_clean_error(edgeq_here("doctor", *args), needle)
 
 
 def test_doctor_shows_the_last_fault_the_service_met(tmp_path, tiny_bundle, shapes_dir):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_clean_error, run_edgeq, write_pngs
+from conftest import assert_clean_error, edgeq_here, run_edgeq, write_pngs
 
 pytestmark = pytest.mark.slow
 
@@ -116,24 +116,25 @@ def test_eval_against_a_float_bundle_and_plain_text(tiny_bundle, float_bundle, s
     other = tmp_path / "other.edgeq"
     assert run_edgeq("convert", "mobilenet_v2", "--density", "off", "--alpha", "0.35",
                      "--input-size", "32", "--classes", "3", "--quant", "float32", "-o", str(other)).returncode == 0
-    assert_clean_error(run_edgeq("eval", str(tiny_bundle), "--data", str(shapes_dir), "--reference", str(other)),
+    assert_clean_error(edgeq_here("eval", str(tiny_bundle), "--data", str(shapes_dir), "--reference", str(other)),
                        "--reference", "labels differ")
 
 
 def test_eval_bad_inputs(tiny_bundle, shapes_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_clean_error(run_edgeq("eval", str(tiny_bundle), "--data", str(empty)), "--data", "no class subfolders")
+    assert_clean_error(edgeq_here("eval", str(tiny_bundle), "--data", str(empty)), "--data", "no class subfolders")
     wrong = tmp_path / "wrong"
     write_pngs(wrong / "hexagon", 2, (32, 32, 3))
-    assert_clean_error(run_edgeq("eval", str(tiny_bundle), "--data", str(wrong)), "hexagon", "not among the model's labels")
-    assert_clean_error(run_edgeq("eval", str(tiny_bundle), "--data", str(shapes_dir), "--ood", str(empty)),
+    assert_clean_error(edgeq_here("eval", str(tiny_bundle), "--data", str(wrong)),
+                       "hexagon", "not among the model's labels")
+    assert_clean_error(edgeq_here("eval", str(tiny_bundle), "--data", str(shapes_dir), "--ood", str(empty)),
                        "--ood", "no jpg/png/bmp images")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_clean_error(run_edgeq("eval", str(tiny_bundle), "--data", str(shapes_dir), "--report", str(blocker)),
+    assert_clean_error(edgeq_here("eval", str(tiny_bundle), "--data", str(shapes_dir), "--report", str(blocker)),
                        "--report", "is a file")
-    assert_clean_error(run_edgeq("eval", str(tiny_bundle), "--data", str(shapes_dir), "--report",
+    assert_clean_error(edgeq_here("eval", str(tiny_bundle), "--data", str(shapes_dir), "--report",
                                  str(blocker / "sub")), "--report", "cannot create")
 
 
@@ -171,8 +172,8 @@ def test_bench_bad_inputs(tiny_bundle, tmp_path, shapes_dir):
     r = run_edgeq("convert", "mobilenet_v2", "--density", "off", "--alpha", "0.35", "--input-size", "48", "--classes", "3",
                   "--calib", str(shapes_dir), "--calib-samples", "10", "-o", str(other))
     assert r.returncode == 0, r.stderr
-    assert_clean_error(run_edgeq("bench", str(tiny_bundle), "--baseline", str(other)), "--baseline", "input shape",
+    assert_clean_error(edgeq_here("bench", str(tiny_bundle), "--baseline", str(other)), "--baseline", "input shape",
                        "differs")
-    assert_clean_error(run_edgeq("bench", str(tmp_path / "nope.edgeq")), "not found")
-    assert_clean_error(run_edgeq("bench", str(tiny_bundle), "--pipeline", str(tmp_path / "none.avi")),
+    assert_clean_error(edgeq_here("bench", str(tmp_path / "nope.edgeq")), "not found")
+    assert_clean_error(edgeq_here("bench", str(tiny_bundle), "--pipeline", str(tmp_path / "none.avi")),
                        "--pipeline", "not found")

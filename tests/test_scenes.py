@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_clean_error, run_edgeq
+from conftest import assert_clean_error, edgeq_here, run_edgeq
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +96,15 @@ def _broken(scenes: Path, tmp: Path, edit) -> Path:
 ])
 def test_coco_reader_refuses_broken_files(scenes, tmp_path, name, edit, needles):
     broken = _broken(scenes, tmp_path, edit)
-    assert_clean_error(run_edgeq("datasets", "check", str(broken)), "annotations.json", *needles)
+    assert_clean_error(edgeq_here("datasets", "check", str(broken)), "annotations.json", *needles)
     assert run_edgeq("datasets", "check", str(scenes)).returncode == 0
 
 
 def test_scene_generator_bad_inputs(tmp_path):
-    assert_clean_error(run_edgeq("datasets", "scenes", str(tmp_path / "a"), "--ood-classes", "cat"),
+    assert_clean_error(edgeq_here("datasets", "scenes", str(tmp_path / "a"), "--ood-classes", "cat"),
                        "--ood-classes cat", "not Fashion-MNIST classes")
-    assert_clean_error(run_edgeq("datasets", "scenes", str(tmp_path / "a"), "--exclude-classes", "bag,dog"),
+    assert_clean_error(edgeq_here("datasets", "scenes", str(tmp_path / "a"), "--exclude-classes", "bag,dog"),
                        "--exclude-classes dog", "not Fashion-MNIST classes")
-    assert_clean_error(run_edgeq("datasets", "scenes", str(tmp_path / "b"), "--size", "32"), "size >= 64")
+    assert_clean_error(edgeq_here("datasets", "scenes", str(tmp_path / "b"), "--size", "32"), "size >= 64")
     (tmp_path / "c.json").write_text("{not json")
-    assert_clean_error(run_edgeq("datasets", "check", str(tmp_path / "c.json")), "c.json", "not readable JSON")
+    assert_clean_error(edgeq_here("datasets", "check", str(tmp_path / "c.json")), "c.json", "not readable JSON")
