@@ -70,35 +70,14 @@ def measure(argv: list[str] | None) -> dict:
     from edgeq.converter.stages.load import SourceModel
     from edgeq.converter.recipes import QuantMode, QuantRecipe
     from edgeq.converter.stages.quantise import convert_model
-    from edgeq.converter.training.classifier import TrainOptions, train
-    from edgeq.converter.data.datasets import FASHION_MNIST_LABELS, fashion_mnist, write_class_folder
     from edgeq.converter.evaluation.detect import evaluate_detection
     from edgeq.runtime import Model, interleaved_latency
-    from edgeq.converter.data.scenes import generate_scenes
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="edgeq-det-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    ood = tuple(args.ood_classes.split(","))
     timings: dict[str, float] = {}
     quiet = lambda s: log("   " + s)  # noqa: E731
-    if not (work / "test" / "annotations.json").is_file():
-        t0 = time.perf_counter()
-        generate_scenes(work / "train", args.train_scenes, args.size, args.seed, exclude_classes=ood)
-        generate_scenes(work / "test", args.test_scenes, args.size, args.seed + 1, ood_classes=ood, split="test")
-        timings["scenes_s"] = time.perf_counter() - t0
-    cls_path = work / "backbone.keras"
-    if not cls_path.is_file():
-        t0 = time.perf_counter()
-        x, y = fashion_mnist("train")
-        known = [i for i, name in enumerate(FASHION_MNIST_LABELS) if name not in ood]
-        rng = np.random.default_rng(args.seed)
-        pick = rng.choice(np.flatnonzero(np.isin(y, known)), args.pretrain_images, replace=False)
-        labels = [FASHION_MNIST_LABELS[i] for i in known]
-        remap = {c: i for i, c in enumerate(known)}
-        write_class_folder(work / "items", x[pick], np.array([remap[int(v)] for v in y[pick]]), labels)
-        train(TrainOptions(str(work / "items"), cls_path, alpha=args.alpha, input_size=96,
-                           epochs=args.pretrain_epochs, seed=args.seed), log=quiet)
-        timings["pretrain_s"] = time.perf_counter() - t0
+    cls_path = prepare(work, args, timings, quiet)
     det_path = work / "detector.keras"
     if not det_path.is_file():
         t0 = time.perf_counter()
@@ -166,6 +145,36 @@ def measure(argv: list[str] | None) -> dict:
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     return result
+
+
+def prepare(work: Path, args: argparse.Namespace, timings: dict[str, float], quiet) -> Path:
+    """The scenes (``work/train`` without the unknown classes, ``work/test`` with them) and the starting backbone
+    (``work/backbone.keras``, a classifier of the known classes' items), made once per workdir; returns the
+    backbone's path. benchmarks/detection_outliers.py shares them."""
+    from edgeq.converter.data.datasets import FASHION_MNIST_LABELS, fashion_mnist, write_class_folder
+    from edgeq.converter.data.scenes import generate_scenes
+    from edgeq.converter.training.classifier import TrainOptions, train
+
+    ood = tuple(args.ood_classes.split(","))
+    if not (work / "test" / "annotations.json").is_file():
+        t0 = time.perf_counter()
+        generate_scenes(work / "train", args.train_scenes, args.size, args.seed, exclude_classes=ood)
+        generate_scenes(work / "test", args.test_scenes, args.size, args.seed + 1, ood_classes=ood, split="test")
+        timings["scenes_s"] = time.perf_counter() - t0
+    cls_path = work / "backbone.keras"
+    if not cls_path.is_file():
+        t0 = time.perf_counter()
+        x, y = fashion_mnist("train")
+        known = [i for i, name in enumerate(FASHION_MNIST_LABELS) if name not in ood]
+        rng = np.random.default_rng(args.seed)
+        pick = rng.choice(np.flatnonzero(np.isin(y, known)), args.pretrain_images, replace=False)
+        labels = [FASHION_MNIST_LABELS[i] for i in known]
+        remap = {c: i for i, c in enumerate(known)}
+        write_class_folder(work / "items", x[pick], np.array([remap[int(v)] for v in y[pick]]), labels)
+        train(TrainOptions(str(work / "items"), cls_path, alpha=args.alpha, input_size=96,
+                           epochs=args.pretrain_epochs, seed=args.seed), log=quiet)
+        timings["pretrain_s"] = time.perf_counter() - t0
+    return cls_path
 
 
 PROBE_LAYERS = ("block_1_project_BN", "block_3_project_BN", "block_6_project_BN", "block_10_project_BN",
