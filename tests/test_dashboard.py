@@ -91,11 +91,11 @@ def ws_broker(tmp_path):
     broker.stop()
 
 
-def _serve(*args: str) -> tuple[subprocess.Popen, str]:
+def _serve(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     exe = shutil.which("edgeq")
     cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
     proc = subprocess.Popen(cmd + ["dashboard", *args, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env={**os.environ, **(env or {})})
     line = proc.stdout.readline()
     assert line.startswith("dashboard on http://"), line + proc.stderr.read()
     return proc, line.split("dashboard on ")[1].split()[0]
@@ -207,6 +207,26 @@ def test_dashboard_shows_a_broker_that_is_down_and_retries_without_spinning(tmp_
         browser.close()
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_served_page_and_its_password_are_removed_on_sigterm(tmp_path):
+    """systemd stops a service with SIGTERM: the served folder (config.js holds the password) goes with it."""
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret-pw\n")
+    secret.chmod(0o600)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    server, page = _serve("--mqtt", "ws://127.0.0.1:9", "--username", "viewer", "--password-file", str(secret),
+                          env={"TMPDIR": str(scratch)})
+    try:
+        served = list(scratch.rglob("config.js"))
+        assert len(served) == 1 and "s3cret-pw" in served[0].read_text()
+        assert "s3cret-pw" in urllib.request.urlopen(page + "config.js", timeout=10).read().decode()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=10)
+    assert code == 0, server.stderr.read()
+    assert not list(scratch.iterdir())
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -19,6 +19,8 @@ import hashlib
 import http.server
 import json
 import shutil
+import signal
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -80,12 +82,23 @@ def serve(folder: Path, host: str, port: int, log) -> None:
         raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); choose another "
                           "port") from None
     log(f"dashboard on http://{host}:{server.server_address[1]}/ (Ctrl-C to stop)")
+    # SIGTERM (systemd's stop, kill) ends it like Ctrl-C, so that the caller's cleanup runs: the served folder
+    # holds config.js, with the broker password when one is given, and must not outlive the server
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
