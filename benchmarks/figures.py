@@ -451,6 +451,28 @@ def _fleet(res: dict[str, R]) -> str:
     return "\n".join(lines)
 
 
+def _outliers(res: dict[str, R]) -> str:
+    o = res["detection_outliers"]
+    t = o["training_scenes"]
+    thr = o["settings"]["objectness"]
+    runs = [o["results"][m] for m in ("ignored", "exposed")]
+    rows = [("label accuracy, known objects", [f"{r['label_accuracy_known']:.2f}" for r in runs])]
+    for name, label in (("unfamiliarity", "unfamiliarity (shipped measure)"), ("softmax_entropy", "softmax entropy"),
+                        ("energy", "energy")):
+        rows.append((f"AUROC unknown vs known objects: {label}",
+                     [f"{r['auroc_unknown_vs_known'][name]:.2f}" for r in runs]))
+    key = f"objectness_above_{thr:g}"
+    rows.append((f"objects whose objectness is above {thr:g}: known / unknown",
+                 [f"{100 * r[key]['known']:.1f}% / {100 * r[key]['unknown']:.1f}%" for r in runs]))
+    kinds = ", ".join(f"{n:,} {k.replace('_', ' ')}s" for k, n in sorted(t["outlier_objects"].items()))
+    lines = [f"{t['images']:,} training scenes, {t['known_objects']:,} known objects and {kinds}; "
+             f"{o['settings']['epochs']} epochs; {runs[0]['objects']['known']} known and "
+             f"{runs[0]['objects']['unknown']} unknown test objects, float", "",
+             "| at each object's centre cell | outliers ignored | outliers exposed |", "|---|---|---|"]
+    lines += [f"| {a} | {b[0]} | {b[1]} |" for a, b in rows]
+    return "\n".join(lines)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict[str, R]], str]]] = {
     "bayes_mi": ("docs/bayesian.md", _bayes_mi),
     "unknowns": ("docs/uncertainty.md", _unknowns),
@@ -463,6 +485,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, R]], str]]] = {
     "accuracy": ("docs/accuracy.md", _accuracy),
     "clustering": ("docs/clustering.md", _clustering),
     "fleet": ("docs/fleet.md", _fleet),
+    "outliers": ("docs/detection.md", _outliers),
 }
 
 
