@@ -18,6 +18,9 @@ in-process: the loop's `_snapshot_due()` check, the frame test and `Outbox.submi
 bare queue put (what handing a result over costs with neither feature built), 200,000 times each, interleaved;
 given in microseconds per frame and as a share of the off run's time per frame on the demo clip.
 
+Per frame: what drawing and writing one demo-clip frame costs the outbox's thread, timed in-process (see
+``per_frame``); at a camera's 30 fps, the share of one core --annotate takes.
+
 Snapshots: the CPU time (user + system, from the kernel's accounting of the child process) of `edgeq run` on the
 demo clip at 30 fps for 20 s, publishing to a loopback mosquitto, with 1 Hz snapshots vs without; interleaved,
 repeated.
@@ -182,6 +185,45 @@ def off_path(repeats: int = 5, n: int = 200_000) -> dict:
             "bare_put_us_per_frame": round(float(np.median(without)) / n * 1e6, 3)}
 
 
+def per_frame(frames: list[np.ndarray], tmp: Path, repeats: int = 5, n: int = 2000) -> dict:
+    """Microseconds one frame of the demo clip costs the outbox's drawing thread, in-process: ``draw()`` alone, and
+    ``Annotator.add()`` (draw, then write) into a .avi and into a JPEG folder; 4 boxes a frame (one flagged), as
+    in ``demo_clip``; median of ``repeats`` runs of ``n`` frames each. At a camera's frame rate this is the share
+    of one core that --annotate takes."""
+    from edgeq.device.annotate import Annotator, draw
+
+    def message(seq: int) -> dict:
+        dets = [{"label": "tshirt", "score": 0.8,
+                 "bbox": {"x_min": 0.05 + 0.22 * k, "y_min": 0.2, "x_max": 0.22 + 0.22 * k, "y_max": 0.55},
+                 "box": [0.2, 0.05 + 0.22 * k, 0.55, 0.22 + 0.22 * k],
+                 "uncertainty": {"unfamiliarity": 12.5, "unfamiliarity_percentile": 50.0, "predictive_entropy": 0.3},
+                 "needs_review": k == 0, "review_reason": "unfamiliar" if k == 0 else None} for k in range(4)]
+        return {"seq": seq, "detections": dets}
+
+    messages = [message(i) for i in range(n)]  # seq i: one JPEG file per frame
+
+    def timed(fn) -> float:
+        t = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        return (time.perf_counter() - t) / n * 1e6
+
+    out: dict[str, list[float]] = {"draw": [], "draw_write_avi": [], "draw_write_jpeg": []}
+    for r in range(repeats):
+        out["draw"].append(timed(lambda i: draw(frames[i % len(frames)], messages[i])))
+        video = Annotator(tmp / f"per-frame-{r}.avi", 15)
+        out["draw_write_avi"].append(timed(lambda i: video.add(frames[i % len(frames)], messages[i])))
+        video.close()
+        folder = tmp / f"per-frame-{r}"
+        folder.mkdir()
+        jpeg = Annotator(folder, None)
+        out["draw_write_jpeg"].append(timed(lambda i: jpeg.add(frames[i % len(frames)], messages[i])))
+        shutil.rmtree(folder)
+    med = {k: round(float(np.median(v)), 1) for k, v in out.items()}
+    return {"frames": n, "repeats": repeats, "boxes": 4, "us_median": med,
+            "core_share_at_30fps": {k: round(v * 30 / 1e6, 4) for k, v in med.items() if k != "draw"}}
+
+
 def with_max_detections(bundle: Path, n: int) -> Path:
     """A copy of ``bundle`` whose decoder keeps at most ``n`` boxes (the manifest's detector.max_detections)."""
     import json
@@ -216,6 +258,7 @@ def main() -> int:
         }
         snaps = snapshots(with_max_detections(bundle, 4), demo, tmp, repeats)
         off = off_path()
+        cost = per_frame(demo_frames, tmp)
         off["share_of_demo_frame_time"] = round(off["extra_us_per_frame"] * 1e-6
                                                 * scenarios["demo_clip"]["fps_median"]["off"], 6)
     result = {
@@ -224,7 +267,7 @@ def main() -> int:
         "clips": {"demo_clip": "192x192, the demo's moving scene (converter/data/scenes.py), MJPG",
                   "worst_case": "640x480 moving shapes, MJPG"},
         "frames": FRAMES, "repeats": repeats, "scenarios": scenarios, "target_on_over_off": 0.8,
-        "snapshots_1hz": snaps, "off_path": off,
+        "snapshots_1hz": snaps, "off_path": off, "per_frame": cost,
     }
     write_result("annotate", result)
     return 0
