@@ -89,6 +89,13 @@ README: list[Row] = [
      lambda r: _annotate(r["annotate"].scenarios["demo_clip"]), "`python benchmarks/annotate.py`"),
     ("same, worst case: 640x480, 50 boxes a frame",
      lambda r: _annotate(r["annotate"].scenarios["worst_case"]), "same"),
+    ("`--annotate`, one demo-clip frame (4 boxes) on the drawing thread, in-process: draw / draw and write a .avi / "
+     "draw and write a JPEG file; share of one core at 30 fps (video / JPEG)",
+     lambda r: (lambda c: f"{c['us_median']['draw'] / 1e3:.2f} / {c['us_median']['draw_write_avi'] / 1e3:.2f} / "
+                          f"{c['us_median']['draw_write_jpeg'] / 1e3:.2f} ms; "
+                          f"{100 * c['core_share_at_30fps']['draw_write_avi']:.1f}% / "
+                          f"{100 * c['core_share_at_30fps']['draw_write_jpeg']:.1f}%")(r["annotate"].per_frame),
+     "same"),
     ("`--annotate` and snapshots off: the loop's per-frame hand-over vs a bare queue put (in-process, 200,000 "
      "frames, median of 5)",
      lambda r: f"{r['annotate'].off_path['submit_us_per_frame']:.3f} vs {r['annotate'].off_path['bare_put_us_per_frame']:.3f} "
