@@ -10,7 +10,7 @@ A grid detector (MobileNetV2 0.35/192, random weights, int8), two clips of 600 f
   decoder reports (50).
 Each configuration is one `edgeq run` process; runs are interleaved (off, video, jpeg, off, ...) and repeated.
 Processing fps = frames / (wall time - the start-up time of a 1-frame run of the same configuration), so model
-loading is left out and the outbox's drawing, which runs after inference on its own thread, is counted until the
+loading is left out and the drawing, which runs on its own thread once the results are stored, is counted until the
 last frame is written.
 
 Off path: what annotation and snapshots add to the inference loop's per-frame work when both are off, timed
@@ -18,7 +18,7 @@ in-process: the loop's `_snapshot_due()` check, the frame test and `Outbox.submi
 bare queue put (what handing a result over costs with neither feature built), 200,000 times each, interleaved;
 given in microseconds per frame and as a share of the off run's time per frame on the demo clip.
 
-Per frame: what drawing and writing one demo-clip frame costs the outbox's thread, timed in-process (see
+Per frame: what drawing and writing one demo-clip frame costs the drawing thread, timed in-process (see
 ``per_frame``); at a camera's 30 fps, the share of one core --annotate takes.
 
 Snapshots: the CPU time (user + system, from the kernel's accounting of the child process) of `edgeq run` on the
@@ -186,7 +186,7 @@ def off_path(repeats: int = 5, n: int = 200_000) -> dict:
 
 
 def per_frame(frames: list[np.ndarray], tmp: Path, repeats: int = 5, n: int = 2000) -> dict:
-    """Microseconds one frame of the demo clip costs the outbox's drawing thread, in-process: ``draw()`` alone, and
+    """Microseconds one frame of the demo clip costs the drawing thread, in-process: ``draw()`` alone, and
     ``Annotator.add()`` (draw, then write) into a .avi and into a JPEG folder; 4 boxes a frame (one flagged), as
     in ``demo_clip``; median of ``repeats`` runs of ``n`` frames each. At a camera's frame rate this is the share
     of one core that --annotate takes."""

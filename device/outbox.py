@@ -2,6 +2,9 @@
 publishes from the spool, deleting a result only when the broker's PUBACK for it arrives.
 
 It runs on its own thread; the inference loop only hands results over (``submit``) and never waits for it.
+Frames to draw (``--annotate``) and snapshots go on to a drawing thread of their own once their results are
+stored: drawing and encoding a frame costs about as much as decoding, storing and publishing its results
+(benchmarks/annotate.py), and on one thread the two ran one after the other.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class Outbox(threading.Thread):
         # a full frame is ~1 MB: when drawing is slower than inference, --annotate waits for a slot (every frame is
         # written) and a snapshot frame without a slot is skipped (only the latest matters)
         self._frame_slots = threading.BoundedSemaphore(FRAMES_IN_FLIGHT)
+        self._drawer = _Drawer(self) if annotator is not None or snapshot is not None else None
         self.frame_waits = 0  # times the inference loop waited for the drawing to catch up
         self.snapshots_skipped = 0
         self._stopping = threading.Event()
@@ -139,6 +143,8 @@ class Outbox(threading.Thread):
             self._ready.set()
             return
         self._ready.set()
+        if self._drawer is not None:
+            self._drawer.start()
         next_stats = time.monotonic() + self._stats_interval
         try:
             while True:
@@ -171,8 +177,13 @@ class Outbox(threading.Thread):
             except Exception:  # noqa: BLE001 - the history line is best effort; closing the spool is not
                 pass
             self.spool.close()
+            if self._drawer is not None and self._drawer.is_alive():
+                self._drawer.queue.put(None)  # after every frame already handed over: the video gets them all
+                self._drawer.join()
             if self.annotator is not None:
                 self.annotator.close()
+            if self.error is None and self._drawer is not None and self._drawer.error is not None:
+                self.error = self._drawer.error
 
     def _take(self, timeout: float) -> list[dict[str, Any]]:
         items: list[Any] = []
@@ -194,16 +205,30 @@ class Outbox(threading.Thread):
         return results
 
     def _store(self, batch: list[dict[str, Any]]) -> None:
+        if self._drawer is not None and self._drawer.error is not None:
+            raise self._drawer.error  # e.g. --annotate's folder became unwritable: the run stops with its line
         frames = [r.pop("_frame", None) for r in batch]
         snapshot = [r.pop("_snapshot", False) for r in batch]
+        stored = False
         try:
-            self._store_results(batch, frames, snapshot)
+            stored = self._store_results(batch)
         finally:
-            for frame in frames:
-                if frame is not None:
+            for frame, r, snap in zip(frames, batch, snapshot):
+                if frame is None:
+                    continue
+                if stored and self._drawer is not None:
+                    self._drawer.queue.put((frame, r, snap))  # the drawer gives the frame's slot back
+                else:
                     self._frame_slots.release()
 
-    def _store_results(self, batch: list[dict[str, Any]], frames: list[Any], snapshot: list[bool]) -> None:
+    def _draw(self, frame: Any, result: dict[str, Any], snap: bool) -> None:
+        """On the drawing thread: ``result`` (stored, numbered, not changed any more) drawn on ``frame``."""
+        canvas = self.annotator.add(frame, result) if self.annotator is not None else None
+        if snap and self.snapshot is not None and self.link is not None:
+            self._publish_snapshot(frame, result, canvas)
+
+    def _store_results(self, batch: list[dict[str, Any]]) -> bool:
+        """Number, spool and write ``batch``; False when the spool is full (kept in memory, see ``_on_full``)."""
         encoded: list[str] = []
 
         def builder(result: dict[str, Any]) -> Callable[[int], bytes]:
@@ -219,7 +244,7 @@ class Outbox(threading.Thread):
             seqs = self.spool.append_many(((self.topic, builder(r)) for r in batch), store=self.link is not None)
         except SpoolFullError as exc:
             self._on_full(batch, exc)
-            return
+            return False
         if self.full.is_set():
             self.full.clear()
             self._log(f"spool {self.spool.path}: storing results again")
@@ -233,15 +258,10 @@ class Outbox(threading.Thread):
         if self.output is not None:
             self.output.write("\n".join(encoded) + "\n")
             self.output.flush()
-        for frame, r, snap in zip(frames, batch, snapshot):
-            if frame is None:
-                continue
-            canvas = self.annotator.add(frame, r) if self.annotator is not None else None
-            if snap and self.snapshot is not None and self.link is not None:
-                self._publish_snapshot(frame, r, canvas)
         if self.link is not None:
             self.depth = self.spool.depth()
             self.spool_dropped = self.spool.dropped + self.lost
+        return True
 
     def _on_full(self, batch: list[dict[str, Any]], exc: SpoolFullError) -> None:
         """A full disk, even after the spool released its reserve and dropped what it could."""
@@ -329,3 +349,25 @@ class Outbox(threading.Thread):
             self.output.flush()
         if self.link is not None:
             self.link.publish(f"{self.link.prefix}/stats", json.dumps(stats), qos=0)
+
+
+class _Drawer(threading.Thread):
+    """The drawing thread: frames in the order their results were stored, each drawn (``--annotate``) and/or
+    published as the snapshot, then its slot given back. After an error it only gives slots back (the outbox
+    raises the error with its next batch, and the run stops)."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        super().__init__(name="edgeq-draw", daemon=True)
+        self.outbox = outbox
+        self.queue: queue.SimpleQueue[tuple[Any, dict[str, Any], bool] | None] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                if self.error is None:
+                    self.outbox._draw(*item)
+            except BaseException as exc:  # noqa: BLE001 - handed to the outbox, which stops the run with it
+                self.error = exc
+            finally:
+                self.outbox._frame_slots.release()

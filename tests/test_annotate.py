@@ -175,3 +175,38 @@ def test_frames_held_for_drawing_are_bounded(tmp_path):
     for i in range(FRAMES_IN_FLIGHT + 3):  # not started: nothing frees a slot
         snap.submit({"latency_ms": {}}, list, np.zeros((4, 4, 3), np.uint8), snapshot=True)
     assert snap.snapshots_skipped == 3
+
+
+def test_drawing_runs_beside_the_outbox_and_its_error_stops_the_run(tmp_path):
+    """Frames are drawn on a thread of their own, in order, after their results are stored; a drawing that fails
+    (the annotate folder gone mid-run) gives its frame slots back, so the loop never hangs, and the outbox stops
+    with that error for the runner to report."""
+    import threading
+
+    from edgeq.device.outbox import FRAMES_IN_FLIGHT, Outbox
+    from edgeq.device.spool import Spool
+    from edgeq.errors import ConfigError
+
+    threads, drawn = set(), []
+
+    class Failing:
+        def add(self, frame, result):
+            threads.add(threading.current_thread().name)
+            if result["seq"] == 5:
+                raise ConfigError("--annotate /gone: cannot write 00000005.jpg")
+            drawn.append(result["seq"])
+
+        def close(self):
+            pass
+
+    box = Outbox(lambda: Spool(tmp_path / "s.db"), None, None, dict, 3600, lambda s: None, annotator=Failing())
+    box.start()
+    box.wait_ready()
+    for i in range(3 * FRAMES_IN_FLIGHT):  # more than the slots: a drawer that kept them would block this loop
+        if not box.is_alive():
+            break
+        box.submit({"frame": {"id": i}, "latency_ms": {}}, list, np.zeros((4, 4, 3), np.uint8))
+    box.finish(1.0)
+    assert threads == {"edgeq-draw"}
+    assert drawn == [1, 2, 3, 4]
+    assert isinstance(box.error, ConfigError) and "cannot write" in str(box.error)
