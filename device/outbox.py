@@ -3,8 +3,7 @@ publishes from the spool, deleting a result only when the broker's PUBACK for it
 
 It runs on its own thread; the inference loop only hands results over (``submit``) and never waits for it.
 Frames to draw (``--annotate``) and snapshots go on to a drawing thread of their own once their results are
-stored: drawing and encoding a frame costs about as much as decoding, storing and publishing its results
-(benchmarks/annotate.py), and on one thread the two ran one after the other.
+stored, so that numbering, storing and publishing never wait behind drawing and encoding a frame.
 """
 
 from __future__ import annotations
@@ -205,8 +204,6 @@ class Outbox(threading.Thread):
         return results
 
     def _store(self, batch: list[dict[str, Any]]) -> None:
-        if self._drawer is not None and self._drawer.error is not None:
-            raise self._drawer.error  # e.g. --annotate's folder became unwritable: the run stops with its line
         frames = [r.pop("_frame", None) for r in batch]
         snapshot = [r.pop("_snapshot", False) for r in batch]
         stored = False
@@ -220,6 +217,9 @@ class Outbox(threading.Thread):
                     self._drawer.queue.put((frame, r, snap))  # the drawer gives the frame's slot back
                 else:
                     self._frame_slots.release()
+        if self._drawer is not None and self._drawer.error is not None:
+            # e.g. --annotate's folder became unwritable: the run stops with its line, this batch already stored
+            raise self._drawer.error
 
     def _draw(self, frame: Any, result: dict[str, Any], snap: bool) -> None:
         """On the drawing thread: ``result`` (stored, numbered, not changed any more) drawn on ``frame``."""
