@@ -7,17 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHAPE_LABELS, assert_clean_error, run_edgeq, save_with_labels, write_pngs
+from conftest import SHAPE_LABELS, assert_clean_error, edgeq_here, run_edgeq, save_with_labels, write_pngs
 from edgeq.bundle import read_bundle
 from edgeq.cli import main
 
 pytestmark = pytest.mark.slow
-
-
-def cli(capsys, *args):
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_builtin_mobilenet_v2_to_int8_bundle(tmp_path, shapes_dir):
@@ -133,21 +127,21 @@ def _no_bundle_left(folder: Path):
     assert not [p for p in folder.iterdir() if p.suffix in (".edgeq", ".tmp") or p.name.endswith(".tmp")]
 
 
-def test_missing_model(capsys, tmp_path, shapes_dir):
-    res = cli(capsys, "convert", str(tmp_path / "nope.keras"), "--calib", str(shapes_dir), "-o", str(tmp_path / "o.edgeq"))
-    assert_clean_error((res[0], res[2]), "nope.keras", "not found")
+def test_missing_model(tmp_path, shapes_dir):
+    res = edgeq_here("convert", str(tmp_path / "nope.keras"), "--calib", str(shapes_dir), "-o", str(tmp_path / "o.edgeq"))
+    assert_clean_error(res, "nope.keras", "not found")
     _no_bundle_left(tmp_path)
 
 
-def test_corrupt_model(capsys, tmp_path, shapes_dir, tiny_keras_path):
+def test_corrupt_model(tmp_path, shapes_dir, tiny_keras_path):
     bad = tmp_path / "bad.keras"
     bad.write_bytes(tiny_keras_path.read_bytes()[:300])
-    res = cli(capsys, "convert", str(bad), "--calib", str(shapes_dir), "-o", str(tmp_path / "o.edgeq"))
-    assert_clean_error((res[0], res[2]), "bad.keras", "cannot load")
+    res = edgeq_here("convert", str(bad), "--calib", str(shapes_dir), "-o", str(tmp_path / "o.edgeq"))
+    assert_clean_error(res, "bad.keras", "cannot load")
     _no_bundle_left(tmp_path)
 
 
-def test_ops_that_cannot_be_quantized(capsys, tmp_path, shapes_dir):
+def test_ops_that_cannot_be_quantized(tmp_path, shapes_dir):
     import keras
 
     @keras.saving.register_keras_serializable(package="edgeq_tests")
@@ -162,64 +156,64 @@ def test_ops_that_cannot_be_quantized(capsys, tmp_path, shapes_dir):
     model = keras.Model(inp, keras.layers.Dense(3)(x))
     path = save_with_labels(model, tmp_path / "sin.keras", SHAPE_LABELS)
     out = tmp_path / "o.edgeq"
-    res = cli(capsys, "convert", str(path), "--calib", str(shapes_dir), "-o", str(out))
-    line = assert_clean_error((res[0], res[2]), "SIN", "--allow-float-fallback")
+    res = edgeq_here("convert", str(path), "--calib", str(shapes_dir), "-o", str(out))
+    line = assert_clean_error(res, "SIN", "--allow-float-fallback")
     assert "wave" in line  # names the layer the op came from
     _no_bundle_left(tmp_path)
     assert main(["convert", str(path), "--calib", str(shapes_dir), "-o", str(out), "--allow-float-fallback"]) == 0
     assert "SIN" in read_bundle(out).manifest.to_json()["quantization"]["float_ops"]
 
 
-def test_empty_calibration_folder(capsys, tmp_path, tiny_keras_path):
+def test_empty_calibration_folder(tmp_path, tiny_keras_path):
     (tmp_path / "empty").mkdir()
-    res = cli(capsys, "convert", str(tiny_keras_path), "--calib", str(tmp_path / "empty"), "-o", str(tmp_path / "o.edgeq"))
-    assert_clean_error((res[0], res[2]), "empty", "no jpg/png/bmp")
+    res = edgeq_here("convert", str(tiny_keras_path), "--calib", str(tmp_path / "empty"), "-o", str(tmp_path / "o.edgeq"))
+    assert_clean_error(res, "empty", "no jpg/png/bmp")
     _no_bundle_left(tmp_path)
 
 
-def test_corrupt_calibration_folder(capsys, tmp_path, tiny_keras_path):
+def test_corrupt_calibration_folder(tmp_path, tiny_keras_path):
     calib = tmp_path / "calib"
     write_pngs(calib, 4, (40, 40, 3))
     for i in range(12):
         (calib / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    res = cli(capsys, "convert", str(tiny_keras_path), "--calib", str(calib), "-o", str(tmp_path / "o.edgeq"))
-    assert "skipped 12 unreadable" in res[2]
-    assert_clean_error((res[0], res[2]), "only 4 usable samples")
+    res = edgeq_here("convert", str(tiny_keras_path), "--calib", str(calib), "-o", str(tmp_path / "o.edgeq"))
+    assert "skipped 12 unreadable" in res.stderr
+    assert_clean_error(res, "only 4 usable samples")
     _no_bundle_left(tmp_path)
 
 
-def test_wrong_channel_count(capsys, tmp_path, tiny_keras_path):
+def test_wrong_channel_count(tmp_path, tiny_keras_path):
     calib = write_pngs(tmp_path / "rgba", 12, (40, 40, 4))
-    res = cli(capsys, "convert", str(tiny_keras_path), "--calib", str(calib), "-o", str(tmp_path / "o.edgeq"))
-    assert_clean_error((res[0], res[2]), "4 channels", "takes 3")
+    res = edgeq_here("convert", str(tiny_keras_path), "--calib", str(calib), "-o", str(tmp_path / "o.edgeq"))
+    assert_clean_error(res, "4 channels", "takes 3")
     np.save(tmp_path / "two.npy", np.zeros((12, 40, 40, 2), np.uint8))
-    res = cli(capsys, "convert", str(tiny_keras_path), "--calib", str(tmp_path / "two.npy"), "-o", str(tmp_path / "o.edgeq"))
-    assert_clean_error((res[0], res[2]), "two.npy", "1 or 3 channels")
+    res = edgeq_here("convert", str(tiny_keras_path), "--calib", str(tmp_path / "two.npy"), "-o", str(tmp_path / "o.edgeq"))
+    assert_clean_error(res, "two.npy", "1 or 3 channels")
     _no_bundle_left(tmp_path)
 
 
-def test_unwritable_output(capsys, tmp_path, tiny_keras_path, shapes_dir):
-    res = cli(capsys, "convert", str(tiny_keras_path), "--calib", str(shapes_dir), "-o", str(tmp_path / "no" / "o.edgeq"))
-    assert_clean_error((res[0], res[2]), "does not exist")
+def test_unwritable_output(tmp_path, tiny_keras_path, shapes_dir):
+    res = edgeq_here("convert", str(tiny_keras_path), "--calib", str(shapes_dir), "-o", str(tmp_path / "no" / "o.edgeq"))
+    assert_clean_error(res, "does not exist")
     (tmp_path / "file").write_text("x")
-    res = cli(capsys, "convert", str(tiny_keras_path), "--calib", str(shapes_dir), "-o", str(tmp_path / "file" / "o.edgeq"))
-    assert_clean_error((res[0], res[2]), "o.edgeq")
+    res = edgeq_here("convert", str(tiny_keras_path), "--calib", str(shapes_dir), "-o", str(tmp_path / "file" / "o.edgeq"))
+    assert_clean_error(res, "o.edgeq")
 
 
-def test_label_count_mismatch(capsys, tmp_path, tiny_keras_path, shapes_dir):
+def test_label_count_mismatch(tmp_path, tiny_keras_path, shapes_dir):
     labels = tmp_path / "labels.txt"
     labels.write_text("a\nb\n")
-    res = cli(capsys, "convert", str(tiny_keras_path), "--calib", str(shapes_dir), "--labels", str(labels),
-              "-o", str(tmp_path / "o.edgeq"))
-    assert_clean_error((res[0], res[2]), "2 labels", "3 classes")
+    res = edgeq_here("convert", str(tiny_keras_path), "--calib", str(shapes_dir), "--labels", str(labels),
+                     "-o", str(tmp_path / "o.edgeq"))
+    assert_clean_error(res, "2 labels", "3 classes")
 
 
-def test_imagenet_weights_offline_is_clear(capsys, tmp_path, shapes_dir):
-    res = cli(capsys, "convert", "mobilenet_v2", "--weights", "imagenet", "--alpha", "0.35", "--input-size", "96",
-              "--classes", "3", "--calib", str(shapes_dir), "-o", str(tmp_path / "o.edgeq"))
-    if res[0] == 0:  # a machine with network access downloads them: nothing to refuse
+def test_imagenet_weights_offline_is_clear(tmp_path, shapes_dir):
+    res = edgeq_here("convert", "mobilenet_v2", "--weights", "imagenet", "--alpha", "0.35", "--input-size", "96",
+                     "--classes", "3", "--calib", str(shapes_dir), "-o", str(tmp_path / "o.edgeq"))
+    if res.returncode == 0:  # a machine with network access downloads them: nothing to refuse
         pytest.skip("imagenet weights were reachable")
-    assert_clean_error((res[0], res[2]), "imagenet")
+    assert_clean_error(res, "imagenet")
 
 
 def _damage(bundle: Path, tmp_path: Path, how: str) -> Path:
