@@ -77,7 +77,7 @@ def training_scenes(n: int, size: int, seed: int, ood: tuple[str, ...]) -> dict:
     """Scenes as converter/data/scenes.py draws them (1-4 known items, clutter, the same sizes, tints and rotations),
     plus 0-2 outlier items each. Known classes only among the items; the outliers' boxes are kept apart."""
     from edgeq.converter.data.datasets import FASHION_MNIST_LABELS, fashion_mnist, mnist_digits
-    from edgeq.converter.data.scenes import SHAPES, _iou, _paste, background, draw_shape
+    from edgeq.converter.data.scenes import _paste, background, draw_clutter, free_spot
 
     x, y = fashion_mnist("train")
     known = [i for i, name in enumerate(FASHION_MNIST_LABELS) if name not in ood]
@@ -89,24 +89,16 @@ def training_scenes(n: int, size: int, seed: int, ood: tuple[str, ...]) -> dict:
     images, boxes, classes, outliers, kinds = [], [], [], [], {}
     for _ in range(n):
         canvas = background(rng, size, size)
-        for _ in range(int(rng.integers(0, 4))):
-            draw_shape(canvas, str(rng.choice(SHAPES)), (int(rng.integers(0, size)), int(rng.integers(0, size))),
-                       int(rng.integers(3, 10)), tuple(int(v) for v in rng.integers(0, 256, 3)),
-                       float(rng.uniform(0, 3)))
+        draw_clutter(canvas, rng, 3)
         placed: list[tuple[int, int, int, int]] = []
         b, c, o = [], [], []
         order = [False] * int(rng.integers(1, 5)) + [True] * int(rng.integers(0, 3))
         rng.shuffle(order)
         for is_outlier in order:
-            for _attempt in range(10):
-                s = int(rng.integers(28, 73))
-                half = s / 2 + 2
-                centre = (float(rng.uniform(half, size - half)), float(rng.uniform(half, size - half)))
-                guess = (int(centre[0] - half), int(centre[1] - half), int(centre[0] + half), int(centre[1] + half))
-                if all(_iou(guess, q) < 0.15 for q in placed):
-                    break
-            else:
+            spot = free_spot(rng, size, (28, 72), placed)
+            if spot is None:
                 continue
+            _, s, centre = spot
             if is_outlier:
                 kind, item = outlier_item(rng, x, digits)
             else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -55,6 +55,30 @@ def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     return inter / union if union else 0.0
 
 
+def draw_clutter(canvas: np.ndarray, rng: np.random.Generator, clutter: int) -> None:
+    """Up to ``clutter`` small procedural shapes, not annotated: distractors."""
+    size = canvas.shape[0]
+    for _ in range(int(rng.integers(0, clutter + 1))):
+        draw_shape(canvas, str(rng.choice(SHAPES)), (int(rng.integers(0, size)), int(rng.integers(0, size))),
+                   int(rng.integers(3, 10)), tuple(int(v) for v in rng.integers(0, 256, 3)), float(rng.uniform(0, 3)))
+
+
+def free_spot(rng: np.random.Generator, size: int, sizes: tuple[int, int], placed: list[tuple[int, int, int, int]],
+              pick: Callable[[], Any] | None = None) -> tuple[Any, int, tuple[float, float]] | None:
+    """A size (``sizes`` inclusive) and a centre for one more item whose square overlaps no box in ``placed`` by
+    IoU 0.15 or more, in at most 10 tries; None if none was found. ``pick()``, drawn first on every try, chooses
+    the item (its result is returned with the spot)."""
+    for _attempt in range(10):
+        item = pick() if pick is not None else None
+        s = int(rng.integers(sizes[0], sizes[1] + 1))
+        half = s / 2 + 2
+        centre = (float(rng.uniform(half, size - half)), float(rng.uniform(half, size - half)))
+        guess = (int(centre[0] - half), int(centre[1] - half), int(centre[0] + half), int(centre[1] + half))
+        if all(_iou(guess, b) < 0.15 for b in placed):
+            return item, s, centre
+    return None
+
+
 def generate_scenes(out: str | Path, n: int = 200, size: int = 192, seed: int = 0, ood_classes: tuple[str, ...] = (),
                     objects: tuple[int, int] = (1, 4), min_size: int = 28, max_size: int = 72, clutter: int = 3,
                     split: str = "train", exclude_classes: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -87,21 +111,13 @@ def generate_scenes(out: str | Path, n: int = 200, size: int = 192, seed: int = 
     images, annotations = [], []
     for i in range(n):
         canvas = background(rng, size, size)
-        for _ in range(int(rng.integers(0, clutter + 1))):  # distractors, not annotated
-            draw_shape(canvas, str(rng.choice(SHAPES)), (int(rng.integers(0, size)), int(rng.integers(0, size))),
-                       int(rng.integers(3, 10)), tuple(int(v) for v in rng.integers(0, 256, 3)), float(rng.uniform(0, 3)))
+        draw_clutter(canvas, rng, clutter)
         boxes: list[tuple[int, int, int, int]] = []
         for _ in range(int(rng.integers(objects[0], objects[1] + 1))):
-            for _attempt in range(10):
-                k = int(rng.integers(0, len(x)))
-                s = int(rng.integers(min_size, max_size + 1))
-                half = s / 2 + 2
-                center = (float(rng.uniform(half, size - half)), float(rng.uniform(half, size - half)))
-                guess = (int(center[0] - half), int(center[1] - half), int(center[0] + half), int(center[1] + half))
-                if all(_iou(guess, b) < 0.15 for b in boxes):
-                    break
-            else:
+            spot = free_spot(rng, size, (min_size, max_size), boxes, lambda: int(rng.integers(0, len(x))))
+            if spot is None:
                 continue
+            k, s, center = spot
             color = rng.uniform(120, 255, 3)
             box = _paste(canvas, x[k], s, float(rng.uniform(-30, 30)), center, color)
             if box is None or box[2] - box[0] < 4 or box[3] - box[1] < 4:
