@@ -45,18 +45,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure(argv: list[str] | None) -> dict:
     p = argparse.ArgumentParser()
-    p.add_argument("--train-scenes", type=int, default=2000)
-    p.add_argument("--test-scenes", type=int, default=300)
-    p.add_argument("--pretrain-images", type=int, default=8000)
-    p.add_argument("--pretrain-epochs", type=int, default=4)
+    add_data_arguments(p)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--bayes-epochs", type=int, default=30)
-    p.add_argument("--size", type=int, default=192)
-    p.add_argument("--alpha", type=float, default=0.35)
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--runs", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ood-classes", default="bag,sandal")
     p.add_argument("--layout", default="auto", choices=("auto", "stacked", "centred"), help="--bayes-layout")
     p.add_argument("--workdir", help="keep data and models here; reuse what is found there")
     args = p.parse_args(argv)
@@ -145,6 +138,18 @@ def measure(argv: list[str] | None) -> dict:
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     return result
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The options ``prepare`` reads: the scenes, the starting backbone, the input size and width, the seed."""
+    p.add_argument("--train-scenes", type=int, default=2000)
+    p.add_argument("--test-scenes", type=int, default=300)
+    p.add_argument("--pretrain-images", type=int, default=8000)
+    p.add_argument("--pretrain-epochs", type=int, default=4)
+    p.add_argument("--size", type=int, default=192)
+    p.add_argument("--alpha", type=float, default=0.35)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ood-classes", default="bag,sandal")
 
 
 def prepare(work: Path, args: argparse.Namespace, timings: dict[str, float], quiet) -> Path:

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
-from detection import log, prepare
+from detection import add_data_arguments, log, prepare
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SHAPE_SIZE = (7, 12)  # radius of a drawn shape on the 28-pixel item canvas
@@ -250,15 +250,8 @@ def score(model, pre, scenes: dict, test, args: argparse.Namespace) -> dict:
 def measure(argv: list[str] | None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", help="benchmarks/detection.py's workdir: its test scenes and backbone are reused")
-    p.add_argument("--train-scenes", type=int, default=2000)
-    p.add_argument("--test-scenes", type=int, default=300)
-    p.add_argument("--pretrain-images", type=int, default=8000)
-    p.add_argument("--pretrain-epochs", type=int, default=4)
+    add_data_arguments(p)  # detection.py's: the same defaults find its scenes and backbone in --workdir
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--size", type=int, default=192)
-    p.add_argument("--alpha", type=float, default=0.35)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ood-classes", default="bag,sandal")
     p.add_argument("--outlier-weight", type=float, default=0.5, help="weight of the cross-entropy to uniform")
     p.add_argument("--objectness", type=float, default=0.3, help="objectness level counted as detected")
     args = p.parse_args(argv)
