@@ -108,3 +108,58 @@ def test_scene_generator_bad_inputs(tmp_path):
     assert_clean_error(edgeq_here("datasets", "scenes", str(tmp_path / "b"), "--size", "32"), "size >= 64")
     (tmp_path / "c.json").write_text("{not json")
     assert_clean_error(edgeq_here("datasets", "check", str(tmp_path / "c.json")), "c.json", "not readable JSON")
+
+
+def test_object_crops_are_the_known_objects_at_their_scene_scale(scenes, tmp_path):
+    import cv2
+
+    from edgeq.converter.data.coco import read_coco
+
+    out = tmp_path / "crops"
+    r = run_edgeq("datasets", "crops", str(scenes), str(out), "--size", "64", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    coco = read_coco(scenes)
+    names = {c["id"]: c["name"] for c in coco.known_categories}
+    expected = {name: 0 for name in names.values()}
+    for ids in coco.category_ids.values():
+        for c in ids.tolist():
+            if c in names:
+                expected[names[c]] += 1
+    assert summary["per_category"] == expected and summary["objects"] == sum(expected.values()) > 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)  # no bag or sandal folder
+    assert not list(tmp_path.glob(".crops*"))  # nothing partial left beside it
+    checked = 0
+    for im in coco.images:
+        image = cv2.imread(str(coco.image_path(im)))
+        for k, (box, c) in enumerate(zip(coco.boxes[im["id"]], coco.category_ids[im["id"]].tolist())):
+            if c not in names or max(box[2] - box[0], box[3] - box[1]) * 1.25 > 64:
+                continue  # only objects that keep their scale: the crop is a window of the scene
+            crop = cv2.imread(str(out / names[c] / f"{im['id']:07d}_{k}.png"))
+            assert crop.shape == (64, 64, 3)
+            hit = cv2.matchTemplate(image, crop, cv2.TM_SQDIFF)
+            _, _, (x, y), _ = cv2.minMaxLoc(hit)
+            assert hit.min() == 0 and x <= box[0] and y <= box[1] and box[2] <= x + 64 and box[3] <= y + 64
+            checked += 1
+    assert checked >= 5
+    # refused: an existing folder (nothing overwritten), too small a size, a set without known objects
+    assert_clean_error(edgeq_here("datasets", "crops", str(scenes), str(out)), str(out), "already exists")
+    assert_clean_error(edgeq_here("datasets", "crops", str(scenes), str(tmp_path / "b"), "--size", "16"),
+                       "--size 16", "at least 32")
+    only_unknown = _broken(scenes, tmp_path, lambda d, p: d.update(annotations=[
+        a for a in d["annotations"] if a["category_id"] in (6, 9)]))
+    assert_clean_error(edgeq_here("datasets", "crops", str(only_unknown), str(tmp_path / "c")),
+                       "annotations.json", "no boxes of a known category")
+    assert not (tmp_path / "c").exists()
+
+
+def test_object_crops_of_an_unreadable_image_leave_nothing(scenes, tmp_path):
+    from edgeq.converter.data.coco import read_coco
+
+    broken = _broken(scenes, tmp_path, lambda d, p: None)
+    coco = read_coco(broken)
+    last = next(im for im in reversed(coco.images) if len(coco.boxes[im["id"]]))
+    (broken / "images" / last["file_name"]).write_bytes(b"not a png")  # found late: crops were written before it
+    assert_clean_error(edgeq_here("datasets", "crops", str(broken), str(tmp_path / "crops")),
+                       last["file_name"], "not a readable image")
+    assert not (tmp_path / "crops").exists() and not list(tmp_path.glob(".crops*"))

@@ -1,4 +1,5 @@
-"""``edgeq datasets``: generate synthetic detection scenes (COCO JSON), or check a COCO instances file."""
+"""``edgeq datasets``: generate synthetic detection scenes (COCO JSON), cut a COCO set's objects into a class folder,
+or check a COCO instances file."""
 
 from __future__ import annotations
 
@@ -30,6 +31,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
     d.set_defaults(action=_scenes)
+    d = dsub.add_parser("crops", help="cut the known objects of a COCO set into a class folder, for edgeq train",
+                        description="Cut every object of a known category out of a COCO set's images: a SIZE x SIZE "
+                                    "window centred on it, at the scale it has there (larger objects scaled down to "
+                                    "fit), written to OUT/<category>/*.png. Train a detector's starting backbone on "
+                                    "them (edgeq train OUT) so that it learns the objects as the detector sees "
+                                    "them. Unknown categories are left out.")
+    d.add_argument("scenes", metavar="SCENES", help="annotations.json, or the folder holding it")
+    d.add_argument("out", metavar="OUT", help="a new folder")
+    d.add_argument("--size", type=int, default=96, help="crop width and height in pixels (default 96)")
+    d.add_argument("--json", action="store_true", help="print the summary as JSON")
+    d.set_defaults(action=_crops)
     d = dsub.add_parser("check", help="check a COCO instances file and its images",
                         description="Load a COCO instances file and check images, boxes and category ids.")
     d.add_argument("annotations", metavar="FILE", help="annotations.json, or the folder holding it")
@@ -54,6 +66,15 @@ def _scenes(args: argparse.Namespace) -> int:
     print(json.dumps(summary) if args.json else
           f"wrote {summary['images']} scenes, {summary['objects']} objects ({summary['unknown']} of held-out classes) "
           f"to {summary['path']}")
+    return 0
+
+
+def _crops(args: argparse.Namespace) -> int:
+    from ..data.coco import read_coco, write_object_crops
+
+    summary = write_object_crops(read_coco(args.scenes, flag="SCENES"), args.out, args.size)
+    print(json.dumps(summary) if args.json else
+          f"wrote {summary['objects']} crops of {len(summary['per_category'])} categories to {summary['path']}")
     return 0
 
 
