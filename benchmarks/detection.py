@@ -146,6 +146,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-scenes", type=int, default=300)
     p.add_argument("--pretrain-images", type=int, default=8000)
     p.add_argument("--pretrain-epochs", type=int, default=4)
+    p.add_argument("--crop-epochs", type=int, default=10, help="the backbone's second stage, on the training scenes' "
+                   "objects (edgeq datasets crops); 0 leaves it out")
     p.add_argument("--size", type=int, default=192)
     p.add_argument("--alpha", type=float, default=0.35)
     p.add_argument("--seed", type=int, default=0)
@@ -153,9 +155,11 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def prepare(work: Path, args: argparse.Namespace, timings: dict[str, float], quiet) -> Path:
-    """The scenes (``work/train`` without the unknown classes, ``work/test`` with them) and the starting backbone
-    (``work/backbone.keras``, a classifier of the known classes' items), made once per workdir; returns the
-    backbone's path. benchmarks/detection_outliers.py shares them."""
+    """The scenes (``work/train`` without the unknown classes, ``work/test`` with them) and the starting backbone,
+    made once per workdir; returns the backbone's path. The backbone is a classifier of the known classes' items
+    (``work/backbone.keras``), then, with ``--crop-epochs``, trained on from there on the training scenes' objects
+    cut out at their scene scale (``edgeq datasets crops``; ``work/backbone_crops.keras``), so that it knows the
+    objects as the detector sees them. benchmarks/detection_outliers.py shares them."""
     from edgeq.converter.data.datasets import FASHION_MNIST_LABELS, fashion_mnist, write_class_folder
     from edgeq.converter.data.scenes import generate_scenes
     from edgeq.converter.training.classifier import TrainOptions, train
@@ -179,7 +183,19 @@ def prepare(work: Path, args: argparse.Namespace, timings: dict[str, float], qui
         train(TrainOptions(str(work / "items"), cls_path, alpha=args.alpha, input_size=96,
                            epochs=args.pretrain_epochs, seed=args.seed), log=quiet)
         timings["pretrain_s"] = time.perf_counter() - t0
-    return cls_path
+    if not args.crop_epochs:
+        return cls_path
+    tuned = work / "backbone_crops.keras"
+    if not tuned.is_file():
+        from edgeq.converter.data.coco import read_coco, write_object_crops
+
+        t0 = time.perf_counter()
+        if not (work / "crops").is_dir():
+            write_object_crops(read_coco(work / "train"), work / "crops")
+        train(TrainOptions(str(work / "crops"), tuned, alpha=args.alpha, input_size=96, epochs=args.crop_epochs,
+                           seed=args.seed, init=str(cls_path)), log=quiet)
+        timings["pretrain_crops_s"] = time.perf_counter() - t0
+    return tuned
 
 
 PROBE_LAYERS = ("block_1_project_BN", "block_3_project_BN", "block_6_project_BN", "block_10_project_BN",
