@@ -4,12 +4,14 @@ Steps: Fashion-MNIST items (Debian's ``dataset-fashion-mnist``, which ``scripts/
 train`` a small MobileNetV2 classifier on them (it stands in for the ImageNet weights a detector starts from,
 which cannot be downloaded) -> ``edgeq datasets scenes`` (items pasted on textured backgrounds, COCO JSON; the
 training scenes leave ``bag`` and ``sandal`` out, the validation scenes hold them as unknown objects) -> ``edgeq
-train --task detect --init-backbone`` (deterministic class head, then a Bayesian one) -> ``edgeq convert`` (full
-int8, 32 posterior samples in one pass, score threshold and needs_review calibrated on the validation scenes) ->
-``edgeq inspect`` -> a clip of moving items, a bag (a class the detector never saw) entering halfway, through
-``edgeq run`` into a loopback mosquitto, each detection printed by a subscriber with its uncertainty and whether
-to trust it -> the backbone classifier converted too and run on a folder of known items, garments it never saw
-and MNIST digits: the unfamiliarity measure at work where it works best (docs/uncertainty.md).
+datasets crops`` and ``edgeq train --init`` (the backbone trained on from there on the training scenes' objects)
+-> ``edgeq train --task detect --init-backbone`` (deterministic class head, then a Bayesian one) -> ``edgeq
+convert`` (full int8, 32 posterior samples in one pass, score threshold and needs_review calibrated on the
+validation scenes) -> ``edgeq inspect`` -> a clip of moving items, a bag (a class the detector never saw)
+entering halfway, through ``edgeq run`` into a loopback mosquitto, each detection printed by a subscriber with its
+uncertainty and whether to trust it -> the backbone classifier converted too and run on a folder of known items,
+garments it never saw and MNIST digits: the unfamiliarity measure at work where it works best
+(docs/uncertainty.md).
 Each step runs the same code as its ``edgeq`` subcommand, in this process.
 Nothing is downloaded.
 """
@@ -38,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=3000, help="Fashion-MNIST items for the backbone (default 3000)")
     p.add_argument("--scenes", type=int, default=800, help="training scenes (default 800)")
     p.add_argument("--epochs", type=int, default=8, help="detector training epochs (default 8)")
+    p.add_argument("--crop-epochs", type=int, default=4, help="backbone epochs on the scenes' objects (default 4)")
     p.add_argument("--frames", type=int, default=40, help="frames in the demo video (default 40)")
 
 
@@ -101,23 +104,36 @@ def run(args: argparse.Namespace) -> int:
                    "--lr", "2e-3", "--batch-size", "64", "-o", str(backbone)])
     if code:
         return code
-    step(f"3. edgeq train --task detect: {args.epochs} epochs end to end, then the Bayesian class head")
+    step("3. edgeq datasets crops + edgeq train --init: the backbone learns the items as they look in the scenes")
+    # the clean items' backbone sees a bag among the garments it knows as readily as a garment; trained on from
+    # there on the training scenes' objects, cut out at their scene scale, its features set unknown objects further
+    # apart (docs/detection.md, benchmarks/results/detection.json)
+    crops, scene_backbone = work / "crops", work / "backbone_scenes.keras"
+    if not crops.is_dir():
+        code = _edgeq(["datasets", "crops", str(work / "scenes_train"), str(crops)])
+        if code:
+            return code
+    code = _edgeq(["train", str(crops), "--init", str(backbone), "--input-size", "96", "--alpha", f"{args.alpha:g}",
+                   "--epochs", str(args.crop_epochs), "--lr", "2e-3", "--batch-size", "64", "-o", str(scene_backbone)])
+    if code:
+        return code
+    step(f"4. edgeq train --task detect: {args.epochs} epochs end to end, then the Bayesian class head")
     detector = work / "detector.keras"
-    code = _edgeq(["train", "--task", "detect", str(work / "scenes_train"), "--init-backbone", str(backbone),
+    code = _edgeq(["train", "--task", "detect", str(work / "scenes_train"), "--init-backbone", str(scene_backbone),
                    "--input-size", size, "--alpha", f"{args.alpha:g}", "--epochs", str(args.epochs),
                    "--batch-size", "16", "-o", str(detector)])
     if code:
         return code
 
     bundle = work / "detector.edgeq"
-    step("4. edgeq convert: full-integer int8, 32 class-head samples fused into one pass, checked on held-out scenes")
+    step("5. edgeq convert: full-integer int8, 32 class-head samples fused into one pass, checked on held-out scenes")
     code = _edgeq(["convert", str(detector), "--calib", str(work / "scenes_train"), "--calib-samples", "100",
                    "--val", str(work / "scenes_val"), "--review-measure", "mutual_information",
                    "--target-accuracy", "0.95", "-o", str(bundle)])
     if code:
         return code
 
-    step("5. edgeq inspect")
+    step("6. edgeq inspect")
     code = _edgeq(["inspect", str(bundle)])
     if code:
         return code
@@ -125,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
     frames, truth = moving_scene_frames(args.frames, args.input_size, seed=5, objects=3, unknown_classes=("bag",))
 
-    step("6. edgeq convert the backbone classifier too: the same measures on whole images")
+    step("7. edgeq convert the backbone classifier too: the same measures on whole images")
     items_bundle, mixed, kinds = work / "items.edgeq", *_mixed_folder(work)
     code = _edgeq(["convert", str(backbone), "--calib", str(items), "--calib-samples", "100", "--val",
                    str(work / "items_val"), "-o", str(items_bundle)])
@@ -228,11 +244,11 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
 
     from ..data.scenes import write_video
 
-    t = step(f"7. writing a {len(frames)}-frame video of moving items")
+    t = step(f"8. writing a {len(frames)}-frame video of moving items")
     video = write_video(work / "demo.avi", frames, fps=10)
     print(f"   {video}, {time.perf_counter() - t:.1f} s")
 
-    step("8. starting a broker on loopback and subscribing to edgeq/#")
+    step("9. starting a broker on loopback and subscribing to edgeq/#")
     broker, port = _start_mosquitto(work)
     if broker is None:
         raise EdgeqError("the demo needs a local MQTT broker: install mosquitto (apt-get install mosquitto; "
@@ -277,7 +293,7 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
     sub.connect("127.0.0.1", port)
     sub.loop_start()
     try:
-        step("9. edgeq run: video -> int8 inference -> decode + NMS + uncertainty -> spool -> MQTT")
+        step("10. edgeq run: video -> int8 inference -> decode + NMS + uncertainty -> spool -> MQTT")
         print(f"   $ edgeq run --model {bundle} --source {video} --mqtt mqtt://127.0.0.1:{port} --device-id demo "
               f"--annotate {annotated}")
         code = subprocess.call(cmd + ["--mqtt", f"mqtt://127.0.0.1:{port}", "--annotate", str(annotated)])
@@ -285,7 +301,7 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
             print(f"   annotated video (boxes, scores, unfamiliarity; flagged results in red with why): {annotated}")
         time.sleep(0.5)
         if classifier is not None and code == 0:
-            step("10. edgeq run on the classifier: known items, then garments it never saw and MNIST digits")
+            step("11. edgeq run on the classifier: known items, then garments it never saw and MNIST digits")
             print(f"   $ edgeq run --model {classifier[0]} --source {classifier[1]} --mqtt mqtt://127.0.0.1:{port} "
                   "--device-id demo-items")
             code = subprocess.call((cmd[:cmd.index("run") + 1]) + [
