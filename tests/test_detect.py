@@ -17,6 +17,7 @@ from conftest import assert_clean_error, edgeq_here, run_edgeq, save_with_labels
 pytestmark = pytest.mark.slow
 
 SIZE = 128  # scenes and model input: an 8x8 grid at stride 16
+VAL_SCENES = 100  # enough int8 detections of known objects (>= 20) to read percentiles against
 KNOWN = ("tshirt", "trouser", "sneaker")  # three classes a short training tells apart; bag is the unknown object
 KNOWN_IDS = [1, 2, 8]  # their COCO category ids (Fashion-MNIST index + 1)
 OTHERS = "pullover,dress,coat,sandal,shirt,ankle_boot"
@@ -30,7 +31,8 @@ def scenes(tmp_path_factory) -> dict[str, Path]:
     common = ["--size", str(SIZE), "--min-size", "32", "--max-size", "56", "--max-objects", "2"]
     assert run_edgeq("datasets", "scenes", str(root / "train"), "--n", "300", "--exclude-classes", f"bag,{OTHERS}",
                      *common).returncode == 0
-    assert run_edgeq("datasets", "scenes", str(root / "val"), "--n", "60", "--split", "test", "--ood-classes", "bag",
+    assert run_edgeq("datasets", "scenes", str(root / "val"), "--n", str(VAL_SCENES), "--split", "test",
+                     "--ood-classes", "bag",
                      "--exclude-classes", OTHERS, "--seed", "1", *common).returncode == 0
     return {"train": root / "train", "val": root / "val"}
 
@@ -126,6 +128,13 @@ def test_convert_gives_a_full_int8_detect_bundle(bundle):
         v = m["validation"][name]
         assert 0.0 <= v["map50"] <= 1.0 and 0.0 <= v["map"] <= v["map50"] + 1e-9
         assert v["unknown_objects"] > 0  # the val scenes hold bags
+    # unfamiliarity percentiles are read against the int8 detections of known objects in --val (not the density's
+    # held-out cells, which run less familiar), so the --review-ood-rate threshold flags about 5% of those
+    fit = m["density"]["fit"]
+    assert fit["reference"] == "int8 detections matched to known objects of --val", fit
+    known = m["validation"]["quantized"]["flagged"]["known"]
+    assert known["count"] == fit["reference_samples"] >= 20
+    assert abs(known["unfamiliar"] - 0.05) <= 1.5 / known["count"] + 0.005, known
     # the class samples survive int8: the spread between them is kept within a quarter
     spread = m["head"]["spread"]
     assert 0.75 < spread["quantized"] / spread["float"] < 1.33, spread
@@ -200,7 +209,7 @@ def test_eval_reports_map_calibration_and_unknown_auroc(bundle, detector, scenes
     assert report["task"] == "detect" and set(report["models"]) == {"reference", "quantized"}
     for fig in report["models"].values():
         # the Keras reference is exported with the bundle's own 32 weight samples
-        assert fig["images"] == 60 and fig["samples"] == 32
+        assert fig["images"] == VAL_SCENES and fig["samples"] == 32
     q = report["models"]["quantized"]
     assert q["runtime"]["runtime"] in ("ai-edge-litert", "tflite-runtime", "tensorflow")
     page = tmp_path / "rep" / "report.html"

@@ -143,6 +143,8 @@ class DetectTask(Task):
                                                        **best}
             ctx.log(f"score threshold: {best['threshold']:.3f} (F1 {best['f1']:.3f}, precision "
                     f"{best['precision']:.3f}, recall {best['recall']:.3f} on --val)")
+        if ctx.density is not None:
+            _detection_reference(ctx, quantised, coco, detector)
         rule = calibrate_detection_rule(quantised, coco, detector["category_ids"], detector["score_threshold"],
                                         v.review_measure, v.target_accuracy, v.review_budget,
                                         unfamiliar_threshold(ctx, v.review_ood_rate), v.review_ood_rate, ctx.log)
@@ -156,6 +158,7 @@ class DetectTask(Task):
         return {"source": str(coco.path), "images": len(coco.images), **figures}
 
     # -- unfamiliarity (stages/density.py): the neck's features at the cells that hold known objects ----------
+    # (with --val, its percentiles are then read against the detections themselves: _detection_reference)
     def density_labelled_calib(self, ctx: "ConvertContext", calib: str) -> bool:
         from ..data.coco import is_coco_path
 
@@ -301,3 +304,33 @@ def _spread_check(reference: "Converted", quantised: "Converted", samples: np.nd
     return {"cells": int(len(ref_a)), "float": round(spread_f, 6), "quantized": round(spread_q, 6),
             "output_step": round(step, 8), "steps": round(spread_f / step, 2) if step else None,
             "mutual_information_correlation": None if corr is None else round(corr, 4)}
+
+
+MIN_REFERENCE_DETECTIONS = 20
+
+
+def _detection_reference(ctx: "ConvertContext", results: Any, coco: Any, detector: dict[str, Any]) -> None:
+    """Read a detector's unfamiliarity percentiles, and so the ``--review-ood-rate`` threshold, against what the
+    device publishes: the int8 model's detections of known objects in --val, at the score threshold.
+
+    The density's own held-out data are all the cells it was fitted on, the cells around each object's centre
+    included; a detection is the best-scoring cell, which lies closer to its class than the cells around it. Read
+    against those cells, a threshold meant to flag 5% of known detections flagged 0.7% on the detection benchmark.
+    With fewer than ``MIN_REFERENCE_DETECTIONS`` such detections the cells stay the reference."""
+    from ..evaluation.detect import match_all
+    from ..stages.density import REFERENCE_POINTS
+
+    m = match_all(results, coco, detector["category_ids"], detector["score_threshold"])
+    u = m.measures.get("unfamiliarity")
+    if u is None:
+        return
+    u = u[m.known]
+    u = u[np.isfinite(u)]
+    if len(u) < MIN_REFERENCE_DETECTIONS:
+        ctx.log(f"unfamiliarity: only {len(u)} int8 detections of known objects in --val (fewer than "
+                f"{MIN_REFERENCE_DETECTIONS}); percentiles stay read against the held-out cells")
+        return
+    ctx.density["reference"] = np.quantile(u, np.linspace(0.0, 1.0, REFERENCE_POINTS)).tolist()
+    ctx.density["fit"]["reference"] = "int8 detections matched to known objects of --val"
+    ctx.density["fit"]["reference_samples"] = int(len(u))
+    ctx.log(f"unfamiliarity: percentiles read against the {len(u)} int8 detections of known objects in --val")
