@@ -78,9 +78,12 @@ def format_inspect(ins: Inspection) -> str:
     lines.extend(format_head(m.head))
     if m.density is not None:
         fit = m.density.fit.model_dump() if m.density.fit is not None else {}
+        # a detector converted with --val reads its percentiles against its detections (converter/tasks/detect.py)
+        against = (f"the {fit['reference_samples']} {fit['reference']}" if fit.get("reference") else
+                   f"{fit.get('held_out_samples')} held-out samples")
         lines.append(f"density      class Gaussians on {m.density.features} features ({', '.join(fit.get('taps', []))}), "
                      f"{m.density.rank} whitened directions, fitted on {fit.get('samples')} samples of "
-                     f"{fit.get('data')}; percentiles from {fit.get('held_out_samples')} held-out samples; int8 vs "
+                     f"{fit.get('data')}; percentiles from {against}; int8 vs "
                      f"float correlation {fit.get('int8_vs_float_correlation')}")
     size_parts = [f"model.tflite {sizes['model_tflite'] / 1e6:.3f} MB", f"bundle {sizes['bundle_file'] / 1e6:.3f} MB"]
     if sizes.get("float32_tflite"):

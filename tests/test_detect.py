@@ -144,6 +144,7 @@ def test_convert_gives_a_full_int8_detect_bundle(bundle):
     r = run_edgeq("inspect", str(bundle))
     assert r.returncode == 0, r.stderr
     assert f"grid {SIZE // 16}x{SIZE // 16} at stride 16" in r.stdout and "mAP@0.5 float" in r.stdout
+    assert f"percentiles from the {fit['reference_samples']} int8 detections matched to known objects" in r.stdout
 
 
 def test_detection_quality_floor_on_a_fixed_seed(bundle):

@@ -314,8 +314,8 @@ def _detection_reference(ctx: "ConvertContext", results: Any, coco: Any, detecto
     device publishes: the int8 model's detections of known objects in --val, at the score threshold.
 
     The density's own held-out data are all the cells it was fitted on, the cells around each object's centre
-    included; a detection is the best-scoring cell, which lies closer to its class than the cells around it. Read
-    against those cells, a threshold meant to flag 5% of known detections flagged 0.7% on the detection benchmark.
+    included, and a detection comes from the best-scoring cell, which scored as more familiar than those on the
+    detection benchmark: read against the cells, a threshold meant to flag 5% of known detections flagged 0.7%.
     With fewer than ``MIN_REFERENCE_DETECTIONS`` such detections the cells stay the reference."""
     from ..evaluation.detect import match_all
     from ..stages.density import REFERENCE_POINTS
