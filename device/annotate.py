@@ -3,10 +3,11 @@
 Each detection's box carries its label, score and uncertainty (unfamiliarity percentile when the bundle has a
 density, else predictive entropy); a result flagged for review is drawn in red with a thicker frame and its
 reason. A classifier's top result is written in the top-left corner the same way. PATH ending in ``.mp4`` or
-``.avi`` writes an MPEG-4 Part 2 video (mp4v in MP4, XVID in AVI: about half the CPU time per frame of MJPG and a
-quarter of its size, measured by benchmarks/annotate.py); any other PATH without a suffix is a folder of JPEGs,
-one per frame, named by ``seq``. Drawing runs on its own thread (``edgeq-draw``, device/outbox.py) once a
-frame's results are stored, never on the inference thread, and nothing of this module is imported when
+``.avi`` writes an MPEG-4 Part 2 video (mp4v in MP4, XVID in AVI: drawing and writing a demo-clip frame took
+0.51 ms with MJPG, 0.28 ms with XVID, benchmarks/annotate.py; files about a quarter of MJPG's, measured by
+hand; the labels' filled tags took part of that time off too); any other PATH without a suffix is a folder of
+JPEGs, one per frame, named by ``seq``. Drawing runs on its own thread (``edgeq-draw``, device/outbox.py) once
+a frame's results are stored, never on the inference thread, and nothing of this module is imported when
 annotation is off.
 """
 
