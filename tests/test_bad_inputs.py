@@ -52,6 +52,7 @@ ROWS = [
     ("train {calib} -o {tmp}/m.h5", ["-o", ".keras"]),
     ("train {calib} -o {tmp}/missing/m.keras", ["does not exist"]),
     ("datasets check {tmp}/nope.json", ["no COCO annotations file"]),
+    ("datasets crops {calib} {tmp}/crops", ["SCENES", "no COCO annotations file"]),  # a class folder, not COCO
     ("inspect {tmp}", ["is a folder"]),
     ("inspect {tmp}/nope.edgeq", ["not found"]),
 ]
