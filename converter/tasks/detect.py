@@ -313,9 +313,10 @@ def _detection_reference(ctx: "ConvertContext", results: Any, coco: Any, detecto
     """Read a detector's unfamiliarity percentiles, and so the ``--review-ood-rate`` threshold, against what the
     device publishes: the int8 model's detections of known objects in --val, at the score threshold.
 
-    The density's own held-out data are all the cells it was fitted on, the cells around each object's centre
-    included, and a detection comes from the best-scoring cell, which scored as more familiar than those on the
-    detection benchmark: read against the cells, a threshold meant to flag 5% of known detections flagged 0.7%.
+    The density's own held-out data are cells like those it was fitted on: every cell of --val within one cell of
+    a known object's centre. A detection comes from the best-scoring cell, which scored as more familiar than those
+    on the detection benchmark: read against the cells, a threshold meant to flag 5% of known detections flagged
+    0.7%.
     With fewer than ``MIN_REFERENCE_DETECTIONS`` such detections the cells stay the reference."""
     from ..evaluation.detect import match_all
     from ..stages.density import REFERENCE_POINTS
