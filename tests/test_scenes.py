@@ -146,6 +146,8 @@ def test_object_crops_are_the_known_objects_at_their_scene_scale(scenes, tmp_pat
     assert_clean_error(edgeq_here("datasets", "crops", str(scenes), str(out)), str(out), "already exists")
     assert_clean_error(edgeq_here("datasets", "crops", str(scenes), str(tmp_path / "b"), "--size", "16"),
                        "--size 16", "at least 32")
+    # root passes access() there, and nothing can be created
+    assert_clean_error(edgeq_here("datasets", "crops", str(scenes), "/proc/crops"), "/proc/crops", "cannot write")
     only_unknown = _broken(scenes, tmp_path, lambda d, p: d.update(annotations=[
         a for a in d["annotations"] if a["category_id"] in (6, 9)]))
     assert_clean_error(edgeq_here("datasets", "crops", str(only_unknown), str(tmp_path / "c")),

@@ -133,9 +133,8 @@ def write_object_crops(coco: CocoSet, out: str | Path, size: int = 96, context: 
     Each crop is the ``size`` x ``size`` window centred on the object's box, shifted to stay inside the image (so an
     object keeps the pixel scale it has in the scenes); an object whose box, times ``context``, does not fit is
     cut with that margin and scaled down to ``size``. Crops are named ``<image id>_<box index in the image>.png``.
-    Unknown categories are left out. Written to a sibling
-    folder first and renamed at the end, so a failure leaves no half-written set; ``out`` must not exist yet.
-    Returns the count per category."""
+    Unknown categories are left out. Written to a sibling folder first and renamed at the end, so a failure leaves
+    no half-written set; ``out`` must not exist yet. Returns the count per category."""
     import os
     import shutil
 
@@ -171,6 +170,8 @@ def write_object_crops(coco: CocoSet, out: str | Path, size: int = 96, context: 
                 raise DataError(f"{coco.path}: {exc}; remove the image or replace it") from None
             if image.ndim == 2:
                 image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+            elif image.shape[2] == 4:  # a PNG with alpha: the colours, as the detector's preprocessing reads them
+                image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
             h, w = image.shape[:2]
             for k, box, cat in picks:
                 side = int(np.ceil(max(size, context * float(max(box[2] - box[0], box[3] - box[1])))))
@@ -189,6 +190,10 @@ def write_object_crops(coco: CocoSet, out: str | Path, size: int = 96, context: 
                     raise DataError(f"{out}: cannot write the crops there; choose a writable folder")
                 counts[name] += 1
         os.replace(tmp, out)
+    except OSError as exc:  # a folder that cannot take files: one line, and nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{out}: cannot write the crops there ({exc.strerror or exc}); choose a writable "
+                        "folder") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
