@@ -102,7 +102,8 @@ def test_review_rule_on_detections_flags_the_unknown_and_says_why():
 
         d = ImageDetections(i, d.boxes, replace(d.detections, unfamiliarity=np.array([100.0 if i == 41 else float(i)])))
         results.append(d)
-    rule = calibrate_detection_rule(results, coco, [KNOWN], 0.3, "mutual_information", 0.995, 0.1, 35.0, 0.05)
+    rule = calibrate_detection_rule(match_all(results, coco, [KNOWN], 0.3), "mutual_information", 0.995, 0.1, 35.0,
+                                    0.05)
     assert rule["unfamiliar_threshold"] == 35.0 and rule["calibrated_on"].startswith("detections matched")
     figs = detection_figures(results, coco, [KNOWN], 0.3, rule)
     assert figs["flagged"]["unknown"]["unfamiliar"] == 1.0

@@ -207,14 +207,13 @@ def detection_figures(results: list[ImageDetections], coco: CocoSet, category_id
     return figures
 
 
-def calibrate_detection_rule(results: list[ImageDetections], coco: CocoSet, category_ids: list[int],
-                             score_threshold: float, measure: str, target_accuracy: float, budget: float,
+def calibrate_detection_rule(m: Matched, measure: str, target_accuracy: float, budget: float,
                              unfamiliar_threshold: float | None, ood_rate: float | None,
                              log: Any = lambda s: None) -> dict[str, Any] | None:
-    """The needs_review rule on the detections matched to known objects (converter/evaluation/review.py)."""
+    """The needs_review rule on the detections matched to known objects (converter/evaluation/review.py), from
+    ``match_all`` at the score threshold."""
     from .review import calibrate_rule
 
-    m = match_all(results, coco, category_ids, score_threshold)
     if not m.known.any():
         return None
     rule = calibrate_rule(m.measures[measure][m.known], m.correct[m.known], measure, target_accuracy, budget,

@@ -159,12 +159,17 @@ def calibrate(ctx: "ConvertContext") -> None:
     if len(finite) < 2:
         raise DataError(f"{ctx.density_data.held_out_source}: too few held-out samples to calibrate the unfamiliarity "
                         "percentiles; give a larger --val")
-    ctx.density["reference"] = np.quantile(finite, np.linspace(0.0, 1.0, REFERENCE_POINTS)).tolist()
+    ctx.density["reference"] = reference_quantiles(finite)
     corr = float(np.corrcoef(scores, float_scores)[0, 1]) if len(scores) > 2 else None
     ctx.density["fit"]["held_out_samples"] = int(len(scores))
     ctx.density["fit"]["int8_vs_float_correlation"] = None if corr is None else round(corr, 4)
     ctx.log(f"unfamiliarity: percentiles from {len(scores)} held-out samples ({ctx.density_data.held_out_source}); "
             f"int8 vs float score correlation {corr:.4f}" if corr is not None else "")
+
+
+def reference_quantiles(scores: np.ndarray) -> list[float]:
+    """The ``REFERENCE_POINTS`` quantiles of in-distribution scores that a published percentile is read against."""
+    return np.quantile(scores, np.linspace(0.0, 1.0, REFERENCE_POINTS)).tolist()
 
 
 def unfamiliar_threshold(ctx: "ConvertContext", ood_rate: float) -> float | None:
@@ -174,5 +179,5 @@ def unfamiliar_threshold(ctx: "ConvertContext", ood_rate: float) -> float | None
     return float(np.quantile(np.asarray(ctx.density["reference"]), 1.0 - ood_rate))
 
 
-__all__ = ["PROJECTION_ROLE", "DensityData", "calibrate", "fit_gaussians", "run", "typed",
+__all__ = ["PROJECTION_ROLE", "DensityData", "calibrate", "fit_gaussians", "reference_quantiles", "run", "typed",
            "unfamiliar_threshold"]

@@ -132,7 +132,7 @@ class DetectTask(Task):
         return run_detector(converted.model, converted.bound, ctx.spec, ctx.data, f"val {name}")
 
     def validate(self, ctx: "ConvertContext", reference: Any, quantised: Any) -> dict[str, Any]:
-        from ..evaluation.detect import best_f1_threshold, calibrate_detection_rule, detection_figures
+        from ..evaluation.detect import best_f1_threshold, calibrate_detection_rule, detection_figures, match_all
         from ..stages.density import unfamiliar_threshold
 
         detector, coco, v = ctx.extras["detector"], ctx.data, ctx.recipe.validation
@@ -143,10 +143,10 @@ class DetectTask(Task):
                                                        **best}
             ctx.log(f"score threshold: {best['threshold']:.3f} (F1 {best['f1']:.3f}, precision "
                     f"{best['precision']:.3f}, recall {best['recall']:.3f} on --val)")
+        matched = match_all(quantised, coco, detector["category_ids"], detector["score_threshold"])
         if ctx.density is not None:
-            _detection_reference(ctx, quantised, coco, detector)
-        rule = calibrate_detection_rule(quantised, coco, detector["category_ids"], detector["score_threshold"],
-                                        v.review_measure, v.target_accuracy, v.review_budget,
+            _detection_reference(ctx, matched)
+        rule = calibrate_detection_rule(matched, v.review_measure, v.target_accuracy, v.review_budget,
                                         unfamiliar_threshold(ctx, v.review_ood_rate), v.review_ood_rate, ctx.log)
         ctx.head["review"] = rule
         if rule is None:
@@ -309,7 +309,7 @@ def _spread_check(reference: "Converted", quantised: "Converted", samples: np.nd
 MIN_REFERENCE_DETECTIONS = 20
 
 
-def _detection_reference(ctx: "ConvertContext", results: Any, coco: Any, detector: dict[str, Any]) -> None:
+def _detection_reference(ctx: "ConvertContext", matched: Any) -> None:
     """Read a detector's unfamiliarity percentiles, and so the ``--review-ood-rate`` threshold, against what the
     device publishes: the int8 model's detections of known objects in --val, at the score threshold.
 
@@ -317,21 +317,20 @@ def _detection_reference(ctx: "ConvertContext", results: Any, coco: Any, detecto
     a known object's centre. A detection comes from the best-scoring cell, which scored as more familiar than those
     on the detection benchmark: read against the cells, a threshold meant to flag 5% of known detections flagged
     0.7%.
-    With fewer than ``MIN_REFERENCE_DETECTIONS`` such detections the cells stay the reference."""
-    from ..evaluation.detect import match_all
-    from ..stages.density import REFERENCE_POINTS
+    With fewer than ``MIN_REFERENCE_DETECTIONS`` such detections the cells stay the reference. ``matched``:
+    ``match_all`` of the int8 results at the score threshold."""
+    from ..stages.density import reference_quantiles
 
-    m = match_all(results, coco, detector["category_ids"], detector["score_threshold"])
-    u = m.measures.get("unfamiliarity")
+    u = matched.measures.get("unfamiliarity")
     if u is None:
         return
-    u = u[m.known]
+    u = u[matched.known]
     u = u[np.isfinite(u)]
     if len(u) < MIN_REFERENCE_DETECTIONS:
         ctx.log(f"unfamiliarity: only {len(u)} int8 detections of known objects in --val (fewer than "
                 f"{MIN_REFERENCE_DETECTIONS}); percentiles stay read against the held-out cells")
         return
-    ctx.density["reference"] = np.quantile(u, np.linspace(0.0, 1.0, REFERENCE_POINTS)).tolist()
+    ctx.density["reference"] = reference_quantiles(u)
     ctx.density["fit"]["reference"] = "int8 detections matched to known objects of --val"
     ctx.density["fit"]["reference_samples"] = int(len(u))
     ctx.log(f"unfamiliarity: percentiles read against the {len(u)} int8 detections of known objects in --val")
