@@ -158,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
           f"(flagged for any reason: {u['frames_flagged']}); {k['flagged']} of {k['detections']} detections of known "
           f"items were flagged ({k['flagged_unfamiliar']} as unfamiliar), the rest trusted.\n"
           "   'unfamiliar': the detection's features lie far from every class the detector was trained on (above "
-          "the 95th percentile of known objects); 'ambiguous': its class is uncertain (docs/uncertainty.md)")
+          "the 95th percentile of its detections of known objects in the validation scenes); 'ambiguous': its class "
+          "is uncertain (docs/uncertainty.md)")
     return code
 
 
