@@ -146,7 +146,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-scenes", type=int, default=300)
     p.add_argument("--pretrain-images", type=int, default=8000)
     p.add_argument("--pretrain-epochs", type=int, default=4)
-    p.add_argument("--crop-epochs", type=int, default=10, help="the backbone's second stage, on the training scenes' "
+    p.add_argument("--crop-epochs", type=int, default=30, help="the backbone's second stage, on the training scenes' "
                    "objects (edgeq datasets crops); 0 leaves it out")
     p.add_argument("--size", type=int, default=192)
     p.add_argument("--alpha", type=float, default=0.35)

@@ -223,6 +223,11 @@ class DensityRecipe:
                      "(default 192)", type=int, metavar="D")
     max_samples: int = flag(4000, "--density-samples", "at most this many fitting samples (default 4000)", type=int,
                             metavar="N")
+    method: str = flag("auto", "--density-method", "gda: distance to the nearest class mean; knn: distance to the "
+                       "K-th nearest of up to 1000 fitting samples, in the same whitened coordinates; auto (default): "
+                       "knn for a detector, gda for a classifier", choices=("auto", "gda", "knn"))
+    neighbours: int = flag(10, "--density-neighbours", "K of --density-method knn (default 10)", type=int,
+                           metavar="K")
 
     def __post_init__(self) -> None:
         if self.density not in ("auto", "off"):
@@ -233,6 +238,10 @@ class DensityRecipe:
             raise ModelError(f"--density-samples {self.max_samples}: give at least 20")
         if self.density == "off" and self.data is not None:
             raise ModelError("--density-data with --density off: drop one of them")
+        if self.method not in ("auto", "gda", "knn"):
+            raise ModelError(f"--density-method {self.method!r}: choose auto, gda or knn")
+        if self.neighbours < 1:
+            raise ModelError(f"--density-neighbours {self.neighbours}: give at least 1")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeq.bundle import read_bundle
+from edgeq.density import ordinal
 from edgeq.manifest import Head, Manifest
 from edgeq.runtime import weight_stats
 
@@ -81,9 +82,11 @@ def format_inspect(ins: Inspection) -> str:
         # a detector converted with --val reads its percentiles against its detections (converter/tasks/detect.py)
         against = (f"the {fit['reference_samples']} {fit['reference']}" if fit.get("reference") else
                    f"{fit.get('held_out_samples')} held-out samples")
+        score = (f"distance to the {ordinal(m.density.neighbours)} nearest of {m.density.references.shape[0]} "
+                 "fitting samples" if m.density.references is not None else "distance to the nearest class mean")
         lines.append(f"density      class Gaussians on {m.density.features} features ({', '.join(fit.get('taps', []))}), "
                      f"{m.density.rank} whitened directions, fitted on {fit.get('samples')} samples of "
-                     f"{fit.get('data')}; percentiles from {against}; int8 vs "
+                     f"{fit.get('data')}; score: {score}; percentiles from {against}; int8 vs "
                      f"float correlation {fit.get('int8_vs_float_correlation')}")
     size_parts = [f"model.tflite {sizes['model_tflite'] / 1e6:.3f} MB", f"bundle {sizes['bundle_file'] / 1e6:.3f} MB"]
     if sizes.get("float32_tflite"):

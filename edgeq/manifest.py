@@ -159,18 +159,48 @@ class Detector(Strict):
     score_threshold_calibration: Record | None = None
 
 
-class Density(Strict):
-    """The unfamiliarity measure (edgeq/density.py): class-conditional Gaussians with one shared, shrunk
-    covariance on the model's features, in the covariance's top ``rank`` directions, whitened. The whitening is the
-    graph's ``density_projection`` output; the class means finish it on the device."""
+class Array(Strict):
+    """A numeric array carried inside the manifest: little-endian ``dtype`` values of ``shape``, base64-encoded
+    (compact where a JSON list would put every number on a line of its own)."""
 
-    method: Literal["gda_shared_covariance"] = "gda_shared_covariance"
+    dtype: Literal["float16"] = "float16"
+    shape: tuple[int, ...] = Field(min_length=1)
+    data: str
+
+    @model_validator(mode="after")
+    def _check(self) -> "Array":
+        import base64
+        import binascii
+        import math
+
+        if any(n < 1 for n in self.shape):
+            raise ValueError(f"shape {list(self.shape)} needs positive sizes")
+        try:
+            size = len(base64.b64decode(self.data, validate=True))
+        except (binascii.Error, ValueError):
+            raise ValueError("data is not base64") from None
+        if size != 2 * math.prod(self.shape):
+            raise ValueError(f"data holds {size} bytes; shape {list(self.shape)} of {self.dtype} needs "
+                             f"{2 * math.prod(self.shape)}")
+        return self
+
+
+class Density(Strict):
+    """The unfamiliarity measure (edgeq/density.py), in the whitened coordinates of class-conditional Gaussians with
+    one shared, shrunk covariance on the model's features (the covariance's top ``rank`` directions). The whitening
+    is the graph's ``density_projection`` output. ``gda_shared_covariance``: the squared distance to the nearest
+    class mean; ``knn_whitened``: the squared distance to the ``neighbours``-th nearest of ``references``, fitting
+    samples in the same coordinates."""
+
+    method: Literal["gda_shared_covariance", "knn_whitened"] = "gda_shared_covariance"
     features: int = Field(ge=1)
     rank: int = Field(ge=1)
     eigenvalues: tuple[float, ...]
     class_means: tuple[tuple[float, ...], ...]
     shrinkage: float = Field(ge=0.0, le=1.0)
     reference: tuple[float, ...] = Field(min_length=2)
+    neighbours: int | None = Field(default=None, ge=1)
+    references: Array | None = None
     fit: Record | None = None
 
     @model_validator(mode="after")
@@ -183,6 +213,15 @@ class Density(Strict):
             raise ValueError(f"rank {self.rank} exceeds the {self.features} features")
         if any(not a <= b for a, b in zip(self.reference, self.reference[1:])):
             raise ValueError("reference must be sorted")
+        if self.method == "knn_whitened":
+            if self.references is None or self.neighbours is None:
+                raise ValueError("method knn_whitened needs references and neighbours")
+            if len(self.references.shape) != 2 or self.references.shape[1] != self.rank:
+                raise ValueError(f"references needs shape [N, {self.rank}]")
+            if self.neighbours > self.references.shape[0]:
+                raise ValueError(f"neighbours {self.neighbours} exceeds the {self.references.shape[0]} references")
+        elif self.references is not None or self.neighbours is not None:
+            raise ValueError(f"references and neighbours belong to method knn_whitened, not {self.method}")
         return self
 
 

@@ -46,6 +46,10 @@ ROWS = [
     ("convert {model} --calib {calib} --density off --density-data {calib} -o {out}", ["--density off"]),
     ("convert {model} --calib {calib} --density-rank 0 -o {out}", ["--density-rank 0"]),
     ("convert {model} --calib {calib} --density-samples 3 -o {out}", ["--density-samples 3"]),
+    ("convert {model} --calib {calib} --density-neighbours 0 -o {out}", ["--density-neighbours 0"]),
+    # the fit keeps at most as many reference samples as it has: refused before the model is changed or converted
+    ("convert {model} --calib {calib} --density-method knn --density-neighbours 5000 -o {out}",
+     ["--density-neighbours 5000", "exceeds the", "reference samples"]),
     ("convert {model} --calib {calib} --review-budget 1.5 -o {out}", ["--review-budget 1.5"]),
     ("convert {model} --calib {calib} --review-ood-rate 0 -o {out}", ["--review-ood-rate 0"]),
     ("train {calib} --epochs 0 -o {tmp}/m.keras", ["--epochs 0"]),

@@ -4,6 +4,8 @@ test_detect.py; the x86 vs Cortex-A72 check in tests/arm."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -87,6 +89,69 @@ def test_fit_refuses_what_it_cannot_fit(case, needle):
     with pytest.raises(DataError) as e:
         fit_gaussians(x, y, ["a", "b", "c"], rank=4, where="--density-data d/")
     assert needle in str(e.value) and "--density-data d/" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_knn_distance_is_sklearns_kth_neighbour_distance_squared():
+    from sklearn.neighbors import NearestNeighbors
+
+    from edgeq.density import kth_nearest_squared
+
+    rng = np.random.default_rng(1)
+    refs, y = rng.normal(0, 1, (300, 16)), rng.normal(0, 1.5, (40, 16))
+    for k in (1, 10):
+        want = NearestNeighbors(n_neighbors=k).fit(refs).kneighbors(y)[0][:, -1] ** 2
+        np.testing.assert_allclose(kth_nearest_squared(y, refs, k), want, rtol=1e-9, atol=1e-9)
+    assert kth_nearest_squared(refs[:5], refs, 1).max() < 1e-9  # a reference is its own nearest
+    assert kth_nearest_squared(np.zeros((0, 16)), refs, 3).shape == (0,)
+
+
+def test_knn_block_round_trips_and_scores_what_the_fit_kept():
+    """The converter's references (float16, base64 in the manifest) read back by the device's DensityModel: far
+    points score high, points of the fitting data low, and the scores are the k-th neighbour distance computed
+    from the fitting data itself (to float16 precision)."""
+    from edgeq.converter.stages.density import fit_gaussians, knn_references
+    from edgeq.density import kth_nearest_squared
+
+    rng = np.random.default_rng(2)
+    x, y, centres = _blobs(rng)
+    fitted = fit_gaussians(x, y, ["a", "b", "c"], rank=12, where="test")
+    block = dict(fitted["block"], reference=[0.0, 1.0], **knn_references(x, fitted["W"], 5, "test"))
+    m = DensityModel.from_block(Density.model_validate(block))
+    assert m.references.shape == (180, 12) and m.neighbours == 5
+    near = np.concatenate([rng.normal(c, 1.0, (20, 12)) for c in centres]) @ fitted["W"]
+    far = (rng.normal(0, 1.0, (20, 12)) + 40.0) @ fitted["W"]
+    assert m.scores(near).max() < m.scores(far).min()
+    exact = kth_nearest_squared(near, x @ fitted["W"].astype(np.float64), 5)
+    np.testing.assert_allclose(m.scores(near), exact, rtol=2e-2)
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"neighbours": None}, "needs references and neighbours"),
+    ({"neighbours": 500}, "neighbours 500 exceeds the 180 references"),
+    ({"references": {"dtype": "float16", "shape": [180, 12], "data": "AAAA"}}, "data holds 3 bytes"),
+    ({"references": {"dtype": "float16", "shape": [180, 12], "data": "not base64!"}}, "not base64"),
+    ({"references": {"dtype": "float16", "shape": [360, 6], "data": None}}, "shape [N, 12]"),
+    ({"method": "gda_shared_covariance"}, "belong to method knn_whitened"),
+])
+def test_a_knn_block_that_does_not_add_up_is_refused(change, needle):
+    from edgeq.converter.stages.density import fit_gaussians, knn_references
+
+    rng = np.random.default_rng(3)
+    x, y, _ = _blobs(rng)
+    fitted = fit_gaussians(x, y, ["a", "b", "c"], rank=12, where="test")
+    block = dict(fitted["block"], reference=[0.0, 1.0], **knn_references(x, fitted["W"], 5, "test"))
+    if "references" in change and change["references"]["data"] is None:
+        change = {"references": dict(change["references"], data=block["references"]["data"])}
+    block.update(change)
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        Density.model_validate(block)
+
+
+def test_knn_refuses_more_neighbours_than_references():
+    from edgeq.converter.stages.density import knn_references
+
+    with pytest.raises(DataError, match="--density-neighbours 50 exceeds the 20 reference samples"):
+        knn_references(np.zeros((20, 4)), np.eye(4), 50, "test")
 
 
 def test_percentile_reads_the_reference():

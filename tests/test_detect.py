@@ -132,6 +132,11 @@ def test_convert_gives_a_full_int8_detect_bundle(bundle):
     # held-out cells, which run less familiar), so the --review-ood-rate threshold flags about 5% of those
     fit = m["density"]["fit"]
     assert fit["reference"] == "int8 detections matched to known objects of --val", fit
+    # a detector's default score: the distance to the 10th nearest of (at most 1,000) fitting cells, kept in the
+    # manifest in the projection's whitened coordinates
+    dens = m["density"]
+    assert dens["method"] == "knn_whitened" and dens["neighbours"] == 10, dens["method"]
+    assert dens["references"]["shape"] == [min(fit["samples"], 1000), rank]
     known = m["validation"]["quantized"]["flagged"]["known"]
     assert known["count"] == fit["reference_samples"] >= 20
     assert abs(known["unfamiliar"] - 0.05) <= 1.5 / known["count"] + 0.005, known
@@ -145,6 +150,7 @@ def test_convert_gives_a_full_int8_detect_bundle(bundle):
     assert r.returncode == 0, r.stderr
     assert f"grid {SIZE // 16}x{SIZE // 16} at stride 16" in r.stdout and "mAP@0.5 float" in r.stdout
     assert f"percentiles from the {fit['reference_samples']} int8 detections matched to known objects" in r.stdout
+    assert f"score: distance to the 10th nearest of {dens['references']['shape'][0]} fitting samples" in r.stdout
 
 
 def test_detection_quality_floor_on_a_fixed_seed(bundle):

@@ -74,6 +74,9 @@ class Task(ABC):
         """Task checks of the converted models against the source: roles, sampled weights, spread."""
 
     # -- unfamiliarity (stages/density.py) -----------------------------------------------------------------
+    # --density-method auto: the nearest class mean (measured best for a classifier, docs/uncertainty.md)
+    density_method = "gda"
+
     def density_data(self, ctx: "ConvertContext", recipe: Any) -> Any:
         """The fitting and held-out data (a :class:`converter.stages.density.DensityData`), None without labels.
 
