@@ -400,6 +400,25 @@ def _unknowns_detector(res: dict[str, R]) -> str:
     return "\n".join(lines)
 
 
+def _detection_density(res: dict[str, R]) -> str:
+    """docs/uncertainty.md: the detector's score, nearest class mean vs k-th nearest fitting sample, on the same
+    int8 detections (benchmarks/detection_density.py)."""
+    from edgeq.density import ordinal
+
+    r = res["detection_density"]
+    d = r["detections"]
+    lines = [f"| score on the same int8 detections ({d['known']} known, {d['unknown']} unknown) | AUROC | unknown "
+             "flagged at the 5% rule | numpy time per detection |", "|---|---|---|---|"]
+    for name, v in r["scores"].items():
+        label = ("nearest class mean (gda)" if name.startswith("gda") else
+                 f"{ordinal(int(name.split('_')[1][1:]))} nearest of {r['references']} fitting samples (knn)")
+        if name.endswith("_shipped"):
+            label += ", shipped"
+        lines.append(f"| {label} | {v['auroc']:.3f} | {100 * v['unknown_flagged_at_5pct_known']:.1f}% | "
+                     f"{v['us_per_detection']:.1f} us |")
+    return "\n".join(lines)
+
+
 def _bayes_mi(res: dict[str, R]) -> str:
     """docs/bayesian.md: Bayesian heads trained one change at a time, and what their MI catches."""
     r = res["bayes_mi"]
@@ -484,6 +503,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, R]], str]]] = {
     "bayes_mi": ("docs/bayesian.md", _bayes_mi),
     "unknowns": ("docs/uncertainty.md", _unknowns),
     "unknowns_detector": ("docs/uncertainty.md", _unknowns_detector),
+    "detection_density": ("docs/uncertainty.md", _detection_density),
     "readme": ("README.md", lambda res: render_table(README, res)),
     "environments": ("README.md", lambda res: "\n".join(environment_rows(res))),
     "detection": ("docs/detection.md", lambda res: side_by_side(DETECTION, res)),
