@@ -49,7 +49,9 @@ def backbone(tmp_path_factory) -> Path:
     pick = np.random.default_rng(0).choice(np.flatnonzero(np.isin(y, known)), 1500, replace=False)
     items = write_class_folder(root / "items", x[pick], np.array([known.index(int(v)) for v in y[pick]]), KNOWN)
     out = root / "backbone.keras"
-    r = run_edgeq("train", str(items), "--input-size", "96", "--epochs", "2", "--lr", "2e-3", "--no-augment",
+    # 4 epochs: with 2 the detector trained on an Intel Xeon (same seeds, another CPU's numerics than the AMD EPYC
+    # it was tuned on) matched only 15 known objects of --val, under the 20 the percentile reference needs
+    r = run_edgeq("train", str(items), "--input-size", "96", "--epochs", "4", "--lr", "2e-3", "--no-augment",
                   "--batch-size", "64", "-o", str(out), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
