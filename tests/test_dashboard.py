@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -34,10 +35,14 @@ class Browser:
         import websocket
 
         self.port = free_port()
+        # chromium keeps its singleton socket in a folder of TMPDIR and leaves that folder behind when terminated:
+        # a short folder of our own (a socket path must fit in 108 bytes), removed in close()
+        self.tmpdir = tempfile.mkdtemp(prefix="edgeq-chromium-")
         self.proc = subprocess.Popen([_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
                                       f"--remote-debugging-port={self.port}", f"--user-data-dir={tmp / 'profile'}",
                                       "--remote-allow-origins=*", *flags, "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, "TMPDIR": self.tmpdir})
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -48,6 +53,9 @@ class Browser:
             except OSError:
                 pass
             if time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+                shutil.rmtree(self.tmpdir, ignore_errors=True)
                 raise AssertionError("chromium's DevTools endpoint did not come up")
             time.sleep(0.2)
         self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=30)
@@ -81,6 +89,7 @@ class Browser:
         finally:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 @pytest.fixture
