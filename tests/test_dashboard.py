@@ -53,9 +53,7 @@ class Browser:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-                shutil.rmtree(self.tmpdir, ignore_errors=True)
+                self._stop()
                 raise AssertionError("chromium's DevTools endpoint did not come up")
             time.sleep(0.2)
         self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=30)
@@ -87,9 +85,12 @@ class Browser:
         try:
             self.ws.close()
         finally:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self._stop()
+
+    def _stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 @pytest.fixture
