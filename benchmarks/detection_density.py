@@ -43,7 +43,7 @@ def measure(work: Path) -> dict:
     from edgeq.converter.data.coco import read_coco
     from edgeq.converter.evaluation.detect import ImageDetections, input_spec_for, match_all
     from edgeq.converter.evaluation.metrics import roc_auc
-    from edgeq.density import DensityModel, kth_nearest_squared
+    from edgeq.density import DensityModel
     from edgeq.detection import GridSpec
     from edgeq.preprocess import Preprocessor, read_image
 
@@ -54,7 +54,6 @@ def measure(work: Path) -> dict:
     model = b.load_model(num_threads=1)
     grid = GridSpec.from_manifest(b.manifest, b.where).bind(model, b.manifest.outputs, b.where, block)
     density = DensityModel.from_block(block)
-    proj = grid.density.projection
     pre = Preprocessor(input_spec_for(model, b.preprocess_spec))
     size = (b.preprocess_spec.height, b.preprocess_spec.width)
     ids, threshold = b.manifest.detector.category_ids, b.manifest.detector.score_threshold
@@ -66,7 +65,7 @@ def measure(work: Path) -> dict:
         model.set_input(x)
         model.invoke()
         dets = grid.read(model, size, threshold)
-        y = proj.dequantize(grid.raw(model)[proj.index]).reshape(-1, block.rank)[dets.cells]
+        y = grid.density.whitened(grid.raw(model), dets.cells)
         # the unfamiliarity slot carries each detection's row in `coords`, so that match_all's order maps back
         index = np.arange(len(coords), len(coords) + len(dets), dtype=np.float64)
         coords.extend(y)
@@ -82,7 +81,7 @@ def measure(work: Path) -> dict:
     scores = {"gda_nearest_class_mean": gda.scores}
     for k in sorted({1, 5, 10, 20, 50, density.neighbours}):
         name = f"knn_k{k}" + ("_shipped" if k == density.neighbours else "")
-        scores[name] = lambda v, k=k: kth_nearest_squared(v, density.references, k, density.reference_norms)
+        scores[name] = dataclasses.replace(density, neighbours=k).scores  # the device's score with this K
     out: dict = {}
     for name, fn in scores.items():
         sk, su = fn(known), fn(unknown)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -263,11 +262,15 @@ def cost(with_density: Path, without: Path, test_dir: Path, tmp: Path, runs: int
     reps = [interleaved_latency([ma, mb], [x, x], runs=runs, warmup=200) for _ in range(3)]
     ratios = [float(np.median(a) / np.median(b)) for a, b in reps]
     ta, tb = np.concatenate([a for a, _ in reps]), np.concatenate([b for _, b in reps])
+    finish = finish_ms(a, ma, test_dir, runs)
     out = {"runtime": ma.describe(), "runs": f"3 x {runs} interleaved",
            "invoke_median_ms": {"with_density": round(float(np.median(ta)), 4),
                                 "without": round(float(np.median(tb)), 4)},
            "latency_ratio": round(float(np.median(ratios)), 4),
            "latency_ratio_each_run": [round(r, 4) for r in ratios],
+           # the device's numpy step after each invoke: copy the feature taps, whiten them, score (edgeq/density.py)
+           "density_finish_median_ms": finish,
+           "invoke_plus_finish_ratio": round((float(np.median(ta)) + finish) / float(np.median(tb)), 4),
            "bundle_bytes": {"with_density": with_density.stat().st_size, "without": without.stat().st_size}}
     rss = {}
     for name, path in (("with_density", with_density), ("without", without)):
@@ -275,6 +278,28 @@ def cost(with_density: Path, without: Path, test_dir: Path, tmp: Path, runs: int
     out["rss_peak_mb"] = rss
     out["rss_extra_mb"] = round(rss["with_density"] - rss["without"], 1)
     return out
+
+
+def finish_ms(bundle, model, test_dir: Path, runs: int) -> float:
+    """Median time of the density's numpy finish on the device (reading its outputs, whitening, scoring), over
+    ``runs`` test images, one invoke each."""
+    from edgeq.heads import HeadSpec
+    from edgeq.preprocess import Preprocessor, list_images, read_image
+
+    head = HeadSpec.from_manifest(bundle.manifest).bind(model, bundle.manifest.outputs, bundle.where,
+                                                        bundle.manifest.density)
+    pre = Preprocessor(bundle.preprocess_spec)
+    files = list_images(test_dir)[:runs]
+    times = []
+    for f in files:
+        x, _ = pre(read_image(f))
+        model.set_input(x)
+        model.invoke()
+        t0 = time.perf_counter()
+        raw = {t.index: model.get(t) for t in head.density.tensors}
+        head.density.scores(raw)
+        times.append(time.perf_counter() - t0)
+    return round(1e3 * float(np.median(times)), 4)
 
 
 def peak_rss(bundle: Path, folder: Path, spool: Path) -> float:
