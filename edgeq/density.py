@@ -12,20 +12,12 @@ whitened coordinates (``knn_whitened``, k-NN distance as in Sun et al. 2022, her
 L2-normalised coordinates): its known objects are not one Gaussian per class, and on the detection benchmark's
 detections it separates never-seen objects from known ones better than the nearest mean (docs/detection.md).
 
-The graph publishes the features themselves as more int8 outputs (``density_features``: one per tap, the
-same tensors the model computes anyway) and the device whitens them in numpy, in exact integer arithmetic:
-
-- each int8 tap ``q`` (scale ``s``, zero point ``z``) goes through ``(q - z) @ A``, where ``A = rint(W s / u)``
-  is ``W`` scaled to integers at load time (``u`` one unit for all taps, chosen so that every product and partial
-  sum is an integer below 2^53): float64 holds every such sum exactly, so BLAS may add in any order and any CPU
-  gets the same bits;
-- the whitened coordinates are rounded to a grid of ``1/GRID`` and clipped far outside any data
-  (``DensityModel.limit``), so that the squared distances, also integers below 2^53, are exact as well.
-
-XNNPACK's int8 ops before the taps give the same values on x86 and ARM (tests/arm); the int8 fully-connected
-projection earlier bundles carry (``density_projection``) did not, so a few of its outputs landed one step apart
-on ARM. Those bundles still run: their projection output goes through the same grid. A float32 bundle's taps are
-whitened in ordinary float64 (not exact; it is the reference, not the device's model).
+The whitening ``W`` is baked into the int8 graph as one more output, ``density_projection`` (``d`` int8 values per
+image, or per grid cell for a detector); whitening gives every coordinate the same within-class spread, so one
+int8 scale serves them all. The device finishes with the distances in numpy: no TensorFlow. It rounds the
+whitened coordinates to multiples of ``1/GRID`` (clipped far outside any data, :attr:`DensityModel.limit`), so that
+every squared distance is a sum of integers below 2^52: float64 holds such sums exactly whatever order BLAS adds
+them in, and the x86 and ARM builds give the same bits (tests/arm).
 (benchmarks/unknowns.py scores ranks 64 to 512 and the full covariance side by side; the default, 192, is where
 the gains stop paying for the projection's cost.)
 
@@ -42,15 +34,14 @@ from functools import cached_property
 import numpy as np
 
 from edgeq.errors import BundleError
-from edgeq.manifest import Array, Density
+from edgeq.manifest import Density
 from edgeq.runtime import Model, TensorInfo
 
-PROJECTION_ROLE = "density_projection"  # bundles made before the features were published: whitened in the graph
-FEATURES_ROLE = "density_features"
+PROJECTION_ROLE = "density_projection"
 # whitened coordinates are rounded to multiples of 1/GRID (a power of two: scaling by it is exact); within-class
 # coordinates are about 1, so this moves a distance by about 1e-4 of itself
 GRID = 4096.0
-EXACT = 2.0 ** 52  # integer sums stay below this, with a factor of two to spare under float64's 2^53
+EXACT = 2.0 ** 52  # integer sums stay below this, a factor of two under float64's 2^53
 
 
 @dataclass(frozen=True)
@@ -63,17 +54,18 @@ class DensityModel:
     references: np.ndarray | None = None  # [N, d] knn_whitened: fitting samples in whitened coordinates
     neighbours: int = 0
     reference_norms: np.ndarray | None = None  # [N] squared norms of ``references``, computed once
-    whitening: np.ndarray | None = None  # [F, d] W = basis / sqrt(eigenvalues), when the graph publishes features
 
     @classmethod
     def from_block(cls, block: Density) -> "DensityModel":
-        references = None if block.references is None else array(block.references)
-        whitening = None
-        if block.basis is not None:
-            whitening = array(block.basis) / np.sqrt(np.asarray(block.eigenvalues, np.float64))[None]
+        references = None
+        if block.references is not None:
+            import base64
+
+            raw = np.frombuffer(base64.b64decode(block.references.data), "<f2")
+            references = raw.astype(np.float64).reshape(block.references.shape)
         return cls(block.rank, np.asarray(block.class_means, np.float64).reshape(-1, block.rank),
                    np.sort(np.asarray(block.reference, np.float64)), references, block.neighbours or 0,
-                   None if references is None else np.sum(references * references, axis=1), whitening)
+                   None if references is None else np.sum(references * references, axis=1))
 
     @property
     def limit(self) -> float:
@@ -81,25 +73,21 @@ class DensityModel:
         (about 590 whitened units at rank 192, where in-distribution data lie within a few units)."""
         return float(np.floor(np.sqrt(EXACT / self.rank) / 2.0))
 
-    def on_grid(self, scaled: np.ndarray) -> np.ndarray:
-        """Whitened coordinates already multiplied by ``GRID`` -> integers (in float64), clipped to ``limit``."""
-        return np.rint(np.clip(np.asarray(scaled, np.float64), -self.limit, self.limit))
+    def on_grid(self, y: np.ndarray) -> np.ndarray:
+        """Whitened coordinates -> integers (in float64): times ``GRID``, clipped to ``limit``, rounded."""
+        return np.rint(np.clip(np.asarray(y, np.float64) * GRID, -self.limit, self.limit))
 
     @cached_property
     def _grid(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Means, references and the references' squared norms on the grid (computed once)."""
-        refs = None if self.references is None else self.on_grid(self.references * GRID)
-        return self.on_grid(self.means * GRID), refs, None if refs is None else np.sum(refs * refs, axis=1)
+        refs = None if self.references is None else self.on_grid(self.references)
+        return self.on_grid(self.means), refs, None if refs is None else np.sum(refs * refs, axis=1)
 
     def scores(self, projection: np.ndarray) -> np.ndarray:
         """``[N]`` scores from whitened coordinates ``[N, d]``: the squared distance to the nearest class mean, or
-        with references to the ``neighbours``-th nearest of them."""
-        return self.grid_scores(np.asarray(projection, np.float64).reshape(-1, self.rank) * GRID)
-
-    def grid_scores(self, scaled: np.ndarray) -> np.ndarray:
-        """:meth:`scores` of coordinates already multiplied by ``GRID``: sums of integers (exact in any order), then
-        one exact scaling by a power of two."""
-        y = self.on_grid(scaled).reshape(-1, self.rank)
+        with references to the ``neighbours``-th nearest of them. Sums of integers (exact in any order), then one
+        exact scaling by a power of two."""
+        y = self.on_grid(np.asarray(projection, np.float64).reshape(-1, self.rank))
         means, refs, norms = self._grid
         if refs is not None:
             d = kth_nearest_squared(y, refs, self.neighbours, norms)
@@ -111,13 +99,6 @@ class DensityModel:
     def percentile(self, scores: np.ndarray) -> np.ndarray:
         """Percent of the held-out in-distribution scores at or below each score (0 to 100)."""
         return 100.0 * np.searchsorted(self.reference, np.asarray(scores, np.float64), side="right") / len(self.reference)
-
-
-def array(a: Array) -> np.ndarray:
-    """A manifest :class:`edgeq.manifest.Array` as float64."""
-    import base64
-
-    return np.frombuffer(base64.b64decode(a.data), "<f2").astype(np.float64).reshape(a.shape)
 
 
 def ordinal(k: int) -> str:
@@ -141,17 +122,14 @@ def kth_nearest_squared(y: np.ndarray, references: np.ndarray, k: int, norms: np
 
 @dataclass(frozen=True)
 class BoundDensity:
-    """A density with the model's outputs it reads: the feature taps (whitened here), or, in bundles made before
-    those were published, the graph's projection."""
+    """A density with the model's projection tensor."""
 
     density: DensityModel
-    outputs: tuple[TensorInfo, ...]
-    matrices: tuple[np.ndarray, ...] = ()  # per tap: its rows of the whitening, as integers (quantised) or floats
-    unit: float = 1.0  # an integer sum times ``unit`` is a whitened coordinate times GRID
+    projection: TensorInfo
 
     @property
     def tensors(self) -> list[TensorInfo]:
-        return list(self.outputs)
+        return [self.projection]
 
     def scores(self, raw: dict[int, np.ndarray], cells: np.ndarray | None = None) -> np.ndarray:
         """Scores of one image (a classifier: ``[1]``), or of the grid ``cells`` given (a detector)."""
@@ -159,50 +137,14 @@ class BoundDensity:
 
     def whitened(self, raw: dict[int, np.ndarray], cells: np.ndarray | None = None) -> np.ndarray:
         """``[N, rank]`` whitened coordinates of one image, or of the grid ``cells`` given."""
-        if not self.matrices:  # an earlier bundle: the graph's projection
-            p = self.outputs[0].dequantize(raw[self.outputs[0].index]).astype(np.float64).reshape(-1, self.density.rank)
-            return p if cells is None else p[cells]
-        total = None
-        for t, m in zip(self.outputs, self.matrices):
-            v = np.asarray(raw[t.index]).reshape(-1, m.shape[0])
-            v = v if cells is None else v[cells]
-            # quantised: integers (q - z) times integers, every partial sum exact in float64 (see the module)
-            part = (v.astype(np.float64) - t.zero_point if t.quantized else v.astype(np.float64)) @ m
-            total = part if total is None else total + part
-        return total * self.unit / GRID  # GRID is a power of two: scores() multiplies it back exactly
-
-
-def integer_whitening(whitening: np.ndarray, taps: list[TensorInfo]) -> tuple[tuple[np.ndarray, ...], float]:
-    """Each tap's rows of ``whitening`` scaled to integers, and the unit that turns their sums back into grid
-    coordinates. Every step is one IEEE-rounded multiplication or rint, so x86 and ARM compute the same integers;
-    their size keeps ``sum |q - z| |A|`` under 2^52 (a tap's int8 values differ from its zero point by at most 255).
-    Float taps (a float32 bundle) keep float rows."""
-    widths = [int(t.shape[-1]) for t in taps]
-    rows = np.cumsum([0, *widths])
-    parts = [whitening[a:b] for a, b in zip(rows[:-1], rows[1:])]
-    if not all(t.quantized for t in taps):
-        return tuple(p * GRID for p in parts), 1.0
-    largest = max(float(np.max(np.abs(p))) * t.scale for p, t in zip(parts, taps)) or 1.0
-    unit = largest / np.floor(EXACT / (256.0 * whitening.shape[0]))
-    return tuple(np.rint(p * (t.scale / unit)) for p, t in zip(parts, taps)), unit * GRID
+        p = self.projection.dequantize(raw[self.projection.index]).reshape(-1, self.density.rank)
+        return p if cells is None else p[cells]
 
 
 def bind_density(block: Density | None, model: Model, outputs: list, where: str = "manifest") -> BoundDensity | None:
     """The density of a bundle bound to its model's outputs; None for a bundle made without one."""
     if block is None:
         return None
-    density = DensityModel.from_block(block)
-    if block.basis is not None:
-        specs = [o for o in outputs if o.role == FEATURES_ROLE]
-        if not specs:
-            raise BundleError(f"{where}: outputs have no {FEATURES_ROLE!r} entry, which the density block needs")
-        taps = [model.find_output(o.name, o.shape) for o in specs]
-        width = sum(int(t.shape[-1]) for t in taps)
-        if width != block.features:
-            raise BundleError(f"{where}: the {FEATURES_ROLE!r} outputs hold {width} features; the density block "
-                              f"needs {block.features}")
-        matrices, unit = integer_whitening(density.whitening, taps)
-        return BoundDensity(density, tuple(taps), matrices, unit)
     spec = next((o for o in outputs if o.role == PROJECTION_ROLE), None)
     if spec is None:
         raise BundleError(f"{where}: outputs have no {PROJECTION_ROLE!r} entry, which the density block needs")
@@ -210,7 +152,7 @@ def bind_density(block: Density | None, model: Model, outputs: list, where: str 
     if projection.shape[-1] != block.rank:
         raise BundleError(f"{where}: output {PROJECTION_ROLE!r} has {projection.shape[-1]} channels; the density "
                           f"block needs {block.rank}")
-    return BoundDensity(density, (projection,))
+    return BoundDensity(DensityModel.from_block(block), projection)
 
 
 def finite_or_none(value: float, digits: int = 6) -> float | None:

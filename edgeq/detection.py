@@ -209,7 +209,7 @@ class BoundGrid:
 def describe_grid_outputs(model: Model, signature_order: list[int] | None = None,
                           layout: str = "stacked", extra_roles: tuple[str, ...] = ()) -> list[OutputSpec]:
     """The manifest's ``outputs`` of a converted grid detector (objectness, boxes, class logits and, for the
-    centred layout, class residuals, then ``extra_roles`` such as the density's feature taps), taken in the source
+    centred layout, class residuals, then ``extra_roles`` such as the density's projection), taken in the source
     model's output order from the TFLite signature (``output_0``, ``output_1``, ...) when ``signature_order``
     (their tensor indices) is given, else, without extra roles, by channel count."""
     roles = (*(CENTRED_ROLES if layout == "centred" else GRID_ROLES), *extra_roles)

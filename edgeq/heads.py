@@ -104,17 +104,15 @@ class BoundHead:
         return self.sample_logits({t.index: model.get(t) for t in self.tensors})
 
 
-def describe_outputs(model: Model, spec: HeadSpec, candidates: list[TensorInfo] | None = None) -> list[OutputSpec]:
+def describe_outputs(model: Model, spec: HeadSpec) -> list[OutputSpec]:
     """The outputs of a converted classifier with their roles, told apart by size (never by order): ``logits``
-    has C values, ``samples`` and ``residuals`` K*C. ``candidates``: the head's outputs, when the model has others
-    (the density's feature taps)."""
+    has C values, ``samples`` and ``residuals`` K*C."""
     sizes = {"logits": spec.classes, "samples": spec.samples * spec.classes, "residuals": spec.samples * spec.classes}
-    candidates = model.outputs if candidates is None else candidates
     out = []
     for role in spec.roles:
-        found = [t for t in candidates if int(np.prod(t.shape)) == sizes[role]]
+        found = [t for t in model.outputs if int(np.prod(t.shape)) == sizes[role]]
         if len(found) != 1:
-            have = ", ".join(f"{t.name} {list(t.shape)}" for t in candidates)
+            have = ", ".join(f"{t.name} {list(t.shape)}" for t in model.outputs)
             raise BundleError(f"converted model outputs ({have}) do not fit a {spec.layout} head")
         out.append(OutputSpec(role=role, **found[0].to_dict()))
     return out

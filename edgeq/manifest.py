@@ -187,14 +187,10 @@ class Array(Strict):
 
 class Density(Strict):
     """The unfamiliarity measure (edgeq/density.py), in the whitened coordinates of class-conditional Gaussians with
-    one shared, shrunk covariance on the model's features (the covariance's top ``rank`` directions).
-    ``gda_shared_covariance``: the squared distance to the nearest class mean; ``knn_whitened``: the squared
-    distance to the ``neighbours``-th nearest of ``references``, fitting samples in the same coordinates.
-
-    With ``basis`` (the covariance's top ``rank`` eigenvectors, ``[features, rank]``), the graph publishes the
-    features themselves (``density_features`` outputs, in order) and the device whitens them in exact integer
-    arithmetic; without it (bundles made by earlier edgeq), the graph's ``density_projection`` output holds
-    the whitened coordinates."""
+    one shared, shrunk covariance on the model's features (the covariance's top ``rank`` directions). The whitening
+    is the graph's ``density_projection`` output. ``gda_shared_covariance``: the squared distance to the nearest
+    class mean; ``knn_whitened``: the squared distance to the ``neighbours``-th nearest of ``references``, fitting
+    samples in the same coordinates."""
 
     method: Literal["gda_shared_covariance", "knn_whitened"] = "gda_shared_covariance"
     features: int = Field(ge=1)
@@ -205,7 +201,6 @@ class Density(Strict):
     reference: tuple[float, ...] = Field(min_length=2)
     neighbours: int | None = Field(default=None, ge=1)
     references: Array | None = None
-    basis: Array | None = None
     fit: Record | None = None
 
     @model_validator(mode="after")
@@ -218,8 +213,6 @@ class Density(Strict):
             raise ValueError(f"rank {self.rank} exceeds the {self.features} features")
         if any(not a <= b for a, b in zip(self.reference, self.reference[1:])):
             raise ValueError("reference must be sorted")
-        if self.basis is not None and tuple(self.basis.shape) != (self.features, self.rank):
-            raise ValueError(f"basis needs shape [{self.features}, {self.rank}]")
         if self.method == "knn_whitened":
             if self.references is None or self.neighbours is None:
                 raise ValueError("method knn_whitened needs references and neighbours")
@@ -313,16 +306,9 @@ class Manifest(Strict):
             if self.detector.category_ids and len(self.detector.category_ids) != len(self.labels):
                 raise ValueError(f"detector.category_ids has {len(self.detector.category_ids)} ids for "
                                  f"{len(self.labels)} labels")
-        roles = [o.role for o in self.outputs if o.role != "density_features"]  # one per feature tap, in order
+        roles = [o.role for o in self.outputs]
         if len(set(roles)) != len(roles):
-            raise ValueError(f"outputs repeat a role: {[o.role for o in self.outputs]}")
-        if self.density is not None and self.density.basis is not None:
-            taps = [o for o in self.outputs if o.role == "density_features"]
-            if not taps:
-                raise ValueError("density.basis needs 'density_features' outputs")
-            if sum(o.shape[-1] for o in taps) != self.density.features:
-                raise ValueError(f"the 'density_features' outputs hold {sum(o.shape[-1] for o in taps)} features; "
-                                 f"density.features says {self.density.features}")
+            raise ValueError(f"outputs repeat a role: {roles}")
         if self.density is not None and self.head is not None and len(self.density.class_means) != len(self.labels):
             raise ValueError(f"density has {len(self.density.class_means)} class means for {len(self.labels)} labels")
         return self

@@ -161,12 +161,10 @@ def test_int8_qbnn_keeps_the_float_bnn_uncertainty(bayes_bundle):
     choice = head["layout_choice"]
     assert choice["mode"] == "auto"
     assert head["layout"] == ("stacked" if choice["stacked_estimate"]["steps"] >= choice["min_steps"] else "centred")
-    # the head's outputs, then the feature taps of the unfamiliarity measure (converted with labelled data: on by
-    # default), in the order the manifest's density lists them
-    taps = m["density"]["fit"]["taps"]
+    # the head's outputs, then the unfamiliarity measure's projection (converted with labelled data: on by default)
     assert [o["role"] for o in m["outputs"]] == (["samples"] if head["layout"] == "stacked" else ["logits", "residuals"]) \
-        + ["density_features"] * len(taps)
-    assert sum(o["shape"][-1] for o in m["outputs"][-len(taps):]) == m["density"]["features"]
+        + ["density_projection"]
+    assert m["outputs"][-1]["shape"][-1] == m["density"]["rank"]
     assert all(o["dtype"] == "int8" for o in m["outputs"]) and m["quantization"]["float_ops"] == []
     # each of the K*C stacked output channels has its own scale and reproduces its float sample
     assert head["weights"]["per_channel"] is True and head["weights"]["max_relative_error"] < 0.02

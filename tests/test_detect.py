@@ -111,16 +111,15 @@ def test_convert_gives_a_full_int8_detect_bundle(bundle):
     # --bayes-layout auto: stacked only when its output resolves the spread between samples in >= 4 int8 steps
     estimate = head["layout_choice"]["stacked_estimate"]["steps"]
     assert head["layout"] == ("stacked" if estimate >= 4 else "centred")
-    # the grid's outputs, then the neck's features at every cell for the unfamiliarity measure (--val: on by default)
-    neck = m["density"]["features"]
-    assert m["density"]["basis"]["shape"] == [neck, m["density"]["rank"]]
+    # the grid's outputs, then the unfamiliarity measure's projection at every cell (--val: on by default)
+    rank = m["density"]["rank"]
     if head["layout"] == "stacked":
-        assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits", "density_features"]
-        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, 32 * len(KNOWN), neck]
+        assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits", "density_projection"]
+        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, 32 * len(KNOWN), rank]
     else:
         assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits", "class_residuals",
-                                                     "density_features"]
-        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, len(KNOWN), 32 * len(KNOWN), neck]
+                                                     "density_projection"]
+        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, len(KNOWN), 32 * len(KNOWN), rank]
     assert all(o["dtype"] == "int8" for o in m["outputs"])
     det = m["detector"]
     assert det["type"] == "grid" and det["stride"] == 16 and det["grid"] == [SIZE // 16, SIZE // 16]
@@ -136,10 +135,10 @@ def test_convert_gives_a_full_int8_detect_bundle(bundle):
     fit = m["density"]["fit"]
     assert fit["reference"] == "int8 detections matched to known objects of --val", fit
     # a detector's default score: the distance to the 10th nearest of (at most 1,000) fitting cells, kept in the
-    # manifest in the whitened coordinates
+    # manifest in the projection's whitened coordinates
     dens = m["density"]
     assert dens["method"] == "knn_whitened" and dens["neighbours"] == 10, dens["method"]
-    assert dens["references"]["shape"] == [min(fit["samples"], 1000), dens["rank"]]
+    assert dens["references"]["shape"] == [min(fit["samples"], 1000), rank]
     known = m["validation"]["quantized"]["flagged"]["known"]
     assert known["count"] == fit["reference_samples"] >= 20
     assert abs(known["unfamiliar"] - 0.05) <= 1.5 / known["count"] + 0.005, known

@@ -1,14 +1,13 @@
 """Stage: density. The unfamiliarity measure (edgeq/density.py): class-conditional Gaussians with one shared
-covariance, shrunk by Ledoit-Wolf (scikit-learn), fitted on the model's features of labelled data; the graph
-publishes those features as more outputs, and the device whitens them.
+covariance, shrunk by Ledoit-Wolf (scikit-learn), fitted on the model's features of labelled data, and its linear
+part fused into the graph as two more outputs before quantisation.
 
 - **fit** (before quantising): the task adapter reads the fitting data and taps the features (a classifier: the
   pooled penultimate features and the means of MobileNetV2's block outputs; a detector: the neck features of the
-  cells that hold known objects). The taps become the graph's ``density_features`` outputs; the covariance's top
-  ``--density-rank`` eigenvectors go into the manifest (``basis``), and the device whitens the taps with them in
-  exact integer arithmetic. The score the device finishes with (``--density-method``): the distance to the
-  nearest class mean (``gda``, a classifier's default), or to the K-th nearest of up to ``KNN_REFERENCES``
-  fitting samples kept in the manifest (``knn``, a detector's).
+  cells that hold known objects). The whitening onto the covariance's top ``--density-rank`` directions becomes
+  one Dense (or 1x1 conv) without bias: the graph's ``density_projection`` output. The score the device finishes
+  with (``--density-method``): the distance to the nearest class mean (``gda``, a classifier's default), or to
+  the K-th nearest of up to ``KNN_REFERENCES`` fitting samples kept in the manifest (``knn``, a detector's).
 - **calibrate** (after quantising): the int8 model scores held-out in-distribution data; the sorted scores are
   the reference a published percentile is read against, and the threshold for ``--review-ood-rate`` comes from
   them.
@@ -18,13 +17,12 @@ Held-out data: ``--val`` when the fit used other data, else the half of the fitt
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeq.density import FEATURES_ROLE, ordinal
+from edgeq.density import PROJECTION_ROLE, ordinal
 from edgeq.errors import DataError
 from edgeq.manifest import Density
 
@@ -73,17 +71,13 @@ def fit_gaussians(features: np.ndarray, targets: np.ndarray, labels: list[str], 
     order = np.argsort(values)[::-1]
     values, vectors = values[order], vectors[:, order]
     rank = min(rank, x.shape[1])
-    # the basis as the manifest keeps it (float16: eigenvectors lie within +-1), and W as the device computes it
-    basis = vectors[:, :rank].astype("<f2")
-    eigenvalues = [float(v) for v in np.maximum(values[:rank], 1e-12)]
-    W = basis.astype(np.float64) / np.sqrt(np.asarray(eigenvalues))[None]
+    W = vectors[:, :rank] / np.sqrt(np.maximum(values[:rank], 1e-12))
     return {
-        "W": W,
+        "W": W.astype(np.float32),
         "block": {
             "method": "gda_shared_covariance", "features": int(x.shape[1]), "rank": int(rank),
-            "eigenvalues": eigenvalues, "class_means": (means @ W).tolist(), "shrinkage": float(lw.shrinkage_),
-            "basis": {"dtype": "float16", "shape": list(basis.shape),
-                      "data": base64.b64encode(basis.tobytes()).decode()},
+            "eigenvalues": [float(v) for v in np.maximum(values[:rank], 1e-12)],
+            "class_means": (means @ W).tolist(), "shrinkage": float(lw.shrinkage_),
         },
         "explained": float(values[:rank].sum() / values.sum()),
     }
@@ -102,20 +96,29 @@ def run(recipe: DensityRecipe, ctx: "ConvertContext") -> None:
         return
     with ctx.timed("density_fit_s"):
         features, targets = ctx.task.density_features(ctx, data)
-        fitted = fit_gaussians(features, targets, ctx.labels, recipe.rank, f"--density-data {data.source}")
+        fitted = fit_gaussians(features, targets, ctx.labels, _rank(recipe.rank, ctx), f"--density-data {data.source}")
+        names, widths = ctx.task.density_tap_names(ctx), ctx.task.density_tap_widths(ctx)
+        keep = taps_to_keep(features, fitted["W"], widths)
+        W = fitted["W"] * np.repeat(keep, widths)[:, None].astype(np.float32)
         block = fitted["block"]
         method = ctx.task.density_method if recipe.method == "auto" else recipe.method
         if method == "knn":
-            block.update(knn_references(features, fitted["W"], recipe.neighbours, f"--density-data {data.source}"))
-        ctx.task.add_density_outputs(ctx)
+            block.update(knn_references(features, W, recipe.neighbours, f"--density-data {data.source}"))
+        ctx.task.add_density_outputs(ctx, W, keep)
+    if not keep.all():  # the class means in the coordinates the graph computes, without the dropped taps
+        means = np.stack([features[targets == c].mean(axis=0) for c in range(len(ctx.labels))])
+        block["class_means"] = (means @ W.astype(np.float64)).tolist()
+        dropped = [n for n, k in zip(names, keep) if not k]
+        ctx.log(f"unfamiliarity: left out tap(s) {', '.join(dropped)}: their part of the projection is under one int8 "
+                "step of the whole")
     block["fit"] = {"data": data.source, "samples": int(len(targets)), "per_class": np.bincount(
         targets, minlength=len(ctx.labels)).tolist(), "explained_variance": round(fitted["explained"], 4),
-        "held_out": data.held_out_source, "taps": ctx.task.density_tap_names(ctx)}
+        "held_out": data.held_out_source, "taps": [n for n, k in zip(names, keep) if k],
+        "dropped_taps": [n for n, k in zip(names, keep) if not k]}
     ctx.density, ctx.density_data = block, data
     ctx.log(f"unfamiliarity: class Gaussians on {block['features']} features of {len(targets)} samples from "
             f"{data.source} (shared covariance, Ledoit-Wolf shrinkage {block['shrinkage']:.3f}), whitened onto its top "
-            f"{block['rank']} directions ({fitted['explained']:.0%} of the variance) on the device, from the features "
-            "the graph publishes; "
+            f"{block['rank']} directions ({fitted['explained']:.0%} of the variance), fused as one more output; "
             + (f"score: distance to the {ordinal(block['neighbours'])} nearest of {block['references']['shape'][0]} "
                "fitting samples" if method == "knn" else "score: distance to the nearest class mean"))
 
@@ -123,6 +126,8 @@ def run(recipe: DensityRecipe, ctx: "ConvertContext") -> None:
 def knn_references(features: np.ndarray, W: np.ndarray, neighbours: int, where: str) -> dict[str, Any]:
     """The manifest fields of ``knn_whitened``: up to ``KNN_REFERENCES`` fitting samples (a seeded random draw) in
     whitened coordinates, as float16."""
+    import base64
+
     n = min(len(features), KNN_REFERENCES)
     if neighbours > n:
         raise DataError(f"{where}: --density-neighbours {neighbours} exceeds the {n} reference samples the fit keeps; "
@@ -135,6 +140,33 @@ def knn_references(features: np.ndarray, W: np.ndarray, neighbours: int, where: 
     data = base64.b64encode(refs.tobytes()).decode()
     return {"method": "knn_whitened", "neighbours": int(neighbours),
             "references": {"dtype": "float16", "shape": list(refs.shape), "data": data}}
+
+
+def taps_to_keep(features: np.ndarray, W: np.ndarray, widths: list[int]) -> np.ndarray:
+    """Which feature taps the projection keeps: those whose part of ``features @ W`` reaches one int8 step of the
+    whole (1/127 of its range on the fitting data). A smaller part is rounded away in the int8 output anyway, and
+    the int8 ADD that would sum it in has an input-to-output scale ratio XNNPACK refuses (the op would fall back
+    to the CPU, slower and not bit-identical across architectures)."""
+    x = np.asarray(features, np.float64)
+    w = np.asarray(W, np.float64)
+    total = float(np.max(np.abs(x @ w))) or 1.0
+    parts, row = [], 0
+    for width in widths:
+        parts.append(float(np.max(np.abs(x[:, row:row + width] @ w[row:row + width]))))
+        row += width
+    keep = np.array([p >= total / 127.0 for p in parts])
+    keep[int(np.argmax(parts))] = True
+    return keep
+
+
+def _rank(wanted: int, ctx: "ConvertContext") -> int:
+    """The rank, nudged so that the projection output's size cannot be taken for a head output's."""
+    c, k = len(ctx.labels), int(ctx.head.get("samples", 1))
+    taken = {1, c, k * c, 4}
+    rank = wanted
+    while rank in taken:
+        rank += 1
+    return rank
 
 
 def typed(ctx: "ConvertContext") -> Density | None:
@@ -176,5 +208,5 @@ def unfamiliar_threshold(ctx: "ConvertContext", ood_rate: float) -> float | None
     return float(np.quantile(np.asarray(ctx.density["reference"]), 1.0 - ood_rate))
 
 
-__all__ = ["FEATURES_ROLE", "DensityData", "calibrate", "fit_gaussians", "reference_quantiles", "run", "typed",
+__all__ = ["PROJECTION_ROLE", "DensityData", "calibrate", "fit_gaussians", "reference_quantiles", "run", "typed",
            "unfamiliar_threshold"]

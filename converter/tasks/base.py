@@ -123,9 +123,13 @@ class Task(ABC):
         """``[N, F]`` float features of the fitting data and their class indices."""
         raise NotImplementedError
 
-    def add_density_outputs(self, ctx: "ConvertContext") -> None:
-        """Add the feature taps, in :meth:`density_tap_names` order, to ``ctx.source``'s model as more outputs
-        (``density_features``: the device whitens them, edgeq/density.py)."""
+    def density_tap_widths(self, ctx: "ConvertContext") -> list[int]:
+        """The feature count of each tap, in :meth:`density_tap_names` order (they sum to the features' width)."""
+        raise NotImplementedError
+
+    def add_density_outputs(self, ctx: "ConvertContext", W: Any, keep: Any) -> None:
+        """Add ``density_projection`` (the features' whitened coordinates, features @ W) to ``ctx.source``'s model,
+        from the taps ``keep`` marks."""
         raise NotImplementedError
 
     def density_scores(self, ctx: "ConvertContext", converted: "Converted", held_out: Any) -> Any:

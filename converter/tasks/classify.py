@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeq.density import FEATURES_ROLE
-from edgeq.detection import signature_outputs
+from edgeq.density import PROJECTION_ROLE
 from edgeq.errors import ModelError, QuantizationError
 from edgeq.heads import BoundHead, HeadSpec, describe_outputs
 from edgeq.manifest import OutputSpec
@@ -99,12 +98,26 @@ class _ClassifyDensity:
             feats.append(np.asarray(extractor.predict(x, batch_size=64, verbose=0), np.float64))
         return np.concatenate(feats), np.asarray(data.targets)
 
-    def add_density_outputs(self, ctx: "ConvertContext") -> None:
-        """The taps as more outputs, one each (taps of different ranges keep their own int8 scales)."""
+    def density_tap_widths(self, ctx: "ConvertContext") -> list[int]:
+        return [int(t.shape[-1]) for _, t in _taps(ctx.source.keras_model)]
+
+    def add_density_outputs(self, ctx: "ConvertContext", W: np.ndarray, keep: np.ndarray) -> None:
+        """The whitening as one Dense per kept tap (no bias), summed: the ``density_projection`` output (taps of
+        different ranges keep their own int8 scales, where one concatenated tensor would share one)."""
         import keras
 
         model = ctx.source.keras_model
-        exported = keras.Model(model.inputs, [*model.outputs, *(t for _, t in _taps(model))], name=model.name)
+        taps = [t for _, t in _taps(model)]
+        parts, row = [], 0
+        for i, t in enumerate(taps):
+            width = int(t.shape[-1])
+            if keep[i]:
+                dense = keras.layers.Dense(W.shape[1], use_bias=False, name=f"density_projection_{i}")
+                parts.append(dense(t))
+                dense.set_weights([W[row:row + width]])
+            row += width
+        projection = parts[0] if len(parts) == 1 else keras.layers.Add(name="density_projection")(parts)
+        exported = keras.Model(model.inputs, [*model.outputs, projection], name=model.name)
         ctx.source = dataclasses.replace(ctx.source, keras_model=exported)
 
     def density_scores(self, ctx: "ConvertContext", converted: "Converted", files: list) -> np.ndarray:
@@ -147,18 +160,15 @@ class ClassifyTask(_ClassifyDensity, Task):
 
     # -- converted models -----------------------------------------------------------------------------------
     def describe_outputs(self, ctx: "ConvertContext", model: Model) -> list[OutputSpec]:
-        if ctx.density is None:
-            return describe_outputs(model, _head_spec(ctx))
-        # the taps come after the head's outputs, in the Keras order the serving signature keeps (their sizes may
-        # equal a head output's, so they are not told apart by size)
-        order, taps = signature_outputs(model), len(ctx.density["fit"]["taps"])
-        by_index = {t.index: t for t in model.outputs}
-        if order is None or len(order) != len(model.outputs) or len(order) <= taps:
-            raise QuantizationError(f"converted model has no serving signature that orders its outputs; the "
-                                    f"{FEATURES_ROLE!r} outputs cannot be told apart")
-        head = [by_index[i] for i in order[:-taps]]
-        outputs = describe_outputs(model, _head_spec(ctx), head)
-        return outputs + [OutputSpec(role=FEATURES_ROLE, **by_index[i].to_dict()) for i in order[-taps:]]
+        outputs = describe_outputs(model, _head_spec(ctx))
+        if ctx.density is not None:  # its size, the rank, is kept apart from the head's (stages/density.py)
+            size = ctx.density["rank"]
+            found = [t for t in model.outputs if int(np.prod(t.shape)) == size]
+            if len(found) != 1:
+                raise QuantizationError(f"converted model has {len(found)} outputs of size {size} for "
+                                        f"{PROJECTION_ROLE!r}")
+            outputs.append(OutputSpec(role=PROJECTION_ROLE, **found[0].to_dict()))
+        return outputs
 
     def bind(self, ctx: "ConvertContext", model: Model, outputs: list[OutputSpec]) -> BoundHead:
         from ..stages.density import typed

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeq.density import FEATURES_ROLE
+from edgeq.density import PROJECTION_ROLE
 from edgeq.detection import BoundGrid, GridSpec, describe_grid_outputs, signature_outputs
 from edgeq.errors import ModelError, QuantizationError
 from edgeq.manifest import Detector, Head, OutputSpec
@@ -94,7 +94,7 @@ class DetectTask(Task):
 
     # -- converted models -----------------------------------------------------------------------------------
     def describe_outputs(self, ctx: "ConvertContext", model: Model) -> list[OutputSpec]:
-        extra = (FEATURES_ROLE,) if ctx.density is not None else ()
+        extra = (PROJECTION_ROLE,) if ctx.density is not None else ()
         return describe_grid_outputs(model, signature_outputs(model), ctx.head["layout"], extra)
 
     def bind(self, ctx: "ConvertContext", model: Model, outputs: list[OutputSpec]) -> BoundGrid:
@@ -185,12 +185,17 @@ class DetectTask(Task):
         maps = np.asarray(extractor.predict(data.fit["x"], batch_size=32, verbose=0), np.float64)
         return maps.reshape(-1, maps.shape[-1])[data.fit["cells"]], data.targets
 
-    def add_density_outputs(self, ctx: "ConvertContext") -> None:
-        """The neck's feature map as one more output (the device reads the cells of its detections)."""
+    def density_tap_widths(self, ctx: "ConvertContext") -> list[int]:
+        return [int(ctx.source.keras_model.get_layer(DENSITY_TAP).output.shape[-1])]
+
+    def add_density_outputs(self, ctx: "ConvertContext", W: np.ndarray, keep: np.ndarray) -> None:
         import keras
 
         model = ctx.source.keras_model
-        exported = keras.Model(model.inputs, [*model.outputs, model.get_layer(DENSITY_TAP).output], name=model.name)
+        conv = keras.layers.Conv2D(W.shape[1], 1, use_bias=False, name="density_projection")
+        projection = conv(model.get_layer(DENSITY_TAP).output)
+        conv.set_weights([W.reshape(1, 1, *W.shape)])
+        exported = keras.Model(model.inputs, [*model.outputs, projection], name=model.name)
         ctx.source = dataclasses.replace(ctx.source, keras_model=exported)
 
     def density_scores(self, ctx: "ConvertContext", converted: "Converted", held_out: Any) -> np.ndarray:
@@ -269,7 +274,7 @@ def _check_roles(keras_model: Any, reference: "Converted", x: np.ndarray) -> Non
     float_model, grid = reference.model, reference.bound
     float_model.set_input(x.astype(np.float32))
     float_model.invoke()
-    roles = (*grid.spec.roles, *((FEATURES_ROLE,) if grid.density is not None else ()))
+    roles = (*grid.spec.roles, *((PROJECTION_ROLE,) if grid.density is not None else ()))
     for role, t, w in zip(roles, grid.all_tensors, want, strict=True):
         got = float_model.get_float(t)
         if got.size != w.size or not np.allclose(got.reshape(w.shape), w, atol=1e-3 * max(1.0, float(np.abs(w).max()))):
