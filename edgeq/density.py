@@ -67,7 +67,7 @@ class DensityModel:
                    np.sort(np.asarray(block.reference, np.float64)), references, block.neighbours or 0,
                    None if references is None else np.sum(references * references, axis=1))
 
-    @property
+    @cached_property
     def limit(self) -> float:
         """The largest grid coordinate kept: every squared distance of ``rank`` terms is then an integer under 2^52
         (about 590 whitened units at rank 192, where in-distribution data lie within a few units)."""
@@ -75,7 +75,9 @@ class DensityModel:
 
     def on_grid(self, y: np.ndarray) -> np.ndarray:
         """Whitened coordinates -> integers (in float64): times ``GRID``, clipped to ``limit``, rounded."""
-        return np.rint(np.clip(np.asarray(y, np.float64) * GRID, -self.limit, self.limit))
+        out = np.asarray(y, np.float64) * GRID  # a new array: clipped and rounded in place
+        np.clip(out, -self.limit, self.limit, out=out)
+        return np.rint(out, out=out)
 
     @cached_property
     def _grid(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
