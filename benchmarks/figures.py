@@ -385,7 +385,7 @@ def _unknowns(res: dict[str, R]) -> str:
     lines += ["", f"Cost against the same model converted with `--density off`: invoke {c['invoke_median_ms']['with_density']:.4f} "
               f"vs {c['invoke_median_ms']['without']:.4f} ms = {c['latency_ratio']:.3f}x (target <= {t['latency_ratio']}x; "
               f"interleaved, 1 thread, XNNPACK {'whole graph' if c['runtime']['whole_graph'] else 'partial'}); with the "
-              f"device's numpy finish after each invoke ({c['density_finish_median_ms']:.4f} ms: read the taps, whiten, "
+              f"device's numpy finish after each invoke ({c['density_finish_median_ms']:.4f} ms: read the projection, "
               f"score) {c['invoke_plus_finish_ratio']:.3f}x; peak RSS of "
               f"`edgeq run` {c['rss_peak_mb']['with_density']:.1f} vs {c['rss_peak_mb']['without']:.1f} MB "
               f"({c['rss_extra_mb']:+.1f} MB); bundle {c['bundle_bytes']['with_density'] / 1e3:.0f} vs "

@@ -268,7 +268,7 @@ def cost(with_density: Path, without: Path, test_dir: Path, tmp: Path, runs: int
                                 "without": round(float(np.median(tb)), 4)},
            "latency_ratio": round(float(np.median(ratios)), 4),
            "latency_ratio_each_run": [round(r, 4) for r in ratios],
-           # the device's numpy step after each invoke: copy the feature taps, whiten them, score (edgeq/density.py)
+           # the device's numpy step after each invoke: read the projection, score (edgeq/density.py)
            "density_finish_median_ms": finish,
            "invoke_plus_finish_ratio": round((float(np.median(ta)) + finish) / float(np.median(tb)), 4),
            "bundle_bytes": {"with_density": with_density.stat().st_size, "without": without.stat().st_size}}
