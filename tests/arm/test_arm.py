@@ -21,10 +21,10 @@ DETECT_LABELS = ("trouser", "sneaker", "ankle_boot")  # the detector's classes: 
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
-    """A clip at a bundle's input size, so that no resize happens: lossless, because the x86_64 and aarch64 OpenCV
-    wheels decode MJPG to pixels a level or two apart, and at the model's size, because their bilinear resize
-    (INTER_LINEAR) gives inputs a level apart too (docs/raspberry-pi.md). Either would test
-    OpenCV, not the runtime."""
+    """A clip at a bundle's input size: lossless, because the x86_64 and aarch64 OpenCV wheels decode MJPG to pixels
+    a level or two apart, and at the model's size, so that nothing is resized, because their bilinear resize
+    (INTER_LINEAR) gives inputs a level apart too (docs/raspberry-pi.md). Either would test OpenCV, not the
+    runtime."""
     from fixtures.synthetic import moving_shapes_frames, write_video
 
     folder, made = tmp_path_factory.mktemp("arm-video"), {}
@@ -140,8 +140,8 @@ def test_every_bundle_kind_gives_the_x86_results_exactly(kind, pi, bundles, clip
         assert all(isinstance(d["uncertainty"]["unfamiliarity"], float) and "review_reason" in d
                    for f in got for d in f["detections"])
     if read_bundle(bundle).manifest.density is not None:
-        # the taps come out of XNNPACK's int8 ops identical on both, and the device whitens them in exact integer
-        # arithmetic (edgeq/density.py): unfamiliarity must match to the bit like everything else
+        # the projection comes out of XNNPACK's int8 ops identical on both (given the same input pixels), and the
+        # numpy finish sums integers, exact in any order (edgeq/density.py): unfamiliarity must match to the bit
         assert any("unfamiliarity" in d["uncertainty"] for f in want for d in f["detections"])
     assert got == want, _first_difference(want, got)
     if kind == "detect":
