@@ -77,7 +77,7 @@ def measure(work: Path) -> dict:
     rows = matched.measures["unfamiliarity"].astype(np.int64)
     y_all = np.asarray(coords, np.float64)
     known, unknown = y_all[rows[matched.known]], y_all[rows[matched.unknown]]
-    gda = dataclasses.replace(density, references=None, reference_norms=None)
+    gda = dataclasses.replace(density, references=None)
     scores = {"gda_nearest_class_mean": gda.scores}
     for k in sorted({1, 5, 10, 20, 50, density.neighbours}):
         name = f"knn_k{k}" + ("_shipped" if k == density.neighbours else "")

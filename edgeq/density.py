@@ -53,7 +53,6 @@ class DensityModel:
     reference: np.ndarray  # sorted scores of held-out in-distribution data
     references: np.ndarray | None = None  # [N, d] knn_whitened: fitting samples in whitened coordinates
     neighbours: int = 0
-    reference_norms: np.ndarray | None = None  # [N] squared norms of ``references``, computed once
 
     @classmethod
     def from_block(cls, block: Density) -> "DensityModel":
@@ -64,8 +63,7 @@ class DensityModel:
             raw = np.frombuffer(base64.b64decode(block.references.data), "<f2")
             references = raw.astype(np.float64).reshape(block.references.shape)
         return cls(block.rank, np.asarray(block.class_means, np.float64).reshape(-1, block.rank),
-                   np.sort(np.asarray(block.reference, np.float64)), references, block.neighbours or 0,
-                   None if references is None else np.sum(references * references, axis=1))
+                   np.sort(np.asarray(block.reference, np.float64)), references, block.neighbours or 0)
 
     @cached_property
     def limit(self) -> float:
