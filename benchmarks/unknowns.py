@@ -281,7 +281,7 @@ def cost(with_density: Path, without: Path, test_dir: Path, tmp: Path, runs: int
 
 
 def finish_ms(bundle, model, test_dir: Path, runs: int) -> float:
-    """Median time of the density's numpy finish on the device (reading its outputs, whitening, scoring), over
+    """Median time of the density's numpy finish on the device (reading its projection output, scoring), over
     ``runs`` test images, one invoke each."""
     from edgeq.heads import HeadSpec
     from edgeq.preprocess import Preprocessor, list_images, read_image
