@@ -73,7 +73,7 @@ class DensityModel:
 
     def on_grid(self, y: np.ndarray) -> np.ndarray:
         """Whitened coordinates -> integers (in float64): times ``GRID``, clipped to ``limit``, rounded."""
-        out = np.asarray(y, np.float64) * GRID  # a new array: clipped and rounded in place
+        out = np.multiply(y, GRID, dtype=np.float64)  # one new array (float32 in, float64 out): then in place
         np.clip(out, -self.limit, self.limit, out=out)
         return np.rint(out, out=out)
 
@@ -87,7 +87,7 @@ class DensityModel:
         """``[N]`` scores from whitened coordinates ``[N, d]``: the squared distance to the nearest class mean, or
         with references to the ``neighbours``-th nearest of them. Sums of integers (exact in any order), then one
         exact scaling by a power of two."""
-        y = self.on_grid(np.asarray(projection, np.float64).reshape(-1, self.rank))
+        y = self.on_grid(np.reshape(projection, (-1, self.rank)))
         means, refs, norms = self._grid
         if refs is not None:
             d = kth_nearest_squared(y, refs, self.neighbours, norms)
