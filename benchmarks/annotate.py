@@ -13,6 +13,13 @@ Processing fps = frames / (wall time - the start-up time of a 1-frame run of the
 loading is left out and the drawing, which runs on its own thread once the results are stored, is counted until the
 last frame is written.
 
+Files: every run and every in-process repeat writes to a new path, and nothing is deleted until the end. On a
+file system without a journal (ext4 as this machine's root is mounted) creating a file soon after many were
+deleted is two to five times slower (measured by hand), because ext4 then skips inodes freed in the last
+minutes: the runs of an earlier version of this script, which deleted the previous run's 6,000 JPEGs just before
+each run, paid for that. A device writing its folder does not delete thousands of files as it goes; files deleted
+shortly before the script starts (an earlier run's) can still slow its first minutes.
+
 Off path: what annotation and snapshots add to the inference loop's per-frame work when both are off, timed
 in-process: the loop's `_snapshot_due()` check, the frame test and `Outbox.submit()` without a frame, against a
 bare queue put (what handing a result over costs with neither feature built), 200,000 times each, interleaved;
@@ -30,6 +37,7 @@ repeated.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -49,6 +57,7 @@ FRAMES = 600  # frames in each clip
 # frames processed per timed run (the clip looped): enough seconds of work that the start-up time subtracted
 # (a 1-frame run of the same configuration, about 2 s) does not swamp it
 RUN_FRAMES = {"demo_clip": 6000, "worst_case": 1500}
+RUN_IDS = itertools.count()
 
 
 def make_bundle(tmp: Path) -> Path:
@@ -74,10 +83,9 @@ def run(bundle: Path, video: Path, tmp: Path, annotate: str | None, frames: int,
     args = ["run", "--model", str(bundle), "--source", str(video), "--config", str(config), "--loop", "--max-frames",
             str(frames), "--spool", str(tmp / "spool.db"), "--output", str(tmp / "out.jsonl")]
     if annotate:
-        target = tmp / annotate
-        shutil.rmtree(target, ignore_errors=True)
-        if target.is_file():
-            target.unlink()
+        # a new path for every run, nothing deleted until the end (see the module's docstring: files deleted
+        # just before would make this run's file creations slower)
+        target = tmp / "runs" / f"{next(RUN_IDS):03d}-{annotate}"
         args += ["--annotate", str(target)]
     t0 = time.perf_counter()
     r = subprocess.run(cmd + args, capture_output=True, text=True)
@@ -218,7 +226,6 @@ def per_frame(frames: list[np.ndarray], tmp: Path, repeats: int = 5, n: int = 20
         folder.mkdir()
         jpeg = Annotator(folder, None)
         out["draw_write_jpeg"].append(timed(lambda i: jpeg.add(frames[i % len(frames)], messages[i])))
-        shutil.rmtree(folder)
     med = {k: round(float(np.median(v)), 1) for k, v in out.items()}
     return {"frames": n, "repeats": repeats, "boxes": 4, "us_median": med,
             "core_share_at_30fps": {k: round(v * 30 / 1e6, 4) for k, v in med.items() if k != "draw"}}
