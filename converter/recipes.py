@@ -66,6 +66,9 @@ class InputRecipe:
                               choices=sorted(NORMALIZATIONS))
     color_order: str = flag("RGB", "--color-order", "channel order of the model (default RGB)", choices=("RGB", "BGR"))
     resize: str = flag("stretch", "--resize", "resize mode (default stretch)", choices=("stretch", "letterbox"))
+    interpolation: str = flag("linear", "--interpolation", "resize filter, here and on the device: linear (default, "
+                              "fastest) or linear_exact (the same pixels on x86 and ARM; slower)",
+                              choices=("linear", "linear_exact"))
     labels_file: str | None = flag(None, "--labels", "class names, one per line (default: the names edgeq train "
                                    "stored in the model; else the --val folder names)", metavar="FILE")
     input_size: int = flag(224, "--input-size", "built-in mobilenet_v2: input height and width (default 224)",

@@ -12,7 +12,7 @@ import argparse
 import importlib
 import json
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from edgeq._version import __version__
 from edgeq.errors import EdgeqError
@@ -75,9 +75,18 @@ def _add_host_command(sub: argparse._SubParsersAction, name: str, load: bool) ->
     p.set_defaults(handler=module.run)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with edgeq's one-line errors: a usage mistake (an unknown choice, a missing argument) prints one
+    ``edgeq: error:`` line naming the command and pointing at its --help, instead of the whole usage block.
+    Sub-commands' parsers are of this class too (argparse makes them of their parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"edgeq: error: {self.prog}: {message}; see {self.prog} --help\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; ``command`` (the subcommand about to run) is the only host subcommand whose module loads."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="edgeq",
         description="Quantized, uncertainty-aware vision models for Raspberry Pi-class devices.",
     )

@@ -62,6 +62,9 @@ class InputSpec(Strict):
     scale: float = Field(1.0, ge=0.0)
     zero_point: int = 0
     pad_value: int = Field(0, ge=0, le=255)
+    # OpenCV's resize filter: linear (INTER_LINEAR) or linear_exact (INTER_LINEAR_EXACT: the same pixels on x86_64
+    # and aarch64); absent means linear
+    interpolation: Literal["linear", "linear_exact"] = "linear"
     name: str | None = None
 
     @model_validator(mode="after")

@@ -32,6 +32,13 @@ class ColorOrder(str, Enum):
     BGR = "BGR"
 
 
+# OpenCV's resize filter for each ``interpolation``: ``linear`` (INTER_LINEAR) is the fastest, but OpenCV's x86_64
+# and aarch64 builds round some pixels a level apart (42 resizes compared by hand: 32 differed), so a Pi and a
+# workstation can feed the model different inputs from the same frame; ``linear_exact`` (INTER_LINEAR_EXACT,
+# fixed-point) gave the same pixels on both in all 42, at several times the resize time (benchmarks/resize.py)
+INTERPOLATIONS = ("linear", "linear_exact")
+
+
 class ResizeMode(str, Enum):
     """``stretch`` resizes to the model size ignoring aspect; ``letterbox`` keeps aspect and pads."""
 
@@ -63,6 +70,7 @@ class PreprocessSpec:
     dtype: ``int8``, ``uint8``, ``int16`` or ``float32``, the input tensor's type.
     scale, zero_point: the input tensor's quantisation, ``q = round(x / scale) + zero_point``; ignored for float32.
     pad_value: pixel value (0-255) of letterbox padding.
+    interpolation: ``linear`` or ``linear_exact`` (see ``INTERPOLATIONS``); a manifest without it means linear.
     """
 
     height: int
@@ -76,6 +84,7 @@ class PreprocessSpec:
     scale: float = 1.0
     zero_point: int = 0
     pad_value: int = 0
+    interpolation: str = "linear"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "color_order", ColorOrder(self.color_order))
@@ -92,6 +101,8 @@ class PreprocessSpec:
             raise ValueError("normalisation std must be non-zero")
         if self.dtype != "float32" and not self.scale > 0:
             raise ValueError(f"input scale must be positive for {self.dtype}, got {self.scale}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -106,6 +117,10 @@ class PreprocessSpec:
         d["resize"] = self.resize.value
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
+        if self.interpolation == "linear":
+            # the default is left out: bundles that do not ask for another filter stay readable by runtimes
+            # older than the field, and one that does is refused by them rather than resized differently
+            del d["interpolation"]
         return d
 
     @classmethod
@@ -195,8 +210,9 @@ class Preprocessor:
 
         spec = self.spec
         h, w = image.shape[:2]
+        flag = cv2.INTER_LINEAR_EXACT if spec.interpolation == "linear_exact" else cv2.INTER_LINEAR
         if spec.resize is ResizeMode.STRETCH:
-            resized = cv2.resize(image, (spec.width, spec.height), interpolation=cv2.INTER_LINEAR)
+            resized = cv2.resize(image, (spec.width, spec.height), interpolation=flag)
             sx, sy, px, py = spec.width / w, spec.height / h, 0.0, 0.0
         else:
             s = min(spec.width / w, spec.height / h)
@@ -204,7 +220,7 @@ class Preprocessor:
             px, py = (spec.width - nw) // 2, (spec.height - nh) // 2
             canvas = self._canvas
             canvas[...] = spec.pad_value
-            canvas[py : py + nh, px : px + nw] = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR).reshape(
+            canvas[py : py + nh, px : px + nw] = cv2.resize(image, (nw, nh), interpolation=flag).reshape(
                 nh, nw, spec.channels
             )
             resized, sx, sy = canvas, nw / w, nh / h

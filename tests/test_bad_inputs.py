@@ -28,6 +28,7 @@ ROWS = [
     ("convert {model} --calib {calib} --clusters 8 --cluster-skip ( -o {out}", ["--cluster-skip", "regular expr"]),
     ("convert {model} --calib {calib} --target-accuracy 0 -o {out}", ["--target-accuracy 0"]),
     ("convert {model} --calib {calib} --threads 0 -o {out}", ["--threads 0"]),
+    ("convert {model} --calib {calib} --interpolation cubic -o {out}", ["--interpolation", "cubic"]),
     ("convert {model} --quant float32 --layer-errors -o {out}", ["--layer-errors", "float32"]),
     ("convert {model} --quant float16 --keep-float conv -o {out}", ["--keep-float", "float16"]),
     ("convert {model} --calib {calib} -o {tmp}/missing/o.edgeq", ["missing", "does not exist"]),
@@ -91,7 +92,10 @@ def test_bad_input_is_one_clear_line(args, needles, capsys, tmp_path, tiny_keras
             shutil.copy(p, flat / p.name)
     argv = args.format(model=tiny_keras_path, calib=shapes_dir, out=tmp_path / "o.edgeq", tmp=tmp_path,
                        unnamed=unnamed_model, few=few, flat=flat).split()
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's usage errors (an unknown choice) exit 2, as the console script does
+        code = exc.code
     err = capsys.readouterr().err
     assert_clean_error((code, err), *needles)
     assert not [p for p in tmp_path.rglob("*") if p.suffix in (".edgeq", ".keras", ".tmp") and p != broken]
@@ -171,7 +175,24 @@ BUNDLE_ROWS = [
     ("signature-not-edgeq", lambda b, d: _rewrite(b, d, extra={"signature.json": b'{"files": 3}'}),
      ["signature.json", "not an edgeq signature"]),
     ("pickled-weights", lambda b, d: _pickled(b, d), ["cannot rebuild the model"]),
+    # a resize filter this runtime does not know: refused, never resized some other way
+    ("unknown-interpolation", lambda b, d: _rewrite(b, d, _manifest_edit(lambda m: m["input"].update(
+        interpolation="cubic"))), ["manifest.json", "interpolation"]),
 ]
+
+
+def _manifest_edit(change):
+    """A ``_rewrite`` edit that changes the parsed manifest with ``change(manifest)``."""
+    import json
+
+    def edit(name: str, data: bytes) -> bytes:
+        if name != "manifest.json":
+            return data
+        m = json.loads(data)
+        change(m)
+        return json.dumps(m).encode()
+
+    return edit
 
 
 class _Marker:

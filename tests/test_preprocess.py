@@ -93,3 +93,21 @@ def test_spec_validation_and_roundtrip():
         PreprocessSpec(10, 10, 3, dtype="int8", scale=0)
     lut = build_lut(PreprocessSpec(4, 4, 3, dtype="int8", scale=2 / 255, zero_point=-1))
     assert lut[0, 0] == -128 and lut[0, 255] == 127
+
+
+def test_linear_exact_resizes_with_opencvs_exact_filter_and_is_recorded_only_when_asked():
+    import cv2
+
+    frame = np.random.default_rng(3).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    exact = PreprocessSpec(64, 64, 3, dtype="float32", interpolation="linear_exact")
+    got, _ = Preprocessor(exact)(frame)
+    want = cv2.resize(frame, (64, 64), interpolation=cv2.INTER_LINEAR_EXACT)[..., ::-1].astype(np.float64)
+    np.testing.assert_array_equal(got[0], ((want - 127.5) / 127.5).astype(np.float32))
+    linear, _ = Preprocessor(PreprocessSpec(64, 64, 3, dtype="float32"))(frame)
+    assert not np.array_equal(linear, got)  # the two filters round differently: the field changes what runs
+    # the default is left out of the manifest (older runtimes read such bundles); linear_exact round-trips
+    assert "interpolation" not in PreprocessSpec(64, 64).to_dict()
+    assert exact.to_dict()["interpolation"] == "linear_exact"
+    assert PreprocessSpec.from_dict(exact.to_dict()) == exact
+    with pytest.raises(ValueError, match="interpolation"):
+        PreprocessSpec(64, 64, interpolation="cubic")

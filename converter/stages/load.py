@@ -241,4 +241,4 @@ def run(recipe: "ConvertRecipe", log: Callable[[str], None]) -> Loaded:
         raise ModelError(f"{source.origin}: input has {channels} channels; edgeq takes 1 (grey) or 3 (colour)")
     mean, std = NORMALIZATIONS[r.normalization]
     return Loaded(source, info, detector, labels, PreprocessSpec(height, width, channels, r.color_order, r.resize,
-                                                                 (mean,), (std,)))
+                                                                 (mean,), (std,), interpolation=r.interpolation))

@@ -31,3 +31,9 @@ class Pi:
         cmd, env = guest_command(self.root, self.app, *args)
         # cwd away from the repository: python -m puts the cwd first on sys.path, which would import the host tree
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=self.app.parent)
+
+    def python(self, code: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        """``python3.11 -c CODE`` on the emulated Pi, with the same edgeq and dependencies as :meth:`edgeq`."""
+        cmd, env = guest_command(self.root, self.app)
+        cmd = [*cmd[:cmd.index("-m")], "-c", code]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=self.app.parent)

@@ -41,7 +41,8 @@ def clips(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, tiny_bundle, tiny_keras_path, shapes_dir) -> dict[str, Path]:
     """One bundle of each kind, through the real converter: int8, float32, clustered (packed 4-bit weights),
-    Bayesian (K posterior samples fused into the int8 head) and a grid detector with a Bayesian class head."""
+    Bayesian (K posterior samples fused into the int8 head) and a grid detector with a Bayesian class head; and
+    ``exact``, the int8 bundle converted with ``--interpolation linear_exact``."""
     import keras
 
     from edgeq.converter.data.datasets import FASHION_MNIST_LABELS
@@ -78,6 +79,9 @@ def bundles(tmp_path_factory, tiny_bundle, tiny_keras_path, shapes_dir) -> dict[
                      list(DETECT_LABELS), category_ids=[ids[c] for c in DETECT_LABELS])
     jobs["detect"] = [str(detect_path), *common, "--val", str(d / "scenes"), "--bayes-samples", "8",
                       "--resize", "letterbox"]
+    # the tiny int8 bundle again, resizing with the filter that rounds the same on both (test_resized_frames...)
+    jobs["exact"] = [str(tiny_keras_path), "--calib", str(shapes_dir), "--calib-samples", "30", "--val",
+                     str(shapes_dir), "--interpolation", "linear_exact", "--resize", "letterbox"]
     for name, args in jobs.items():
         out[name] = d / f"{name}.edgeq"
         r = run_edgeq("convert", *args, "-o", str(out[name]))
@@ -110,6 +114,60 @@ def _first_difference(a: object, b: object, path: str = "") -> str | None:
                 return d
         return None
     return None if a == b else f"{path}: {a!r} vs {b!r}"
+
+
+# the preprocessing of frames that must be resized, as bytes: the same script on x86 and on the Pi
+PREPROCESS_PROBE = """
+import hashlib, json
+import numpy as np
+from edgeq.preprocess import Preprocessor, PreprocessSpec
+rng = np.random.default_rng(7)  # numpy's generators give the same integers on every platform
+frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((120, 160), (480, 640), (75, 100))]
+out = {}
+for interpolation in ("linear", "linear_exact"):
+    for size in (64, 96, 224):
+        for resize in ("stretch", "letterbox"):
+            spec = PreprocessSpec(size, size, 3, resize=resize, dtype="int8", scale=2 / 255, zero_point=-1,
+                                  interpolation=interpolation)
+            pre = Preprocessor(spec)
+            digest = hashlib.sha256()
+            for frame in frames:
+                digest.update(pre(frame)[0].tobytes())
+            out[f"{interpolation} {size} {resize}"] = digest.hexdigest()
+print(json.dumps(out))
+"""
+
+
+def test_linear_exact_preprocessing_gives_the_x86_model_input_exactly(pi):
+    """--interpolation linear_exact: the model input made from frames that must be resized (up and down, stretched
+    and letterboxed) is byte for byte the x86 one. INTER_LINEAR is not held to that (docs/raspberry-pi.md)."""
+    import subprocess
+    import sys
+
+    host = subprocess.run([sys.executable, "-c", PREPROCESS_PROBE], capture_output=True, text=True, timeout=300)
+    assert host.returncode == 0, host.stderr[-2000:]
+    arm = pi.python(PREPROCESS_PROBE)
+    assert arm.returncode == 0, arm.stderr[-3000:]
+    want, got = json.loads(host.stdout), json.loads(arm.stdout)
+    exact = [k for k in want if k.startswith("linear_exact")]
+    assert len(exact) == 6 and all(got[k] == want[k] for k in exact), {k: got[k] == want[k] for k in want}
+
+
+def test_resized_frames_give_the_x86_results_exactly_with_linear_exact(pi, bundles, clips, tmp_path):
+    """Frames that must be resized (150x150 into the 64x64 model, letterboxed): with --interpolation linear_exact
+    the Pi feeds the model the same pixels as x86, so every output, unfamiliarity included, matches to the bit."""
+    bundle = bundles["exact"]
+    assert read_bundle(bundle).manifest.input.interpolation == "linear_exact"
+    clip = clips(150)
+    args = ["run", "--model", str(bundle), "--source", str(clip), "--output", "-", "--max-frames", str(FRAMES)]
+    host = run_edgeq(*args, "--spool", str(tmp_path / "host.db"))
+    assert host.returncode == 0, host.stderr[-2000:]
+    arm = pi.edgeq(*args, "--spool", str(tmp_path / "arm.db"))
+    assert arm.returncode == 0, arm.stderr[-3000:]
+    want, got = _results(host.stdout), _results(arm.stdout)
+    assert len(want) == FRAMES and all(isinstance(d["uncertainty"]["unfamiliarity"], float)
+                                       for f in want for d in f["detections"])
+    assert got == want, _first_difference(want, got)
 
 
 def test_emulated_pi_is_an_aarch64_cortex_a72(pi):
