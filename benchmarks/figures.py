@@ -85,6 +85,12 @@ README: list[Row] = [
     ("results lost across 5 broker restarts in a 2,000-frame run",
      lambda r: f"{r['device_pipeline'].broker_restarts['lost']} ({r['device_pipeline'].broker_restarts['duplicates']} "
                "duplicates, dropped by seq)", "same"),
+    ("preprocessing one frame into an int8 input, `--interpolation linear` vs `linear_exact`, 1 OpenCV thread: "
+     "640x480 to 224 (stretch) / 1280x720 to 300 (letterbox)",
+     lambda r: " / ".join(f"{c['ms_median']['linear']:.2f} vs {c['ms_median']['linear_exact']:.2f} ms "
+                          f"({c['exact_over_linear']:.2f}x)" for c in r["resize"].cases
+                          if (c["frame"], c["input"]) in (("640x480", 224), ("1280x720", 300))),
+     "`python benchmarks/resize.py`"),
     ("`edgeq run --annotate` on vs off, the demo clip (192x192, 4 boxes a frame): fps into a .avi / a JPEG folder",
      lambda r: _annotate(r["annotate"].scenarios["demo_clip"]), "`python benchmarks/annotate.py`"),
     ("same, worst case: 640x480, 50 boxes a frame",
