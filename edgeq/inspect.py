@@ -67,7 +67,8 @@ def format_inspect(ins: Inspection) -> str:
         f"signed       {'by key ' + ins.signer + ' (edgeq sign; a device with trusted_keys verifies it)' if ins.signer else 'no (edgeq sign --key KEY)'}",
         f"file         sha256 {(ins.file_sha256 or '')[:16]}... (what edgeq push sends and results name)",
         f"task         {m.task}, {len(labels)} labels: {', '.join(labels[:8])}{' ...' if len(labels) > 8 else ''}",
-        f"input        {inp.height}x{inp.width}x{inp.channels} {inp.color_order} {inp.resize}, "
+        f"input        {inp.height}x{inp.width}x{inp.channels} {inp.color_order} {inp.resize}"
+        f"{' (' + inp.interpolation + ')' if inp.interpolation not in (None, 'linear') else ''}, "
         f"(p - {inp.mean[0]:g}) / {inp.std[0]:g}, {inp.dtype} scale {inp.scale:.6g} zero point {inp.zero_point}",
     ]
     for o in m.outputs:

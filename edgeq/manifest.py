@@ -63,8 +63,8 @@ class InputSpec(Strict):
     zero_point: int = 0
     pad_value: int = Field(0, ge=0, le=255)
     # OpenCV's resize filter: linear (INTER_LINEAR) or linear_exact (INTER_LINEAR_EXACT: the same pixels on x86_64
-    # and aarch64); absent means linear
-    interpolation: Literal["linear", "linear_exact"] = "linear"
+    # and aarch64); absent (None) means linear, and is how linear is written, so other bundles stay as they were
+    interpolation: Literal["linear", "linear_exact"] | None = None
     name: str | None = None
 
     @model_validator(mode="after")

@@ -126,7 +126,9 @@ class PreprocessSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields})
+        # None: a field the manifest leaves out (interpolation), so the default
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()
+                      if k in fields and v is not None})
 
 
 def _per_channel(value: Any, channels: int, name: str) -> tuple[float, ...]:

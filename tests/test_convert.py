@@ -7,17 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHAPE_LABELS, assert_clean_error, edgeq_here, run_edgeq, save_with_labels, write_pngs
+from conftest import SHAPE_LABELS, assert_clean_error, edgeq_here, run_edgeq, manifest_of, save_with_labels, write_pngs
 from edgeq.bundle import read_bundle
 from edgeq.cli import main
 
 pytestmark = pytest.mark.slow
 
 
-def test_builtin_mobilenet_v2_to_int8_bundle(tmp_path, shapes_dir):
+def test_builtin_mobilenet_v2_to_int8_bundle(tmp_path, shapes_dir, tiny_bundle):
     out = tmp_path / "m.edgeq"
     r = run_edgeq("convert", "mobilenet_v2", "--alpha", "0.35", "--input-size", "64", "--classes", "3",
-                  "--calib", str(shapes_dir), "--calib-samples", "24", "--val", str(shapes_dir), "-o", str(out))
+                  "--calib", str(shapes_dir), "--calib-samples", "24", "--val", str(shapes_dir),
+                  "--interpolation", "linear_exact", "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr and "wrote" in r.stdout and "quantized top-1" in r.stdout
     b = read_bundle(out)
@@ -25,6 +26,9 @@ def test_builtin_mobilenet_v2_to_int8_bundle(tmp_path, shapes_dir):
     assert m["labels"] == ["circle", "square", "triangle"]  # from the --val folders
     assert m["input"]["dtype"] == "int8" and m["input"]["height"] == 64 and m["input"]["color_order"] == "RGB"
     assert m["input"]["mean"] == [127.5] * 3 and m["input"]["scale"] > 0
+    # the resize filter asked for is recorded; the default is left out of the manifest (older runtimes read those)
+    assert m["input"]["interpolation"] == "linear_exact" and b.preprocess_spec.interpolation == "linear_exact"
+    assert "interpolation" not in manifest_of(tiny_bundle)["input"]
     assert m["outputs"][0]["dtype"] == "int8" and m["outputs"][0]["shape"] == [1, 3]
     assert m["quantization"]["scheme"] == "int8" and m["quantization"]["float_ops"] == []
     assert m["calibration"]["count"] == 24 and m["calibration"]["kind"] == "folder"
@@ -42,6 +46,7 @@ def test_builtin_mobilenet_v2_to_int8_bundle(tmp_path, shapes_dir):
     assert all(o["results"] == "int8" for o in data["ops"])
     text = run_edgeq("inspect", str(out))
     assert "CONV_2D" in text.stdout and "int8" in text.stdout and "XNNPACK: whole graph" in text.stdout
+    assert "RGB stretch (linear_exact)" in text.stdout
 
 
 def test_validation_numbers_match_an_independent_run(tiny_bundle, tiny_keras_path, shapes_dir):
