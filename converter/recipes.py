@@ -19,7 +19,7 @@ from typing import Any
 
 from edgeq.errors import ModelError, QuantizationError
 from edgeq.manifest import MEASURES
-from edgeq.preprocess import NORMALIZATIONS
+from edgeq.preprocess import INTERPOLATIONS, NORMALIZATIONS
 
 BAYES_LAYOUTS = ("centred", "stacked")
 MAX_CLUSTERS = 256
@@ -68,7 +68,7 @@ class InputRecipe:
     resize: str = flag("stretch", "--resize", "resize mode (default stretch)", choices=("stretch", "letterbox"))
     interpolation: str = flag("linear", "--interpolation", "resize filter, here and on the device: linear (default, "
                               "fastest) or linear_exact (the same pixels on x86 and ARM; slower)",
-                              choices=("linear", "linear_exact"))
+                              choices=INTERPOLATIONS)
     labels_file: str | None = flag(None, "--labels", "class names, one per line (default: the names edgeq train "
                                    "stored in the model; else the --val folder names)", metavar="FILE")
     input_size: int = flag(224, "--input-size", "built-in mobilenet_v2: input height and width (default 224)",

@@ -35,7 +35,8 @@ class ColorOrder(str, Enum):
 # OpenCV's resize filter for each ``interpolation``: ``linear`` (INTER_LINEAR) is the fastest, but OpenCV's x86_64
 # and aarch64 builds round some pixels a level apart (42 resizes compared by hand: 32 differed), so a Pi and a
 # workstation can feed the model different inputs from the same frame; ``linear_exact`` (INTER_LINEAR_EXACT,
-# fixed-point) gave the same pixels on both in all 42, at several times the resize time (benchmarks/resize.py)
+# fixed-point) gave the same pixels on both in all 42, at 1.4-1.7x the whole preprocessing's time
+# (benchmarks/resize.py)
 INTERPOLATIONS = ("linear", "linear_exact")
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHAPE_LABELS, assert_clean_error, edgeq_here, run_edgeq, manifest_of, save_with_labels, write_pngs
+from conftest import (SHAPE_LABELS, assert_clean_error, edgeq_here, manifest_of, run_edgeq, save_with_labels,
+                      write_pngs)
 from edgeq.bundle import read_bundle
 from edgeq.cli import main
 

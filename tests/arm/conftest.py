@@ -29,11 +29,13 @@ class Pi:
 
     def edgeq(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         cmd, env = guest_command(self.root, self.app, *args)
-        # cwd away from the repository: python -m puts the cwd first on sys.path, which would import the host tree
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=self.app.parent)
+        return self._run(cmd, env, timeout)
 
     def python(self, code: str, timeout: float = 900) -> subprocess.CompletedProcess:
         """``python3.11 -c CODE`` on the emulated Pi, with the same edgeq and dependencies as :meth:`edgeq`."""
         cmd, env = guest_command(self.root, self.app)
-        cmd = [*cmd[:cmd.index("-m")], "-c", code]
+        return self._run([*cmd[:cmd.index("-m")], "-c", code], env, timeout)
+
+    def _run(self, cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        # cwd away from the repository: python -m puts the cwd first on sys.path, which would import the host tree
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=self.app.parent)
