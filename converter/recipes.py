@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeq.errors import ModelError, QuantizationError
-from edgeq.manifest import MEASURES
+from edgeq.manifest import DENSITY_MEASURES, REVIEW_MEASURES
 from edgeq.preprocess import INTERPOLATIONS, NORMALIZATIONS
 
 BAYES_LAYOUTS = ("centred", "stacked")
@@ -253,8 +253,9 @@ class ValidationRecipe:
 
     val: str | None = flag(None, "--val", "validation data: a class folder (one subfolder per class), for a detector "
                            "a COCO set: float vs quantised report, needs_review calibrated on it", metavar="DIR")
-    review_measure: str = flag("predictive_entropy", "--review-measure", "uncertainty that flags ambiguous results "
-                               "(default predictive_entropy)", choices=MEASURES)
+    review_measure: str = flag("auto", "--review-measure", "uncertainty that flags ambiguous results (default auto: "
+                               "density_disagreement for a classifier with a density, else predictive_entropy)",
+                               choices=("auto", *REVIEW_MEASURES))
     target_accuracy: float = flag(0.995, "--target-accuracy", "with --val: flag ambiguous results so that the "
                                   "results kept reach this accuracy (default 0.995)", type=float, metavar="A")
     review_budget: float = flag(0.10, "--review-budget", "when --val shows --target-accuracy cannot be reached, flag "
@@ -264,14 +265,28 @@ class ValidationRecipe:
                                   "in-distribution data (default 0.05)", type=float, metavar="F")
 
     def __post_init__(self) -> None:
-        if self.review_measure not in MEASURES:
-            raise ModelError(f"--review-measure {self.review_measure!r}: choose one of {', '.join(MEASURES)}")
+        if self.review_measure not in ("auto", *REVIEW_MEASURES):
+            raise ModelError(f"--review-measure {self.review_measure!r}: choose auto or one of "
+                             f"{', '.join(REVIEW_MEASURES)}")
         if not 0.0 < self.target_accuracy <= 1.0:
             raise ModelError(f"--target-accuracy {self.target_accuracy}: give a fraction in (0, 1], e.g. 0.995")
         if not 0.0 < self.review_budget < 1.0:
             raise ModelError(f"--review-budget {self.review_budget}: give a fraction in (0, 1), e.g. 0.1")
         if not 0.0 < self.review_ood_rate < 1.0:
             raise ModelError(f"--review-ood-rate {self.review_ood_rate}: give a fraction in (0, 1), e.g. 0.05")
+
+    def measure_for(self, task: str, density: bool) -> str:
+        """The ambiguity measure ``--review-measure`` names for a ``task`` model with or without a density.
+        ``auto`` is the density's disagreement for a classifier that has one: on benchmarks/unknowns.py it ranks
+        wrong results above right ones better than the predictive entropy, so the results left unflagged are more
+        accurate at the same review budget."""
+        if self.review_measure == "auto":
+            return "density_disagreement" if task == "classify" and density else "predictive_entropy"
+        if self.review_measure in DENSITY_MEASURES and (task != "classify" or not density):
+            what = "a detector" if task != "classify" else "a model converted without a density (--density off)"
+            raise ModelError(f"--review-measure {self.review_measure}: only a classifier with a density has it, not "
+                             f"{what}; choose auto or predictive_entropy")
+        return self.review_measure
 
 
 GROUPS: dict[str, tuple[type, str]] = {

@@ -15,7 +15,8 @@ max_fps = 10                 # optional: cap inference rate to save power and he
 # nms_iou = 0.5              # grid detectors: overlap at which NMS keeps one box (default: the bundle's)
 top_k = 3                    # classification: labels reported per frame
 # review = 0.4               # needs_review when the uncertainty exceeds this (default: calibrated in the bundle)
-# review_measure = "mutual_information"   # predictive_entropy (default), aleatoric or mutual_information
+# review_measure = "mutual_information"   # default: the bundle's; predictive_entropy, aleatoric, mutual_information
+#                                        # or density_disagreement (a classifier with a density)
 # unfamiliar_percentile = 95  # needs_review when unfamiliarity is above this percentile of in-distribution data
 
 [mqtt]
@@ -86,7 +87,8 @@ class Thresholds(Strict):
     top_k: int = Field(3, ge=1, le=100)
     nms_iou: float | None = Field(None, gt=0.0, le=1.0)  # grid detectors; default: the bundle's detector.nms_iou
     review: float | None = Field(None, ge=0.0)  # needs_review threshold; default: the bundle's calibrated one
-    review_measure: Literal["predictive_entropy", "aleatoric", "mutual_information"] | None = None
+    review_measure: Literal["predictive_entropy", "aleatoric", "mutual_information",
+                            "density_disagreement"] | None = None
     # needs_review when the unfamiliarity percentile exceeds this; default: the bundle's calibrated rule
     unfamiliar_percentile: float | None = Field(None, ge=0.0, le=100.0)
 

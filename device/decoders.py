@@ -4,10 +4,11 @@
 softmax (``method: "softmax"``); a Monte-Carlo head (K posterior samples in one invoke) reports predictive
 entropy, aleatoric (expected) entropy, mutual information and the label's probability spread (``method: "mc"``).
 A bundle converted with labelled data also has a feature density: every result then carries its
-``unfamiliarity`` and ``unfamiliarity_percentile`` (edgeq/density.py). Every result carries ``needs_review`` and
-``review_reason``: *unfamiliar* (unfamiliarity above the threshold set for a false-flag rate) and/or *ambiguous*
-(the uncertainty measure above its threshold), by the rule calibrated at conversion or the device config's;
-``needs_review`` is null when neither rule is known.
+``unfamiliarity`` and ``unfamiliarity_percentile`` (edgeq/density.py), and a classifier's result its
+``density_disagreement`` (one minus the density's probability of the top label). Every result carries
+``needs_review`` and ``review_reason``: *unfamiliar* (unfamiliarity above the threshold set for a false-flag rate)
+and/or *ambiguous* (the uncertainty measure above its threshold), by the rule calibrated at conversion or the device
+config's; ``needs_review`` is null when neither rule is known.
 ``GridDecoder``: edgeq's anchor-free detector (``detector.type: grid``): objectness, box distances and K x C class
 logits per cell, decoded with class-aware NMS by :mod:`edgeq.detection`; every detection carries its box on the
 frame, the uncertainty of the K class distributions and the unfamiliarity at its cell, and its review.
@@ -28,9 +29,10 @@ from edgeq.density import BoundDensity, finite_or_none
 from edgeq.detection import GridSpec
 from edgeq.errors import ConfigError
 from edgeq.heads import HeadSpec, bind_roles
+from edgeq.manifest import DENSITY_MEASURES, REVIEW_MEASURES
 from edgeq.preprocess import FrameTransform
 from edgeq.runtime import Model, TensorInfo
-from edgeq.uncertainty import MEASURES, result_uncertainty, review, summarize
+from edgeq.uncertainty import result_uncertainty, review, summarize
 
 
 class Decoder(Protocol):
@@ -59,12 +61,16 @@ class ReviewPolicy:
         rule = bundle.manifest.head_or_dense.review
         measure = override[0] or (rule.measure if rule else None) or "predictive_entropy"
         threshold = override[1] if override[1] is not None else (rule.threshold if rule else None)
-        if measure not in MEASURES:
-            raise ConfigError(f"thresholds.review_measure {measure!r}: choose one of {', '.join(MEASURES)}")
-        if samples == 1 and measure != "predictive_entropy":
+        density = bundle.manifest.density
+        if measure not in REVIEW_MEASURES:
+            raise ConfigError(f"thresholds.review_measure {measure!r}: choose one of {', '.join(REVIEW_MEASURES)}")
+        if measure in DENSITY_MEASURES:
+            if density is None or bundle.task != "classify":
+                raise ConfigError(f"thresholds.review_measure {measure!r}: only a classifier converted with a density "
+                                  f"has it, and {bundle.name} is not one; use predictive_entropy")
+        elif samples == 1 and measure != "predictive_entropy":
             raise ConfigError(f"thresholds.review_measure {measure!r}: {bundle.name} has a deterministic head; only "
                               "predictive_entropy applies")
-        density = bundle.manifest.density
         unfamiliar = rule.unfamiliar_threshold if rule is not None else None
         if unfamiliar_percentile is not None:
             if density is None:
@@ -102,8 +108,14 @@ class ClassificationDecoder:
         p = summary.mean[0]
         order = np.argsort(-p, kind="stable")[: self.top_k]
         uncertainty = result_uncertainty(summary, (0,))
-        ambiguity = float(summary.measure(self.policy.measure)[0])
         unfamiliarity = self.head.unfamiliarity(raw)
+        disagreement = self.head.disagreement(raw, int(order[0]))
+        if disagreement is not None:
+            uncertainty["density_disagreement"] = finite_or_none(disagreement)
+        if self.policy.measure in DENSITY_MEASURES:
+            ambiguity = np.nan if disagreement is None else disagreement  # unknown: flagged, never trusted
+        else:
+            ambiguity = float(summary.measure(self.policy.measure)[0])
         out = []
         for c in order:
             u = dict(uncertainty)

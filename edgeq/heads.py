@@ -85,6 +85,11 @@ class BoundHead:
         """The image's unfamiliarity (edgeq/density.py), None without a density."""
         return None if self.density is None else float(self.density.scores(raw)[0])
 
+    def disagreement(self, raw: dict[int, np.ndarray], predicted: int) -> float | None:
+        """One minus the density's probability of the ``predicted`` class (edgeq/density.py), None without a
+        density."""
+        return None if self.density is None else float(self.density.disagreement(raw, np.array([predicted]))[0])
+
     def sample_logits(self, raw: dict[int, np.ndarray]) -> np.ndarray:
         """``[K, C]`` float logits from the raw (possibly quantised) output values, keyed by tensor index."""
         values = [t.dequantize(raw[t.index]) for t in self.tensors]

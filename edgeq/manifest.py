@@ -26,6 +26,9 @@ SCHEMA = "edgeq.bundle"
 SCHEMA_VERSION = 1
 TASKS = ("classify", "detect")
 MEASURES = ("predictive_entropy", "aleatoric", "mutual_information")
+# measures the density block adds (edgeq/density.py); a classifier's needs_review can rest on them too
+DENSITY_MEASURES = ("density_disagreement",)
+REVIEW_MEASURES = MEASURES + DENSITY_MEASURES
 HEAD_LAYOUTS = ("single", "stacked", "centred")
 # output roles each head layout reads (classification); a grid detector's are in edgeq.detection
 LAYOUT_ROLES = {"single": ("logits",), "stacked": ("samples",), "centred": ("logits", "residuals")}
@@ -97,7 +100,7 @@ class ReviewRule(Record):
     exceeds ``unfamiliar_threshold``, set to flag ``ood_rate`` of held-out in-distribution data (the
     ``unfamiliar_percentile``-th percentile of their scores)."""
 
-    measure: Literal["predictive_entropy", "aleatoric", "mutual_information"]
+    measure: Literal["predictive_entropy", "aleatoric", "mutual_information", "density_disagreement"]
     threshold: float | None = None
     target_accuracy: float = Field(gt=0.0, le=1.0)
     coverage: float | None = None

@@ -52,6 +52,10 @@ ROWS = [
     ("convert {model} --calib {calib} --density-method knn --density-neighbours 5000 -o {out}",
      ["--density-neighbours 5000", "exceeds the", "reference samples"]),
     ("convert {model} --calib {calib} --review-budget 1.5 -o {out}", ["--review-budget 1.5"]),
+    # the density's disagreement needs the density: refused before the slow part, not after it
+    ("convert {model} --calib {calib} --val {calib} --density off --review-measure density_disagreement -o {out}",
+     ["--review-measure density_disagreement", "--density off"]),
+    ("convert {model} --calib {calib} --review-measure entropy -o {out}", ["--review-measure", "entropy"]),
     ("convert {model} --calib {calib} --review-ood-rate 0 -o {out}", ["--review-ood-rate 0"]),
     ("train {calib} --epochs 0 -o {tmp}/m.keras", ["--epochs 0"]),
     ("train {calib} -o {tmp}/m.h5", ["-o", ".keras"]),

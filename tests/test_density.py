@@ -154,6 +154,31 @@ def test_knn_refuses_more_neighbours_than_references():
         knn_references(np.zeros((20, 4)), np.eye(4), 50, "test")
 
 
+def test_disagreement_is_one_minus_the_gaussian_posterior_of_the_predicted_class():
+    """The density's class posterior with equal priors and the identity covariance of whitened coordinates is a
+    softmax of -d^2/2 (scipy's softmax here as the reference); far from every mean it stays finite."""
+    from scipy.special import softmax
+
+    rng = np.random.default_rng(3)
+    means = rng.normal(0, 2.0, (4, 6))
+    m = DensityModel(6, means, np.arange(1.0, 11.0))
+    y = np.concatenate([means + rng.normal(0, 0.3, means.shape), (means[0] + means[1]) / 2 + 0 * means[:1],
+                        rng.normal(0, 3.0, (20, 6))])
+    predicted = rng.integers(0, 4, len(y))
+    d2 = ((np.rint(y * 4096)[:, None] / 4096 - np.rint(means * 4096)[None] / 4096) ** 2).sum(-1)
+    expected = 1.0 - softmax(-d2 / 2, axis=1)[np.arange(len(y)), predicted]
+    got = m.disagreement(y, predicted)
+    np.testing.assert_allclose(got, expected, atol=1e-9)
+    assert np.all((got >= 0) & (got <= 1))
+    # at a class mean and predicting that class: sure; halfway between two means: a coin toss between them
+    assert m.disagreement(means[2:3], np.array([2]))[0] < 0.05
+    half = m.disagreement(((means[0] + means[1]) / 2)[None], np.array([0]))[0]
+    assert half >= 0.5 - 1e-9
+    far = m.disagreement(np.full((1, 6), 1e6), np.array([1]))
+    assert np.isfinite(far).all() and 0.0 <= far[0] <= 1.0
+    assert m.disagreement(np.zeros((0, 6)), np.zeros(0, int)).shape == (0,)
+
+
 def test_percentile_reads_the_reference():
     m = DensityModel(2, np.zeros((1, 2)), np.sort(np.arange(1.0, 101.0)))
     np.testing.assert_allclose(m.percentile(np.array([0.5, 1.0, 50.0, 100.0, 1e9])), [0, 1, 50, 100, 100])
@@ -210,6 +235,8 @@ def test_a_bundle_with_labelled_data_publishes_unfamiliarity(tiny_bundle, shapes
     assert m.density is not None and any(o.role == "density_projection" for o in m.outputs)
     rule = m.head.review
     assert rule.unfamiliar_threshold is not None and rule.mode in ("target", "budget")
+    # --review-measure auto: a classifier with a density rests its ambiguous part on the density's disagreement
+    assert rule.measure == "density_disagreement" and 0.0 <= rule.threshold <= 1.0
     r, msgs = _run(tiny_bundle, shapes_dir / "circle", tmp_path, "--max-frames", "6")
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(msgs) == 6
@@ -218,7 +245,10 @@ def test_a_bundle_with_labelled_data_publishes_unfamiliarity(tiny_bundle, shapes
         for d in msg["detections"]:
             u = d["uncertainty"]
             assert u["unfamiliarity"] >= 0 and 0 <= u["unfamiliarity_percentile"] <= 100
+            assert 0.0 <= u["density_disagreement"] <= 1.0
             assert d["needs_review"] is (d["review_reason"] is not None)
+            ambiguous = "ambiguous" in (d["review_reason"] or "")
+            assert ambiguous is (u["density_disagreement"] > rule.threshold), (u, rule.threshold)
 
 
 def test_a_bundle_made_before_the_measure_still_runs(tiny_keras_path, shapes_dir, tmp_path):
@@ -240,7 +270,7 @@ def test_a_bundle_made_before_the_measure_still_runs(tiny_keras_path, shapes_dir
             data = src.read(info)
             if info.filename == "manifest.json":
                 m = json.loads(data)
-                assert "density" not in m
+                assert "density" not in m and m["head"]["review"]["measure"] == "predictive_entropy"  # auto
                 m["head"]["review"] = {k: m["head"]["review"][k] for k in
                                        ("measure", "threshold", "target_accuracy", "coverage", "kept_accuracy",
                                         "reached", "count")}
@@ -251,12 +281,17 @@ def test_a_bundle_made_before_the_measure_still_runs(tiny_keras_path, shapes_dir
     assert len(msgs) == 4
     for d in (d for msg in msgs for d in msg["detections"]):
         assert "unfamiliarity" not in d["uncertainty"] and "unfamiliarity_percentile" not in d["uncertainty"]
+        assert "density_disagreement" not in d["uncertainty"]
         assert d["review_reason"] in (None, "ambiguous") and isinstance(d["needs_review"], bool)
     cfg = tmp_path / "device.toml"
     cfg.write_text("[thresholds]\nunfamiliar_percentile = 99\n")
     assert_clean_error(edgeq_here("run", "--model", str(old), "--source", str(shapes_dir / "square"), "--config",
                                  str(cfg), "--output", "-", "--spool", str(tmp_path / "t.db")),
                        "thresholds.unfamiliar_percentile", "no unfamiliarity measure")
+    cfg.write_text('[thresholds]\nreview_measure = "density_disagreement"\n')
+    assert_clean_error(edgeq_here("run", "--model", str(old), "--source", str(shapes_dir / "square"), "--config",
+                                 str(cfg), "--output", "-", "--spool", str(tmp_path / "u.db")),
+                       "thresholds.review_measure", "density_disagreement", "predictive_entropy")
 
 
 def test_a_tap_under_one_int8_step_of_the_projection_is_left_out():

@@ -13,7 +13,7 @@ import numpy as np
 from edgeq.bundle import Bundle, read_bundle
 from edgeq.errors import DataError, SourceError
 from edgeq.heads import BoundHead, HeadSpec
-from edgeq.manifest import Manifest
+from edgeq.manifest import DENSITY_MEASURES, REVIEW_MEASURES, Manifest
 from edgeq.preprocess import Preprocessor, PreprocessSpec, input_spec_for, read_image
 from edgeq.runtime import Model, TensorInfo
 from edgeq.uncertainty import MEASURES, Summary, pick_review_threshold, summarize
@@ -30,15 +30,15 @@ def single_head(model: Model, output: TensorInfo | None = None) -> BoundHead:
 
 def run_files(
     model: Model, spec: PreprocessSpec, files: list[Path], head: BoundHead | None = None, desc: str = ""
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """``[N, K, C]`` dequantised sample logits, one row per file, through the one preprocessor, and ``[N]``
-    unfamiliarity when the head has a density.
+    unfamiliarity and density disagreement (with the top label) when the head has a density.
 
     Unreadable files are an error: an evaluation that skips images would report on a different set.
     """
     pre = Preprocessor(input_spec_for(model, spec))
     head = head or single_head(model)
-    rows, unfamiliar = [], []
+    rows, unfamiliar, disagree = [], [], []
     for path in progress(files, len(files), desc or "evaluate"):
         try:
             frame = read_image(path)
@@ -48,9 +48,14 @@ def run_files(
         model.set_input(tensor)
         model.invoke()
         raw = head.raw(model)
-        rows.append(head.sample_logits(raw).copy())
+        logits = head.sample_logits(raw).copy()
+        rows.append(logits)
         unfamiliar.append(head.unfamiliarity(raw))
-    return np.stack(rows), (np.asarray(unfamiliar, np.float64) if head.density is not None else None)
+        if head.density is not None:  # the device's top label: the mean probability's (first) largest
+            disagree.append(head.disagreement(raw, int(summarize(logits[None]).mean[0].argmax())))
+    if head.density is None:
+        return np.stack(rows), None, None
+    return np.stack(rows), np.asarray(unfamiliar, np.float64), np.asarray(disagree, np.float64)
 
 
 def head_logits(
@@ -75,6 +80,16 @@ class Scored:
     summary: Summary
     targets: np.ndarray
     unfamiliarity: np.ndarray | None = None  # [N], when the model has a density
+    disagreement: np.ndarray | None = None  # [N] density_disagreement, when the model has a density
+
+    def measure(self, name: str) -> np.ndarray:
+        """``[N]`` values of an ambiguity measure: one of the head's, or the density's disagreement."""
+        if name in DENSITY_MEASURES:
+            if self.disagreement is None:
+                raise DataError(f"--review-measure {name}: the model has no density; convert it with labelled data "
+                                "(--val or --density-data) or choose predictive_entropy")
+            return self.disagreement
+        return self.summary.measure(name)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -92,8 +107,8 @@ def logit_spread(logits: np.ndarray) -> float:
 
 
 def score(model: Model, head: BoundHead, spec: PreprocessSpec, data: LabelledFiles, desc: str) -> Scored:
-    logits, unfamiliarity = run_files(model, spec, data.files, head, desc)
-    return Scored(logits, summarize(logits), data.targets, unfamiliarity)
+    logits, unfamiliarity, disagreement = run_files(model, spec, data.files, head, desc)
+    return Scored(logits, summarize(logits), data.targets, unfamiliarity, disagreement)
 
 
 def compare_scored(reference: Scored, quantized: Scored) -> dict[str, Any]:
@@ -129,9 +144,9 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def calibrate_review(scored: Scored, measure: str, target_accuracy: float) -> dict[str, Any]:
     """The ``needs_review`` rule for a bundle, picked on its own (quantised) results."""
-    if measure not in MEASURES:
-        raise DataError(f"--review-measure {measure!r}: choose one of {', '.join(MEASURES)}")
-    return pick_review_threshold(scored.summary.measure(measure), scored.correct, target_accuracy, measure).to_dict()
+    if measure not in REVIEW_MEASURES:
+        raise DataError(f"--review-measure {measure!r}: choose one of {', '.join(REVIEW_MEASURES)}")
+    return pick_review_threshold(scored.measure(measure), scored.correct, target_accuracy, measure).to_dict()
 
 
 # -- edgeq eval ------------------------------------------------------------------------------------------------
@@ -159,6 +174,8 @@ def measures_of(scored: Scored) -> dict[str, np.ndarray]:
     """Every per-result uncertainty a model publishes (higher: less certain), by name."""
     s = scored.summary
     out = {m: s.measure(m) for m in (MEASURES if s.samples > 1 else ("predictive_entropy",))}
+    if scored.disagreement is not None:
+        out["density_disagreement"] = scored.disagreement
     if scored.unfamiliarity is not None:
         out["unfamiliarity"] = scored.unfamiliarity
     return out
@@ -173,17 +190,21 @@ def figures(scored: Scored, ood: Scored | None, target_accuracy: float, measure:
 
     s = scored.summary
     correct = scored.correct
-    review = pick_review_threshold(s.measure(measure), correct, target_accuracy, measure)
+    if measure in DENSITY_MEASURES and scored.disagreement is None:
+        # a run without the density (a --reference .keras model): its referral curve uses the head's own measure,
+        # and the bundle's rule, which rests on the density, is not applied to it (no "flagged" figures)
+        measure, rule = "predictive_entropy", None
+    review = pick_review_threshold(scored.measure(measure), correct, target_accuracy, measure)
     out = core_figures(scored)
     out.update({
         "referral_at_target": 1.0 - review.coverage,
         "review_threshold": review.threshold if review.reached else None,
         "target_accuracy": target_accuracy,
-        "selective": metrics.selective_accuracy_curve(s.measure(measure), correct),
+        "selective": metrics.selective_accuracy_curve(scored.measure(measure), correct),
         "reliability": metrics.reliability_bins(s.mean, scored.targets),
     })
     if rule is not None:
-        out["flagged"] = {"in_distribution": flag_rates(s.measure(rule["measure"]), scored.unfamiliarity, rule,
+        out["flagged"] = {"in_distribution": flag_rates(scored.measure(rule["measure"]), scored.unfamiliarity, rule,
                                                         correct)}
     if ood is not None:
         ind, far = measures_of(scored), measures_of(ood)
@@ -192,7 +213,7 @@ def figures(scored: Scored, ood: Scored | None, target_accuracy: float, measure:
         out["ood_fpr_at_95_tpr"] = {m: metrics.fpr_at_tpr(ind[m], far[m]) for m in names}
         out["ood_roc"] = {m: metrics.roc_curve(ind[m], far[m]) for m in names}
         if rule is not None:
-            out["flagged"]["ood"] = flag_rates(ood.summary.measure(rule["measure"]), ood.unfamiliarity, rule)
+            out["flagged"]["ood"] = flag_rates(ood.measure(rule["measure"]), ood.unfamiliarity, rule)
     return out
 
 
@@ -322,8 +343,9 @@ def evaluate_bundle(
     for run in runs:
         run.scored = score(run.model, run.head, run.spec, data, run.name)
         if ood_files:
-            logits, unfamiliarity = run_files(run.model, run.spec, ood_files, run.head, f"{run.name} ood")
-            run.ood = Scored(logits, summarize(logits), np.full(len(logits), -1), unfamiliarity)
+            logits, unfamiliarity, disagreement = run_files(run.model, run.spec, ood_files, run.head,
+                                                            f"{run.name} ood")
+            run.ood = Scored(logits, summarize(logits), np.full(len(logits), -1), unfamiliarity, disagreement)
         run.figures = figures(run.scored, run.ood, target_accuracy, measure, rule)
     inputs = [np.zeros(r.model.input.shape, dtype=r.model.input.dtype) for r in runs]
     times = interleaved_latency([r.model for r in runs], inputs, runs=latency_runs, warmup=5)

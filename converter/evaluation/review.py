@@ -15,14 +15,15 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeq.errors import DataError
-from edgeq.uncertainty import MEASURES, pick_review_threshold
+from edgeq.manifest import REVIEW_MEASURES
+from edgeq.uncertainty import pick_review_threshold
 
 
 def calibrate_rule(values: np.ndarray, correct: np.ndarray, measure: str, target_accuracy: float, budget: float,
                    unfamiliar_threshold: float | None = None, ood_rate: float | None = None,
                    log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    if measure not in MEASURES:
-        raise DataError(f"--review-measure {measure!r}: choose one of {', '.join(MEASURES)}")
+    if measure not in REVIEW_MEASURES:
+        raise DataError(f"--review-measure {measure!r}: choose one of {', '.join(REVIEW_MEASURES)}")
     values = np.asarray(values, np.float64)
     rule = pick_review_threshold(values, correct, target_accuracy, measure).to_dict()
     if rule["reached"] and rule["coverage"] >= 1.0 - budget:

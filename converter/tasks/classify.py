@@ -134,6 +134,7 @@ class ClassifyTask(_ClassifyDensity, Task):
 
     def check(self, ctx: "ConvertContext") -> None:
         super().check(ctx)
+        ctx.recipe.validation.measure_for("classify", ctx.recipe.density.density != "off")  # refused before the work
         if ctx.recipe.bayes.samples is not None and ctx.source.keras_model is None:
             raise ModelError(f"{ctx.source.origin}: --bayes-samples needs a .keras model with a BayesDense head, "
                              "not a SavedModel")
@@ -204,8 +205,9 @@ class ClassifyTask(_ClassifyDensity, Task):
         validation = compare_scored(reference, quantised)
         validation["source"] = str(ctx.recipe.validation.val)
         v = ctx.recipe.validation
-        values = quantised.summary.measure(v.review_measure)
-        rule = calibrate_rule(values, quantised.correct, v.review_measure, v.target_accuracy, v.review_budget,
+        measure = v.measure_for("classify", ctx.density is not None)
+        values = quantised.measure(measure)
+        rule = calibrate_rule(values, quantised.correct, measure, v.target_accuracy, v.review_budget,
                               unfamiliar_threshold(ctx, v.review_ood_rate), v.review_ood_rate, ctx.log)
         ctx.head["review"] = rule
         validation["review"] = flag_rates(values, quantised.unfamiliarity, rule, quantised.correct)

@@ -59,9 +59,10 @@ class DetectTask(Task):
             raise QuantizationError(f"--quant {ctx.recipe.quant.mode.value}: a detector converts to int8 (default) "
                                     "or float32")
         deterministic = not isinstance(class_head(ctx.source.keras_model), bayes.bayes_dense_class())
-        if ctx.recipe.validation.val and deterministic and ctx.recipe.validation.review_measure != "predictive_entropy":
-            raise ModelError(f"--review-measure {ctx.recipe.validation.review_measure}: the detector's class head is "
-                             "deterministic; only predictive_entropy applies")
+        measure = ctx.recipe.validation.measure_for("detect", True)  # refuses the classifier's density measure
+        if ctx.recipe.validation.val and deterministic and measure != "predictive_entropy":
+            raise ModelError(f"--review-measure {measure}: the detector's class head is deterministic; only "
+                             "predictive_entropy applies")
 
     # -- head export ----------------------------------------------------------------------------------------
     def bayes_head(self, ctx: "ConvertContext") -> bool:
@@ -149,7 +150,7 @@ class DetectTask(Task):
         matched = match_all(quantised, coco, detector["category_ids"], detector["score_threshold"])
         if ctx.density is not None:
             _detection_reference(ctx, matched)
-        rule = calibrate_detection_rule(matched, v.review_measure, v.target_accuracy, v.review_budget,
+        rule = calibrate_detection_rule(matched, v.measure_for("detect", True), v.target_accuracy, v.review_budget,
                                         unfamiliar_threshold(ctx, v.review_ood_rate), v.review_ood_rate, ctx.log)
         ctx.head["review"] = rule
         if rule is None:
