@@ -65,6 +65,7 @@ def measure(work: Path) -> dict:
         model.set_input(x)
         model.invoke()
         dets = grid.read(model, size, threshold)
+        dets = dets.take(tf.visible(tf.boxes_to_frame(dets.boxes)))  # what the device publishes
         y = grid.density.whitened(grid.raw(model), dets.cells)
         # the unfamiliarity slot carries each detection's row in `coords`, so that match_all's order maps back
         index = np.arange(len(coords), len(coords) + len(dets), dtype=np.float64)

@@ -161,6 +161,8 @@ class GridDecoder:
     def decode(self, raw: dict[int, np.ndarray], transform: FrameTransform) -> list[dict[str, Any]]:
         d = self.grid.decode(raw, self.input_size, self.score_threshold)
         frame_boxes = transform.boxes_to_frame(d.boxes)
+        on_frame = transform.visible(frame_boxes)
+        d, frame_boxes = d.take(on_frame), frame_boxes[on_frame]
         mc = d.samples > 1
         values = d.measure(self.policy.measure)
         out = []
@@ -207,8 +209,10 @@ def decode_ssd(
     scores = np.asarray(scores).reshape(-1)[:n]
     keep = scores >= threshold
     frame_boxes = transform.boxes_to_frame(boxes[keep])
+    on_frame = transform.visible(frame_boxes)
+    frame_boxes, classes, scores = frame_boxes[on_frame], classes[keep][on_frame], scores[keep][on_frame]
     out = []
-    for box, c, s in zip(frame_boxes, classes[keep], scores[keep]):
+    for box, c, s in zip(frame_boxes, classes, scores):
         label = labels[int(c)] if 0 <= int(c) < len(labels) else str(int(c))
         out.append({
             "label": label, "class_id": int(c), "score": round(float(s), 6), **box_fields(box, transform),

@@ -15,7 +15,7 @@ distributions at its cell: predictive entropy, aleatoric entropy, mutual informa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Sequence
 
 import numpy as np
@@ -52,6 +52,13 @@ class Detections:
 
     def __len__(self) -> int:
         return int(len(self.scores))
+
+    def take(self, keep: np.ndarray) -> "Detections":
+        """The detections ``keep`` selects (a bool mask or indices), every per-detection field alike."""
+        n = len(self)
+        per_detection = {f.name: getattr(self, f.name)[keep] for f in fields(self)
+                         if isinstance(getattr(self, f.name), np.ndarray) and len(getattr(self, f.name)) == n}
+        return replace(self, **per_detection)
 
     def measure(self, name: str) -> np.ndarray:
         value = getattr(self, name)

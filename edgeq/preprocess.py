@@ -164,6 +164,14 @@ class FrameTransform:
         out[..., 1::2] = xs
         return np.clip(out, 0.0, 1.0)
 
+    def visible(self, frame_boxes: np.ndarray) -> np.ndarray:
+        """``[N]`` bool: which boxes from :meth:`boxes_to_frame` cover at least one frame pixel each way. A box the
+        model puts in the letterbox padding is clipped to the frame's edge with no height or width left; it is not
+        on the frame, so it is not a detection."""
+        b = np.asarray(frame_boxes, dtype=np.float32).reshape(-1, 4)
+        return (((b[:, 2] - b[:, 0]) * self.frame_height >= 1.0)
+                & ((b[:, 3] - b[:, 1]) * self.frame_width >= 1.0))
+
 
 class Preprocessor:
     """Turns BGR uint8 frames into model input, writing into one preallocated buffer.

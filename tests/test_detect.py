@@ -21,8 +21,9 @@ VAL_SCENES = 100  # enough int8 detections of known objects (>= 20) to read perc
 KNOWN = ("tshirt", "trouser", "sneaker")  # three classes a short training tells apart; bag is the unknown object
 KNOWN_IDS = [1, 2, 8]  # their COCO category ids (Fashion-MNIST index + 1)
 OTHERS = "pullover,dress,coat,sandal,shirt,ankle_boot"
-# the quality floor of this short, seeded training (measured: int8 mAP@0.5 about 0.2 on the 60 validation scenes)
-MAP50_FLOOR = 0.10
+# the quality floor of this short, seeded training (measured on an AMD EPYC: int8 mAP@0.5 0.35 on the 100 validation
+# scenes with 16 epochs, 64 int8 detections of known objects; with 10 it was 0.11 and 14, under the 20 needed)
+MAP50_FLOOR = 0.15
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def backbone(tmp_path_factory) -> Path:
 def detector(scenes, backbone, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("det") / "det.keras"
     r = run_edgeq("train", "--task", "detect", str(scenes["train"]), "--val", str(scenes["val"]), "-o", str(out),
-                  "--init-backbone", str(backbone), "--input-size", str(SIZE), "--epochs", "10", "--bayes-epochs", "5",
+                  "--init-backbone", str(backbone), "--input-size", str(SIZE), "--epochs", "16", "--bayes-epochs", "5",
                   "--batch-size", "16", "--augment-copies", "1", "--json", timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)

@@ -68,6 +68,32 @@ def test_letterbox_keeps_aspect_and_maps_boxes_back():
     np.testing.assert_allclose(t.boxes_to_frame(model_box), [0.25, 0.25, 0.75, 0.75], atol=1e-6)
 
 
+def test_a_box_in_the_letterbox_padding_is_not_on_the_frame():
+    _, t = Preprocessor(PreprocessSpec(64, 64, 3, resize="letterbox", mean=(0,), std=(1,)))(
+        np.zeros((100, 200, 3), dtype=np.uint8))
+    boxes = np.array([[2 / 64, 0.2, 14 / 64, 0.5],      # inside the top band (rows 0-15): clipped to no height
+                      [10 / 64, 0.2, 17 / 64, 0.5],     # reaches 3 frame rows into the image
+                      [24 / 64, 0.25, 40 / 64, 0.75]])  # the middle of the frame
+    frame_boxes = t.boxes_to_frame(boxes)
+    assert frame_boxes[0, 0] == frame_boxes[0, 2] == 0.0
+    assert t.visible(frame_boxes).tolist() == [False, True, True]
+
+
+def test_detections_take_selects_every_per_detection_field():
+    from edgeq.detection import Detections
+
+    n = 3
+    d = Detections(boxes=np.arange(12, dtype=np.float32).reshape(n, 4), classes=np.array([0, 1, 2]),
+                   scores=np.array([0.9, 0.8, 0.7]), objectness=np.ones(n), probabilities=np.eye(n),
+                   predictive_entropy=np.arange(n) * 0.1, aleatoric=np.zeros(n), mutual_information=np.zeros(n),
+                   std=np.zeros(n), samples=32, cells=np.array([5, 6, 7]), unfamiliarity=np.array([1.0, 2.0, 3.0]))
+    t = d.take(np.array([True, False, True]))
+    assert len(t) == 2 and t.samples == 32
+    assert t.classes.tolist() == [0, 2] and t.cells.tolist() == [5, 7] and t.unfamiliarity.tolist() == [1.0, 3.0]
+    assert t.boxes.shape == (2, 4) and t.probabilities.tolist() == [[1, 0, 0], [0, 0, 1]]
+    assert len(d.take(np.zeros(n, bool))) == 0
+
+
 def test_stretch_maps_boxes_identically():
     _, t = Preprocessor(PreprocessSpec(32, 32, 3))(np.zeros((10, 50, 3), dtype=np.uint8))
     box = np.array([[0.1, 0.2, 0.5, 0.9]])
