@@ -11,7 +11,8 @@ of unknown input:
 - ``photos``: 28x28 greyscale crops of the photographs in ``skimage.data`` (astronaut, coffee, chelsea, ...).
 
 For every measure the bundle publishes: AUROC and FPR at 95% TPR, float and int8; how the bundle's default
-``needs_review`` rule flags each set, and the accuracy of what it leaves unflagged. Alternatives to the shipped
+``needs_review`` rule flags each set, and the accuracy of what it leaves unflagged; how well each ambiguity measure
+ranks the wrong in-distribution results above the right ones (``ambiguity``). Alternatives to the shipped
 measure are scored side by side on the float features (``alternatives``): energy and max logit from the logits,
 Mahalanobis on the penultimate features alone (full rank), k-NN distance on L2-normalised penultimate features, the
 shipped taps at full rank. Cost: invoke latency with and without the measure, interleaved, 1 thread; peak RSS of
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         result["in_distribution"] = {run.name: {"top1": round(run.figures["top1"], 4),
                                                 "flagged": run.figures["flagged"]["in_distribution"]}
                                      for run in first}
+        result["ambiguity"] = {run.name: ambiguity(run.scored) for run in first}
         result["alternatives"] = alternatives(model, b, train_dir, test_dir, ood)
         result["cost"] = cost(bundles["int8"], bundles["int8_no_density"], test_dir, tmp, args.runs)
         result["targets"] = {"auroc_int8": {"digits": 0.97, "held_out": 0.80, "photos": 0.90},
@@ -183,6 +185,26 @@ def main(argv: list[str] | None = None) -> int:
                              "unflagged_accuracy_gain_points": 5}
     write_result("unknowns", result)
     return 0
+
+
+def ambiguity(scored, budget: float = 0.10) -> dict:
+    """How well each ambiguity measure the bundle publishes ranks its wrong in-distribution results above its right
+    ones: the AUROC of that ranking, and the accuracy of the results kept when the ``budget`` most ambiguous are
+    set aside (the same share for every measure, its threshold read on these results themselves, so the measures
+    compare on equal terms; the bundle's own rule is calibrated on --val: ``in_distribution``'s flagged figures)."""
+    from edgeq.converter.evaluation import metrics
+    from edgeq.converter.evaluation.classify import measures_of
+
+    correct = scored.correct
+    out = {"budget": budget, "accuracy_all": round(float(correct.mean()), 4)}
+    for name, values in measures_of(scored).items():
+        if name == "unfamiliarity":
+            continue  # a novelty score, not an ambiguity one
+        v = np.asarray(values, np.float64)
+        kept = v <= np.quantile(v, 1.0 - budget)
+        out[name] = {"error_auroc": round(metrics.roc_auc(v[correct], v[~correct]), 4),
+                     "accuracy_kept": round(float(correct[kept].mean()), 4)}
+    return out
 
 
 def _round(d: dict) -> dict:
