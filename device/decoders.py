@@ -110,8 +110,9 @@ class ClassificationDecoder:
         uncertainty = result_uncertainty(summary, (0,))
         unfamiliarity = self.head.unfamiliarity(raw)
         disagreement = self.head.disagreement(raw, int(order[0]))
-        if disagreement is not None:
-            uncertainty["density_disagreement"] = finite_or_none(disagreement)
+        published = None if disagreement is None else finite_or_none(disagreement)
+        if published is not None:  # like unfamiliarity: a non-finite value is left out, and flags the result
+            uncertainty["density_disagreement"] = published
         if self.policy.measure in DENSITY_MEASURES:
             ambiguity = np.nan if disagreement is None else disagreement  # unknown: flagged, never trusted
         else:

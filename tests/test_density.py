@@ -214,6 +214,44 @@ def test_payload_drops_a_nan_unfamiliarity_and_flags_it():
     assert ok["needs_review"] is False and ok["review_reason"] is None
 
 
+def test_payload_drops_a_nan_density_disagreement_and_flags_it_ambiguous():
+    """A classifier result whose density disagreement is not finite: the key is left out (never NaN or null in
+    JSON, which the schema would refuse), and a rule resting on it flags the result ambiguous."""
+    import json
+
+    import jsonschema
+
+    from device.decoders import ClassificationDecoder, ReviewPolicy
+    from edgeq.bundle import message_schema
+
+    class Head:  # the bound head's parts decode() reads: logits, and the density's two values
+        density = None
+
+        def sample_logits(self, raw):
+            return np.array([[3.0, 0.0]])
+
+        def unfamiliarity(self, raw):
+            return None
+
+        def disagreement(self, raw, predicted):
+            return self.value
+
+    head = Head()
+    decoder = object.__new__(ClassificationDecoder)  # a decoder without a model: its decode step alone
+    decoder.head, decoder.labels, decoder.top_k = head, ["a", "b"], 1
+    decoder.policy = ReviewPolicy("density_disagreement", 0.5, None)
+    schema = message_schema("detections")
+    item_schema = schema["properties"]["detections"]["items"]
+    for value, published, flagged in ((float("nan"), False, True), (float("inf"), False, True), (0.25, True, False),
+                                      (0.75, True, True)):
+        head.value = value
+        [d] = decoder.decode({}, None)
+        assert ("density_disagreement" in d["uncertainty"]) is published, (value, d)
+        assert d["needs_review"] is flagged and d["review_reason"] == ("ambiguous" if flagged else None)
+        json.dumps(d, allow_nan=False)
+        jsonschema.validate(d, item_schema)
+
+
 # -- through the real converter and `edgeq run` ---------------------------------------------------------------
 
 def _run(bundle, source, tmp_path, *extra):
