@@ -159,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
           f"items were flagged ({k['flagged_unfamiliar']} as unfamiliar), the rest trusted.\n"
           "   'unfamiliar': the detection's features lie far from every class the detector was trained on (above "
           "the 95th percentile of its detections of known objects in the validation scenes); 'ambiguous': its class "
-          "is uncertain (docs/uncertainty.md)")
+          "is uncertain (the detector: its posterior samples disagree, MI; the classifier: its features sit between "
+          "known classes or with another one, disagreement) (docs/uncertainty.md)")
     return code
 
 
@@ -278,6 +279,8 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
             for d in payload["detections"][:1 if "/demo-items/" in msg.topic else None]:  # a classifier: top-1
                 u = d["uncertainty"] or {}
                 mi = f" MI={u['mutual_information']:.3f}" if "mutual_information" in u else ""
+                if "density_disagreement" in u:  # a classifier's ambiguity: whether its features sit with the label
+                    mi += f" disagreement={u['density_disagreement']:.2f}"
                 unf = (f" unfamiliarity={u['unfamiliarity']:.0f} (pct {u['unfamiliarity_percentile']:.0f})"
                        if u.get("unfamiliarity") is not None else "")
                 review = f"  NEEDS REVIEW: {d['review_reason']}" if d.get("needs_review") else "  trusted"
