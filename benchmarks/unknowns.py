@@ -303,8 +303,8 @@ def cost(with_density: Path, without: Path, test_dir: Path, tmp: Path, runs: int
 
 
 def finish_ms(bundle, model, test_dir: Path, runs: int) -> float:
-    """Median time of the density's numpy finish on the device (reading its projection output, scoring), over
-    ``runs`` test images, one invoke each."""
+    """Median time of the density's numpy finish on the device (reading its projection output, the unfamiliarity
+    score and the density disagreement), over ``runs`` test images, one invoke each."""
     from edgeq.heads import HeadSpec
     from edgeq.preprocess import Preprocessor, list_images, read_image
 
@@ -320,6 +320,7 @@ def finish_ms(bundle, model, test_dir: Path, runs: int) -> float:
         t0 = time.perf_counter()
         raw = {t.index: model.get(t) for t in head.density.tensors}
         head.density.scores(raw)
+        head.density.disagreement(raw, np.zeros(1, np.int64))  # its cost does not depend on the predicted class
         times.append(time.perf_counter() - t0)
     return round(1e3 * float(np.median(times)), 4)
 
