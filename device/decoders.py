@@ -108,8 +108,7 @@ class ClassificationDecoder:
         p = summary.mean[0]
         order = np.argsort(-p, kind="stable")[: self.top_k]
         uncertainty = result_uncertainty(summary, (0,))
-        unfamiliarity = self.head.unfamiliarity(raw)
-        disagreement = self.head.disagreement(raw, int(order[0]))
+        unfamiliarity, disagreement = self.head.density_measures(raw, int(order[0]))
         published = None if disagreement is None else finite_or_none(disagreement)
         if published is not None:  # like unfamiliarity: a non-finite value is left out, and flags the result
             uncertainty["density_disagreement"] = published

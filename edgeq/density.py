@@ -87,11 +87,23 @@ class DensityModel:
         """``[N]`` scores from whitened coordinates ``[N, d]``: the squared distance to the nearest class mean, or
         with references to the ``neighbours``-th nearest of them. Sums of integers (exact in any order), then one
         exact scaling by a power of two."""
+        return self.measures(projection)[0]
+
+    def measures(self, projection: np.ndarray, predicted: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`scores`, and with ``predicted`` classes :meth:`disagreement` too, from one pass onto the grid and
+        (for the nearest-mean score) one set of distances to the class means: what a classifier's device finish
+        publishes for every image."""
         y = self.on_grid(np.reshape(projection, (-1, self.rank)))
         _, refs, norms = self._grid
+        if not len(y):
+            return np.zeros(0), None if predicted is None else np.zeros(0)
+        means = self._mean_distances(y) if refs is None or predicted is not None else None
         if refs is not None:
-            return kth_nearest_squared(y, refs, self.neighbours, norms) / (GRID * GRID)
-        return np.min(self._mean_distances(y), axis=1) if len(y) else np.zeros(0)
+            scores = kth_nearest_squared(y, refs, self.neighbours, norms) / (GRID * GRID)
+        else:
+            scores = np.min(means, axis=1)
+        return scores, None if predicted is None else _one_minus_posterior(means, predicted)
 
     def _mean_distances(self, y_grid: np.ndarray) -> np.ndarray:
         """``[N, C]`` squared distances from grid coordinates to every class mean (exact integer sums, scaled)."""
@@ -106,17 +118,20 @@ class DensityModel:
         benchmarks/unknowns.py's classifier it ranks the wrong results above the right ones better than the
         predictive entropy). Computed in log space, so far-off classes never overflow."""
         y = self.on_grid(np.reshape(projection, (-1, self.rank)))
-        if not len(y):
-            return np.zeros(0)
-        logits = -0.5 * self._mean_distances(y)
-        top = logits.max(axis=1, keepdims=True)
-        log_norm = top[:, 0] + np.log(np.sum(np.exp(logits - top), axis=1))
-        log_q = logits[np.arange(len(y)), np.asarray(predicted, np.int64).reshape(-1)] - log_norm
-        return -np.expm1(log_q)
+        return _one_minus_posterior(self._mean_distances(y), predicted) if len(y) else np.zeros(0)
 
     def percentile(self, scores: np.ndarray) -> np.ndarray:
         """Percent of the held-out in-distribution scores at or below each score (0 to 100)."""
         return 100.0 * np.searchsorted(self.reference, np.asarray(scores, np.float64), side="right") / len(self.reference)
+
+
+def _one_minus_posterior(mean_distances: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """``1 - softmax(-d^2 / 2)[predicted]`` per row of ``[N, C]`` squared distances, in log space."""
+    logits = -0.5 * mean_distances
+    top = logits.max(axis=1, keepdims=True)
+    log_norm = top[:, 0] + np.log(np.sum(np.exp(logits - top), axis=1))
+    log_q = logits[np.arange(len(logits)), np.asarray(predicted, np.int64).reshape(-1)] - log_norm
+    return -np.expm1(log_q)
 
 
 def ordinal(k: int) -> str:
@@ -153,10 +168,10 @@ class BoundDensity:
         """Scores of one image (a classifier: ``[1]``), or of the grid ``cells`` given (a detector)."""
         return self.density.scores(self.whitened(raw, cells))
 
-    def disagreement(self, raw: dict[int, np.ndarray], predicted: np.ndarray, cells: np.ndarray | None = None
-                     ) -> np.ndarray:
-        """:meth:`DensityModel.disagreement` of one image (``[1]``), or of the grid ``cells`` given."""
-        return self.density.disagreement(self.whitened(raw, cells), predicted)
+    def measures(self, raw: dict[int, np.ndarray], predicted: np.ndarray | None = None,
+                 cells: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`DensityModel.measures` of one image (``[1]``), or of the grid ``cells`` given."""
+        return self.density.measures(self.whitened(raw, cells), predicted)
 
     def whitened(self, raw: dict[int, np.ndarray], cells: np.ndarray | None = None) -> np.ndarray:
         """``[N, rank]`` whitened coordinates of one image, or of the grid ``cells`` given."""

@@ -81,14 +81,13 @@ class BoundHead:
         """Every output the device copies after an invoke: the head's, and the density's."""
         return self.tensors + (self.density.tensors if self.density is not None else [])
 
-    def unfamiliarity(self, raw: dict[int, np.ndarray]) -> float | None:
-        """The image's unfamiliarity (edgeq/density.py), None without a density."""
-        return None if self.density is None else float(self.density.scores(raw)[0])
-
-    def disagreement(self, raw: dict[int, np.ndarray], predicted: int) -> float | None:
-        """One minus the density's probability of the ``predicted`` class (edgeq/density.py), None without a
-        density."""
-        return None if self.density is None else float(self.density.disagreement(raw, np.array([predicted]))[0])
+    def density_measures(self, raw: dict[int, np.ndarray], predicted: int) -> tuple[float | None, float | None]:
+        """The image's unfamiliarity and its disagreement with the ``predicted`` class, from one pass of the
+        density's numpy finish; ``(None, None)`` without a density."""
+        if self.density is None:
+            return None, None
+        scores, disagreement = self.density.measures(raw, np.array([predicted]))
+        return float(scores[0]), float(disagreement[0])
 
     def sample_logits(self, raw: dict[int, np.ndarray]) -> np.ndarray:
         """``[K, C]`` float logits from the raw (possibly quantised) output values, keyed by tensor index."""

@@ -179,6 +179,22 @@ def test_disagreement_is_one_minus_the_gaussian_posterior_of_the_predicted_class
     assert m.disagreement(np.zeros((0, 6)), np.zeros(0, int)).shape == (0,)
 
 
+def test_one_pass_gives_the_scores_and_the_disagreement_of_separate_calls():
+    """measures(): the device's finish, one pass onto the grid for both values, equal to the two calls alone, for
+    the nearest-mean score and the k-NN one."""
+    rng = np.random.default_rng(4)
+    means = rng.normal(0, 2.0, (3, 5))
+    y = rng.normal(0, 2.0, (9, 5))
+    predicted = rng.integers(0, 3, len(y))
+    for m in (DensityModel(5, means, np.arange(1.0, 11.0)),
+              DensityModel(5, means, np.arange(1.0, 11.0), rng.normal(0, 2.0, (40, 5)), neighbours=3)):
+        scores, disagreement = m.measures(y, predicted)
+        np.testing.assert_array_equal(scores, m.scores(y))
+        np.testing.assert_array_equal(disagreement, m.disagreement(y, predicted))
+        assert m.measures(y)[1] is None
+        assert [a.shape for a in m.measures(np.zeros((0, 5)), np.zeros(0, int))] == [(0,), (0,)]
+
+
 def test_percentile_reads_the_reference():
     m = DensityModel(2, np.zeros((1, 2)), np.sort(np.arange(1.0, 101.0)))
     np.testing.assert_allclose(m.percentile(np.array([0.5, 1.0, 50.0, 100.0, 1e9])), [0, 1, 50, 100, 100])
@@ -230,11 +246,8 @@ def test_payload_drops_a_nan_density_disagreement_and_flags_it_ambiguous():
         def sample_logits(self, raw):
             return np.array([[3.0, 0.0]])
 
-        def unfamiliarity(self, raw):
-            return None
-
-        def disagreement(self, raw, predicted):
-            return self.value
+        def density_measures(self, raw, predicted):
+            return None, self.value
 
     head = Head()
     decoder = object.__new__(ClassificationDecoder)  # a decoder without a model: its decode step alone

@@ -50,9 +50,10 @@ def run_files(
         raw = head.raw(model)
         logits = head.sample_logits(raw).copy()
         rows.append(logits)
-        unfamiliar.append(head.unfamiliarity(raw))
-        if head.density is not None:  # the device's top label: the mean probability's (first) largest
-            disagree.append(head.disagreement(raw, int(summarize(logits[None]).mean[0].argmax())))
+        # the device's top label: the mean probability's (first) largest
+        u, d = head.density_measures(raw, int(summarize(logits[None]).mean[0].argmax()))
+        unfamiliar.append(u)
+        disagree.append(d)
     if head.density is None:
         return np.stack(rows), None, None
     return np.stack(rows), np.asarray(unfamiliar, np.float64), np.asarray(disagree, np.float64)
