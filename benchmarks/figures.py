@@ -133,6 +133,12 @@ README: list[Row] = [
     ("same: accuracy of unflagged vs all in-distribution results, int8",
      lambda r: f"{r['unknowns'].in_distribution['quantized']['flagged']['accuracy_unflagged']:.4f} vs "
                f"{r['unknowns'].in_distribution['quantized']['flagged']['accuracy_all']:.4f}", "same"),
+    ("same: ranking wrong above right in-distribution results, AUROC int8: density disagreement (the default review "
+     "measure) vs predictive entropy; accuracy kept when the 10% most ambiguous are set aside",
+     lambda r: f"{_amb(r, 'density_disagreement', 'error_auroc', '{:.3f}')} vs "
+               f"{_amb(r, 'predictive_entropy', 'error_auroc', '{:.3f}')}; "
+               f"{_amb(r, 'density_disagreement', 'accuracy_kept', '{:.4f}')} vs "
+               f"{_amb(r, 'predictive_entropy', 'accuracy_kept', '{:.4f}')}", "same"),
     ("same: cost of the measure, invoke latency ratio / with the device's numpy finish / extra peak RSS of `edgeq run`",
      lambda r: f"{r['unknowns'].cost['latency_ratio']:.3f}x / {r['unknowns'].cost['invoke_plus_finish_ratio']:.3f}x / "
                f"{r['unknowns'].cost['rss_extra_mb']:+.1f} MB", "same"),
@@ -354,6 +360,11 @@ def _clustering(res: dict[str, R]) -> str:
 KINDS = {"digits": "MNIST digits", "held_out": "the 2 held-out classes (bag, sandal)", "photos": "photo crops"}
 
 
+def _amb(r: dict[str, R], measure: str, key: str, fmt: str) -> str:
+    """One figure of unknowns.json's ambiguity block, int8."""
+    return fmt.format(r["unknowns"].ambiguity["quantized"][measure][key])
+
+
 def _unknowns(res: dict[str, R]) -> str:
     """docs/uncertainty.md: every measure, float vs int8, per kind of unknown input; the rule's flags; the
     alternatives; the cost."""
@@ -378,7 +389,18 @@ def _unknowns(res: dict[str, R]) -> str:
                      f"{q['ambiguous']:.1%} |")
     gain = 100 * (fi["accuracy_unflagged"] - fi["accuracy_all"])
     lines += ["", f"Accuracy of the in-distribution results left unflagged vs all, int8: {fi['accuracy_unflagged']:.4f} vs "
-              f"{fi['accuracy_all']:.4f}, {gain:+.1f} points (target +{t['unflagged_accuracy_gain_points']})."]
+              f"{fi['accuracy_all']:.4f}, {gain:+.1f} points (target +{t['unflagged_accuracy_gain_points']}); "
+              f"the rule's ambiguous part rests on {r.review_rule['measure'].replace('_', ' ')}."]
+    amb = r.ambiguity
+    lines += ["", f"| ambiguity measure, in-distribution test images, int8 (float) | AUROC, wrong vs right results | "
+              f"accuracy kept when the {amb['quantized']['budget']:.0%} most ambiguous are set aside |", "|---|---|---|"]
+    for m, q in amb["quantized"].items():
+        if not isinstance(q, dict):
+            continue
+        f = amb["reference"][m]
+        lines.append(f"| {m.replace('_', ' ')} | {q['error_auroc']:.3f} ({f['error_auroc']:.3f}) | "
+                     f"{q['accuracy_kept']:.4f} ({f['accuracy_kept']:.4f}) |")
+    lines.append(f"| (all results) | | {amb['quantized']['accuracy_all']:.4f} ({amb['reference']['accuracy_all']:.4f}) |")
     alt = r.alternatives["float_features"]
     names = list(next(iter(alt.values())))
     lines += ["", "| alternative, float features (AUROC) | " + " | ".join(KINDS[k] for k in alt) + " |",
@@ -392,7 +414,7 @@ def _unknowns(res: dict[str, R]) -> str:
               f"vs {c['invoke_median_ms']['without']:.4f} ms = {c['latency_ratio']:.3f}x (target <= {t['latency_ratio']}x; "
               f"interleaved, 1 thread, XNNPACK {'whole graph' if c['runtime']['whole_graph'] else 'partial'}); with the "
               f"device's numpy finish after each invoke ({c['density_finish_median_ms']:.4f} ms: read the projection, "
-              f"score) {c['invoke_plus_finish_ratio']:.3f}x; peak RSS of "
+              f"unfamiliarity and disagreement) {c['invoke_plus_finish_ratio']:.3f}x; peak RSS of "
               f"`edgeq run` {c['rss_peak_mb']['with_density']:.1f} vs {c['rss_peak_mb']['without']:.1f} MB "
               f"({c['rss_extra_mb']:+.1f} MB); bundle {c['bundle_bytes']['with_density'] / 1e3:.0f} vs "
               f"{c['bundle_bytes']['without'] / 1e3:.0f} KB."]
