@@ -71,6 +71,11 @@ class ReviewPolicy:
         elif samples == 1 and measure != "predictive_entropy":
             raise ConfigError(f"thresholds.review_measure {measure!r}: {bundle.name} has a deterministic head; only "
                               "predictive_entropy applies")
+        if override[0] and override[1] is None and rule is not None and rule.threshold is not None \
+                and override[0] != rule.measure:
+            # the bundle's threshold is on its own measure's scale (an entropy in nats, a probability, ...)
+            raise ConfigError(f"thresholds.review_measure {measure!r}: {bundle.name}'s calibrated threshold is for "
+                              f"{rule.measure}; set thresholds.review to a threshold for {measure} as well")
         unfamiliar = rule.unfamiliar_threshold if rule is not None else None
         if unfamiliar_percentile is not None:
             if density is None:

@@ -278,7 +278,11 @@ def _run(bundle, source, tmp_path, *extra):
 
 
 def test_a_bundle_with_labelled_data_publishes_unfamiliarity(tiny_bundle, shapes_dir, tmp_path):
+    import json
+
     import jsonschema
+
+    from conftest import assert_clean_error, edgeq_here, run_edgeq
 
     from edgeq.bundle import message_schema, read_bundle
 
@@ -288,6 +292,19 @@ def test_a_bundle_with_labelled_data_publishes_unfamiliarity(tiny_bundle, shapes
     assert rule.unfamiliar_threshold is not None and rule.mode in ("target", "budget")
     # --review-measure auto: a classifier with a density rests its ambiguous part on the density's disagreement
     assert rule.measure == "density_disagreement" and 0.0 <= rule.threshold <= 1.0
+    # another measure in the device config needs its own threshold: the bundle's is on the disagreement's scale
+    cfg = tmp_path / "device.toml"
+    cfg.write_text('[thresholds]\nreview_measure = "predictive_entropy"\n')
+    assert_clean_error(edgeq_here("run", "--model", str(tiny_bundle), "--source", str(shapes_dir / "circle"),
+                                  "--config", str(cfg), "--output", "-", "--spool", str(tmp_path / "c.db")),
+                       "thresholds.review_measure", "density_disagreement", "thresholds.review")
+    cfg.write_text('[thresholds]\nreview_measure = "predictive_entropy"\nreview = 0.5\n')
+    r = run_edgeq("run", "--model", str(tiny_bundle), "--source", str(shapes_dir / "circle"), "--output", "-",
+                  "--spool", str(tmp_path / "e.db"), "--max-frames", "2", "--config", str(cfg))
+    msgs = [json.loads(ln) for ln in r.stdout.splitlines() if '"edgeq.detections"' in ln]
+    assert r.returncode == 0 and len(msgs) == 2, r.stderr[-2000:]
+    assert all(("ambiguous" in (d["review_reason"] or "")) is (d["uncertainty"]["predictive_entropy"] > 0.5)
+               for msg in msgs for d in msg["detections"])
     r, msgs = _run(tiny_bundle, shapes_dir / "circle", tmp_path, "--max-frames", "6")
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(msgs) == 6
