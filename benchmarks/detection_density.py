@@ -65,13 +65,13 @@ def measure(work: Path) -> dict:
         model.set_input(x)
         model.invoke()
         dets = grid.read(model, size, threshold)
-        dets = dets.take(tf.visible(tf.boxes_to_frame(dets.boxes)))  # what the device publishes
+        dets, boxes = dets.on_frame(tf)  # what the device publishes
         y = grid.density.whitened(grid.raw(model), dets.cells)
         # the unfamiliarity slot carries each detection's row in `coords`, so that match_all's order maps back
         index = np.arange(len(coords), len(coords) + len(dets), dtype=np.float64)
         coords.extend(y)
         h, w = frame.shape[:2]
-        boxes = tf.boxes_to_frame(dets.boxes) * np.array([h, w, h, w], np.float32)
+        boxes = boxes * np.array([h, w, h, w], np.float32)
         results.append(ImageDetections(int(im["id"]), boxes[:, [1, 0, 3, 2]],
                                        dataclasses.replace(dets, unfamiliarity=index)))
     matched = match_all(results, coco, ids, threshold)

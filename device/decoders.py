@@ -165,9 +165,7 @@ class GridDecoder:
 
     def decode(self, raw: dict[int, np.ndarray], transform: FrameTransform) -> list[dict[str, Any]]:
         d = self.grid.decode(raw, self.input_size, self.score_threshold)
-        frame_boxes = transform.boxes_to_frame(d.boxes)
-        on_frame = transform.visible(frame_boxes)
-        d, frame_boxes = d.take(on_frame), frame_boxes[on_frame]
+        d, frame_boxes = d.on_frame(transform)
         mc = d.samples > 1
         values = d.measure(self.policy.measure)
         out = []

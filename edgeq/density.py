@@ -98,12 +98,12 @@ class DensityModel:
         _, refs, norms = self._grid
         if not len(y):
             return np.zeros(0), None if predicted is None else np.zeros(0)
-        means = self._mean_distances(y) if refs is None or predicted is not None else None
+        to_means = self._mean_distances(y) if refs is None or predicted is not None else None
         if refs is not None:
             scores = kth_nearest_squared(y, refs, self.neighbours, norms) / (GRID * GRID)
         else:
-            scores = np.min(means, axis=1)
-        return scores, None if predicted is None else _one_minus_posterior(means, predicted)
+            scores = np.min(to_means, axis=1)
+        return scores, None if predicted is None else _one_minus_posterior(to_means, predicted)
 
     def _mean_distances(self, y_grid: np.ndarray) -> np.ndarray:
         """``[N, C]`` squared distances from grid coordinates to every class mean (exact integer sums, scaled)."""

@@ -16,7 +16,7 @@ distributions at its cell: predictive entropy, aleatoric entropy, mutual informa
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from edgeq.heads import bind_roles
 from edgeq.manifest import Density, Detector, Head, Manifest, OutputSpec
 from edgeq.runtime import Model, TensorInfo
 from edgeq.uncertainty import summarize
+
+if TYPE_CHECKING:
+    from edgeq.preprocess import FrameTransform
 
 GRID_ROLES = ("objectness", "boxes", "class_logits")
 # the centred layout adds each sample's deviation from the posterior-mean logits, with its own int8 scale
@@ -59,6 +62,14 @@ class Detections:
         per_detection = {f.name: getattr(self, f.name)[keep] for f in fields(self)
                          if isinstance(getattr(self, f.name), np.ndarray) and len(getattr(self, f.name)) == n}
         return replace(self, **per_detection)
+
+    def on_frame(self, transform: "FrameTransform") -> tuple["Detections", np.ndarray]:
+        """The detections that are on the frame, and their boxes mapped onto it (normalised): a box in the
+        letterbox padding has no pixel of the frame left (:meth:`FrameTransform.visible`) and is dropped. What the
+        device publishes, and so what ``edgeq eval`` counts."""
+        boxes = transform.boxes_to_frame(self.boxes)
+        keep = transform.visible(boxes)
+        return self.take(keep), boxes[keep]
 
     def measure(self, name: str) -> np.ndarray:
         value = getattr(self, name)

@@ -66,9 +66,8 @@ def run_detector(model: Model, grid: BoundGrid, spec: PreprocessSpec, coco: Coco
         model.invoke()
         dets = grid.read(model, size, score_threshold)
         h, w = frame.shape[:2]
-        frame_boxes = transform.boxes_to_frame(dets.boxes)
-        on_frame = transform.visible(frame_boxes)  # what the device publishes (device/decoders.py)
-        dets, frame_boxes = dets.take(on_frame), frame_boxes[on_frame] * np.array([h, w, h, w], np.float32)
+        dets, frame_boxes = dets.on_frame(transform)  # what the device publishes
+        frame_boxes = frame_boxes * np.array([h, w, h, w], np.float32)
         out.append(ImageDetections(int(im["id"]), frame_boxes[:, [1, 0, 3, 2]], dets))
     return out
 
