@@ -251,3 +251,26 @@ def test_broken_bundle_on_the_device_is_one_line_too(tmp_path, tiny_bundle):
     r = run_edgeq("run", "--model", str(bad), "--source", str(tmp_path), "--output", "-", "--spool",
                   str(tmp_path / "s.db"))
     assert_clean_error(r, "flipped.edgeq", "corrupt")
+
+
+# -- a device config that does not fit the bundle it runs: refused by `edgeq run` before the first frame ---------
+
+DEVICE_ROWS = [
+    # the bundle's calibrated threshold is on its own measure's scale (tiny_bundle's: density_disagreement)
+    ('[thresholds]\nreview_measure = "predictive_entropy"\n',
+     ["thresholds.review_measure", "density_disagreement", "thresholds.review"]),
+    # a deterministic head has no spread between samples
+    ('[thresholds]\nreview = 0.1\nreview_measure = "mutual_information"\n',
+     ["thresholds.review_measure", "deterministic"]),
+]
+
+
+@pytest.mark.parametrize("config,needles", DEVICE_ROWS, ids=["measure-without-threshold", "mi-deterministic"])
+def test_device_config_that_does_not_fit_the_bundle_is_one_line(config, needles, tmp_path, tiny_bundle, shapes_dir):
+    from conftest import edgeq_here
+
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(config)
+    assert_clean_error(edgeq_here("run", "--model", str(tiny_bundle), "--source", str(shapes_dir / "circle"),
+                                  "--config", str(cfg), "--output", "-", "--spool", str(tmp_path / "s.db")),
+                       *needles)
