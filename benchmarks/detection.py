@@ -133,7 +133,7 @@ def measure(argv: list[str] | None) -> dict:
         "float32_over_int8": round(med["float32_mc"] / med["int8_mc"], 4),
         "mc_head_over_mean_head": round(med["int8_mc_no_density"] / med["int8_mean_head"], 4),
         "density_over_no_density": round(med["int8_mc"] / med["int8_mc_no_density"], 4),
-        "unknown_object_features": feature_probe(det_path, bundles["int8"], work),
+        "unknown_object_features": feature_probe(det_path, bundles["int8"], work, cls_path),
         "sizes": {k: b.manifest.to_json()["sizes"]["model_tflite"] for k, b in bundles.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
@@ -202,15 +202,21 @@ PROBE_LAYERS = ("block_1_project_BN", "block_3_project_BN", "block_6_project_BN"
                 "block_12_project_BN", "neck_pw_bn", "neck", "class_features")
 
 
-def feature_probe(det_path: Path, bundle, work: Path, train_images: int = 1000, test_images: int = 300) -> dict:
+def feature_probe(det_path: Path, bundle, work: Path, backbone: Path, train_images: int = 1000,
+                  test_images: int = 300) -> dict:
     """Could any of the detector's features tell unknown objects from known ones? Per ground-truth object (no
     detection step, so misses do not matter): each layer's feature map averaged over the object's box, and the
-    neck at the box centre's cell; the shipped fit (converter/stages/density.py, top 256 directions) on the
-    training scenes' objects; AUROC of the distance for the test scenes' unknown vs known
-    objects. Float features (int8 tracks them: the quality table)."""
+    neck at the box centre's cell, also L2-normalised before the fit (which lifted a classifier's Mahalanobis
+    score in a probe, shared/FINDINGS.md); and the detector's starting ``backbone``, the classifier, on each
+    object's 96-pixel window as ``edgeq datasets crops`` cuts it (its pooled features): what the detector started
+    from. The shipped fit (converter/stages/density.py, top 256 directions) on the training scenes' objects; AUROC
+    of the distance for the test scenes' unknown vs known objects. Float features (int8 tracks them: the quality
+    table)."""
+    import dataclasses
+
     import keras
 
-    from edgeq.converter.data.coco import read_coco
+    from edgeq.converter.data.coco import object_window, read_coco
     from edgeq.converter.evaluation import metrics
     from edgeq.converter.models import bayes
     from edgeq.converter.stages.density import fit_gaussians
@@ -224,21 +230,33 @@ def feature_probe(det_path: Path, bundle, work: Path, train_images: int = 1000, 
     index = {c: i for i, c in enumerate(bundle.manifest.detector.category_ids)}
     pre = Preprocessor(bundle.preprocess_spec.with_dtype("float32"))
     size = bundle.preprocess_spec.height
+    classifier = keras.models.load_model(backbone, compile=False)
+    # edgeq train's classifier pools MobileNetV2's last features (pooling="avg") before its dropout and logits
+    pool = next(layer for layer in classifier.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D))
+    pooled = keras.Model(classifier.inputs, pool.output)
+    window = classifier.inputs[0].shape[1]
+    # the same normalisation as the detector's input, at the window's size (no resize: the window is that size)
+    pre_window = Preprocessor(dataclasses.replace(bundle.preprocess_spec.with_dtype("float32"), height=window,
+                                                  width=window))
 
     def objects(split: str, n: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         coco = read_coco(str(work / split))
-        feats: dict[str, list] = {k: [] for k in (*names, "neck_centre_cell")}
+        feats: dict[str, list] = {k: [] for k in (*names, "neck_centre_cell", "backbone_window")}
         targets: list[int] = []
         images = coco.images[:n]
         for start in range(0, len(images), 64):
-            batch, meta = [], []
+            batch, meta, windows = [], [], []
             for im in images[start:start + 64]:
-                x, tf = pre(read_image(coco.image_path(im)))
+                image = read_image(coco.image_path(im))
+                for box in coco.boxes[im["id"]]:
+                    windows.append(pre_window(object_window(image, box, window))[0][0].copy())
+                x, tf = pre(image)
                 scale = np.array([tf.scale_x, tf.scale_y] * 2, np.float32)
                 pad = np.array([tf.pad_x, tf.pad_y] * 2, np.float32)
                 batch.append(x[0].copy())  # x is the preprocessor's own buffer, overwritten by the next call
                 meta.append((coco.boxes[im["id"]] * scale + pad, coco.category_ids[im["id"]].tolist()))
             outs = extractor.predict(np.stack(batch), verbose=0)
+            feats["backbone_window"].extend(pooled.predict(np.stack(windows), verbose=0))
             for i, (boxes, cats) in enumerate(meta):
                 for box, cat in zip(boxes, cats):
                     for name, out in zip(names, outs):
@@ -266,6 +284,9 @@ def feature_probe(det_path: Path, bundle, work: Path, train_images: int = 1000, 
     out = {"objects": {"train": int(len(y)), "test_known": int((ty >= 0).sum()), "test_unknown": int((ty < 0).sum())},
            "auroc": {f"{n}_box_mean": auroc(fit[n], test[n]) for n in names}}
     out["auroc"]["neck_centre_cell"] = auroc(fit["neck_centre_cell"], test["neck_centre_cell"])
+    unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    out["auroc"]["neck_centre_cell_l2"] = auroc(unit(fit["neck_centre_cell"]), unit(test["neck_centre_cell"]))
+    out["auroc"]["starting_backbone_window_pooled"] = auroc(fit["backbone_window"], test["backbone_window"])
     early = [n for n in names if n.startswith("block_")]
     out["auroc"]["early_blocks_box_mean"] = auroc(np.concatenate([fit[n] for n in early], 1),
                                                   np.concatenate([test[n] for n in early], 1))

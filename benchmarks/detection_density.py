@@ -10,6 +10,12 @@ unknown objects by ``edgeq eval``'s code (COCOeval, IoU 0.5); AUROC of unknown v
 detections above the score that flags 5% of the known ones (the ``--review-ood-rate`` default). Also the numpy
 time of each score per detection (median of repeated runs over all test detections, 1 thread).
 
+``score_rules``: which detections there are to score depends on the detection score. The shipped score,
+objectness times the top class probability, is low where the classes disagree, which an unknown object's often
+do; the other row keeps a cell by its objectness alone (class-agnostic NMS; the label is still the top class).
+Each rule at its own best-F1 threshold on these scenes (``edgeq convert --val``'s rule): how many known and unknown
+objects it detects, and the shipped unfamiliarity's AUROC and 5%-rule flags on them.
+
     python benchmarks/detection_density.py --workdir /tmp/det-bench   # writes results/detection_density.json
 """
 
@@ -58,12 +64,13 @@ def measure(work: Path) -> dict:
     size = (b.preprocess_spec.height, b.preprocess_spec.width)
     ids, threshold = b.manifest.detector.category_ids, b.manifest.detector.score_threshold
     coco = read_coco(str(work / "test"))
-    results, coords = [], []
+    results, coords, frames = [], [], []
     for im in coco.images:
         frame = read_image(coco.image_path(im))
         x, tf = pre(frame)
         model.set_input(x)
         model.invoke()
+        frames.append((int(im["id"]), grid.raw(model), tf, frame.shape[:2]))
         dets = grid.read(model, size, threshold)
         dets, boxes = dets.on_frame(tf)  # what the device publishes
         y = grid.density.whitened(grid.raw(model), dets.cells)
@@ -98,7 +105,53 @@ def measure(work: Path) -> dict:
     return {"benchmark": "detection_density", "bundle": str(b.path), "rank": block.rank,
             "references": int(block.references.shape[0]), "neighbours": density.neighbours,
             "detections": {"known": int(len(known)), "unknown": int(len(unknown)), "all": int(len(y_all))},
-            "scores": out}
+            "scores": out, "score_rules": score_rules(grid, frames, size, coco, ids)}
+
+
+def score_rules(grid, frames: list, size: tuple[int, int], coco, ids: list[int]) -> dict:
+    """The shipped detection score vs objectness alone, each at its own best-F1 threshold (module docstring)."""
+    from edgeq.converter.evaluation.detect import EVAL_SCORE_THRESHOLD, ImageDetections, best_f1_threshold, match_all
+    from edgeq.converter.evaluation.metrics import roc_auc
+    from edgeq.detection import Detections, decode
+    from edgeq.uncertainty import summarize
+
+    spec = grid.spec
+    gh, gw = spec.grid
+
+    def by_objectness(raw: dict) -> Detections:
+        # decode with one class whose probability is 1: its score is the objectness and its NMS class-agnostic;
+        # then the label and the uncertainty come from the cells' real class samples
+        obj, box = (t.dequantize(raw[t.index]) for t in grid.tensors[:2])
+        d = decode(obj.reshape(gh, gw), box.reshape(gh, gw, 4), np.zeros((gh, gw, 1, 1), np.float32), spec.stride,
+                   size, EVAL_SCORE_THRESHOLD, spec.nms_iou, spec.max_candidates, spec.max_detections)
+        s = summarize(grid.class_samples(raw)[d.cells])
+        cls = s.mean.argmax(axis=1)
+        return dataclasses.replace(d, classes=cls, probabilities=s.mean, predictive_entropy=s.predictive_entropy,
+                                   aleatoric=s.aleatoric, mutual_information=s.mutual_information,
+                                   std=s.std[np.arange(len(cls)), cls], samples=spec.samples,
+                                   unfamiliarity=grid.density.scores(raw, d.cells))
+
+    rules = {"objectness_x_top_class_probability_shipped": lambda raw: grid.decode(raw, size, EVAL_SCORE_THRESHOLD),
+             "objectness_alone": by_objectness}
+    n_unknown = sum(int(np.isin(c, list(coco.unknown_category_ids)).sum()) for c in coco.category_ids.values())
+    out = {}
+    for name, read in rules.items():
+        results = []
+        for image_id, raw, tf, (h, w) in frames:
+            dets, boxes = read(raw).on_frame(tf)
+            boxes = boxes * np.array([h, w, h, w], np.float32)
+            results.append(ImageDetections(image_id, boxes[:, [1, 0, 3, 2]], dets))
+        f1 = best_f1_threshold(results, coco, ids)
+        m = match_all(results, coco, ids, f1["threshold"])
+        u = m.measures["unfamiliarity"]
+        cut = float(np.quantile(u[m.known], 0.95))
+        out[name] = {"threshold": f1["threshold"], "f1": f1["f1"], "known_detected": int(m.known.sum()),
+                     "known_correct": int(m.correct.sum()), "unknown_detected": int(m.unknown.sum()),
+                     "unknown_objects": n_unknown, "unmatched": int((~m.matched).sum()),
+                     "unfamiliarity_auroc": round(roc_auc(u[m.known], u[m.unknown]), 4),
+                     "unknown_flagged_at_5pct_known": round(float(np.mean(u[m.unknown] > cut)), 4)}
+        print(name, out[name], file=sys.stderr)
+    return out
 
 
 if __name__ == "__main__":

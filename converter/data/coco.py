@@ -125,6 +125,25 @@ def is_coco_path(path: str | Path) -> bool:
     return (p.is_file() and p.suffix == ".json") or (p.is_dir() and (p / "annotations.json").is_file())
 
 
+def object_window(image: np.ndarray, box: np.ndarray, size: int = 96, context: float = 1.25) -> np.ndarray:
+    """The ``size`` x ``size`` window of ``image`` (BGR) centred on ``box`` (x0, y0, x1, y1 in pixels), shifted to
+    stay inside the image, so the object keeps its pixel scale; a box that, times ``context``, does not fit is cut
+    with that margin and scaled down to ``size``. What :func:`write_object_crops` writes for each object."""
+    import cv2
+
+    h, w = image.shape[:2]
+    side = int(np.ceil(max(size, context * float(max(box[2] - box[0], box[3] - box[1])))))
+    if side > min(h, w):  # pad a small image, as the letterbox does, so the window fits
+        pad = side - min(h, w)
+        image = cv2.copyMakeBorder(image, 0, pad, 0, pad, cv2.BORDER_REPLICATE)
+        h, w = image.shape[:2]
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    x0 = int(np.clip(round(cx - side / 2), 0, w - side))
+    y0 = int(np.clip(round(cy - side / 2), 0, h - side))
+    crop = image[y0:y0 + side, x0:x0 + side]
+    return crop if side == size else cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+
+
 def write_object_crops(coco: CocoSet, out: str | Path, size: int = 96, context: float = 1.25) -> dict[str, Any]:
     """Cut every object of a known category out of ``coco``'s images into a class folder, ``out/<category>/*.png``,
     for ``edgeq train``: a backbone for a detector learns its objects as the detector will see them, on their own
@@ -172,19 +191,8 @@ def write_object_crops(coco: CocoSet, out: str | Path, size: int = 96, context: 
                 image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
             elif image.shape[2] == 4:  # a PNG with alpha: the colours, as the detector's preprocessing reads them
                 image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-            h, w = image.shape[:2]
             for k, box, cat in picks:
-                side = int(np.ceil(max(size, context * float(max(box[2] - box[0], box[3] - box[1])))))
-                if side > min(h, w):  # pad a small image, as the letterbox does, so the window fits
-                    pad = side - min(h, w)
-                    image = cv2.copyMakeBorder(image, 0, pad, 0, pad, cv2.BORDER_REPLICATE)
-                    h, w = image.shape[:2]
-                cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-                x0 = int(np.clip(round(cx - side / 2), 0, w - side))
-                y0 = int(np.clip(round(cy - side / 2), 0, h - side))
-                crop = image[y0:y0 + side, x0:x0 + side]
-                if side != size:
-                    crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+                crop = object_window(image, box, size, context)
                 name = known[cat]
                 if not cv2.imwrite(str(tmp / name / f"{im['id']:07d}_{k}.png"), crop):
                     raise DataError(f"{out}: cannot write the crops there; choose a writable folder")
