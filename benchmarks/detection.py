@@ -98,6 +98,20 @@ def measure(argv: list[str] | None) -> dict:
     # edgeq eval's code, the float32 bundle as the reference: both scored at the int8 bundle's score threshold
     report, _, _ = evaluate_detection(bundles["int8"], str(work / "test"), str(work / "detector_float32.edgeq"))
     quality = {"int8": report["models"]["quantized"], "float32": report["models"]["reference"]}
+    # the same int8 bundle with the density fitted on the features as they are (--density-normalise none), the
+    # default before it was l2: the same detections, scored without dividing by the features' length
+    unnormalised = work / "detector_int8_unnormalised.edgeq"
+    if not unnormalised.is_file():
+        convert(recipe_from_flags(str(det_path), unnormalised, calib=str(work / "train"), bayes_samples=args.samples,
+                                  bayes_layout=bundles["int8"].manifest.to_json()["head"]["layout"],
+                                  val=str(work / "test"), density_normalise="none"), log=quiet)
+    plain_report, _, _ = evaluate_detection(read_bundle(unnormalised), str(work / "test"))
+    u = plain_report["models"]["quantized"]
+    unnormalised_figures = {"detections": u["detections"], "matched_known": u["matched_known"],
+                            "matched_unknown": u["matched_unknown"],
+                            "unfamiliarity_auroc": u["unknown_auroc"]["unfamiliarity"],
+                            "unfamiliarity_fpr_at_95_tpr": u["unknown_fpr_at_95_tpr"]["unfamiliarity"],
+                            "flagged": u["flagged"]}
     for quant, figs in quality.items():
         log(f"{quant}: mAP@0.5 {figs['map50']:.4f}, mAP {figs['map']:.4f}, AUROC {figs['unknown_auroc']}")
 
@@ -133,6 +147,7 @@ def measure(argv: list[str] | None) -> dict:
         "float32_over_int8": round(med["float32_mc"] / med["int8_mc"], 4),
         "mc_head_over_mean_head": round(med["int8_mc_no_density"] / med["int8_mean_head"], 4),
         "density_over_no_density": round(med["int8_mc"] / med["int8_mc_no_density"], 4),
+        "int8_density_unnormalised": unnormalised_figures,
         "unknown_object_features": feature_probe(det_path, bundles["int8"], work, cls_path),
         "sizes": {k: b.manifest.to_json()["sizes"]["model_tflite"] for k, b in bundles.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -206,12 +221,12 @@ def feature_probe(det_path: Path, bundle, work: Path, backbone: Path, train_imag
                   test_images: int = 300) -> dict:
     """Could any of the detector's features tell unknown objects from known ones? Per ground-truth object (no
     detection step, so misses do not matter): each layer's feature map averaged over the object's box, and the
-    neck at the box centre's cell, also L2-normalised before the fit (which lifted a classifier's Mahalanobis
-    score in a probe, shared/FINDINGS.md); and the detector's starting ``backbone``, the classifier, on each
-    object's 96-pixel window as ``edgeq datasets crops`` cuts it (its pooled features): what the detector started
-    from. The shipped fit (converter/stages/density.py, top 256 directions) on the training scenes' objects; AUROC
-    of the distance for the test scenes' unknown vs known objects. Float features (int8 tracks them: the quality
-    table)."""
+    neck at the box centre's cell, as it is and L2-normalised before the fit (a detector's default,
+    ``--density-normalise``); and the detector's starting ``backbone``, the classifier, on each object's 96-pixel
+    window as ``edgeq datasets crops`` cuts it (its pooled features): what the detector started from. Each fitted
+    as the shipped nearest-mean score (converter/stages/density.py, top 256 directions) on the training scenes'
+    objects; AUROC of the distance for the test scenes' unknown vs known objects. Float features (int8 tracks
+    them: the quality table)."""
     import dataclasses
 
     import keras

@@ -231,6 +231,9 @@ class DensityRecipe:
                        "knn for a detector, gda for a classifier", choices=("auto", "gda", "knn"))
     neighbours: int = flag(10, "--density-neighbours", "K of --density-method knn (default 10)", type=int,
                            metavar="K")
+    normalise: str = flag("auto", "--density-normalise", "l2: divide the features by their length before the fit "
+                          "and on the device; none: as they are; auto (default): l2 for a detector, none for a "
+                          "classifier", choices=("auto", "none", "l2"))
 
     def __post_init__(self) -> None:
         if self.density not in ("auto", "off"):
@@ -245,6 +248,8 @@ class DensityRecipe:
             raise ModelError(f"--density-method {self.method!r}: choose auto, gda or knn")
         if self.neighbours < 1:
             raise ModelError(f"--density-neighbours {self.neighbours}: give at least 1")
+        if self.normalise not in ("auto", "none", "l2"):
+            raise ModelError(f"--density-normalise {self.normalise!r}: choose auto, none or l2")
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from edgeq.manifest import Density
 from edgeq.runtime import Model, TensorInfo
 
 PROJECTION_ROLE = "density_projection"
+FEATURES_ROLE = "density_features"  # normalise: l2, the features the projection is computed from (their length)
 # whitened coordinates are rounded to multiples of 1/GRID (a power of two: scaling by it is exact); within-class
 # coordinates are about 1, so this moves a distance by about 1e-4 of itself
 GRID = 4096.0
@@ -153,16 +154,26 @@ def kth_nearest_squared(y: np.ndarray, references: np.ndarray, k: int, norms: np
     return np.maximum(np.partition(d2, k - 1, axis=1)[:, k - 1], 0.0)
 
 
+def unit_length(features: np.ndarray) -> np.ndarray:
+    """``[N, F]`` features divided by their length (a zero vector stays zero): what a ``normalise: l2`` density is
+    fitted on. The graph's projection is linear, so the device gets the same coordinates by dividing the projection
+    of the raw features by their length (:meth:`BoundDensity.whitened`)."""
+    x = np.asarray(features, np.float64)
+    length = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(length > 0, length, 1.0)
+
+
 @dataclass(frozen=True)
 class BoundDensity:
-    """A density with the model's projection tensor."""
+    """A density with the model's projection tensor (and, for ``normalise: l2``, its features tensor)."""
 
     density: DensityModel
     projection: TensorInfo
+    features: TensorInfo | None = None
 
     @property
     def tensors(self) -> list[TensorInfo]:
-        return [self.projection]
+        return [self.projection] + ([self.features] if self.features is not None else [])
 
     def scores(self, raw: dict[int, np.ndarray], cells: np.ndarray | None = None) -> np.ndarray:
         """Scores of one image (a classifier: ``[1]``), or of the grid ``cells`` given (a detector)."""
@@ -176,7 +187,25 @@ class BoundDensity:
     def whitened(self, raw: dict[int, np.ndarray], cells: np.ndarray | None = None) -> np.ndarray:
         """``[N, rank]`` whitened coordinates of one image, or of the grid ``cells`` given."""
         p = self.projection.dequantize(raw[self.projection.index]).reshape(-1, self.density.rank)
-        return p if cells is None else p[cells]
+        p = p if cells is None else p[cells]
+        if self.features is None:
+            return p
+        return p / self.lengths(raw, cells)[:, None]
+
+    def lengths(self, raw: dict[int, np.ndarray], cells: np.ndarray | None = None) -> np.ndarray:
+        """``[N]`` the length of the features at each of ``cells`` (1 for a zero vector, whose projection is 0).
+        Of int8 features, ``scale * sqrt(sum((q - zero_point)^2))``: an exact integer sum, then one correctly
+        rounded square root and product, so x86 and ARM give the same bits (tests/arm)."""
+        t = self.features
+        assert t is not None
+        q = np.asarray(raw[t.index]).reshape(-1, t.shape[-1])
+        q = q if cells is None else q[cells]
+        if t.quantized:
+            v = q.astype(np.int64) - int(t.zero_point)
+            length = float(t.scale) * np.sqrt(np.sum(v * v, axis=1).astype(np.float64))
+        else:
+            length = np.linalg.norm(q.astype(np.float64), axis=1)
+        return np.where(length > 0, length, 1.0)
 
 
 def bind_density(block: Density | None, model: Model, outputs: list, where: str = "manifest") -> BoundDensity | None:
@@ -190,7 +219,16 @@ def bind_density(block: Density | None, model: Model, outputs: list, where: str 
     if projection.shape[-1] != block.rank:
         raise BundleError(f"{where}: output {PROJECTION_ROLE!r} has {projection.shape[-1]} channels; the density "
                           f"block needs {block.rank}")
-    return BoundDensity(DensityModel.from_block(block), projection)
+    features = None
+    if block.normalise == "l2":
+        spec = next((o for o in outputs if o.role == FEATURES_ROLE), None)
+        if spec is None:
+            raise BundleError(f"{where}: outputs have no {FEATURES_ROLE!r} entry, which density.normalise l2 needs")
+        features = model.find_output(spec.name, spec.shape)
+        if features.shape[-1] != block.features:
+            raise BundleError(f"{where}: output {FEATURES_ROLE!r} has {features.shape[-1]} channels; the density "
+                              f"block needs {block.features}")
+    return BoundDensity(DensityModel.from_block(block), projection, features)
 
 
 def finite_or_none(value: float, digits: int = 6) -> float | None:

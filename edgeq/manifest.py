@@ -196,9 +196,12 @@ class Density(Strict):
     one shared, shrunk covariance on the model's features (the covariance's top ``rank`` directions). The whitening
     is the graph's ``density_projection`` output. ``gda_shared_covariance``: the squared distance to the nearest
     class mean; ``knn_whitened``: the squared distance to the ``neighbours``-th nearest of ``references``, fitting
-    samples in the same coordinates."""
+    samples in the same coordinates. ``normalise: l2``: the fit is on the features divided by their length, and the
+    graph has the features as one more output (``density_features``) so that the device divides the projection by
+    their length (absent: the features as they are, as every bundle before it was)."""
 
     method: Literal["gda_shared_covariance", "knn_whitened"] = "gda_shared_covariance"
+    normalise: Literal["l2"] | None = None
     features: int = Field(ge=1)
     rank: int = Field(ge=1)
     eigenvalues: tuple[float, ...]

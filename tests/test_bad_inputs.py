@@ -52,6 +52,9 @@ ROWS = [
     ("convert {model} --calib {calib} --density-method knn --density-neighbours 5000 -o {out}",
      ["--density-neighbours 5000", "exceeds the", "reference samples"]),
     ("convert {model} --calib {calib} --review-budget 1.5 -o {out}", ["--review-budget 1.5"]),
+    # only a detector's density divides its features by their length (a classifier's sums several taps)
+    ("convert {model} --calib {calib} --val {calib} --density-normalise l2 -o {out}",
+     ["--density-normalise l2", "classify", "only a detector's", "--density-normalise none"]),
     # the density's disagreement needs the density: refused before the slow part, not after it
     ("convert {model} --calib {calib} --val {calib} --density off --review-measure density_disagreement -o {out}",
      ["--review-measure density_disagreement", "--density off"]),

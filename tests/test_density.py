@@ -416,3 +416,62 @@ def test_far_outside_the_data_is_clipped_not_overflowed():
     scores = density.scores(np.array([[1e12, -1e12, 1e300, 0.0], [1.0, 0.0, 0.0, 0.0]]))
     assert np.all(np.isfinite(scores)) and scores[0] > 1e6 and scores[1] == 1.0
     assert density.percentile(scores)[0] == 100.0
+
+
+def test_l2_the_device_divides_the_projection_by_the_int8_features_length():
+    """normalise l2: the fit is on unit-length features; the graph projects the raw features, and the device
+    divides by their length, read from the int8 features output as an exact integer sum. The result is the
+    projection of the unit-length features (the projection is linear), a zero vector stays at 0 (not NaN), and a
+    cell's coordinates do not change when its features are scaled."""
+    from edgeq.density import BoundDensity, unit_length
+    from edgeq.runtime import TensorInfo
+
+    rng = np.random.default_rng(5)
+    q = rng.integers(-128, 127, (6, 16)).astype(np.int8)
+    q[2] = -128  # the zero point: an all-zero cell (a ReLU6 neck has them)
+    features = TensorInfo("neck", 7, (1, 2, 3, 16), np.dtype(np.int8), 0.05, -128)
+    x = features.dequantize(q).astype(np.float64)
+    W = rng.normal(0, 1, (16, 4))
+    projection = TensorInfo("proj", 9, (1, 2, 3, 4), np.dtype(np.float32), 0.0, 0)
+    raw = {7: q.reshape(1, 2, 3, 16), 9: (x @ W).astype(np.float32).reshape(1, 2, 3, 4)}
+    bound = BoundDensity(DensityModel(4, np.zeros((2, 4)), np.array([0.0, 1.0])), projection, features)
+    assert bound.tensors == [projection, features]
+    got = bound.whitened(raw)
+    np.testing.assert_allclose(got, unit_length(x) @ W, rtol=1e-5, atol=1e-6)
+    assert np.all(np.isfinite(got)) and np.all(got[2] == 0)
+    np.testing.assert_allclose(np.linalg.norm(unit_length(x)[[0, 1, 3]], axis=1), 1.0)
+    np.testing.assert_array_equal(bound.whitened(raw, np.array([4, 0])), got[[4, 0]])
+    # the length is exact: scale * sqrt(an integer), whatever order numpy sums in
+    v = q.astype(np.int64) + 128
+    want = 0.05 * np.sqrt(np.sum(v * v, axis=1).astype(float))
+    np.testing.assert_array_equal(bound.lengths(raw)[[0, 1]], want[[0, 1]])
+    # without the features output (every bundle before l2, or --density-normalise none): the projection as it is
+    plain = BoundDensity(bound.density, projection)
+    assert plain.tensors == [projection]
+    np.testing.assert_array_equal(plain.whitened(raw), raw[9].reshape(-1, 4))
+
+
+def test_an_l2_density_block_needs_its_features_output():
+    """A manifest whose density says normalise l2 but whose outputs lack density_features: one line naming both."""
+    from edgeq.density import bind_density
+    from edgeq.errors import BundleError
+    from edgeq.manifest import OutputSpec
+
+    class _Model:  # bind_density only asks the model for its outputs by name and shape
+        def find_output(self, name, shape):
+            from edgeq.runtime import TensorInfo
+
+            return TensorInfo(name, 0, tuple(shape), np.dtype(np.int8), 0.1, 0)
+
+    block = Density.model_validate({"features": 8, "rank": 2, "eigenvalues": [1.0, 1.0], "class_means": [[0, 0]],
+                                    "shrinkage": 0.1, "reference": [0.0, 1.0], "normalise": "l2"})
+    proj = OutputSpec.model_validate({"role": "density_projection", "name": "p", "shape": [1, 2], "dtype": "int8",
+                                      "scale": 0.1, "zero_point": 0})
+    with pytest.raises(BundleError, match="no 'density_features' entry, which density.normalise l2 needs"):
+        bind_density(block, _Model(), [proj])
+    feats = OutputSpec.model_validate({"role": "density_features", "name": "f", "shape": [1, 8], "dtype": "int8",
+                                       "scale": 0.1, "zero_point": 0})
+    assert bind_density(block, _Model(), [proj, feats]).features.name == "f"
+    narrow = feats.model_copy(update={"shape": (1, 5)})
+    with pytest.raises(BundleError, match="'density_features' has 5 channels; the density block needs 8"):
+        bind_density(block, _Model(), [proj, narrow])

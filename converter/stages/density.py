@@ -8,6 +8,9 @@ part fused into the graph as two more outputs before quantisation.
   one Dense (or 1x1 conv) without bias: the graph's ``density_projection`` output. The score the device finishes
   with (``--density-method``): the distance to the nearest class mean (``gda``, a classifier's default), or to
   the K-th nearest of up to ``KNN_REFERENCES`` fitting samples kept in the manifest (``knn``, a detector's).
+  With ``--density-normalise l2`` (a detector's default) the fit is on the features divided by their length; the
+  graph projects the raw features, and the features become one more output, ``density_features``, whose length
+  per cell the device divides the projection by (the projection is linear, so that is the same).
 - **calibrate** (after quantising): the int8 model scores held-out in-distribution data; the sorted scores are
   the reference a published percentile is read against, and the threshold for ``--review-ood-rate`` comes from
   them.
@@ -22,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeq.density import PROJECTION_ROLE, ordinal
-from edgeq.errors import DataError
+from edgeq.density import PROJECTION_ROLE, ordinal, unit_length
+from edgeq.errors import DataError, ModelError
 from edgeq.manifest import Density
 
 from ..recipes import DensityRecipe
@@ -90,12 +93,19 @@ def run(recipe: DensityRecipe, ctx: "ConvertContext") -> None:
     if ctx.source.keras_model is None:
         ctx.log("unfamiliarity: off (a SavedModel cannot take the density's outputs; give the .keras model)")
         return
+    normalise = ctx.task.density_normalise if recipe.normalise == "auto" else {"none": None}.get(recipe.normalise,
+                                                                                                 recipe.normalise)
+    if normalise is not None and normalise not in ctx.task.density_normalisations:
+        raise ModelError(f"--density-normalise {normalise}: a {ctx.task.name} model's density cannot normalise its "
+                         "features yet (only a detector's can); drop it or pass --density-normalise none")
     data = ctx.task.density_data(ctx, recipe)
     if data is None:
         ctx.log("unfamiliarity: off (no labelled data to fit it on: give --val or --density-data)")
         return
     with ctx.timed("density_fit_s"):
         features, targets = ctx.task.density_features(ctx, data)
+        if normalise == "l2":
+            features = unit_length(features)
         fitted = fit_gaussians(features, targets, ctx.labels, _rank(recipe.rank, ctx), f"--density-data {data.source}")
         names, widths = ctx.task.density_tap_names(ctx), ctx.task.density_tap_widths(ctx)
         keep = taps_to_keep(features, fitted["W"], widths)
@@ -104,7 +114,9 @@ def run(recipe: DensityRecipe, ctx: "ConvertContext") -> None:
         method = ctx.task.density_method if recipe.method == "auto" else recipe.method
         if method == "knn":
             block.update(knn_references(features, W, recipe.neighbours, f"--density-data {data.source}"))
-        ctx.task.add_density_outputs(ctx, W, keep)
+        if normalise is not None:
+            block["normalise"] = normalise
+        ctx.task.add_density_outputs(ctx, W, keep, normalise)
     if not keep.all():  # the class means in the coordinates the graph computes, without the dropped taps
         means = np.stack([features[targets == c].mean(axis=0) for c in range(len(ctx.labels))])
         block["class_means"] = (means @ W.astype(np.float64)).tolist()
@@ -118,7 +130,8 @@ def run(recipe: DensityRecipe, ctx: "ConvertContext") -> None:
     ctx.density, ctx.density_data = block, data
     ctx.log(f"unfamiliarity: class Gaussians on {block['features']} features of {len(targets)} samples from "
             f"{data.source} (shared covariance, Ledoit-Wolf shrinkage {block['shrinkage']:.3f}), whitened onto its top "
-            f"{block['rank']} directions ({fitted['explained']:.0%} of the variance), fused as one more output; "
+            f"{block['rank']} directions ({fitted['explained']:.0%} of the variance), fused as one more output"
+            + (" (the features divided by their length; they are an output too)" if normalise else "") + "; "
             + (f"score: distance to the {ordinal(block['neighbours'])} nearest of {block['references']['shape'][0]} "
                "fitting samples" if method == "knn" else "score: distance to the nearest class mean"))
 

@@ -76,6 +76,10 @@ class Task(ABC):
     # -- unfamiliarity (stages/density.py) -----------------------------------------------------------------
     # --density-method auto: the nearest class mean (measured best for a classifier, docs/uncertainty.md)
     density_method = "gda"
+    # --density-normalise auto; None: the features as they are. A task that can normalise lists "l2" in
+    # density_normalisations and adds its features as an output (add_density_outputs)
+    density_normalise: str | None = None
+    density_normalisations: tuple[str, ...] = ()
 
     def density_data(self, ctx: "ConvertContext", recipe: Any) -> Any:
         """The fitting and held-out data (a :class:`converter.stages.density.DensityData`), None without labels.
@@ -127,9 +131,9 @@ class Task(ABC):
         """The feature count of each tap, in :meth:`density_tap_names` order (they sum to the features' width)."""
         raise NotImplementedError
 
-    def add_density_outputs(self, ctx: "ConvertContext", W: Any, keep: Any) -> None:
+    def add_density_outputs(self, ctx: "ConvertContext", W: Any, keep: Any, normalise: str | None = None) -> None:
         """Add ``density_projection`` (the features' whitened coordinates, features @ W) to ``ctx.source``'s model,
-        from the taps ``keep`` marks."""
+        from the taps ``keep`` marks; with ``normalise`` l2, the features too (``density_features``)."""
         raise NotImplementedError
 
     def density_scores(self, ctx: "ConvertContext", converted: "Converted", held_out: Any) -> Any:

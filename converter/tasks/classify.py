@@ -101,7 +101,8 @@ class _ClassifyDensity:
     def density_tap_widths(self, ctx: "ConvertContext") -> list[int]:
         return [int(t.shape[-1]) for _, t in _taps(ctx.source.keras_model)]
 
-    def add_density_outputs(self, ctx: "ConvertContext", W: np.ndarray, keep: np.ndarray) -> None:
+    def add_density_outputs(self, ctx: "ConvertContext", W: np.ndarray, keep: np.ndarray,
+                            normalise: str | None = None) -> None:
         """The whitening as one Dense per kept tap (no bias), summed: the ``density_projection`` output (taps of
         different ranges keep their own int8 scales, where one concatenated tensor would share one)."""
         import keras

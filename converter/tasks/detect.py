@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeq.density import PROJECTION_ROLE
+from edgeq.density import FEATURES_ROLE, PROJECTION_ROLE
 from edgeq.detection import BoundGrid, GridSpec, describe_grid_outputs, signature_outputs
 from edgeq.errors import ModelError, QuantizationError
 from edgeq.manifest import Detector, Head, OutputSpec
@@ -39,6 +39,10 @@ class DetectTask(Task):
     # --density-method auto: the K-th nearest fitting sample; a detector's known objects are not one Gaussian per
     # class, and on the detection benchmark's detections it separates never-seen objects better (docs/detection.md)
     density_method = "knn"
+    # the neck's features divided by their length: they separate unknown objects better on the detection
+    # benchmark (docs/detection.md, side by side)
+    density_normalise = "l2"
+    density_normalisations = ("l2",)
     refuses = {("cluster", "clusters"): "--clusters", ("repair", "max_drop"): "--max-drop",
                ("repair", "keep_float"): "--keep-float", ("repair", "layer_errors"): "--layer-errors",
                ("cluster", "finetune"): "--finetune"}
@@ -95,7 +99,8 @@ class DetectTask(Task):
 
     # -- converted models -----------------------------------------------------------------------------------
     def describe_outputs(self, ctx: "ConvertContext", model: Model) -> list[OutputSpec]:
-        extra = (PROJECTION_ROLE,) if ctx.density is not None else ()
+        extra = () if ctx.density is None else (PROJECTION_ROLE, *((FEATURES_ROLE,) if ctx.density.get("normalise")
+                                                                   else ()))
         return describe_grid_outputs(model, signature_outputs(model), ctx.head["layout"], extra)
 
     def bind(self, ctx: "ConvertContext", model: Model, outputs: list[OutputSpec]) -> BoundGrid:
@@ -189,14 +194,19 @@ class DetectTask(Task):
     def density_tap_widths(self, ctx: "ConvertContext") -> list[int]:
         return [int(ctx.source.keras_model.get_layer(DENSITY_TAP).output.shape[-1])]
 
-    def add_density_outputs(self, ctx: "ConvertContext", W: np.ndarray, keep: np.ndarray) -> None:
+    def add_density_outputs(self, ctx: "ConvertContext", W: np.ndarray, keep: np.ndarray,
+                            normalise: str | None = None) -> None:
         import keras
 
         model = ctx.source.keras_model
+        tap = model.get_layer(DENSITY_TAP).output
         conv = keras.layers.Conv2D(W.shape[1], 1, use_bias=False, name="density_projection")
-        projection = conv(model.get_layer(DENSITY_TAP).output)
+        projection = conv(tap)
         conv.set_weights([W.reshape(1, 1, *W.shape)])
-        exported = keras.Model(model.inputs, [*model.outputs, projection], name=model.name)
+        # l2: the neck itself too, whose length per cell the device divides the projection by (the neck is an
+        # int8 tensor of the graph already; as an output it costs a copy of it per invoke)
+        extra = [tap] if normalise == "l2" else []
+        exported = keras.Model(model.inputs, [*model.outputs, projection, *extra], name=model.name)
         ctx.source = dataclasses.replace(ctx.source, keras_model=exported)
 
     def density_scores(self, ctx: "ConvertContext", converted: "Converted", held_out: Any) -> np.ndarray:
@@ -275,7 +285,9 @@ def _check_roles(keras_model: Any, reference: "Converted", x: np.ndarray) -> Non
     float_model, grid = reference.model, reference.bound
     float_model.set_input(x.astype(np.float32))
     float_model.invoke()
-    roles = (*grid.spec.roles, *((PROJECTION_ROLE,) if grid.density is not None else ()))
+    density = () if grid.density is None else (PROJECTION_ROLE, *((FEATURES_ROLE,) if grid.density.features
+                                                                  is not None else ()))
+    roles = (*grid.spec.roles, *density)
     for role, t, w in zip(roles, grid.all_tensors, want, strict=True):
         got = float_model.get_float(t)
         if got.size != w.size or not np.allclose(got.reshape(w.shape), w, atol=1e-3 * max(1.0, float(np.abs(w).max()))):

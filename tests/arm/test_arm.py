@@ -201,6 +201,8 @@ def test_every_bundle_kind_gives_the_x86_results_exactly(kind, pi, bundles, clip
         # the projection comes out of XNNPACK's int8 ops identical on both (given the same input pixels), and the
         # numpy finish sums integers, exact in any order (edgeq/density.py): unfamiliarity must match to the bit
         assert any("unfamiliarity" in d["uncertainty"] for f in want for d in f["detections"])
+        if kind == "detect":  # the neck's length divides the projection: an integer sum, a sqrt, a product
+            assert read_bundle(bundle).manifest.density.normalise == "l2"
         if kind != "detect":  # a classifier's density disagreement (log-sum-exp of those distances) too
             assert all(isinstance(d["uncertainty"]["density_disagreement"], float)
                        for f in want for d in f["detections"])
