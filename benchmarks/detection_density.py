@@ -8,7 +8,9 @@ score: the nearest class mean (``gda``, a classifier's default), and the distanc
 bundle's references for several k (the bundle's own k is the shipped row). Detections are matched to known and
 unknown objects by ``edgeq eval``'s code (COCOeval, IoU 0.5); AUROC of unknown vs known, and the share of unknown
 detections above the score that flags 5% of the known ones (the ``--review-ood-rate`` default). Also the numpy
-time of each score per detection (median of repeated runs over all test detections, 1 thread).
+time of each score per detection (median of repeated runs over all test detections, 1 thread), and of the step
+before it, the whitened coordinates of each detection (``whitened_us_per_detection``; for a ``normalise: l2``
+bundle, the device's numpy projection of the unit-length features).
 
 ``score_rules``: which detections there are to score depends on the detection score. The shipped score,
 objectness times the top class probability, is low where the classes disagree, which an unknown object's often
@@ -81,6 +83,16 @@ def measure(work: Path) -> dict:
         boxes = boxes * np.array([h, w, h, w], np.float32)
         results.append(ImageDetections(int(im["id"]), boxes[:, [1, 0, 3, 2]],
                                        dataclasses.replace(dets, unfamiliarity=index)))
+    # the device's step before any score: the whitened coordinates of each detection's cell (with normalise l2, the
+    # numpy projection of its unit-length features), timed over every test frame's detections
+    cells = [grid.decode(raw, size, threshold).cells for _, raw, _, _ in frames]
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for (_, raw, _, _), c in zip(frames, cells):
+            grid.density.whitened(raw, c)
+        times.append((time.perf_counter() - t0) / max(1, sum(len(c) for c in cells)))
+    whitening_us = round(1e6 * float(np.median(times)), 2)
     matched = match_all(results, coco, ids, threshold)
     rows = matched.measures["unfamiliarity"].astype(np.int64)
     y_all = np.asarray(coords, np.float64)
@@ -105,6 +117,7 @@ def measure(work: Path) -> dict:
     return {"benchmark": "detection_density", "bundle": str(b.path), "rank": block.rank,
             "references": int(block.references.shape[0]), "neighbours": density.neighbours,
             "detections": {"known": int(len(known)), "unknown": int(len(unknown)), "all": int(len(y_all))},
+            "normalise": block.normalise, "whitened_us_per_detection": whitening_us,
             "scores": out, "score_rules": score_rules(grid, frames, size, coco, ids)}
 
 

@@ -21,6 +21,11 @@ them in, and the x86 and ARM builds give the same bits (tests/arm).
 (benchmarks/unknowns.py scores ranks 64 to 512 and the full covariance side by side; the default, 192, is where
 the gains stop paying for the projection's cost.)
 
+With ``normalise: l2`` (a detector's default) the density is fitted on the features divided by their length. No
+int8 op divides well, so the graph outputs the int8 features themselves (``density_features``) and the device
+projects each detection's cell: integer codes times the whitening scaled to integers, summed exactly, then one
+division by the length (:meth:`DensityModel.project_unit`), the same bits on x86 and ARM.
+
 The score is published as ``unfamiliarity`` (higher: less like the fitting data) with ``unfamiliarity_percentile``,
 its rank among the scores of held-out in-distribution data run through the int8 model, so that a dashboard can
 threshold it without knowing its scale. Non-finite values are never published.
@@ -34,11 +39,11 @@ from functools import cached_property
 import numpy as np
 
 from edgeq.errors import BundleError
-from edgeq.manifest import Density
+from edgeq.manifest import Array, Density
 from edgeq.runtime import Model, TensorInfo
 
 PROJECTION_ROLE = "density_projection"
-FEATURES_ROLE = "density_features"  # normalise: l2, the features the projection is computed from (their length)
+FEATURES_ROLE = "density_features"  # normalise: l2, the features the device projects (instead of the projection)
 # whitened coordinates are rounded to multiples of 1/GRID (a power of two: scaling by it is exact); within-class
 # coordinates are about 1, so this moves a distance by about 1e-4 of itself
 GRID = 4096.0
@@ -54,17 +59,37 @@ class DensityModel:
     reference: np.ndarray  # sorted scores of held-out in-distribution data
     references: np.ndarray | None = None  # [N, d] knn_whitened: fitting samples in whitened coordinates
     neighbours: int = 0
+    whitening: np.ndarray | None = None  # [F, d] normalise l2: the device projects the unit-length features
 
     @classmethod
     def from_block(cls, block: Density) -> "DensityModel":
         references = None
         if block.references is not None:
-            import base64
-
-            raw = np.frombuffer(base64.b64decode(block.references.data), "<f2")
-            references = raw.astype(np.float64).reshape(block.references.shape)
+            references = _float16_array(block.references)
+        whitening = None if block.projection is None else _float16_array(block.projection)
         return cls(block.rank, np.asarray(block.class_means, np.float64).reshape(-1, block.rank),
-                   np.sort(np.asarray(block.reference, np.float64)), references, block.neighbours or 0)
+                   np.sort(np.asarray(block.reference, np.float64)), references, block.neighbours or 0, whitening)
+
+    @cached_property
+    def _whitening_grid(self) -> tuple[np.ndarray, float]:
+        """The whitening as integers ``rint(W * S)`` and ``S``, a power of two that puts its largest entry near 2^40:
+        a sum of 96 to a few thousand products with int8 codes (below 2^8) stays far inside int64."""
+        assert self.whitening is not None
+        _, exponent = np.frexp(np.max(np.abs(self.whitening)) or 1.0)
+        scale = float(np.ldexp(1.0, 40 - int(exponent)))
+        return np.rint(self.whitening * scale).astype(np.int64), scale
+
+    def project_unit(self, codes: np.ndarray) -> np.ndarray:
+        """``[N, d]`` whitened coordinates of features divided by their length, from ``[N, F]`` int8 codes minus
+        their zero point (integers: the scale cancels), or from float features (a float32 bundle). From codes the
+        products and sums are integers (numpy's integer matmul, exact in any order), then one correctly rounded
+        division by ``S * sqrt(sum of squares)``: x86 and ARM give the same bits (tests/arm)."""
+        if np.issubdtype(codes.dtype, np.integer):
+            w, scale = self._whitening_grid
+            v = codes.astype(np.int64)
+            length = np.sqrt(np.sum(v * v, axis=1).astype(np.float64))
+            return (v @ w).astype(np.float64) / (scale * np.where(length > 0, length, 1.0))[:, None]
+        return unit_length(codes) @ self.whitening
 
     @cached_property
     def limit(self) -> float:
@@ -156,8 +181,7 @@ def kth_nearest_squared(y: np.ndarray, references: np.ndarray, k: int, norms: np
 
 def unit_length(features: np.ndarray) -> np.ndarray:
     """``[N, F]`` features divided by their length (a zero vector stays zero): what a ``normalise: l2`` density is
-    fitted on. The graph's projection is linear, so the device gets the same coordinates by dividing the projection
-    of the raw features by their length (:meth:`BoundDensity.whitened`)."""
+    fitted on, and what the device projects (:meth:`DensityModel.project_unit`)."""
     x = np.asarray(features, np.float64)
     length = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.where(length > 0, length, 1.0)
@@ -165,15 +189,16 @@ def unit_length(features: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class BoundDensity:
-    """A density with the model's projection tensor (and, for ``normalise: l2``, its features tensor)."""
+    """A density with the model's tensor it reads: the projection (whitened coordinates computed in the graph), or
+    for ``normalise: l2`` the features, which the device projects (:meth:`DensityModel.project_unit`)."""
 
     density: DensityModel
-    projection: TensorInfo
+    projection: TensorInfo | None
     features: TensorInfo | None = None
 
     @property
     def tensors(self) -> list[TensorInfo]:
-        return [self.projection] + ([self.features] if self.features is not None else [])
+        return [t for t in (self.projection, self.features) if t is not None]
 
     def scores(self, raw: dict[int, np.ndarray], cells: np.ndarray | None = None) -> np.ndarray:
         """Scores of one image (a classifier: ``[1]``), or of the grid ``cells`` given (a detector)."""
@@ -186,49 +211,40 @@ class BoundDensity:
 
     def whitened(self, raw: dict[int, np.ndarray], cells: np.ndarray | None = None) -> np.ndarray:
         """``[N, rank]`` whitened coordinates of one image, or of the grid ``cells`` given."""
-        p = self.projection.dequantize(raw[self.projection.index]).reshape(-1, self.density.rank)
-        p = p if cells is None else p[cells]
-        if self.features is None:
-            return p
-        return p / self.lengths(raw, cells)[:, None]
-
-    def lengths(self, raw: dict[int, np.ndarray], cells: np.ndarray | None = None) -> np.ndarray:
-        """``[N]`` the length of the features at each of ``cells`` (1 for a zero vector, whose projection is 0).
-        Of int8 features, ``scale * sqrt(sum((q - zero_point)^2))``: an exact integer sum, then one correctly
-        rounded square root and product, so x86 and ARM give the same bits (tests/arm)."""
+        if self.projection is not None:
+            p = self.projection.dequantize(raw[self.projection.index]).reshape(-1, self.density.rank)
+            return p if cells is None else p[cells]
         t = self.features
         assert t is not None
         q = np.asarray(raw[t.index]).reshape(-1, t.shape[-1])
         q = q if cells is None else q[cells]
-        if t.quantized:
-            v = q.astype(np.int64) - int(t.zero_point)
-            length = float(t.scale) * np.sqrt(np.sum(v * v, axis=1).astype(np.float64))
-        else:
-            length = np.linalg.norm(q.astype(np.float64), axis=1)
-        return np.where(length > 0, length, 1.0)
+        codes = q.astype(np.int64) - int(t.zero_point) if t.quantized else q.astype(np.float64)
+        return self.density.project_unit(codes)
 
 
 def bind_density(block: Density | None, model: Model, outputs: list, where: str = "manifest") -> BoundDensity | None:
     """The density of a bundle bound to its model's outputs; None for a bundle made without one."""
     if block is None:
         return None
-    spec = next((o for o in outputs if o.role == PROJECTION_ROLE), None)
+    role, width = (FEATURES_ROLE, block.features) if block.normalise == "l2" else (PROJECTION_ROLE, block.rank)
+    spec = next((o for o in outputs if o.role == role), None)
     if spec is None:
-        raise BundleError(f"{where}: outputs have no {PROJECTION_ROLE!r} entry, which the density block needs")
-    projection = model.find_output(spec.name, spec.shape)
-    if projection.shape[-1] != block.rank:
-        raise BundleError(f"{where}: output {PROJECTION_ROLE!r} has {projection.shape[-1]} channels; the density "
-                          f"block needs {block.rank}")
-    features = None
-    if block.normalise == "l2":
-        spec = next((o for o in outputs if o.role == FEATURES_ROLE), None)
-        if spec is None:
-            raise BundleError(f"{where}: outputs have no {FEATURES_ROLE!r} entry, which density.normalise l2 needs")
-        features = model.find_output(spec.name, spec.shape)
-        if features.shape[-1] != block.features:
-            raise BundleError(f"{where}: output {FEATURES_ROLE!r} has {features.shape[-1]} channels; the density "
-                              f"block needs {block.features}")
-    return BoundDensity(DensityModel.from_block(block), projection, features)
+        need = "density.normalise l2" if block.normalise == "l2" else "the density block"
+        raise BundleError(f"{where}: outputs have no {role!r} entry, which {need} needs")
+    tensor = model.find_output(spec.name, spec.shape)
+    if tensor.shape[-1] != width:
+        raise BundleError(f"{where}: output {role!r} has {tensor.shape[-1]} channels; the density block needs "
+                          f"{width}")
+    if role == FEATURES_ROLE:
+        return BoundDensity(DensityModel.from_block(block), None, tensor)
+    return BoundDensity(DensityModel.from_block(block), tensor)
+
+
+def _float16_array(array: Array) -> np.ndarray:
+    """A manifest :class:`~edgeq.manifest.Array` as float64 values of its shape."""
+    import base64
+
+    return np.frombuffer(base64.b64decode(array.data), "<f2").astype(np.float64).reshape(array.shape)
 
 
 def finite_or_none(value: float, digits: int = 6) -> float | None:

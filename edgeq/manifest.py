@@ -196,12 +196,14 @@ class Density(Strict):
     one shared, shrunk covariance on the model's features (the covariance's top ``rank`` directions). The whitening
     is the graph's ``density_projection`` output. ``gda_shared_covariance``: the squared distance to the nearest
     class mean; ``knn_whitened``: the squared distance to the ``neighbours``-th nearest of ``references``, fitting
-    samples in the same coordinates. ``normalise: l2``: the fit is on the features divided by their length, and the
-    graph has the features as one more output (``density_features``) so that the device divides the projection by
-    their length (absent: the features as they are, as every bundle before it was)."""
+    samples in the same coordinates. ``normalise: l2``: the fit is on the features divided by their length; the graph
+    outputs the features themselves (``density_features``) and the device projects them, divided by their length,
+    with ``projection`` (the whitening, ``[features, rank]``). Absent: the features as they are, projected inside
+    the graph, as every bundle before it was."""
 
     method: Literal["gda_shared_covariance", "knn_whitened"] = "gda_shared_covariance"
     normalise: Literal["l2"] | None = None
+    projection: Array | None = None
     features: int = Field(ge=1)
     rank: int = Field(ge=1)
     eigenvalues: tuple[float, ...]
@@ -231,6 +233,10 @@ class Density(Strict):
                 raise ValueError(f"neighbours {self.neighbours} exceeds the {self.references.shape[0]} references")
         elif self.references is not None or self.neighbours is not None:
             raise ValueError(f"references and neighbours belong to method knn_whitened, not {self.method}")
+        if (self.normalise is None) != (self.projection is None):
+            raise ValueError("normalise l2 and projection go together")
+        if self.projection is not None and tuple(self.projection.shape) != (self.features, self.rank):
+            raise ValueError(f"projection needs shape [{self.features}, {self.rank}]")
         return self
 
 

@@ -418,11 +418,14 @@ def test_far_outside_the_data_is_clipped_not_overflowed():
     assert density.percentile(scores)[0] == 100.0
 
 
-def test_l2_the_device_divides_the_projection_by_the_int8_features_length():
-    """normalise l2: the fit is on unit-length features; the graph projects the raw features, and the device
-    divides by their length, read from the int8 features output as an exact integer sum. The result is the
-    projection of the unit-length features (the projection is linear), a zero vector stays at 0 (not NaN), and a
-    cell's coordinates do not change when its features are scaled."""
+def test_l2_the_device_projects_the_unit_length_int8_features_exactly():
+    """normalise l2: the fit is on unit-length features; the graph outputs the int8 features and the device
+    projects them with the manifest's float16 whitening, in integers then one division. It gives the projection of
+    the unit-length features, a zero cell stays at 0 (not NaN), scaling a cell's features does not move it, and
+    reordering the features (which reorders every sum) gives the same bits."""
+    import dataclasses
+
+    from edgeq.converter.stages.density import float16_array
     from edgeq.density import BoundDensity, unit_length
     from edgeq.runtime import TensorInfo
 
@@ -430,29 +433,35 @@ def test_l2_the_device_divides_the_projection_by_the_int8_features_length():
     q = rng.integers(-128, 127, (6, 16)).astype(np.int8)
     q[2] = -128  # the zero point: an all-zero cell (a ReLU6 neck has them)
     features = TensorInfo("neck", 7, (1, 2, 3, 16), np.dtype(np.int8), 0.05, -128)
-    x = features.dequantize(q).astype(np.float64)
-    W = rng.normal(0, 1, (16, 4))
-    projection = TensorInfo("proj", 9, (1, 2, 3, 4), np.dtype(np.float32), 0.0, 0)
-    raw = {7: q.reshape(1, 2, 3, 16), 9: (x @ W).astype(np.float32).reshape(1, 2, 3, 4)}
-    bound = BoundDensity(DensityModel(4, np.zeros((2, 4)), np.array([0.0, 1.0])), projection, features)
-    assert bound.tensors == [projection, features]
+    x = 0.05 * (q.astype(np.float64) + 128)  # the features in float64 (dequantize works in float32)
+    W = rng.normal(0, 30, (16, 4)).astype(np.float16).astype(np.float64)
+    block = Density.model_validate({"features": 16, "rank": 4, "eigenvalues": [1.0] * 4, "class_means": [[0] * 4],
+                                    "shrinkage": 0.1, "reference": [0.0, 1.0], "normalise": "l2",
+                                    "projection": float16_array(W)})
+    density = DensityModel.from_block(block)
+    np.testing.assert_array_equal(density.whitening, W)
+    bound = BoundDensity(density, None, features)
+    assert bound.tensors == [features]
+    raw = {7: q.reshape(1, 2, 3, 16)}
     got = bound.whitened(raw)
-    np.testing.assert_allclose(got, unit_length(x) @ W, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, unit_length(x) @ W, rtol=1e-9, atol=1e-9)  # W's float16 values: exact
     assert np.all(np.isfinite(got)) and np.all(got[2] == 0)
-    np.testing.assert_allclose(np.linalg.norm(unit_length(x)[[0, 1, 3]], axis=1), 1.0)
     np.testing.assert_array_equal(bound.whitened(raw, np.array([4, 0])), got[[4, 0]])
-    # the length is exact: scale * sqrt(an integer), whatever order numpy sums in
-    v = q.astype(np.int64) + 128
-    want = 0.05 * np.sqrt(np.sum(v * v, axis=1).astype(float))
-    np.testing.assert_array_equal(bound.lengths(raw)[[0, 1]], want[[0, 1]])
-    # without the features output (every bundle before l2, or --density-normalise none): the projection as it is
-    plain = BoundDensity(bound.density, projection)
-    assert plain.tensors == [projection]
-    np.testing.assert_array_equal(plain.whitened(raw), raw[9].reshape(-1, 4))
+    codes = q.astype(np.int64) + 128
+    np.testing.assert_allclose(density.project_unit(codes[[0]] * 3), got[[0]], rtol=1e-12)
+    perm = rng.permutation(16)
+    shuffled = dataclasses.replace(density, whitening=density.whitening[perm])
+    assert np.array_equal(shuffled.project_unit(codes[:, perm]), density.project_unit(codes))
+    # a float32 bundle's float features: the same coordinates in float
+    np.testing.assert_allclose(density.project_unit(x), got, rtol=1e-9, atol=1e-9)
 
 
-def test_an_l2_density_block_needs_its_features_output():
-    """A manifest whose density says normalise l2 but whose outputs lack density_features: one line naming both."""
+def test_an_l2_density_block_needs_its_features_output_and_its_projection():
+    """A manifest whose density says normalise l2 but whose outputs lack density_features, or whose projection is
+    missing or of the wrong shape: refused, naming what is missing."""
+    from pydantic import ValidationError
+
+    from edgeq.converter.stages.density import float16_array
     from edgeq.density import bind_density
     from edgeq.errors import BundleError
     from edgeq.manifest import OutputSpec
@@ -463,15 +472,21 @@ def test_an_l2_density_block_needs_its_features_output():
 
             return TensorInfo(name, 0, tuple(shape), np.dtype(np.int8), 0.1, 0)
 
-    block = Density.model_validate({"features": 8, "rank": 2, "eigenvalues": [1.0, 1.0], "class_means": [[0, 0]],
-                                    "shrinkage": 0.1, "reference": [0.0, 1.0], "normalise": "l2"})
+    fields = {"features": 8, "rank": 2, "eigenvalues": [1.0, 1.0], "class_means": [[0, 0]], "shrinkage": 0.1,
+              "reference": [0.0, 1.0], "normalise": "l2", "projection": float16_array(np.ones((8, 2)))}
+    block = Density.model_validate(fields)
     proj = OutputSpec.model_validate({"role": "density_projection", "name": "p", "shape": [1, 2], "dtype": "int8",
                                       "scale": 0.1, "zero_point": 0})
     with pytest.raises(BundleError, match="no 'density_features' entry, which density.normalise l2 needs"):
         bind_density(block, _Model(), [proj])
     feats = OutputSpec.model_validate({"role": "density_features", "name": "f", "shape": [1, 8], "dtype": "int8",
                                        "scale": 0.1, "zero_point": 0})
-    assert bind_density(block, _Model(), [proj, feats]).features.name == "f"
+    bound = bind_density(block, _Model(), [feats])
+    assert bound.projection is None and bound.features.name == "f"
     narrow = feats.model_copy(update={"shape": (1, 5)})
     with pytest.raises(BundleError, match="'density_features' has 5 channels; the density block needs 8"):
-        bind_density(block, _Model(), [proj, narrow])
+        bind_density(block, _Model(), [narrow])
+    with pytest.raises(ValidationError, match="normalise l2 and projection go together"):
+        Density.model_validate({k: v for k, v in fields.items() if k != "projection"})
+    with pytest.raises(ValidationError, match=r"projection needs shape \[8, 2\]"):
+        Density.model_validate(dict(fields, projection=float16_array(np.ones((2, 8)))))

@@ -112,18 +112,17 @@ def test_convert_gives_a_full_int8_detect_bundle(bundle):
     # --bayes-layout auto: stacked only when its output resolves the spread between samples in >= 4 int8 steps
     estimate = head["layout_choice"]["stacked_estimate"]["steps"]
     assert head["layout"] == ("stacked" if estimate >= 4 else "centred")
-    # the grid's outputs, then the unfamiliarity measure's projection at every cell (--val: on by default) and,
-    # as a detector's density divides the neck's features by their length (normalise l2), the neck itself
+    # the grid's outputs, then the unfamiliarity measure's features at every cell (--val: on by default): a
+    # detector's density divides the neck's features by their length (normalise l2), so the device projects them
     rank, width = m["density"]["rank"], m["density"]["features"]
-    assert m["density"]["normalise"] == "l2"
-    density = ["density_projection", "density_features"]
+    assert m["density"]["normalise"] == "l2" and m["density"]["projection"]["shape"] == [width, rank]
     if head["layout"] == "stacked":
-        assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits", *density]
-        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, 32 * len(KNOWN), rank, width]
+        assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits", "density_features"]
+        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, 32 * len(KNOWN), width]
     else:
         assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits", "class_residuals",
-                                                     *density]
-        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, len(KNOWN), 32 * len(KNOWN), rank, width]
+                                                     "density_features"]
+        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, len(KNOWN), 32 * len(KNOWN), width]
     assert all(o["dtype"] == "int8" for o in m["outputs"])
     det = m["detector"]
     assert det["type"] == "grid" and det["stride"] == 16 and det["grid"] == [SIZE // 16, SIZE // 16]

@@ -8,9 +8,9 @@ part fused into the graph as two more outputs before quantisation.
   one Dense (or 1x1 conv) without bias: the graph's ``density_projection`` output. The score the device finishes
   with (``--density-method``): the distance to the nearest class mean (``gda``, a classifier's default), or to
   the K-th nearest of up to ``KNN_REFERENCES`` fitting samples kept in the manifest (``knn``, a detector's).
-  With ``--density-normalise l2`` (a detector's default) the fit is on the features divided by their length; the
-  graph projects the raw features, and the features become one more output, ``density_features``, whose length
-  per cell the device divides the projection by (the projection is linear, so that is the same).
+  With ``--density-normalise l2`` (a detector's default) the fit is on the features divided by their length, which
+  no int8 op computes well: the graph outputs the features themselves (``density_features``) and the device
+  projects them with the manifest's whitening (``projection``), in integers (edgeq/density.py).
 - **calibrate** (after quantising): the int8 model scores held-out in-distribution data; the sorted scores are
   the reference a published percentile is read against, and the threshold for ``--review-ood-rate`` comes from
   them.
@@ -112,10 +112,16 @@ def run(recipe: DensityRecipe, ctx: "ConvertContext") -> None:
         W = fitted["W"] * np.repeat(keep, widths)[:, None].astype(np.float32)
         block = fitted["block"]
         method = ctx.task.density_method if recipe.method == "auto" else recipe.method
+        if normalise is not None:  # the device projects with the manifest's float16 whitening: fit with the same
+            W = W.astype(np.float16).astype(np.float32)
+            if not np.all(np.isfinite(W)):
+                raise DataError(f"--density-data {data.source}: the whitening of the features overflows float16; "
+                                "check the model, or pass --density-normalise none")
+            block.update(normalise=normalise, projection=float16_array(W))
+            block["class_means"] = (np.stack([features[targets == c].mean(axis=0) for c in range(len(ctx.labels))])
+                                    @ W.astype(np.float64)).tolist()
         if method == "knn":
             block.update(knn_references(features, W, recipe.neighbours, f"--density-data {data.source}"))
-        if normalise is not None:
-            block["normalise"] = normalise
         ctx.task.add_density_outputs(ctx, W, keep, normalise)
     if not keep.all():  # the class means in the coordinates the graph computes, without the dropped taps
         means = np.stack([features[targets == c].mean(axis=0) for c in range(len(ctx.labels))])
@@ -130,17 +136,24 @@ def run(recipe: DensityRecipe, ctx: "ConvertContext") -> None:
     ctx.density, ctx.density_data = block, data
     ctx.log(f"unfamiliarity: class Gaussians on {block['features']} features of {len(targets)} samples from "
             f"{data.source} (shared covariance, Ledoit-Wolf shrinkage {block['shrinkage']:.3f}), whitened onto its top "
-            f"{block['rank']} directions ({fitted['explained']:.0%} of the variance), fused as one more output"
-            + (" (the features divided by their length; they are an output too)" if normalise else "") + "; "
+            f"{block['rank']} directions ({fitted['explained']:.0%} of the variance), "
+            + ("the features divided by their length, an output the device projects; " if normalise else
+               "fused as one more output; ")
             + (f"score: distance to the {ordinal(block['neighbours'])} nearest of {block['references']['shape'][0]} "
                "fitting samples" if method == "knn" else "score: distance to the nearest class mean"))
+
+
+def float16_array(values: np.ndarray) -> dict[str, Any]:
+    """A manifest ``Array`` (edgeq/manifest.py) of ``values`` as little-endian float16."""
+    import base64
+
+    v = np.asarray(values, "<f2")
+    return {"dtype": "float16", "shape": list(v.shape), "data": base64.b64encode(v.tobytes()).decode("ascii")}
 
 
 def knn_references(features: np.ndarray, W: np.ndarray, neighbours: int, where: str) -> dict[str, Any]:
     """The manifest fields of ``knn_whitened``: up to ``KNN_REFERENCES`` fitting samples (a seeded random draw) in
     whitened coordinates, as float16."""
-    import base64
-
     n = min(len(features), KNN_REFERENCES)
     if neighbours > n:
         raise DataError(f"{where}: --density-neighbours {neighbours} exceeds the {n} reference samples the fit keeps; "
@@ -150,9 +163,7 @@ def knn_references(features: np.ndarray, W: np.ndarray, neighbours: int, where: 
     if not np.all(np.isfinite(refs)):
         raise DataError(f"{where}: the fitting samples' whitened coordinates overflow float16; check the model, or "
                         "pass --density-method gda")
-    data = base64.b64encode(refs.tobytes()).decode()
-    return {"method": "knn_whitened", "neighbours": int(neighbours),
-            "references": {"dtype": "float16", "shape": list(refs.shape), "data": data}}
+    return {"method": "knn_whitened", "neighbours": int(neighbours), "references": float16_array(refs)}
 
 
 def taps_to_keep(features: np.ndarray, W: np.ndarray, widths: list[int]) -> np.ndarray:

@@ -133,7 +133,8 @@ class Task(ABC):
 
     def add_density_outputs(self, ctx: "ConvertContext", W: Any, keep: Any, normalise: str | None = None) -> None:
         """Add ``density_projection`` (the features' whitened coordinates, features @ W) to ``ctx.source``'s model,
-        from the taps ``keep`` marks; with ``normalise`` l2, the features too (``density_features``)."""
+        from the taps ``keep`` marks; with ``normalise`` l2, the features instead (``density_features``), which the
+        device projects."""
         raise NotImplementedError
 
     def density_scores(self, ctx: "ConvertContext", converted: "Converted", held_out: Any) -> Any:

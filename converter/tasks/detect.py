@@ -99,8 +99,7 @@ class DetectTask(Task):
 
     # -- converted models -----------------------------------------------------------------------------------
     def describe_outputs(self, ctx: "ConvertContext", model: Model) -> list[OutputSpec]:
-        extra = () if ctx.density is None else (PROJECTION_ROLE, *((FEATURES_ROLE,) if ctx.density.get("normalise")
-                                                                   else ()))
+        extra = () if ctx.density is None else (FEATURES_ROLE if ctx.density.get("normalise") else PROJECTION_ROLE,)
         return describe_grid_outputs(model, signature_outputs(model), ctx.head["layout"], extra)
 
     def bind(self, ctx: "ConvertContext", model: Model, outputs: list[OutputSpec]) -> BoundGrid:
@@ -200,13 +199,13 @@ class DetectTask(Task):
 
         model = ctx.source.keras_model
         tap = model.get_layer(DENSITY_TAP).output
-        conv = keras.layers.Conv2D(W.shape[1], 1, use_bias=False, name="density_projection")
-        projection = conv(tap)
-        conv.set_weights([W.reshape(1, 1, *W.shape)])
-        # l2: the neck itself too, whose length per cell the device divides the projection by (the neck is an
-        # int8 tensor of the graph already; as an output it costs a copy of it per invoke)
-        extra = [tap] if normalise == "l2" else []
-        exported = keras.Model(model.inputs, [*model.outputs, projection, *extra], name=model.name)
+        if normalise == "l2":  # the neck itself (an int8 tensor of the graph already): the device projects it
+            out = tap
+        else:
+            conv = keras.layers.Conv2D(W.shape[1], 1, use_bias=False, name="density_projection")
+            out = conv(tap)
+            conv.set_weights([W.reshape(1, 1, *W.shape)])
+        exported = keras.Model(model.inputs, [*model.outputs, out], name=model.name)
         ctx.source = dataclasses.replace(ctx.source, keras_model=exported)
 
     def density_scores(self, ctx: "ConvertContext", converted: "Converted", held_out: Any) -> np.ndarray:
@@ -285,8 +284,8 @@ def _check_roles(keras_model: Any, reference: "Converted", x: np.ndarray) -> Non
     float_model, grid = reference.model, reference.bound
     float_model.set_input(x.astype(np.float32))
     float_model.invoke()
-    density = () if grid.density is None else (PROJECTION_ROLE, *((FEATURES_ROLE,) if grid.density.features
-                                                                  is not None else ()))
+    density = () if grid.density is None else (PROJECTION_ROLE if grid.density.projection is not None else
+                                               FEATURES_ROLE,)
     roles = (*grid.spec.roles, *density)
     for role, t, w in zip(roles, grid.all_tensors, want, strict=True):
         got = float_model.get_float(t)
