@@ -105,13 +105,16 @@ def measure(argv: list[str] | None) -> dict:
         convert(recipe_from_flags(str(det_path), unnormalised, calib=str(work / "train"), bayes_samples=args.samples,
                                   bayes_layout=bundles["int8"].manifest.to_json()["head"]["layout"],
                                   val=str(work / "test"), density_normalise="none"), log=quiet)
-    plain_report, _, _ = evaluate_detection(read_bundle(unnormalised), str(work / "test"))
+    unnormalised_bundle = read_bundle(unnormalised)
+    plain_report, _, _ = evaluate_detection(unnormalised_bundle, str(work / "test"))
     u = plain_report["models"]["quantized"]
     unnormalised_figures = {"detections": u["detections"], "matched_known": u["matched_known"],
                             "matched_unknown": u["matched_unknown"],
                             "unfamiliarity_auroc": u["unknown_auroc"]["unfamiliarity"],
                             "unfamiliarity_fpr_at_95_tpr": u["unknown_fpr_at_95_tpr"]["unfamiliarity"],
-                            "flagged": u["flagged"]}
+                            "flagged": u["flagged"],
+                            "int8_vs_float_correlation": unnormalised_bundle.manifest.density.fit.get(
+                                "int8_vs_float_correlation")}
     for quant, figs in quality.items():
         log(f"{quant}: mAP@0.5 {figs['map50']:.4f}, mAP {figs['map']:.4f}, AUROC {figs['unknown_auroc']}")
 
@@ -147,6 +150,8 @@ def measure(argv: list[str] | None) -> dict:
         "float32_over_int8": round(med["float32_mc"] / med["int8_mc"], 4),
         "mc_head_over_mean_head": round(med["int8_mc_no_density"] / med["int8_mean_head"], 4),
         "density_over_no_density": round(med["int8_mc"] / med["int8_mc_no_density"], 4),
+        # convert's check of the density: int8 vs float scores of the held-out cells (converter/stages/density.py)
+        "density_int8_vs_float_correlation": bundles["int8"].manifest.density.fit.get("int8_vs_float_correlation"),
         "int8_density_unnormalised": unnormalised_figures,
         "unknown_object_features": feature_probe(det_path, bundles["int8"], work, cls_path),
         "sizes": {k: b.manifest.to_json()["sizes"]["model_tflite"] for k, b in bundles.items()},
