@@ -265,6 +265,9 @@ DETECTION = [
     ("FPR at 95% TPR, unfamiliarity",
      lambda r: tuple(f"{r['detection'].quality[m]['unknown_fpr_at_95_tpr']['unfamiliarity']:.3f}"
                      for m in ("float32", "int8"))),
+    ("the same, features as they are (`--density-normalise none`): AUROC, FPR at 95% TPR",
+     lambda r: ("", f"{r['detection'].int8_density_unnormalised['unfamiliarity_auroc']:.2f}, "
+                    f"{r['detection'].int8_density_unnormalised['unfamiliarity_fpr_at_95_tpr']:.3f}")),
     ("`needs_review` flags: detections of known / unknown objects",
      lambda r: tuple(f"{r['detection'].quality[m]['flagged']['known']['flagged']:.1%} / "
                      f"{r['detection'].quality[m]['flagged']['unknown']['flagged']:.1%}" for m in ("float32", "int8"))),
@@ -278,7 +281,8 @@ DETECTION = [
      lambda r: ("", f"{r['detection'].latency_ms_median['int8_mc_no_density']:.3f} vs "
                     f"{r['detection'].latency_ms_median['int8_mean_head']:.3f} ms = "
                     f"{r['detection'].mc_head_over_mean_head:.3f}x")),
-    ("the unfamiliarity output's cost (int8 with vs without it, median)",
+    ("the unfamiliarity output's cost (int8 with vs without it, median; the numpy finish per detection is in "
+     "docs/uncertainty.md)",
      lambda r: ("", f"{r['detection'].latency_ms_median['int8_mc']:.3f} vs "
                     f"{r['detection'].latency_ms_median['int8_mc_no_density']:.3f} ms = "
                     f"{r['detection'].density_over_no_density:.3f}x")),
@@ -447,6 +451,43 @@ def _detection_density(res: dict[str, R]) -> str:
             label += ", shipped"
         lines.append(f"| {label} | {v['auroc']:.3f} | {100 * v['unknown_flagged_at_5pct_known']:.1f}% | "
                      f"{v['us_per_detection']:.1f} us |")
+    if r.get("whitened_us_per_detection") is not None:
+        how = ("the numpy projection of the unit-length int8 features" if r.get("normalise") == "l2" else
+               "read from the graph's projection")
+        lines.append(f"| before any score: the whitened coordinates ({how}) |  |  | "
+                     f"{r['whitened_us_per_detection']:.1f} us |")
+    return "\n".join(lines)
+
+
+def _score_rules(res: dict[str, R]) -> str:
+    """docs/detection.md: the shipped detection score vs objectness alone, each at its best-F1 threshold: what
+    there is to score (benchmarks/detection_density.py)."""
+    rules = res["detection_density"]["score_rules"]
+    names = {"objectness_x_top_class_probability_shipped": "objectness x top class probability (shipped)",
+             "objectness_alone": "objectness alone"}
+    lines = ["| detection score, int8, at its best-F1 threshold | threshold (F1) | known objects detected (label "
+             "right) | unknown objects detected | unfamiliarity AUROC | unknown flagged at the 5% rule |",
+             "|---|---|---|---|---|---|"]
+    for name, v in rules.items():
+        lines.append(f"| {names.get(name, name)} | {v['threshold']:.3f} ({v['f1']:.3f}) | {v['known_detected']} "
+                     f"({v['known_correct']}) | {v['unknown_detected']} of {v['unknown_objects']} | "
+                     f"{v['unfamiliarity_auroc']:.3f} | {100 * v['unknown_flagged_at_5pct_known']:.1f}% |")
+    return "\n".join(lines)
+
+
+def _feature_probe(res: dict[str, R]) -> str:
+    """docs/detection.md: the detector's features on the ground-truth objects (benchmarks/detection.py's probe)."""
+    probe = res["detection"]["unknown_object_features"]
+    o = probe["objects"]
+    lines = [f"| features of each ground-truth object ({o['test_known']} known, {o['test_unknown']} unknown; fit on "
+             f"{o['train']} training objects), float | AUROC, nearest class mean |", "|---|---|"]
+    for name, v in sorted(probe["auroc"].items(), key=lambda kv: kv[1]):
+        label = name.replace("_box_mean", ", averaged over the box").replace("_", " ")
+        label = {"neck centre cell": "neck at the box centre's cell (the shipped tap)",
+                 "neck centre cell l2": "neck at the box centre's cell, L2-normalised before the fit",
+                 "starting backbone window pooled": "the starting backbone (classifier) on the object's 96 px "
+                 "window, pooled"}.get(label, label)
+        lines.append(f"| {label} | {v:.3f} |")
     return "\n".join(lines)
 
 
@@ -514,7 +555,7 @@ def _outliers(res: dict[str, R]) -> str:
     thr = o["settings"]["objectness"]
     runs = [o["results"][m] for m in ("ignored", "exposed")]
     rows = [("label accuracy, known objects", [f"{r['label_accuracy_known']:.2f}" for r in runs])]
-    for name, label in (("unfamiliarity", "unfamiliarity (shipped measure)"), ("softmax_entropy", "softmax entropy"),
+    for name, label in (("unfamiliarity", "unfamiliarity (nearest class mean, features as they are)"), ("softmax_entropy", "softmax entropy"),
                         ("energy", "energy")):
         rows.append((f"AUROC unknown vs known objects: {label}",
                      [f"{r['auroc_unknown_vs_known'][name]:.2f}" for r in runs]))
@@ -544,6 +585,8 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, R]], str]]] = {
     "clustering": ("docs/clustering.md", _clustering),
     "fleet": ("docs/fleet.md", _fleet),
     "outliers": ("docs/detection.md", _outliers),
+    "score_rules": ("docs/detection.md", _score_rules),
+    "feature_probe": ("docs/detection.md", _feature_probe),
 }
 
 
