@@ -93,8 +93,10 @@ def run(recipe: DensityRecipe, ctx: "ConvertContext") -> None:
     if ctx.source.keras_model is None:
         ctx.log("unfamiliarity: off (a SavedModel cannot take the density's outputs; give the .keras model)")
         return
-    normalise = ctx.task.density_normalise if recipe.normalise == "auto" else {"none": None}.get(recipe.normalise,
-                                                                                                 recipe.normalise)
+    if recipe.normalise == "auto":
+        normalise = ctx.task.density_normalise
+    else:
+        normalise = None if recipe.normalise == "none" else recipe.normalise
     if normalise is not None and normalise not in ctx.task.density_normalisations:
         raise ModelError(f"--density-normalise {normalise}: a {ctx.task.name} model's density cannot normalise its "
                          "features yet (only a detector's can); drop it or pass --density-normalise none")
