@@ -98,23 +98,20 @@ def measure(argv: list[str] | None) -> dict:
     # edgeq eval's code, the float32 bundle as the reference: both scored at the int8 bundle's score threshold
     report, _, _ = evaluate_detection(bundles["int8"], str(work / "test"), str(work / "detector_float32.edgeq"))
     quality = {"int8": report["models"]["quantized"], "float32": report["models"]["reference"]}
-    # the same int8 bundle with the density fitted on the features as they are (--density-normalise none), the
-    # default before it was l2: the same detections, scored without dividing by the features' length
-    unnormalised = work / "detector_int8_unnormalised.edgeq"
-    if not unnormalised.is_file():
-        convert(recipe_from_flags(str(det_path), unnormalised, calib=str(work / "train"), bayes_samples=args.samples,
+    # the same int8 bundle with the density fitted on the features divided by their length (--density-normalise l2):
+    # the same detections, scored on unit-length features that the device projects itself
+    l2_path = work / "detector_int8_l2.edgeq"
+    if not l2_path.is_file():
+        convert(recipe_from_flags(str(det_path), l2_path, calib=str(work / "train"), bayes_samples=args.samples,
                                   bayes_layout=bundles["int8"].manifest.to_json()["head"]["layout"],
-                                  val=str(work / "test"), density_normalise="none"), log=quiet)
-    unnormalised_bundle = read_bundle(unnormalised)
-    plain_report, _, _ = evaluate_detection(unnormalised_bundle, str(work / "test"))
-    u = plain_report["models"]["quantized"]
-    unnormalised_figures = {"detections": u["detections"], "matched_known": u["matched_known"],
-                            "matched_unknown": u["matched_unknown"],
-                            "unfamiliarity_auroc": u["unknown_auroc"]["unfamiliarity"],
-                            "unfamiliarity_fpr_at_95_tpr": u["unknown_fpr_at_95_tpr"]["unfamiliarity"],
-                            "flagged": u["flagged"],
-                            "int8_vs_float_correlation": unnormalised_bundle.manifest.density.fit.get(
-                                "int8_vs_float_correlation")}
+                                  val=str(work / "test"), density_normalise="l2"), log=quiet)
+    l2_bundle = read_bundle(l2_path)
+    l2_report, _, _ = evaluate_detection(l2_bundle, str(work / "test"))
+    u = l2_report["models"]["quantized"]
+    l2_figures = {"detections": u["detections"], "matched_known": u["matched_known"],
+                  "matched_unknown": u["matched_unknown"], "unfamiliarity_auroc": u["unknown_auroc"]["unfamiliarity"],
+                  "unfamiliarity_fpr_at_95_tpr": u["unknown_fpr_at_95_tpr"]["unfamiliarity"], "flagged": u["flagged"],
+                  "int8_vs_float_correlation": l2_bundle.manifest.density.fit.get("int8_vs_float_correlation")}
     for quant, figs in quality.items():
         log(f"{quant}: mAP@0.5 {figs['map50']:.4f}, mAP {figs['map']:.4f}, AUROC {figs['unknown_auroc']}")
 
@@ -126,7 +123,8 @@ def measure(argv: list[str] | None) -> dict:
     mean_bytes = convert_model(SourceModel(mean_model, None, source.input_shape, 8, "mean", "mean"),
                                QuantRecipe(QuantMode.INT8), calib)
     models = {"int8_mc": bundles["int8"].load_model(), "float32_mc": bundles["float32"].load_model(),
-              "int8_mc_no_density": read_bundle(plain).load_model(), "int8_mean_head": Model(mean_bytes)}
+              "int8_mc_no_density": read_bundle(plain).load_model(), "int8_mean_head": Model(mean_bytes),
+              "int8_mc_l2": l2_bundle.load_model()}
     inputs = [np.zeros(m.input.shape, dtype=m.input.dtype) for m in models.values()]
     times = interleaved_latency(list(models.values()), inputs, runs=args.runs, warmup=30)
     med = {name: float(np.median(t)) for name, t in zip(models, times)}
@@ -150,9 +148,10 @@ def measure(argv: list[str] | None) -> dict:
         "float32_over_int8": round(med["float32_mc"] / med["int8_mc"], 4),
         "mc_head_over_mean_head": round(med["int8_mc_no_density"] / med["int8_mean_head"], 4),
         "density_over_no_density": round(med["int8_mc"] / med["int8_mc_no_density"], 4),
+        "l2_over_no_density": round(med["int8_mc_l2"] / med["int8_mc_no_density"], 4),
         # convert's check of the density: int8 vs float scores of the held-out cells (converter/stages/density.py)
         "density_int8_vs_float_correlation": bundles["int8"].manifest.density.fit.get("int8_vs_float_correlation"),
-        "int8_density_unnormalised": unnormalised_figures,
+        "int8_density_l2": l2_figures,
         "unknown_object_features": feature_probe(det_path, bundles["int8"], work, cls_path),
         "sizes": {k: b.manifest.to_json()["sizes"]["model_tflite"] for k, b in bundles.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -226,8 +225,7 @@ def feature_probe(det_path: Path, bundle, work: Path, backbone: Path, train_imag
                   test_images: int = 300) -> dict:
     """Could any of the detector's features tell unknown objects from known ones? Per ground-truth object (no
     detection step, so misses do not matter): each layer's feature map averaged over the object's box, and the
-    neck at the box centre's cell, as it is and L2-normalised before the fit (a detector's default,
-    ``--density-normalise``); and the detector's starting ``backbone``, the classifier, on each object's 96-pixel
+    neck at the box centre's cell, as it is and L2-normalised before the fit (``--density-normalise l2``); and the detector's starting ``backbone``, the classifier, on each object's 96-pixel
     window as ``edgeq datasets crops`` cuts it (its pooled features): what the detector started from. Each fitted
     as the shipped nearest-mean score (converter/stages/density.py, top 256 directions) on the training scenes'
     objects; AUROC of the distance for the test scenes' unknown vs known objects. Float features (int8 tracks

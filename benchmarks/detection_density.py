@@ -19,6 +19,9 @@ Each rule at its own best-F1 threshold on these scenes (``edgeq convert --val``'
 objects it detects, and the shipped unfamiliarity's AUROC and 5%-rule flags on them.
 
     python benchmarks/detection_density.py --workdir /tmp/det-bench   # writes results/detection_density.json
+
+The same rows for the workdir's ``--density-normalise l2`` bundle, when ``benchmarks/detection.py`` made one, go
+under ``l2``.
 """
 
 from __future__ import annotations
@@ -42,11 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", required=True, help="benchmarks/detection.py's workdir")
     args = p.parse_args(argv)
-    write_result("detection_density", measure(Path(args.workdir)))
+    work = Path(args.workdir)
+    result = measure(work)
+    if (work / "detector_int8_l2.edgeq").is_file():  # the same detector, --density-normalise l2 (detection.py)
+        l2 = measure(work, "detector_int8_l2.edgeq", rules=False)
+        result["l2"] = {k: l2[k] for k in ("bundle", "normalise", "detections", "whitened_us_per_detection", "scores")}
+    write_result("detection_density", result)
     return 0
 
 
-def measure(work: Path) -> dict:
+def measure(work: Path, name: str = "detector_int8.edgeq", rules: bool = True) -> dict:
     from edgeq.bundle import read_bundle
     from edgeq.converter.data.coco import read_coco
     from edgeq.converter.evaluation.detect import ImageDetections, input_spec_for, match_all
@@ -55,7 +63,7 @@ def measure(work: Path) -> dict:
     from edgeq.detection import GridSpec
     from edgeq.preprocess import Preprocessor, read_image
 
-    b = read_bundle(work / "detector_int8.edgeq")
+    b = read_bundle(work / name)
     block = b.manifest.density
     if block is None or block.references is None:
         raise SystemExit(f"{b.where}: not a knn_whitened bundle; run benchmarks/detection.py first")
@@ -118,7 +126,7 @@ def measure(work: Path) -> dict:
             "references": int(block.references.shape[0]), "neighbours": density.neighbours,
             "detections": {"known": int(len(known)), "unknown": int(len(unknown)), "all": int(len(y_all))},
             "normalise": block.normalise, "whitened_us_per_detection": whitening_us,
-            "scores": out, "score_rules": score_rules(grid, frames, size, coco, ids)}
+            "scores": out, "score_rules": score_rules(grid, frames, size, coco, ids) if rules else None}
 
 
 def score_rules(grid, frames: list, size: tuple[int, int], coco, ids: list[int]) -> dict:

@@ -265,9 +265,16 @@ DETECTION = [
     ("FPR at 95% TPR, unfamiliarity",
      lambda r: tuple(f"{r['detection'].quality[m]['unknown_fpr_at_95_tpr']['unfamiliarity']:.3f}"
                      for m in ("float32", "int8"))),
-    ("the same, features as they are (`--density-normalise none`): AUROC, FPR at 95% TPR",
-     lambda r: ("", f"{r['detection'].int8_density_unnormalised['unfamiliarity_auroc']:.2f}, "
-                    f"{r['detection'].int8_density_unnormalised['unfamiliarity_fpr_at_95_tpr']:.3f}")),
+    ("the same, unit-length features (`--density-normalise l2`): AUROC, FPR at 95% TPR",
+     lambda r: ("", f"{r['detection'].int8_density_l2['unfamiliarity_auroc']:.2f}, "
+                    f"{r['detection'].int8_density_l2['unfamiliarity_fpr_at_95_tpr']:.3f}")),
+    ("the same, `needs_review` flags unfamiliar: detections of known / unknown objects",
+     lambda r: (f"{r['detection'].quality['float32']['flagged']['known']['unfamiliar']:.1%} / "
+                f"{r['detection'].quality['float32']['flagged']['unknown']['unfamiliar']:.1%}",
+                f"{r['detection'].quality['int8']['flagged']['known']['unfamiliar']:.1%} / "
+                f"{r['detection'].quality['int8']['flagged']['unknown']['unfamiliar']:.1%}; l2: "
+                f"{r['detection'].int8_density_l2['flagged']['known']['unfamiliar']:.1%} / "
+                f"{r['detection'].int8_density_l2['flagged']['unknown']['unfamiliar']:.1%}")),
     ("`needs_review` flags: detections of known / unknown objects",
      lambda r: tuple(f"{r['detection'].quality[m]['flagged']['known']['flagged']:.1%} / "
                      f"{r['detection'].quality[m]['flagged']['unknown']['flagged']:.1%}" for m in ("float32", "int8"))),
@@ -286,6 +293,10 @@ DETECTION = [
      lambda r: ("", f"{r['detection'].latency_ms_median['int8_mc']:.3f} vs "
                     f"{r['detection'].latency_ms_median['int8_mc_no_density']:.3f} ms = "
                     f"{r['detection'].density_over_no_density:.3f}x")),
+    ("the same with `--density-normalise l2` (the neck as the output, projected in numpy)",
+     lambda r: ("", f"{r['detection'].latency_ms_median['int8_mc_l2']:.3f} vs "
+                    f"{r['detection'].latency_ms_median['int8_mc_no_density']:.3f} ms = "
+                    f"{r['detection'].l2_over_no_density:.3f}x")),
     ("model size", lambda r: (f"{r['detection'].sizes['float32'] / 1e3:.0f} KB", f"{r['detection'].sizes['int8'] / 1e3:.0f} KB")),
     ("layout chosen by auto (int8 steps of the stacked output's spread)",
      lambda r: ("", f"{r['detection'].head['layout']} ({r['detection'].head['layout_choice']['stacked_estimate']['steps']})")),
@@ -451,11 +462,18 @@ def _detection_density(res: dict[str, R]) -> str:
             label += ", shipped"
         lines.append(f"| {label} | {v['auroc']:.3f} | {100 * v['unknown_flagged_at_5pct_known']:.1f}% | "
                      f"{v['us_per_detection']:.1f} us |")
-    if r.get("whitened_us_per_detection") is not None:
-        how = ("the numpy projection of the unit-length int8 features" if r.get("normalise") == "l2" else
-               "read from the graph's projection")
-        lines.append(f"| before any score: the whitened coordinates ({how}) |  |  | "
-                     f"{r['whitened_us_per_detection']:.1f} us |")
+    lines.append(f"| before any score: the whitened coordinates, read from the graph's projection |  |  | "
+                 f"{r['whitened_us_per_detection']:.1f} us |")
+    l2 = r.get("l2")
+    if l2:
+        shipped = next(k for k in l2["scores"] if k.endswith("_shipped"))
+        for name, label in ((shipped, "the same k, unit-length features (`--density-normalise l2`)"),
+                            ("gda_nearest_class_mean", "nearest class mean, unit-length features")):
+            v = l2["scores"][name]
+            lines.append(f"| {label} | {v['auroc']:.3f} | {100 * v['unknown_flagged_at_5pct_known']:.1f}% | "
+                         f"{v['us_per_detection']:.1f} us |")
+        lines.append(f"| before any score with l2: the numpy projection of the unit-length int8 features |  |  | "
+                     f"{l2['whitened_us_per_detection']:.1f} us |")
     return "\n".join(lines)
 
 

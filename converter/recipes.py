@@ -232,8 +232,7 @@ class DensityRecipe:
     neighbours: int = flag(10, "--density-neighbours", "K of --density-method knn (default 10)", type=int,
                            metavar="K")
     normalise: str = flag("auto", "--density-normalise", "l2: divide the features by their length before the fit "
-                          "and on the device; none: as they are; auto (default): l2 for a detector, none for a "
-                          "classifier", choices=("auto", "none", "l2"))
+                          "(a detector only); none: as they are; auto (default): none", choices=("auto", "none", "l2"))
 
     def __post_init__(self) -> None:
         if self.density not in ("auto", "off"):

@@ -21,7 +21,7 @@ them in, and the x86 and ARM builds give the same bits (tests/arm).
 (benchmarks/unknowns.py scores ranks 64 to 512 and the full covariance side by side; the default, 192, is where
 the gains stop paying for the projection's cost.)
 
-With ``normalise: l2`` (a detector's default) the density is fitted on the features divided by their length. No
+With ``normalise: l2`` (a detector's option, ``--density-normalise``) the density is fitted on the features divided by their length. No
 int8 op divides well, so the graph outputs the int8 features themselves (``density_features``) and the device
 projects each detection's cell: integer codes times the whitening scaled to integers, summed exactly, then one
 division by the length (:meth:`DensityModel.project_unit`), the same bits on x86 and ARM.

@@ -112,17 +112,16 @@ def test_convert_gives_a_full_int8_detect_bundle(bundle):
     # --bayes-layout auto: stacked only when its output resolves the spread between samples in >= 4 int8 steps
     estimate = head["layout_choice"]["stacked_estimate"]["steps"]
     assert head["layout"] == ("stacked" if estimate >= 4 else "centred")
-    # the grid's outputs, then the unfamiliarity measure's features at every cell (--val: on by default): a
-    # detector's density divides the neck's features by their length (normalise l2), so the device projects them
-    rank, width = m["density"]["rank"], m["density"]["features"]
-    assert m["density"]["normalise"] == "l2" and m["density"]["projection"]["shape"] == [width, rank]
+    # the grid's outputs, then the unfamiliarity measure's projection at every cell (--val: on by default)
+    rank = m["density"]["rank"]
+    assert "normalise" not in m["density"] and "projection" not in m["density"]  # --density-normalise none
     if head["layout"] == "stacked":
-        assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits", "density_features"]
-        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, 32 * len(KNOWN), width]
+        assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits", "density_projection"]
+        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, 32 * len(KNOWN), rank]
     else:
         assert [o["role"] for o in m["outputs"]] == ["objectness", "boxes", "class_logits", "class_residuals",
-                                                     "density_features"]
-        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, len(KNOWN), 32 * len(KNOWN), width]
+                                                     "density_projection"]
+        assert [o["shape"][-1] for o in m["outputs"]] == [1, 4, len(KNOWN), 32 * len(KNOWN), rank]
     assert all(o["dtype"] == "int8" for o in m["outputs"])
     det = m["detector"]
     assert det["type"] == "grid" and det["stride"] == 16 and det["grid"] == [SIZE // 16, SIZE // 16]
@@ -156,6 +155,43 @@ def test_convert_gives_a_full_int8_detect_bundle(bundle):
     assert f"grid {SIZE // 16}x{SIZE // 16} at stride 16" in r.stdout and "mAP@0.5 float" in r.stdout
     assert f"percentiles from the {fit['reference_samples']} int8 detections matched to known objects" in r.stdout
     assert f"score: distance to the 10th nearest of {dens['references']['shape'][0]} fitting samples" in r.stdout
+
+
+def test_l2_density_outputs_the_neck_and_scores_like_the_float_model(detector, scenes, bundle, tmp_path):
+    """--density-normalise l2: the graph outputs the neck instead of the projection, the manifest carries the
+    whitening, the device projects each detection's unit-length features, and the result is what the float model's
+    neck gives (the same detections, scores within int8 rounding of the float features)."""
+    from edgeq.bundle import read_bundle
+    from edgeq.converter.evaluation.detect import run_detector
+    from edgeq.converter.data.coco import read_coco
+    from edgeq.density import unit_length
+    from edgeq.detection import GridSpec
+
+    out = tmp_path / "l2.edgeq"
+    layout = read_bundle(bundle).manifest.head.layout
+    r = run_edgeq("convert", str(detector), "--calib", str(scenes["train"]), "--calib-samples", "30", "--val",
+                  str(scenes["val"]), "--bayes-layout", layout, "--density-normalise", "l2", "-o", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "the features divided by their length, an output the device projects" in r.stderr + r.stdout
+    b = read_bundle(out)
+    m = b.manifest.to_json()
+    width, rank = m["density"]["features"], m["density"]["rank"]
+    assert m["density"]["normalise"] == "l2" and m["density"]["projection"]["shape"] == [width, rank]
+    assert m["outputs"][-1]["role"] == "density_features" and m["outputs"][-1]["shape"][-1] == width
+    assert "density_projection" not in [o["role"] for o in m["outputs"]]
+    assert m["density"]["fit"]["int8_vs_float_correlation"] > 0.9
+    # the device's path: every detection of the val scenes gets a finite unfamiliarity from the neck's codes
+    model = b.load_model()
+    grid = GridSpec.from_manifest(b.manifest, b.where).bind(model, b.manifest.outputs, b.where, b.manifest.density)
+    assert grid.density.projection is None and grid.density.features is not None
+    results = run_detector(model, grid, b.preprocess_spec, read_coco(str(scenes["val"])))
+    scores = np.concatenate([r.detections.unfamiliarity for r in results])
+    assert len(scores) > 20 and np.all(np.isfinite(scores)) and np.all(scores >= 0)
+    # the projection is linear: unit-length features projected in float give the same coordinates within int8
+    t = grid.density.features
+    raw = {t.index: np.random.default_rng(0).integers(-128, 127, t.shape).astype(np.int8)}
+    want = unit_length(t.dequantize(raw[t.index]).reshape(-1, width)) @ grid.density.density.whitening
+    np.testing.assert_allclose(grid.density.whitened(raw), want, rtol=1e-4, atol=1e-4)
 
 
 def test_detection_quality_floor_on_a_fixed_seed(bundle):

@@ -8,7 +8,7 @@ part fused into the graph as two more outputs before quantisation.
   one Dense (or 1x1 conv) without bias: the graph's ``density_projection`` output. The score the device finishes
   with (``--density-method``): the distance to the nearest class mean (``gda``, a classifier's default), or to
   the K-th nearest of up to ``KNN_REFERENCES`` fitting samples kept in the manifest (``knn``, a detector's).
-  With ``--density-normalise l2`` (a detector's default) the fit is on the features divided by their length, which
+  With ``--density-normalise l2`` (a detector's option) the fit is on the features divided by their length, which
   no int8 op computes well: the graph outputs the features themselves (``density_features``) and the device
   projects them with the manifest's whitening (``projection``), in integers (edgeq/density.py).
 - **calibrate** (after quantising): the int8 model scores held-out in-distribution data; the sorted scores are
