@@ -85,7 +85,9 @@ def format_inspect(ins: Inspection) -> str:
                    f"{fit.get('held_out_samples')} held-out samples")
         score = (f"distance to the {ordinal(m.density.neighbours)} nearest of {m.density.references.shape[0]} "
                  "fitting samples" if m.density.references is not None else "distance to the nearest class mean")
-        lines.append(f"density      class Gaussians on {m.density.features} features ({', '.join(fit.get('taps', []))}), "
+        unit = ", divided by their length" if m.density.normalise == "l2" else ""
+        lines.append(f"density      class Gaussians on {m.density.features} features ({', '.join(fit.get('taps', []))}"
+                     f"{unit}), "
                      f"{m.density.rank} whitened directions, fitted on {fit.get('samples')} samples of "
                      f"{fit.get('data')}; score: {score}; percentiles from {against}; int8 vs "
                      f"float correlation {fit.get('int8_vs_float_correlation')}")

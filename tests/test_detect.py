@@ -180,6 +180,8 @@ def test_l2_density_outputs_the_neck_and_scores_like_the_float_model(detector, s
     assert m["outputs"][-1]["role"] == "density_features" and m["outputs"][-1]["shape"][-1] == width
     assert "density_projection" not in [o["role"] for o in m["outputs"]]
     assert m["density"]["fit"]["int8_vs_float_correlation"] > 0.9
+    r = run_edgeq("inspect", str(out))
+    assert r.returncode == 0 and "features (neck, divided by their length)" in r.stdout, r.stdout
     # the device's path: every detection of the val scenes gets a finite unfamiliarity from the neck's codes
     model = b.load_model()
     grid = GridSpec.from_manifest(b.manifest, b.where).bind(model, b.manifest.outputs, b.where, b.manifest.density)
