@@ -225,8 +225,9 @@ def feature_probe(det_path: Path, bundle, work: Path, backbone: Path, train_imag
                   test_images: int = 300) -> dict:
     """Could any of the detector's features tell unknown objects from known ones? Per ground-truth object (no
     detection step, so misses do not matter): each layer's feature map averaged over the object's box, and the
-    neck at the box centre's cell, as it is and L2-normalised before the fit (``--density-normalise l2``); and the detector's starting ``backbone``, the classifier, on each object's 96-pixel
-    window as ``edgeq datasets crops`` cuts it (its pooled features): what the detector started from. Each fitted
+    neck at the box centre's cell, as it is and L2-normalised before the fit (``--density-normalise l2``); and
+    the detector's starting ``backbone``, the classifier, on each object's 96-pixel window as ``edgeq datasets
+    crops`` cuts it (its pooled features): what the detector started from. Each fitted
     as the shipped nearest-mean score (converter/stages/density.py, top 256 directions) on the training scenes'
     objects; AUROC of the distance for the test scenes' unknown vs known objects. Float features (int8 tracks
     them: the quality table)."""
@@ -238,7 +239,7 @@ def feature_probe(det_path: Path, bundle, work: Path, backbone: Path, train_imag
     from edgeq.converter.evaluation import metrics
     from edgeq.converter.models import bayes
     from edgeq.converter.stages.density import fit_gaussians
-    from edgeq.density import DensityModel
+    from edgeq.density import DensityModel, unit_length
     from edgeq.preprocess import Preprocessor, read_image
 
     bayes.register()
@@ -302,8 +303,8 @@ def feature_probe(det_path: Path, bundle, work: Path, backbone: Path, train_imag
     out = {"objects": {"train": int(len(y)), "test_known": int((ty >= 0).sum()), "test_unknown": int((ty < 0).sum())},
            "auroc": {f"{n}_box_mean": auroc(fit[n], test[n]) for n in names}}
     out["auroc"]["neck_centre_cell"] = auroc(fit["neck_centre_cell"], test["neck_centre_cell"])
-    unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    out["auroc"]["neck_centre_cell_l2"] = auroc(unit(fit["neck_centre_cell"]), unit(test["neck_centre_cell"]))
+    out["auroc"]["neck_centre_cell_l2"] = auroc(unit_length(fit["neck_centre_cell"]),
+                                                unit_length(test["neck_centre_cell"]))
     out["auroc"]["starting_backbone_window_pooled"] = auroc(fit["backbone_window"], test["backbone_window"])
     early = [n for n in names if n.startswith("block_")]
     out["auroc"]["early_blocks_box_mean"] = auroc(np.concatenate([fit[n] for n in early], 1),

@@ -74,16 +74,17 @@ def measure(work: Path, name: str = "detector_int8.edgeq", rules: bool = True) -
     size = (b.preprocess_spec.height, b.preprocess_spec.width)
     ids, threshold = b.manifest.detector.category_ids, b.manifest.detector.score_threshold
     coco = read_coco(str(work / "test"))
-    results, coords, frames = [], [], []
+    results, coords, frames, cells = [], [], [], []
     for im in coco.images:
         frame = read_image(coco.image_path(im))
         x, tf = pre(frame)
         model.set_input(x)
         model.invoke()
-        frames.append((int(im["id"]), grid.raw(model), tf, frame.shape[:2]))
-        dets = grid.read(model, size, threshold)
-        dets, boxes = dets.on_frame(tf)  # what the device publishes
-        y = grid.density.whitened(grid.raw(model), dets.cells)
+        raw = grid.raw(model)
+        frames.append((int(im["id"]), raw, tf, frame.shape[:2]))
+        dets, boxes = grid.decode(raw, size, threshold).on_frame(tf)  # what the device publishes
+        cells.append(dets.cells)
+        y = grid.density.whitened(raw, dets.cells)
         # the unfamiliarity slot carries each detection's row in `coords`, so that match_all's order maps back
         index = np.arange(len(coords), len(coords) + len(dets), dtype=np.float64)
         coords.extend(y)
@@ -93,7 +94,6 @@ def measure(work: Path, name: str = "detector_int8.edgeq", rules: bool = True) -
                                        dataclasses.replace(dets, unfamiliarity=index)))
     # the device's step before any score: the whitened coordinates of each detection's cell (with normalise l2, the
     # numpy projection of its unit-length features), timed over every test frame's detections
-    cells = [grid.decode(raw, size, threshold).cells for _, raw, _, _ in frames]
     times = []
     for _ in range(5):
         t0 = time.perf_counter()

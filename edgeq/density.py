@@ -86,7 +86,7 @@ class DensityModel:
         division by ``S * sqrt(sum of squares)``: x86 and ARM give the same bits (tests/arm)."""
         if np.issubdtype(codes.dtype, np.integer):
             w, scale = self._whitening_grid
-            v = codes.astype(np.int64)
+            v = np.asarray(codes, np.int64)
             length = np.sqrt(np.sum(v * v, axis=1).astype(np.float64))
             return (v @ w).astype(np.float64) / (scale * np.where(length > 0, length, 1.0))[:, None]
         return unit_length(codes) @ self.whitening

@@ -120,14 +120,14 @@ def run(recipe: DensityRecipe, ctx: "ConvertContext") -> None:
                 raise DataError(f"--density-data {data.source}: the whitening of the features overflows float16; "
                                 "check the model, or pass --density-normalise none")
             block.update(normalise=normalise, projection=float16_array(W))
-            block["class_means"] = (np.stack([features[targets == c].mean(axis=0) for c in range(len(ctx.labels))])
-                                    @ W.astype(np.float64)).tolist()
         if method == "knn":
             block.update(knn_references(features, W, recipe.neighbours, f"--density-data {data.source}"))
         ctx.task.add_density_outputs(ctx, W, keep, normalise)
-    if not keep.all():  # the class means in the coordinates the graph computes, without the dropped taps
+    if not keep.all() or normalise is not None:
+        # the class means in the coordinates the device gets: without the dropped taps, with the rounded whitening
         means = np.stack([features[targets == c].mean(axis=0) for c in range(len(ctx.labels))])
         block["class_means"] = (means @ W.astype(np.float64)).tolist()
+    if not keep.all():
         dropped = [n for n, k in zip(names, keep) if not k]
         ctx.log(f"unfamiliarity: left out tap(s) {', '.join(dropped)}: their part of the projection is under one int8 "
                 "step of the whole")
