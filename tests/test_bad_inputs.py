@@ -185,7 +185,24 @@ BUNDLE_ROWS = [
     # a resize filter this runtime does not know: refused, never resized some other way
     ("unknown-interpolation", lambda b, d: _rewrite(b, d, _manifest_edit(lambda m: m["input"].update(
         interpolation="cubic"))), ["manifest.json", "interpolation"]),
+    # a density on unit-length features needs the whitening the device projects with
+    ("l2-without-projection", lambda b, d: _rewrite(b, d, _manifest_edit(lambda m: m["density"].update(
+        normalise="l2"))), ["manifest.json", "density", "normalise l2 and projection go together"]),
 ]
+
+
+def _l2_without_features_output(src: Path, dst: Path) -> Path:
+    """A density that says normalise l2, with its projection, in a bundle whose graph has no density_features
+    output (it projects in the graph instead): the device cannot compute the measure from it."""
+    import base64
+
+    def change(m: dict) -> None:
+        d = m["density"]
+        w = np.ones((d["features"], d["rank"]), "<f2")
+        d.update(normalise="l2", projection={"dtype": "float16", "shape": list(w.shape),
+                                              "data": base64.b64encode(w.tobytes()).decode()})
+
+    return _rewrite(src, dst, _manifest_edit(change))
 
 
 def _manifest_edit(change):
@@ -247,13 +264,18 @@ def test_broken_bundle_is_one_clear_line(name, build, needles, capsys, tmp_path,
     assert not Path(_Marker.path).exists()  # nothing in a bundle is executed
 
 
-def test_broken_bundle_on_the_device_is_one_line_too(tmp_path, tiny_bundle):
+@pytest.mark.parametrize("name,build,needles", [
+    ("flipped", _flip_compressed_model, ["corrupt"]),
+    ("l2-without-features", _l2_without_features_output,
+     ["no 'density_features' entry", "density.normalise l2 needs"]),
+], ids=["corrupt-model", "l2-without-features-output"])
+def test_broken_bundle_on_the_device_is_one_line_too(name, build, needles, tmp_path, tiny_bundle):
     from conftest import run_edgeq
 
-    bad = _flip_compressed_model(tiny_bundle, tmp_path / "flipped.edgeq")
+    bad = build(tiny_bundle, tmp_path / f"{name}.edgeq")
     r = run_edgeq("run", "--model", str(bad), "--source", str(tmp_path), "--output", "-", "--spool",
                   str(tmp_path / "s.db"))
-    assert_clean_error(r, "flipped.edgeq", "corrupt")
+    assert_clean_error(r, f"{name}.edgeq", *needles)
 
 
 # -- a device config that does not fit the bundle it runs: refused by `edgeq run` before the first frame ---------
