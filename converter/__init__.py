@@ -11,7 +11,11 @@ Layout: ``pipeline.py`` runs the convert stages (``stages/``, one module each) w
 ``commands/`` the host subcommands of the ``edgeq`` CLI.
 """
 
-from .pipeline import convert
+from .tf import pin_numerics
+
+pin_numerics()  # before anything of this room imports TensorFlow: the same seed gives the same model (tf.py)
+
+from .pipeline import convert  # noqa: E402
 from .recipes import (
     BayesRecipe,
     ClusterRecipe,

@@ -32,9 +32,35 @@ def quiet_output() -> Iterator[None]:
             os.close(saved[1])
 
 
+# Kernels that give the same numbers for a seed on any x86-64 machine (benchmarks/determinism.py measures it):
+# - TensorFlow turns its oneDNN ops on by default only on CPUs with AVX-512 VNNI or AMX, and they pick their
+#   kernels by instruction set at run time, so they stay off;
+# - its own matrix products call oneDNN's sgemm, which also picks by instruction set: capped at AVX2, which every
+#   x86-64 CPU that trains here has;
+# - the thread count decides how sums are split between threads, so it is fixed (more threads, another model).
+# What stays machine-dependent: Eigen's rsqrt and reciprocal (batch norm, softmax) start from the CPU's own
+# approximate instructions, which Intel, AMD and an emulator round differently in the last bit.
+# Each is a default: a value already in the environment wins.
+PORTABLE_NUMERICS = {
+    "TF_ENABLE_ONEDNN_OPTS": "0",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "TF_NUM_INTRAOP_THREADS": "2",
+    "TF_NUM_INTEROP_THREADS": "2",
+}
+
+
+def pin_numerics() -> bool:
+    """Set :data:`PORTABLE_NUMERICS` (those not set already) before TensorFlow loads; False when it is loaded
+    already, and the settings came too late for this process."""
+    for key, value in PORTABLE_NUMERICS.items():
+        os.environ.setdefault(key, value)
+    return "tensorflow" not in sys.modules
+
+
 def import_tensorflow() -> Any:
-    """Import TensorFlow and Keras once, without their start-up chatter on the terminal."""
+    """Import TensorFlow and Keras once, with portable numerics and without their start-up chatter."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    pin_numerics()
     with quiet_output():
         import keras  # noqa: F401
         import tensorflow as tf
