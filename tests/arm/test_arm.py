@@ -220,3 +220,70 @@ def test_every_bundle_kind_gives_the_x86_results_exactly(kind, pi, bundles, clip
     assert checks["bundle"]["status"] == "pass" and checks["model"]["status"] == "pass", r.stdout
     assert checks["xnnpack"]["data"]["whole_graph"] is True, checks["xnnpack"]
     assert checks["model"]["data"]["runtime"] == "ai-edge-litert"
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(fashion_dirs, tmp_path_factory) -> Path:
+    """A small CNN trained on Fashion-MNIST (4 classes, 32 px) and converted to int8 with its unfamiliarity
+    measure, calibrated on the val images."""
+    from fixtures.hardmodels import train_small
+    from floors import seeded
+
+    from edgeq.converter.training.classifier import load_folder_arrays
+    from edgeq.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(32, 32, 3, "RGB", "stretch", (127.5,), (127.5,))
+    x, y, labels = load_folder_arrays(fashion_dirs["train"], spec)
+    d = tmp_path_factory.mktemp("arm-trained")
+    path = save_with_labels(train_small(x, y, len(labels), epochs=8, seed=int(seeded(0))), d / "small.keras", labels)
+    out = d / "small.edgeq"
+    r = run_edgeq("convert", str(path), "--calib", str(fashion_dirs["train"]), "--calib-samples", "100",
+                  "--val", str(fashion_dirs["val"]), "-o", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def _published_figures(frames: list[dict], labels: list[str]) -> dict[str, float]:
+    """Top-1 on the clothing frames (the class is the file name's prefix) and the unfamiliarity AUROC of digits
+    against clothing, from what the device published."""
+    from edgeq.converter.evaluation.metrics import roc_auc
+
+    known, unknown, correct = [], [], []
+    for f in frames:
+        top = f["detections"][0]
+        name = f["frame"]["id"]
+        if name.startswith("digit_"):
+            unknown.append(top["uncertainty"]["unfamiliarity"])
+        else:
+            known.append(top["uncertainty"]["unfamiliarity"])
+            correct.append(top["label"] == name.split("_")[0])
+    return {"top1": sum(correct) / len(correct), "auroc": roc_auc(known, unknown)}
+
+
+def test_the_pi_and_x86_agree_on_the_quality_floors(pi, trained_bundle, fashion_dirs, tmp_path):
+    """A trained int8 classifier run by `edgeq run` on both machines over 200 test images and 100 digits: the
+    figures computed from what each published are the same, and both hold the floors (tests/floors.py)."""
+    import shutil
+
+    from floors import check
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    labels = list(read_bundle(trained_bundle).labels)
+    for label in labels:
+        for f in sorted((fashion_dirs["test"] / label).iterdir())[:50]:
+            shutil.copy(f, folder / f"{label}_{f.name}")
+    for f in sorted(fashion_dirs["ood"].iterdir())[:100]:
+        shutil.copy(f, folder / f"digit_{f.name}")
+    args = ["run", "--model", str(trained_bundle), "--source", str(folder), "--output", "-"]
+    host = run_edgeq(*args, "--spool", str(tmp_path / "host.db"))
+    assert host.returncode == 0, host.stderr[-2000:]
+    arm = pi.edgeq(*args, "--spool", str(tmp_path / "arm.db"), timeout=1800)
+    assert arm.returncode == 0, arm.stderr[-3000:]
+    want, got = _results(host.stdout), _results(arm.stdout)
+    assert len(want) == len(got) == 300
+    figures = {"x86": _published_figures(want, labels), "arm": _published_figures(got, labels)}
+    assert figures["arm"] == figures["x86"], figures
+    check("arm.small_cnn.top1", figures["arm"]["top1"])
+    check("arm.small_cnn.digits_auroc_unfamiliarity", figures["arm"]["auroc"])
+    assert got == want, _first_difference(want, got)
