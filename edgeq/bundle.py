@@ -153,6 +153,23 @@ def write_bundle(
     return path
 
 
+def with_manifest(src: str | Path, dst: str | Path, manifest: Manifest) -> Path:
+    """A copy of the bundle ``src`` at ``dst`` with another manifest (``Manifest.replace`` makes one), validated
+    and written atomically; the model and every other entry as they are. A signature is left out: it covered the
+    old manifest and would no longer verify."""
+    src, dst = Path(src), Path(dst)
+    typed = parse_manifest(manifest.to_json(), f"{dst}: {MANIFEST_NAME}")
+    with zipfile.ZipFile(src) as zin, atomic_file(dst) as raw:
+        with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zout:
+            for item in zin.infolist():
+                if item.filename == SIGNATURE_NAME:
+                    continue
+                data = json.dumps(typed.to_json(), indent=2).encode() + b"\n" if item.filename == MANIFEST_NAME \
+                    else read_entry(src, zin, item.filename)
+                zout.writestr(item.filename, data)
+    return dst
+
+
 def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Open a bundle, check its schema version and the model's sha256 and size; raise BundleError otherwise."""
     path = Path(path)

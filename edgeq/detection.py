@@ -22,7 +22,7 @@ import numpy as np
 
 from edgeq.density import BoundDensity, bind_density
 from edgeq.errors import BundleError
-from edgeq.heads import bind_roles
+from edgeq.heads import BoundOutputs, bind_roles
 from edgeq.manifest import Density, Detector, Head, Manifest, OutputSpec
 from edgeq.runtime import Model, TensorInfo
 from edgeq.uncertainty import summarize
@@ -180,17 +180,10 @@ class GridSpec:
 
 
 @dataclass(frozen=True)
-class BoundGrid:
+class BoundGrid(BoundOutputs):
     """A grid spec with the model's objectness, boxes and class tensors."""
 
     spec: GridSpec
-    tensors: list[TensorInfo]
-    density: BoundDensity | None = None
-
-    @property
-    def all_tensors(self) -> list[TensorInfo]:
-        """Every output the device copies after an invoke: the grid's, and the density's."""
-        return self.tensors + (self.density.tensors if self.density is not None else [])
 
     def decode(self, raw: dict[int, np.ndarray], input_size: tuple[int, int],
                score_threshold: float | None = None) -> Detections:
@@ -215,9 +208,6 @@ class BoundGrid:
             return first.reshape(cells, s.samples, s.classes)
         residuals = self.tensors[3].dequantize(raw[self.tensors[3].index])
         return first.reshape(cells, 1, s.classes) + residuals.reshape(cells, s.samples, s.classes)
-
-    def raw(self, model: Model) -> dict[int, np.ndarray]:
-        return {t.index: model.get(t) for t in self.all_tensors}
 
     def read(self, model: Model, input_size: tuple[int, int], score_threshold: float | None = None) -> Detections:
         """Detections of the model's last invoke."""

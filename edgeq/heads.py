@@ -18,7 +18,7 @@ The manifest's ``head`` (:class:`edgeq.manifest.Head`) says what the model compu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -69,17 +69,29 @@ def bind_roles(model: Model, outputs: Sequence[OutputSpec], roles: tuple[str, ..
 
 
 @dataclass(frozen=True)
-class BoundHead:
-    """A head spec with the model's output tensors it reads, in ``spec.roles`` order."""
+class BoundOutputs:
+    """A decoder's spec with the model's output tensors it reads (in ``spec.roles`` order), and the density's
+    tensors when the bundle has one: what :class:`BoundHead` and :class:`edgeq.detection.BoundGrid` share."""
 
-    spec: HeadSpec
+    spec: Any
     tensors: list[TensorInfo]
     density: BoundDensity | None = None
 
     @property
     def all_tensors(self) -> list[TensorInfo]:
-        """Every output the device copies after an invoke: the head's, and the density's."""
+        """Every output the device copies after an invoke: the decoder's, and the density's."""
         return self.tensors + (self.density.tensors if self.density is not None else [])
+
+    def raw(self, model: Model) -> dict[int, np.ndarray]:
+        """The raw values of every output of the model's last invoke that :attr:`all_tensors` names."""
+        return {t.index: model.get(t) for t in self.all_tensors}
+
+
+@dataclass(frozen=True)
+class BoundHead(BoundOutputs):
+    """A head spec with the model's output tensors it reads."""
+
+    spec: HeadSpec
 
     def density_measures(self, raw: dict[int, np.ndarray], predicted: int) -> tuple[float | None, float | None]:
         """The image's unfamiliarity and its disagreement with the ``predicted`` class, from one pass of the
@@ -98,10 +110,6 @@ class BoundHead:
         if self.spec.layout == "stacked":
             return values[0].reshape(self.spec.samples, c)
         return values[0].reshape(1, c) + values[1].reshape(self.spec.samples, c)
-
-    def raw(self, model: Model) -> dict[int, np.ndarray]:
-        """The raw values of every output of the model's last invoke that :attr:`all_tensors` names."""
-        return {t.index: model.get(t) for t in self.all_tensors}
 
     def read(self, model: Model) -> np.ndarray:
         """``[K, C]`` logits of the model's last invoke."""

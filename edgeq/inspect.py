@@ -10,6 +10,7 @@ from typing import Any
 from edgeq.bundle import read_bundle
 from edgeq.density import ordinal
 from edgeq.manifest import Head, Manifest
+from edgeq.records import DetectValidation
 from edgeq.runtime import weight_stats
 
 
@@ -79,18 +80,18 @@ def format_inspect(ins: Inspection) -> str:
     lines.append(f"calibration  {cal.count} samples from {cal.source}")
     lines.extend(format_head(m.head))
     if m.density is not None:
-        fit = m.density.fit.model_dump() if m.density.fit is not None else {}
+        fit = m.density.fit
         # a detector converted with --val reads its percentiles against its detections (converter/tasks/detect.py)
-        against = (f"the {fit['reference_samples']} {fit['reference']}" if fit.get("reference") else
-                   f"{fit.get('held_out_samples')} held-out samples")
+        against = (f"the {fit.reference_samples} {fit.reference}" if fit is not None and fit.reference else
+                   f"{fit.held_out_samples if fit is not None else None} held-out samples")
         score = (f"distance to the {ordinal(m.density.neighbours)} nearest of {m.density.references.shape[0]} "
                  "fitting samples" if m.density.references is not None else "distance to the nearest class mean")
         unit = ", divided by their length" if m.density.normalise == "l2" else ""
-        lines.append(f"density      class Gaussians on {m.density.features} features ({', '.join(fit.get('taps', []))}"
-                     f"{unit}), "
-                     f"{m.density.rank} whitened directions, fitted on {fit.get('samples')} samples of "
-                     f"{fit.get('data')}; score: {score}; percentiles from {against}; int8 vs "
-                     f"float correlation {fit.get('int8_vs_float_correlation')}")
+        taps = ", ".join(fit.taps) if fit is not None else ""
+        lines.append(f"density      class Gaussians on {m.density.features} features ({taps}{unit}), "
+                     f"{m.density.rank} whitened directions, fitted on {fit.samples if fit else None} samples of "
+                     f"{fit.data if fit else None}; score: {score}; percentiles from {against}; int8 vs "
+                     f"float correlation {fit.int8_vs_float_correlation if fit else None}")
     size_parts = [f"model.tflite {sizes['model_tflite'] / 1e6:.3f} MB", f"bundle {sizes['bundle_file'] / 1e6:.3f} MB"]
     if sizes.get("float32_tflite"):
         size_parts.append(f"float32 .tflite {sizes['float32_tflite'] / 1e6:.3f} MB")
@@ -102,33 +103,33 @@ def format_inspect(ins: Inspection) -> str:
     lines.append(f"runtime      {rt['runtime']} {rt['runtime_version']}, {rt['threads']} thread(s), XNNPACK: {xnn}")
     det = m.detector
     if det is not None:
-        f1 = det.score_threshold_calibration.get("f1") if det.score_threshold_calibration is not None else None
+        f1 = det.score_threshold_calibration.f1 if det.score_threshold_calibration is not None else None
         lines.append(f"detector     grid {det.grid[0]}x{det.grid[1]} at stride {det.stride}, score >= "
                      f"{det.score_threshold:.3g}" + (f" (F1 {f1:.3f} on validation)" if f1 is not None else "")
                      + f", NMS IoU {det.nms_iou:g}, COCO category ids {list(det.category_ids)}")
-    v = m.validation.model_dump() if m.validation is not None else None
-    if v and det is not None:
-        f, qv = v["float"], v["quantized"]
-        au = lambda r: (r.get("unknown_auroc") or {}).get("mutual_information")  # noqa: E731
+    v = m.validation
+    if isinstance(v, DetectValidation):
+        f, qv = v.float_, v.quantized
+        au = lambda r: (r.unknown_auroc or {}).get("mutual_information")  # noqa: E731
         fmt = lambda a: "-" if a is None else f"{a:.4f}"  # noqa: E731
-        lines.append(f"validation   {v['images']} images: mAP@0.5 float {f['map50']:.4f}, int8 {qv['map50']:.4f}; "
-                     f"mAP@[.5:.95] {f['map']:.4f} / {qv['map']:.4f}; AUROC unknown (MI) {fmt(au(f))} / "
-                     f"{fmt(au(qv))}")
-    elif v:
-        lines.append(f"validation   {v['count']} images: float top-1 {v['float_top1']:.4f}, quantized "
-                     f"{v['quantized_top1']:.4f}, agreement {v['top1_agreement']:.4f}, mean |logit error| "
-                     f"{v['mean_abs_logit_error']:.4f}")
-    if m.clustering is not None:
-        c = m.clustering.model_dump()
-        lines.append(f"clustering   {c['clustered']} kernels to {c['clusters']} shared values "
-                     f"({'per channel' if c['per_channel'] else 'per tensor'}, {c['init']}), "
-                     f"{c['clustered_weights'] / max(c['all_weights'], 1):.0%} of the weights; shipped int8 kernels: "
-                     f"at most {c['shipped']['max_distinct_per_channel']} distinct values per channel")
-        post = c.get("posterior") or {}
-        if post.get("codewords"):
-            lines.append(f"posterior    {post['layer']}: {post['weights']:,} (mu, sigma) pairs vector-quantised to "
-                         f"{post['codewords']} codewords (relative error mu {post['relative_rmse_mu']:.3f}, sigma "
-                         f"{post['relative_rmse_sigma']:.3f}); the {m.head_or_dense.samples} samples are drawn from it")
+        lines.append(f"validation   {v.images} images: mAP@0.5 float {f.map50:.4f}, int8 {qv.map50:.4f}; "
+                     f"mAP@[.5:.95] {f.map:.4f} / {qv.map:.4f}; AUROC unknown (MI) {fmt(au(f))} / {fmt(au(qv))}")
+    elif v is not None:
+        error = "-" if v.mean_abs_logit_error is None else f"{v.mean_abs_logit_error:.4f}"
+        lines.append(f"validation   {v.count} images: float top-1 {v.float_top1:.4f}, quantized "
+                     f"{v.quantized_top1:.4f}, agreement {v.top1_agreement:.4f}, mean |logit error| {error}")
+    c = m.clustering
+    if c is not None:
+        shipped = c.shipped.max_distinct_per_channel if c.shipped is not None else "?"
+        lines.append(f"clustering   {c.clustered} kernels to {c.clusters} shared values "
+                     f"({'per channel' if c.per_channel else 'per tensor'}, {c.init}), "
+                     f"{c.clustered_weights / max(c.all_weights, 1):.0%} of the weights; shipped int8 kernels: "
+                     f"at most {shipped} distinct values per channel")
+        post = c.posterior
+        if post is not None and post.codewords:
+            lines.append(f"posterior    {post.layer}: {post.weights:,} (mu, sigma) pairs vector-quantised to "
+                         f"{post.codewords} codewords (relative error mu {post.relative_rmse_mu:.3f}, sigma "
+                         f"{post.relative_rmse_sigma:.3f}); the {m.head_or_dense.samples} samples are drawn from it")
     if ins.kernels:
         lines.append("kernels      distinct int8 values per channel (max), per layer:")
         for k in ins.kernels:
@@ -151,13 +152,13 @@ def format_head(head: Head | None) -> list[str]:
                f"({head.layout}, seed {head.seed}, prior sigma {head.prior_sigma}, {share:.1%} of the backbone's MACs)"]
         sp = head.spread
         if sp is not None:
-            out.append(f"             logit spread across samples: float {sp.get('float'):.4f}, int8 "
-                       f"{sp.get('quantized'):.4f} ({sp.get('steps')} output steps), MI correlation float/int8 "
-                       f"{sp.get('mutual_information_correlation')}")
+            out.append(f"             logit spread across samples: float {sp.float_:.4f}, int8 "
+                       f"{sp.quantized:.4f} ({sp.steps} output steps), MI correlation float/int8 "
+                       f"{sp.mutual_information_correlation}")
         w = head.weights
-        if w is not None and w.get("per_channel") is not None:
-            out.append(f"             sampled weights: per-channel {w.get('per_channel')}, max relative error "
-                       f"{w.get('max_relative_error'):.4f}")
+        if w is not None and w.per_channel is not None:
+            out.append(f"             sampled weights: per-channel {w.per_channel}, max relative error "
+                       f"{w.max_relative_error:.4f}")
     else:
         out = [f"head         {head.type}: one softmax over {head.classes} classes"]
     r = head.review

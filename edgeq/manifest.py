@@ -1,9 +1,9 @@
 """The bundle's contract, typed: frozen pydantic models of ``manifest.json``, parsed once by ``read_bundle``.
 
 Everything the device needs to reproduce the converter's numerics is a typed field here; the device, ``edgeq
-eval`` and ``edgeq inspect`` read fields, never dict keys. Blocks that only record what the converter measured
-(validation figures, the spread check, the layout choice, clustering statistics) are :class:`Record` s: their
-known fields are typed, and further measured figures are kept as they are.
+eval`` and ``edgeq inspect`` read fields, never dict keys. The blocks that record what the converter measured
+(validation figures, the spread check, the layout choice, clustering statistics) are closed models too
+(edgeq/records.py), which the converter builds field by field.
 
 ``edgeq/schemas/manifest.schema.json`` is generated from these models (``python -m edgeq.manifest``) and a test
 keeps it equal to them.
@@ -21,6 +21,22 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgeq.errors import BundleError
+from edgeq.records import (
+    AccuracyAware,
+    BiasCorrection,
+    Calibration,
+    ClassifyValidation,
+    Clustering,
+    ConverterInfo,
+    DensityFit,
+    DetectValidation,
+    HeadWeights,
+    LayoutChoice,
+    ReviewRule,
+    ScoreThresholdCalibration,
+    Sizes,
+    Spread,
+)
 
 SCHEMA = "edgeq.bundle"
 SCHEMA_VERSION = 1
@@ -39,15 +55,9 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class Record(BaseModel):
-    """A block of measured figures: known keys typed, further figures kept (they are reports, not contract)."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """A figure by name, typed or extra (reports print what they find)."""
-        return getattr(self, key, None) if key in type(self).model_fields else (self.model_extra or {}).get(key, default)
+    def to_json(self) -> dict[str, Any]:
+        """As ``manifest.json`` holds it: by alias, absent optional fields left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 class InputSpec(Strict):
@@ -93,27 +103,6 @@ class OutputSpec(Strict):
     zero_point: int = 0
 
 
-class ReviewRule(Record):
-    """The calibrated ``needs_review`` rule. A result is *ambiguous* when ``measure > threshold``: the threshold that
-    keeps ``target_accuracy`` on validation (``mode: target``), or, when no threshold reaches it, the one that flags
-    the ``budget`` fraction of validation results (``mode: budget``). It is *unfamiliar* when its unfamiliarity
-    exceeds ``unfamiliar_threshold``, set to flag ``ood_rate`` of held-out in-distribution data (the
-    ``unfamiliar_percentile``-th percentile of their scores)."""
-
-    measure: Literal["predictive_entropy", "aleatoric", "mutual_information", "density_disagreement"]
-    threshold: float | None = None
-    target_accuracy: float = Field(gt=0.0, le=1.0)
-    coverage: float | None = None
-    kept_accuracy: float | None = None
-    reached: bool = True
-    count: int | None = None
-    mode: Literal["target", "budget", "always"] = "target"
-    budget: float | None = Field(None, gt=0.0, lt=1.0)
-    unfamiliar_threshold: float | None = None
-    unfamiliar_percentile: float | None = Field(None, ge=0.0, le=100.0)
-    ood_rate: float | None = Field(None, gt=0.0, lt=1.0)
-
-
 class Head(Strict):
     """What the classifier (or a detector's class branch) computes per image (per cell): K sampled logit vectors
     of C classes. ``single``: K = 1 (a dense head); ``stacked``: one ``[K*C]`` output, sample-major; ``centred``:
@@ -130,9 +119,9 @@ class Head(Strict):
     head_macs: int | None = None
     deterministic_head_macs: int | None = None
     backbone_macs: int | None = None
-    layout_choice: Record | None = None
-    weights: Record | None = None
-    spread: Record | None = None
+    layout_choice: LayoutChoice | None = None
+    weights: HeadWeights | None = None
+    spread: Spread | None = None
     review: ReviewRule | None = None
 
     @model_validator(mode="after")
@@ -162,7 +151,7 @@ class Detector(Strict):
     max_detections: int = Field(50, ge=1)
     box_encoding: Literal["ltrb_cells"] = "ltrb_cells"
     architecture: str | None = None
-    score_threshold_calibration: Record | None = None
+    score_threshold_calibration: ScoreThresholdCalibration | None = None
 
 
 class Array(Strict):
@@ -212,7 +201,7 @@ class Density(Strict):
     reference: tuple[float, ...] = Field(min_length=2)
     neighbours: int | None = Field(default=None, ge=1)
     references: Array | None = None
-    fit: Record | None = None
+    fit: DensityFit | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "Density":
@@ -249,16 +238,9 @@ class Quantization(Strict):
     full_integer: bool
     allow_float_fallback: bool = False
     float_ops: tuple[str, ...] = ()
-    bias_correction: Record | None = None
+    bias_correction: BiasCorrection | None = None
     float_layers: tuple[str, ...] | None = None
-    accuracy_aware: Record | None = None
-
-
-class Calibration(Record):
-    count: int = Field(ge=0)
-    source: str | None = None
-    kind: str | None = None
-    skipped: int | None = None
+    accuracy_aware: AccuracyAware | None = None
 
 
 class PackedKernel(Strict):
@@ -302,10 +284,10 @@ class Manifest(Strict):
     detector: Detector | None = None
     quantization: Quantization
     calibration: Calibration
-    converter: Record | None = None
-    sizes: Record | None = None
-    validation: Record | None = None
-    clustering: Record | None = None
+    converter: ConverterInfo | None = None
+    sizes: Sizes | None = None
+    validation: ClassifyValidation | DetectValidation | None = None
+    clustering: Clustering | None = None
     density: Density | None = None
     model: ModelFile
 
@@ -354,7 +336,9 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     for p in loc:
         if isinstance(p, int):
             parts[-1:] = [f"{parts[-1]}[{p}]"] if parts else [f"[{p}]"]
-        elif p not in ("function-after",) and not str(p).startswith("function-"):
+        elif str(p).startswith("function-") or str(p)[:1].isupper():  # validators, and a union's member models
+            continue
+        else:
             parts.append("schema" if p == "schema_" else str(p))
     return ".".join(parts) or "(top level)"
 

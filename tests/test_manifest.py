@@ -20,16 +20,27 @@ def test_shipped_schema_is_generated_from_the_models():
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in V1.glob("*.json")))
-def test_manifests_of_edgeq_0_1_load(name):
-    """Manifests written by edgeq before the typed contract (dense, Bayesian, clustered + packed, detector)."""
+def test_manifests_edgeq_wrote_before_load(name):
+    """Manifests of every kind that edgeq wrote before: edgeq 0.1, before the typed contract (dense, Bayesian,
+    clustered + packed, detector), and main at 343725d, before the closed measured blocks (a classifier with a
+    density, Bayesian stacked and centred, clustered Bayesian, accuracy-aware, a detector with a k-NN and with an
+    l2 density). What they say reads the same, in the current shape, which the shipped schema describes."""
     import jsonschema
 
     data = json.loads((V1 / f"{name}.json").read_text())
     m = parse_manifest(data)
     assert m.labels and m.input.dtype == "int8" and m.model.sha256 == data["model"]["sha256"]
-    jsonschema.validate(data, json_schema())
+    jsonschema.validate(m.to_json(), json_schema())
+    assert parse_manifest(m.to_json()) == m  # the current shape reads back the same
+    spread = data.get("head", {}).get("spread")
+    if spread:  # written as {"images": N} or {"cells": N}; read as one shape
+        assert m.head.spread.of in spread and m.head.spread.count == spread[m.head.spread.of]
+        assert m.head.spread.float_ == spread["float"]
     if name == "det":
         assert m.detector.stride == 16 and m.head.samples == 32 and m.head.layout == "stacked"
+    if name.startswith("main_343725d_detect"):
+        assert m.detector.stride == 16 and m.head.samples == 8 and m.density.method == "knn_whitened"
+        assert (m.density.normalise == "l2") is name.endswith("l2")
     if name == "dense_c16":
         assert m.model.packed is not None and m.model.packed.kernels[0].values <= 16
 
@@ -43,7 +54,7 @@ def test_every_bundle_convert_writes_validates(tiny_bundle):
     data = json.loads(zipfile.ZipFile(tiny_bundle).read("manifest.json"))
     jsonschema.validate(data, json.loads(schema_path().read_text()))
     m = parse_manifest(data)
-    assert isinstance(m, Manifest) and m.head.review is not None and m.validation.get("count") > 0
+    assert isinstance(m, Manifest) and m.head.review is not None and m.validation.count == 36
 
 
 def _v1(name: str = "bayes") -> dict:
