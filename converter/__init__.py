@@ -27,7 +27,7 @@ from .recipes import (
     ValidationRecipe,
     recipe_from_flags,
 )
-from .stages.write import ConvertResult
+from .products import ConvertResult
 
 __all__ = ["BayesRecipe", "ClusterRecipe", "ConvertRecipe", "ConvertResult", "InputRecipe", "QuantMode", "QuantRecipe",
            "RepairRecipe", "ValidationRecipe", "convert", "recipe_from_flags"]

@@ -18,7 +18,7 @@ from .models.bayes import export_model
 from .models.detector import export_detector, is_detector
 from .recipes import QuantMode, QuantRecipe
 from .stages.load import SourceModel, load_source_model
-from .stages.quantise import convert_model
+from .tflite import convert_model
 from .tf import import_tensorflow, quiet_output
 
 

@@ -229,7 +229,7 @@ def test_run_publishes_detections_with_uncertainty_on_a_video(bundle, tmp_path):
 
     from edgeq.bundle import message_schema
     from edgeq.converter.data.scenes import moving_scene_frames
-    from fixtures.synthetic import write_video
+    from edgeq.converter.data.shapes import write_video
 
     frames, _ = moving_scene_frames(12, 160, seed=3, unknown_classes=("bag",), object_size=(30, 50))
     # a 4:3 frame into the square letterboxed input: boxes must map back through the padding
@@ -413,11 +413,11 @@ def test_centred_outputs_add_up_to_the_stacked_sample_logits():
 def test_conversion_checks_each_output_role_against_the_keras_model(detector):
     """Roles come from the TFLite signature's order; the converter verifies them numerically, so a swap (which
     shapes alone would miss for a 4-class deterministic head) is an error, not a silently wrong bundle."""
-    from edgeq.converter.context import Converted
+    from edgeq.converter.products import Converted
     from edgeq.converter.models.detector import export_detector
     from edgeq.converter.recipes import QuantMode, QuantRecipe
     from edgeq.converter.stages.load import SourceModel, load_source_model
-    from edgeq.converter.stages.quantise import convert_model
+    from edgeq.converter.tflite import convert_model
     from edgeq.converter.tasks.detect import _check_roles
     from edgeq.detection import BoundGrid, GridSpec, describe_grid_outputs, signature_outputs
     from edgeq.errors import QuantizationError

@@ -6,7 +6,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+
+from edgeq.records import ClassifyValidation, DetectionFigures, DetectValidation, ReviewRule
 
 HELP = "quantise a model into a .edgeq bundle (host; needs edgeq[convert])"
 DESCRIPTION = "Quantise a model into a verified .edgeq bundle (post-training, full integer by default)."
@@ -51,75 +52,75 @@ def run(args: argparse.Namespace) -> int:
         return 0
     sizes = m.sizes
     print(f"wrote {result.output}: {m.quantization.scheme} {m.input.height}x{m.input.width}, {len(m.labels)} classes, "
-          f"model {sizes.get('model_tflite') / 1e6:.2f} MB ({sizes.get('ratio_to_float32'):.2f}x float32), "
+          f"model {sizes.model_tflite / 1e6:.2f} MB ({sizes.ratio_to_float32:.2f}x float32), "
           f"{result.timings['total_s']:.1f} s")
     if signer:
         print(f"signed by key {signer}")
     if m.quantization.float_ops:
         print(f"float ops kept: {', '.join(m.quantization.float_ops)}")
-    if m.validation is not None:
-        v = m.validation.model_dump()
-        print(format_detect_validation(v) if m.task == "detect" else format_validation(v))
+    if isinstance(m.validation, DetectValidation):
+        print(format_detect_validation(m.validation))
+    elif m.validation is not None:
+        print(format_validation(m.validation))
     head = m.head_or_dense
     if head.spread is not None:
         sp = head.spread
-        print(f"bayesian head: {head.samples} samples, logit spread float {sp.get('float'):.4f} -> int8 "
-              f"{sp.get('quantized'):.4f} ({sp.get('steps')} output steps), MI correlation "
-              f"{sp.get('mutual_information_correlation')}")
+        print(f"bayesian head: {head.samples} samples, logit spread float {sp.float_:.4f} -> int8 "
+              f"{sp.quantized:.4f} ({sp.steps} output steps), MI correlation {sp.mutual_information_correlation}")
     if head.review is not None:
-        print(format_review(head.review.model_dump()))
+        print(format_review(head.review))
     return 0
 
 
-def format_review(r: dict[str, Any]) -> str:
+def format_review(r: ReviewRule) -> str:
     """The review rule in one line (edgeq inspect shows the same)."""
     parts = []
-    if r.get("unfamiliar_threshold") is not None:
-        parts.append(f"unfamiliar when unfamiliarity > {r['unfamiliar_threshold']:.4g} (percentile "
-                     f"{r['unfamiliar_percentile']:g}: {r['ood_rate']:.0%} of in-distribution data)")
-    if r.get("threshold") is None:
+    if r.unfamiliar_threshold is not None:
+        parts.append(f"unfamiliar when unfamiliarity > {r.unfamiliar_threshold:.4g} (percentile "
+                     f"{r.unfamiliar_percentile:g}: {r.ood_rate:.0%} of in-distribution data)")
+    if r.threshold is None:
         parts.append("never ambiguous (no threshold)")
-    elif r.get("mode") == "budget":
-        parts.append(f"ambiguous when {r['measure']} > {r['threshold']:.6g} (the {r['budget']:.0%} most ambiguous of "
-                     f"--val; accuracy {r['target_accuracy']} out of reach within that budget; the rest reach "
-                     f"{r['kept_accuracy']:.4f})")
+    elif r.mode == "budget":
+        parts.append(f"ambiguous when {r.measure} > {r.threshold:.6g} (the {r.budget:.0%} most ambiguous of "
+                     f"--val; accuracy {r.target_accuracy} out of reach within that budget; the rest reach "
+                     f"{r.kept_accuracy:.4f})")
     else:
-        parts.append(f"ambiguous when {r['measure']} > {r['threshold']:.6g} (keeps {r['coverage']:.1%} of --val at "
-                     f"accuracy {r['kept_accuracy']:.4f}, target {r['target_accuracy']})")
+        parts.append(f"ambiguous when {r.measure} > {r.threshold:.6g} (keeps {r.coverage:.1%} of --val at "
+                     f"accuracy {r.kept_accuracy:.4f}, target {r.target_accuracy})")
     return "needs_review: " + "; or ".join(parts)
 
 
-def format_detect_validation(v: dict[str, Any]) -> str:
-    f, q = v["float"], v["quantized"]
+def format_detect_validation(v: DetectValidation) -> str:
+    f, q = v.float_, v.quantized
 
-    def auroc(m: dict[str, Any]) -> str:
-        a = (m.get("unknown_auroc") or {}).get("mutual_information")
+    def auroc(m: DetectionFigures) -> str:
+        a = (m.unknown_auroc or {}).get("mutual_information")
         return "-" if a is None else f"{a:.4f}"
 
     rows = [
-        ("images", f"{v['images']}"),
-        ("float / int8 mAP@0.5", f"{f['map50']:.4f} / {q['map50']:.4f}"),
-        ("float / int8 mAP@[.5:.95]", f"{f['map']:.4f} / {q['map']:.4f}"),
-        ("float / int8 detections", f"{f['detections']} / {q['detections']}"),
+        ("images", f"{v.images}"),
+        ("float / int8 mAP@0.5", f"{f.map50:.4f} / {q.map50:.4f}"),
+        ("float / int8 mAP@[.5:.95]", f"{f.map:.4f} / {q.map:.4f}"),
+        ("float / int8 detections", f"{f.detections} / {q.detections}"),
         ("float / int8 AUROC unknown (MI)", f"{auroc(f)} / {auroc(q)}"),
     ]
     width = max(len(k) for k, _ in rows)
     return "validation\n" + "\n".join(f"  {k:<{width}}  {val}" for k, val in rows)
 
 
-def format_validation(v: dict[str, Any]) -> str:
+def format_validation(v: ClassifyValidation) -> str:
     rows = [
-        ("images", f"{v['count']}"),
-        ("float top-1", f"{v['float_top1']:.4f}"),
-        ("quantized top-1", f"{v['quantized_top1']:.4f}"),
-        ("top-1 agreement", f"{v['top1_agreement']:.4f}"),
-        ("mean |logit error|", f"{v['mean_abs_logit_error']:.4f}"),
-        ("float / quantized ECE", f"{v['float_ece']:.4f} / {v['quantized_ece']:.4f}"),
+        ("images", f"{v.count}"),
+        ("float top-1", f"{v.float_top1:.4f}"),
+        ("quantized top-1", f"{v.quantized_top1:.4f}"),
+        ("top-1 agreement", f"{v.top1_agreement:.4f}"),
+        ("mean |logit error|", f"{v.mean_abs_logit_error:.4f}"),
+        ("float / quantized ECE", f"{v.float_ece:.4f} / {v.quantized_ece:.4f}"),
     ]
-    if "mutual_information_correlation" in v:
+    if v.float_mean_mutual_information is not None:
         rows.append(("float / quantized mean MI",
-                     f"{v['float_mean_mutual_information']:.4f} / {v['quantized_mean_mutual_information']:.4f}"))
-        corr = v["mutual_information_correlation"]
+                     f"{v.float_mean_mutual_information:.4f} / {v.quantized_mean_mutual_information:.4f}"))
+        corr = v.mutual_information_correlation
         rows.append(("MI correlation", "-" if corr is None else f"{corr:.4f}"))
     width = max(len(k) for k, _ in rows)
     return "validation\n" + "\n".join(f"  {k:<{width}}  {val}" for k, val in rows)

@@ -78,6 +78,7 @@ def _items(work: Path, n: int) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    # over 60 lines: the demo as a user reads it, one printed step after another
     from ..data.datasets import fashion_mnist
 
     started = time.perf_counter()
@@ -240,6 +241,7 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
                     classifier: tuple[Path, Path] | None = None) -> tuple[int, list[dict]]:
     """Write a short video, start a broker on loopback, run ``edgeq run`` on it and print what a subscriber gets;
     then, with ``classifier`` (bundle, image folder), the same for a classifier on a folder of images."""
+    # over 60 lines: broker, subscriber and edgeq run started, fed and stopped in one place, in order
     import json
     import shutil
     import sys
@@ -327,6 +329,7 @@ def write_summary(work: Path, bundle: Path, received: list[dict], truth: list[li
     """What the demo showed, as figures (``summary.json``; benchmarks/demo.py records it): the bundle's
     validation, and on the clip, matched to the objects drawn (IoU >= 0.5, pycocotools), how often the unknown
     item was detected and flagged, and how many detections of known items were flagged."""
+    # over 60 lines: every figure it counts comes from the one pass that matches messages to drawn objects
     import json
 
     from pycocotools import mask as mask_utils
@@ -334,7 +337,7 @@ def write_summary(work: Path, bundle: Path, received: list[dict], truth: list[li
     from edgeq.bundle import read_bundle
 
     manifest = read_bundle(bundle).manifest
-    v = manifest.validation.model_dump() if manifest.validation is not None else {}
+    v = manifest.validation.to_json() if manifest.validation is not None else {}
     known = {"detections": 0, "flagged": 0, "flagged_unfamiliar": 0, "matched": 0}
     unknown = {"frames_present": 0, "frames_detected": 0, "frames_flagged": 0, "frames_flagged_unfamiliar": 0}
     messages = {int(m["frame"]["id"]): m for m in received

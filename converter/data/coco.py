@@ -52,6 +52,7 @@ class CocoSet:
 
 def read_coco(path: str | Path, image_dir: str | Path | None = None, flag: str = "DATA") -> CocoSet:
     """Load and check a COCO instances file. ``image_dir`` defaults to ``images/`` next to it, else its folder."""
+    # over 60 lines: every check of a COCO file, in the order a user fixes them, each naming its entry
     p = Path(path)
     if p.is_dir():
         p = p / "annotations.json"
@@ -154,6 +155,7 @@ def write_object_crops(coco: CocoSet, out: str | Path, size: int = 96, context: 
     cut with that margin and scaled down to ``size``. Crops are named ``<image id>_<box index in the image>.png``.
     Unknown categories are left out. Written to a sibling folder first and renamed at the end, so a failure leaves
     no half-written set; ``out`` must not exist yet. Returns the count per category."""
+    # over 60 lines: one loop over the images, its skip rules read together
     import os
     import shutil
 

@@ -86,6 +86,7 @@ def generate_scenes(out: str | Path, n: int = 200, size: int = 192, seed: int = 
 
     ``exclude_classes`` are never pasted (a training set without the classes a test set holds out); they stay in
     ``categories``, marked unknown, so that both sets share category ids."""
+    # over 60 lines: the scene generator's loop, whose placement rules depend on one another
     import cv2
 
 

@@ -236,19 +236,17 @@ def variant(manifest: Manifest) -> str:
     """One line on how a bundle was made: precision, clustering, Bayesian head."""
     q = manifest.quantization
     parts = [q.scheme]
-    if q.bias_correction is not None and q.bias_correction.get("applied"):
+    if q.bias_correction is not None and q.bias_correction.applied:
         parts.append("bias-corrected")
     if q.float_layers:
         parts.append(f"{len(q.float_layers)} layer(s) float")
     c = manifest.clustering
     if c is not None:
-        finetune = c.get("finetune")
-        parts.append(f"{c.get('clusters')} clusters {'per channel' if c.get('per_channel') else 'per tensor'} "
-                     f"({c.get('clustered')} layers" + (f", fine-tuned {finetune['epochs']} epoch(s)" if finetune else "")
-                     + ")")
-        post = c.get("posterior") or {}
-        if post.get("codewords"):
-            parts.append(f"posterior VQ {post['codewords']} codewords")
+        tuned = f", fine-tuned {c.finetune.epochs} epoch(s)" if c.finetune is not None else ""
+        parts.append(f"{c.clusters} clusters {'per channel' if c.per_channel else 'per tensor'} "
+                     f"({c.clustered} layers{tuned})")
+        if c.posterior is not None and c.posterior.codewords:
+            parts.append(f"posterior VQ {c.posterior.codewords} codewords")
     head = manifest.head_or_dense
     if head.type == "bayes":
         parts.append(f"Bayesian K={head.samples} {head.layout}")
@@ -312,6 +310,7 @@ def evaluate_bundle(
     """Run the bundle (and the reference, and any ``compare`` bundles, e.g. the unclustered model next to the
     clustered one, all through the same preprocessing) over a class folder and an optional out-of-distribution
     folder; return every figure as a JSON-ready dict, and the runs for the report's plots."""
+    # over 60 lines: eval's run order, each model through the same passes
     from edgeq.preprocess import list_images
     from edgeq.runtime import interleaved_latency
 

@@ -59,6 +59,7 @@ def _softplus_inverse(y: float) -> float:
 
 
 def _make_layer_class() -> type:
+    # over 60 lines: the Keras layer class, defined inside a function so that Keras loads only when used; its methods are short
     keras = _keras()
     from keras import ops
 

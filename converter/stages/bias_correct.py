@@ -19,14 +19,16 @@ auto does nothing: there is nothing to decide on).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from ..recipes import QuantMode, RepairRecipe
+from edgeq.records import BiasCorrection
 
-if TYPE_CHECKING:
-    from ..context import ConvertContext
+from ..binding import Binding
+from ..products import Calibration, Converted, Repairs, SourceModel
+from ..recipes import QuantMode, QuantRecipe, RepairRecipe
+from .validate import Scoring
 
 
 def quantize_weights(kernel: np.ndarray, depthwise: bool) -> np.ndarray:
@@ -128,46 +130,40 @@ def bias_correction(model: Any, samples: np.ndarray, batch_size: int = 16,
     return report
 
 
-def run(recipe: RepairRecipe, ctx: "ConvertContext") -> None:
-    """Convert again from corrected weights and keep whichever the rule prefers; records the decision in
-    ``ctx.precision`` and the per-layer corrections in ``ctx.report``. The source model is left corrected only
-    when the correction is kept (mixed precision re-quantises from it)."""
-    from . import validate
-    from .quantise import convert_model
-
-    mode, source = recipe.bias_correction, ctx.source
-    if ctx.recipe.quant.mode not in (QuantMode.INT8, QuantMode.UINT8) or ctx.calibration is None:
-        return
-    if ctx.task.name == "detect":  # not yet: --bias-correction on is refused for detectors
-        ctx.precision["bias_correction"] = {"mode": mode, "applied": False, "reason": "not applied to detectors yet"}
-        return
+def run(recipe: RepairRecipe, quant: QuantRecipe, binding: Binding, source: SourceModel,
+        calibration: Calibration | None, quantised: Converted, scoring: Scoring) -> Repairs:
+    """Convert again from corrected weights and keep whichever the rule prefers. The source model is left
+    corrected only when the correction is kept (mixed precision re-quantises from it)."""
+    mode, ctx = recipe.bias_correction, binding.ctx
+    if quant.mode not in (QuantMode.INT8, QuantMode.UINT8) or calibration is None:
+        return Repairs(source, quantised)
+    if binding.task.name == "detect":  # not yet: --bias-correction on is refused for detectors
+        return Repairs(source, quantised, BiasCorrection(mode=mode, applied=False,
+                                                         reason="not applied to detectors yet"))
     if mode == "off" or source.keras_model is None:
-        ctx.precision["bias_correction"] = {"mode": mode, "applied": False}
-        return
-    if mode == "auto" and ctx.data is None:
-        ctx.precision["bias_correction"] = {"mode": mode, "applied": False, "reason": "auto decides on --val; none given"}
-        return
+        return Repairs(source, quantised, BiasCorrection(mode=mode, applied=False))
+    if mode == "auto" and scoring.data is None:
+        return Repairs(source, quantised, BiasCorrection(mode=mode, applied=False,
+                                                         reason="auto decides on --val; none given"))
+    from ..tflite import convert_model
+
     with ctx.timed("bias_correction_s"):
-        plain = ctx.quantised.data
         snapshot = source.keras_model.get_weights()
-        layers = bias_correction(source.keras_model, ctx.calibration.samples, log=ctx.log)
-        corrected = convert_model(source, ctx.recipe.quant, ctx.calibration)
-        info: dict[str, Any] = {"mode": mode, "corrected_layers": sum(1 for r in layers if "corrected" in r),
-                                "kernel_layers": len(layers)}
+        layers = bias_correction(source.keras_model, calibration.samples, log=ctx.log)
+        corrected = convert_model(source, quant, calibration)
         shifts = [r["mean_abs_shift"] for r in layers if "corrected" in r]
-        if shifts:
-            info["mean_abs_shift"] = round(float(np.mean(shifts)), 6)
+        info: dict[str, Any] = {"mode": mode, "corrected_layers": len(shifts), "kernel_layers": len(layers),
+                                "mean_abs_shift": round(float(np.mean(shifts)), 6) if shifts else None}
         applied = True
-        if ctx.data is not None:
-            info["top1_without"] = round(validate.top1(ctx, plain), 5)
-            info["top1_with"] = round(validate.top1(ctx, corrected), 5)
+        if scoring.data is not None:
+            info["top1_without"] = round(scoring.top1(quantised.data), 5)
+            info["top1_with"] = round(scoring.top1(corrected), 5)
             applied = mode == "on" or info["top1_with"] >= info["top1_without"]
             ctx.log(f"bias correction: top-1 on --val {info['top1_without']:.4f} without, {info['top1_with']:.4f} "
                     "with: " + ("kept" if applied else "not kept (auto)"))
         if applied:
-            ctx.quantised = ctx.load(corrected)
+            quantised = binding.load(corrected)
         else:
             source.keras_model.set_weights(snapshot)
-        info["applied"] = applied
-        ctx.precision["bias_correction"] = info
-        ctx.report["bias_correction"] = {"layers": layers}
+    return Repairs(source, quantised, BiasCorrection(**info, applied=applied),
+                   report={"bias_correction": {"layers": layers}})

@@ -7,44 +7,22 @@ or a ``.npy``/``.npz`` array of uint8 images in RGB order, shaped (N, H, W) or (
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-
-from typing import TYPE_CHECKING
 
 from edgeq.errors import CalibrationError, SourceError
 from edgeq.preprocess import VIDEO_SUFFIXES, Preprocessor, PreprocessSpec, list_images, read_image, to_channels
 
+from ..context import ConvertContext
 from ..data.datasets import progress
-
-if TYPE_CHECKING:
-    from ..context import ConvertContext
-    from ..recipes import QuantRecipe
+from ..products import Calibration
+from ..recipes import QuantRecipe
 
 MIN_SAMPLES = 10
 
 
-@dataclass(frozen=True)
-class CalibrationSet:
-    """Preprocessed float samples ``(N, H, W, C)`` plus what the manifest records about them."""
-
-    samples: np.ndarray
-    source: str
-    kind: str
-    skipped: int
-
-    def summary(self) -> dict[str, object]:
-        return {"count": int(len(self.samples)), "source": self.source, "kind": self.kind, "skipped": self.skipped}
-
-    def representative_dataset(self) -> Iterator[list[np.ndarray]]:
-        for sample in self.samples:
-            yield [sample[None, ...]]
-
-
-def run(recipe: "QuantRecipe", ctx: "ConvertContext") -> CalibrationSet | None:
+def run(recipe: QuantRecipe, ctx: ConvertContext) -> Calibration | None:
     """The calibration samples a ``--quant`` mode needs (None for the modes that need none), timed and logged."""
     if not recipe.mode.needs_calibration:
         return None
@@ -54,7 +32,7 @@ def run(recipe: "QuantRecipe", ctx: "ConvertContext") -> CalibrationSet | None:
     return calibration
 
 
-def load_calibration(path: str | Path, spec: PreprocessSpec, max_samples: int = 200) -> CalibrationSet:
+def load_calibration(path: str | Path, spec: PreprocessSpec, max_samples: int = 200) -> Calibration:
     """Read up to ``max_samples`` calibration samples from ``path`` and preprocess them (float32)."""
     if max_samples < MIN_SAMPLES:
         raise CalibrationError(f"--calib-samples must be at least {MIN_SAMPLES}, got {max_samples}")
@@ -78,7 +56,7 @@ def load_calibration(path: str | Path, spec: PreprocessSpec, max_samples: int = 
             f"--calib {path}: only {len(frames)} usable samples (need at least {MIN_SAMPLES}); add more images"
         )
     samples = Preprocessor(float_spec).batch(frames)
-    return CalibrationSet(samples, str(path), kind, skipped)
+    return Calibration(samples, str(path), kind, skipped)
 
 
 def evenly_spaced(n: int, k: int) -> list[int]:

@@ -28,19 +28,19 @@ from __future__ import annotations
 
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from edgeq import records
 from edgeq.errors import ModelError, QuantizationError
 from edgeq.runtime import weight_kernels, weight_stats
 
+from ..context import ConvertContext
+from ..products import Clustering, Converted, SourceModel
 from ..recipes import CLUSTER_INITS as INITS
 from ..recipes import ClusterRecipe
 from ..tf import leaf_layers
-
-if TYPE_CHECKING:
-    from ..context import ConvertContext
 
 DEFAULT_SKIP = r"^(Conv1|conv1|stem_conv)$"
 MIN_WEIGHTS = 1024
@@ -248,19 +248,19 @@ def skip_pattern_of(recipe: ClusterRecipe) -> str:
     return DEFAULT_SKIP if recipe.skip is None else recipe.skip
 
 
-def run(recipe: ClusterRecipe, ctx: "ConvertContext") -> dict[str, Any] | None:
+def run(recipe: ClusterRecipe, ctx: ConvertContext, source: SourceModel, seed: int) -> Clustering:
     """k-means weight sharing of the source model's kernels, in place, before PTQ, optionally fine-tuned with the
-    weights kept on their clusters; a Bayesian head's posterior is vector-quantised. Returns the report block."""
+    weights kept on their clusters; a Bayesian head's posterior is vector-quantised (with ``seed``, the weight
+    samples' seed)."""
     if not recipe.enabled:
-        return None
-    source, seed = ctx.source, ctx.recipe.bayes.seed
+        return Clustering(source)
     if source.keras_model is None:
         raise ModelError(f"{source.origin}: --clusters needs a Keras model (.keras/.h5 or built in), not a SavedModel")
     data = None
     if recipe.finetune is not None:  # check the folder before the slow part
         from ..training.classifier import load_folder_arrays
 
-        data = load_folder_arrays(recipe.finetune, ctx.spec, ctx.labels, flag="--finetune")
+        data = load_folder_arrays(recipe.finetune, ctx.spec, list(ctx.labels), flag="--finetune")
     t0 = time.perf_counter()
     assignments: dict[str, np.ndarray] = {}
     layers = cluster_model(source.keras_model, recipe, assignments, seed)
@@ -268,64 +268,67 @@ def run(recipe: ClusterRecipe, ctx: "ConvertContext") -> dict[str, Any] | None:
     ctx.log(f"clustering: {len(done)} of {len(layers)} kernels to {recipe.clusters} values "
             f"({'per channel' if recipe.per_channel else 'per tensor'}, {recipe.init} init), "
             f"{time.perf_counter() - t0:.1f} s")
-    out: dict[str, Any] = {
-        "clusters": recipe.clusters, "init": recipe.init, "per_channel": recipe.per_channel,
-        "skip": skip_pattern_of(recipe), "clustered": len(done), "skipped": len(layers) - len(done),
-        "clustered_weights": int(sum(r["weights"] for r in done)),
-        "all_weights": int(sum(r["weights"] for r in layers)), "layers": layers,
-    }
-    if data is not None:
-        out["finetune"] = _finetune(recipe, ctx, data, assignments, seed)
+    tuned = _finetune(recipe, ctx, source, data, assignments, seed) if data is not None else None
+    posterior = None
     from ..models.bayes import find_bayes_heads
 
     for head in find_bayes_heads(source.keras_model):  # after fine-tuning, which moves the posterior
         if re.search(skip_pattern_of(recipe), head.name):
-            out["posterior"] = {"layer": head.name, "skipped": "matches --cluster-skip"}
+            posterior = records.PosteriorVQ(layer=head.name, skipped="matches --cluster-skip")
             continue
-        post = out["posterior"] = vq_posterior(head, recipe.clusters, seed)
-        ctx.log(f"posterior: {head.name}'s {post['weights']:,} (mu, sigma) pairs vector-quantised to "
-                f"{post['codewords']} codewords (relative error mu {post['relative_rmse_mu']:.3f}, sigma "
-                f"{post['relative_rmse_sigma']:.3f}); samples are drawn from it")
-    return out
+        posterior = records.PosteriorVQ(**vq_posterior(head, recipe.clusters, seed))
+        ctx.log(f"posterior: {head.name}'s {posterior.weights:,} (mu, sigma) pairs vector-quantised to "
+                f"{posterior.codewords} codewords (relative error mu {posterior.relative_rmse_mu:.3f}, sigma "
+                f"{posterior.relative_rmse_sigma:.3f}); samples are drawn from it")
+    record = records.Clustering(
+        clusters=recipe.clusters, init=recipe.init, per_channel=recipe.per_channel, skip=skip_pattern_of(recipe),
+        clustered=len(done), skipped=len(layers) - len(done), clustered_weights=int(sum(r["weights"] for r in done)),
+        all_weights=int(sum(r["weights"] for r in layers)), finetune=tuned, posterior=posterior)
+    return Clustering(source, record, tuple(layers))
 
 
-def _finetune(recipe: ClusterRecipe, ctx: "ConvertContext", data: Any, assignments: dict[str, np.ndarray],
-              seed: int) -> dict[str, Any]:
+def _finetune(recipe: ClusterRecipe, ctx: ConvertContext, source: SourceModel, data: Any,
+              assignments: dict[str, np.ndarray], seed: int) -> records.Finetune:
     from ..tf import quiet_output
 
     t0 = time.perf_counter()
     with quiet_output():
-        history = finetune(ctx.source.keras_model, data[0], data[1], assignments, recipe.per_channel,
+        history = finetune(source.keras_model, data[0], data[1], assignments, recipe.per_channel,
                            recipe.finetune_epochs, seed=seed)
-    out = {"data": str(recipe.finetune), "images": int(len(data[0])), "epochs": recipe.finetune_epochs,
-           "train_accuracy": round(history.get("accuracy", float("nan")), 4)}
+    out = records.Finetune(data=str(recipe.finetune), images=int(len(data[0])), epochs=recipe.finetune_epochs,
+                           train_accuracy=round(history.get("accuracy", float("nan")), 4))
     ctx.log(f"fine-tuning: {recipe.finetune_epochs} epoch(s) on {len(data[0])} images, weights kept on their "
-            f"clusters, train accuracy {out['train_accuracy']}, {time.perf_counter() - t0:.1f} s")
+            f"clusters, train accuracy {out.train_accuracy}, {time.perf_counter() - t0:.1f} s")
     return out
 
 
-def check_shipped(ctx: "ConvertContext") -> None:
-    """Read the int8 kernels back: the clustered layers must hold at most N values per channel."""
-    clustering, n = ctx.clustering, ctx.recipe.cluster.clusters
-    names = [r["layer"] for r in clustering["layers"] if "clusters" in r]
-    patterns = [re.compile(rf"(^|/){re.escape(name)}(_\d+)?/") for name in names]
-    matched = [w for w in weight_stats(ctx.quantised.model) if any(p.search(w["name"]) for p in patterns)]
+def check_shipped(ctx: ConvertContext, clustering: Clustering, quantised: Converted) -> records.Clustering:
+    """Read the int8 kernels back: the clustered layers must hold at most N values per channel. A shipped kernel
+    belongs to a clustered layer when its name contains the layer's (TensorFlow may add ``_N`` to it) and it has
+    as many weights: the name alone is ambiguous (Keras' ``conv2d_1`` is also TensorFlow's second ``conv2d``)."""
+    n = clustering.record.clusters
+    done = [r for r in clustering.layers if "clusters" in r]
+    patterns = [(re.compile(rf"(^|/){re.escape(r['layer'])}(_\d+)?/"), r["weights"]) for r in done]
+    matched = [w for w in weight_stats(quantised.model)
+               if any(p.search(w["name"]) and int(np.prod(w["shape"])) == size for p, size in patterns)]
     worst = max((w["max_distinct_per_channel"] for w in matched), default=0)
     if worst > n:
         raise QuantizationError(f"clustered kernels came out of the converter with {worst} distinct values in a "
                                 f"channel (more than --clusters {n}); this is a bug, please report it")
-    clustering["shipped"] = {"kernels_checked": len(matched), "max_distinct_per_channel": int(worst)}
-    ctx.log(f"clustering: {clustering['clustered']} layers to {n} values, shipped int8 kernels hold at most "
+    ctx.log(f"clustering: {clustering.record.clustered} layers to {n} values, shipped int8 kernels hold at most "
             f"{worst} distinct values per channel")
+    shipped = records.Shipped(kernels_checked=len(matched), max_distinct_per_channel=int(worst))
+    return clustering.record.model_copy(update={"shipped": shipped})
 
 
-def pack(ctx: "ConvertContext") -> tuple[bytes, bytes, list[dict[str, Any]]] | None:
-    """With N <= 16, clustered kernels ship as 4-bit indices and per-channel codebooks (edgeq/packing.py)."""
+def pack(record: records.Clustering | None, quantised: Converted
+         ) -> tuple[tuple[bytes, bytes, list[dict[str, Any]]] | None, records.Clustering | None]:
+    """With N <= 16, clustered kernels ship as 4-bit indices and per-channel codebooks (edgeq/packing.py): the
+    packed parts, and the record with how many kernels were packed."""
     from edgeq.packing import MAX_CODEBOOK, pack_model
 
-    if ctx.clustering is None or ctx.recipe.cluster.clusters > MAX_CODEBOOK:
-        return None
-    kernels = [(n, w, a) for _, n, w, a, per_channel in weight_kernels(ctx.quantised.model) if per_channel]
-    packed = pack_model(ctx.quantised.data, kernels)
-    ctx.clustering["packed_kernels"] = len(packed[2])
-    return packed
+    if record is None or record.clusters > MAX_CODEBOOK:
+        return None, record
+    kernels = [(n, w, a) for _, n, w, a, per_channel in weight_kernels(quantised.model) if per_channel]
+    packed = pack_model(quantised.data, kernels)
+    return packed, record.model_copy(update={"packed_kernels": len(packed[2])})

@@ -20,37 +20,27 @@ Held-out data: ``--val`` when the fit used other data, else the half of the fitt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from edgeq import records
 from edgeq.density import PROJECTION_ROLE, ordinal, unit_length
 from edgeq.errors import DataError, ModelError
-from edgeq.manifest import Density
+from edgeq.manifest import Density, Head
 
+from ..context import ConvertContext
+from ..products import Converted, DensityData, DensityFit, SourceModel
 from ..recipes import DensityRecipe
-
-if TYPE_CHECKING:
-    from ..context import ConvertContext
+from .taps import Taps
 
 MIN_PER_CLASS = 5
 REFERENCE_POINTS = 201  # quantiles kept in the manifest: a percentile resolution of 0.5
 # fitting samples a knn_whitened density keeps: on the detection benchmark 500 to 3,800 of them gave the same AUROC
 # (within 0.01), and each costs rank multiply-adds per detection on the device
 KNN_REFERENCES = 1000
-
-
-@dataclass
-class DensityData:
-    """What the task adapter hands the stage: fitting inputs and their class indices, held-out inputs, and where
-    they came from (for the manifest)."""
-
-    fit: Any
-    targets: np.ndarray
-    held_out: Any
-    source: str
-    held_out_source: str
+# the reference a density carries until calibrate() reads the held-out scores (Density needs two sorted values)
+UNCALIBRATED = (0.0, 1.0)
 
 
 def fit_gaussians(features: np.ndarray, targets: np.ndarray, labels: list[str], rank: int, where: str
@@ -86,63 +76,77 @@ def fit_gaussians(features: np.ndarray, targets: np.ndarray, labels: list[str], 
     }
 
 
-def run(recipe: DensityRecipe, ctx: "ConvertContext") -> None:
-    """Fit the density and add its outputs to ``ctx.source``'s model (no-op when off or without labelled data)."""
+def fit(recipe: DensityRecipe, ctx: ConvertContext, taps: Taps, source: SourceModel, head: Head) -> DensityFit:
+    """Fit the density on the taps' features and add its output to the source model; the block's reference is a
+    placeholder until :func:`calibrate`. Off (``block`` None) when ``--density off`` or without labelled data."""
     if recipe.density == "off":
-        return
-    if ctx.source.keras_model is None:
+        return DensityFit(source)
+    if source.keras_model is None:
         ctx.log("unfamiliarity: off (a SavedModel cannot take the density's outputs; give the .keras model)")
-        return
-    if recipe.normalise == "auto":
-        normalise = ctx.task.density_normalise
-    else:
-        normalise = None if recipe.normalise == "none" else recipe.normalise
-    if normalise is not None and normalise not in ctx.task.density_normalisations:
-        raise ModelError(f"--density-normalise {normalise}: a {ctx.task.name} model's density cannot normalise its "
-                         "features yet (only a detector's can); drop it or pass --density-normalise none")
-    data = ctx.task.density_data(ctx, recipe)
+        return DensityFit(source)
+    normalise = _normalise(recipe, taps)
+    data = taps.data(recipe)
     if data is None:
         ctx.log("unfamiliarity: off (no labelled data to fit it on: give --val or --density-data)")
-        return
+        return DensityFit(source)
+    model = source.keras_model
     with ctx.timed("density_fit_s"):
-        features, targets = ctx.task.density_features(ctx, data)
+        features = taps.features(model, data.fit)
         if normalise == "l2":
             features = unit_length(features)
-        fitted = fit_gaussians(features, targets, ctx.labels, _rank(recipe.rank, ctx), f"--density-data {data.source}")
-        names, widths = ctx.task.density_tap_names(ctx), ctx.task.density_tap_widths(ctx)
-        keep = taps_to_keep(features, fitted["W"], widths)
-        W = fitted["W"] * np.repeat(keep, widths)[:, None].astype(np.float32)
-        block = fitted["block"]
-        method = ctx.task.density_method if recipe.method == "auto" else recipe.method
+        where = f"--density-data {data.source}"
+        fitted = fit_gaussians(features, data.targets, list(ctx.labels), _rank(recipe.rank, ctx, head), where)
+        names = taps.names(model)
+        keep = taps_to_keep(features, fitted["W"], taps.widths(model))
+        W = fitted["W"] * np.repeat(keep, taps.widths(model))[:, None].astype(np.float32)
+        fields = dict(fitted["block"])
         if normalise is not None:  # the device projects with the manifest's float16 whitening: fit with the same
             W = W.astype(np.float16).astype(np.float32)
             if not np.all(np.isfinite(W)):
-                raise DataError(f"--density-data {data.source}: the whitening of the features overflows float16; "
-                                "check the model, or pass --density-normalise none")
-            block.update(normalise=normalise, projection=float16_array(W))
+                raise DataError(f"{where}: the whitening of the features overflows float16; check the model, or "
+                                "pass --density-normalise none")
+            fields.update(normalise=normalise, projection=float16_array(W))
+        method = taps.method if recipe.method == "auto" else recipe.method
         if method == "knn":
-            block.update(knn_references(features, W, recipe.neighbours, f"--density-data {data.source}"))
-        ctx.task.add_density_outputs(ctx, W, keep, normalise)
+            fields.update(knn_references(features, W, recipe.neighbours, where))
+        exported = source.with_model(taps.add_outputs(model, W, keep, normalise))
     if not keep.all() or normalise is not None:
         # the class means in the coordinates the device gets: without the dropped taps, with the rounded whitening
-        means = np.stack([features[targets == c].mean(axis=0) for c in range(len(ctx.labels))])
-        block["class_means"] = (means @ W.astype(np.float64)).tolist()
+        means = np.stack([features[data.targets == c].mean(axis=0) for c in range(len(ctx.labels))])
+        fields["class_means"] = (means @ W.astype(np.float64)).tolist()
     if not keep.all():
-        dropped = [n for n, k in zip(names, keep) if not k]
-        ctx.log(f"unfamiliarity: left out tap(s) {', '.join(dropped)}: their part of the projection is under one int8 "
-                "step of the whole")
-    block["fit"] = {"data": data.source, "samples": int(len(targets)), "per_class": np.bincount(
-        targets, minlength=len(ctx.labels)).tolist(), "explained_variance": round(fitted["explained"], 4),
-        "held_out": data.held_out_source, "taps": [n for n, k in zip(names, keep) if k],
-        "dropped_taps": [n for n, k in zip(names, keep) if not k]}
-    ctx.density, ctx.density_data = block, data
-    ctx.log(f"unfamiliarity: class Gaussians on {block['features']} features of {len(targets)} samples from "
-            f"{data.source} (shared covariance, Ledoit-Wolf shrinkage {block['shrinkage']:.3f}), whitened onto its top "
-            f"{block['rank']} directions ({fitted['explained']:.0%} of the variance), "
-            + ("the features divided by their length, an output the device projects; " if normalise else
-               "fused as one more output; ")
-            + (f"score: distance to the {ordinal(block['neighbours'])} nearest of {block['references']['shape'][0]} "
-               "fitting samples" if method == "knn" else "score: distance to the nearest class mean"))
+        ctx.log(f"unfamiliarity: left out tap(s) {', '.join(n for n, k in zip(names, keep) if not k)}: their part of "
+                "the projection is under one int8 step of the whole")
+    fields["fit"] = records.DensityFit(
+        data=data.source, samples=int(len(data.targets)),
+        per_class=np.bincount(data.targets, minlength=len(ctx.labels)).tolist(),
+        explained_variance=round(fitted["explained"], 4), held_out=data.held_out_source,
+        taps=[n for n, k in zip(names, keep) if k], dropped_taps=[n for n, k in zip(names, keep) if not k])
+    block = Density.model_validate({**fields, "reference": list(UNCALIBRATED)})
+    _log_fit(ctx, block, data, fitted["explained"])
+    return DensityFit(exported, block, data)
+
+
+def _normalise(recipe: DensityRecipe, taps: Taps) -> str | None:
+    """``--density-normalise``, resolved for these taps (refused where they cannot)."""
+    if recipe.normalise == "auto":
+        normalise = taps.normalise
+    else:
+        normalise = None if recipe.normalise == "none" else recipe.normalise
+    if normalise is not None and normalise not in taps.normalisations:
+        raise ModelError(f"--density-normalise {normalise}: a {taps.task_name} model's density cannot normalise its "
+                         "features yet (only a detector's can); drop it or pass --density-normalise none")
+    return normalise
+
+
+def _log_fit(ctx: ConvertContext, block: Density, data: DensityData, explained: float) -> None:
+    score = (f"distance to the {ordinal(block.neighbours)} nearest of {block.references.shape[0]} fitting samples"
+             if block.references is not None else "distance to the nearest class mean")
+    ctx.log(f"unfamiliarity: class Gaussians on {block.features} features of {len(data.targets)} samples from "
+            f"{data.source} (shared covariance, Ledoit-Wolf shrinkage {block.shrinkage:.3f}), whitened onto its top "
+            f"{block.rank} directions ({explained:.0%} of the variance), "
+            + ("the features divided by their length, an output the device projects; " if block.normalise else
+               "fused as one more output; ") + f"score: {score}")
 
 
 def float16_array(values: np.ndarray) -> dict[str, Any]:
@@ -185,9 +189,9 @@ def taps_to_keep(features: np.ndarray, W: np.ndarray, widths: list[int]) -> np.n
     return keep
 
 
-def _rank(wanted: int, ctx: "ConvertContext") -> int:
+def _rank(wanted: int, ctx: ConvertContext, head: Head) -> int:
     """The rank, nudged so that the projection output's size cannot be taken for a head output's."""
-    c, k = len(ctx.labels), int(ctx.head.get("samples", 1))
+    c, k = len(ctx.labels), head.samples
     taken = {1, c, k * c, 4}
     rank = wanted
     while rank in taken:
@@ -195,31 +199,27 @@ def _rank(wanted: int, ctx: "ConvertContext") -> int:
     return rank
 
 
-def typed(ctx: "ConvertContext") -> Density | None:
-    """The density block as the core reads it (with a placeholder reference until :func:`calibrate` ran)."""
-    if ctx.density is None:
-        return None
-    return Density.model_validate({"reference": [0.0, 1.0], **ctx.density})
-
-
-def calibrate(ctx: "ConvertContext") -> None:
+def calibrate(ctx: ConvertContext, taps: Taps, fitted: DensityFit, quantised: Converted,
+              reference: Converted) -> Density | None:
     """Score the held-out data with the quantised model (and the float reference, to compare): the reference
     quantiles, and how closely int8 keeps the float scores."""
-    if ctx.density is None:
-        return
+    if fitted.block is None or fitted.data is None:
+        return None
+    held = fitted.data
     with ctx.timed("density_calibration_s"):
-        scores = ctx.task.density_scores(ctx, ctx.quantised, ctx.density_data.held_out)
-        float_scores = ctx.task.density_scores(ctx, ctx.reference, ctx.density_data.held_out)
+        scores = taps.scores(quantised, held.held_out)
+        float_scores = taps.scores(reference, held.held_out)
     finite = scores[np.isfinite(scores)]
     if len(finite) < 2:
-        raise DataError(f"{ctx.density_data.held_out_source}: too few held-out samples to calibrate the unfamiliarity "
+        raise DataError(f"{held.held_out_source}: too few held-out samples to calibrate the unfamiliarity "
                         "percentiles; give a larger --val")
-    ctx.density["reference"] = reference_quantiles(finite)
     corr = float(np.corrcoef(scores, float_scores)[0, 1]) if len(scores) > 2 else None
-    ctx.density["fit"]["held_out_samples"] = int(len(scores))
-    ctx.density["fit"]["int8_vs_float_correlation"] = None if corr is None else round(corr, 4)
-    ctx.log(f"unfamiliarity: percentiles from {len(scores)} held-out samples ({ctx.density_data.held_out_source}); "
-            f"int8 vs float score correlation {corr:.4f}" if corr is not None else "")
+    fit = fitted.block.fit.model_copy(update={
+        "held_out_samples": int(len(scores)), "int8_vs_float_correlation": None if corr is None else round(corr, 4)})
+    if corr is not None:
+        ctx.log(f"unfamiliarity: percentiles from {len(scores)} held-out samples ({held.held_out_source}); int8 vs "
+                f"float score correlation {corr:.4f}")
+    return fitted.block.model_copy(update={"reference": tuple(reference_quantiles(finite)), "fit": fit})
 
 
 def reference_quantiles(scores: np.ndarray) -> list[float]:
@@ -227,12 +227,12 @@ def reference_quantiles(scores: np.ndarray) -> list[float]:
     return np.quantile(scores, np.linspace(0.0, 1.0, REFERENCE_POINTS)).tolist()
 
 
-def unfamiliar_threshold(ctx: "ConvertContext", ood_rate: float) -> float | None:
+def unfamiliar_threshold(density: Density | None, ood_rate: float) -> float | None:
     """The score above which ``ood_rate`` of the held-out in-distribution scores lie."""
-    if ctx.density is None:
+    if density is None:
         return None
-    return float(np.quantile(np.asarray(ctx.density["reference"]), 1.0 - ood_rate))
+    return float(np.quantile(np.asarray(density.reference), 1.0 - ood_rate))
 
 
-__all__ = ["PROJECTION_ROLE", "DensityData", "calibrate", "fit_gaussians", "reference_quantiles", "run", "typed",
+__all__ = ["PROJECTION_ROLE", "DensityData", "calibrate", "fit", "fit_gaussians", "reference_quantiles",
            "unfamiliar_threshold"]

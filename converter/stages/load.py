@@ -13,38 +13,18 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from edgeq.errors import BundleError, ModelError
 from edgeq.fsutil import probe_writable
 from edgeq.preprocess import NORMALIZATIONS, PreprocessSpec
 
 from ..models.info import read_model_info
+from ..products import SourceModel
+from ..recipes import ConvertRecipe
 from ..tf import first_line, import_tensorflow
 
-if TYPE_CHECKING:
-    from ..recipes import ConvertRecipe
-
 BUILTIN_MODELS = ("mobilenet_v2",)
-
-
-@dataclass
-class SourceModel:
-    """A float model ready for conversion.
-
-    keras_model: the Keras model, or None for a SavedModel folder (then ``saved_model_dir`` is set).
-    input_shape: (H, W, C) of the single image input.
-    num_classes: size of the last axis of the output.
-    name: what the manifest calls the model.
-    origin: where it came from (path or ``builtin:mobilenet_v2``).
-    """
-
-    keras_model: Any
-    saved_model_dir: Path | None
-    input_shape: tuple[int, int, int]
-    num_classes: int
-    name: str
-    origin: str
 
 
 def build_mobilenet_v2(
@@ -188,7 +168,7 @@ def read_labels(path: str, num_classes: int) -> list[str]:
     return labels
 
 
-def resolve_labels(recipe: "ConvertRecipe", source: SourceModel, info: dict[str, Any], classes: int,
+def resolve_labels(recipe: ConvertRecipe, source: SourceModel, info: dict[str, Any], classes: int,
                    log: Callable[[str], None]) -> list[str]:
     """Class names, from the first of: ``--labels``, the model's stored names, the ``--val`` class folders."""
     if recipe.input.labels_file is not None:
@@ -223,7 +203,7 @@ class Loaded:
     spec: PreprocessSpec
 
 
-def run(recipe: "ConvertRecipe", log: Callable[[str], None]) -> Loaded:
+def run(recipe: ConvertRecipe, log: Callable[[str], None]) -> Loaded:
     """Check the output path, load the model, resolve its labels and preprocessing."""
     from ..models.detector import is_detector
 

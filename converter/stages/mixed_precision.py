@@ -19,24 +19,24 @@ input as the quantised one.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from edgeq import records
 from edgeq.errors import QuantizationError
 from edgeq.runtime import Model
 
+from ..binding import Binding
+from ..products import Calibration, Converted, Repairs, SourceModel
 from ..recipes import QuantMode, QuantRecipe, RepairRecipe
 from ..tf import import_tensorflow, quiet_output
-from .calibrate import CalibrationSet
-from .load import SourceModel
-from .quantise import _configure, layer_statistics
-
-if TYPE_CHECKING:
-    from ..context import ConvertContext
+from ..tflite import configure, layer_statistics
+from .validate import Scoring
 
 DEBUG_SAMPLES = 8
 
@@ -44,7 +44,7 @@ DEBUG_SAMPLES = 8
 class MixedQuantizer:
     """A calibrated model that can be re-quantised with any set of float (denylisted) nodes."""
 
-    def __init__(self, source: SourceModel, recipe: QuantRecipe, calibration: CalibrationSet) -> None:
+    def __init__(self, source: SourceModel, recipe: QuantRecipe, calibration: Calibration) -> None:
         tf = import_tensorflow()
         if source.keras_model is None:
             raise QuantizationError(f"{source.origin}: mixed precision needs a Keras model, not a SavedModel")
@@ -54,7 +54,7 @@ class MixedQuantizer:
         data = calibration.samples[:DEBUG_SAMPLES]
         with quiet_output():
             converter = tf.lite.TFLiteConverter.from_keras_model(source.keras_model)
-            _configure(converter, QuantRecipe(recipe.mode, allow_float_fallback=True), calibration)
+            configure(converter, QuantRecipe(recipe.mode, allow_float_fallback=True), calibration)
             self.debugger = tf.lite.experimental.QuantizationDebugger(
                 converter=converter, debug_dataset=lambda: ([x[None, ...]] for x in data),
                 debug_options=tf.lite.experimental.QuantizationDebugOptions(fully_quantize=True))
@@ -184,44 +184,49 @@ def accuracy_aware(mq: MixedQuantizer, reference: Model, samples: np.ndarray, to
     return aa, best_bytes
 
 
-def run(recipe: RepairRecipe, ctx: "ConvertContext") -> None:
-    """``--keep-float`` and the accuracy-aware loop (``--max-drop``); records them in ``ctx.precision``."""
-    from edgeq.runtime import interleaved_latency
-
-    from . import validate
-
+def run(recipe: RepairRecipe, quant: QuantRecipe, binding: Binding, repairs: Repairs,
+        calibration: Calibration | None, reference: Converted, scoring: Scoring) -> Repairs:
+    """``--keep-float`` and the accuracy-aware loop (``--max-drop``), from the model bias correction settled on."""
     if not recipe.mixed:
-        return
+        return repairs
+    ctx = binding.ctx
     with ctx.timed("mixed_precision_s"):
-        mq = MixedQuantizer(ctx.source, ctx.recipe.quant, ctx.calibration)
+        mq = MixedQuantizer(repairs.source, quant, calibration)
         float_nodes = mq.match(recipe.keep_float) if recipe.keep_float is not None else []
+        quantised = repairs.quantised
         if float_nodes:
-            ctx.quantised = ctx.load(mq.quantize(float_nodes))
+            quantised = binding.load(mq.quantize(float_nodes))
             ctx.log(f"--keep-float: {len(float_nodes)} op(s) in float: {', '.join(short_name(n) for n in float_nodes)}")
-        ctx.precision["float_layers"] = [short_name(n) for n in float_nodes]
+        layers = tuple(short_name(n) for n in float_nodes)
         if recipe.max_drop is None:
-            return
-        float_top1 = ctx.task.top1(validate.reference_scores(ctx))
-        plain = ctx.quantised
-        aa, best = accuracy_aware(mq, ctx.reference.model, ctx.calibration.samples[:32],
-                                  lambda b: validate.top1(ctx, b), float_top1, validate.top1(ctx, plain.data),
-                                  recipe.max_drop, recipe.drop_type, recipe.max_reverts, float_nodes, ctx.log)
+            return dataclasses.replace(repairs, quantised=quantised, float_layers=layers)
+        float_top1 = binding.task.top1(scoring.of_reference())
+        aa, best = accuracy_aware(mq, reference.model, calibration.samples[:32], scoring.top1, float_top1,
+                                  scoring.top1(quantised.data), recipe.max_drop, recipe.drop_type,
+                                  recipe.max_reverts, float_nodes, ctx.log)
         record = aa.describe()
         if best is not None:
-            with quiet_output():
-                plain_m, best_m = Model(plain.data), Model(best)
-            x = [np.zeros(m.input.shape, dtype=m.input.dtype) for m in (plain_m, best_m)]
-            t_plain, t_best = interleaved_latency([plain_m, best_m], x, runs=100, warmup=10)
-            record["cost"] = {
-                "model_bytes": [len(plain.data), len(best)],
-                "latency_ms_median": [round(float(np.median(t_plain)), 4), round(float(np.median(t_best)), 4)],
-                "latency_ratio": round(float(np.median(t_best) / np.median(t_plain)), 4),
-                "xnnpack": best_m.delegation.to_dict(),
-            }
-            ctx.quantised = ctx.load(best)
-            ctx.precision["float_layers"] = record["float_layers"]
-        layers = ctx.precision["float_layers"]
-        ctx.log(f"accuracy-aware: bound {'reached' if aa.met else 'NOT reached'}: {recipe.drop_type} drop "
-                f"{aa.plain_drop:.4f} -> {aa.final_drop:.4f} with {len(layers)} layer(s) in float"
-                + (f": {', '.join(layers)}" if layers else ""))
-        ctx.precision["accuracy_aware"] = record
+            record["cost"] = _cost(quantised.data, best)
+            quantised = binding.load(best)
+            layers = tuple(record["float_layers"])
+    ctx.log(f"accuracy-aware: bound {'reached' if aa.met else 'NOT reached'}: {recipe.drop_type} drop "
+            f"{aa.plain_drop:.4f} -> {aa.final_drop:.4f} with {len(layers)} layer(s) in float"
+            + (f": {', '.join(layers)}" if layers else ""))
+    return dataclasses.replace(repairs, quantised=quantised, float_layers=layers,
+                               accuracy_aware=records.AccuracyAware.model_validate(record))
+
+
+def _cost(plain: bytes, best: bytes) -> dict[str, Any]:
+    """Size and latency of the repaired model next to the plain one (interleaved, median)."""
+    from edgeq.runtime import interleaved_latency
+
+    with quiet_output():
+        plain_m, best_m = Model(plain), Model(best)
+    x = [np.zeros(m.input.shape, dtype=m.input.dtype) for m in (plain_m, best_m)]
+    t_plain, t_best = interleaved_latency([plain_m, best_m], x, runs=100, warmup=10)
+    return {
+        "model_bytes": [len(plain), len(best)],
+        "latency_ms_median": [round(float(np.median(t_plain)), 4), round(float(np.median(t_best)), 4)],
+        "latency_ratio": round(float(np.median(t_best) / np.median(t_plain)), 4),
+        "xnnpack": best_m.delegation.to_dict(),
+    }

@@ -3,48 +3,59 @@ and runtime, side by side (the manifest's ``validation`` block), and the ``needs
 quantised results. The task adapter supplies the pass and the figures (top-1 and calibration for a classifier,
 mAP and unknown-object AUROC for a detector).
 
-Each distinct model is run over ``--val`` once: bias correction, the accuracy-aware loop and the final
-validation ask for the same models again.
+Each distinct model is run over ``--val`` once (:class:`Scoring`): bias correction, the accuracy-aware loop and
+the final validation ask for the same models again.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from edgeq.manifest import Density, Detector
+
+from ..binding import Binding
+from ..context import ConvertContext
+from ..products import Converted, SourceModel, Validation
 from ..recipes import ValidationRecipe
-
-if TYPE_CHECKING:
-    from ..context import ConvertContext, Converted
+from ..tasks.base import Task
 
 
-def read(recipe: ValidationRecipe, ctx: "ConvertContext") -> Any:
+def read(recipe: ValidationRecipe, ctx: ConvertContext, task: Task, source: SourceModel) -> Any:
     """The validation data, read and checked before the slow part (None without ``--val``)."""
-    return ctx.task.read_validation(ctx) if recipe.val else None
+    return task.read_validation(ctx, source) if recipe.val else None
 
 
-def scores(ctx: "ConvertContext", converted: "Converted") -> Any:
-    """The task's pass of a quantised model over ``--val``, once per distinct model."""
-    if converted.data not in ctx.scored:
-        ctx.scored[converted.data] = ctx.task.score(ctx, converted, "quantized")
-    return ctx.scored[converted.data]
+class Scoring:
+    """The task's pass over ``--val`` of each distinct model, made once and kept (a cache, not a product)."""
+
+    def __init__(self, ctx: ConvertContext, binding: Binding, data: Any, reference: Converted) -> None:
+        self.ctx, self.binding, self.data, self.reference = ctx, binding, data, reference
+        self._scored: dict[bytes, Any] = {}
+        self._reference: Any = None
+
+    def of(self, converted: Converted) -> Any:
+        if converted.data not in self._scored:
+            self._scored[converted.data] = self.binding.task.score(self.ctx, converted, self.data, "quantized")
+        return self._scored[converted.data]
+
+    def of_reference(self) -> Any:
+        if self._reference is None:
+            self._reference = self.binding.task.score(self.ctx, self.reference, self.data, "float")
+        return self._reference
+
+    def top1(self, data: bytes) -> float:
+        """Top-1 accuracy on ``--val`` of converted bytes (NaN without ``--val``); loaded only if not scored yet."""
+        if self.data is None:
+            return float("nan")
+        if data not in self._scored:
+            self.of(self.binding.load(data))
+        return self.binding.task.top1(self._scored[data])
 
 
-def top1(ctx: "ConvertContext", data: bytes) -> float:
-    """Top-1 accuracy on ``--val`` of converted bytes (NaN without ``--val``)."""
-    if ctx.data is None:
-        return float("nan")
-    converted = ctx.quantised if ctx.quantised is not None and ctx.quantised.data == data else ctx.load(data)
-    return ctx.task.top1(scores(ctx, converted))
-
-
-def reference_scores(ctx: "ConvertContext") -> Any:
-    if ctx.reference_scored is None:
-        ctx.reference_scored = ctx.task.score(ctx, ctx.reference, "float")
-    return ctx.reference_scored
-
-
-def run(recipe: ValidationRecipe, ctx: "ConvertContext") -> dict[str, Any] | None:
-    if ctx.data is None:
+def run(recipe: ValidationRecipe, ctx: ConvertContext, scoring: Scoring, quantised: Converted,
+        density: Density | None, detector: Detector | None) -> Validation | None:
+    if scoring.data is None:
         return None
     with ctx.timed("validation_s"):
-        return ctx.task.validate(ctx, reference_scores(ctx), scores(ctx, ctx.quantised))
+        return scoring.binding.task.validate(ctx, scoring.data, scoring.of_reference(), scoring.of(quantised),
+                                             density, detector)

@@ -6,7 +6,7 @@ from typing import Any
 
 from edgeq.errors import ModelError
 
-from .base import HeadExport, Task
+from .base import Task
 from .classify import ClassifyTask
 from .detect import DetectTask
 
@@ -21,7 +21,7 @@ def task_for(source: Any, info: dict[str, Any], detector: bool) -> Task:
     if len(ids) != classes:
         raise ModelError(f"{source.origin}: stores {len(ids)} COCO category ids for a {classes}-class detector; "
                          "train it again")
-    return DetectTask([int(c) for c in ids])
+    return DetectTask([int(c) for c in ids], source.origin)
 
 
-__all__ = ["ClassifyTask", "DetectTask", "HeadExport", "Task", "task_for"]
+__all__ = ["ClassifyTask", "DetectTask", "Task", "task_for"]

@@ -109,6 +109,7 @@ class TrainOptions:
 
 
 def train(opts: TrainOptions, log: Callable[[str], None] = print) -> TrainResult:
+    # over 60 lines: the frozen-backbone and end-to-end paths side by side, sharing set-up and saving
     started = time.perf_counter()
     tf = start_training(opts.output, opts.seed)
     import keras
