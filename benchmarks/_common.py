@@ -1,5 +1,7 @@
-"""What every benchmark shares: the fixtures' import path, and results written with the machine they were
-measured on (CPU model and SIMD flags, cores, runtime and library versions, the commit).
+"""What every benchmark shares: progress on stderr, and results written with the machine they were measured on
+(CPU model and SIMD flags, cores, runtime and library versions, the commit). Benchmarks import nothing from
+tests/: the data and models they share with the tests live in the converter room (edgeq.converter.data.shapes,
+edgeq.converter.models.outlier).
 
     from _common import write_result
     write_result("detection", result)   # benchmarks/results/detection.json, and the same JSON on stdout
@@ -19,7 +21,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT / "tests"))  # fixtures (tests/fixtures) for the benchmarks that draw shapes
 
 # SIMD features that decide int8 and float speed (x86 and ARM names as /proc/cpuinfo spells them)
 FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
@@ -63,6 +64,11 @@ def _commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+changes" if dirty else "")
+
+
+def log(message: str) -> None:
+    """Progress on stderr (stdout carries the results' JSON), shown at once."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:

@@ -22,12 +22,9 @@ from pathlib import Path
 import numpy as np
 
 
-from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
+from _common import log, write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-
-def log(s: str) -> None:
-    print(s, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +69,7 @@ def _validation(path: Path) -> dict:
 def hard(tmp: Path, train_dir: Path, test_dir: Path, labels: list[str], args) -> dict:
     from edgeq.bundle import read_bundle
     from edgeq.converter import convert, recipe_from_flags
-    from fixtures.hardmodels import add_outlier_channel, train_small
+    from edgeq.converter.models.outlier import add_outlier_channel, train_small
     from edgeq.converter.tf import quiet_output
     from edgeq.converter.training.classifier import load_folder_arrays
     from edgeq.preprocess import PreprocessSpec

@@ -63,7 +63,7 @@ RUN_IDS = itertools.count()
 def make_bundle(tmp: Path) -> Path:
     from edgeq.converter import convert, recipe_from_flags
     from edgeq.converter.models.detector import build_detector
-    from fixtures.synthetic import write_shape_folder
+    from edgeq.converter.data.shapes import write_shape_folder
 
     from conftest import save_with_labels
 
@@ -233,24 +233,16 @@ def per_frame(frames: list[np.ndarray], tmp: Path, repeats: int = 5, n: int = 20
 
 def with_max_detections(bundle: Path, n: int) -> Path:
     """A copy of ``bundle`` whose decoder keeps at most ``n`` boxes (the manifest's detector.max_detections)."""
-    import json
-    import zipfile
+    from edgeq.bundle import read_bundle, with_manifest
 
-    out = bundle.with_name(f"{bundle.stem}-max{n}.edgeq")
-    with zipfile.ZipFile(bundle) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
-        for item in zin.infolist():
-            data = zin.read(item.filename)
-            if item.filename == "manifest.json":
-                manifest = json.loads(data)
-                manifest["detector"]["max_detections"] = n
-                data = json.dumps(manifest).encode()
-            zout.writestr(item.filename, data)
-    return out
+    m = read_bundle(bundle).manifest
+    return with_manifest(bundle, bundle.with_name(f"{bundle.stem}-max{n}.edgeq"),
+                         m.replace(detector=m.detector.model_copy(update={"max_detections": n})))
 
 
 def main() -> int:
     from edgeq.converter.data.scenes import moving_scene_frames, write_video as write_scene_video
-    from fixtures.synthetic import moving_shapes_frames, write_video
+    from edgeq.converter.data.shapes import moving_shapes_frames, write_video
 
     repeats = 3
     with tempfile.TemporaryDirectory() as tmp:

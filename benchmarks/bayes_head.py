@@ -28,12 +28,9 @@ from pathlib import Path
 import numpy as np
 
 
-from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
+from _common import log, write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-
-def log(s: str) -> None:
-    print(s, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         convert(recipe_from_flags(str(tmp / "det.keras"), det_bundle, calib=str(train_dir),
                                calib_samples=args.calib_samples, density="off"), log=log)
 
-        auto_head = read_bundle(bundles.pop("auto")).manifest.to_json()["head"]
-        result["auto_layout"] = {"chose": auto_head["layout"], **auto_head["layout_choice"]}
+        auto_head = read_bundle(bundles.pop("auto")).manifest.head
+        result["auto_layout"] = {"chose": auto_head.layout, **auto_head.layout_choice.to_json()}
         result["quality"] = {layout: quality(path, tmp / "bayes.keras", test_dir, ood_dir)
                              for layout, path in bundles.items()}
         result["latency_trained"] = {layout: latency(path, det_bundle, args.samples, args.runs)
@@ -120,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         result["latency_model"] = f"MobileNetV2 {args.alpha}/{args.size}, {len(labels)} classes"
         if not args.skip_224:
             result["latency_224"] = latency_224(tmp, args.samples, args.runs, args.seed)
-        m = auto_head
-        result["manifest_head"] = {k: m[k] for k in ("samples", "classes", "seed", "layout", "spread", "weights", "review")}
+        result["manifest_head"] = auto_head.model_dump(mode="json", by_alias=True, include={
+            "samples", "classes", "seed", "layout", "spread", "weights", "review"})
         result["targets"] = {
             "latency_vs_deterministic": 1.05, "top1_points": 0.5, "ece": 0.01, "auroc_mi": 0.01,
         }
@@ -140,7 +137,7 @@ def quality(bundle_path: Path, keras_path: Path, test_dir: Path, ood_dir: Path) 
     from edgeq.uncertainty import summarize
 
     b = read_bundle(bundle_path)
-    head = b.manifest.to_json()["head"]
+    head = b.manifest.head
     q_model = b.load_model()
     q_head = HeadSpec.from_manifest(b.manifest).bind(q_model, b.manifest.outputs)
     f_model, f_head = float_reference(str(keras_path), b.manifest)
@@ -177,7 +174,7 @@ def quality(bundle_path: Path, keras_path: Path, test_dir: Path, ood_dir: Path) 
                      - metrics.expected_calibration_error(means["float"][i], data.targets[i]))
     out["delta"]["ece_bootstrap_95"] = [round(float(np.percentile(diffs, 2.5)), 4), round(float(np.percentile(diffs, 97.5)), 4)]
     out["mean_confidence"] = {k: round(float(v.max(-1).mean()), 4) for k, v in means.items()}
-    out["spread"] = head.get("spread")
+    out["spread"] = head.spread.to_json() if head.spread is not None else None
     out["test_images"], out["ood_images"] = len(data.files), len(ood_files)
     return out
 
@@ -228,7 +225,7 @@ def latency_224(tmp: Path, k: int, runs: int, seed: int) -> dict:
     from edgeq.converter.models.bayes import bayes_dense_class
     from edgeq.converter.stages.load import build_mobilenet_v2
     from edgeq.converter.training.common import save_model
-    from fixtures.synthetic import write_shape_folder
+    from edgeq.converter.data.shapes import write_shape_folder
 
     write_shape_folder(tmp / "calib224", per_class=20, size=224, seed=3)
     base = build_mobilenet_v2(224, 1.0, 10, None, seed)

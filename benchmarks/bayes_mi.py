@@ -31,13 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
+from _common import log, write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-
-def log(s: str) -> None:
-    print(s, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

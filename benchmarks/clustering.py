@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from edgeq.bundle import read_bundle
     from edgeq.converter import convert, recipe_from_flags
-    from fixtures.synthetic import write_shape_folder
+    from edgeq.converter.data.shapes import write_shape_folder
 
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     result: dict = {"benchmark": "clustering", "model": args.model, "clusters": args.clusters, "variants": {}}
@@ -51,20 +51,20 @@ def main(argv: list[str] | None = None) -> int:
                                       density="off", **extra),  # sizes of the model alone
                     log=log)
             b = read_bundle(out)
-            sizes = b.manifest.to_json()["sizes"]
+            sizes = b.manifest.sizes
             entry = {
-                "model_tflite_bytes": sizes["model_tflite"],
-                "float32_tflite_bytes": sizes["float32_tflite"],
+                "model_tflite_bytes": sizes.model_tflite,
+                "float32_tflite_bytes": sizes.float32_tflite,
                 "bundle_bytes": b.file_size,
-                "bundle_over_float32": round(b.file_size / sizes["float32_tflite"], 4),
+                "bundle_over_float32": round(b.file_size / sizes.float32_tflite, 4),
             }
-            if b.manifest.clustering is not None:
-                c = b.manifest.to_json()["clustering"]
-                entry.update(clustered_kernels=c["clustered"], packed_kernels=c.get("packed_kernels"),
-                             max_distinct_per_channel=c["shipped"]["max_distinct_per_channel"])
-            if b.manifest.validation is not None:
-                v = b.manifest.validation.model_dump()
-                entry.update(float_top1=v["float_top1"], int8_top1=v["quantized_top1"])
+            c = b.manifest.clustering
+            if c is not None:
+                entry.update(clustered_kernels=c.clustered, packed_kernels=c.packed_kernels,
+                             max_distinct_per_channel=c.shipped.max_distinct_per_channel)
+            v = b.manifest.validation
+            if v is not None:
+                entry.update(float_top1=v.float_top1, int8_top1=v.quantized_top1)
             result["variants"][name] = entry
     write_result(args.name, result)
     return 0

@@ -28,12 +28,9 @@ from pathlib import Path
 import numpy as np
 
 
-from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
+from _common import log, write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-
-def log(s: str) -> None:
-    print(s, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +135,7 @@ def evaluate(paths: dict[str, Path], work: Path, runs: int, bayes: bool) -> dict
         entry = {
             "variant": m["variant"],
             "bundle_bytes": m["bundle_bytes"],
-            "bundle_over_float32": round(m["bundle_bytes"] / b.manifest.to_json()["sizes"]["float32_tflite"], 4),
+            "bundle_over_float32": round(m["bundle_bytes"] / b.manifest.sizes.float32_tflite, 4),
             "top1": round(m["top1"], 4),
             "ece": round(m["ece"], 4),
             "ood_auroc": {k: round(v, 4) for k, v in m["ood_auroc"].items()},
@@ -166,13 +163,14 @@ def evaluate(paths: dict[str, Path], work: Path, runs: int, bayes: bool) -> dict
                 mi = np.r_[run.scored.summary.mutual_information, run.ood.mutual_information]
                 mi0 = np.r_[base_run.scored.summary.mutual_information, base_run.ood.mutual_information]
                 entry["delta_vs_int8"]["mi_correlation"] = round(float(np.corrcoef(mi, mi0)[0, 1]), 4)
-        c = b.manifest.to_json().get("clustering")
-        if c:
-            entry["clustered_layers"] = c["clustered"]
-            if c.get("finetune"):
-                entry["finetune_train_accuracy"] = c["finetune"]["train_accuracy"]
-            if c.get("posterior", {}).get("codewords"):
-                entry["posterior"] = {k: c["posterior"][k] for k in ("codewords", "relative_rmse_mu", "relative_rmse_sigma")}
+        c = b.manifest.clustering
+        if c is not None:
+            entry["clustered_layers"] = c.clustered
+            if c.finetune is not None:
+                entry["finetune_train_accuracy"] = c.finetune.train_accuracy
+            if c.posterior is not None and c.posterior.codewords:
+                entry["posterior"] = c.posterior.model_dump(include={"codewords", "relative_rmse_mu",
+                                                                     "relative_rmse_sigma"})
         out["variants"][name] = entry
     return out
 

@@ -26,12 +26,9 @@ from pathlib import Path
 import numpy as np
 
 
-from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
+from _common import log, write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-
-def log(s: str) -> None:
-    print(s, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +59,7 @@ def measure(argv: list[str] | None) -> dict:
     from edgeq.converter.stages.calibrate import load_calibration
     from edgeq.converter.stages.load import SourceModel
     from edgeq.converter.recipes import QuantMode, QuantRecipe
-    from edgeq.converter.stages.quantise import convert_model
+    from edgeq.converter.tflite import convert_model
     from edgeq.converter.evaluation.detect import evaluate_detection
     from edgeq.runtime import Model, interleaved_latency
 
@@ -85,7 +82,7 @@ def measure(argv: list[str] | None) -> dict:
             t0 = time.perf_counter()
             # float32 with the int8 bundle's layout, the same weight samples and the same density fit (both take
             # --val: the fit uses the training scenes, --val the held-out scores): they differ only by quantisation
-            layout = bundles["int8"].manifest.to_json()["head"]["layout"] if quant == "float32" else args.layout
+            layout = bundles["int8"].manifest.head.layout if quant == "float32" else args.layout
             convert(recipe_from_flags(str(det_path), out, calib=str(work / "train"), quant=quant,
                                    bayes_samples=args.samples, bayes_layout=layout, val=str(work / "test")), log=quiet)
             timings[f"convert_{quant}_s"] = time.perf_counter() - t0
@@ -93,7 +90,7 @@ def measure(argv: list[str] | None) -> dict:
     plain = work / "detector_int8_no_density.edgeq"  # the same int8 bundle without the unfamiliarity outputs
     if not plain.is_file():
         convert(recipe_from_flags(str(det_path), plain, calib=str(work / "train"), bayes_samples=args.samples,
-                                  bayes_layout=bundles["int8"].manifest.to_json()["head"]["layout"], density="off"),
+                                  bayes_layout=bundles["int8"].manifest.head.layout, density="off"),
                 log=quiet)
     # edgeq eval's code, the float32 bundle as the reference: both scored at the int8 bundle's score threshold
     report, _, _ = evaluate_detection(bundles["int8"], str(work / "test"), str(work / "detector_float32.edgeq"))
@@ -103,7 +100,7 @@ def measure(argv: list[str] | None) -> dict:
     l2_path = work / "detector_int8_l2.edgeq"
     if not l2_path.is_file():
         convert(recipe_from_flags(str(det_path), l2_path, calib=str(work / "train"), bayes_samples=args.samples,
-                                  bayes_layout=bundles["int8"].manifest.to_json()["head"]["layout"],
+                                  bayes_layout=bundles["int8"].manifest.head.layout,
                                   val=str(work / "test"), density_normalise="l2"), log=quiet)
     l2_bundle = read_bundle(l2_path)
     l2_report, _, _ = evaluate_detection(l2_bundle, str(work / "test"))
@@ -111,7 +108,7 @@ def measure(argv: list[str] | None) -> dict:
     l2_figures = {"detections": u["detections"], "matched_known": u["matched_known"],
                   "matched_unknown": u["matched_unknown"], "unfamiliarity_auroc": u["unknown_auroc"]["unfamiliarity"],
                   "unfamiliarity_fpr_at_95_tpr": u["unknown_fpr_at_95_tpr"]["unfamiliarity"], "flagged": u["flagged"],
-                  "int8_vs_float_correlation": l2_bundle.manifest.density.fit.get("int8_vs_float_correlation")}
+                  "int8_vs_float_correlation": l2_bundle.manifest.density.fit.int8_vs_float_correlation}
     for quant, figs in quality.items():
         log(f"{quant}: mAP@0.5 {figs['map50']:.4f}, mAP {figs['map']:.4f}, AUROC {figs['unknown_auroc']}")
 
@@ -128,17 +125,17 @@ def measure(argv: list[str] | None) -> dict:
     inputs = [np.zeros(m.input.shape, dtype=m.input.dtype) for m in models.values()]
     times = interleaved_latency(list(models.values()), inputs, runs=args.runs, warmup=30)
     med = {name: float(np.median(t)) for name, t in zip(models, times)}
-    head = bundles["int8"].manifest.to_json()["head"]
+    head = bundles["int8"].manifest.head.to_json()
     q, f = quality["int8"], quality["float32"]
     result = {
         "benchmark": "detection",
         "runtime": models["int8_mc"].describe(),
         "xnnpack": models["int8_mc"].delegation.to_dict(),
         "settings": {k: v for k, v in vars(args).items() if k != "workdir"},
-        "input": f"{args.size}x{args.size}", "grid": bundles["int8"].manifest.to_json()["detector"]["grid"],
+        "input": f"{args.size}x{args.size}", "grid": list(bundles["int8"].manifest.detector.grid),
         "head": {k: head.get(k) for k in ("samples", "classes", "layout", "layout_choice", "head_macs",
                                          "deterministic_head_macs", "backbone_macs", "spread", "review")},
-        "detector": {k: v for k, v in bundles["int8"].manifest.to_json()["detector"].items() if k.startswith("score")},
+        "detector": bundles["int8"].manifest.detector.model_dump(mode="json", include={"score_threshold", "score_threshold_calibration"}),
         "quality": quality,
         "map50_drop_points": round(100 * (f["map50"] - q["map50"]), 3),
         "auroc_mi_float_minus_int8": None if not (q["unknown_auroc"] and f["unknown_auroc"]) else
@@ -150,10 +147,10 @@ def measure(argv: list[str] | None) -> dict:
         "density_over_no_density": round(med["int8_mc"] / med["int8_mc_no_density"], 4),
         "l2_over_no_density": round(med["int8_mc_l2"] / med["int8_mc_no_density"], 4),
         # convert's check of the density: int8 vs float scores of the held-out cells (converter/stages/density.py)
-        "density_int8_vs_float_correlation": bundles["int8"].manifest.density.fit.get("int8_vs_float_correlation"),
+        "density_int8_vs_float_correlation": bundles["int8"].manifest.density.fit.int8_vs_float_correlation,
         "int8_density_l2": l2_figures,
         "unknown_object_features": feature_probe(det_path, bundles["int8"], work, cls_path),
-        "sizes": {k: b.manifest.to_json()["sizes"]["model_tflite"] for k, b in bundles.items()},
+        "sizes": {k: b.manifest.sizes.model_tflite for k, b in bundles.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     return result

@@ -33,7 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 def make_bundle(tmp: Path) -> Path:
     from edgeq.converter import convert, recipe_from_flags
-    from fixtures.synthetic import write_shape_folder
+    from edgeq.converter.data.shapes import write_shape_folder
 
     write_shape_folder(tmp / "calib", per_class=20, size=224, seed=3)
     out = tmp / "mnv2.edgeq"
@@ -129,7 +129,7 @@ def broker_restarts(bundle: Path, video: Path, tmp: Path, restarts: int = 5, fra
 
 def main() -> int:
     from edgeq.bench import pipeline_fps
-    from fixtures.synthetic import moving_shapes_frames, write_video
+    from edgeq.converter.data.shapes import moving_shapes_frames, write_video
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

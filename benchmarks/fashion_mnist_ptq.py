@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         convert(recipe_from_flags(str(model_path), out, calib=str(calib_dir), calib_samples=200, val=str(val_dir),
                                labels=str(labels), density="off"),  # PTQ alone (unfamiliarity: unknowns.py)
                 log=lambda s: print(s, file=sys.stderr))
-        v = read_bundle(out).manifest.validation.model_dump()
+        v = read_bundle(out).manifest.validation.to_json()
     write_result("fashion_mnist_ptq", {
         "benchmark": "fashion_mnist_ptq",
         "model": f"MobileNetV2 {args.alpha}/{args.size}, trained {args.epochs} epochs on {args.train} Fashion-MNIST images",

@@ -40,17 +40,9 @@ FLEET = 10_000
 
 
 def renamed(src: Path, dst: Path, name: str) -> Path:
-    import zipfile
+    from edgeq.bundle import read_bundle, with_manifest
 
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
-        for item in zin.infolist():
-            data = zin.read(item.filename)
-            if item.filename == "manifest.json":
-                m = json.loads(data)
-                m["name"] = name
-                data = json.dumps(m).encode()
-            zout.writestr(item.filename, data)
-    return dst
+    return with_manifest(src, dst, read_bundle(src).manifest.replace(name=name))
 
 
 class Listener:

@@ -23,7 +23,7 @@ def int8_vs_float32(int8_bytes: bytes, alpha: float, size: int) -> dict:
     """Invoke latency of an int8 model and its float32 counterpart, interleaved, at 1 and 2 threads."""
     from edgeq.converter.recipes import QuantMode, QuantRecipe
     from edgeq.converter.stages.load import load_source_model
-    from edgeq.converter.stages.quantise import convert_model
+    from edgeq.converter.tflite import convert_model
     from edgeq.converter.tf import quiet_output
     from edgeq.runtime import Model, interleaved_latency
 
@@ -52,7 +52,7 @@ def int8_vs_float32(int8_bytes: bytes, alpha: float, size: int) -> dict:
 def main() -> int:
     from edgeq.bundle import read_bundle
     from edgeq.converter import convert, recipe_from_flags
-    from fixtures.synthetic import write_shape_folder
+    from edgeq.converter.data.shapes import write_shape_folder
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -66,7 +66,7 @@ def main() -> int:
         )
         wall = time.perf_counter() - t0
         bundle = read_bundle(out)
-        sizes = bundle.manifest.sizes.model_dump()
+        sizes = bundle.manifest.sizes.to_json()
 
         latency = int8_vs_float32(bundle.model_bytes, 1.0, 224)
         # the edgeq train default (0.35/96): small enough that x86's float path can beat int8 (README, Runtimes)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
+from _common import log, write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 UNKNOWN = ("bag", "sandal")
@@ -42,9 +42,6 @@ PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "cat", "immunohi
           "page", "text", "brick", "grass", "gravel", "colorwheel", "moon", "horse", "clock", "coins", "logo", "retina",
           "cell")  # the ones skimage ships (others are downloaded on first use)
 
-
-def log(s: str) -> None:
-    print(s, file=sys.stderr)
 
 
 def write_images(folder: Path, images: np.ndarray) -> Path:
@@ -153,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             convert_s[name] = round(time.perf_counter() - t0, 1)
         result["convert_seconds"] = convert_s
         manifest = read_bundle(bundles["int8"]).manifest
-        result["density"] = {k: v for k, v in manifest.density.model_dump().items()
-                             if k not in ("eigenvalues", "class_means", "reference")}
-        result["review_rule"] = manifest.head_or_dense.review.model_dump()
+        result["density"] = manifest.density.model_dump(mode="json", exclude={"eigenvalues", "class_means",
+                                                                              "reference"})
+        result["review_rule"] = manifest.head_or_dense.review.to_json()
 
         b = read_bundle(bundles["int8"])
         per_kind, runs_of = {}, {}

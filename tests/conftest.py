@@ -122,7 +122,7 @@ SHAPE_LABELS = ["circle", "square", "triangle"]
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A labelled folder: 3 classes x 12 procedurally drawn 64x64 images."""
-    from fixtures.synthetic import write_shape_folder
+    from edgeq.converter.data.shapes import write_shape_folder
 
     root = tmp_path_factory.mktemp("shapes")
     write_shape_folder(root, per_class=12, shapes=("circle", "square", "triangle"), size=64, seed=1)

@@ -106,7 +106,7 @@ def test_simulated_rounding_is_what_tflite_stores(tmp_path, shapes_dir, tiny_ker
 def hard_model(fashion_dirs, tmp_path_factory) -> Path:
     """A small CNN trained on Fashion-MNIST (4 classes, 32 px), then given one outlier channel: same float
     function, broken int8."""
-    from fixtures.hardmodels import add_outlier_channel, train_small
+    from edgeq.converter.models.outlier import add_outlier_channel, train_small
     from edgeq.converter.training.classifier import load_folder_arrays
     from edgeq.preprocess import PreprocessSpec
 

@@ -17,7 +17,7 @@ FRAMES = 12
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
-    from fixtures.synthetic import moving_shapes_frames, write_video
+    from edgeq.converter.data.shapes import moving_shapes_frames, write_video
 
     return write_video(tmp_path_factory.mktemp("annotate-video") / "clip.avi", moving_shapes_frames(FRAMES, 120, 160))
 

@@ -82,7 +82,7 @@ def test_other_modes(tmp_path, tiny_keras_path, shapes_dir, quant, dtype):
 
 
 def test_calibration_from_video_and_npy(tmp_path, tiny_keras_path):
-    from fixtures.synthetic import moving_shapes_frames, write_video
+    from edgeq.converter.data.shapes import moving_shapes_frames, write_video
 
     video = write_video(tmp_path / "clip.avi", moving_shapes_frames(40, 60, 80))
     out = tmp_path / "v.edgeq"
@@ -103,7 +103,7 @@ def test_keras_export_route_and_saved_model_input(tmp_path, tiny_keras_path, sha
     from edgeq.converter.stages.calibrate import load_calibration
     from edgeq.converter.stages.load import load_source_model
     from edgeq.converter.recipes import QuantRecipe
-    from edgeq.converter.stages.quantise import convert_model
+    from edgeq.converter.tflite import convert_model
     from edgeq.preprocess import PreprocessSpec
     from edgeq.runtime import Model
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def video(tmp_path_factory) -> Path:
-    from fixtures.synthetic import moving_shapes_frames, write_video
+    from edgeq.converter.data.shapes import moving_shapes_frames, write_video
 
     return write_video(tmp_path_factory.mktemp("video") / "clip.avi", moving_shapes_frames(60, 120, 160))
 
@@ -289,7 +289,7 @@ def test_spool_on_a_full_disk_keeps_running_and_sends_what_it_kept(tmp_path, sma
     """Found in the field: a spool on a 256 KB tmpfs died with a traceback after 40 frames, and every restart
     aborted, so the spooled results were never sent. Now: the spool fits itself to the disk, drops the oldest,
     never crashes, starts on a disk filled to the last byte, and sends what it kept."""
-    from fixtures.synthetic import moving_shapes_frames, write_video
+    from edgeq.converter.data.shapes import moving_shapes_frames, write_video
 
     long = write_video(tmp_path / "long.avi", moving_shapes_frames(400, 120, 160))
     port = free_port()

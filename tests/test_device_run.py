@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def video(tmp_path_factory) -> Path:
-    from fixtures.synthetic import moving_shapes_frames, write_video
+    from edgeq.converter.data.shapes import moving_shapes_frames, write_video
 
     return write_video(tmp_path_factory.mktemp("video") / "clip.avi", moving_shapes_frames(40, 120, 160))
 
@@ -247,7 +247,7 @@ def test_one_bad_image_in_a_folder_is_skipped_not_fatal(tmp_path, tiny_bundle, s
 
 
 def test_truncated_video_says_where_it_ended(tmp_path, tiny_bundle):
-    from fixtures.synthetic import moving_shapes_frames, write_video
+    from edgeq.converter.data.shapes import moving_shapes_frames, write_video
 
     clip = write_video(tmp_path / "clip.avi", moving_shapes_frames(40, 120, 160))
     data = clip.read_bytes()

@@ -158,7 +158,7 @@ def test_bench_against_baseline(tiny_bundle, float_bundle):
 
 
 def test_bench_pipeline(tiny_bundle, tmp_path):
-    from fixtures.synthetic import moving_shapes_frames, write_video
+    from edgeq.converter.data.shapes import moving_shapes_frames, write_video
 
     video = write_video(tmp_path / "clip.avi", moving_shapes_frames(30, 120, 160))
     r = run_edgeq("bench", str(tiny_bundle), "--runs", "20", "--pipeline", str(video), "--json")

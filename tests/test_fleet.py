@@ -53,7 +53,7 @@ def sign(path: Path, key: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def video(tmp_path_factory) -> Path:
-    from fixtures.synthetic import moving_shapes_frames, write_video
+    from edgeq.converter.data.shapes import moving_shapes_frames, write_video
 
     return write_video(tmp_path_factory.mktemp("fleet-video") / "clip.avi", moving_shapes_frames(30, 96, 96))
 

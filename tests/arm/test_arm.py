@@ -25,7 +25,7 @@ def clips(tmp_path_factory):
     a level or two apart, and at the model's size, so that nothing is resized, because their bilinear resize
     (INTER_LINEAR) gives inputs a level apart too (docs/raspberry-pi.md). Either would test OpenCV, not the
     runtime."""
-    from fixtures.synthetic import moving_shapes_frames, write_video
+    from edgeq.converter.data.shapes import moving_shapes_frames, write_video
 
     folder, made = tmp_path_factory.mktemp("arm-video"), {}
 
@@ -226,7 +226,7 @@ def test_every_bundle_kind_gives_the_x86_results_exactly(kind, pi, bundles, clip
 def trained_bundle(fashion_dirs, tmp_path_factory) -> Path:
     """A small CNN trained on Fashion-MNIST (4 classes, 32 px) and converted to int8 with its unfamiliarity
     measure, calibrated on the val images."""
-    from fixtures.hardmodels import train_small
+    from edgeq.converter.models.outlier import train_small
     from floors import seeded
 
     from edgeq.converter.training.classifier import load_folder_arrays
