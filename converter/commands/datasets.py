@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from edgeq.errors import DataError
+
 HELP = "generate or check detection data (COCO JSON)"
 DESCRIPTION = "Detection data in COCO format: generate synthetic scenes, or check a file."
 
@@ -27,7 +29,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--min-size", type=int, default=28, help="object size in pixels, at least (default 28)")
     d.add_argument("--max-size", type=int, default=72, help="object size in pixels, at most (default 72)")
     d.add_argument("--clutter", type=int, default=3, help="unannotated distractor shapes per scene, at most (default 3)")
-    d.add_argument("--split", choices=("train", "test"), default="train", help="Fashion-MNIST split to draw from")
+    d.add_argument("--unknown-kinds", metavar="A,B", help="objects of other kinds, marked unknown: digits (MNIST, "
+                   "tinted like the items), photos (skimage photo crops in their own colours)")
+    d.add_argument("--outliers", metavar="A,B", help="outlier objects for outlier exposure in training (category "
+                   "'outlier'), up to 2 a scene on top of the items: shapes, textures, mixed (halves of two known items)")
+    d.add_argument("--extra-share", type=float, default=0.3, help="share of the objects drawn from --unknown-kinds "
+                   "(default 0.3)")
+    d.add_argument("--split", choices=("train", "test", "calib", "eval"), default="train",
+                   help="items to draw from: Fashion-MNIST's train or test split; calib and eval are the test split's "
+                        "even and odd items (calibration and scoring scenes that share no item)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
     d.set_defaults(action=_scenes)
@@ -60,12 +70,17 @@ def _names(text: str | None) -> tuple[str, ...]:
 def _scenes(args: argparse.Namespace) -> int:
     from ..data.scenes import generate_scenes
 
+    if not 0.0 <= args.extra_share <= 1.0:
+        raise DataError(f"--extra-share {args.extra_share}: give a share from 0 to 1")
+    if args.min_objects < 0 or args.max_objects < args.min_objects:
+        raise DataError(f"--min-objects {args.min_objects} --max-objects {args.max_objects}: give 0 <= min <= max")
     summary = generate_scenes(args.out, args.n, args.size, args.seed, _names(args.ood_classes),
                               (args.min_objects, args.max_objects), args.min_size, args.max_size, args.clutter,
-                              args.split, _names(args.exclude_classes))
+                              args.split, _names(args.exclude_classes), _names(args.unknown_kinds),
+                              _names(args.outliers), args.extra_share)
     print(json.dumps(summary) if args.json else
-          f"wrote {summary['images']} scenes, {summary['objects']} objects ({summary['unknown']} of held-out classes) "
-          f"to {summary['path']}")
+          f"wrote {summary['images']} scenes, {summary['objects']} objects ({summary['unknown']} unknown, "
+          f"{summary['outliers']} outliers) to {summary['path']}")
     return 0
 
 

@@ -16,6 +16,8 @@ import numpy as np
 from edgeq.errors import DataError
 
 UNKNOWN = "unknown"
+# objects of no known class that training may push away (outlier exposure, converter/data/objects.py): never a class
+OUTLIER = "outlier"
 
 
 @dataclass
@@ -32,11 +34,16 @@ class CocoSet:
 
     @property
     def known_categories(self) -> list[dict[str, Any]]:
-        return [c for c in self.categories if c.get("supercategory") != UNKNOWN]
+        return [c for c in self.categories if c.get("supercategory") not in (UNKNOWN, OUTLIER)]
 
     @property
     def unknown_category_ids(self) -> set[int]:
-        return {c["id"] for c in self.categories if c.get("supercategory") == UNKNOWN}
+        """Objects a detector never learned (an outlier in an evaluation set counts as one too)."""
+        return {c["id"] for c in self.categories if c.get("supercategory") in (UNKNOWN, OUTLIER)}
+
+    @property
+    def outlier_category_ids(self) -> set[int]:
+        return {c["id"] for c in self.categories if c.get("supercategory") == OUTLIER}
 
     def image_path(self, image: dict[str, Any]) -> Path:
         return self.image_dir / image["file_name"]

@@ -22,8 +22,10 @@ from edgeq.errors import DataError
 
 from .coco import UNKNOWN
 from .datasets import FASHION_MNIST_LABELS, fashion_mnist
+from .objects import KIND_CATEGORIES, OUTLIER, OUTLIER_CATEGORY, OUTLIER_KINDS, UNKNOWN_KINDS, ObjectSource, check_kinds
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
+OUTLIERS_PER_SCENE = 2
 
 
 def _paste(canvas: np.ndarray, item: np.ndarray, size: int, angle: float,
@@ -45,6 +47,32 @@ def _paste(canvas: np.ndarray, item: np.ndarray, size: int, angle: float,
     canvas[:] = np.clip(canvas * (1 - a) + shade * a, 0, 255).astype(np.uint8)
     ys, xs = np.nonzero(mask)
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def _paste_patch(canvas: np.ndarray, patch: np.ndarray, alpha: np.ndarray, size: int, angle: float,
+                 center: tuple[float, float]) -> tuple[int, int, int, int] | None:
+    """Paste a colour ``patch`` in its own colours under ``alpha`` (both square), scaled to ``size`` pixels and
+    rotated, at ``center``; return the tight box of what shows, or None."""
+    import cv2
+
+    h, w = canvas.shape[:2]
+    side = patch.shape[0]
+    m = cv2.getRotationMatrix2D((side / 2, side / 2), angle, size / side)
+    m[:, 2] += np.array(center) - np.array([side / 2, side / 2])
+    a = cv2.warpAffine(alpha.astype(np.float32), m, (w, h), flags=cv2.INTER_LINEAR, borderValue=0.0)
+    mask = a > 0.15
+    if not mask.any():
+        return None
+    colour = cv2.warpAffine(patch, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    canvas[:] = np.clip(canvas * (1 - a[..., None]) + colour * a[..., None], 0, 255).astype(np.uint8)
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def _annotation(ann_id: int, image_id: int, category: int, box: tuple[int, int, int, int]) -> dict[str, Any]:
+    return {"id": ann_id, "image_id": image_id, "category_id": category,
+            "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "area": (box[2] - box[0]) * (box[3] - box[1]),
+            "iscrowd": 0}
 
 
 def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
@@ -81,11 +109,16 @@ def free_spot(rng: np.random.Generator, size: int, sizes: tuple[int, int], place
 
 def generate_scenes(out: str | Path, n: int = 200, size: int = 192, seed: int = 0, ood_classes: tuple[str, ...] = (),
                     objects: tuple[int, int] = (1, 4), min_size: int = 28, max_size: int = 72, clutter: int = 3,
-                    split: str = "train", exclude_classes: tuple[str, ...] = ()) -> dict[str, Any]:
+                    split: str = "train", exclude_classes: tuple[str, ...] = (), unknown_kinds: tuple[str, ...] = (),
+                    outliers: tuple[str, ...] = (), extra_share: float = 0.3) -> dict[str, Any]:
     """Write ``n`` scenes to ``out/images/*.png`` and ``out/annotations.json``; return a summary.
 
     ``exclude_classes`` are never pasted (a training set without the classes a test set holds out); they stay in
-    ``categories``, marked unknown, so that both sets share category ids."""
+    ``categories``, marked unknown, so that both sets share category ids. ``unknown_kinds`` (digits, photos) are
+    objects of other kinds (converter/data/objects.py), marked unknown: ``extra_share`` of the objects are drawn from
+    them, the rest are Fashion-MNIST items. ``outliers`` (shapes, textures, mixed) are added on top, up to
+    ``OUTLIERS_PER_SCENE`` a scene, from a random stream of their own: the same seed gives the same scenes with and
+    without them, so that a detector trained with outlier exposure differs from one without only by them."""
     # over 60 lines: the scene generator's loop, whose placement rules depend on one another
     import cv2
 
@@ -101,7 +134,9 @@ def generate_scenes(out: str | Path, n: int = 200, size: int = 192, seed: int = 
     if n < 1 or size < 64 or not 8 <= min_size <= max_size <= size // 2:
         raise DataError(f"scenes: need n >= 1, size >= 64 and 8 <= min_size <= max_size <= size / 2 (got n={n}, "
                         f"size={size}, sizes {min_size}..{max_size})")
-    x, y = fashion_mnist("train" if split == "train" else "test")
+    check_kinds("--unknown-kinds", unknown_kinds, UNKNOWN_KINDS)
+    check_kinds("--outliers", outliers, OUTLIER_KINDS)
+    x, y = split_items(split)
     allowed = np.isin(y, [labels.index(c) for c in exclude_classes], invert=True)
     x, y = x[allowed], y[allowed]
     rng = np.random.default_rng(seed)
@@ -109,41 +144,91 @@ def generate_scenes(out: str | Path, n: int = 200, size: int = 192, seed: int = 
     (out / "images").mkdir(parents=True, exist_ok=True)
     categories = [{"id": i + 1, "name": name, "supercategory": UNKNOWN if name in ood_classes else "fashion"}
                   for i, name in enumerate(labels)]
+    categories += [{"id": KIND_CATEGORIES[k][0], "name": KIND_CATEGORIES[k][1], "supercategory": UNKNOWN}
+                   for k in unknown_kinds]
+    if outliers:
+        categories.append({"id": OUTLIER_CATEGORY[0], "name": OUTLIER_CATEGORY[1], "supercategory": OUTLIER})
+    extra = tuple(unknown_kinds)
+    known_items = x[~np.isin(y, [labels.index(c) for c in ood_classes])]
+    source = ObjectSource(rng, known_items) if extra else None
+    orng = np.random.default_rng([seed, 1])  # the outliers' own stream
+    outlier_source = ObjectSource(orng, known_items) if outliers else None
+
+    def pick() -> tuple[str | None, int]:
+        if extra and rng.random() < extra_share:
+            return str(rng.choice(extra)), -1
+        return None, int(rng.integers(0, len(x)))
+
     images, annotations = [], []
     for i in range(n):
         canvas = background(rng, size, size)
         draw_clutter(canvas, rng, clutter)
         boxes: list[tuple[int, int, int, int]] = []
         for _ in range(int(rng.integers(objects[0], objects[1] + 1))):
-            spot = free_spot(rng, size, (min_size, max_size), boxes, lambda: int(rng.integers(0, len(x))))
+            spot = free_spot(rng, size, (min_size, max_size), boxes, pick)
             if spot is None:
                 continue
-            k, s, center = spot
-            color = rng.uniform(120, 255, 3)
-            box = _paste(canvas, x[k], s, float(rng.uniform(-30, 30)), center, color)
+            (kind, k), s, center = spot
+            if kind is None:
+                color = rng.uniform(120, 255, 3)
+                box = _paste(canvas, x[k], s, float(rng.uniform(-30, 30)), center, color)
+                category = int(y[k]) + 1
+            else:
+                item, patch, alpha = source.draw(kind)
+                angle = float(rng.uniform(-30, 30))
+                box = (_paste(canvas, item, s, angle, center, rng.uniform(120, 255, 3)) if item is not None
+                       else _paste_patch(canvas, patch, alpha, s, angle, center))
+                category = KIND_CATEGORIES[kind][0] if kind in KIND_CATEGORIES else OUTLIER_CATEGORY[0]
             if box is None or box[2] - box[0] < 4 or box[3] - box[1] < 4:
                 continue
             boxes.append(box)
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": i + 1, "category_id": int(y[k]) + 1,
-                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
-                "area": (box[2] - box[0]) * (box[3] - box[1]), "iscrowd": 0,
-            })
+            annotations.append(_annotation(len(annotations) + 1, i + 1, category, box))
+        for _ in range(int(orng.integers(0, OUTLIERS_PER_SCENE + 1)) if outliers else 0):
+            spot = free_spot(orng, size, (min_size, max_size), boxes, lambda: str(orng.choice(outliers)))
+            if spot is None:
+                continue
+            kind, s, center = spot
+            item, patch, alpha = outlier_source.draw(kind)
+            angle = float(orng.uniform(-30, 30))
+            box = (_paste(canvas, item, s, angle, center, orng.uniform(120, 255, 3)) if item is not None
+                   else _paste_patch(canvas, patch, alpha, s, angle, center))
+            if box is None or box[2] - box[0] < 4 or box[3] - box[1] < 4:
+                continue
+            boxes.append(box)
+            annotations.append(_annotation(len(annotations) + 1, i + 1, OUTLIER_CATEGORY[0], box))
         name = f"{i:06d}.png"
         cv2.imwrite(str(out / "images" / name), canvas)
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
     doc = {
         "info": {"description": "edgeq synthetic scenes: Fashion-MNIST items on textured backgrounds",
                  "seed": seed, "split": split, "ood_classes": list(ood_classes),
-                 "excluded_classes": list(exclude_classes)},
+                 "excluded_classes": list(exclude_classes), "unknown_kinds": list(unknown_kinds),
+                 "outliers": list(outliers)},
         "images": images, "annotations": annotations, "categories": categories,
     }
     tmp = out / ".annotations.json.tmp"
     tmp.write_text(json.dumps(doc))
     os.replace(tmp, out / "annotations.json")
-    known = sum(1 for a in annotations if labels[a["category_id"] - 1] not in ood_classes)
-    return {"images": n, "objects": len(annotations), "known": known, "unknown": len(annotations) - known,
-            "path": str(out / "annotations.json")}
+    kind_of = {c["id"]: c["supercategory"] for c in categories}
+    known = sum(1 for a in annotations if kind_of[a["category_id"]] not in (UNKNOWN, OUTLIER))
+    outlier_count = sum(1 for a in annotations if kind_of[a["category_id"]] == OUTLIER)
+    return {"images": n, "objects": len(annotations), "known": known, "outliers": outlier_count,
+            "unknown": len(annotations) - known - outlier_count, "path": str(out / "annotations.json")}
+
+
+SPLITS = ("train", "test", "calib", "eval")
+
+
+def split_items(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST items for a scene split: ``train`` its training split, ``test`` its test split, and for
+    benchmarks that must keep calibration and scoring apart, ``calib`` and ``eval``: the test split's even and odd
+    items, which share none."""
+    if split not in SPLITS:
+        raise DataError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    x, y = fashion_mnist("train" if split == "train" else "test")
+    if split in ("calib", "eval"):
+        x, y = x[split == "eval"::2], y[split == "eval"::2]
+    return x, y
 
 
 def moving_scene_frames(n_frames: int = 60, size: int = 192, seed: int = 0, classes: tuple[str, ...] = (),
