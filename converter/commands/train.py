@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --freeze-backbone: augmented copies whose features are cached too (default 2)")
     p.add_argument("--normalize", choices=sorted(NORMALIZATIONS), default="mobilenet",
                    help="input normalisation; give the same to edgeq convert (default mobilenet: [-1, 1])")
+    p.add_argument("--outliers", metavar="DIR", help="detect: images of objects of no known class, pasted into "
+                   "training images as outlier exposure (objects whose classes should disagree)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -76,14 +78,16 @@ def run(args: argparse.Namespace) -> int:
             input_size=given(args.input_size, 192), epochs=given(args.epochs, 20), bayes_epochs=args.bayes_epochs,
             batch_size=args.batch_size, lr=given(args.lr, 2e-3), seed=args.seed, prior_sigma=args.prior_sigma,
             augment=args.augment, augment_copies=args.augment_copies, normalization=args.normalize,
-            init_backbone=args.init_backbone,
+            init_backbone=args.init_backbone, outliers=args.outliers,
         )
         run: Any = train_detector
     else:
-        if args.init_backbone:
+        if args.init_backbone or args.outliers:
             from edgeq.errors import ModelError
 
-            raise ModelError("--init-backbone applies to --task detect; a classifier starts from --init MODEL.keras")
+            flag = "--init-backbone" if args.init_backbone else "--outliers"
+            raise ModelError(f"{flag} applies to --task detect" + ("; a classifier starts from --init MODEL.keras"
+                                                                   if args.init_backbone else ""))
         opts = TrainOptions(
             data=args.data, output=args.output, arch=args.arch, alpha=args.alpha, input_size=given(args.input_size, 96),
             head=args.head or "dense", epochs=given(args.epochs, 10), val=args.val, freeze_backbone=args.freeze_backbone,

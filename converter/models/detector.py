@@ -17,6 +17,9 @@ Targets: a known object's positive cells are those whose centre lies inside its 
 two boxes goes to the smaller. Losses: sigmoid focal loss on objectness (normalised by the number of positives),
 1 - GIoU on the box distances and cross-entropy on the class logits, both on positive cells only. Boxes of
 categories marked ``"supercategory": "unknown"`` are never trained on: their cells are ignored by every loss.
+Boxes marked ``"outlier"`` (and images pasted from ``edgeq train --outliers``) are objects of no known class:
+objectness and box as any object, and on their cells the class logits learn a uniform distribution (outlier
+exposure), so that an object of a new kind is detected and its classes disagree.
 
 ``export_detector`` fuses the Bayesian class head's K weight samples into plain 1x1 convs for conversion.
 """
@@ -36,6 +39,10 @@ STRIDE = 16
 FEATURE_LAYER = "block_13_expand_relu"
 CENTER_RADIUS = 1.0
 HEAD_NAMES = ("objectness", "boxes", "class_logits")
+# the class target of an outlier's cells: an object (objectness 1, its box learned) of no known class, whose class
+# distribution should be uniform (outlier exposure); its weight against the known objects' cross-entropy
+OUTLIER_TARGET = -2
+OUTLIER_WEIGHT = 0.5
 BAYES_CLASS_HEAD = "bayes_class_logits"
 
 
@@ -85,10 +92,12 @@ def class_head(model: Any) -> Any:
 
 
 def encode_targets(boxes: np.ndarray, classes: np.ndarray, grid: int, ignore: np.ndarray | None = None,
-                   stride: int = STRIDE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   stride: int = STRIDE, outliers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Grid targets for one image. boxes ``[N, 4]`` (x0, y0, x1, y1) in input pixels, classes ``[N]`` (0..C-1);
-    ignore ``[M, 4]`` boxes whose cells every loss skips. Returns objectness ``[G, G, 1]`` (1, 0, or -1 = ignore),
-    boxes ``[G, G, 5]`` (distances l, t, r, b in cells and a positive mask) and classes ``[G, G, 1]`` (-1: none)."""
+    ignore ``[M, 4]`` boxes whose cells every loss skips; outliers ``[O, 4]`` objects of no known class, trained as
+    objects whose class distribution should be uniform (class target ``OUTLIER_TARGET``). Returns objectness
+    ``[G, G, 1]`` (1, 0, or -1 = ignore), boxes ``[G, G, 5]`` (distances l, t, r, b in cells and a positive mask)
+    and classes ``[G, G, 1]`` (-1: none)."""
     obj = np.zeros((grid, grid, 1), np.float32)
     box = np.zeros((grid, grid, 5), np.float32)
     cls = np.full((grid, grid, 1), -1, np.int32)
@@ -99,7 +108,10 @@ def encode_targets(boxes: np.ndarray, classes: np.ndarray, grid: int, ignore: np
         for x0, y0, x1, y1 in np.asarray(ignore, np.float32).reshape(-1, 4):
             inside = (cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)
             obj[inside, 0] = -1
-    for (x0, y0, x1, y1), c in zip(np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(classes).reshape(-1)):
+    objects = [(b, int(c)) for b, c in zip(np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(classes).reshape(-1))]
+    if outliers is not None:
+        objects += [(b, OUTLIER_TARGET) for b in np.asarray(outliers, np.float32).reshape(-1, 4)]
+    for (x0, y0, x1, y1), c in objects:
         bx, by = (x0 + x1) / 2, (y0 + y1) / 2
         r = CENTER_RADIUS * stride
         region = ((cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)
@@ -115,11 +127,11 @@ def encode_targets(boxes: np.ndarray, classes: np.ndarray, grid: int, ignore: np
         box[take, 2] = (x1 - cx[take]) / stride
         box[take, 3] = (y1 - cy[take]) / stride
         box[take, 4] = 1.0
-        cls[take, 0] = int(c)
+        cls[take, 0] = c
     return obj, box, cls
 
 
-def losses() -> dict[str, Callable[[Any, Any], Any]]:
+def losses(outlier_weight: float = OUTLIER_WEIGHT) -> dict[str, Callable[[Any, Any], Any]]:
     from keras import ops
 
     def objectness_loss(y_true: Any, logits: Any) -> Any:
@@ -153,7 +165,11 @@ def losses() -> dict[str, Callable[[Any, Any], Any]]:
         logp = logits - ops.logsumexp(logits, axis=-1, keepdims=True)
         onehot = ops.one_hot(ops.maximum(y, 0), ops.shape(logits)[-1])
         ce = -ops.sum(onehot * logp, axis=-1)
-        return ops.sum(ce * mask) / ops.maximum(ops.sum(mask), 1.0)
+        # outlier exposure (Hendrycks et al. 2019): on an outlier's cells, cross-entropy to the uniform distribution
+        outlier = ops.cast(y == OUTLIER_TARGET, "float32")
+        uniform = -ops.mean(logp, axis=-1)
+        loss = ops.sum(ce * mask) + outlier_weight * ops.sum(uniform * outlier)
+        return loss / ops.maximum(ops.sum(mask) + ops.sum(outlier), 1.0)
 
     return {"objectness": objectness_loss, "boxes": box_loss, "class_logits": class_loss}
 

@@ -10,6 +10,11 @@ Training has two stages (``--head bayes``, the default for detection):
 
 Augmentations (stage 1, every batch anew): horizontal flip, scale 0.75-1.25 with translation (boxes transformed,
 boxes with less than half their area left dropped) and brightness/contrast jitter.
+
+Outlier exposure: boxes of ``"outlier"`` categories in the training set (``edgeq datasets scenes --outliers``), and
+with ``--outliers DIR`` a user's own images pasted into training images at free spots, are objects of no known
+class: objectness and box as any object, a uniform class distribution as the class target (converter/models/
+detector.py), in both stages.
 """
 
 from __future__ import annotations
@@ -28,7 +33,16 @@ from edgeq.preprocess import NORMALIZATIONS, Preprocessor, PreprocessSpec, read_
 from ..data.coco import CocoSet, read_coco
 from ..data.datasets import progress
 from ..models import bayes
-from ..models.detector import BAYES_CLASS_HEAD, STRIDE, build_detector, class_head, encode_targets, losses
+from ..models.detector import (
+    BAYES_CLASS_HEAD,
+    OUTLIER_TARGET,
+    OUTLIER_WEIGHT,
+    STRIDE,
+    build_detector,
+    class_head,
+    encode_targets,
+    losses,
+)
 from ..tf import leaf_layers
 from .common import TrainResult, save_model, settle_batchnorm, start_training
 
@@ -48,6 +62,11 @@ class DetectionData:
     category_ids: list[int]
     labels: list[str]
     coco: CocoSet
+    outliers: list[np.ndarray] = None  # type: ignore[assignment]  # [o_i, 4] objects of no known class
+
+    def __post_init__(self) -> None:
+        if self.outliers is None:
+            self.outliers = [np.zeros((0, 4), np.float32) for _ in self.boxes]
 
 
 def load_detection_data(path: str, size: int, flag: str = "DATA", category_ids: list[int] | None = None) -> DetectionData:
@@ -63,7 +82,8 @@ def load_detection_data(path: str, size: int, flag: str = "DATA", category_ids: 
     coco.require_categories(category_ids, flag, "the training set")
     names = {int(c["id"]): str(c["name"]) for c in coco.categories}
     index = {c: i for i, c in enumerate(category_ids)}
-    images, boxes, classes, unknown = [], [], [], []
+    outlier_ids = list(coco.outlier_category_ids)
+    images, boxes, classes, unknown, outliers = [], [], [], [], []
     for im in progress(coco.images, len(coco.images), f"read {coco.path.parent.name}"):
         frame = read_image(coco.image_path(im))
         if frame.ndim == 2:
@@ -75,17 +95,19 @@ def load_detection_data(path: str, size: int, flag: str = "DATA", category_ids: 
         b = coco.boxes[im["id"]] * np.array([sx, sy, sx, sy], np.float32)
         cats = coco.category_ids[im["id"]]
         is_known = np.array([c in index for c in cats.tolist()], bool)
+        is_outlier = np.isin(cats, outlier_ids)
         boxes.append(b[is_known])
         classes.append(np.array([index[c] for c in cats[is_known].tolist()], np.int64))
-        unknown.append(b[~is_known])
+        unknown.append(b[~is_known & ~is_outlier])
+        outliers.append(b[is_outlier])
     return DetectionData(np.stack(images), boxes, classes, unknown, list(category_ids),
-                         [names[c] for c in category_ids], coco)
+                         [names[c] for c in category_ids], coco, outliers)
 
 
 def augment(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator,
-            others: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Flip, scale/translate and colour-jitter one image; returns image, kept boxes, their indices and ``others``
-    (e.g. unknown boxes) transformed alike."""
+            *others: np.ndarray) -> tuple[Any, ...]:
+    """Flip, scale/translate and colour-jitter one image; returns image, kept boxes, their indices and each of
+    ``others`` (unknown boxes, outliers) transformed alike."""
     import cv2
 
     s = image.shape[0]
@@ -112,8 +134,62 @@ def augment(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator,
         return clipped[keep], keep
 
     kept, idx = move(boxes)
-    other = move(others)[0] if others is not None else np.zeros((0, 4), np.float32)
-    return out, kept, idx, other
+    return (out, kept, idx, *(move(o)[0] for o in others))
+
+
+class OutlierPool:
+    """A user's outlier images (``edgeq train --outliers DIR``), pasted into training images at free spots: objects
+    of no known class for outlier exposure. Each is scaled to 28-72 px (at 192 px input; in proportion otherwise)
+    under a soft oval mask, so that its own border does not teach the detector what an outlier looks like."""
+
+    SHARE = 0.5  # training images that get one pasted outlier
+
+    def __init__(self, folder: str) -> None:
+        from edgeq.errors import SourceError
+        from edgeq.preprocess import list_images, to_channels
+
+        root = Path(folder)
+        if not root.is_dir():
+            raise DataError(f"--outliers {folder}: not a folder; give a folder of outlier images")
+        files = list_images(root)
+        if not files:
+            raise DataError(f"--outliers {folder}: no jpg/png/bmp images in it; add images of objects of no known "
+                            "class, or drop --outliers")
+        self.images, bad = [], []
+        for f in files:
+            try:
+                self.images.append(to_channels(read_image(f), 3, source=str(f)))
+            except (SourceError, DataError, ValueError):
+                bad.append(f)
+        if not self.images:
+            raise DataError(f"--outliers {folder}: none of its {len(files)} images could be read (first: "
+                            f"{bad[0].name}); give readable jpg/png/bmp images")
+        self.skipped = len(bad)
+
+    def paste(self, image: np.ndarray, taken: list[np.ndarray], outliers: np.ndarray,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``image`` with one outlier pasted (``SHARE`` of the calls) where it overlaps no box of ``taken``, and
+        ``outliers`` with its box added."""
+        import cv2
+
+        from ..data.objects import _oval
+        from ..data.scenes import _paste_patch, free_spot
+
+        if rng.random() >= self.SHARE:
+            return image, outliers
+        size = image.shape[0]
+        placed = [tuple(int(v) for v in b) for group in taken for b in np.asarray(group).reshape(-1, 4)]
+        spot = free_spot(rng, size, (max(8, size * 28 // 192), max(9, size * 72 // 192)), placed)
+        if spot is None:
+            return image, outliers
+        _, s, centre = spot
+        patch = cv2.resize(self.images[int(rng.integers(0, len(self.images)))], (64, 64), interpolation=cv2.INTER_AREA)
+        canvas = image.copy()
+        box = _paste_patch(canvas, patch, _oval(rng, 64), s, float(rng.uniform(-30, 30)), centre)
+        if box is None:
+            return image, outliers
+        return canvas, np.concatenate([np.asarray(outliers, np.float32).reshape(-1, 4),
+                                       np.asarray([box], np.float32)])
 
 
 def _sequence_class() -> type:
@@ -122,9 +198,10 @@ def _sequence_class() -> type:
     class DetectionSequence(keras.utils.PyDataset):
         """Batches of (preprocessed images, grid targets); augmented anew every epoch when ``augment``."""
 
-        def __init__(self, data: DetectionData, pre: Preprocessor, batch_size: int, seed: int, augment_: bool) -> None:
+        def __init__(self, data: DetectionData, pre: Preprocessor, batch_size: int, seed: int, augment_: bool,
+                     pool: "OutlierPool | None" = None) -> None:
             super().__init__()
-            self.data, self.pre, self.batch_size, self.augment = data, pre, batch_size, augment_
+            self.data, self.pre, self.batch_size, self.augment, self.pool = data, pre, batch_size, augment_, pool
             self.rng = np.random.default_rng(seed)
             self.grid = data.images.shape[1] // STRIDE
             self.order = self.rng.permutation(len(data.images))
@@ -139,11 +216,14 @@ def _sequence_class() -> type:
             idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
             frames, objs, boxes, classes = [], [], [], []
             for j in idx:
-                img, b, c, u = self.data.images[j], self.data.boxes[j], self.data.classes[j], self.data.unknown[j]
+                img, b, c = self.data.images[j], self.data.boxes[j], self.data.classes[j]
+                u, out = self.data.unknown[j], self.data.outliers[j]
+                if self.pool is not None:
+                    img, out = self.pool.paste(img, [b, u, out], out, self.rng)
                 if self.augment:
-                    img, b, keep, u = augment(img, b, self.rng, u)
+                    img, b, keep, u, out = augment(img, b, self.rng, u, out)
                     c = c[keep]
-                o, bx, cl = encode_targets(b, c, self.grid, u)
+                o, bx, cl = encode_targets(b, c, self.grid, u, outliers=out)
                 frames.append(img)
                 objs.append(o)
                 boxes.append(bx)
@@ -178,6 +258,7 @@ class DetectTrainOptions:
     neck: int = 96
     normalization: str = "mobilenet"
     init_backbone: str | None = None
+    outliers: str | None = None  # a folder of outlier images, pasted into training images (outlier exposure)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output", Path(self.output))
@@ -208,12 +289,16 @@ def train_detector(opts: DetectTrainOptions, log: Callable[[str], None] = print)
     start_training(opts.output, opts.seed)
     import keras
 
+    pool = OutlierPool(opts.outliers) if opts.outliers else None  # a bad folder is refused before the slow part
     data = load_detection_data(opts.data, opts.input_size)
     val = load_detection_data(opts.val, opts.input_size, "--val", data.category_ids) if opts.val else None
     n_boxes = sum(len(b) for b in data.boxes)
     if n_boxes == 0:
         raise DataError(f"DATA {data.coco.path}: no boxes of known categories to train on")
+    n_outliers = sum(len(o) for o in data.outliers)
     log(f"data: {len(data.images)} images, {n_boxes} boxes of {len(data.labels)} known classes from {data.coco.path}"
+        + (f", {n_outliers} outlier objects" if n_outliers else "")
+        + (f", {len(pool.images)} outlier images to paste from {opts.outliers}" if pool else "")
         + (f", {len(val.images)} images for validation" if val else ""))
     mean, std = NORMALIZATIONS[opts.normalization]
     spec = PreprocessSpec(opts.input_size, opts.input_size, 3, "RGB", "stretch", (mean,), (std,))
@@ -230,12 +315,12 @@ def train_detector(opts: DetectTrainOptions, log: Callable[[str], None] = print)
     verbose = 1 if sys.stdout.isatty() else 2
     val_seq = seq(val, pre, opts.batch_size, opts.seed, False) if val else None
     log(f"stage 1: detector end to end, deterministic class head, {opts.epochs} epochs")
-    hist = model.fit(seq(data, pre, opts.batch_size, opts.seed, opts.augment), epochs=opts.epochs,
+    hist = model.fit(seq(data, pre, opts.batch_size, opts.seed, opts.augment, pool), epochs=opts.epochs,
                      validation_data=val_seq, verbose=verbose)
     history = {k: round(float(v[-1]), 6) for k, v in hist.history.items()}
     head_info: dict[str, Any] = {"type": opts.head, "classes": len(data.labels), "task": "detect"}
     if opts.head == "bayes":
-        model, bayes_history, post_sigma = _train_bayes_class_head(model, data, pre, opts, verbose, log)
+        model, bayes_history, post_sigma = _train_bayes_class_head(model, data, pre, opts, verbose, log, pool)
         history.update({f"bayes_{k}": v for k, v in bayes_history.items()})
         head_info.update(prior_sigma=opts.prior_sigma, posterior_sigma_mean=post_sigma)
     save_model(model, opts.output, {"task": "detect", "labels": data.labels, "category_ids": data.category_ids,
@@ -273,9 +358,10 @@ def init_backbone(model: Any, path: str) -> int:
 
 
 def positive_cell_features(features_model: Any, data: DetectionData, pre: Preprocessor, copies: int,
-                           rng: np.random.Generator, augment_: bool, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Neck features ``[n, F]`` and class indices ``[n]`` of every positive cell, for the images and ``copies``
-    augmented copies of each."""
+                           rng: np.random.Generator, augment_: bool, batch: int = 32,
+                           pool: OutlierPool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Neck features ``[n, F]`` and class targets ``[n]`` of every positive cell (a class index, or
+    ``OUTLIER_TARGET`` on an outlier's cells), for the images and ``copies`` augmented copies of each."""
     grid = data.images.shape[1] // STRIDE
     feats, targets = [], []
     rounds = 1 + (copies if augment_ else 0)
@@ -283,30 +369,52 @@ def positive_cell_features(features_model: Any, data: DetectionData, pre: Prepro
         for start in range(0, len(data.images), batch):
             frames, cls_maps = [], []
             for j in range(start, min(start + batch, len(data.images))):
-                img, b, c, u = data.images[j], data.boxes[j], data.classes[j], data.unknown[j]
+                img, b, c, u, out = (data.images[j], data.boxes[j], data.classes[j], data.unknown[j],
+                                     data.outliers[j])
+                if pool is not None:
+                    img, out = pool.paste(img, [b, u, out], out, rng)
                 if r > 0:
-                    img, b, keep, u = augment(img, b, rng, u)
+                    img, b, keep, u, out = augment(img, b, rng, u, out)
                     c = c[keep]
-                cls_maps.append(encode_targets(b, c, grid, u)[2][..., 0])
+                cls_maps.append(encode_targets(b, c, grid, u, outliers=out)[2][..., 0])
                 frames.append(img)
             f = np.asarray(features_model([pre.batch(frames)], training=False))
             cm = np.stack(cls_maps)
-            pos = cm >= 0
+            pos = (cm >= 0) | (cm == OUTLIER_TARGET)
             feats.append(f[pos])
             targets.append(cm[pos])
     return np.concatenate(feats).astype(np.float32), np.concatenate(targets).astype(np.int64)
 
 
+def cell_class_loss(outlier_weight: float = OUTLIER_WEIGHT) -> Callable[[Any, Any], Any]:
+    """The class loss of converter/models/detector.py on cached cells ``[n]``: cross-entropy on known objects'
+    cells, cross-entropy to the uniform distribution on outliers' cells."""
+    from keras import ops
+
+    def loss(y_true: Any, logits: Any) -> Any:
+        y = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+        logp = logits - ops.logsumexp(logits, axis=-1, keepdims=True)
+        known = ops.cast(y >= 0, "float32")
+        ce = -ops.sum(ops.one_hot(ops.maximum(y, 0), ops.shape(logits)[-1]) * logp, axis=-1)
+        outlier = ops.cast(y == OUTLIER_TARGET, "float32")
+        return ops.mean(ce * known + outlier_weight * outlier * -ops.mean(logp, axis=-1))
+
+    return loss
+
+
 def _train_bayes_class_head(model: Any, data: DetectionData, pre: Preprocessor, opts: DetectTrainOptions,
-                            verbose: int, log: Callable[[str], None]) -> tuple[Any, dict[str, float], float]:
+                            verbose: int, log: Callable[[str], None], pool: OutlierPool | None
+                            ) -> tuple[Any, dict[str, float], float]:
     import keras
 
     head = class_head(model)
     features_model = keras.Model(model.inputs, head.input, name="detector_features")
     rng = np.random.default_rng(opts.seed + 1)
-    x, y = positive_cell_features(features_model, data, pre, opts.augment_copies, rng, opts.augment)
-    log(f"stage 2: Bayesian class head on {len(x)} cached positive-cell features ({x.shape[1]} each), "
-        f"{opts.bayes_epochs} epochs, prior N(stage-1 weights, {opts.prior_sigma}^2)")
+    x, y = positive_cell_features(features_model, data, pre, opts.augment_copies, rng, opts.augment, pool=pool)
+    exposed = int((y == OUTLIER_TARGET).sum())
+    log(f"stage 2: Bayesian class head on {len(x)} cached positive-cell features ({x.shape[1]} each"
+        + (f", {exposed} of outliers" if exposed else "") + f"), {opts.bayes_epochs} epochs, prior N(stage-1 "
+        f"weights, {opts.prior_sigma}^2)")
     kernel, bias = head.get_weights()
     kernel = kernel.reshape(kernel.shape[-2], kernel.shape[-1])
     layer = bayes.start_at(bayes.bayes_dense_class()(len(data.labels), prior_sigma=opts.prior_sigma,
@@ -314,10 +422,18 @@ def _train_bayes_class_head(model: Any, data: DetectionData, pre: Preprocessor, 
                            kernel, bias)
     inp = keras.Input((kernel.shape[0],), name="cell_features")
     head_model = keras.Model(inp, layer(inp))
-    head_model.compile(optimizer=keras.optimizers.Adam(1e-2),
-                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    if exposed:  # known cells' cross-entropy and the outliers' uniform target together
+        head_model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=cell_class_loss())
+    else:
+        head_model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     hist = head_model.fit(x, y, batch_size=256, epochs=opts.bayes_epochs, shuffle=True, verbose=verbose)
+    history = {k: round(float(v[-1]), 6) for k, v in hist.history.items()}
+    if exposed:
+        known = y >= 0
+        pred = np.argmax(np.asarray(head_model.predict(x[known], batch_size=1024, verbose=0)), axis=-1)
+        history["accuracy"] = round(float(np.mean(pred == y[known])), 6)
     obj_t, box_t = model.outputs[0], model.outputs[1]
     final = keras.Model(model.inputs, [obj_t, box_t, layer(head.input)], name=model.name + "_bayes")
     sigma = float(layer.posterior()["kernel_sigma"].mean())
-    return final, {k: round(float(v[-1]), 6) for k, v in hist.history.items()}, sigma
+    return final, history, sigma
