@@ -55,13 +55,15 @@ def convert(recipe: ConvertRecipe, log: Callable[[str], None] = print) -> Conver
     calibrated = density.calibrate(ctx, taps, fitted, repairs.quantised, reference)
     detector = task.detector(ctx, list(repairs.quantised.outputs))
     validation = validate.run(recipe.validation, ctx, scoring, repairs.quantised, calibrated, detector)
+    unknown = None
     if validation is not None:
         detector, calibrated = validation.detector or detector, validation.density or calibrated
+        unknown = validation.unknown
     review = validation.review if validation is not None else None
     packed, clustered = cluster.pack(checked.clustering, repairs.quantised)
     blocks = write.manifest_of(ctx, loaded.source.name, task.name, reference, repairs, checked, calibration,
                                checked.head.model_copy(update={"review": review}), detector, calibrated, validation,
-                               clustered)
+                               clustered, unknown)
     report = {**repairs.report, **({"layers": list(checked.layers)} if checked.layers else {})}
     if clustering.record is not None:
         report["clustering"] = {**blocks["clustering"], "layers": list(clustering.layers)}

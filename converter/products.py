@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from edgeq import records
-from edgeq.manifest import Density, Detector, Head, Manifest, OutputSpec
+from edgeq.manifest import Density, Detector, Head, Manifest, OutputSpec, Unknown
 from edgeq.runtime import Model
 
 
@@ -151,6 +151,7 @@ class Validation:
     review: records.ReviewRule | None
     detector: Detector | None = None
     density: Density | None = None
+    unknown: Unknown | None = None  # a detector's unknown objects (edgeq/unknown.py)
 
 
 @dataclass(frozen=True)

@@ -252,6 +252,46 @@ class DensityRecipe:
 
 
 @dataclass(frozen=True)
+class UnknownRecipe:
+    """Unknown objects (a detector with --val; edgeq/unknown.py): keep a cell by its objectness alone, and publish a
+    detection whose evidence says it is none of the known classes as label ``unknown``."""
+
+    unknown: str = flag("auto", "--unknown", "auto (default): a detector converted with --val detects unknown objects "
+                        "(objectness threshold and unknown score calibrated on its known objects); off: only what it "
+                        "scores as a known class, as before", choices=("auto", "off"))
+    measures: str = flag("auto", "--unknown-measures", "comma-separated evidence of an unknown object: class_doubt, "
+                         "energy, mutual_information, unfamiliarity; auto (default): class_doubt and unfamiliarity "
+                         "(unfamiliarity when the bundle has a density)", metavar="A,B")
+    combine: str = flag("max", "--unknown-combine", "how the measures' percentiles make one score: max (default) or "
+                        "fisher", choices=("max", "fisher"))
+
+    def __post_init__(self) -> None:
+        from edgeq.unknown import COMBINES, MEASURES
+
+        if self.unknown not in ("auto", "off"):
+            raise ModelError(f"--unknown {self.unknown!r}: choose auto or off")
+        if self.combine not in COMBINES:
+            raise ModelError(f"--unknown-combine {self.combine!r}: choose one of {', '.join(COMBINES)}")
+        if self.measures != "auto":
+            names = [m.strip() for m in self.measures.split(",") if m.strip()]
+            bad = [m for m in names if m not in MEASURES]
+            if bad or not names:
+                raise ModelError(f"--unknown-measures {self.measures!r}: choose from {', '.join(MEASURES)}")
+
+    def measures_for(self, density: bool, samples: int) -> tuple[str, ...]:
+        """The measures, ``auto`` resolved; a measure the model cannot give is refused."""
+        if self.measures == "auto":
+            return ("class_doubt", "unfamiliarity") if density else ("class_doubt",)
+        names = tuple(dict.fromkeys(m.strip() for m in self.measures.split(",") if m.strip()))
+        if "unfamiliarity" in names and not density:
+            raise ModelError("--unknown-measures unfamiliarity: the bundle has no density (--density off, or no "
+                             "labelled data); drop it")
+        if "mutual_information" in names and samples < 2:
+            raise ModelError("--unknown-measures mutual_information: the class head is deterministic; drop it")
+        return names
+
+
+@dataclass(frozen=True)
 class ValidationRecipe:
     """Labelled data that checks the quantised model against float and calibrates ``needs_review``."""
 
@@ -300,6 +340,7 @@ GROUPS: dict[str, tuple[type, str]] = {
     "cluster": (ClusterRecipe, "weight clustering (k-means weight sharing before PTQ)"),
     "repair": (RepairRecipe, "accuracy repair (see docs/accuracy.md)"),
     "density": (DensityRecipe, "unfamiliarity (see docs/uncertainty.md)"),
+    "unknown": (UnknownRecipe, "unknown objects (detectors; see docs/detection.md)"),
     "validation": (ValidationRecipe, "validation and needs_review"),
 }
 
@@ -316,6 +357,7 @@ class ConvertRecipe:
     cluster: ClusterRecipe = ClusterRecipe()
     repair: RepairRecipe = RepairRecipe()
     density: DensityRecipe = DensityRecipe()
+    unknown: UnknownRecipe = UnknownRecipe()
     validation: ValidationRecipe = ValidationRecipe()
     threads: int = 1
 

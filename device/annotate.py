@@ -24,7 +24,8 @@ from edgeq.errors import ConfigError
 VIDEO_CODECS = {".mp4": "mp4v", ".avi": "XVID"}
 TRUSTED = (80, 200, 60)  # BGR
 FLAGGED = (40, 40, 230)
-TEXT_ON = {TRUSTED: (0, 0, 0), FLAGGED: (255, 255, 255)}  # label text on each label colour
+UNKNOWN = (200, 60, 200)  # an object of no known class (label "unknown", schema 4)
+TEXT_ON = {TRUSTED: (0, 0, 0), FLAGGED: (255, 255, 255), UNKNOWN: (255, 255, 255)}  # text on each label colour
 DEFAULT_FPS = 10.0
 # the JPEG folder's quality: OpenCV's default is 95; at 90 a demo-clip frame encodes in 0.90x the time into 0.73x
 # the bytes, and the labels' text stays sharp (measured by hand)
@@ -53,7 +54,10 @@ def check_target(path: str) -> Path:
 def describe(item: dict[str, Any]) -> tuple[str, str | None]:
     """The text drawn for one result, and its review reason (None: trusted or not judged)."""
     u = item.get("uncertainty") or {}
-    text = f"{item['label']} {item['score']:.2f}"
+    if item.get("label") == "unknown" and item.get("nearest_label"):
+        text = f"unknown (nearest {item['nearest_label']}) obj {item.get('objectness', item['score']):.2f}"
+    else:
+        text = f"{item['label']} {item['score']:.2f}"
     if u.get("unfamiliarity_percentile") is not None:
         text += f" unf p{u['unfamiliarity_percentile']:.0f}"
     elif u.get("predictive_entropy") is not None:
@@ -125,7 +129,7 @@ def draw(image: np.ndarray, message: dict[str, Any]) -> np.ndarray:
     line_h = _line_height(scale)
     for i, item in enumerate(message.get("detections") or []):
         text, reason = describe(item)
-        colour = FLAGGED if reason else TRUSTED
+        colour = UNKNOWN if item.get("label") == "unknown" else FLAGGED if reason else TRUSTED
         # each line measured once: OpenCV 5's getTextSize costs about 0.35 us a character, a quarter of draw()
         lines = [f"REVIEW ({reason}): {text}"] if reason else [text]
         widths = [_text_width(lines[0], scale)]

@@ -10,8 +10,10 @@ A bundle converted with labelled data also has a feature density: every result t
 and/or *ambiguous* (the uncertainty measure above its threshold), by the rule calibrated at conversion or the device
 config's; ``needs_review`` is null when neither rule is known.
 ``GridDecoder``: edgeq's anchor-free detector (``detector.type: grid``): objectness, box distances and K x C class
-logits per cell, decoded with class-aware NMS by :mod:`edgeq.detection`; every detection carries its box on the
-frame, the uncertainty of the K class distributions and the unfamiliarity at its cell, and its review.
+logits per cell, decoded by :mod:`edgeq.detection`; every detection carries its box on the frame, the uncertainty of
+the K class distributions and the unfamiliarity at its cell, and its review. A bundle that detects unknown objects
+(an ``unknown`` block, edgeq/unknown.py) keeps cells by objectness too, and publishes an object of no known class as
+label ``unknown`` with its ``nearest_label``.
 ``SSDDecoder``: the standard TFLite SSD post-processing outputs (boxes, classes, scores, count), located by name
 and shape, with boxes mapped back through the preprocessing onto the frame (normalised ymin, xmin, ymax, xmax).
 """
@@ -156,7 +158,8 @@ class GridDecoder:
         if nms_iou is not None:
             spec = dataclasses.replace(spec, nms_iou=nms_iou)
         self.spec = spec
-        self.grid = spec.bind(model, bundle.manifest.outputs, bundle.where, bundle.manifest.density)
+        self.grid = spec.bind(model, bundle.manifest.outputs, bundle.where, bundle.manifest.density,
+                              bundle.manifest.unknown)
         self.labels = bundle.labels
         self.tensors = self.grid.all_tensors
         self.score_threshold = spec.score_threshold if score_threshold is None else score_threshold
@@ -180,8 +183,25 @@ class GridDecoder:
                     "objectness": round(float(d.objectness[i]), 6), **box_fields(frame_boxes[i], transform),
                     "uncertainty": u}
             unfamiliarity = float(d.unfamiliarity[i]) if d.unfamiliarity is not None else None
-            out.append(self.policy.apply(item, float(values[i]), unfamiliarity, self.grid.density))
+            item = self.policy.apply(item, float(values[i]), unfamiliarity, self.grid.density)
+            if d.unknown_score is not None:
+                mark_unknown(item, float(d.unknown_score[i]), bool(d.unknown[i]))
+            out.append(item)
         return out
+
+
+def mark_unknown(item: dict[str, Any], score: float, unknown: bool) -> dict[str, Any]:
+    """A detection of a bundle that detects unknown objects: its unknown score, and when it passes the bundle's
+    threshold, label ``unknown`` with the nearest known class beside it (``class_id`` stays that class's index,
+    so a subscriber of schema 3 that reads only class_id still gets a class), flagged for review as unknown."""
+    value = finite_or_none(score)
+    if value is not None:
+        item["uncertainty"]["unknown_score"] = value
+    if unknown or value is None:
+        item["nearest_label"] = item["label"]
+        item["label"] = "unknown"
+        item["needs_review"], item["review_reason"] = True, "unknown"
+    return item
 
 
 SSD_ROLES = ("boxes", "classes", "scores", "count")

@@ -31,6 +31,13 @@ def discovery_payload(cfg: DeviceConfig, bundle: Bundle, prefix: str) -> tuple[s
         sensor("inference", "Inference p50", stats, "{{ value_json.inference_ms.p50 }}", unit_of_measurement="ms"),
         sensor("spool", "Spool depth", stats, "{{ value_json.spool_depth }}"),
     ])
+    if bundle.manifest.unknown is not None:  # a detector that reports objects of no known class (schema 4)
+        unknown = "value_json.detections | selectattr('label', 'eq', 'unknown') | list"
+        components.update(dict([sensor("unknown", "Unknown objects", detections, f"{{{{ {unknown} | count }}}}")]))
+        components[f"{dev_id}_unknown_seen"] = {
+            "p": "binary_sensor", "name": "Unknown object in view", "unique_id": f"edgeq_{dev_id}_unknown_seen",
+            "state_topic": detections, "value_template": f"{{{{ 'ON' if {unknown} | count > 0 else 'OFF' }}}}",
+            "device_class": "occupancy"}
     if cfg.snapshot.enabled:  # the annotated snapshot as an MQTT camera (raw JPEG bytes)
         components[f"{dev_id}_snapshot"] = {"p": "camera", "name": "Snapshot", "unique_id": f"edgeq_{dev_id}_snapshot",
                                             "topic": f"{prefix}/snapshot"}

@@ -34,7 +34,7 @@ from .sdnotify import Notifier
 from .sources import open_source
 from .spool import Spool
 
-DETECTIONS_SCHEMA = ("edgeq.detections", 3)
+DETECTIONS_SCHEMA = ("edgeq.detections", 4)
 STATS_SCHEMA = ("edgeq.stats", 1)
 
 

@@ -23,9 +23,10 @@ import numpy as np
 from edgeq.density import BoundDensity, bind_density
 from edgeq.errors import BundleError
 from edgeq.heads import BoundOutputs, bind_roles
-from edgeq.manifest import Density, Detector, Head, Manifest, OutputSpec
+from edgeq.manifest import Density, Detector, Head, Manifest, OutputSpec, Unknown
 from edgeq.runtime import Model, TensorInfo
 from edgeq.uncertainty import summarize
+from edgeq.unknown import UnknownRule, energy
 
 if TYPE_CHECKING:
     from edgeq.preprocess import FrameTransform
@@ -52,6 +53,16 @@ class Detections:
     samples: int
     cells: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # the grid cell of each detection
     unfamiliarity: np.ndarray | None = None  # [N] when the bundle has a density (edgeq/density.py)
+    energy: np.ndarray | None = None  # [N] -logsumexp of the mean class logits (edgeq/unknown.py)
+    unknown_score: np.ndarray | None = None  # [N] when the bundle has an unknown block (edgeq/unknown.py)
+    unknown: np.ndarray | None = None  # [N] bool: published as label "unknown"
+
+    @property
+    def class_doubt(self) -> np.ndarray:
+        """``-log`` of the top class's mean probability (edgeq/unknown.py)."""
+        from edgeq.unknown import class_doubt
+
+        return class_doubt(self.probabilities) if len(self) else np.zeros(0)
 
     def __len__(self) -> int:
         return int(len(self.scores))
@@ -84,17 +95,23 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def decode(objectness: np.ndarray, boxes: np.ndarray, class_logits: np.ndarray, stride: int,
            input_size: tuple[int, int], score_threshold: float = 0.3, nms_iou: float = 0.5,
-           max_candidates: int = 100, max_detections: int = 50) -> Detections:
+           max_candidates: int = 100, max_detections: int = 50,
+           objectness_threshold: float | None = None) -> Detections:
     """objectness ``[G_h, G_w]`` or ``[G_h, G_w, 1]`` logits, boxes ``[G_h, G_w, 4]`` in cells, class_logits
-    ``[G_h, G_w, K, C]``; input_size ``(height, width)`` of the model input in pixels."""
+    ``[G_h, G_w, K, C]``; input_size ``(height, width)`` of the model input in pixels. With
+    ``objectness_threshold`` a cell is also kept when its objectness alone passes it (an object of no known class
+    has one, but not a class score), candidates are ranked by objectness and NMS is class-agnostic (an unknown
+    object's cells need not agree on a class)."""
     import cv2
 
     gh, gw = class_logits.shape[:2]
     k, c = class_logits.shape[2:]
     obj = _sigmoid(np.asarray(objectness, dtype=np.float32).reshape(gh * gw))
     logits = np.asarray(class_logits, dtype=np.float32).reshape(gh * gw, k, c)
+    open_set = objectness_threshold is not None
+    floor = min(score_threshold, objectness_threshold) if open_set else score_threshold
     # cheap pre-filter on objectness before any softmax: a cell whose objectness is below the threshold cannot pass
-    cand = np.flatnonzero(obj >= score_threshold)
+    cand = np.flatnonzero(obj >= floor)
     if cand.size > 4 * max_candidates:
         cand = cand[np.argpartition(-obj[cand], 4 * max_candidates)[: 4 * max_candidates]]
     summary = summarize(logits[cand])
@@ -102,7 +119,11 @@ def decode(objectness: np.ndarray, boxes: np.ndarray, class_logits: np.ndarray, 
     cls = p.argmax(axis=1)
     scores = obj[cand] * p[np.arange(len(cand)), cls]
     keep = scores >= score_threshold
-    order = np.argsort(-scores[keep], kind="stable")[:max_candidates]
+    rank = scores
+    if open_set:
+        keep |= obj[cand] >= objectness_threshold
+        rank = obj[cand]
+    order = np.argsort(-rank[keep], kind="stable")[:max_candidates]
     idx = np.flatnonzero(keep)[order]
     cells = cand[idx]
     cy = (cells // gw + 0.5) * stride
@@ -117,8 +138,11 @@ def decode(objectness: np.ndarray, boxes: np.ndarray, class_logits: np.ndarray, 
     sel = np.flatnonzero(ok)
     if sel.size:
         rects = np.stack([x0[sel], y0[sel], x1[sel] - x0[sel], y1[sel] - y0[sel]], axis=1).astype(np.float32)
-        kept = cv2.dnn.NMSBoxesBatched(rects.tolist(), scores[idx][sel].astype(float).tolist(),
-                                       cls[idx][sel].astype(int).tolist(), score_threshold, nms_iou)
+        if open_set:
+            kept = cv2.dnn.NMSBoxes(rects.tolist(), rank[idx][sel].astype(float).tolist(), 0.0, nms_iou)
+        else:
+            kept = cv2.dnn.NMSBoxesBatched(rects.tolist(), scores[idx][sel].astype(float).tolist(),
+                                           cls[idx][sel].astype(int).tolist(), score_threshold, nms_iou)
         sel = sel[np.asarray(kept, dtype=np.int64).reshape(-1)][:max_detections]
     i = idx[sel]
     out_boxes = np.stack([y0[sel] / h, x0[sel] / w, y1[sel] / h, x1[sel] / w], axis=1) if sel.size else np.zeros((0, 4))
@@ -129,6 +153,7 @@ def decode(objectness: np.ndarray, boxes: np.ndarray, class_logits: np.ndarray, 
         predictive_entropy=summary.predictive_entropy[i], aleatoric=summary.aleatoric[i],
         mutual_information=summary.mutual_information[i],
         std=summary.std[i, c_sel] if len(i) else np.zeros(0), samples=k, cells=cand[i].astype(np.int64),
+        energy=energy(logits[cand][i]) if len(i) else np.zeros(0),
     )
 
 
@@ -148,6 +173,7 @@ class GridSpec:
     nms_iou: float = 0.5
     max_candidates: int = 100
     max_detections: int = 50
+    objectness_threshold: float | None = None  # unknown objects: keep a cell by objectness alone too
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, where: str = "manifest") -> "GridSpec":
@@ -158,7 +184,7 @@ class GridSpec:
     @classmethod
     def from_blocks(cls, det: Detector, head: Head, labels: int) -> "GridSpec":
         return cls(det.stride, det.grid, head.samples, head.classes or labels, det.category_ids, head.layout,
-                   det.score_threshold, det.nms_iou, det.max_candidates, det.max_detections)
+                   det.score_threshold, det.nms_iou, det.max_candidates, det.max_detections, det.objectness_threshold)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -170,13 +196,14 @@ class GridSpec:
                 "class_residuals": kc}[role]
 
     def bind(self, model: Model, outputs: Sequence[OutputSpec], where: str = "manifest",
-             density: Density | None = None) -> "BoundGrid":
+             density: Density | None = None, unknown: Unknown | None = None) -> "BoundGrid":
         tensors = bind_roles(model, outputs, self.roles, "a grid detector", where)
         for role, t in zip(self.roles, tensors):
             want = (1, *self.grid, self.channels(role))
             if tuple(int(d) for d in t.shape) != want:
                 raise BundleError(f"{where}: output {role!r} has shape {list(t.shape)}, expected {list(want)}")
-        return BoundGrid(self, tensors, bind_density(density, model, list(outputs), where))
+        rule = None if unknown is None else UnknownRule.from_block(unknown)
+        return BoundGrid(self, tensors, bind_density(density, model, list(outputs), where), rule)
 
 
 @dataclass(frozen=True)
@@ -184,19 +211,23 @@ class BoundGrid(BoundOutputs):
     """A grid spec with the model's objectness, boxes and class tensors."""
 
     spec: GridSpec
+    unknown: UnknownRule | None = None
 
     def decode(self, raw: dict[int, np.ndarray], input_size: tuple[int, int],
                score_threshold: float | None = None) -> Detections:
         """Decode raw (possibly quantised) output values keyed by tensor index; with a density, each detection's
-        unfamiliarity at its cell."""
+        unfamiliarity at its cell; with an unknown rule, its unknown score and whether it is an unknown object."""
         s = self.spec
         obj, box = (t.dequantize(raw[t.index]) for t in self.tensors[:2])
         gh, gw = s.grid
         d = decode(obj.reshape(gh, gw), box.reshape(gh, gw, 4), self.class_samples(raw).reshape(gh, gw, s.samples, s.classes),
                    s.stride, input_size, s.score_threshold if score_threshold is None else score_threshold,
-                   s.nms_iou, s.max_candidates, s.max_detections)
+                   s.nms_iou, s.max_candidates, s.max_detections, s.objectness_threshold)
         if self.density is not None:
             d = replace(d, unfamiliarity=self.density.scores(raw, d.cells))
+        if self.unknown is not None:
+            scores = self.unknown.scores(unknown_measures(d))
+            d = replace(d, unknown_score=scores, unknown=self.unknown.flags(scores))
         return d
 
     def class_samples(self, raw: dict[int, np.ndarray]) -> np.ndarray:
@@ -212,6 +243,14 @@ class BoundGrid(BoundOutputs):
     def read(self, model: Model, input_size: tuple[int, int], score_threshold: float | None = None) -> Detections:
         """Detections of the model's last invoke."""
         return self.decode(self.raw(model), input_size, score_threshold)
+
+
+def unknown_measures(d: Detections) -> dict[str, np.ndarray]:
+    """Every measure an unknown rule can read (edgeq/unknown.py), per detection."""
+    out = {"class_doubt": d.class_doubt, "energy": d.energy, "mutual_information": d.mutual_information}
+    if d.unfamiliarity is not None:
+        out["unfamiliarity"] = d.unfamiliarity
+    return out
 
 
 def describe_grid_outputs(model: Model, signature_order: list[int] | None = None,

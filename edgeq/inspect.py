@@ -107,6 +107,8 @@ def format_inspect(ins: Inspection) -> str:
         lines.append(f"detector     grid {det.grid[0]}x{det.grid[1]} at stride {det.stride}, score >= "
                      f"{det.score_threshold:.3g}" + (f" (F1 {f1:.3f} on validation)" if f1 is not None else "")
                      + f", NMS IoU {det.nms_iou:g}, COCO category ids {list(det.category_ids)}")
+    if det is not None:
+        lines.append(format_unknown(m))
     v = m.validation
     if isinstance(v, DetectValidation):
         f, qv = v.float_, v.quantized
@@ -140,6 +142,17 @@ def format_inspect(ins: Inspection) -> str:
         lines.append(f"  {o['count']:>4} x {o['op']:<{width}}  {o['operands']} -> {o['results']}"
                      + ("" if o["xnnpack"] else "  (not XNNPACK)"))
     return "\n".join(lines)
+
+
+def format_unknown(m: Manifest) -> str:
+    """Whether a detector reports objects of no known class, and how it tells them."""
+    u, det = m.unknown, m.detector
+    if u is None or det is None or det.objectness_threshold is None:
+        return ("unknown      no unknown-object score: only objects scored as a known class are reported "
+                "(convert with --val to detect unknown objects)")
+    return (f"unknown      objects kept at objectness >= {det.objectness_threshold:.3g} too; label 'unknown' when the "
+            f"{u.combine} of the percentiles of {', '.join(u.measures)} passes {u.threshold:.4g} (flags "
+            f"{u.ood_rate:.0%} of the {u.count} known detections of --val)")
 
 
 def format_head(head: Head | None) -> list[str]:

@@ -39,7 +39,10 @@ from edgeq.records import (
 )
 
 SCHEMA = "edgeq.bundle"
-SCHEMA_VERSION = 1
+# 2: closed measured blocks (edgeq/records.py), the detector's objectness threshold and the unknown block; every
+# bundle of schema 1 reads as before
+SCHEMA_VERSION = 2
+READS = (1, 2)
 TASKS = ("classify", "detect")
 MEASURES = ("predictive_entropy", "aleatoric", "mutual_information")
 # measures the density block adds (edgeq/density.py); a classifier's needs_review can rest on them too
@@ -152,6 +155,10 @@ class Detector(Strict):
     box_encoding: Literal["ltrb_cells"] = "ltrb_cells"
     architecture: str | None = None
     score_threshold_calibration: ScoreThresholdCalibration | None = None
+    # unknown objects (edgeq/unknown.py): a cell whose objectness passes this is an object, known class or not;
+    # absent: only cells whose class score passes score_threshold, as every bundle before it
+    objectness_threshold: float | None = Field(None, gt=0.0, lt=1.0)
+    objectness_threshold_calibration: ScoreThresholdCalibration | None = None
 
 
 class Array(Strict):
@@ -229,6 +236,30 @@ class Density(Strict):
         return self
 
 
+class Unknown(Strict):
+    """Unknown objects (edgeq/unknown.py): which ``measures`` judge a detection, each read as its percentile among
+    the same measure on the known detections of ``--val`` (``references``, sorted), the percentiles combined
+    (``combine``) into one score, and the ``threshold`` on it that flags ``ood_rate`` of those known detections.
+    A detection above it is published as ``label: "unknown"`` with its nearest known class beside it."""
+
+    measures: tuple[Literal["class_doubt", "energy", "mutual_information", "unfamiliarity"], ...] = Field(min_length=1)
+    references: tuple[tuple[float, ...], ...]
+    combine: Literal["max", "fisher"] = "max"
+    threshold: float
+    ood_rate: float = Field(gt=0.0, lt=1.0)
+    count: int = Field(ge=1)
+    calibrated_on: str
+
+    @model_validator(mode="after")
+    def _check(self) -> "Unknown":
+        if len(self.references) != len(self.measures):
+            raise ValueError(f"references needs one list per measure ({len(self.measures)})")
+        for name, ref in zip(self.measures, self.references):
+            if len(ref) < 2 or any(not a <= b for a, b in zip(ref, ref[1:])):
+                raise ValueError(f"references of {name} must be at least two sorted values")
+        return self
+
+
 class Quantization(Strict):
     """The conversion scheme, float ops that stayed, and the accuracy repairs applied."""
 
@@ -271,7 +302,7 @@ class Manifest(Strict):
     """``manifest.json`` of a ``.edgeq`` bundle, schema version 1."""
 
     schema_: Literal["edgeq.bundle"] = Field(SCHEMA, alias="schema")
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     edgeq_version: str
     created: str
     name: str | None = None
@@ -289,6 +320,7 @@ class Manifest(Strict):
     validation: ClassifyValidation | DetectValidation | None = None
     clustering: Clustering | None = None
     density: Density | None = None
+    unknown: Unknown | None = None
     model: ModelFile
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -308,6 +340,11 @@ class Manifest(Strict):
             raise ValueError(f"outputs repeat a role: {roles}")
         if self.density is not None and self.head is not None and len(self.density.class_means) != len(self.labels):
             raise ValueError(f"density has {len(self.density.class_means)} class means for {len(self.labels)} labels")
+        if self.unknown is not None:
+            if self.detector is None or self.detector.objectness_threshold is None:
+                raise ValueError("unknown needs a detector block with its objectness_threshold")
+            if "unfamiliarity" in self.unknown.measures and self.density is None:
+                raise ValueError("unknown measures unfamiliarity, but the bundle has no density")
         return self
 
     @property
@@ -353,9 +390,9 @@ def parse_manifest(data: Any, source: str = "manifest.json") -> Manifest:
     version = data.get("schema_version")
     if data.get("schema") != SCHEMA or not isinstance(version, int) or isinstance(version, bool):
         raise BundleError(f"{source}: not an edgeq manifest (schema {data.get('schema')!r})")
-    if version != SCHEMA_VERSION:
+    if version not in READS:
         raise BundleError(f"{source}: unknown schema version {version} (this edgeq {__version__} reads "
-                          f"{SCHEMA_VERSION}); upgrade edgeq or re-convert the model")
+                          f"{' and '.join(map(str, READS))}); upgrade edgeq or re-convert the model")
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:

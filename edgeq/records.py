@@ -290,6 +290,18 @@ class DetectionFlags(Block):
     unknown: FlagRates | None = None
 
 
+class ObjectCounts(Block):
+    """Objects of one kind, how many a kept detection found (IoU >= 0.5, any label), and how many of those
+    detections are published as ``unknown``."""
+
+    objects: int
+    found: int
+    found_rate: float | None = None
+    detections: int | None = None
+    published_unknown: float | None = None
+    auroc: dict[str, float] | None = None
+
+
 class DetectionFigures(Block):
     """One model's detection figures on ``--val``: mAP, then over detections at the score threshold the counts,
     D-ECE, each measure's known-vs-unknown AUROC and FPR at 95% TPR, and the rule's flags."""
@@ -308,6 +320,10 @@ class DetectionFigures(Block):
     unknown_auroc: dict[str, float] | None = None
     unknown_fpr_at_95_tpr: dict[str, float] | None = None
     flagged: DetectionFlags | None = None
+    objectness_threshold: float | None = None
+    known_objects: ObjectCounts | None = None
+    unknown_kinds: dict[str, ObjectCounts] | None = None
+    false_detections: int | None = None
 
     @model_validator(mode="before")
     @classmethod

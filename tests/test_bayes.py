@@ -231,7 +231,7 @@ def test_device_publishes_what_the_model_computes(bayes_bundle, fashion_dirs, tm
     assert unfamiliar is not None and rule["ood_rate"] == 0.05 and rule["measure"] == "density_disagreement"
     for i, msg in enumerate(msgs):
         jsonschema.validate(msg, message_schema("detections"))
-        assert msg["schema_version"] == 3 and msg["frame"]["id"] == files[i].name
+        assert msg["schema_version"] == 4 and msg["frame"]["id"] == files[i].name
         top = msg["detections"][0]
         assert top["class_id"] == int(np.argmax(s.mean[i])) and top["score"] == pytest.approx(s.mean[i].max(), abs=1e-6)
         u = top["uncertainty"]

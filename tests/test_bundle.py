@@ -24,7 +24,7 @@ def test_roundtrip_fills_schema_and_hash(tmp_path):
     path = write_bundle(tmp_path / "m.edgeq", manifest(), b"model-bytes", report={"k": 1})
     b = read_bundle(path)
     assert b.model_bytes == b"model-bytes"
-    assert b.manifest.schema_version == 1 and b.manifest.model.size == 11
+    assert b.manifest.schema_version == 2 and b.manifest.model.size == 11
     assert len(b.sha256) == 64 and b.report == {"k": 1}
     assert b.manifest.created.endswith("Z")
     assert [p.name for p in tmp_path.iterdir()] == ["m.edgeq"]

@@ -109,3 +109,46 @@ def test_review_rule_on_detections_flags_the_unknown_and_says_why():
     assert figs["flagged"]["unknown"]["unfamiliar"] == 1.0
     assert figs["unknown_auroc"]["unfamiliarity"] == 1.0
     assert 0 < figs["flagged"]["known"]["flagged"] < 0.5
+
+
+def test_objects_found_and_said_per_kind():
+    """Per kind of unknown object: how many a kept detection found, how many of those are published as unknown;
+    the known objects' counts beside them; unmatched detections are false detections."""
+    from dataclasses import replace
+
+    from edgeq.converter.evaluation.detect import kind_figures
+
+    coco = _coco({1: [(0, 0, 10, 10), (20, 20, 30, 30), (40, 40, 50, 50)], 2: [(0, 0, 10, 10)]},
+                 {1: [KNOWN, UNKNOWN, UNKNOWN], 2: [KNOWN]})
+    a = _dets(1, [(0, 0, 10, 10), (20, 20, 30, 30), (70, 70, 80, 80)], [0.9, 0.2, 0.8], [0.0] * 3)
+    a = replace(a, detections=replace(a.detections, objectness=np.array([0.9, 0.95, 0.9], np.float32),
+                                      unknown=np.array([False, True, True])))
+    b = _dets(2, [(0, 0, 10, 10)], [0.7], [0.0])
+    b = replace(b, detections=replace(b.detections, unknown=np.array([True])))
+    # kept: class score >= 0.5, or objectness >= 0.9 (the unknown object with class score 0.2 is kept by it)
+    m = match_all([a, b], coco, [KNOWN], 0.5, objectness_threshold=0.9)
+    assert m.objects == {"thing": (2, 2), "other": (1, 2)}
+    figs = kind_figures(m, coco, [KNOWN])
+    assert figs["known_objects"] == {"objects": 2, "found": 2, "found_rate": 1.0, "published_unknown": 0.5}
+    assert figs["unknown_kinds"]["other"]["found_rate"] == 0.5 and figs["unknown_kinds"]["other"]["published_unknown"] == 1.0
+    assert figs["false_detections"] == 1
+    # without the objectness rule the unknown object is not kept at all
+    assert match_all([a, b], coco, [KNOWN], 0.5).objects["other"] == (0, 2)
+
+
+def test_unknown_calibration_flags_its_rate_of_known_detections_and_refuses_too_few():
+    from edgeq.converter.evaluation.unknown import MIN_KNOWN, calibrate_unknown
+    from edgeq.errors import DataError
+    from edgeq.unknown import UnknownRule
+
+    rng = np.random.default_rng(0)
+    values = {"class_doubt": rng.gamma(1.0, 0.2, 400), "unfamiliarity": rng.chisquare(20, 400)}
+    block = calibrate_unknown(values, ("class_doubt", "unfamiliarity"), "max", 0.05, "val")
+    rule = UnknownRule.from_block(block)
+    flagged = rule.flags(rule.scores(values))
+    assert abs(flagged.mean() - 0.05) <= 2 / 400 and block.count == 400 and block.combine == "max"
+    fresh = {"class_doubt": rng.gamma(1.0, 0.2, 4000), "unfamiliarity": rng.chisquare(20, 4000)}
+    assert abs(rule.flags(rule.scores(fresh)).mean() - 0.05) < 0.015  # the same rate on new known detections
+    few = {k: v[:MIN_KNOWN - 1] for k, v in values.items()}
+    with pytest.raises(DataError, match=f"it needs at least {MIN_KNOWN}.*--unknown off"):
+        calibrate_unknown(few, ("class_doubt",), "max", 0.05, "val")

@@ -77,3 +77,67 @@ def test_thresholds_and_caps():
     assert (high.scores >= 0.9).all() and len(high) == int((all_.scores >= 0.9).sum())
     empty = decode(*_grid(), STRIDE, (SIZE, SIZE))
     assert len(empty) == 0 and empty.boxes.shape == (0, 4)
+
+
+def test_objectness_threshold_keeps_an_object_of_no_known_class_and_nms_is_class_agnostic():
+    """An object whose classes disagree has a high objectness but a low class score: with an objectness threshold
+    it is kept all the same; its cells need not agree on a class, so NMS then ignores classes."""
+    obj, boxes, logits = _grid()
+    _put(obj, boxes, logits, 3, 3, (1.5, 1.5, 1.5, 1.5), 0)  # a known object
+    obj[8, 8, 0] = 4.0  # an unknown one: objectness 0.98, the classes flat (every logit 0: p = 1/3 each)
+    boxes[8, 8] = (1.5, 1.5, 1.5, 1.5)
+    obj[8, 9, 0] = 3.0  # its neighbour cell, nearly the same box, leaning to another class
+    boxes[8, 9] = (2.5, 1.5, 0.5, 1.5)
+    logits[8, 9, 0, 2] = 0.2  # p = 0.38: its class score 0.36 is under 0.4 too
+    closed = decode(obj, boxes, logits, STRIDE, (SIZE, SIZE), score_threshold=0.4)
+    assert len(closed) == 1 and closed.classes.tolist() == [0]  # the old rule: objectness x 1/3 < 0.4
+    opened = decode(obj, boxes, logits, STRIDE, (SIZE, SIZE), score_threshold=0.4, objectness_threshold=0.9)
+    assert len(opened) == 2  # the unknown object once: its two cells merged whatever their classes
+    unknown = int(np.argmin(opened.scores))
+    assert opened.objectness[unknown] == pytest.approx(1 / (1 + np.exp(-4.0)), rel=1e-6)
+    assert opened.class_doubt[unknown] == pytest.approx(np.log(3.0), rel=1e-5)
+    assert opened.energy[unknown] == pytest.approx(-np.log(3.0), rel=1e-5)  # -logsumexp(0, 0, 0)
+    assert opened.objectness.tolist() == sorted(opened.objectness.tolist(), reverse=True)  # ranked by objectness
+
+
+def test_unknown_rule_reads_percentiles_and_combines_them():
+    from edgeq.unknown import UnknownRule, combine
+
+    rule = UnknownRule(("class_doubt", "unfamiliarity"), (np.linspace(0, 1, 11), np.linspace(0, 100, 11)), "max", 0.9)
+    values = {"class_doubt": np.array([0.05, 0.95, 0.5, np.nan]), "unfamiliarity": np.array([10.0, 20.0, 95.0, 5.0])}
+    p = rule.percentiles(values)
+    assert p[0].tolist() == pytest.approx([0.05, 0.95, 0.5, 1.0])  # a missing value counts as the most extreme
+    assert p[1].tolist() == pytest.approx([0.1, 0.2, 0.95, 0.05])
+    assert rule.scores(values).tolist() == pytest.approx([0.1, 0.95, 0.95, 1.0])
+    assert rule.flags(rule.scores(values)).tolist() == [False, True, True, True]
+    fisher = combine(p, "fisher")
+    assert fisher[0] == pytest.approx(-np.log(0.95) - np.log(0.9))
+    assert fisher[3] == pytest.approx(-np.log(1e-3) - np.log(0.95))  # clipped: finite however extreme
+
+
+def test_an_unknown_object_is_published_as_unknown_with_its_nearest_class():
+    """Schema 4: label 'unknown', nearest_label beside it, class_id kept (a schema-3 subscriber still gets a class),
+    flagged for review as unknown; a known detection carries its unknown score and stays as it was."""
+    import jsonschema
+
+    from edgeq.bundle import message_schema
+    from edgeq.device.decoders import mark_unknown
+
+    def item(label: str) -> dict:
+        return {"label": label, "class_id": 1, "score": 0.3, "objectness": 0.97, "bbox": {"x_min": 0.1, "y_min": 0.1,
+                "x_max": 0.4, "y_max": 0.5}, "uncertainty": {"method": "softmax", "predictive_entropy": 1.05},
+                "needs_review": False, "review_reason": None}
+
+    unknown = mark_unknown(item("trouser"), 0.991, True)
+    assert unknown["label"] == "unknown" and unknown["nearest_label"] == "trouser" and unknown["class_id"] == 1
+    assert unknown["needs_review"] is True and unknown["review_reason"] == "unknown"
+    assert unknown["uncertainty"]["unknown_score"] == pytest.approx(0.991)
+    known = mark_unknown(item("trouser"), 0.4, False)
+    assert known["label"] == "trouser" and "nearest_label" not in known and known["needs_review"] is False
+    assert mark_unknown(item("trouser"), float("nan"), False)["label"] == "unknown"  # no score: never trusted
+    message = {"schema": "edgeq.detections", "schema_version": 4, "device_id": "cam", "task": "detect", "seq": 1,
+               "model": {"name": "det", "sha256": "0" * 64}, "timestamp": "2026-12-07T12:00:00Z",
+               "frame": {"id": "1", "width": 192, "height": 192}, "latency_ms": {"preprocess": 1, "invoke": 1,
+                                                                                 "decode": 1},
+               "detections": [unknown, known]}
+    jsonschema.validate(message, message_schema("detections"))

@@ -117,7 +117,7 @@ def test_broken_detector_block_is_named(field, value, needle):
 
 
 def test_unknown_schema_version_says_what_to_do():
-    with pytest.raises(BundleError, match="unknown schema version 2 .*upgrade edgeq or re-convert"):
-        parse_manifest({**_v1(), "schema_version": 2})
+    with pytest.raises(BundleError, match="unknown schema version 3 .*reads 1 and 2.*upgrade edgeq or re-convert"):
+        parse_manifest({**_v1(), "schema_version": 3})
     with pytest.raises(BundleError, match="not an edgeq manifest"):
         parse_manifest({"schema": "other"})

@@ -82,6 +82,18 @@ class Matched:
     known: np.ndarray  # bool: matched a known-category box
     unknown: np.ndarray  # bool: matched an unknown-category box
     correct: np.ndarray  # bool: matched a known box and the label agrees
+    kinds: np.ndarray | None = None  # str: the matched box's category name ("" unmatched)
+    published_unknown: np.ndarray | None = None  # bool: the device publishes it as label "unknown"
+    objects: dict[str, tuple[int, int]] | None = None  # per category name: objects found by a kept detection, of all
+
+
+def kept(d: Detections, min_score: float, objectness_threshold: float | None = None) -> np.ndarray:
+    """Which detections the device keeps: class score at or above ``min_score``, or (a bundle that detects unknown
+    objects) objectness at or above ``objectness_threshold``."""
+    keep = d.scores >= min_score
+    if objectness_threshold is not None:
+        keep |= d.objectness >= objectness_threshold
+    return keep
 
 
 def _coco_api() -> tuple[Any, Any]:
@@ -109,13 +121,13 @@ def _ground_truth(coco: CocoSet) -> Any:
     return gt
 
 
-def _coco_detections(results: list[ImageDetections], category_ids: list[int], min_score: float = 0.0
-                     ) -> tuple[list[dict[str, Any]], list[tuple[int, int]]]:
+def _coco_detections(results: list[ImageDetections], category_ids: list[int], min_score: float = 0.0,
+                     objectness_threshold: float | None = None) -> tuple[list[dict[str, Any]], list[tuple[int, int]]]:
     """Detections in COCO's result format, and (image index, detection index) of each, in the same order (which
     is the order of the ids ``loadRes`` gives them: 1, 2, ...)."""
     dets, where = [], []
     for i, r in enumerate(results):
-        for j in np.flatnonzero(r.detections.scores >= min_score):
+        for j in np.flatnonzero(kept(r.detections, min_score, objectness_threshold)):
             box = r.boxes[j]
             dets.append({"image_id": r.image_id, "category_id": int(category_ids[int(r.detections.classes[j])]),
                          "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])],
@@ -125,13 +137,21 @@ def _coco_detections(results: list[ImageDetections], category_ids: list[int], mi
 
 
 def match_all(results: list[ImageDetections], coco: CocoSet, category_ids: list[int],
-              min_score: float = 0.0) -> Matched:
-    """Every detection at or above ``min_score``, matched by COCOeval itself to a box of any category at IoU 0.5."""
+              min_score: float = 0.0, objectness_threshold: float | None = None) -> Matched:
+    """Every detection the device keeps (:func:`kept`), matched by COCOeval itself to a box of any category at IoU
+    0.5; and per category, how many of its objects a kept detection found."""
     _, COCOeval = _coco_api()
-    dets, where = _coco_detections(results, category_ids, min_score)
+    dets, where = _coco_detections(results, category_ids, min_score, objectness_threshold)
+    names_of = {int(c["id"]): str(c["name"]) for c in coco.categories}
+    totals: dict[str, int] = {}
+    for cats in coco.category_ids.values():
+        for c in cats.tolist():
+            totals[names_of[int(c)]] = totals.get(names_of[int(c)], 0) + 1
     if not dets:
         empty = np.zeros(0)
-        return Matched(empty, {k: empty for k in MEASURES}, *(np.zeros(0, bool) for _ in range(4)))
+        return Matched(empty, {k: empty for k in (*MEASURES, "objectness", "energy", "class_doubt")},
+                       *(np.zeros(0, bool) for _ in range(4)),
+                       np.zeros(0, str), np.zeros(0, bool), {k: (0, n) for k, n in totals.items()})
     gt = _ground_truth(coco)
     with contextlib.redirect_stdout(io.StringIO()):
         ev = COCOeval(gt, gt.loadRes(dets), "bbox")
@@ -140,20 +160,33 @@ def match_all(results: list[ImageDetections], coco: CocoSet, category_ids: list[
         ev.params.areaRng, ev.params.areaRngLbl = [[0.0, 1e10]], ["all"]
         ev.params.maxDets = [max(len(r.detections) for r in results)]
         ev.evaluate()
-    names = [*MEASURES, *(["unfamiliarity"] if all(r.detections.unfamiliarity is not None for r in results) else [])]
+    names = [*MEASURES, "objectness", "class_doubt",
+             *(["energy"] if all(r.detections.energy is not None for r in results) else []),
+             *(["unfamiliarity"] if all(r.detections.unfamiliarity is not None for r in results) else []),
+             *(["unknown_score"] if all(r.detections.unknown_score is not None for r in results) else [])]
     gt_of = np.zeros(len(dets), np.int64)  # 0: unmatched, else the ground-truth annotation id
+    found: dict[str, int] = {}
+    annotations = gt.dataset["annotations"]
     for e in ev.evalImgs:
         if e is not None:
             for det_id, gt_id in zip(e["dtIds"], e["dtMatches"][0]):
                 gt_of[int(det_id) - 1] = int(gt_id)
-    gt_cat = np.array([0] + [a["category_id"] for a in gt.dataset["annotations"]], np.int64)[gt_of]
+            for gt_id, det_id in zip(e["gtIds"], e["gtMatches"][0]):
+                if det_id:
+                    name = names_of[int(annotations[int(gt_id) - 1]["category_id"])]
+                    found[name] = found.get(name, 0) + 1
+    gt_cat = np.array([0] + [a["category_id"] for a in annotations], np.int64)[gt_of]
     matched = gt_of > 0
     unknown = matched & np.isin(gt_cat, list(coco.unknown_category_ids))
     known = matched & ~unknown
     predicted = np.array([d["category_id"] for d in dets], np.int64)
     measures = {k: np.array([results[i].detections.measure(k)[j] for i, j in where], np.float64) for k in names}
+    flagged = np.array([bool(results[i].detections.unknown[j]) if results[i].detections.unknown is not None
+                        else False for i, j in where], bool)
+    kinds = np.array([names_of.get(int(c), "") if m else "" for c, m in zip(gt_cat, matched)], object)
     return Matched(np.array([d["score"] for d in dets], np.float64), measures, matched, known, unknown,
-                   known & (predicted == gt_cat))
+                   known & (predicted == gt_cat), kinds, flagged,
+                   {k: (found.get(k, 0), n) for k, n in totals.items()})
 
 
 def coco_map(results: list[ImageDetections], coco: CocoSet, category_ids: list[int]) -> dict[str, float]:
@@ -174,12 +207,14 @@ def coco_map(results: list[ImageDetections], coco: CocoSet, category_ids: list[i
 
 
 def detection_figures(results: list[ImageDetections], coco: CocoSet, category_ids: list[int],
-                      score_threshold: float, rule: dict[str, Any] | None = None) -> dict[str, Any]:
-    """mAP (all detections down to the eval threshold), then, over detections at or above the device's
-    ``score_threshold``: counts, D-ECE, known-vs-unknown AUROC (and FPR at 95% TPR) of each measure, and with a
-    review ``rule`` how many detections of known and of unknown objects it flags."""
+                      score_threshold: float, rule: dict[str, Any] | None = None,
+                      objectness_threshold: float | None = None) -> dict[str, Any]:
+    """mAP (all detections down to the eval threshold), then, over the detections the device keeps (class score at
+    or above ``score_threshold``, or objectness at or above ``objectness_threshold``): counts, D-ECE,
+    known-vs-unknown AUROC (and FPR at 95% TPR) of each measure, with a review ``rule`` how many detections of
+    known and of unknown objects it flags, and per kind of unknown object what is found and said about it."""
     figures: dict[str, Any] = dict(coco_map(results, coco, category_ids))
-    m = match_all(results, coco, category_ids, score_threshold)
+    m = match_all(results, coco, category_ids, score_threshold, objectness_threshold)
     n_unknown_gt = sum(int(np.isin(c, list(coco.unknown_category_ids)).sum()) for c in coco.category_ids.values())
     figures.update({
         "images": len(results), "detections": int(len(m.scores)), "matched_known": int(m.known.sum()),
@@ -189,6 +224,8 @@ def detection_figures(results: list[ImageDetections], coco: CocoSet, category_id
         "d_ece": round(metrics.detection_calibration_error(m.scores, m.correct), 6) if len(m.scores) else None,
         "score_threshold": score_threshold,
     })
+    if objectness_threshold is not None:
+        figures["objectness_threshold"] = objectness_threshold
     auroc: dict[str, float | None] = {}
     fpr: dict[str, float | None] = {}
     if m.known.any() and m.unknown.any():
@@ -205,7 +242,41 @@ def detection_figures(results: list[ImageDetections], coco: CocoSet, category_id
             name: flag_rates(m.measures[rule["measure"]][sel], None if unf is None else unf[sel], rule,
                              m.correct[sel] if name == "known" else None)
             for name, sel in (("known", m.known), ("unknown", m.unknown)) if sel.any()}
+    figures.update(kind_figures(m, coco, category_ids))
     return figures
+
+
+def kind_figures(m: Matched, coco: CocoSet, category_ids: list[int]) -> dict[str, Any]:
+    """Per kind of unknown object (each unknown category): how many of its objects a kept detection found (IoU >= 0.5,
+    any label), how many of those detections are published as ``unknown``, and the AUROC of each measure against
+    the detections of known objects; the same counts for known objects, as one kind."""
+    names = {int(c["id"]): str(c["name"]) for c in coco.categories}
+    known_names = {names[int(c)] for c in category_ids}
+    objects = m.objects or {}
+    found_known = sum(objects.get(k, (0, 0))[0] for k in known_names)
+    all_known = sum(objects.get(k, (0, 0))[1] for k in known_names)
+    out: dict[str, Any] = {"known_objects": {
+        "objects": all_known, "found": found_known, "found_rate": round(found_known / all_known, 6) if all_known else None,
+        "published_unknown": round(float(m.published_unknown[m.known].mean()), 6)
+        if m.published_unknown is not None and m.known.any() else None}}
+    kinds = {}
+    for cid in sorted(coco.unknown_category_ids):
+        name = names[cid]
+        found, total = objects.get(name, (0, 0))
+        if not total:
+            continue
+        sel = m.kinds == name if m.kinds is not None else np.zeros(len(m.scores), bool)
+        entry: dict[str, Any] = {"objects": total, "found": found, "found_rate": round(found / total, 6),
+                                 "detections": int(sel.sum())}
+        if m.published_unknown is not None and sel.any():
+            entry["published_unknown"] = round(float(m.published_unknown[sel].mean()), 6)
+        if sel.any() and m.known.any():
+            entry["auroc"] = {k: round(metrics.roc_auc(v[m.known], v[sel]), 6)
+                              for k, v in {**m.measures, "one_minus_score": 1.0 - m.scores}.items()}
+        kinds[name] = entry
+    out["unknown_kinds"] = kinds or None
+    out["false_detections"] = int((~m.matched).sum())
+    return out
 
 
 def calibrate_detection_rule(m: Matched, measure: str, target_accuracy: float, budget: float,
@@ -278,7 +349,8 @@ def evaluate_detection(bundle: Bundle, data: str, reference: str | None = None, 
 
     def bundle_run(name: str, b: Bundle) -> DetectionRun:
         m = b.load_model(num_threads=threads)
-        g = GridSpec.from_manifest(b.manifest, b.where).bind(m, b.manifest.outputs, b.where, b.manifest.density)
+        g = GridSpec.from_manifest(b.manifest, b.where).bind(m, b.manifest.outputs, b.where, b.manifest.density,
+                                                             b.manifest.unknown)
         return DetectionRun(name, m, g, b.preprocess_spec, {"bundle": b.where, "bundle_bytes": b.file_size,
                                                             "variant": variant(b.manifest)})
 
@@ -303,7 +375,8 @@ def evaluate_detection(bundle: Bundle, data: str, reference: str | None = None, 
     rule = review.model_dump() if review is not None and review.threshold is not None else None
     for run in runs:
         run.results = run_detector(run.model, run.grid, run.spec, coco, f"detect {run.name}")
-        run.figures = detection_figures(run.results, coco, list(spec.category_ids), spec.score_threshold, rule)
+        run.figures = detection_figures(run.results, coco, list(spec.category_ids), spec.score_threshold, rule,
+                                        spec.objectness_threshold)
     inputs = [np.zeros(r.model.input.shape, dtype=r.model.input.dtype) for r in runs]
     times = interleaved_latency([r.model for r in runs], inputs, runs=latency_runs, warmup=5)
     report: dict[str, Any] = {

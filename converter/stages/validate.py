@@ -58,4 +58,4 @@ def run(recipe: ValidationRecipe, ctx: ConvertContext, scoring: Scoring, quantis
         return None
     with ctx.timed("validation_s"):
         return scoring.binding.task.validate(ctx, scoring.data, scoring.of_reference(), scoring.of(quantised),
-                                             density, detector)
+                                             density, detector, (scoring.reference, quantised))

@@ -9,7 +9,7 @@ from typing import Any
 from edgeq import records
 from edgeq.bundle import read_bundle, write_bundle
 from edgeq.errors import QuantizationError
-from edgeq.manifest import Density, Detector, Head, InputSpec, Quantization
+from edgeq.manifest import Density, Detector, Head, InputSpec, Quantization, Unknown
 from edgeq.preprocess import input_spec_for
 
 from ..context import ConvertContext
@@ -25,7 +25,7 @@ def quantization_block(ctx: ConvertContext, repairs: Repairs, verification: Veri
 def manifest_of(ctx: ConvertContext, name: str, task: str, reference: Converted, repairs: Repairs,
                 verification: Verification, calibration: Calibration | None, head: Head,
                 detector: Detector | None, density: Density | None, validation: Validation | None,
-                clustering: records.Clustering | None) -> dict[str, Any]:
+                clustering: records.Clustering | None, unknown: Unknown | None = None) -> dict[str, Any]:
     """The manifest's blocks; :func:`edgeq.bundle.write_bundle` adds the schema, version, date and model file."""
     import tensorflow as tf
 
@@ -41,7 +41,7 @@ def manifest_of(ctx: ConvertContext, name: str, task: str, reference: Converted,
         "sizes": records.Sizes(float32_tflite=len(reference.data), model_tflite=len(quantised.data),
                                ratio_to_float32=round(len(quantised.data) / len(reference.data), 4)),
         "detector": detector, "validation": validation.block if validation is not None else None,
-        "clustering": clustering, "density": density,
+        "clustering": clustering, "density": density, "unknown": unknown,
     }
     return {k: (v.model_dump(mode="json", by_alias=True, exclude_none=True) if hasattr(v, "model_dump") else v)
             for k, v in blocks.items() if v is not None}

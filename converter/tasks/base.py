@@ -91,8 +91,9 @@ class Task(ABC):
 
     @abstractmethod
     def validate(self, ctx: ConvertContext, data: Any, reference: Any, quantised: Any, density: Density | None,
-                 detector: Detector | None) -> Validation:
-        """The validation block from the two passes, with the review rule calibrated on the int8 one."""
+                 detector: Detector | None, models: tuple[Converted, Converted]) -> Validation:
+        """The validation block from the two passes (``models``: the float reference and the int8 model, for a task
+        that needs another pass), with the review rule calibrated on the int8 one."""
 
 
 def raise_refused(flag_name: str, origin: str, task: str) -> None:

@@ -37,6 +37,10 @@ class ClassifyTask(Task):
 
     def check(self, ctx: ConvertContext, source: SourceModel) -> None:
         super().check(ctx, source)
+        u = ctx.recipe.unknown
+        if u.measures != "auto" or u.combine != "max":
+            raise ModelError("--unknown-measures and --unknown-combine apply to detectors: a classifier's unknown "
+                             "inputs are flagged by its unfamiliarity (--review-ood-rate)")
         ctx.recipe.validation.measure_for("classify", ctx.recipe.density.density != "off")  # refused before the work
         if ctx.recipe.bayes.samples is not None and source.keras_model is None:
             raise ModelError(f"{source.origin}: --bayes-samples needs a .keras model with a BayesDense head, "
@@ -100,7 +104,7 @@ class ClassifyTask(Task):
         return float(scored.correct.mean())
 
     def validate(self, ctx: ConvertContext, data: Any, reference: Any, quantised: Any, density: Density | None,
-                 detector: Detector | None) -> Validation:
+                 detector: Detector | None, models: tuple[Converted, Converted]) -> Validation:
         from ..evaluation.classify import compare_scored
         from ..evaluation.review import calibrate_rule, flag_rates
         from ..stages.density import unfamiliar_threshold

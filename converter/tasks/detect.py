@@ -17,7 +17,7 @@ import numpy as np
 from edgeq import records
 from edgeq.density import FEATURES_ROLE, PROJECTION_ROLE
 from edgeq.detection import BoundGrid, GridSpec, describe_grid_outputs, signature_outputs
-from edgeq.errors import ModelError, QuantizationError
+from edgeq.errors import DataError, ModelError, QuantizationError
 from edgeq.manifest import Density, Detector, Head, OutputSpec
 from edgeq.runtime import Model
 
@@ -141,31 +141,81 @@ class DetectTask(Task):
         return run_detector(converted.model, converted.bound, ctx.spec, data, f"val {name}")
 
     def validate(self, ctx: ConvertContext, data: Any, reference: Any, quantised: Any, density: Density | None,
-                 detector: Detector | None) -> Validation:
+                 detector: Detector | None, models: tuple[Converted, Converted]) -> Validation:
+        """The score threshold (best F1 on --val), then, unless ``--unknown off``, the objectness threshold and the
+        unknown score, both from the known objects of --val (converter/evaluation/unknown.py); the review rule; and
+        float vs int8 figures as the device would publish them."""
         from ..evaluation.detect import best_f1_threshold, calibrate_detection_rule, detection_figures, match_all
         from ..stages.density import unfamiliar_threshold
 
-        coco, v = data, ctx.recipe.validation
-        best = best_f1_threshold(quantised, coco, list(detector.category_ids))
+        coco, v, ids = data, ctx.recipe.validation, list(detector.category_ids)
+        best = best_f1_threshold(quantised, coco, ids)
         if best["threshold"] is not None:
             detector = detector.model_copy(update={
                 "score_threshold": best["threshold"], "score_threshold_calibration": records.ScoreThresholdCalibration(
                     rule="highest F1 on the known objects of --val (int8)", **best)})
             ctx.log(f"score threshold: {best['threshold']:.3f} (F1 {best['f1']:.3f}, precision "
                     f"{best['precision']:.3f}, recall {best['recall']:.3f} on --val)")
-        matched = match_all(quantised, coco, list(detector.category_ids), detector.score_threshold)
+        unknown = None
+        if ctx.recipe.unknown.unknown != "off":
+            detector, unknown, reference, quantised = self._open_set(ctx, coco, detector, density, models)
+        matched = match_all(quantised, coco, ids, detector.score_threshold, detector.objectness_threshold)
         if density is not None:
             density = _detection_reference(ctx, density, matched)
         rule = calibrate_detection_rule(matched, v.measure_for("detect", True), v.target_accuracy, v.review_budget,
-                                        unfamiliar_threshold(density, v.review_ood_rate), v.review_ood_rate, ctx.log)
+                                        None if unknown is not None else unfamiliar_threshold(density, v.review_ood_rate),
+                                        None if unknown is not None else v.review_ood_rate, ctx.log)
         if rule is None:
             ctx.log(f"needs_review: not calibrated: no int8 detection of --val at score >= "
                     f"{detector.score_threshold:g} matched a known object; the device reports needs_review null "
                     "unless its config sets thresholds.review")
-        figures = {name: detection_figures(res, coco, list(detector.category_ids), detector.score_threshold, rule)
+        figures = {name: detection_figures(res, coco, ids, detector.score_threshold, rule,
+                                           detector.objectness_threshold)
                    for name, res in (("float", reference), ("quantized", quantised))}
         block = records.DetectValidation(source=str(coco.path), images=len(coco.images), **figures)
-        return Validation(block, None if rule is None else records.ReviewRule.model_validate(rule), detector, density)
+        return Validation(block, None if rule is None else records.ReviewRule.model_validate(rule), detector, density,
+                          unknown)
+
+    def _open_set(self, ctx: ConvertContext, coco: Any, detector: Detector, density: Density | None,
+                  models: tuple[Converted, Converted]) -> tuple[Detector, Any, Any, Any]:
+        """The objectness threshold and the unknown score, calibrated on the int8 model's detections of the known
+        objects of --val; and both models' passes over --val decoded as the device then decodes them."""
+        from ..evaluation.detect import match_all, run_detector
+        from ..evaluation.unknown import OBJECTNESS_FLOOR, best_objectness_threshold, calibrate_unknown, describe
+
+        ids, head = list(detector.category_ids), _head_of(models[1])
+
+        def rebind(converted: Converted, det: Detector, unknown: Any = None) -> Any:
+            spec = GridSpec.from_blocks(det, head, len(ctx.labels))
+            return spec.bind(converted.model, list(converted.outputs), density=density, unknown=unknown)
+
+        at_floor = detector.model_copy(update={"objectness_threshold": OBJECTNESS_FLOOR})
+        floor = run_detector(models[1].model, rebind(models[1], at_floor), ctx.spec, coco, "val objectness")
+        m = match_all(floor, coco, ids, detector.score_threshold, OBJECTNESS_FLOOR)
+        known_objects = sum(int(np.isin(c, ids).sum()) for c in coco.category_ids.values())
+        calibration = best_objectness_threshold(m, m.measures["objectness"], known_objects, detector.score_threshold)
+        if calibration.threshold is None:
+            raise DataError(f"--val {coco.path}: no int8 detection found a known object, so the objectness threshold "
+                            "cannot be calibrated; give a trained detector and scenes of its classes, or pass "
+                            "--unknown off")
+        detector = detector.model_copy(update={"objectness_threshold": calibration.threshold,
+                                               "objectness_threshold_calibration": calibration})
+        opened = run_detector(models[1].model, rebind(models[1], detector), ctx.spec, coco, "val open set")
+        m = match_all(opened, coco, ids, detector.score_threshold, detector.objectness_threshold)
+        measures = ctx.recipe.unknown.measures_for(density is not None, head.samples)
+        unknown = calibrate_unknown({k: m.measures[k][m.known] for k in measures}, measures,
+                                    ctx.recipe.unknown.combine, ctx.recipe.validation.review_ood_rate, str(coco.path))
+        ctx.log(f"objectness threshold: {calibration.threshold:.3f} (class-agnostic F1 {calibration.f1:.3f}, recall "
+                f"{calibration.recall:.3f} of the known objects of --val); " + describe(unknown, calibration.threshold))
+        reference = run_detector(models[0].model, rebind(models[0], detector, unknown), ctx.spec, coco, "val float")
+        quantised = run_detector(models[1].model, rebind(models[1], detector, unknown), ctx.spec, coco, "val int8")
+        return detector, unknown, reference, quantised
+
+
+def _head_of(converted: Converted) -> Head:
+    s = converted.bound.spec
+    return Head(type="bayes" if s.samples > 1 else "dense", samples=s.samples, classes=s.classes,
+                layout="single" if s.samples == 1 else s.layout)
 
 
 def _check_roles(keras_model: Any, reference: "Converted", x: np.ndarray) -> None:

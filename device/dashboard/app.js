@@ -74,7 +74,12 @@
       bar.append(fill);
       const barCell = el("td");
       barCell.append(bar);
-      row.append(el("td", {}, det.label), el("td", {}, det.score.toFixed(2)), barCell,
+      // an object of no known class (schema 4): "unknown", with the known class it is nearest to
+      const unknown = det.label === "unknown";
+      if (unknown) row.classList.add("unknown");
+      const name = el("td", {}, det.label);
+      if (unknown && det.nearest_label) name.append(el("small", { class: "nearest" }, ` nearest: ${det.nearest_label}`));
+      row.append(name, el("td", {}, det.score.toFixed(2)), barCell,
                  el("td", { class: det.needs_review ? "reason" : "" },
                     det.needs_review ? `review: ${det.review_reason || "uncertain"}` : "trusted"));
       d.table.append(row);
