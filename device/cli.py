@@ -74,6 +74,8 @@ def add_device_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ca", metavar="FILE", help="CA certificate for mqtts://")
     p.add_argument("--prefix", default="edgeq", help="topic prefix (default edgeq)")
     p.add_argument("--max-bytes", type=int, default=64 << 20, help="refuse bigger bundles (default 64 MiB, as devices)")
+    p.add_argument("--key", metavar="PUB", help="refuse to send a bundle whose signature does not verify with this "
+                   "public key (what devices with trusted_keys check)")
     p.set_defaults(handler=_cmd_push)
 
     p = sub.add_parser("validate-config", help="check a device config file and say what is wrong",
@@ -91,7 +93,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
         raise ConfigError("--expect N goes with --group, N at least 1")
     return push(args.bundle, args.mqtt, args.device_id, args.group, args.rollback, wait, args.username,
-                args.password_file, args.ca, args.prefix, args.max_bytes, expect=args.expect)
+                args.password_file, args.ca, args.prefix, args.max_bytes, expect=args.expect, key=args.key)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -161,6 +163,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         except Exception as exc:  # ConfigError: report like any other config problem
             print(f"edgeq: error: {args.config}: {exc}", file=sys.stderr)
             return 2
-    where = f"mqtt {cfg.mqtt.url}" if cfg.mqtt else "no MQTT"
-    print(f"{args.config}: ok (device {cfg.device_id}, source {cfg.source}, {where})")
+    from .config import redact_url
+
+    where = f"mqtt {redact_url(cfg.mqtt.url)}" if cfg.mqtt else "no MQTT"
+    print(f"{args.config}: ok (device {cfg.device_id}, source {redact_url(str(cfg.source))}, {where})")
     return 0

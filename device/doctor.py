@@ -122,6 +122,9 @@ def check_threads(threads: int) -> Check:
 
 
 def check_cameras(source: str | None) -> Check:
+    from .config import redact_url
+
+    source = redact_url(source) if source else source  # a camera URL's password is never shown
     devices = sorted(glob.glob("/dev/video*"), key=lambda d: (len(d), d))
     data: dict[str, Any] = {"devices": devices, "source": source}
     if source == "picamera2":
@@ -159,13 +162,16 @@ def check_broker(cfg: Any, timeout: float = 5.0) -> Check:
     from .mqtt import apply_security, describe_connect_error
 
     m = cfg.mqtt
-    data = {"url": m.url}
+    from .config import redact_url
+
+    url = redact_url(m.url)  # never the password a URL may carry
+    data = {"url": url}
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"edgeq-{cfg.device_id}-doctor",
                          protocol=mqtt.MQTTv5 if m.protocol == "5" else mqtt.MQTTv311)
     try:
         apply_security(client, m)
     except Exception as exc:  # a missing password file or CA: the config's problem, said plainly
-        return Check("broker", "fail", f"{m.url}: {exc}", data)
+        return Check("broker", "fail", f"{url}: {exc}", data)
     done = threading.Event()
     result: dict[str, Any] = {}
 
@@ -252,7 +258,17 @@ def check_spool(cfg: Any) -> Check:
 
     path = cfg.spool_path()
     if not path.exists():
-        return Check("spool", "skip", f"{path}: no spool yet (edgeq run has not run with this config)")
+        from edgeq.fsutil import probe_writable
+
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:  # edgeq run creates the missing folders
+            folder = folder.parent
+        try:
+            probe_writable(folder)
+        except OSError as exc:
+            return Check("spool", "fail", f"{path}: edgeq run could not create its spool here ({folder}: "
+                         f"{exc.strerror or exc}); set [spool] path to a writable place", {"path": str(path)})
+        return Check("spool", "pass", f"{path}: no spool yet, and {folder} is writable for it", {"path": str(path)})
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
@@ -290,13 +306,14 @@ def starting_bundle(cfg: Any) -> Path | None:
     return cfg.model
 
 
-def check_updates(cfg: Any) -> Check:
-    """Signatures and updates: which bundle runs, whether its signer is trusted, and the update store."""
+def check_updates(cfg: Any, model: str | Path | None = None) -> Check:
+    """Signatures and updates: which bundle is checked (``--model``, else the one ``edgeq run`` starts with),
+    whether its signer is in trusted_keys exactly as ``edgeq run`` verifies it, and the update store."""
     if cfg is None or (not cfg.update.enabled and not cfg.trusted_keys):
         return Check("updates", "skip", "no trusted_keys, updates over MQTT off (docs/fleet.md)")
     from edgeq.errors import EdgeqError
 
-    path = starting_bundle(cfg)
+    path = Path(model) if model is not None else starting_bundle(cfg)
     data: dict[str, Any] = {"bundle": str(path) if path else None, "trusted_keys": [str(k) for k in cfg.trusted_keys],
                             "updates": cfg.update.enabled}
     parts = []
@@ -332,7 +349,7 @@ def run_checks(model: str | Path | None = None, config: str | Path | None = None
                     {"version": edgeq.__version__, "python": platform.python_version()})]
     runtime_check, runtime = check_runtime()
     checks += [runtime_check, check_cpu(), check_threads(n_threads), check_cameras(cfg.source if cfg else None),
-               check_broker(cfg), check_spool(cfg), check_updates(cfg)]
+               check_broker(cfg), check_spool(cfg), check_updates(cfg, model)]
     if runtime is not None:
         checks += check_model(model, n_threads)
     elif model is not None:

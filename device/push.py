@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from edgeq.errors import ConfigError, EdgeqError
 
-from .config import MqttConfig
+from .config import MqttConfig, redact_url
 from .mqtt import apply_security, describe_connect_error
 
 
@@ -44,11 +44,12 @@ def _client(cfg: MqttConfig, log: Callable[[str], None]) -> Any:
     try:
         client.connect(cfg.host, cfg.port, keepalive=30)
     except (OSError, ValueError) as exc:
-        raise EdgeqError(f"--mqtt {cfg.url}: {describe_connect_error(exc, cfg.port, cfg.tls)}") from None
+        raise EdgeqError(f"--mqtt {redact_url(cfg.url)}: {describe_connect_error(exc, cfg.port, cfg.tls)}") from None
     client.loop_start()
     if not connected.wait(15) or refused:
         client.loop_stop()
-        raise EdgeqError(f"--mqtt {cfg.url}: {refused[0] if refused else 'no answer from the broker in 15 s'}")
+        raise EdgeqError(f"--mqtt {redact_url(cfg.url)}: "
+                         f"{refused[0] if refused else 'no answer from the broker in 15 s'}")
     return client
 
 
@@ -56,17 +57,24 @@ def push(
     bundle: str | None, url: str, device_id: str | None, group: str | None, rollback: bool = False,
     wait: float = 60.0, username: str | None = None, password_file: str | None = None, ca: str | None = None,
     prefix: str = "edgeq", max_bytes: int = 64 << 20, log: Callable[[str], None] = print, expect: int | None = None,
+    key: str | None = None,
 ) -> int:
     if (device_id is None) == (group is None):
         raise ConfigError("give --device-id ID or --group NAME (one of them)")
     if rollback == (bundle is not None):
         raise ConfigError("give a BUNDLE to push, or --rollback (not both)")
+    for flag, name in (("--device-id", device_id), ("--group", group), ("--prefix", prefix)):
+        if name is not None and (not name or any(ch in name for ch in "+#/") or "\x00" in name):
+            raise ConfigError(f"{flag} {name!r}: a topic level, without +, #, / or NUL; name one device or group")
+    if key is not None and rollback:
+        raise ConfigError("--key checks a BUNDLE before it is sent; a --rollback sends none")
     try:
         cfg = MqttConfig(url=url, username=username, password_file=Path(password_file) if password_file else None,
                          ca=Path(ca) if ca else None, topic_prefix=prefix)
     except ValueError as exc:
         first = exc.errors()[0] if hasattr(exc, "errors") else {"msg": str(exc), "loc": ()}  # type: ignore[union-attr]
-        raise ConfigError(f"--mqtt {url}: {first['msg'].removeprefix('Value error, ')}") from None
+        raise ConfigError(f"--mqtt {redact_url(url)}: {redact_url(first['msg'].removeprefix('Value error, '))}") \
+            from None
     target = f"{prefix}/{device_id}" if device_id else f"{prefix}/group/{group}"
     if rollback:
         request = uuid.uuid4().hex[:12]
@@ -81,6 +89,10 @@ def push(
             raise ConfigError(f"{path}: {path.stat().st_size} bytes, over the {max_bytes}-byte cap (--max-bytes, and "
                               "the devices' [update] max_bytes)")
         b = read_bundle(path)
+        if key is not None:  # what the devices will check, checked before it leaves
+            from edgeq.signing import load_public_key, verify_bundle
+
+            verify_bundle(path, [load_public_key(key)])
         payload = path.read_bytes()
         sha = hashlib.sha256(payload).hexdigest()
         field, wanted = "sha256", sha

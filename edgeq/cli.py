@@ -32,7 +32,7 @@ HOST_COMMANDS = {
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from edgeq.inspect import format_inspect, inspect_bundle
 
-    ins = inspect_bundle(args.bundle)
+    ins = inspect_bundle(args.bundle, args.key)
     print(json.dumps(ins.to_json(), indent=2) if args.json else format_inspect(ins))
     return 0
 
@@ -98,6 +98,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show a bundle's manifest, ops and sizes",
                        description="Verify a bundle and show its manifest summary, ops with tensor dtypes, and sizes.")
     p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("--key", metavar="PUB", help="verify the signature with this public key (edgeq keygen's .pub); "
+                   "without it a signed bundle is verified against the key it carries")
     p.add_argument("--json", action="store_true", help="print the same as JSON")
     p.set_defaults(handler=_cmd_inspect)
 

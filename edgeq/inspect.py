@@ -24,8 +24,9 @@ class Inspection:
     runtime: dict[str, Any]
     kernels: list[dict[str, Any]]
     ops: list[dict[str, Any]]
-    signer: str | None = None  # the key id signature.json names (not verified here: a device verifies)
+    signer: str | None = None  # the key id of the verified signature (edgeq.signing), None: unsigned
     file_sha256: str | None = None
+    checked_against: str | None = None  # the --key file the signature was verified with; None: the key it carries
 
     def to_json(self) -> dict[str, Any]:
         """``edgeq inspect --json``: the manifest's blocks as written, with what was measured here."""
@@ -34,14 +35,22 @@ class Inspection:
             "bundle": self.path, "name": self.manifest.name, "task": self.manifest.task,
             "labels": list(self.manifest.labels), "schema_version": self.manifest.schema_version,
             "edgeq_version": self.manifest.edgeq_version, "created": self.manifest.created,
-            "sha256": self.manifest.model.sha256, "bundle_sha256": self.file_sha256, "signer": self.signer, **{k: blocks.get(k) for k in (
+            "sha256": self.manifest.model.sha256, "bundle_sha256": self.file_sha256, "signer": self.signer,
+            "signature_checked_against": self.checked_against, **{k: blocks.get(k) for k in (
                 "input", "outputs", "head", "quantization", "calibration", "validation", "clustering", "detector")},
             "sizes": self.sizes, "runtime": self.runtime, "kernels": self.kernels, "ops": self.ops,
         }
 
 
-def inspect_bundle(path: str | Path) -> Inspection:
+def inspect_bundle(path: str | Path, key: str | Path | None = None) -> Inspection:
+    """Read and verify a bundle: its files against its manifest and, when signed (or with ``key``), its
+    signature (edgeq.signing: against ``key``, else against the key it carries); a failure is one BundleError."""
     bundle = read_bundle(path)
+    signer = None
+    if key is not None or bundle.signature is not None:
+        from edgeq.signing import load_public_key, verify_bundle, verify_own_key
+
+        signer = verify_bundle(path, [load_public_key(key)]) if key is not None else verify_own_key(path)
     model = bundle.load_model()
     ops = Counter(
         (op.name, "/".join(op.operand_types) or "-", "/".join(op.result_types) or "-", op.delegated) for op in model.ops
@@ -54,7 +63,7 @@ def inspect_bundle(path: str | Path) -> Inspection:
         str(path), bundle.manifest, sizes, model.describe(), weight_stats(model),
         [{"op": name, "operands": operands, "results": results, "count": n, "xnnpack": delegated}
          for (name, operands, results, delegated), n in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0][0]))],
-        bundle.signer, bundle.file_sha256,
+        signer, bundle.file_sha256, None if key is None else str(key),
     )
 
 
@@ -65,7 +74,7 @@ def format_inspect(ins: Inspection) -> str:
     lines = [
         f"bundle       {ins.path}  (schema {m.schema_version}, edgeq {m.edgeq_version}, {m.created})",
         f"model        {m.name}  sha256 {m.model.sha256[:16]}...",
-        f"signed       {'by key ' + ins.signer + ' (edgeq sign; a device with trusted_keys verifies it)' if ins.signer else 'no (edgeq sign --key KEY)'}",
+        f"signed       {_signed(ins)}",
         f"file         sha256 {(ins.file_sha256 or '')[:16]}... (what edgeq push sends and results name)",
         f"task         {m.task}, {len(labels)} labels: {', '.join(labels[:8])}{' ...' if len(labels) > 8 else ''}",
         f"input        {inp.height}x{inp.width}x{inp.channels} {inp.color_order} {inp.resize}"
@@ -142,6 +151,15 @@ def format_inspect(ins: Inspection) -> str:
         lines.append(f"  {o['count']:>4} x {o['op']:<{width}}  {o['operands']} -> {o['results']}"
                      + ("" if o["xnnpack"] else "  (not XNNPACK)"))
     return "\n".join(lines)
+
+
+def _signed(ins: Inspection) -> str:
+    if ins.signer is None:
+        return "no (edgeq sign --key KEY)"
+    if ins.checked_against:
+        return f"by key {ins.signer}: valid, verified with {ins.checked_against}"
+    return (f"by key {ins.signer}: valid against the key the bundle carries (intact and signed by that key; "
+            "--key PUB checks that it is yours; a device with trusted_keys checks against its own)")
 
 
 def format_unknown(m: Manifest) -> str:

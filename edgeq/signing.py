@@ -9,8 +9,11 @@ replace the model and the manifest together. A signature ties every file to a ke
   (the manifest, the model, the report, packed weights, anything else), the signer's key id, and an Ed25519
   signature over those. Signing rewrites the bundle atomically.
 - A device with ``trusted_keys`` verifies against its own copies of the public keys, never the one a bundle
-  carries (that one is shown by ``edgeq inspect`` only): unsigned, an unknown signer, a file added, removed or
-  changed after signing, and a forged signature are each refused with one line.
+  carries: unsigned, an unknown signer, a file added, removed or changed after signing, and a forged signature are
+  each refused with one line. ``edgeq doctor --model`` applies the config's trusted_keys the same way, ``edgeq
+  push --key`` before it sends, and ``edgeq inspect`` verifies against ``--key``, or else against the key the
+  bundle carries (so a tampered bundle is refused, and a key id that names another key than the one carried is
+  caught); a key id is never trusted on its own word.
 
 The key id is the first 16 hex digits of the sha256 of the raw 32-byte public key.
 """
@@ -189,21 +192,52 @@ def sign_bundle(path: str | Path, private_key: str | Path | Any) -> str:
 
 def verify_bundle(path: str | Path, trusted: list[PublicKey]) -> str:
     """Check the bundle's signature against ``trusted`` keys; return the signer's key id or raise BundleError
-    with the reason (unsigned, unknown signer, a file changed, added or removed, a forged signature)."""
+    with the reason (unsigned, unknown signer, a file changed, added or removed, a forged signature). The key id a
+    bundle names only picks which trusted key to verify with: the signature must verify with that key's bytes."""
     path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            sig = read_signature(path, zf)
-            if sig is None:
-                raise BundleError(f"{path}: unsigned, and trusted_keys is set; sign it with edgeq sign --key")
-            entries = _entries(path, zf)
-    except zipfile.BadZipFile as exc:
-        raise BundleError(f"{path}: truncated or corrupt bundle ({exc}); copy it again or re-convert") from None
+    sig, entries = _signature_and_entries(path, "trusted_keys is set")
     signer = sig["key_id"]
     key = next((k for k in trusted if k.key_id == signer), None)
     if key is None:
         raise BundleError(f"{path}: signed by key {signer}, which is not in trusted_keys; sign it with a trusted key "
                           "or add its .pub to trusted_keys")
+    _check_files_and_signature(path, sig, entries, key)
+    return signer
+
+
+def verify_own_key(path: str | Path) -> str:
+    """Check a bundle's signature against the public key it carries (what ``edgeq inspect`` does without
+    ``--key``): every file as signed, the signature valid, and the key id the bundle claims the id of that key (a
+    rogue key that claims a trusted key's id is caught here). It says the bundle is intact and who signed it, not
+    that the signer is trusted: a device checks against its own trusted_keys. Returns the key id."""
+    path = Path(path)
+    sig, entries = _signature_and_entries(path, "nothing to verify")
+    try:
+        raw = base64.b64decode(sig.get("public_key", ""), validate=True)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise BundleError(f"{path}: {SIGNATURE_NAME} carries no valid public key; the bundle was tampered with")
+    if key_id(raw) != sig["key_id"]:
+        raise BundleError(f"{path}: {SIGNATURE_NAME} claims key id {sig['key_id']} but carries the key of "
+                          f"{key_id(raw)}; the bundle was tampered with")
+    _check_files_and_signature(path, sig, entries, PublicKey(key_id(raw), raw))
+    return key_id(raw)
+
+
+def _signature_and_entries(path: Path, unsigned: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            sig = read_signature(path, zf)
+            if sig is None:
+                raise BundleError(f"{path}: unsigned, and {unsigned}; sign it with edgeq sign --key")
+            entries = _entries(path, zf)
+    except zipfile.BadZipFile as exc:
+        raise BundleError(f"{path}: truncated or corrupt bundle ({exc}); copy it again or re-convert") from None
+    return sig, entries
+
+
+def _check_files_and_signature(path: Path, sig: dict[str, Any], entries: dict[str, bytes], key: PublicKey) -> None:
     files: dict[str, Any] = sig["files"]
     for name in sorted(set(entries) | set(files)):
         if name not in files:
@@ -216,6 +250,5 @@ def verify_bundle(path: str | Path, trusted: list[PublicKey]) -> str:
         signature = base64.b64decode(sig["signature"], validate=True)
     except ValueError:
         raise BundleError(f"{path}: {SIGNATURE_NAME} holds no valid signature; the bundle was tampered with") from None
-    if not key.verify(signature, _message(files, signer)):
-        raise BundleError(f"{path}: the signature does not match key {signer}; the bundle was tampered with")
-    return signer
+    if not key.verify(signature, _message(files, sig["key_id"])):
+        raise BundleError(f"{path}: the signature does not match key {key.key_id}; the bundle was tampered with")

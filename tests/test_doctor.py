@@ -112,7 +112,8 @@ def test_doctor_shows_the_last_fault_the_service_met(tmp_path, tiny_bundle, shap
     cfg.write_text(f'model = "{tiny_bundle}"\nsource = "{shapes_dir / "circle"}"\ndrain_timeout = 1\n'
                    f'[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\n[spool]\npath = "{tmp_path / "spool.db"}"\n')
     r = run_edgeq("doctor", "--config", str(cfg), "--json")
-    assert _checks(r)["spool"]["status"] == "skip"  # nothing has run yet
+    spool = _checks(r)["spool"]  # nothing has run yet: no spool, and a place where one can be created
+    assert spool["status"] == "pass" and "no spool yet" in spool["detail"], spool
     assert run_edgeq("run", "--config", str(cfg)).returncode == 0  # the broker is down
     spool = _checks(run_edgeq("doctor", "--config", str(cfg), "--json"))["spool"]
     assert spool["status"] == "warn" and "connection refused" in spool["detail"], spool
@@ -143,3 +144,21 @@ def test_doctor_checks_the_signer_of_the_bundle_the_service_starts_with(tmp_path
         r = run_edgeq("doctor", "--config", str(config), "--json")
         check = _checks(r)["updates"]
         assert check["status"] == status and needle in check["detail"], check
+    # --model names another bundle than the config's: that one is checked against trusted_keys, as edgeq run would
+    tampered = tmp_path / "tampered.edgeq"
+    from test_signing import _tamper_manifest
+
+    _tamper_manifest(signed, tampered)
+    r = run_edgeq("doctor", "--config", str(config), "--model", str(tampered), "--json")
+    check = _checks(r)["updates"]
+    assert r.returncode != 0 and check["status"] == "fail" and "manifest.json changed after signing" in check["detail"]
+
+
+def test_doctor_fails_a_spool_path_edgeq_run_could_not_create(tmp_path):
+    config = tmp_path / "device.toml"
+    config.write_text('[spool]\npath = "/proc/edgeq/spool.db"\n')
+    spool = _checks(run_edgeq("doctor", "--config", str(config), "--json"))["spool"]
+    assert spool["status"] == "fail" and "/proc" in spool["detail"] and "writable" in spool["detail"], spool
+    config.write_text(f'[spool]\npath = "{tmp_path / "new" / "spool.db"}"\n')
+    spool = _checks(run_edgeq("doctor", "--config", str(config), "--json"))["spool"]
+    assert spool["status"] == "pass" and "is writable for it" in spool["detail"], spool

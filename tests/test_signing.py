@@ -57,7 +57,31 @@ def test_signed_bundle_verifies_and_inspect_names_the_signer(signed, keys, capsy
     assert main(["inspect", str(signed), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["signer"] == pub.key_id and info["bundle_sha256"] == bundle.file_sha256
+    assert main(["inspect", str(signed)]) == 0  # verified, not only named
+    assert f"by key {pub.key_id}: valid against the key the bundle carries" in capsys.readouterr().out
+    assert main(["inspect", str(signed), "--key", str(keys["pub"])]) == 0
+    assert f"by key {pub.key_id}: valid, verified with {keys['pub']}" in capsys.readouterr().out
 
+
+def _rogue(keys):
+    """Signed by another key that claims the trusted key's id: the id alone must never be believed."""
+    def build(src: Path, dst: Path) -> Path:
+        from edgeq.signing import load_public_key
+
+        shutil.copy(src, dst)
+        assert main(["sign", str(dst), "--key", str(keys["other_key"])]) == 0
+        trusted = load_public_key(keys["pub"]).key_id
+
+        def edit(name: str, data: bytes) -> bytes:
+            if name != "signature.json":
+                return data
+            sig = json.loads(data)
+            sig["key_id"] = trusted
+            return json.dumps(sig).encode()
+
+        return _rewrite(dst, dst.with_name("rogue2.edgeq"), edit)
+
+    return build
 
 def _tamper_manifest(src: Path, dst: Path) -> Path:
     def edit(name: str, data: bytes) -> bytes:
@@ -104,14 +128,21 @@ VERIFY_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("name,build,needles", VERIFY_ROWS, ids=[r[0] for r in VERIFY_ROWS])
-def test_signature_check_refuses(name, build, needles, tmp_path, signed, keys):
+@pytest.mark.parametrize("name,build,needles", VERIFY_ROWS + [("rogue-key-claims-trusted-id", "rogue",
+                                                                  ["signature does not match"])],
+                         ids=[r[0] for r in VERIFY_ROWS] + ["rogue-key-claims-trusted-id"])
+def test_signature_check_refuses(name, build, needles, tmp_path, signed, keys, capsys):
+    """Wherever a bundle is vouched for, one verification: the device (verify_bundle), edgeq inspect with --key,
+    and edgeq inspect without it (against the key the bundle carries), which catches every tampering but an
+    honest signature by an untrusted key."""
     from edgeq.signing import load_public_key, verify_bundle
 
     if build is None:  # signed, but by a key the device does not trust
         bad = tmp_path / "other.edgeq"
         shutil.copy(signed, bad)
         main(["sign", str(bad), "--key", str(keys["other_key"])])
+    elif build == "rogue":
+        bad = _rogue(keys)(signed, tmp_path / "rogue.edgeq")
     else:
         bad = build(signed, tmp_path / f"{name}.edgeq")
     with pytest.raises(BundleError) as err:
@@ -120,6 +151,16 @@ def test_signature_check_refuses(name, build, needles, tmp_path, signed, keys):
     assert "\n" not in message and str(bad) in message
     for needle in needles:
         assert needle in message, message
+    capsys.readouterr()
+    code = main(["inspect", str(bad), "--key", str(keys["pub"])])
+    assert_clean_error((code, capsys.readouterr().err), bad.name, *needles)
+    code = main(["inspect", str(bad)])
+    out, err_text = capsys.readouterr()
+    if name in ("unknown-signer", "unsigned"):  # intact: inspect says who signed it (or that none did)
+        assert code == 0 and ("valid against the key the bundle carries" in out or "signed       no" in out)
+    else:
+        needle = "claims key id" if name == "rogue-key-claims-trusted-id" else needles[0]
+        assert_clean_error((code, err_text), bad.name, needle)
 
 
 SIGN_ROWS = [
@@ -136,6 +177,11 @@ SIGN_ROWS = [
     ("push {bundle} --mqtt mqtt://127.0.0.1:1 --device-id cam", ["connection refused"]),
     ("push {bundle} --mqtt http://host --device-id cam", ["--mqtt", "mqtt://host:port"]),
     ("push {bundle} --mqtt mqtt://127.0.0.1:1 --device-id cam --expect 3", ["--expect N goes with --group"]),
+    # a topic wildcard would reach every device (found in the field: a traceback from paho)
+    ("push {bundle} --mqtt mqtt://127.0.0.1:1 --device-id a/#", ["--device-id", "without +, #, /"]),
+    ("push {bundle} --mqtt mqtt://127.0.0.1:1 --group x/+", ["--group", "without +, #, /"]),
+    # what the devices will refuse is refused before it leaves: unsigned, or signed by another key
+    ("push {bundle} --mqtt mqtt://127.0.0.1:1 --device-id cam --key {tmp}/k.pub", ["b.edgeq", "unsigned"]),
 ]
 
 
