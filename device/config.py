@@ -258,6 +258,8 @@ class DeviceConfig(Strict):
     loop: bool = False
     max_frames: int | None = Field(None, ge=1)
     max_fps: float | None = Field(None, gt=0)
+    # an image folder's images over this many pixels are skipped before decoding (a small PNG can hold a huge image)
+    max_image_pixels: int = Field(50_000_000, ge=1)
     output: str | None = None
     # draw every result on its frame: a .mp4/.avi video, or a folder of JPEGs (device/annotate.py); off by default
     annotate: str | None = None
@@ -369,8 +371,12 @@ def _describe(err: dict[str, Any]) -> str:
 
 
 def parse_config(data: dict[str, Any], source: str = "<flags>", text: str = "") -> DeviceConfig:
+    """Validate strictly, as JSON types: a string is not a number and "yes" is not true (a typo in a security
+    setting must not pass as another value); arrays, numbers and strings read as the fields' types."""
+    import json
+
     try:
-        return DeviceConfig.model_validate(data)
+        return DeviceConfig.model_validate_json(json.dumps(data, default=str), strict=True)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])

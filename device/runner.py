@@ -98,7 +98,8 @@ class Runner:
         self._ring_next = 0
         self._swapped = threading.Condition()
         self.source = open_source(cfg.source, cfg.loop, self._source_log,
-                                  read_secret(cfg.source_password_file, cfg.source_password_credential, "source_password"))
+                                  read_secret(cfg.source_password_file, cfg.source_password_credential, "source_password"),
+                                  cfg.max_image_pixels)
         self.stop_event = threading.Event()
         self.stop_reason = "end of source"
         self.frames = 0
@@ -424,6 +425,11 @@ class Runner:
             left += (f"; {dropped} result(s) dropped for lack of space, {self.outbox.lost} of them never stored "
                      "(free disk space or raise [spool] max_bytes)")
         self.log(f"stopped ({self.stop_reason}): {self.frames} frames, last seq {self.outbox.last_seq}{left}")
+        if self.frames == 0 and self.stop_reason == "end of source":
+            # a source that ended without one usable frame is a failure to report, not a run that succeeded
+            print(f"edgeq: error: source {self.source.name}: no frame could be processed ({self.source.skipped} "
+                  "skipped); check what it holds", file=sys.stderr, flush=True)
+            return 1
         return 0
 
 

@@ -22,7 +22,7 @@ from urllib.parse import quote, urlparse
 import numpy as np
 
 from edgeq.errors import SourceError
-from edgeq.preprocess import list_images, read_image
+from edgeq.preprocess import MAX_IMAGE_PIXELS, list_images, read_image
 
 from .config import redact_url
 
@@ -164,13 +164,15 @@ class FolderSource(_FileSource):
     """The images of a folder, in name order. One that cannot be read is skipped with a line naming it (and
     counted in ``skipped``): one bad file does not end a run."""
 
-    def __init__(self, path: Path, loop: bool = False, log: Callable[[str], None] = lambda s: None) -> None:
+    def __init__(self, path: Path, loop: bool = False, log: Callable[[str], None] = lambda s: None,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> None:
         self.path = path
         self.loop = loop
         self.name = f"folder:{path}"
         self.files = list_images(path)
         self._log = log
         self._skipped = 0
+        self.max_pixels = max_pixels
         if not self.files:
             raise SourceError(f"source {path}: no jpg/png/bmp images in the folder")
 
@@ -182,18 +184,41 @@ class FolderSource(_FileSource):
         while True:
             for f in self.files:
                 try:
-                    image = read_image(f)
+                    image = as_bgr(read_image(f, self.max_pixels), f, self._log)
                 except (SourceError, OSError) as exc:
                     self._skipped += 1
                     why = exc if isinstance(exc, SourceError) else f"{f}: {exc.strerror or exc}"
                     self._log(f"source {why}; skipped")
                     continue
-                if image.ndim == 2:
-                    image = np.repeat(image[:, :, None], 3, axis=2)
                 yield Frame(f.name, image, time.time())
             if not self.loop:
                 return
 
+
+
+def as_bgr(image: np.ndarray, path: Path, log: Callable[[str], None]) -> np.ndarray:
+    """A decoded file as 8-bit BGR: grey replicated; grey with alpha and BGRA with their alpha dropped, saying so in a
+    line (what shows where the image is transparent is then its colour there); 16 bits scaled to 8; anything
+    else raises SourceError (the folder source skips it with a line)."""
+    import cv2
+
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise SourceError(f"{path}: pixel type {image.dtype}; give 8- or 16-bit images")
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    channels = image.shape[2] if image.ndim == 3 else 0
+    if channels == 3:
+        return image
+    if channels in (2, 4):
+        log(f"source {path.name}: {channels} channels (an alpha channel): read as "
+            f"{'grey' if channels == 2 else 'colour'}, the alpha dropped")
+        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2BGR) if channels == 2 else \
+            cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if channels == 1:
+        return np.repeat(image, 3, axis=2)
+    raise SourceError(f"{path}: {channels} channels; give grey or colour images")
 
 
 class VideoFileSource(_FileSource):
@@ -400,7 +425,7 @@ def with_password(spec: str, password: str | None, log: Callable[[str], None]) -
 
 
 def open_source(spec: str, loop: bool = False, log: Callable[[str], None] = lambda s: None,
-                password: str | None = None) -> Source:
+                password: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> Source:
     """Resolve ``--source``: camera index or /dev/videoN, video file, image folder, stream URL, or picamera2.
     ``password``: for a stream URL's user (see :func:`with_password`)."""
     spec = str(spec).strip()
@@ -429,7 +454,7 @@ def open_source(spec: str, loop: bool = False, log: Callable[[str], None] = lamb
         raise SourceError(f"source {spec}: source_password_file/credential is for stream URLs (rtsp://user@host/...)")
     path = Path(spec)
     if path.is_dir():
-        return FolderSource(path, loop, log)
+        return FolderSource(path, loop, log, max_pixels)
     if path.is_file():
         return VideoFileSource(path, loop, log)
     if path.exists():

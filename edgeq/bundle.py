@@ -180,6 +180,10 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
+            for name in sorted(names):  # a bundle is flat: a path in it is never a bundle edgeq wrote
+                if not name or "/" in name or "\\" in name or name.startswith(".") or ":" in name:
+                    raise BundleError(f"{path}: entry {name!r} is a path, not a file name; edgeq bundles hold "
+                                      "only flat file names, re-convert it or copy it again from its source")
             if MANIFEST_NAME not in names:
                 raise BundleError(f"{path}: no {MANIFEST_NAME} inside; not an edgeq bundle")
             data = _read_json(path, zf, MANIFEST_NAME)

@@ -393,8 +393,8 @@ def parse_manifest(data: Any, source: str = "manifest.json") -> Manifest:
     if version not in READS:
         raise BundleError(f"{source}: unknown schema version {version} (this edgeq {__version__} reads "
                           f"{' and '.join(map(str, READS))}); upgrade edgeq or re-convert the model")
-    try:
-        return Manifest.model_validate(data)
+    try:  # strictly, as JSON types: "96" is not a height and "yes" is not true
+        return Manifest.model_validate_json(json.dumps(data), strict=True)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = _dotted(tuple(err["loc"]))

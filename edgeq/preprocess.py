@@ -278,11 +278,42 @@ def to_channels(image: np.ndarray, channels: int, source: str = "image") -> np.n
     return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[:, :, None]
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file as uint8, keeping its channels (BGR order for colour). Raises SourceError if unreadable."""
+# images larger than this are refused before decoding: a 748 KB PNG can decode to 16000 x 16000 pixels (1.5 GB
+# of memory, three times a Pi Zero 2 W's); 50 megapixels is a 8K photo
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+def image_size(head: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from the first bytes of a PNG, JPEG or BMP file, without decoding it; None when the
+    header is not one of those. (Our own few lines: OpenCV has no header-only read, and the device does not
+    install Pillow for it.)"""
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:2] == b"BM" and len(head) >= 26:
+        return abs(int.from_bytes(head[18:22], "little", signed=True)), \
+            abs(int.from_bytes(head[22:26], "little", signed=True))
+    if head[:2] == b"\xff\xd8":  # JPEG: walk the segments to the first start-of-frame
+        i = 2
+        while i + 9 < len(head):
+            if head[i] != 0xFF:
+                return None
+            marker, length = head[i + 1], int.from_bytes(head[i + 2:i + 4], "big")
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+                return int.from_bytes(head[i + 7:i + 9], "big"), int.from_bytes(head[i + 5:i + 7], "big")
+            i += 2 + length
+    return None
+
+
+def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode an image file as uint8, keeping its channels (BGR order for colour). Raises SourceError if
+    unreadable, or, before decoding, if its header says it has more than ``max_pixels`` pixels."""
     import cv2
 
     data = np.fromfile(str(path), dtype=np.uint8)
+    size = image_size(data[:1 << 16].tobytes()) if data.size else None
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise SourceError(f"{path}: {size[0]} x {size[1]} pixels, over the {max_pixels / 1e6:g}-megapixel cap; "
+                          "resize it, or raise max_image_pixels")
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
         raise SourceError(f"{path}: not a readable image")

@@ -67,6 +67,14 @@ ROWS = [
     ("datasets crops {calib} {tmp}/crops", ["SCENES", "no COCO annotations file"]),  # a class folder, not COCO
     ("inspect {tmp}", ["is a folder"]),
     ("inspect {tmp}/nope.edgeq", ["not found"]),
+    # unknown objects are a detector's: a classifier's unknown inputs are its unfamiliarity
+    ("convert {model} --calib {calib} --unknown-measures class_doubt -o {out}", ["--unknown-measures", "detectors"]),
+    ("convert {model} --calib {calib} --unknown-measures loudness -o {out}", ["--unknown-measures", "loudness"]),
+    ("convert {model} --calib {calib} --unknown-combine mean -o {out}", ["--unknown-combine", "mean"]),
+    # a user's outlier images: a folder with none, and outlier exposure asked of a classifier
+    ("train --task detect {calib} --outliers {tmp} -o {tmp}/m.keras", ["--outliers", "no jpg/png/bmp images"]),
+    ("train --task detect {calib} --outliers {tmp}/nope -o {tmp}/m.keras", ["--outliers", "not a folder"]),
+    ("train {calib} --outliers {calib} -o {tmp}/m.keras", ["--outliers", "--task detect"]),
 ]
 
 
@@ -188,6 +196,14 @@ BUNDLE_ROWS = [
     # a density on unit-length features needs the whitening the device projects with
     ("l2-without-projection", lambda b, d: _rewrite(b, d, _manifest_edit(lambda m: m["density"].update(
         normalise="l2"))), ["manifest.json", "density", "normalise l2 and projection go together"]),
+    # a string is not a number: strict, as JSON types
+    ("height-as-string", lambda b, d: _rewrite(b, d, _manifest_edit(lambda m: m["input"].update(height="96"))),
+     ["manifest.json", "input.height", "integer"]),
+    ("flag-as-string", lambda b, d: _rewrite(b, d, _manifest_edit(lambda m: m["quantization"].update(
+        full_integer="yes"))), ["manifest.json", "quantization.full_integer", "boolean"]),
+    # entries are flat file names: a path inside a bundle is never followed, the bundle is refused
+    ("entry-parent-path", lambda b, d: _rewrite(b, d, extra={"../evil": b"x"}), ["'../evil'", "a path"]),
+    ("entry-absolute-path", lambda b, d: _rewrite(b, d, extra={"/abs/evil2": b"x"}), ["'/abs/evil2'", "a path"]),
 ]
 
 
@@ -287,10 +303,14 @@ DEVICE_ROWS = [
     # a deterministic head has no spread between samples
     ('[thresholds]\nreview = 0.1\nreview_measure = "mutual_information"\n',
      ["thresholds.review_measure", "deterministic"]),
+    # strict types: "yes" is not true, a string is not a number
+    ('[update]\nenabled = "yes"\n', ["update.enabled", "boolean"]),
+    ('[thresholds]\nscore = "0.5"\n', ["thresholds.score", "number"]),
 ]
 
 
-@pytest.mark.parametrize("config,needles", DEVICE_ROWS, ids=["measure-without-threshold", "mi-deterministic"])
+@pytest.mark.parametrize("config,needles", DEVICE_ROWS, ids=["measure-without-threshold", "mi-deterministic",
+                                                             "enabled-yes", "score-string"])
 def test_device_config_that_does_not_fit_the_bundle_is_one_line(config, needles, tmp_path, tiny_bundle, shapes_dir):
     from conftest import edgeq_here
 
