@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
-from edgeq.errors import ConfigError, EdgeqError
+from edgeq.errors import ConfigError, DiskFullError, EdgeqError
 
 PAGE_SIZE = 4096
 DROP_LOG_S = 60.0  # drops are logged at most this often, summed
@@ -78,7 +78,9 @@ class Spool:
                 try:
                     self._open(max_bytes, exclusive=True)
                 except (sqlite3.Error, OSError) as again:
-                    raise ConfigError(f"spool {self.path}: cannot open ({again}); free space on its disk") from None
+                    raise DiskFullError(f"spool {self.path}: cannot open ({again}): its disk is full; free space "
+                                        "on it and start edgeq again (a service is not restarted on this, exit 3)") \
+                        from None
                 self._log(f"spool {self.path}: opened on a full disk (no room for its shared-memory file)")
         self._make_reserve()
 

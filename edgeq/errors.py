@@ -43,5 +43,12 @@ class ConfigError(EdgeqError):
     exit_code = 2
 
 
+class DiskFullError(ConfigError):
+    """No room on the spool's disk to start. A service unit does not restart on its exit status (3, systemd's
+    RestartPreventExitStatus): restarting every few seconds frees no space; edgeq doctor and the journal say why."""
+
+    exit_code = 3
+
+
 class SourceError(EdgeqError):
     """A camera, stream, video file or image folder cannot be opened or read."""

@@ -306,17 +306,35 @@ def test_spool_on_a_full_disk_keeps_running_and_sends_what_it_kept(tmp_path, sma
     # the disk fills to the last byte (another program's file): the next start still works and sends
     filler = _fill(small_disk)
     with broker_and_collector(tmp_path / "broker", ["edgeq/+/detections"], port=port) as (broker, sub):
-        cfg.write_text(cfg.read_text().replace("drain_timeout = 1", "drain_timeout = 20"))
-        code, _, err = finish(start_run("--config", str(cfg), "--max-frames", "3"))
+        # on a disk full to the last byte the spool cannot delete what was sent, so the run does not drain: it sends
+        # for up to drain_timeout, and the test waits on the subscriber's count, with room for a loaded machine (two
+        # workers once made a 20 s wait too short: 3 of 84 had arrived)
+        cfg.write_text(cfg.read_text().replace("drain_timeout = 1", "drain_timeout = 60"))
+        code, _, err = finish(start_run("--config", str(cfg), "--max-frames", "3"), timeout=240)
         assert code == 0 and "Traceback" not in err, err
-        assert sub.wait_for(lambda: len(sub.seqs()) >= kept, 20), (len(sub.seqs()), kept, err)
+        assert sub.wait_for(lambda: len(sub.seqs()) >= kept, 120), (len(sub.seqs()), kept, err)
         seqs = sub.seqs()
         assert last in seqs and min(seqs) > 1, err  # the newest were kept and sent, the oldest dropped
         # space returns: the spool takes its reserve back and stores normally again
         filler.unlink()
         code, _, err = finish(start_run("--config", str(cfg), "--max-frames", "3"))
         assert code == 0 and (small_disk / "spool.db.reserve").is_file(), err
-        assert sub.wait_for(lambda: max(sub.seqs()) > max(seqs), 20), err
+        assert sub.wait_for(lambda: max(sub.seqs()) > max(seqs), 120), err
+
+
+def test_a_disk_full_at_start_exits_3_which_the_service_does_not_restart(tmp_path, small_disk, tiny_bundle, video):
+    """No room on the spool's disk for a new spool: one line saying so and exit 3, which the unit's
+    RestartPreventExitStatus keeps systemd from restarting every RestartSec (that frees no space)."""
+    _fill(small_disk)
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(f'model = "{tiny_bundle}"\nsource = "{video}"\n[mqtt]\nurl = "mqtt://127.0.0.1:1"\n'
+                   f'[spool]\npath = "{small_disk / "new" / "spool.db"}"\n')
+    code, _, err = finish(start_run("--config", str(cfg)))
+    assert code == 3 and "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("edgeq: error:")]
+    assert len(lines) == 1 and "disk is full" in lines[0] and "spool.db" in lines[0], err
+    unit = (Path(__file__).resolve().parents[1] / "systemd" / "edgeq.service").read_text()
+    assert "RestartPreventExitStatus=2 3" in unit
 
 
 def test_snapshots_are_small_retained_annotated_jpegs_at_most_rate_hz(tmp_path, tiny_bundle, video):

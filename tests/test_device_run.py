@@ -300,3 +300,18 @@ def test_stream_password_is_put_into_the_url_and_a_url_password_is_flagged():
     assert len(said) == 1 and "hunter2" not in said[0] and "source_password_file" in said[0]
     with pytest.raises(SourceError, match="needs a user"):
         with_password("rtsp://cam.lan/s", "x", said.append)
+
+
+def test_a_source_with_no_usable_frame_is_a_failed_run(tmp_path, tiny_bundle):
+    """A folder of only unreadable images: each skipped with a line, then exit 1 saying no frame was processed
+    (it ended with exit 0 and '0 frames' before)."""
+    from conftest import run_edgeq
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (folder / name).write_bytes(b"not an image at all")
+    r = run_edgeq("run", "--model", str(tiny_bundle), "--source", str(folder), "--output", "-", "--spool",
+                  str(tmp_path / "s.db"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("; skipped") == 2 and "no frame could be processed (2 skipped)" in r.stderr, r.stderr
