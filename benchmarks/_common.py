@@ -21,6 +21,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+# a results file is measured from a clean tree (the commit it names is then what ran), unless a run says otherwise:
+# --allow-dirty (taken off sys.argv here, so every benchmark's own parser never sees it) marks the file as such
+ALLOW_DIRTY = "--allow-dirty" in sys.argv
+if ALLOW_DIRTY:
+    sys.argv.remove("--allow-dirty")
 
 # SIMD features that decide int8 and float speed (x86 and ARM names as /proc/cpuinfo spells them)
 FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
@@ -71,9 +76,21 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def require_clean_tree() -> None:
+    """Refuse, before hours of work, to measure a tree with uncommitted changes (unless --allow-dirty)."""
+    if _commit().endswith("+changes") and not ALLOW_DIRTY:
+        sys.exit("benchmarks: the tree has uncommitted changes, so the results file could not name what ran; "
+                 "commit first, or pass --allow-dirty (the file then says so)")
+
+
 def write_result(name: str, result: dict[str, Any]) -> Path:
-    """Add the machine to ``result``, write ``benchmarks/results/<name>.json`` and print it."""
-    result = {**result, "environment": machine()}
+    """Add the machine to ``result``, write ``benchmarks/results/<name>.json`` and print it. A tree with
+    uncommitted changes is refused unless --allow-dirty was given, and then the file records it."""
+    require_clean_tree()
+    env = machine()
+    if env["commit"].endswith("+changes"):
+        env["dirty_allowed"] = True
+    result = {**result, "environment": env}
     text = json.dumps(result, indent=2) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

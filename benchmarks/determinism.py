@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import log, write_result
+from _common import log, require_clean_tree, write_result
 
 from edgeq.converter.tf import PORTABLE_NUMERICS
 
@@ -212,6 +212,7 @@ def op_table(d: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    require_clean_tree()  # before the slow part: the results must name the commit that ran
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="skip training the suite's models twice")
     args = ap.parse_args(argv)

@@ -12,6 +12,7 @@ cannot drift from the run that measured it.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -607,6 +608,36 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, R]], str]]] = {
 }
 
 
+# a figure in prose: <!--fig FILE:dotted.path FORMAT-->value<!--/fig-->, FILE a results file's name, FORMAT a
+# Python format spec (".2f", ",d", ".1%"; none: str); the markdown shows only the value
+INLINE = re.compile(r"<!--fig (\w+):([\w.-]+)(?: ([^ >]+))?-->(.*?)<!--/fig-->", re.S)
+DOCS = ("README.md", "docs/*.md")
+
+
+def inline_value(res: dict[str, R], name: str, path: str, spec: str | None) -> str:
+    value: Any = res[name]
+    for key in path.split("."):
+        value = value[int(key)] if isinstance(value, list) else value[key]
+    return format(value, spec) if spec else str(value)
+
+
+def inline_figures(res: dict[str, R] | None = None) -> list[tuple[Path, str, str, str]]:
+    """Every figure in prose: (file, marker, what the file says, what the results file says)."""
+    res = results() if res is None else res
+    out = []
+    for pattern in DOCS:
+        for path in sorted(ROOT.glob(pattern)):
+            for m in INLINE.finditer(path.read_text()):
+                out.append((path, m.group(0), m.group(4), inline_value(res, m.group(1), m.group(2), m.group(3))))
+    return out
+
+
+def write_inline(path: Path, res: dict[str, R]) -> str:
+    """``path``'s text with every prose figure rendered again from the results."""
+    return INLINE.sub(lambda m: f"<!--fig {m.group(1)}:{m.group(2)}{' ' + m.group(3) if m.group(3) else ''}-->"
+                      f"{inline_value(res, m.group(1), m.group(2), m.group(3))}<!--/fig-->", path.read_text())
+
+
 def blocks(res: dict[str, R] | None = None) -> dict[str, tuple[Path, str]]:
     """Every table: its file and its rendered markdown."""
     res = results() if res is None else res
@@ -634,6 +665,12 @@ def main(argv: list[str]) -> int:
             print(f"wrote {name} in {path.relative_to(ROOT)}")
         else:
             print(f"## {name} ({path.relative_to(ROOT)})\n{body}\n")
+    res = results()
+    for pattern in DOCS:
+        for path in sorted(ROOT.glob(pattern)):
+            if "--write" in argv and INLINE.search(path.read_text()):
+                path.write_text(write_inline(path, res))
+                print(f"wrote the prose figures of {path.relative_to(ROOT)}")
     return 0
 
 

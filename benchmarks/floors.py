@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import ROOT, write_result
+from _common import ROOT, require_clean_tree, write_result
 
 sys.path.insert(0, str(ROOT / "tests"))
 from floors import FLOORS, SPREAD_SIGMAS  # noqa: E402
@@ -55,6 +55,7 @@ def allowed_bound(at_least: bool, lo: float, hi: float, margin: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    require_clean_tree()  # before the slow part: the results must name the commit that ran
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--workers", type=int, default=2)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import log, write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
+from _common import log, require_clean_tree, write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 UNKNOWN = ("bag", "sandal")
@@ -103,6 +103,7 @@ def make_data(tmp: Path, args: argparse.Namespace) -> tuple[Path, Path, Path, di
 
 
 def main(argv: list[str] | None = None) -> int:
+    require_clean_tree()  # before the slow part: the results must name the commit that ran
     p = argparse.ArgumentParser()
     p.add_argument("--train", type=int, default=6000)
     p.add_argument("--val", type=int, default=1000)

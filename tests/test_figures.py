@@ -37,6 +37,9 @@ def test_every_results_file_records_its_machine_and_commit():
         assert env, f"{name}.json has no environment: re-run benchmarks/{name}.py"
         assert env["cpu"] and env["cores"] >= 1 and isinstance(env["cpu_flags"], list)
         assert env["commit"] != "unknown" and len(env["commit"]) >= 40
+        # measured from a clean tree, or saying it was not (python benchmarks/X.py --allow-dirty)
+        assert not env["commit"].endswith("+changes") or env.get("dirty_allowed"), (
+            f"{name}.json was measured on a tree with uncommitted changes: commit, then re-run benchmarks/{name}.py")
         assert "ai-edge-litert" in env["packages"] and "numpy" in env["packages"]
 
 
@@ -46,7 +49,27 @@ def test_every_results_file_has_a_script():
 
 
 def test_a_drifted_figure_is_caught(tmp_path):
-    """The check above can fail: change one number in a rendered table and it no longer matches."""
+    """The checks can fail: one number changed in a rendered table, and one changed in the prose of a copy of its
+    file, each fails the comparison the tests here make."""
     path, rendered = BLOCKS["readme"]
     text = FIGURES.replace_block(path.read_text(), "readme", rendered.replace("|", "| 9", 1))
     assert FIGURES.current_block(text, "readme") != rendered
+    figures = FIGURES.inline_figures()
+    assert figures, "no figure in prose is tied to a results file"
+    source, marker, written, value = figures[0]
+    assert written == value
+    changed = tmp_path / source.name
+    changed.write_text(source.read_text().replace(marker, marker.replace(f"-->{written}<!--", f"-->9{written}<!--"), 1))
+    res = FIGURES.results()
+    drifted = [(m.group(4), FIGURES.inline_value(res, m.group(1), m.group(2), m.group(3)))
+               for m in FIGURES.INLINE.finditer(changed.read_text())
+               if m.group(4) != FIGURES.inline_value(res, m.group(1), m.group(2), m.group(3))]
+    assert drifted == [(f"9{written}", value)]
+
+
+@pytest.mark.parametrize("where,marker,written,value",
+                         [(str(p.relative_to(ROOT)), m, w, v) for p, m, w, v in FIGURES.inline_figures()] or
+                         [("none", "", "", "")])
+def test_each_figure_in_prose_equals_its_results(where, marker, written, value):
+    assert written == value, (f"{where}: {marker} says {written!r}, the results file {value!r}; run python "
+                              "benchmarks/figures.py --write after re-running the benchmark")
