@@ -11,10 +11,16 @@ import sys
 import tempfile
 from typing import Any, Iterator
 
+from edgeq.quiet import verbose
+
 
 @contextlib.contextmanager
 def quiet_output() -> Iterator[None]:
-    """Silence TensorFlow's and Keras's prints (both C++ and Python) at the file-descriptor level."""
+    """Silence TensorFlow's and Keras's prints (both C++ and Python) at the file-descriptor level (not with
+    ``edgeq -v``)."""
+    if verbose():
+        yield
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -59,7 +65,8 @@ def pin_numerics() -> bool:
 
 def import_tensorflow() -> Any:
     """Import TensorFlow and Keras once, with portable numerics and without their start-up chatter."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not verbose():  # edgeq -v shows TensorFlow's own lines
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     pin_numerics()
     with quiet_output():
         import keras  # noqa: F401

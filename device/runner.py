@@ -36,6 +36,7 @@ from .spool import Spool
 
 DETECTIONS_SCHEMA = ("edgeq.detections", 4)
 STATS_SCHEMA = ("edgeq.stats", 1)
+STOP_JOIN_S = 0.5  # how long a stop waits for the source's thread (a stalled stream's read may block for 10 s)
 
 
 def utc_timestamp(t: float | None = None) -> str:
@@ -405,7 +406,10 @@ class Runner:
                 wait_started = time.perf_counter()
         finally:
             self.source.close()
-            self.source.join()  # its capture released on its own thread, before the interpreter shuts down
+            # its capture released on its own thread, before the interpreter shuts down; but a stalled stream can
+            # block a read for read_timeout (10 s), and systemd and a person expect a stop in a second or two
+            if not self.source.join(STOP_JOIN_S):
+                self.log(f"source {self.source.name}: a read is still blocked (stalled stream); not waiting for it")
             self.notifier.stopping()
             if self.updater is not None:
                 self.updater.stop()

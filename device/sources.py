@@ -59,8 +59,9 @@ class Source(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
-    def join(self, timeout: float = 5.0) -> None:  # noqa: B027 - optional hook
-        """Wait for the source's own thread to release its capture (after ``close``)."""
+    def join(self, timeout: float = 5.0) -> bool:
+        """Wait for the source's own thread to release its capture (after ``close``); False if it is still busy."""
+        return True
 
     @property
     def dropped(self) -> int:
@@ -134,9 +135,10 @@ class _Prefetch:
     def stop(self) -> None:
         self._stop.set()
 
-    def join(self, timeout: float) -> None:
+    def join(self, timeout: float) -> bool:
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 class _FileSource(Source):
@@ -155,9 +157,8 @@ class _FileSource(Source):
         if self._prefetch:
             self._prefetch.stop()
 
-    def join(self, timeout: float = 5.0) -> None:
-        if self._prefetch:
-            self._prefetch.join(timeout)
+    def join(self, timeout: float = 5.0) -> bool:
+        return self._prefetch.join(timeout) if self._prefetch else True
 
 
 class FolderSource(_FileSource):
@@ -361,15 +362,33 @@ class LiveSource(Source):
         with self._cond:
             self._cond.notify_all()
 
-    def join(self, timeout: float = 5.0) -> None:
+    def join(self, timeout: float = 5.0) -> bool:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+def quiet_capture_logs() -> None:
+    """Leave the reporting of a lost or refused stream to our one line per attempt (LiveSource): OpenCV's own
+    warning and FFmpeg's (two lines per attempt, e.g. "[tcp @ 0x..] Connection ... refused") are silenced, unless
+    ``edgeq -v`` or the environment sets OPENCV_FFMPEG_LOGLEVEL / OPENCV_LOG_LEVEL itself. FFmpeg's level is read when its first
+    capture opens, so this works after cv2 is imported; OpenCV's is set through its API."""
+    import cv2
+
+    from edgeq.quiet import verbose
+
+    if verbose():
+        return
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 def _cv2_capture(target: Any, open_timeout_ms: int = 10000, read_timeout_ms: int = 10000) -> Callable[[], Any]:
     def open_it() -> Any:
         import cv2
 
+        quiet_capture_logs()
         params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, open_timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, read_timeout_ms]
         backend = cv2.CAP_V4L2 if isinstance(target, int) or str(target).startswith("/dev/") else cv2.CAP_FFMPEG
         if isinstance(target, int) or str(target).startswith("/dev/"):

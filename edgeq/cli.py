@@ -16,8 +16,10 @@ from typing import Callable, NoReturn, Sequence
 
 from edgeq._version import __version__
 from edgeq.errors import EdgeqError
+from edgeq.quiet import set_verbose
 
 Handler = Callable[[argparse.Namespace], int]
+VERBOSE_FLAGS = ("-v", "--verbose")
 
 # host subcommand -> its one-line help; its module edgeq.converter.commands.<name> is imported when it runs
 HOST_COMMANDS = {
@@ -91,6 +93,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Quantized, uncertainty-aware vision models for Raspberry Pi-class devices.",
     )
     parser.add_argument("--version", action="version", version=f"edgeq {__version__}")
+    parser.add_argument(*VERBOSE_FLAGS, action="store_true",
+                        help="also show the runtimes' own log lines (TensorFlow, LiteRT, OpenCV, FFmpeg); anywhere "
+                             "on the line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in HOST_COMMANDS:
         _add_host_command(sub, name, name == command)
@@ -149,6 +154,9 @@ def _command_of(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in VERBOSE_FLAGS for a in argv):  # anywhere on the line: `edgeq -v run ...` or `edgeq run ... -v`
+        argv = [a for a in argv if a not in VERBOSE_FLAGS]
+        set_verbose()
     try:
         parser = build_parser(_command_of(argv))
         args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeq.errors import RuntimeLoadError
+from edgeq.quiet import runtime_lines
 
 RUNTIMES: tuple[tuple[str, str], ...] = (
     ("ai-edge-litert", "ai_edge_litert.interpreter"),
@@ -210,8 +211,9 @@ class Model:
             kwargs["experimental_op_resolver_type"] = self.runtime.op_resolver_type.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         started = time.perf_counter()
         try:
-            self.interpreter = self.runtime.interpreter_class(**kwargs)
-            self.interpreter.allocate_tensors()
+            with runtime_lines():  # without LiteRT's "INFO: Created ... XNNPACK delegate" line (edgeq -v shows it)
+                self.interpreter = self.runtime.interpreter_class(**kwargs)
+                self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             message = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
             raise RuntimeLoadError(f"{self.runtime.name} could not load the model: {message}") from None

@@ -315,3 +315,91 @@ def test_a_source_with_no_usable_frame_is_a_failed_run(tmp_path, tiny_bundle):
                   str(tmp_path / "s.db"))
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.count("; skipped") == 2 and "no frame could be processed (2 skipped)" in r.stderr, r.stderr
+
+
+def _stalling_mjpeg_server(frames: int) -> tuple[socket.socket, int, threading.Event]:
+    """An HTTP MJPEG camera that sends ``frames`` JPEG frames, then stalls with the connection open (a camera
+    whose network went quiet). Returns the listening socket, its port and an event set once it has stalled."""
+    import cv2
+    import numpy as np
+
+    ok, jpeg = cv2.imencode(".jpg", np.full((96, 128, 3), 120, np.uint8))
+    assert ok
+    part = (b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: " + str(len(jpeg)).encode() + b"\r\n\r\n" +
+            jpeg.tobytes() + b"\r\n")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    stalled = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            held.append(conn)  # never closed while the server runs: the stream stalls, it does not end
+            try:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: multipart/x-mixed-replace; boundary=frame\r\n\r\n")
+                for _ in range(frames):
+                    conn.sendall(part)
+                    time.sleep(0.05)
+            except OSError:
+                pass
+            stalled.set()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, server.getsockname()[1], stalled
+
+
+def test_sigterm_on_a_stalled_stream_stops_within_two_seconds(tmp_path, tiny_bundle):
+    """A camera that stops sending mid-stream blocks OpenCV's read for its read timeout (10 s); SIGTERM must not
+    wait for it: edgeq stops, with every result it produced, within 2 s."""
+    import signal
+    import subprocess
+    import sys
+
+    server, port, stalled = _stalling_mjpeg_server(frames=40)
+    proc = subprocess.Popen([sys.executable, "-m", "edgeq.cli", "run", "--model", str(tiny_bundle), "--source",
+                             f"http://127.0.0.1:{port}/stream.mjpg", "--output", "-", "--spool",
+                             str(tmp_path / "s.db")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert stalled.wait(60), "the camera was never read"
+        time.sleep(1.0)  # the capture thread is now blocked in a read that will not return for seconds
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        server.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert took < 2.0, (took, err[-2000:])
+    assert lines(out) and "stopped (SIGTERM)" in err
+    assert "a read is still blocked (stalled stream)" in err
+
+
+def test_reconnects_to_a_dead_stream_log_our_line_only(tmp_path, tiny_bundle):
+    """Each reconnect to a stream that refuses connections is one line of ours: none of OpenCV's or FFmpeg's."""
+    import signal
+    import subprocess
+    import sys
+
+    from brokers import free_port
+
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(f'model = "{tiny_bundle}"\nsource = "http://127.0.0.1:{free_port()}/stream.mjpg"\noutput = "-"\n'
+                   f'[spool]\npath = "{tmp_path / "s.db"}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "edgeq.cli", "run", "--config", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)  # attempts at 0, 1 and 3 s (backoff 1 s, doubled)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    attempts = [ln for ln in err.splitlines() if "reconnecting in" in ln]
+    assert len(attempts) >= 2, err
+    assert all(ln.startswith("edgeq: ") for ln in err.splitlines() if ln.strip()), err

@@ -73,3 +73,27 @@ def test_garbage_model_is_a_clean_error():
 
     with pytest.raises(RuntimeLoadError, match="could not load"):
         Model(b"not a flatbuffer" * 10)
+
+
+def test_runtime_start_up_lines_only_with_verbose(tiny_bundle):
+    """LiteRT's "INFO: Created ... XNNPACK delegate" line is kept off the terminal, in a real subprocess (it is
+    written by C++ to descriptor 2); `edgeq -v`, anywhere on the line, shows it."""
+    from conftest import run_edgeq
+
+    quiet = run_edgeq("inspect", str(tiny_bundle))
+    assert quiet.returncode == 0 and "XNNPACK delegate" not in quiet.stderr + quiet.stdout, quiet.stderr
+    for argv in (("-v", "inspect", str(tiny_bundle)), ("inspect", str(tiny_bundle), "--verbose")):
+        loud = run_edgeq(*argv)
+        assert loud.returncode == 0 and "Created TensorFlow Lite XNNPACK delegate" in loud.stderr, loud.stderr
+
+
+def test_a_runtime_error_line_still_shows_while_info_is_held(capfd):
+    """What the runtime writes to descriptor 2 while an interpreter is made comes back, less the known info lines."""
+    import os
+
+    from edgeq.quiet import runtime_lines
+
+    with runtime_lines():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\nERROR: something the user must see\n")
+    err = capfd.readouterr().err
+    assert "ERROR: something the user must see" in err and "XNNPACK delegate" not in err

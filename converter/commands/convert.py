@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from edgeq.quiet import verbose
 from edgeq.records import ClassifyValidation, DetectionFigures, DetectValidation, ReviewRule
 
 HELP = "quantise a model into a .edgeq bundle (host; needs edgeq[convert])"
@@ -26,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not verbose():  # edgeq -v shows TensorFlow's own lines
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from ..pipeline import convert
     from ..recipes import recipe_from_flags
 

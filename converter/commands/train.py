@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from edgeq.preprocess import NORMALIZATIONS
+from edgeq.quiet import verbose
 
 HELP = "train a MobileNetV2 with a dense or Bayesian head (host; needs edgeq[convert])"
 DESCRIPTION = ("Train a MobileNetV2 classifier on a class folder, with a deterministic or a Bayesian (mean-field "
@@ -57,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     # over 60 lines: every flag of both trainers mapped to its option, one per line
     import os
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not verbose():  # edgeq -v shows TensorFlow's own lines
+
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import contextlib
 
     from ..training.classifier import TrainOptions, train
