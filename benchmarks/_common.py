@@ -71,6 +71,15 @@ def _commit() -> str:
     return head + ("+changes" if dirty else "")
 
 
+def edgeq_exe() -> str:
+    """The ``edgeq`` console script of this interpreter's environment, then the one on PATH (a worktree's
+    environment measures its own code)."""
+    import shutil
+
+    beside = Path(sys.executable).parent / "edgeq"
+    return str(beside) if beside.is_file() else (shutil.which("edgeq") or "edgeq")
+
+
 def log(message: str) -> None:
     """Progress on stderr (stdout carries the results' JSON), shown at once."""
     print(message, file=sys.stderr, flush=True)

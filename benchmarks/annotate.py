@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
+from _common import write_result, edgeq_exe  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 FRAMES = 600  # frames in each clip
@@ -76,7 +75,7 @@ def make_bundle(tmp: Path) -> Path:
 
 
 def run(bundle: Path, video: Path, tmp: Path, annotate: str | None, frames: int, score: float) -> float:
-    exe = shutil.which("edgeq")
+    exe = edgeq_exe()
     cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
     config = tmp / "device.toml"
     config.write_text(f"[thresholds]\nscore = {score}\n")
@@ -121,7 +120,7 @@ def scenario(bundle: Path, video: Path, tmp: Path, score: float, repeats: int, f
 
 def cpu_seconds(bundle: Path, video: Path, tmp: Path, snapshot: bool, port: int) -> float:
     """User + system CPU seconds of one `edgeq run` over ``video`` at 30 fps, publishing to the broker."""
-    exe = shutil.which("edgeq")
+    exe = edgeq_exe()
     cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
     config = tmp / "snap.toml"
     config.write_text(f'max_fps = 30\n[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\n[spool]\npath = "{tmp / "snap.db"}"\n'

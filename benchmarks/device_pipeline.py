@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from _common import write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
+from _common import write_result, edgeq_exe  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -43,7 +42,7 @@ def make_bundle(tmp: Path) -> Path:
 
 
 def edgeq_cmd() -> list[str]:
-    exe = shutil.which("edgeq")
+    exe = edgeq_exe()
     return [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
 
 

@@ -93,7 +93,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Quantized, uncertainty-aware vision models for Raspberry Pi-class devices.",
     )
     parser.add_argument("--version", action="version", version=f"edgeq {__version__}")
-    parser.add_argument(*VERBOSE_FLAGS, action="store_true",
+    # for --help only: main() takes -v off the line wherever it is, so no subcommand's namespace ever holds it
+    parser.add_argument(*VERBOSE_FLAGS, action="store_true", default=argparse.SUPPRESS,
                         help="also show the runtimes' own log lines (TensorFlow, LiteRT, OpenCV, FFmpeg); anywhere "
                              "on the line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

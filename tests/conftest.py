@@ -60,9 +60,16 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: order within a module kept
 
 
+def edgeq_exe() -> str | None:
+    """The ``edgeq`` console script of this interpreter's environment, then the one on PATH: a worktree's own
+    environment tests its own code, not another install's."""
+    beside = Path(sys.executable).parent / "edgeq"
+    return str(beside) if beside.is_file() else shutil.which("edgeq")
+
+
 def run_edgeq(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the installed ``edgeq`` console script (falls back to ``python -m edgeq.cli``)."""
-    exe = shutil.which("edgeq")
+    """Run the installed ``edgeq`` console script (see :func:`edgeq_exe`; falls back to ``python -m edgeq.cli``)."""
+    exe = edgeq_exe()
     cmd = [exe, *args] if exe else [sys.executable, "-m", "edgeq.cli", *args]
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from brokers import Broker, free_port, make_ca, password_file
-from conftest import assert_clean_error, run_edgeq
+from conftest import assert_clean_error, run_edgeq, edgeq_exe
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +102,7 @@ def ws_broker(tmp_path):
 
 
 def _serve(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    exe = shutil.which("edgeq")
+    exe = edgeq_exe()
     cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
     proc = subprocess.Popen(cmd + ["dashboard", *args, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, **(env or {})})
@@ -123,7 +123,7 @@ def test_dashboard_shows_devices_detections_flags_and_offline(tmp_path, ws_broke
         cfg.write_text(f'model = "{tiny_bundle}"\nsource = "{shapes_dir}"\ndevice_id = "porch"\nloop = true\n'
                        f'max_fps = 10\n[mqtt]\nurl = "{broker.url}"\n[spool]\npath = "{tmp_path / "spool.db"}"\n'
                        "[stats]\ninterval = 1\n[snapshot]\nenabled = true\nrate_hz = 2\n")
-        exe = shutil.which("edgeq")
+        exe = edgeq_exe()
         run = subprocess.Popen(([exe] if exe else [sys.executable, "-m", "edgeq.cli"]) + ["run", "--config", str(cfg)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:

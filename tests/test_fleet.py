@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import jsonschema
 import pytest
 
 from brokers import Broker, Collector
-from conftest import SHAPE_LABELS, run_edgeq, save_with_labels
+from conftest import SHAPE_LABELS, run_edgeq, save_with_labels, edgeq_exe
 from edgeq.bundle import message_schema, read_bundle
 from edgeq.cli import main
 from test_bad_inputs import _rewrite
@@ -30,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 
 def edgeq_cmd(*args: str) -> list[str]:
-    exe = shutil.which("edgeq")
+    exe = edgeq_exe()
     return [exe, *args] if exe else [sys.executable, "-m", "edgeq.cli", *args]
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import edgeq_exe
+
 SECRET = "Hunter2-s3cr3t-xyz"
 
 
@@ -52,11 +54,10 @@ COMMANDS = [
 
 def _run_for(args: list[str], seconds: float) -> tuple[str, str]:
     """The command's output after it ends, or after ``seconds`` and a SIGTERM (a run keeps reconnecting)."""
-    import shutil
     import signal
     import subprocess
 
-    proc = subprocess.Popen([shutil.which("edgeq"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([edgeq_exe(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         return proc.communicate(timeout=seconds)
     except subprocess.TimeoutExpired:

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import edgeq_exe
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "edgeq.service"
 
@@ -18,7 +19,7 @@ def _systemd_analyze_installed():
 
 def _unit_with_real_binary(tmp_path: Path) -> Path:
     # verify checks that ExecStart's binary exists: point it at this machine's edgeq
-    edgeq = shutil.which("edgeq")
+    edgeq = edgeq_exe()
     assert edgeq, "edgeq console script not installed"
     out = tmp_path / "edgeq.service"
     out.write_text(UNIT.read_text().replace("/opt/edgeq/bin/edgeq", edgeq))
