@@ -208,6 +208,12 @@ class SpoolConfig(Strict):
     # when the disk is full and nothing old is left to drop: "drop_oldest" drops the new results (counted and
     # logged) and keeps running; "pause" stops taking frames until there is room (a camera's frames are skipped)
     when_full: Literal["drop_oldest", "pause"] = "drop_oldest"
+    # "disk": every result is on disk before it is published, committed together every commit_interval seconds;
+    # "memory": while the broker keeps up nothing is written per result (a SIGKILL loses what memory holds, at
+    # most memory_max); results go to disk when the connection drops, at memory_max and at a stop
+    mode: Literal["disk", "memory"] = "disk"
+    commit_interval: float = Field(1.0, ge=0, le=10)
+    memory_max: int = Field(2000, ge=10, le=100_000)
 
 
 class StatsConfig(Strict):

@@ -1,6 +1,17 @@
 """The publishing stage: numbers results, puts them in the durable spool, writes ``--output`` lines, and
 publishes from the spool, deleting a result only when the broker's PUBACK for it arrives.
 
+Written for an SD card ([spool] in docs/raspberry-pi.md; benchmarks/spool_wear.py measures it):
+- results are numbered at once from blocks of seqs the spool reserves (one small write per SEQ_BLOCK results), so
+  ``--output`` lines and frames to draw never wait for the disk;
+- ``mode = "disk"`` (the default): results are committed together every ``commit_interval`` seconds (1 s), with
+  the deletion of what the broker acknowledged since the last commit, and published only once committed: a
+  result is on disk before it is published, as before, and a commit carries a second of results instead of one;
+- ``mode = "memory"``: while the broker keeps up, results wait for their PUBACK in memory (at most
+  ``memory_max``) and nothing is written per result; they are spilled to the spool when the connection drops,
+  when memory_max is reached and at a stop. A SIGKILL or power cut loses what memory held (at most memory_max,
+  about the last second at the broker's pace), seen by subscribers as a gap in seq.
+
 It runs on its own thread; the inference loop only hands results over (``submit``) and never waits for it.
 Frames to draw (``--annotate``) and snapshots go on to a drawing thread of their own once their results are
 stored, so that numbering, storing and publishing never wait behind drawing and encoding a frame.
@@ -15,9 +26,12 @@ import time
 from typing import IO, Any, Callable
 
 from .mqtt import MqttLink
-from .spool import Spool, SpoolFullError
+from .spool import Spool, SpoolEntry, SpoolFullError
 
 WINDOW = 200  # results in flight at once
+SEQ_BLOCK = 1000  # seqs reserved at a time (a clean stop gives back the unused rest)
+COMMIT_MAX = 500  # results committed at once at most, whatever the interval
+GIVE_BACK_EVERY_S = 10.0  # how often an empty spool is asked to give its free pages back
 UNSAVED_MAX = 1000  # results held in memory while a full disk pauses the run
 FULL_LOG_S = 60.0
 FRAMES_IN_FLIGHT = 8  # frames held for drawing or a snapshot; more waits (--annotate) or is not kept (snapshot)
@@ -35,16 +49,28 @@ class Outbox(threading.Thread):
         when_full: str = "drop_oldest",
         annotator: Any = None,
         snapshot: Any = None,
+        mode: str = "disk",
+        commit_interval: float = 1.0,
+        memory_max: int = 2000,
     ) -> None:
         super().__init__(name="edgeq-outbox", daemon=True)
         self.when_full = when_full
+        self.mode = mode
+        self.commit_interval = commit_interval
+        self.memory_max = memory_max
+        self._to_commit: list[SpoolEntry] = []  # numbered, waiting for the next commit (not yet published)
+        self._commit_due = 0.0  # monotonic time of the next commit, set by the first result or ack waiting
+        self._ack_pending: list[int] = []  # acknowledged, deleted by the next commit
+        self._memory: dict[int, SpoolEntry] = {}  # memory mode: numbered, published or not, not yet acknowledged
+        self._disk_rows = 0  # results in the spool file (acknowledged ones not yet deleted included)
+        self._seqs: range = range(0)  # the reserved block numbers come from
+        self._next_seq = 0
+        self._gave_back_at = 0.0
         self.annotator = annotator  # device/annotate.py, or None: results are drawn on their frames here
         self.snapshot = snapshot  # SnapshotConfig, or None: no snapshots
         self.snapshots = 0
         self.full = threading.Event()  # set while results cannot be stored (the runner pauses on it, if asked to)
         self.lost = 0  # results that could not be stored on a full disk (drop_oldest)
-        self._unsaved: list[dict[str, Any]] = []
-        self._unacked: list[int] = []
         self._full_logged = 0.0
         self._faults: queue.SimpleQueue[tuple[str, str | None, str]] = queue.SimpleQueue()
         self._mqtt_fault: str | None = None
@@ -134,8 +160,10 @@ class Outbox(threading.Thread):
     def run(self) -> None:
         try:
             self.spool = self._spool_factory()
+            if self.link is not None and self.mode == "disk":
+                self.spool.resume()
             self.last_seq = self.spool.last_seq
-            self.depth = self.spool.depth()
+            self.depth = self._disk_rows = self.spool.depth()
             self.spool_dropped = self.dropped_at_start = self.spool.dropped
         except BaseException as exc:
             self.error = exc
@@ -149,30 +177,34 @@ class Outbox(threading.Thread):
             while True:
                 stopping = self._stopping.is_set()
                 batch = self._take(timeout=0.0 if stopping else 0.02)
-                if self._unsaved:
-                    batch, self._unsaved = self._unsaved + batch, []
                 if batch:
                     self._store(batch)
                 if self.link:
                     self._apply_acks()
+                    self._spill_if_needed()
+                self._commit(force=stopping)
+                if self.link:
                     self._pump()
                 self._save_faults()
                 if time.monotonic() >= next_stats:
                     next_stats += self._stats_interval
                     self._publish_stats()
-                if stopping and self._unsaved and self.full.is_set():
+                if stopping and self._to_commit and self.full.is_set():
                     self._give_up_unsaved()
                 if stopping and not batch:
-                    self._publish_stats()  # a final one, so short runs report too
                     if self.link:
                         self._apply_acks()
-                        self._pump()
+                        self._memory_to_disk()  # what is not acknowledged by now waits on disk for the next run
+                    self._commit(force=True)
+                    self._publish_stats()  # a final one, so short runs report too
                     break
         except BaseException as exc:  # surfaced by the runner as a clean error
             self.error = exc
         finally:
             try:
                 self._save_faults()
+                if self.error is None and self._seqs:
+                    self.spool.release_seqs(self.last_seq, self._seqs[-1])
             except Exception:  # noqa: BLE001 - the history line is best effort; closing the spool is not
                 pass
             self.spool.close()
@@ -228,51 +260,123 @@ class Outbox(threading.Thread):
             self._publish_snapshot(frame, result, canvas)
 
     def _store_results(self, batch: list[dict[str, Any]]) -> bool:
-        """Number, spool and write ``batch``; False when the spool is full (kept in memory, see ``_on_full``)."""
-        encoded: list[str] = []
-
-        def builder(result: dict[str, Any]) -> Callable[[int], bytes]:
-            def build(seq: int) -> bytes:
-                result["seq"] = seq
-                text = json.dumps(result, separators=(",", ":"))
-                encoded.append(text)
-                return text.encode()
-
-            return build
-
+        """Number ``batch``, write its ``--output`` lines and queue it for the spool (or, in memory mode while the
+        broker keeps up, for publishing straight from memory). False when no seq could be reserved (full disk)."""
         try:
-            seqs = self.spool.append_many(((self.topic, builder(r)) for r in batch), store=self.link is not None)
+            seqs = self._number(len(batch))
         except SpoolFullError as exc:
-            self._on_full(batch, exc)
+            self._on_full(exc, unnumbered=len(batch))
             return False
-        if self.full.is_set():
-            self.full.clear()
-            self._log(f"spool {self.spool.path}: storing results again")
-            self.note_fault("spool", None)
-        if self.link is None:  # seqs allocated only: build the lines here
-            for seq, r in zip(seqs, batch):
-                r["seq"] = seq
-                encoded.append(json.dumps(r, separators=(",", ":")))
+        encoded = []
+        for seq, r in zip(seqs, batch):
+            r["seq"] = seq
+            encoded.append(json.dumps(r, separators=(",", ":")))
         self.last_seq = seqs[-1]
         self.spooled += len(seqs)
         if self.output is not None:
             self.output.write("\n".join(encoded) + "\n")
             self.output.flush()
-        if self.link is not None:
-            self.depth = self.spool.depth()
-            self.spool_dropped = self.spool.dropped + self.lost
+        if self.link is None:
+            return True
+        entries = [SpoolEntry(seq, self.topic, text.encode()) for seq, text in zip(seqs, encoded)]
+        # memory holds only results newer than every one on disk or waiting for it: publishing goes by seq
+        if (self.mode == "memory" and self.link.connected.is_set() and not self._to_commit
+                and len(self._memory) + len(entries) <= self.memory_max):
+            self._memory.update((e.seq, e) for e in entries)
+        else:
+            self._memory_to_disk()  # the spool keeps the older results, memory the newest: order stays by seq
+            self._queue_commit(entries)
+        self._update_depth()
         return True
 
-    def _on_full(self, batch: list[dict[str, Any]], exc: SpoolFullError) -> None:
-        """A full disk, even after the spool released its reserve and dropped what it could."""
+    def _number(self, n: int) -> list[int]:
+        seqs = []
+        while len(seqs) < n:
+            if self._next_seq >= self._seqs.stop:
+                # disk mode publishes nothing before its commit: numbers not stored by a crash can be used again
+                shown = self.link is None or self.mode == "memory"
+                self._seqs = self.spool.reserve_seqs(max(SEQ_BLOCK, n), shown=shown)
+                self._next_seq = self._seqs.start
+            take = min(n - len(seqs), self._seqs.stop - self._next_seq)
+            seqs.extend(range(self._next_seq, self._next_seq + take))
+            self._next_seq += take
+        return seqs
+
+    def _queue_commit(self, entries: list[SpoolEntry]) -> None:
+        if not self._to_commit and not self._ack_pending:
+            self._commit_due = time.monotonic() + self.commit_interval
+        self._to_commit.extend(entries)
+
+    def _memory_to_disk(self) -> None:
+        if self._memory:
+            entries = list(self._memory.values())
+            self._memory.clear()
+            self._queue_commit(entries)
+            self._commit_due = 0.0  # now: they were never on disk
+
+    def _spill_if_needed(self) -> None:
+        """Memory mode: results held in memory go to disk when the broker is not connected."""
+        if self._memory and not self.link.connected.is_set():
+            self._memory_to_disk()
+
+    def _commit(self, force: bool = False) -> None:
+        """One transaction: the results waiting for the disk and the deletion of acknowledged ones, when the
+        commit interval has passed (``force``: now), or at once while the disk is full (to retry)."""
+        if not self._to_commit and not self._ack_pending:
+            return
         now = time.monotonic()
+        if not force and now < self._commit_due and len(self._to_commit) < COMMIT_MAX:
+            return
+        entries, acked = self._to_commit, self._ack_pending
+        try:
+            left_out = self.spool.store_numbered(entries, delete=acked)
+        except SpoolFullError as exc:
+            try:  # deleting what was acknowledged frees room; then the new results once more
+                self.spool.ack(acked)
+                self._ack_pending = acked = []
+                self._disk_rows = self.spool.depth()
+                left_out = self.spool.store_numbered(entries)
+            except SpoolFullError:
+                self._on_full(exc)
+                self._update_depth()
+                return
+        if left_out:  # more at once than the spool can hold: the newest were kept
+            self.lost += left_out
+            self._log(f"spool {self.spool.path}: full; the oldest {left_out} of {len(entries)} new result(s) were "
+                      f"not kept ({self.lost} so far); free disk space or raise [spool] max_bytes")
+        self._to_commit, self._ack_pending = [], []
+        if self.full.is_set():
+            self.full.clear()
+            self._log(f"spool {self.spool.path}: storing results again")
+            self.note_fault("spool", None)
+        self._disk_rows = self.spool.depth()
+        self.spool_dropped = self.spool.dropped + self.lost
+        self._update_depth()
+        if self._disk_rows == 0 and now - self._gave_back_at >= GIVE_BACK_EVERY_S:
+            self._gave_back_at = now
+            self.spool.give_back_space()
+
+    def _update_depth(self) -> None:
+        """Results not yet acknowledged: on disk, in memory, waiting for the disk."""
+        self.depth = self._disk_rows - len(self._ack_pending) + len(self._memory) + len(self._to_commit)
+
+    def _on_full(self, exc: SpoolFullError, unnumbered: int = 0) -> None:
+        """A full disk, even after the spool released its reserve and dropped what it could: results waiting for
+        the disk are kept in memory (``pause``, up to UNSAVED_MAX) or not kept (``drop_oldest``); ``unnumbered``
+        results that could not even get a seq are not kept either way."""
+        now = time.monotonic()
+        self.lost += unnumbered
         if self.when_full == "pause":
-            self._unsaved = batch[-UNSAVED_MAX:]
-            self.lost += len(batch) - len(self._unsaved)
-            what = f"pausing capture, {len(self._unsaved)} result(s) held in memory"
+            keep = self._to_commit[-UNSAVED_MAX:]
+            self.lost += len(self._to_commit) - len(keep)
+            self._to_commit = keep
+            self._commit_due = now + 0.5  # try again soon: capture waits meanwhile
+            what = f"pausing capture, {len(keep)} result(s) held in memory"
         else:
-            self.lost += len(batch)
-            what = f"{len(batch)} new result(s) not kept ({self.lost} so far)"
+            gone = len(self._to_commit) + unnumbered
+            self.lost += len(self._to_commit)
+            what = f"{gone} new result(s) not kept ({self.lost} so far)"
+            self._to_commit = []
         if not self.full.is_set() or now - self._full_logged >= FULL_LOG_S:
             self._log(f"{exc}: {what}; results already spooled are still sent")
             self._full_logged = now
@@ -281,10 +385,11 @@ class Outbox(threading.Thread):
         self.spool_dropped = self.spool.dropped + self.lost
 
     def _give_up_unsaved(self) -> None:
-        self.lost += len(self._unsaved)
-        self._log(f"spool {self.spool.path}: disk still full at stop; {len(self._unsaved)} result(s) held in memory "
-                  "were not kept")
-        self._unsaved = []
+        self.lost += len(self._to_commit)
+        self._log(f"spool {self.spool.path}: disk still full at stop; {len(self._to_commit)} result(s) held in "
+                  "memory were not kept")
+        self._to_commit = []
+        self._update_depth()
 
     def _publish_snapshot(self, frame: Any, result: dict[str, Any], canvas: Any) -> None:
         """The snapshot: best effort (QoS 0, retained, never spooled: only the latest matters). ``canvas``: the
@@ -297,24 +402,25 @@ class Outbox(threading.Thread):
             self.snapshots += 1
 
     def _apply_acks(self) -> None:
+        """PUBACKs received: a result held in memory is forgotten, one on disk is deleted by the next commit."""
         link = self.link
         assert link is not None
-        done = self._unacked
+        n = 0
         while link.acked:
             generation, mid = link.acked.popleft()
             if generation == self._generation and mid in self._inflight:
-                done.append(self._inflight.pop(mid))
-        if done:
-            try:
-                self.spool.ack(done)
-            except SpoolFullError:  # not even room to delete: they stay spooled, try again next time
-                self._unacked = done
-                return
-            self._unacked = []
-            self.acked += len(done)
-            self.depth = self.spool.depth()
+                seq = self._inflight.pop(mid)
+                n += 1
+                if self._memory.pop(seq, None) is None:
+                    if not self._to_commit and not self._ack_pending:
+                        self._commit_due = time.monotonic() + self.commit_interval
+                    self._ack_pending.append(seq)
+        if n:
+            self.acked += n
+            self._update_depth()
 
     def _pump(self) -> None:
+        """Publish what is on disk (oldest first), then what memory holds, up to WINDOW in flight."""
         link = self.link
         assert link is not None
         if not link.connected.is_set():
@@ -326,7 +432,11 @@ class Outbox(threading.Thread):
         room = WINDOW - len(self._inflight)
         if room <= 0:
             return
-        for entry in self.spool.pending(after=self._cursor, limit=room):
+        acked = set(self._ack_pending)
+        entries = [e for e in self.spool.pending(after=self._cursor, limit=room + len(acked)) if e.seq not in acked]
+        if len(entries) < room:
+            entries += [e for seq, e in self._memory.items() if seq > self._cursor][: room - len(entries)]
+        for entry in entries[:room]:
             mid = link.publish(entry.topic, entry.payload)
             if mid is None:
                 break

@@ -23,6 +23,7 @@ import numpy as np
 from edgeq._version import __version__
 from edgeq.bundle import Bundle, read_bundle
 from edgeq.errors import ConfigError, EdgeqError
+from edgeq.quiet import say
 from edgeq.preprocess import Preprocessor
 
 from .config import DeviceConfig, read_secret
@@ -123,7 +124,8 @@ class Runner:
             lambda: Spool(cfg.spool_path(), cfg.spool.max_messages, cfg.spool.max_bytes,
                           cfg.spool.reserve_bytes if cfg.mqtt else 0, log, cfg.spool.max_age_s),
             self.link, self.output, self.stats_payload, cfg.stats.interval, log, cfg.spool.when_full, annotator,
-            cfg.snapshot if self._snapshot_period else None,
+            cfg.snapshot if self._snapshot_period else None, cfg.spool.mode, cfg.spool.commit_interval,
+            cfg.spool.memory_max,
         )
 
     def _snapshot_due(self) -> bool:
@@ -438,7 +440,7 @@ class Runner:
 
 
 def run_device(cfg: DeviceConfig, log: Callable[[str], None] | None = None) -> int:
-    log = log or (lambda s: print(f"edgeq: {s}", file=sys.stderr, flush=True))
+    log = log or say
     runner = Runner(cfg, log)
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -6,6 +6,13 @@ in the OS page cache); after a power cut the last few commits may be lost. ``seq
 the same transaction as the row, from a counter kept in the database, so they increase without gaps across
 restarts even when the spool is empty.
 
+Written for an SD card (docs/raspberry-pi.md, benchmarks/spool_wear.py): 1 KiB pages (a small commit rewrites
+less), payloads stored zlib-compressed (column ``encoding``: NULL raw, 1 zlib; rows of older spools stay raw), and
+the outbox commits on a short timer, deleting what the broker acknowledged in the same transaction as the new
+results (``append_many(delete=...)``). When an outage drains, the file is vacuumed back to its size at rest.
+``reserve_seqs`` hands out numbers without storing (the outbox's memory mode, and runs without MQTT);
+``store_numbered`` then stores results that already have theirs.
+
 The spool is bounded by a message count, a byte size and an age (``max_age_s``); past any of them the oldest
 results are dropped first, counted in ``dropped`` and logged (a line at most once a minute, with the count and
 the reason).
@@ -22,13 +29,17 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
 from edgeq.errors import ConfigError, DiskFullError, EdgeqError
 
-PAGE_SIZE = 4096
+PAGE_SIZE = 1024  # of a new spool (SQLite's default is 4096): an SD card is written by the page
+COMPRESSION = 6  # zlib level of stored payloads: a detection result's JSON to about half
+GIVE_BACK_BYTES = 256 << 10  # after an outage drains, vacuum when at least this much of the file is free pages
+ZLIB = 1
 DROP_LOG_S = 60.0  # drops are logged at most this often, summed
 EXPIRE_EVERY_S = 30.0  # how often results older than max_age_s are looked for
 T = TypeVar("T")
@@ -93,7 +104,9 @@ class Spool:
             self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             if exclusive:  # before the first access: then WAL mode needs no -shm file
                 self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self._small_pages()
             self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(f"PRAGMA journal_size_limit={1 << 20}")  # the WAL file shrinks back after a checkpoint
             self.db.execute("PRAGMA synchronous=NORMAL")
             self._bound(max_bytes)
             self.db.executescript(
@@ -101,6 +114,7 @@ class Spool:
                 CREATE TABLE IF NOT EXISTS messages (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL);
                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
                 INSERT OR IGNORE INTO meta VALUES ('last_seq', 0), ('dropped', 0);
+                INSERT OR IGNORE INTO meta SELECT 'committed_seq', value FROM meta WHERE key='last_seq';
                 CREATE TABLE IF NOT EXISTS faults (kind TEXT PRIMARY KEY, at TEXT NOT NULL, message TEXT NOT NULL,
                                                    active INTEGER NOT NULL);
                 """
@@ -108,11 +122,28 @@ class Spool:
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(messages)")}
             if "created" not in columns:  # spools written before the age cap: their rows have no time, and stay
                 self.db.execute("ALTER TABLE messages ADD COLUMN created REAL")
+            if "encoding" not in columns:  # spools written before compression: their rows stay raw (NULL)
+                self.db.execute("ALTER TABLE messages ADD COLUMN encoding INTEGER")
+            self.page_size = int(self.db.execute("PRAGMA page_size").fetchone()[0])
         except BaseException:
             if getattr(self, "db", None) is not None:
                 self.db.close()
                 self.db = None
             raise
+
+    def _small_pages(self) -> None:
+        """A new spool gets PAGE_SIZE pages; an older one with larger pages is rebuilt with them when it holds no
+        result (an empty database vacuums in a moment; one with results keeps its pages until it drains)."""
+        size = int(self.db.execute("PRAGMA page_size").fetchone()[0])
+        if size == PAGE_SIZE:
+            return
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "messages" in tables and self.db.execute("SELECT 1 FROM messages LIMIT 1").fetchone():
+            return
+        self.db.execute("PRAGMA journal_mode=DELETE")  # a WAL database cannot change its page size
+        self.db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+        if tables:
+            self.db.execute("VACUUM")
 
     def _bound(self, max_bytes: int | None) -> None:
         """Preflight: cap the database at a third of what its disk can give it (free space plus what it holds,
@@ -122,12 +153,13 @@ class Spool:
         held = sum(p.stat().st_size for p in (self.path, self.path.with_name(self.path.name + "-wal"))
                    if p.exists())
         budget = self._free_bytes() + held - (0 if self.reserve.exists() else self.reserve_bytes)
-        pages = max(16, budget // 3 // PAGE_SIZE)
+        page = int(self.db.execute("PRAGMA page_size").fetchone()[0])
+        pages = max(64, budget // 3 // page)
         if max_bytes is not None:
-            pages = min(pages, max(16, max_bytes // PAGE_SIZE))
-        elif pages * PAGE_SIZE < 64 << 20:
+            pages = min(pages, max(64, max_bytes // page))
+        elif pages * page < 64 << 20:
             self._log(f"spool {self.path}: {self._free_bytes() // 1024} KiB free on its disk; the spool keeps at "
-                      f"most {pages * PAGE_SIZE // 1024} KiB of results, the oldest dropped first")
+                      f"most {pages * page // 1024} KiB of results, the oldest dropped first")
         self.db.execute(f"PRAGMA max_page_count={pages}")
         self.db.execute(f"PRAGMA wal_autocheckpoint={max(8, min(1000, pages // 4))}")
 
@@ -159,7 +191,7 @@ class Spool:
     def _disk_short(self) -> bool:
         """Whether the disk itself is (nearly) full, as opposed to the spool at its own page cap, which SQLite
         reports with the same "database or disk is full"."""
-        return self._free_bytes() < 16 * PAGE_SIZE
+        return self._free_bytes() < 64 * PAGE_SIZE
 
     def _release_reserve(self) -> bool:
         """Free the reserve (True), or say there is none left (False)."""
@@ -200,15 +232,18 @@ class Spool:
         return int(self.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
 
     # -- writing -----------------------------------------------------------------------------------
-    def append_many(self, items: Iterable[tuple[str, Callable[[int], bytes]]], store: bool = True) -> list[int]:
-        """Allocate a seq for each item and store ``(topic, build(seq))`` in one transaction; return the seqs.
+    def append_many(self, items: Iterable[tuple[str, Callable[[int], bytes]]], store: bool = True,
+                    delete: Iterable[int] = ()) -> list[int]:
+        """Allocate a seq for each item and store ``(topic, build(seq))`` in one transaction, deleting the
+        results ``delete`` names (acknowledged since the last commit) in the same one; return the seqs.
 
         ``store=False`` only allocates seqs (for runs without MQTT, which still number their results).
         """
         items = list(items)
+        gone = [(int(q),) for q in delete]
         for attempt in range(3):
             try:
-                seqs = self._retrying(lambda: self._append(items, store))
+                seqs = self._retrying(lambda: self._append(items, store, gone))
                 if self.short_of_space:
                     self._make_reserve()
                 return seqs
@@ -223,19 +258,25 @@ class Spool:
                     raise SpoolFullError(f"spool {self.path}: {drop_exc}; free disk space") from None
         raise AssertionError("unreachable")
 
-    def _append(self, items: list[tuple[str, Callable[[int], bytes]]], store: bool) -> list[int]:
+    def _append(self, items: list[tuple[str, Callable[[int], bytes]]], store: bool,
+                delete: list[tuple[int]] = []) -> list[int]:  # noqa: B006 - read only
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
+            if delete:
+                db.executemany("DELETE FROM messages WHERE seq=?", delete)
             first = self._meta("last_seq") + 1
             seqs = list(range(first, first + len(items)))
             now = time.time()
             if store:
                 db.executemany(
-                    "INSERT INTO messages (seq, topic, payload, created) VALUES (?, ?, ?, ?)",
-                    [(seq, topic, build(seq), now) for seq, (topic, build) in zip(seqs, items)],
+                    "INSERT INTO messages (seq, topic, payload, created, encoding) VALUES (?, ?, ?, ?, ?)",
+                    [(seq, topic, zlib.compress(build(seq), COMPRESSION), now, ZLIB)
+                     for seq, (topic, build) in zip(seqs, items)],
                 )
-            db.execute("UPDATE meta SET value=? WHERE key='last_seq'", (first + len(items) - 1,))
+            if items:
+                db.execute("UPDATE meta SET value=? WHERE key IN ('last_seq', 'committed_seq')",
+                           (first + len(items) - 1,))
             excess = self.depth() - self.max_messages if store else 0
             if excess > 0:
                 self._drop_oldest_locked(excess, f"over max_messages {self.max_messages}")
@@ -252,6 +293,114 @@ class Spool:
             raise
         self._log_drops()
         return seqs
+
+    def reserve_seqs(self, n: int, shown: bool = True) -> range:
+        """Advance the counter by ``n`` in one small transaction and hand the numbers out without storing.
+
+        ``shown``: the numbers may be seen before they are stored (memory mode publishes from memory, a run
+        without MQTT prints them), so they count as used: a crash leaves a gap in seq, never a number used twice
+        (``release_seqs`` at a clean stop gives back the unused rest). Not ``shown`` (disk mode: nothing is
+        published before its commit): ``resume`` after a crash goes on from the last stored result instead."""
+        def reserve() -> range:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                first = self._meta("last_seq") + 1
+                keys = "('last_seq', 'committed_seq')" if shown else "('last_seq')"
+                self.db.execute(f"UPDATE meta SET value=? WHERE key IN {keys}", (first + n - 1,))
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+            return range(first, first + n)
+
+        try:
+            return self._retrying(reserve)
+        except sqlite3.OperationalError as exc:
+            raise SpoolFullError(f"spool {self.path}: {exc}; free disk space") from None
+
+    def release_seqs(self, last_used: int, reserved_to: int) -> None:
+        """At a clean stop: set the counters back to ``last_used`` where they still stand at ``reserved_to``."""
+        try:
+            self.db.execute("UPDATE meta SET value=? WHERE key IN ('last_seq', 'committed_seq') AND value=?",
+                            (last_used, reserved_to))
+        except sqlite3.Error:
+            pass  # best effort: the next run then starts after the reserved block (a gap, no duplicate)
+
+    def resume(self) -> None:
+        """Disk mode at start: numbers reserved but never stored (a crash between two commits) were never
+        published, so numbering goes on from the last stored result: no gap for them."""
+        try:
+            self.db.execute("UPDATE meta SET value=(SELECT value FROM meta WHERE key='committed_seq') "
+                            "WHERE key='last_seq'")
+        except sqlite3.Error:
+            pass  # a full disk: the next numbers come after the reserved block (a gap, no duplicate)
+
+    def store_numbered(self, entries: list[SpoolEntry], delete: Iterable[int] = ()) -> int:
+        """Store results that already have their seq (from ``reserve_seqs``), the spool's oldest dropped first
+        when full; when even an empty spool cannot hold them all, the oldest of ``entries`` are left out (their
+        count is returned) and the newest stored. SpoolFullError when not even one fits."""
+        gone = [(int(q),) for q in delete]
+        left_out = 0
+
+        def store() -> None:
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if gone:
+                    db.executemany("DELETE FROM messages WHERE seq=?", gone)
+                now = time.time()
+                db.executemany(
+                    "INSERT OR REPLACE INTO messages (seq, topic, payload, created, encoding) VALUES (?, ?, ?, ?, ?)",
+                    [(e.seq, e.topic, zlib.compress(e.payload, COMPRESSION), now, ZLIB) for e in entries])
+                if entries:
+                    db.execute("UPDATE meta SET value=MAX(value, ?) WHERE key='committed_seq'", (entries[-1].seq,))
+                excess = self.depth() - self.max_messages
+                if excess > 0:
+                    self._drop_oldest_locked(excess, f"over max_messages {self.max_messages}")
+                db.execute("COMMIT")
+            except BaseException:
+                self._drops.clear()
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            self._log_drops()
+
+        attempt = 0
+        while True:
+            try:
+                self._retrying(store)
+                return left_out
+            except sqlite3.OperationalError as exc:
+                if not _is_full(exc):
+                    raise
+                if self.depth() and attempt < 2:
+                    attempt += 1
+                    self._drop_oldest(max(len(entries), self.depth() // 10, 1))
+                elif len(entries) > 1:
+                    half = len(entries) // 2
+                    left_out, entries = left_out + half, entries[half:]
+                else:
+                    raise SpoolFullError(f"spool {self.path}: {exc}; free disk space or raise [spool] max_bytes") \
+                        from None
+
+    def give_back_space(self) -> int:
+        """Once the spool is empty after an outage: vacuum the file back to its size at rest and truncate the WAL,
+        when at least GIVE_BACK_BYTES of it are free pages. Returns the bytes given back (0: nothing to do)."""
+        try:
+            free = int(self.db.execute("PRAGMA freelist_count").fetchone()[0]) * self.page_size
+            if free < GIVE_BACK_BYTES or self.depth():
+                return 0
+            before = sum(p.stat().st_size for p in (self.path, self.path.with_name(self.path.name + "-wal"))
+                         if p.exists())
+            self.db.execute("VACUUM")
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            after = sum(p.stat().st_size for p in (self.path, self.path.with_name(self.path.name + "-wal"))
+                        if p.exists())
+        except (sqlite3.Error, OSError):
+            return 0  # a disk too full to vacuum: the free pages are reused as they are
+        self._log(f"spool {self.path}: drained; gave back {max(before - after, 0) // 1024} KiB")
+        return max(before - after, 0)
 
     def _count_drops(self, n: int, reason: str) -> None:
         if n > 0:
@@ -307,9 +456,9 @@ class Spool:
     # -- reading -----------------------------------------------------------------------------------
     def pending(self, after: int = 0, limit: int = 100) -> list[SpoolEntry]:
         rows = self.db.execute(
-            "SELECT seq, topic, payload FROM messages WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+            "SELECT seq, topic, payload, encoding FROM messages WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
         ).fetchall()
-        return [SpoolEntry(int(s), str(t), bytes(p)) for s, t, p in rows]
+        return [SpoolEntry(int(s), str(t), zlib.decompress(p) if e == ZLIB else bytes(p)) for s, t, p, e in rows]
 
     def ack(self, seqs: Iterable[int]) -> None:
         """Delete acknowledged results. On a disk too full even for that, raise SpoolFullError: the results stay

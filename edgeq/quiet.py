@@ -14,9 +14,13 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from typing import Iterator
 
 VERBOSE_ENV = "EDGEQ_VERBOSE"
+# held while descriptor 2 is caught, and by ``say``: another thread's log line waits for the moment instead of
+# being caught (and split from its newline)
+OUTPUT_LOCK = threading.RLock()
 # LiteRT's informational lines at interpreter creation (delegate created, nodes replaced by the delegate)
 RUNTIME_INFO = re.compile(r"^INFO: (Created TensorFlow Lite .*delegate for CPU\.|Replacing \d+ out of \d+ node)")
 
@@ -33,13 +37,13 @@ def set_verbose() -> None:
 @contextlib.contextmanager
 def runtime_lines(drop: re.Pattern[str] = RUNTIME_INFO) -> Iterator[None]:
     """Hold what is written to descriptor 2 inside the block, then write it back without the lines ``drop``
-    matches (nothing is held with ``edgeq -v``). Another thread's line written meanwhile comes out late, not lost."""
+    matches (nothing is held with ``edgeq -v``). edgeq's own lines (``say``) wait for the block to end."""
     if verbose():
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
+    with OUTPUT_LOCK, tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
         os.dup2(sink.fileno(), 2)
         try:
             yield
@@ -53,3 +57,10 @@ def runtime_lines(drop: re.Pattern[str] = RUNTIME_INFO) -> Iterator[None]:
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
+
+
+def say(line: str) -> None:
+    """One line of edgeq's own log on stderr, written whole (never caught by ``runtime_lines``)."""
+    with OUTPUT_LOCK:
+        sys.stderr.write(f"edgeq: {line}\n")
+        sys.stderr.flush()

@@ -67,10 +67,16 @@ def test_no_mqtt_section_means_no_broker(tmp_path):
         (GOOD.replace('device_id = "porch"', 'device_id = "group"'), ["device_id", "reserved"]),
         (GOOD + "\n[update]\nenabled = true\ngroups = [\"a/b\"]\n", ["update.groups", "topic level"]),
         (GOOD + "\n[update]\nmax_bytes = 10\n", ["update.max_bytes", "greater than or equal to 1024"]),
+        # the spool's write modes (docs/raspberry-pi.md)
+        (GOOD + "mode = \"ram\"\n", ["spool.mode", "'disk' or 'memory'"]),
+        (GOOD + "commit_interval = -1\n", ["spool.commit_interval", "greater than or equal to 0"]),
+        (GOOD + "memory_max = 1\n", ["spool.memory_max", "greater than or equal to 10"]),
+        (GOOD + "commit_interval = \"1s\"\n", ["spool.commit_interval", "number"]),
     ],
     ids=["typo", "out-of-range", "wrong-type", "bad-url", "bad-id", "unknown-table", "syntax", "percentile",
          "password-key", "url-credentials", "port-0", "ca-garbage", "ca-missing", "snapshot-rate-0",
-         "key-missing", "key-private", "key-garbage", "id-group", "group-slash", "update-max-bytes"],
+         "key-missing", "key-private", "key-garbage", "id-group", "group-slash", "update-max-bytes", "spool-mode",
+         "commit-interval-negative", "memory-max-small", "commit-interval-string"],
 )
 def test_validate_config_names_file_line_and_key(tmp_path, capsys, text, needles):
     (tmp_path / "garbage.crt").write_text("not a certificate\n")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 from brokers import Broker, Collector, broker_and_collector, free_port, password_file
 from brokers import make_ca as _make_ca
 from edgeq.bundle import message_schema
+from conftest import edgeq_exe
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def video(tmp_path_factory) -> Path:
 
 
 def edgeq_cmd(*args: str) -> list[str]:
-    exe = shutil.which("edgeq")
+    exe = edgeq_exe()
     return [exe, *args] if exe else [sys.executable, "-m", "edgeq.cli", *args]
 
 
@@ -126,6 +126,61 @@ def test_sigkill_of_edgeq_loses_nothing(tmp_path, tiny_bundle, video):
     finally:
         sub.close()
         broker.stop()
+
+
+def _spool_rows(path: Path) -> int:
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_memory_mode_stores_nothing_while_the_broker_keeps_up_and_loses_nothing_in_an_outage(tmp_path, tiny_bundle,
+                                                                                            video):
+    """[spool] mode = "memory": with the broker up, results wait for their PUBACK in memory (the spool's table
+    stays empty); when the broker dies they go to the spool, and every one arrives after it is back."""
+    with broker_and_collector(tmp_path / "broker", ["edgeq/+/detections"]) as (broker, sub):
+        spool = tmp_path / "spool.db"
+        cfg = tmp_path / "device.toml"
+        cfg.write_text(f'model = "{tiny_bundle}"\nsource = "{video}"\nloop = true\nmax_frames = 800\nmax_fps = 50\n'
+                       f'[mqtt]\nurl = "{broker.url}"\n[spool]\npath = "{spool}"\nmode = "memory"\n')
+        assert sub.wait_for(lambda: sub.client.is_connected(), 10)
+        proc = start_run("--config", str(cfg))
+        assert sub.wait_for(lambda: len(sub.seqs()) > 100, 30)
+        rows = [_spool_rows(spool) for _ in range(5) if time.sleep(0.2) is None]
+        assert rows == [0] * 5, rows  # nothing stored per result while the broker keeps up
+        broker.stop(signal.SIGKILL)
+        time.sleep(2)  # ~100 results go to the spool meanwhile
+        held = _spool_rows(spool)
+        broker.start()
+        code, _, err = finish(proc)
+        assert code == 0, err
+        assert held > 0, err
+        assert sub.wait_for(lambda: not (set(range(1, 801)) - sub.seqs()), 30), sorted(set(range(1, 801)) - sub.seqs())[:20]
+        assert _spool_rows(spool) == 0
+
+
+def test_memory_mode_sigkill_leaves_a_gap_never_a_number_used_twice(tmp_path, tiny_bundle, video):
+    """What memory held at a SIGKILL is lost, and says so as a gap in seq: the next run's numbers come after
+    every number the killed run could have published."""
+    with broker_and_collector(tmp_path / "broker", ["edgeq/+/detections"]) as (broker, sub):
+        cfg = tmp_path / "device.toml"
+        cfg.write_text(f'model = "{tiny_bundle}"\nsource = "{video}"\nloop = true\nmax_fps = 200\n'
+                       f'[mqtt]\nurl = "{broker.url}"\n[spool]\npath = "{tmp_path / "spool.db"}"\nmode = "memory"\n')
+        assert sub.wait_for(lambda: sub.client.is_connected(), 10)
+        proc = start_run("--config", str(cfg))
+        assert sub.wait_for(lambda: len(sub.seqs()) > 100, 30)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        time.sleep(0.5)
+        first = set(sub.seqs())
+        code, _, err = finish(start_run("--config", str(cfg), "--max-frames", "20"))
+        assert code == 0, err
+        assert sub.wait_for(lambda: len(sub.seqs()) >= len(first) + 20, 20)
+        assert min(sub.seqs() - first) > max(first)
 
 
 def test_sigterm_flushes_and_publishes_stopped(tmp_path, tiny_bundle, video):

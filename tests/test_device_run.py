@@ -99,7 +99,8 @@ def test_full_spool_disk_is_a_clear_error(tmp_path, tiny_bundle, video):
 
     spool = Spool(tmp_path / "tiny.db", max_bytes=65536)
     with pytest.raises(SpoolFullError, match="full"):
-        spool.append_many([("t", lambda seq: b"x" * 200_000)])
+        noise = __import__("os").urandom(200_000)  # stored compressed: bytes that do not shrink
+        spool.append_many([("t", lambda seq: noise)])
     spool.close()
 
 
@@ -263,7 +264,6 @@ def test_truncated_video_says_where_it_ended(tmp_path, tiny_bundle):
 
 def test_stream_password_from_a_file_never_shows(tmp_path, tiny_bundle):
     """The camera's password comes from a file: it is in neither the process list nor the log."""
-    import os
     import signal
     import subprocess
     import sys
