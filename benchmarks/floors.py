@@ -2,6 +2,7 @@
 
     python benchmarks/floors.py                  # seeds 0..4, the test modules that hold floors, two workers
     python benchmarks/floors.py --seeds 0 1      # some seeds only (the results file wants five)
+    python benchmarks/floors.py --modules tests/test_detect.py   # these modules' floors again, the rest kept
 
 For each seed it runs those test modules with ``EDGEQ_TEST_SEED`` set and ``EDGEQ_FLOORS_RECORD`` naming a file:
 every ``floors.check`` then records its value instead of asserting it (tests/floors.py). The results file keeps
@@ -24,22 +25,24 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import RESULTS as RESULTS_DIR
 from _common import ROOT, require_clean_tree, write_result
 
 sys.path.insert(0, str(ROOT / "tests"))
 from floors import FLOORS, SPREAD_SIGMAS  # noqa: E402
 
+RESULTS = RESULTS_DIR / "floors.json"
 MODULES = ["tests/test_detect.py", "tests/test_bayes.py", "tests/arm/test_arm.py", "tests/test_accuracy.py"]
 
 
-def run_seed(seed: int, workers: int) -> tuple[list[dict], dict]:
+def run_seed(seed: int, workers: int, modules: list[str]) -> tuple[list[dict], dict]:
     with tempfile.TemporaryDirectory() as tmp:
         record = Path(tmp) / "floors.jsonl"
         record.touch()
         env = {**os.environ, "EDGEQ_TEST_SEED": str(seed), "EDGEQ_FLOORS_RECORD": str(record)}
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", str(workers), "--dist", "loadfile",
-                            "--no-loadscope-reorder", "-p", "no:cacheprovider", *MODULES],
+                            "--no-loadscope-reorder", "-p", "no:cacheprovider", *modules],
                            cwd=ROOT, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
         values = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
@@ -59,15 +62,27 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--modules", nargs="+", default=MODULES, help="test modules to run (default: all that hold "
+                    "floors); the floors of the others are kept from the results file, with the commit that measured "
+                    "them")
     args = ap.parse_args(argv)
     values: dict[str, dict[int, float]] = {}
     runs = []
     for seed in args.seeds:
-        recorded, run = run_seed(seed, args.workers)
+        recorded, run = run_seed(seed, args.workers, args.modules)
+        run["modules"] = args.modules
         runs.append(run)
         for rec in recorded:
             values.setdefault(rec["name"], {})[rec["seed"]] = rec["value"]
+    from _common import _commit
+
     floors = {}
+    kept_runs = []
+    if args.modules != MODULES and RESULTS.is_file():  # a partial run: the other modules' floors stay as measured
+        earlier = json.loads(RESULTS.read_text())
+        prefixes = tuple(Path(m).stem.removeprefix("test_") + "." for m in args.modules)
+        floors = {k: v for k, v in earlier["floors"].items() if not k.startswith(prefixes)}
+        kept_runs = [r for r in earlier["runs"] if set(r.get("modules", MODULES)) - set(args.modules)]
     for name, by_seed in sorted(values.items()):
         floor = FLOORS[name]
         v = np.array([by_seed[s] for s in sorted(by_seed)])
@@ -79,12 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             "min": round(float(v.min()), 6), "max": round(float(v.max()), 6), "mean": round(float(v.mean()), 6),
             "std": round(std, 6), "bound": floor.bound, "margin": round(margin, 6),
             "allowed_bound": allowed_bound(floor.at_least, float(v.min()), float(v.max()), margin),
+            "commit": _commit(),
         }
-    never = sorted(set(FLOORS) - set(values))
+    never = sorted(set(FLOORS) - set(floors))
     write_result("floors", {
         "what": "every quality floor of the suite over training seeds (EDGEQ_TEST_SEED); tests/floors.py",
-        "modules": MODULES, "spread_sigmas": SPREAD_SIGMAS, "runs": runs, "floors": floors,
-        "never_measured": never,
+        "modules": MODULES, "spread_sigmas": SPREAD_SIGMAS, "runs": kept_runs + runs,
+        "floors": dict(sorted(floors.items())), "never_measured": never,
     })
     return 0
 

@@ -145,7 +145,16 @@ def test_convert_gives_a_full_int8_detect_bundle(bundle):
     known = m["validation"]["quantized"]["flagged"]["known"]
     assert known["count"] == fit["reference_samples"]
     check("detect.det.known_detections", known["count"])
-    assert abs(known["unfamiliar"] - 0.05) <= 1.5 / known["count"] + 0.005, known
+    # open set (--unknown auto with --val): a cell is kept by its class score or by its objectness, the threshold
+    # the best class-agnostic F1 on --val's known objects; the unknown score's threshold publishes --review-ood-rate
+    # (5%) of --val's known detections as "unknown", and so the review rule no longer has an unfamiliarity part
+    assert 0 < det["objectness_threshold"] < 1
+    assert det["objectness_threshold_calibration"]["rule"].startswith("highest class-agnostic F1")
+    unknown = m["unknown"]
+    assert unknown["measures"] and unknown["count"] == known["count"] and unknown["ood_rate"] == 0.05
+    assert m["head"]["review"].get("unfamiliar_threshold") is None
+    published = m["validation"]["quantized"]["known_objects"]["published_unknown"]
+    assert abs(published - 0.05) <= 1.5 / known["count"] + 0.005, (published, known["count"])
     # the class samples survive int8: the spread between them is kept within a third
     spread = m["head"]["spread"]
     check("detect.det.spread_ratio_error", abs(spread["quantized"] / spread["float"] - 1))
@@ -221,7 +230,13 @@ def test_detection_quality_floor_on_a_fixed_seed(evaluated):
     assert q["matched_known"] > 0 and q["matched_unknown"] > 0
     check("detect.det.label_accuracy_known", q["label_accuracy_known"])
     check("detect.det.test_unknown_auroc_unfamiliarity", q["unknown_auroc"]["unfamiliarity"])
-    check("detect.det.test_known_flagged_unfamiliar", q["flagged"]["known"]["unfamiliar"])
+    # the unknown score on objects convert never saw: bags found at all (kept by class score or objectness), ranked
+    # above known objects, published as "unknown"; known objects published as such near the 5% set on --val
+    bag = q["unknown_kinds"]["bag"]
+    check("detect.det.test_bag_found_rate", bag["found_rate"])
+    check("detect.det.test_bag_auroc_unknown_score", bag["auroc"]["unknown_score"])
+    check("detect.det.test_bag_published_unknown", bag["published_unknown"])
+    check("detect.det.test_known_published_unknown", q["known_objects"]["published_unknown"])
 
 
 def test_run_publishes_detections_with_uncertainty_on_a_video(bundle, tmp_path):
@@ -251,7 +266,11 @@ def test_run_publishes_detections_with_uncertainty_on_a_video(bundle, tmp_path):
             found += 1
             y0, x0, y1, x1 = d["box"]
             assert 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1
-            assert d["label"] in m["labels"] and d["score"] <= d["objectness"] + 1e-6
+            if d["label"] == "unknown":  # none of its classes: the box is kept, the nearest class beside it
+                assert d["nearest_label"] in m["labels"] and d["review_reason"] == "unknown"
+                assert d["uncertainty"].get("unknown_score", np.inf) >= m["unknown"]["threshold"]
+            else:
+                assert d["label"] in m["labels"] and d["score"] <= d["objectness"] + 1e-6
             u = d["uncertainty"]
             assert u["method"] == "mc" and u["samples"] == 32
             assert abs(u["predictive_entropy"] - u["aleatoric"] - u["mutual_information"]) < 1e-4
