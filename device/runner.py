@@ -441,6 +441,9 @@ class Runner:
 
 def run_device(cfg: DeviceConfig, log: Callable[[str], None] | None = None) -> int:
     log = log or say
+    from .updates import fewer_heaps
+
+    fewer_heaps()
     runner = Runner(cfg, log)
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -192,6 +192,12 @@ class Updater(threading.Thread):
                 self._handle(offer)
             except Exception as exc:  # noqa: BLE001 - a bug here must not stop the camera loop; it is reported
                 self._refuse({"bytes": len(offer.payload)}, f"internal error while checking it ({exc!r})")
+            # not held while waiting for the next offer: a bundle's bytes (tens of MB) would stay in memory
+            offer = None
+            give_memory_back()
+            # and once more when the old model is gone too (the outbox drops it with the last result it made)
+            threading.Timer(2.0, give_memory_back).start()
+
 
     def _handle(self, offer: Offer) -> None:
         data = offer.payload
@@ -286,3 +292,29 @@ def state_payload(device_id: str, state: str, bundle: Any, store: BundleStore | 
     return {"schema": BUNDLE_STATE_SCHEMA[0], "schema_version": BUNDLE_STATE_SCHEMA[1], "device_id": device_id,
             "state": state, "timestamp": utc_now(), "bundle": describe_bundle(bundle),
             "previous_sha256": previous, "offered": offered, "reason": reason}
+
+
+def give_memory_back() -> None:
+    """After an update: collect cycles, then ask glibc to return its free heap pages to the system. Without it a
+    device that swapped in a 47 MB bundle kept 18 MB over a fresh start on it, 5 MB with it (docs/fleet.md,
+    benchmarks/memory.py). malloc_trim is glibc's (Raspberry Pi OS and Debian); elsewhere this only collects."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def fewer_heaps() -> None:
+    """At start, before threads: glibc gives each thread that allocates its own heap (up to 8 a core), each
+    keeping freed memory of its own; two are enough for edgeq's few threads (capture, outbox, MQTT, updates), and
+    what one thread frees another can reuse (M_ARENA_MAX, as MALLOC_ARENA_MAX=2 would). Not glibc: nothing."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
