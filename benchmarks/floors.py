@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from _common import RESULTS as RESULTS_DIR
-from _common import ROOT, require_clean_tree, write_result
+from _common import ROOT, log, require_clean_tree, write_result
 
 sys.path.insert(0, str(ROOT / "tests"))
 from floors import FLOORS, SPREAD_SIGMAS  # noqa: E402
 
 RESULTS = RESULTS_DIR / "floors.json"
+LOGS = Path(tempfile.gettempdir()) / "edgeq-floors"  # each seed's pytest output
 MODULES = ["tests/test_detect.py", "tests/test_bayes.py", "tests/arm/test_arm.py", "tests/test_accuracy.py"]
 
 
@@ -46,6 +47,7 @@ def run_seed(seed: int, workers: int, modules: list[str]) -> tuple[list[dict], d
                            cwd=ROOT, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
         values = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
+    (LOGS / f"seed{seed}.log").write_text(r.stdout + r.stderr)  # what failed, while the other seeds run
     summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
     failed = [ln.split(" ", 1)[1].split(" - ")[0] for ln in r.stdout.splitlines() if ln.startswith("FAILED ")]
     print(f"seed {seed}: {summary} ({seconds:.0f} s, {len(values)} values)", file=sys.stderr)
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                     "floors); the floors of the others are kept from the results file, with the commit that measured "
                     "them")
     args = ap.parse_args(argv)
+    LOGS.mkdir(exist_ok=True)
+    log(f"each seed's pytest output goes to {LOGS}")
     values: dict[str, dict[int, float]] = {}
     runs = []
     for seed in args.seeds:
