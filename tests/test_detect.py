@@ -302,21 +302,24 @@ def test_eval_reports_map_calibration_and_unknown_auroc(bundle, detector, scenes
                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     n = text.count("data:image/png;base64,")
     assert f'data-images-loaded="{n}"' in out.stdout, out.stdout[:500]
-    # a float32 bundle of the same detector side by side: convert's float path and eval's Keras reference are the
-    # same float model (same weight samples), so their figures agree exactly, and differ from int8's outputs
+    # a float32 bundle of the same detector, with the int8 bundle beside it: convert's float path and eval's Keras
+    # reference are the same float model (same weight samples) read with the float bundle's manifest (the reference
+    # takes the first bundle's thresholds and unknown block), so their figures agree exactly
     from edgeq.bundle import read_bundle
 
     float_bundle = tmp_path / "float32.edgeq"
     layout = read_bundle(bundle).manifest.head.layout
     r = run_edgeq("convert", str(detector), "--quant", "float32", "--bayes-layout", layout, "-o", str(float_bundle))
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_edgeq("eval", str(bundle), "--data", str(scenes["test"]), "--compare", str(float_bundle),
+    r = run_edgeq("eval", str(float_bundle), "--data", str(scenes["test"]), "--compare", str(bundle),
                   "--reference", str(detector), "--json", timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     models = json.loads(r.stdout)["models"]
     for key in ("map50", "map", "detections", "matched_known", "matched_unknown"):
-        assert models["float32"][key] == models["reference"][key], key
-    assert models["float32"]["variant"].startswith("float32") and models["quantized"]["variant"].startswith("int8")
+        assert models["quantized"][key] == models["reference"][key], key
+    int8 = models[Path(bundle).stem]
+    assert models["quantized"]["variant"].startswith("float32") and int8["variant"].startswith("int8")
+    assert int8["size_bytes"] < models["quantized"]["size_bytes"]
     r = run_edgeq("eval", str(bundle), "--data", str(scenes["test"]))
     assert r.returncode == 0 and "mAP@0.5" in r.stdout and "AUROC unknown" in r.stdout
     # the plain table shows the same figures as the JSON

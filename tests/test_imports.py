@@ -151,7 +151,8 @@ def test_no_import_cycle():
 
 def test_a_cycle_would_be_found(monkeypatch):
     monkeypatch.setitem(GRAPH, "edgeq.bundle", GRAPH["edgeq.bundle"] | {"edgeq.inspect"})
-    assert ["edgeq.bundle", "edgeq.inspect"] in _cycles()
+    # the cycle found may run through other modules on its way back (edgeq.inspect -> edgeq.signing -> edgeq.bundle)
+    assert any({"edgeq.bundle", "edgeq.inspect"} <= set(c) for c in _cycles()), _cycles()
 
 
 def test_device_reaches_no_host_code():
