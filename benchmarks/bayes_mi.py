@@ -17,7 +17,8 @@ feature norm on the test images, and the OOD AUROC of MI, of predictive entropy 
 disagreement (the fraction of samples whose top class differs from the mean's), for each kind of unknown input.
 
     python benchmarks/bayes_mi.py [--workdir DIR]     # writes benchmarks/results/bayes_mi.json
-                                                      # (--workdir: reuse benchmarks/unknowns.py's data and model)
+                                                      # (--workdir: reuse benchmarks/unknowns.py's data and
+                                                      # its model of --seed)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import log, write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
+from _common import log, require_clean_tree, write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -42,22 +43,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="benchmarks/unknowns.py's --workdir: reuse its data and model")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the training seed of unknowns.py's model (and of the heads)")
     args = p.parse_args(argv)
     import unknowns
 
+    require_clean_tree()  # before the slow part: the results must name the commit that ran
     tmp_ctx = tempfile.TemporaryDirectory() if not args.workdir else None
     work = Path(args.workdir or tmp_ctx.name)
-    model_path = work / "model.keras"
-    if not model_path.is_file():
-        unknowns.main(["--workdir", str(work)])  # data, model and its own figures
+    model_path = work / f"seed{args.seed}" / "model.keras"
+    if not model_path.is_file():  # unknowns.py's data and its model of this training seed, without its figures
+        defaults = unknowns.parser().parse_args([])
+        unknowns.train_and_convert(args.seed, unknowns.make_data(work, defaults), work, defaults)
     feats = cached_features(model_path, work)
     x, y = feats["train"]
     variants = {f"prior_{s:g}": {"prior_sigma": s} for s in (0.01, 0.03, 0.1, 0.3, 1.0)}
     variants.update({"kl_x0.1": {"kl_scale": 0.1}, "kl_x10": {"kl_scale": 10.0},
                      "l2_normalised_features": {"normalise": True}})
     result: dict = {"benchmark": "bayes_mi", "command": "python benchmarks/bayes_mi.py",
-                    "model": "benchmarks/unknowns.py's classifier; heads trained on its frozen penultimate features",
+                    "model": f"benchmarks/unknowns.py's classifier of training seed {args.seed}; heads trained on its frozen "
+                             "penultimate features",
                     "train_samples": int(len(y)), "epochs": args.epochs, "samples": args.samples, "heads": {}}
     for name, v in variants.items():
         t0 = time.perf_counter()
@@ -83,7 +87,7 @@ def cached_features(model_path: Path, work: Path) -> dict[str, tuple[np.ndarray,
     m = keras.models.load_model(model_path, compile=False)
     head = next(layer for layer in m.layers if layer.output is m.outputs[0])
     extractor = keras.Model(m.inputs, head.input)
-    bundle = read_bundle(work / "int8.edgeq")
+    bundle = read_bundle(model_path.parent / "int8.edgeq")
     pre = Preprocessor(bundle.preprocess_spec.with_dtype("float32"))
 
     def run(files):
@@ -97,7 +101,7 @@ def cached_features(model_path: Path, work: Path) -> dict[str, tuple[np.ndarray,
         data = class_folder(work / split, bundle.labels)
         out[split] = (run(data.files), np.asarray(data.targets))
     for kind in ("digits", "held_out", "photos"):
-        out[kind] = (run(list_images(work / "ood" / kind)), None)
+        out[kind] = (run(list_images(work / "report" / kind)), None)
     out["init"] = tuple(np.asarray(w) for w in head.get_weights())
     return out
 

