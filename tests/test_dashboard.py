@@ -134,7 +134,8 @@ def test_dashboard_shows_devices_detections_flags_and_offline(tmp_path, ws_broke
             assert browser.wait_for(f"!{card}.querySelector('img.snapshot').hidden && "
                                     f"{card}.querySelector('img.snapshot').naturalWidth > 0")
             # the uncertainty is shown: every row has a bar with a width
-            assert browser.wait_for(f"[...{card}.querySelectorAll('.bar > span')].every(s => s.style.width.endsWith('%'))")
+            assert browser.wait_for(f"((bars) => bars.length > 0 && bars.every(s => s.style.width.endsWith('%')))"
+                                    f"([...{card}.querySelectorAll('.bar > span')])")
             # a flagged result is marked: over a few seconds of frames, some row says review and why
             flagged = browser.wait_for(
                 f"(window._seen = (window._seen || '') + [...{card}.querySelectorAll('tr.flagged .reason')]"

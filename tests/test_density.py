@@ -291,7 +291,7 @@ def test_a_bundle_with_labelled_data_publishes_unfamiliarity(tiny_bundle, shapes
     rule = m.head.review
     assert rule.unfamiliar_threshold is not None and rule.mode in ("target", "budget")
     # --review-measure auto: a classifier with a density rests its ambiguous part on the density's disagreement
-    assert rule.measure == "density_disagreement" and 0.0 <= rule.threshold <= 1.0
+    assert rule.measure == "density_disagreement" and rule.count == 36 and rule.coverage is not None
     # another measure in the device config needs its own threshold: the bundle's is on the disagreement's scale
     cfg = tmp_path / "device.toml"
     cfg.write_text('[thresholds]\nreview_measure = "predictive_entropy"\n')
@@ -305,18 +305,25 @@ def test_a_bundle_with_labelled_data_publishes_unfamiliarity(tiny_bundle, shapes
     assert r.returncode == 0 and len(msgs) == 2, r.stderr[-2000:]
     assert all(("ambiguous" in (d["review_reason"] or "")) is (d["uncertainty"]["predictive_entropy"] > 0.5)
                for msg in msgs for d in msg["detections"])
-    r, msgs = _run(tiny_bundle, shapes_dir / "circle", tmp_path, "--max-frames", "6")
+    # the device over convert's own --val images (shapes_dir): it flags as ambiguous the share the rule was set to
+    # leave out there, and its percentiles rank the images as their unfamiliarity does
+    r, msgs = _run(tiny_bundle, shapes_dir, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert len(msgs) == 6
+    assert len(msgs) == 36
+    tops = []
     for msg in msgs:
         jsonschema.validate(msg, message_schema("detections"))
         for d in msg["detections"]:
             u = d["uncertainty"]
-            assert u["unfamiliarity"] >= 0 and 0 <= u["unfamiliarity_percentile"] <= 100
-            assert 0.0 <= u["density_disagreement"] <= 1.0
             assert d["needs_review"] is (d["review_reason"] is not None)
             ambiguous = "ambiguous" in (d["review_reason"] or "")
             assert ambiguous is (u["density_disagreement"] > rule.threshold), (u, rule.threshold)
+        tops.append((msg["detections"][0]["uncertainty"], "ambiguous" in (msg["detections"][0]["review_reason"] or "")))
+    share = sum(a for _, a in tops) / len(tops)
+    assert abs(share - (1.0 - rule.coverage)) <= 1.0 / rule.count + 1e-9, (share, rule.coverage)
+    order = sorted(u["unfamiliarity"] for u, _ in tops)
+    by_score = [u["unfamiliarity_percentile"] for u, _ in sorted(tops, key=lambda t: t[0]["unfamiliarity"])]
+    assert order[0] > 0 and by_score == sorted(by_score) and by_score[0] < by_score[-1], by_score
 
 
 def test_a_bundle_made_before_the_measure_still_runs(tiny_keras_path, shapes_dir, tmp_path):

@@ -4,6 +4,7 @@ broker (open, password-protected, absent), and the CPU parser on the /proc/cpuin
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 
 import pytest
@@ -43,12 +44,14 @@ def test_doctor_passes_with_a_bundle_and_a_live_broker(tmp_path, tiny_bundle):
         assert r.returncode == 0, r.stdout + r.stderr
         report = json.loads(r.stdout)
         checks = _checks(r)
-        assert report["status"] in ("pass", "warn")
+        # the overall status is the worst of the checks (a warning, e.g. a host that is not a Pi, keeps it "warn")
+        statuses = {c["status"] for c in checks.values()}
+        assert "fail" not in statuses and report["status"] == ("warn" if "warn" in statuses else "pass"), statuses
         assert checks["runtime"]["status"] == "pass" and checks["runtime"]["data"]["runtime"] == "ai-edge-litert"
         assert checks["broker"]["status"] == "pass" and checks["broker"]["data"]["connect_ms"] > 0
         assert checks["bundle"]["status"] == "pass" and checks["model"]["data"]["invoke_ms_median"] > 0
         assert checks["xnnpack"]["status"] == "pass" and checks["xnnpack"]["data"]["whole_graph"] is True
-        assert checks["cpu"]["data"]["cores"] >= 1 and checks["threads"]["data"]["threads"] == 1
+        assert checks["cpu"]["data"]["cores"] == os.cpu_count() and checks["threads"]["data"]["threads"] == 1
         # it connected under its own client id (a running device keeps its session) and left nothing retained:
         # a fresh subscriber to everything receives no message
         assert "edgeq-edgeq-doctor" in (tmp_path / "broker" / "mosquitto.log").read_text()

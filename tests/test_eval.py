@@ -85,7 +85,25 @@ def test_eval_figures_match_an_independent_computation(evaluated, layers_bundle,
         roc_auc_score(np.r_[np.zeros(len(h)), np.ones(len(h_ood))], np.r_[h, h_ood]))
     # the reference is the Keras model itself, converted to float32 by the same code as convert --val
     assert report["models"]["reference"]["top1"] == pytest.approx(b.manifest.to_json()["validation"]["float_top1"])
-    assert 0 <= q["referral_at_target"] <= 1 and len(q["selective"]["accuracy"]) == 21
+    # selective prediction by the bundle's review measure, recomputed from what `edgeq run` publishes for each image:
+    # refer the most uncertain share r, score the rest
+    measure = report["uncertainty_measure"]
+    assert measure == "density_disagreement"
+    r = run_edgeq("run", "--model", str(layers_bundle), "--source", str(shapes_dir), "--output", "-")
+    msgs = [m for m in map(json.loads, r.stdout.splitlines()) if m.get("schema") == "edgeq.detections"]
+    files = list_images(shapes_dir)  # a folder source's order; the frame id is the file name
+    assert [m["frame"]["id"] for m in msgs] == [f.name for f in files]
+    by_file = {f.resolve(): m["detections"][0] for f, m in zip(files, msgs)}
+    tops = [by_file[Path(f).resolve()] for f in data.files]
+    u = np.array([d["uncertainty"][measure] for d in tops])
+    right = np.array([d["label"] == b.labels[t] for d, t in zip(tops, data.targets)])[np.argsort(u, kind="stable")]
+    assert right.mean() == pytest.approx(q["top1"])
+    kept = [max(1, int(np.ceil((1 - rate) * len(u) - 1e-9))) for rate in np.linspace(0, 1, 21)]
+    assert q["selective"]["accuracy"] == pytest.approx([right[:k].mean() for k in kept])
+    # the referral rate at the target: the least share whose kept results reach the target accuracy
+    target = q["target_accuracy"]
+    least = next((1 - k / len(u) for k in range(len(u), 0, -1) if right[:k].mean() >= target), 1.0)
+    assert q["referral_at_target"] == pytest.approx(least, abs=1e-9), (q["referral_at_target"], least)
     assert q["runtime"]["runtime"] == "ai-edge-litert" and q["latency_ms_median"] > 0
 
 
