@@ -101,6 +101,12 @@ def ws_broker(tmp_path):
     broker.stop()
 
 
+def _publish(port: int, topic: str, payload: dict) -> None:
+    import paho.mqtt.publish as publish
+
+    publish.single(topic, json.dumps(payload), qos=1, retain=True, hostname="127.0.0.1", port=port)
+
+
 def _serve(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     exe = edgeq_exe()
     cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
@@ -131,11 +137,13 @@ def test_dashboard_shows_devices_detections_flags_and_offline(tmp_path, ws_broke
             assert browser.wait_for(f"{card} && {card}.querySelector('.state').dataset.state === 'online'")
             assert browser.wait_for(f"{card}.querySelectorAll('table.detections tr').length > 0")
             assert browser.wait_for(f"{card}.querySelector('.stats').textContent.includes('fps')")
-            assert browser.wait_for(f"!{card}.querySelector('img.snapshot').hidden && "
+            assert browser.wait_for(f"{card}.querySelector('img.snapshot') && "
                                     f"{card}.querySelector('img.snapshot').naturalWidth > 0")
             # the uncertainty is shown: every row has a bar with a width
             assert browser.wait_for(f"((bars) => bars.length > 0 && bars.every(s => s.style.width.endsWith('%')))"
-                                    f"([...{card}.querySelectorAll('.bar > span')])")
+                                    f"([...{card}.querySelectorAll('table .bar > span')])")
+            # and the bar says what it measures
+            assert "percentile" in browser.js(f"{card}.querySelector('.legend').textContent")
             # a flagged result is marked: over a few seconds of frames, some row says review and why
             flagged = browser.wait_for(
                 f"(window._seen = (window._seen || '') + [...{card}.querySelectorAll('tr.flagged .reason')]"
@@ -144,6 +152,17 @@ def test_dashboard_shows_devices_detections_flags_and_offline(tmp_path, ws_broke
             shot = browser.call("Page.captureScreenshot", format="png")
             (tmp_path / "dashboard.png").write_bytes(__import__("base64").b64decode(shot["data"]))
             assert (tmp_path / "dashboard.png").stat().st_size > 5000
+            # a detector that sends no snapshots and has seen an object of none of its classes: no snapshot box,
+            # and the row says "unknown" with the class it is nearest to (a schema-4 message, as a detector sends)
+            _publish(broker.port, "edgeq/dock/status", {"schema": "edgeq.status", "state": "online"})
+            _publish(broker.port, "edgeq/dock/detections", {
+                "schema": "edgeq.detections", "seq": 1, "detections": [{
+                    "label": "unknown", "nearest_label": "ankle_boot", "score": 0.41, "needs_review": True,
+                    "review_reason": "unknown", "uncertainty": {"unfamiliarity_percentile": 99.5}}]})
+            dock = "document.querySelector('[data-device=\"dock\"]')"
+            assert browser.wait_for(f"{dock} && {dock}.querySelectorAll('tr.unknown').length === 1")
+            assert "nearest: ankle_boot" in browser.js(f"{dock}.querySelector('tr.unknown').textContent")
+            assert browser.js(f"{dock}.querySelector('img') === null")
         finally:
             run.send_signal(signal.SIGTERM)
             run.communicate(timeout=60)
@@ -213,7 +232,9 @@ def test_dashboard_shows_a_broker_that_is_down_and_retries_without_spinning(tmp_
         before = cpu()
         time.sleep(5)
         assert cpu() - before < 0.5
-        assert "retrying" in browser.js("document.getElementById('broker').textContent")
+        text = browser.js("document.getElementById('broker').textContent")
+        # never reached: the page names the usual cause and where the docs say how to fix it
+        assert "retrying" in text and "WebSockets listener" in text and "docs/dashboard.md" in text, text
     finally:
         browser.close()
         server.terminate()

@@ -30,11 +30,17 @@
     const head = el("h2");
     head.append(el("span", {}, id), el("span", { class: "state", "data-state": "unknown" }, "unknown"));
     const stats = el("div", { class: "stats" }, "no stats yet");
-    const img = el("img", { class: "snapshot", alt: "latest snapshot of " + id, hidden: "" });
     const table = el("table", { class: "detections" });
-    card.append(head, stats, img, table);
+    // what the bar says: the device publishes each result's unfamiliarity percentile among the known results of
+    // the bundle's --val; a result past the bundle's review threshold is flagged (red) with its reason
+    const legend = el("p", { class: "legend" });
+    legend.append(el("span", { class: "bar" }, ""), el("span", {}, " how unfamiliar: the percentile among the known " +
+                  "results the bundle was calibrated on (100: less familiar than all of them). Red rows are flagged " +
+                  "for review, past the bundle's threshold; \"unknown\" is an object of none of its classes."));
+    legend.firstChild.append(el("span", { style: "width: 50%" }));
+    card.append(head, stats, table, legend);  // the snapshot goes above the table when the device sends one
     main.append(card);
-    const d = { card, state: head.lastChild, stats, img, table, url: null };
+    const d = { card, state: head.lastChild, stats, img: null, table, url: null };
     devices.set(id, d);
     return d;
   }
@@ -88,10 +94,13 @@
 
   function onSnapshot(id, payload) {
     const d = device(id);
+    if (!d.img) {  // no box at all until a snapshot arrives (a device with snapshots off never shows one)
+      d.img = el("img", { class: "snapshot", alt: "latest snapshot of " + id });
+      d.card.insertBefore(d.img, d.table);
+    }
     if (d.url) URL.revokeObjectURL(d.url);
     d.url = URL.createObjectURL(new Blob([payload], { type: "image/jpeg" }));
     d.img.src = d.url;
-    d.img.hidden = false;
   }
 
   if (!window.mqtt) {
@@ -106,9 +115,17 @@
     setBroker("connected", `connected to ${cfg.url}`);
     client.subscribe([`${prefix}/+/status`, `${prefix}/+/stats`, `${prefix}/+/detections`, `${prefix}/+/snapshot`]);
   });
-  // a broker that is down: shown, and retried every reconnectPeriod by MQTT.js (no busy loop)
-  client.on("reconnect", () => setBroker("disconnected", `disconnected from ${cfg.url}; retrying`));
-  client.on("close", () => setBroker("disconnected", `disconnected from ${cfg.url}; retrying`));
+  // a broker that is down: shown, and retried every reconnectPeriod by MQTT.js (no busy loop). Never connected
+  // at all: the usual cause is a broker without a WebSockets listener, so the page says what to add
+  let everConnected = false;
+  client.on("connect", () => { everConnected = true; });
+  function down() {
+    const hint = everConnected ? "" : " (never reached: the broker needs a WebSockets listener, e.g. mosquitto's " +
+      "\"listener 9001\" + \"protocol websockets\"; see docs/dashboard.md)";
+    setBroker("disconnected", `disconnected from ${cfg.url}; retrying${hint}`);
+  }
+  client.on("reconnect", down);
+  client.on("close", down);
   client.on("error", (e) => setBroker("error", `broker error: ${e.message}`));
   client.on("message", (topic, payload) => {
     const parts = topic.split("/");
