@@ -227,7 +227,7 @@ def environment_rows(res: dict[str, R]) -> list[str]:
         pk = env["packages"]
         lines.append(f"| {name}.json | {env['cpu']} ({env['cores']}; {' '.join(env['cpu_flags'])}) | "
                      f"{pk.get('ai-edge-litert', '-')} / {pk.get('tensorflow-cpu', pk.get('tensorflow', '-'))} | "
-                     f"{env['commit'][:10]}, {env['date'][:10]} |")
+                     f"{env['commit']}, {env['date'][:10]} |")
     return lines
 
 
