@@ -85,6 +85,7 @@ def test_eval_figures_match_an_independent_computation(evaluated, layers_bundle,
         roc_auc_score(np.r_[np.zeros(len(h)), np.ones(len(h_ood))], np.r_[h, h_ood]))
     # the reference is the Keras model itself, converted to float32 by the same code as convert --val
     assert report["models"]["reference"]["top1"] == pytest.approx(b.manifest.to_json()["validation"]["float_top1"])
+    assert report["models"]["reference"]["variant"] == "float32 (from Keras)"  # the detector's eval says the same
     # selective prediction by the bundle's review measure, recomputed from what `edgeq run` publishes for each image:
     # refer the most uncertain share r, score the rest
     measure = report["uncertainty_measure"]
@@ -130,6 +131,13 @@ def test_eval_against_a_float_bundle_and_plain_text(tiny_bundle, float_bundle, s
     r = run_edgeq("eval", str(tiny_bundle), "--data", str(shapes_dir), "--reference", str(float_bundle))
     assert r.returncode == 0, r.stderr
     assert "reference" in r.stdout and "quantized" in r.stdout and "ECE" in r.stdout
+    # an aligned table: the header and every figure's row (the runtime's included) are one width
+    lines = r.stdout.splitlines()
+    table = lines[next(i for i, ln in enumerate(lines) if ln.strip().startswith("reference") and
+                        "quantized" in ln):]
+    table = [ln for ln in table if not ln.startswith("report:")]
+    assert len(table) > 5 and len({len(ln) for ln in table}) == 1, "\n".join(table)
+    assert any("ai-edge-litert" in ln for ln in table)
     # a reference for another task is refused, naming it
     other = tmp_path / "other.edgeq"
     assert run_edgeq("convert", "mobilenet_v2", "--density", "off", "--alpha", "0.35",

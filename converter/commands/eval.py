@@ -59,12 +59,14 @@ def print_models(title: str, report: dict[str, Any], variants: list[str], rows: 
     figure with a column per model."""
     names = list(report["models"])
     width = max(len(label) for label, _ in rows)
+    # each column as wide as its longest cell (a runtime's name is longer than a figure)
+    cols = [max([len(n)] + [len(values[i]) for _, values in rows]) for i, n in enumerate(names)]
     print(title)
     for n, v in zip(names, variants):
         print(f"  {n}: {v}")
-    print(f"  {'':<{width}}  " + "  ".join(f"{n:>12}" for n in names))
+    print(f"  {'':<{width}}  " + "  ".join(f"{n:>{c}}" for n, c in zip(names, cols)))
     for label, values in rows:
-        print(f"  {label:<{width}}  " + "  ".join(f"{v:>12}" for v in values))
+        print(f"  {label:<{width}}  " + "  ".join(f"{v:>{c}}" for v, c in zip(values, cols)))
     if "report" in report:
         print(f"report: {report['report']}")
 

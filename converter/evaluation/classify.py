@@ -277,11 +277,11 @@ def _reference_run(path: str, bundle: Bundle, threads: int) -> EvalRun:
         if head.spec.classes != len(bundle.labels):
             raise DataError(f"--reference {path}: {head.spec.classes} outputs but {bundle.path} has "
                             f"{len(bundle.labels)} labels")
-        return EvalRun("reference", model, head, bundle.preprocess_spec)
+        return EvalRun("reference", model, head, bundle.preprocess_spec, info={"variant": "float32 (from .tflite)"})
     from ..reference import classifier_reference
 
     model, head = classifier_reference(path, bundle.manifest, threads)
-    return EvalRun("reference", model, head, bundle.preprocess_spec)
+    return EvalRun("reference", model, head, bundle.preprocess_spec, info={"variant": "float32 (from Keras)"})
 
 
 def compare_bundles(paths: Sequence[str | Path], bundle: Bundle, taken: Sequence[str] = ("reference", "quantized")
