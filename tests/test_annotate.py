@@ -67,20 +67,71 @@ def test_annotated_video_has_every_frame_and_the_boxes_where_the_results_say(tmp
     assert len(frames) == FRAMES
     checked = 0
     for image, m in zip(frames, messages):
-        h, w = image.shape[:2]
+        h, w = m["frame"]["height"], m["frame"]["width"]
+        k = image.shape[1] // w  # a 160-px frame is written 4x larger, so that its text is readable
+        assert k == 4 and image.shape[:2] == (h * k, w * k)
         for d in m["detections"][:1]:  # the best box of the frame: its bottom edge, away from any label text
             px = d["bbox_px"]  # the pixel box the payload gives, which the deprecated array must agree with
             x0, y0, x1, y1 = px["x_min"], px["y_min"], px["x_max"], px["y_max"]
             ymin, xmin, ymax, xmax = d["box"]
             assert [x0, y0, x1, y1] == [round(xmin * w), round(ymin * h), round(xmax * w), round(ymax * h)]
             assert d["bbox"] == {"x_min": xmin, "y_min": ymin, "x_max": xmax, "y_max": ymax}
-            if x1 - x0 < 6 or not 0 < y1 < h - 1:
+            bottom = round(ymax * h * k)
+            if x1 - x0 < 6 or not 0 < bottom < h * k - 1:
                 continue
             colour = FLAGGED if d["needs_review"] else TRUSTED
-            row = image[min(y1, h - 1), x0 + 2:x1 - 2]
+            row = image[bottom, round(xmin * w * k) + 8:round(xmax * w * k) - 8]
             assert np.mean([_near(p, colour) for p in row]) > 0.5, (d, row[:5])
             checked += 1
     assert checked >= 3
+
+
+def test_tags_on_the_demo_s_small_frames_are_readable_apart_and_inside(tmp_path, detector_bundle):
+    """The demo's 192-px scenes, annotated into a video and read back: each tag's text is at least 12 px tall,
+    no two tags overlap, and every tag lies inside the frame."""
+    import cv2
+
+    from edgeq.bundle import read_bundle, with_manifest
+    from edgeq.converter.data.scenes import moving_scene_frames
+    from edgeq.converter.data.shapes import write_video
+    from edgeq.device.annotate import TEXT_ON, layout
+
+    frames, _ = moving_scene_frames(8, 192, seed=5, objects=3, unknown_classes=("bag",))
+    clip = write_video(tmp_path / "scene.avi", frames, fourcc="FFV1")
+    m = read_bundle(detector_bundle).manifest
+    bundle = with_manifest(detector_bundle, tmp_path / "det4.edgeq",
+                           m.replace(detector=m.detector.model_copy(update={"max_detections": 4})))
+    config = tmp_path / "device.toml"
+    config.write_text('[thresholds]\nscore = 0.001\nreview = 0.5\nreview_measure = "predictive_entropy"\n')
+    out = tmp_path / "annotated.avi"
+    r = run_edgeq("run", "--model", str(bundle), "--source", str(clip), "--output", "-", "--config", str(config),
+                  "--annotate", str(out), "--spool", str(tmp_path / "s.db"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    messages = _messages(r.stdout)
+    video = cv2.VideoCapture(str(out))
+    checked = 0
+    for m, frame in zip(messages, frames):
+        ok, image = video.read()
+        assert ok and image.shape[:2] == (768, 768)  # 192 px drawn 4x larger
+        tags = layout(m, 768, 768)  # where draw() put each tag; the frame read back must show it there
+        assert len(tags) == len(m["detections"])
+        for i, t in enumerate(tags):
+            x0, y0, x1, y1 = t.rect
+            assert 0 <= x0 < x1 <= 768 and 0 <= y0 < y1 <= 768, t
+            for other in tags[i + 1:]:  # apart: not even touching
+                o = other.rect
+                assert not (x0 <= o[2] and o[0] <= x1 and y0 <= o[3] and o[1] <= y1), (t, other)
+            # on the frame: the tag's colour fills it (no box line or other tag crosses it) around its text...
+            tag = image[y0:y1, x0:x1].astype(int)
+            fill = np.abs(tag - np.array(t.colour)).sum(axis=2) <= 90
+            # (its outermost pixels blur into the background in XVID's 8x8 blocks: looked at 2 px in)
+            sides = fill[2:-2, 2:4].mean(), fill[2:-2, -4:-2].mean()
+            assert fill.mean() > 0.6 and min(sides) > 0.9, (t, fill.mean(), sides)
+            # ...and the text, ink of the other colour, is at least 12 px tall
+            rows = np.flatnonzero((np.abs(tag - np.array(TEXT_ON[t.colour])).sum(axis=2) <= 150).any(axis=1))
+            assert rows.size and rows[-1] - rows[0] + 1 >= 12, (t, rows)
+        checked += len(tags)
+    assert len(messages) == 8 and checked >= 16
 
 
 def test_annotated_jpegs_of_a_classifier_name_the_top_result(tmp_path, tiny_bundle, clip):
@@ -95,15 +146,16 @@ def test_annotated_jpegs_of_a_classifier_name_the_top_result(tmp_path, tiny_bund
     assert [f.stem for f in files] == [f"{m['seq']:08d}" for m in messages] and len(files) == FRAMES
     image = cv2.imread(str(files[0]))
     original = cv2.VideoCapture(str(clip)).read()[1]
+    original = cv2.resize(original, None, fx=4, fy=4, interpolation=cv2.INTER_NEAREST)  # 160 px, written 4x
     assert image.shape == original.shape
     # the text in the corner changed those pixels, and only near the corner
     diff = np.abs(image.astype(int) - original.astype(int)).sum(axis=2) > 60
-    assert diff[:24, :].mean() > 0.02 and diff[40:, :].mean() < 0.01
+    assert diff[:30, :].mean() > 0.02 and diff[60:, :].mean() < 0.01
 
 
 def test_drawing_puts_boxes_where_the_detection_says():
     """Pure logic: one trusted and one flagged box on a black frame."""
-    from edgeq.device.annotate import FLAGGED, TRUSTED, Annotator
+    from edgeq.device.annotate import FLAGGED, TRUSTED, Annotator, layout
 
     written = {}
 
@@ -112,18 +164,51 @@ def test_drawing_puts_boxes_where_the_detection_says():
             written[seq] = canvas
 
     a = Capture(Path("x.avi"), 10)
-    frame = np.zeros((100, 200, 3), np.uint8)
-    a.add(frame, {"seq": 7, "detections": [
+    frame = np.zeros((400, 800, 3), np.uint8)  # wide enough to be drawn as it is
+    a.add(frame, message := {"seq": 7, "detections": [
         {"label": "a", "score": 0.9, "bbox": {"x_min": 0.1, "y_min": 0.2, "x_max": 0.4, "y_max": 0.6},
          "needs_review": False, "uncertainty": {}},
         {"label": "b", "score": 0.5, "bbox": {"x_min": 0.6, "y_min": 0.5, "x_max": 0.9, "y_max": 0.9}, "needs_review": True,
          "review_reason": "unfamiliar", "uncertainty": {"unfamiliarity_percentile": 99.5}}]})
     canvas = written[7]
-    assert tuple(canvas[60, 40]) == TRUSTED and tuple(canvas[40, 20]) == TRUSTED  # bottom and middle-left edges
-    assert tuple(canvas[90, 150]) == FLAGGED and tuple(canvas[70, 120]) == FLAGGED
-    assert not canvas[55, 30].any() and not canvas[95, 10].any()  # inside a box, far from any: untouched
-    assert canvas[30:50, 100:200].any(axis=2).any(axis=0).sum() > 80  # the flagged label, kept inside the frame
+    assert canvas.shape == frame.shape
+    assert tuple(canvas[240, 160]) == TRUSTED and tuple(canvas[160, 80]) == TRUSTED  # bottom and middle-left edges
+    assert tuple(canvas[360, 600]) == FLAGGED and tuple(canvas[280, 480]) == FLAGGED
+    assert not canvas[220, 120].any() and not canvas[380, 40].any()  # inside a box, far from any: untouched
+    # each tag just above its box (ending a pixel over its top edge), from its left edge, filled with its colour
+    tags = layout(message, 800, 400)
+    assert [t.rect[3] for t in tags] == [79, 199] and [t.rect[0] for t in tags] == [80, 480]
+    for t, colour in zip(tags, (TRUSTED, FLAGGED)):
+        x0, y0, x1, y1 = t.rect
+        assert (canvas[y0:y1, x0:x1] == colour).all(axis=2).mean() > 0.6 and x1 <= 800
     assert frame.sum() == 0  # the frame itself is not drawn on
+
+
+def test_tags_go_where_they_overlap_no_other():
+    """Pure logic: two boxes with the same top edge, side by side, and a third that would put its tag on theirs."""
+    from edgeq.device.annotate import place_tag
+
+    taken = []
+    for box in [(10, 100, 60, 150), (40, 100, 90, 150), (20, 60, 120, 300)]:
+        rect = place_tag((80, 26), box, (200, 400), taken)
+        assert 0 <= rect[0] and rect[2] <= 200 and 0 <= rect[1] and rect[3] <= 400
+        assert all(not (rect[0] < t[2] + 4 and t[0] < rect[2] + 4 and rect[1] < t[3] + 4 and t[1] < rect[3] + 4)
+                   for t in taken)
+        taken.append(rect)
+    assert taken[0] == (10, 73, 90, 99)  # the first: just above its box
+
+
+def test_small_frames_are_enlarged_by_a_whole_factor_and_text_is_readable():
+    from edgeq.device.annotate import CAP_PX, draw, enlargement, font_scale
+
+    assert [enlargement(w) for w in (96, 160, 192, 320, 639, 640, 1920)] == [7, 4, 4, 2, 2, 1, 1]
+    import cv2
+
+    for w in (640, 768, 1280, 1920):
+        assert cv2.getTextSize("A", cv2.FONT_HERSHEY_SIMPLEX, font_scale(w), 1)[0][1] >= CAP_PX
+    frame = np.arange(48 * 64 * 3, dtype=np.uint8).reshape(48, 64, 3)
+    canvas = draw(frame, {"detections": []})
+    assert canvas.shape == (480, 640, 3) and (canvas[::10, ::10] == frame).all()  # each pixel a 10x10 block
 
 
 @pytest.mark.parametrize("target,needle", [("clip.gif", "unsupported extension"), ("/proc/annotated.avi", "cannot write")])
