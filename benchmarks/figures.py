@@ -86,6 +86,12 @@ README: list[Row] = [
     ("results lost across 5 broker restarts in a 2,000-frame run",
      lambda r: f"{r['device_pipeline'].broker_restarts['lost']} ({r['device_pipeline'].broker_restarts['duplicates']} "
                "duplicates, dropped by seq)", "same"),
+    ("bytes `edgeq run` writes per result at 10 fps, broker up: spool `disk` (default) / `memory` / a commit per "
+     "result / the spool before this version, side by side",
+     lambda r: " / ".join(f"{r['spool_wear'].modes[m]['bytes_per_result']:,.0f}"
+                          for m in ("disk", "memory", "each_result", "before") if m in r["spool_wear"].modes)
+               + f" B (payload about {r['spool_wear'].modes['disk']['payload_bytes_mean']:.0f} B)",
+     "`python benchmarks/spool_wear.py`"),
     ("preprocessing one frame into an int8 input, `--interpolation linear` vs `linear_exact`, 1 OpenCV thread: "
      "640x480 to 224 (stretch) / 1280x720 to 300 (letterbox)",
      lambda r: " / ".join(f"{c['ms_median']['linear']:.2f} vs {c['ms_median']['linear_exact']:.2f} ms "
