@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import log, require_clean_tree, write_result
+from _common import edgeq_exe, log, require_clean_tree, write_result
 
 from edgeq.converter.tf import PORTABLE_NUMERICS
 
@@ -115,7 +115,7 @@ def environment(changes: dict[str, str | None]) -> dict[str, str]:
 
 def edgeq_train(args: list[str], env: dict[str, str]) -> float:
     t0 = time.perf_counter()
-    r = subprocess.run([shutil.which("edgeq") or "edgeq", "train", *args], env=env, capture_output=True, text=True)
+    r = subprocess.run([edgeq_exe(), "train", *args], env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"edgeq train {' '.join(args)} failed:\n{r.stderr[-3000:]}")
     return time.perf_counter() - t0
@@ -137,7 +137,7 @@ def make_data(root: Path) -> dict[str, Path]:
     out["items"] = write_class_folder(root / "items", x[pick], np.array([ids.index(int(v)) for v in y[pick]]), known)
     others = "pullover,dress,coat,sandal,shirt,ankle_boot"
     common = ["--size", "128", "--min-size", "32", "--max-size", "56", "--max-objects", "2"]
-    r = subprocess.run([shutil.which("edgeq") or "edgeq", "datasets", "scenes", str(root / "scenes"), "--n", "300",
+    r = subprocess.run([edgeq_exe(), "datasets", "scenes", str(root / "scenes"), "--n", "300",
                         "--exclude-classes", f"bag,{others}", *common], capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(r.stderr[-2000:])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from _common import write_result  # noqa: E402
+from _common import edgeq_exe, write_result  # noqa: E402
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 DEVICES = 20
@@ -91,8 +90,7 @@ def main() -> int:
     from edgeq.cli import main as edgeq
     from edgeq.converter.data.scenes import moving_scene_frames, write_video
 
-    exe = shutil.which("edgeq")
-    cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
+    cmd = [edgeq_exe()]  # this environment's edgeq: a worktree's measures its own code
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = with_max_detections(make_bundle(tmp), 4)
