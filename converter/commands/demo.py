@@ -140,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         return code
     from ..data.scenes import moving_scene_frames
 
-    frames, truth = moving_scene_frames(args.frames, args.input_size, seed=5, objects=3, unknown_classes=("bag",))
+    frames, truth = moving_scene_frames(args.frames, args.input_size, seed=5, objects=3, unknown_classes=("bag",),
+                                        stripes=False)
 
     step("7. edgeq convert the backbone classifier too: the same measures on whole images")
     items_bundle, mixed, kinds = work / "items.edgeq", *_mixed_folder(work)
@@ -148,20 +149,24 @@ def run(args: argparse.Namespace) -> int:
                    str(work / "items_val"), "-o", str(items_bundle)])
     if code:
         return code
-    code, received = run_device_demo(work, bundle, frames, args.frames // 2, (items_bundle, mixed))
+    code, received = run_device_demo(work, bundle, frames, truth, (items_bundle, mixed))
     summary = write_summary(work, bundle, received, truth, time.perf_counter() - started, items_bundle, kinds)
     c = summary["classifier"]
     print(f"   classifier ({items_bundle.name}): flagged unfamiliar " + ", ".join(
         f"{v['unfamiliar']} of {v['images']} {kind}" for kind, v in c.items()))
     u, k = summary["unknown"], summary["known"]
-    print(f"\n   summary ({work / 'summary.json'}): the never-seen bag was detected in {u['frames_detected']} of "
-          f"{u['frames_present']} frames and flagged unfamiliar in {u['frames_flagged_unfamiliar']} of them "
-          f"(flagged for any reason: {u['frames_flagged']}); {k['flagged']} of {k['detections']} detections of known "
-          f"items were flagged ({k['flagged_unfamiliar']} as unfamiliar), the rest trusted.\n"
-          "   'unfamiliar': the detection's features lie far from every class the detector was trained on (above "
-          "the 95th percentile of its detections of known objects in the validation scenes); 'ambiguous': its class "
-          "is uncertain (the detector: its posterior samples disagree, MI; the classifier: its features sit between "
-          "known classes or with another one, disagreement) (docs/uncertainty.md)")
+    print(f"\n== summary ({work / 'summary.json'})\n"
+          f"   trusted: {k['detections'] - k['flagged']} of {k['detections']} detections of the items it was trained "
+          f"on.\n"
+          f"   flagged: the bag, a class it never saw, was in {u['frames_present']} frames and detected in "
+          f"{u['frames_detected']}: published as 'unknown' in {u['frames_published_unknown']}, flagged for review in "
+          f"{u['frames_flagged']}. Of the known items' detections, {k['published_unknown']} were published as "
+          f"'unknown' and {k['flagged']} flagged in all.\n"
+          "   why: 'unknown' means the detection's evidence of being none of its classes (its class doubt and how "
+          "unfamiliar its features are, each against the known detections of the validation scenes) passed the "
+          "bundle's threshold; 'ambiguous' means its class is uncertain (the detector's posterior samples disagree, "
+          "MI); 'unfamiliar' (the classifier) means its features lie far from every trained class "
+          "(docs/uncertainty.md).")
     return code
 
 
@@ -237,10 +242,27 @@ def _start_mosquitto(work: Path) -> tuple[subprocess.Popen | None, int]:
     return None, 0
 
 
-def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_unknown: int | None = None,
+def _on_unknown(d: dict, objects: list[tuple[str, tuple]], w: int, h: int) -> bool:
+    """Whether detection ``d`` is on an object of a class the detector never saw (box IoU >= 0.5)."""
+    b = d.get("bbox")
+    if not b:
+        return False
+    box = (b["x_min"] * w, b["y_min"] * h, b["x_max"] * w, b["y_max"] * h)
+    for name, (x0, y0, x1, y1) in objects:
+        if name in UNKNOWN:
+            ix = max(0.0, min(box[2], x1) - max(box[0], x0))
+            iy = max(0.0, min(box[3], y1) - max(box[1], y0))
+            union = (box[2] - box[0]) * (box[3] - box[1]) + (x1 - x0) * (y1 - y0) - ix * iy
+            if union > 0 and ix * iy / union >= 0.5:
+                return True
+    return False
+
+
+def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], truth: list[list[tuple[str, tuple]]] | None = None,
                     classifier: tuple[Path, Path] | None = None) -> tuple[int, list[dict]]:
-    """Write a short video, start a broker on loopback, run ``edgeq run`` on it and print what a subscriber gets;
-    then, with ``classifier`` (bundle, image folder), the same for a classifier on a folder of images."""
+    """Write a short video, start a broker on loopback, run ``edgeq run`` on it and print what a subscriber gets
+    (the line of a detection on the object the detector never saw is marked, from where the demo drew it); then,
+    with ``classifier`` (bundle, image folder), the same for a classifier on a folder of images."""
     # over 60 lines: broker, subscriber and edgeq run started, fed and stopped in one place, in order
     import json
     import shutil
@@ -257,7 +279,9 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
     if broker is None:
         raise EdgeqError("the demo needs a local MQTT broker: install mosquitto (apt-get install mosquitto; "
                          "scripts/setup.sh does it)")
-    exe = shutil.which("edgeq")
+    # the edgeq of this interpreter's environment (a venv's, even when another is first on PATH), then PATH's
+    beside = Path(sys.executable).with_name("edgeq")
+    exe = str(beside) if beside.is_file() else shutil.which("edgeq")
     cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
     cmd += ["run", "--model", str(bundle), "--source", str(video), "--device-id", "demo",
             "--spool", str(work / "spool.sqlite3"), "--stats-interval", "1"]
@@ -273,12 +297,16 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
         received.append(payload)
         if payload.get("schema") == "edgeq.detections":
             frame_no = int(payload["frame"]["id"]) if str(payload["frame"]["id"]).isdigit() else -1
-            note = "   <- a bag has entered: no trained class" if first_unknown is not None and frame_no == first_unknown else ""
-            if "/demo-items/" in msg.topic:
-                note = ""
+            items = "/demo-items/" in msg.topic
+            objects = truth[frame_no] if truth is not None and not items and 0 <= frame_no < len(truth) else []
+            bag_in = any(name in UNKNOWN for name, _ in objects)
+            what = (f"top-1 of {len(payload['detections'])} labels" if items else
+                    f"{len(payload['detections'])} detections" + ("; the bag (never trained) is in view" if bag_in
+                                                                  else ""))
             print(f"   {msg.topic} seq={payload['seq']:>3} frame={payload['frame']['id']:>3} "
-                  f"invoke={payload['latency_ms']['invoke']:.2f} ms, {len(payload['detections'])} detections{note}")
-            for d in payload["detections"][:1 if "/demo-items/" in msg.topic else None]:  # a classifier: top-1
+                  f"invoke={payload['latency_ms']['invoke']:.2f} ms, {what}")
+            w, h = payload["frame"]["width"], payload["frame"]["height"]
+            for d in payload["detections"][:1 if items else None]:  # a classifier: top-1
                 u = d["uncertainty"] or {}
                 mi = f" MI={u['mutual_information']:.3f}" if "mutual_information" in u else ""
                 if "density_disagreement" in u:  # a classifier's ambiguity: whether its features sit with the label
@@ -287,9 +315,13 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
                        if u.get("unfamiliarity") is not None else "")
                 review = f"  NEEDS REVIEW: {d['review_reason']}" if d.get("needs_review") else "  trusted"
                 box = d.get("bbox")
-                where = f" at ({box['x_min']:.2f}, {box['y_min']:.2f})" if box else ""
-                print(f"        {d['label']:<10} score={d['score']:.2f} entropy={u.get('predictive_entropy', 0):.2f}"
-                      f"{mi}{unf}{where}{review}")
+                where = f" box centre ({(box['x_min'] + box['x_max']) / 2:.2f}, {(box['y_min'] + box['y_max']) / 2:.2f})" \
+                    if box else ""
+                label = (f"unknown (nearest {d['nearest_label']})" if d["label"] == "unknown" and d.get("nearest_label")
+                         else d["label"])
+                mark = "   <- the bag: a class it never saw" if _on_unknown(d, objects, w, h) else ""
+                print(f"        {label:<10} score={d['score']:.2f} entropy={u.get('predictive_entropy', 0):.2f}"
+                      f"{mi}{unf}{where}{review}{mark}")
         else:
             print(f"   {msg.topic} {json.dumps(payload)[:150]}")
 
@@ -302,6 +334,10 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], first_un
         step("10. edgeq run: video -> int8 inference -> decode + NMS + uncertainty -> spool -> MQTT")
         print(f"   $ edgeq run --model {bundle} --source {video} --mqtt mqtt://127.0.0.1:{port} --device-id demo "
               f"--annotate {annotated}")
+        print("   each detection: its label ('unknown' when it is none of the trained classes, with the nearest), "
+              "score, entropy, mutual information (MI), unfamiliarity and its percentile among the known detections "
+              "of the validation scenes, the box's centre as fractions of the frame's width and height, and the "
+              "verdict")
         code = subprocess.call(cmd + ["--mqtt", f"mqtt://127.0.0.1:{port}", "--annotate", str(annotated)])
         if code == 0:
             print(f"   annotated video (boxes, scores, unfamiliarity; flagged results in red with why): {annotated}")
@@ -338,8 +374,9 @@ def write_summary(work: Path, bundle: Path, received: list[dict], truth: list[li
 
     manifest = read_bundle(bundle).manifest
     v = manifest.validation.to_json() if manifest.validation is not None else {}
-    known = {"detections": 0, "flagged": 0, "flagged_unfamiliar": 0, "matched": 0}
-    unknown = {"frames_present": 0, "frames_detected": 0, "frames_flagged": 0, "frames_flagged_unfamiliar": 0}
+    known = {"detections": 0, "flagged": 0, "flagged_unfamiliar": 0, "published_unknown": 0, "matched": 0}
+    unknown = {"frames_present": 0, "frames_detected": 0, "frames_flagged": 0, "frames_flagged_unfamiliar": 0,
+               "frames_published_unknown": 0}
     messages = {int(m["frame"]["id"]): m for m in received
                 if m.get("schema") == "edgeq.detections" and "/demo/" in m["_topic"]}
     for i, objects in enumerate(truth):
@@ -360,12 +397,14 @@ def write_summary(work: Path, bundle: Path, received: list[dict], truth: list[li
             unknown["frames_flagged"] += any(dets[k].get("needs_review") for k in on_unknown)
             unknown["frames_flagged_unfamiliar"] += any("unfamiliar" in (dets[k].get("review_reason") or "")
                                                         for k in on_unknown)
+            unknown["frames_published_unknown"] += any(dets[k]["label"] == "unknown" for k in on_unknown)
         for k, d in enumerate(dets):
             if iou.shape[1] and unknown_cols and iou[k, unknown_cols].max() >= 0.5:
                 continue
             known["detections"] += 1
             known["flagged"] += bool(d.get("needs_review"))
             known["flagged_unfamiliar"] += "unfamiliar" in (d.get("review_reason") or "")
+            known["published_unknown"] += d["label"] == "unknown"
             known["matched"] += bool(iou.shape[1] and iou[k].max() >= 0.5)
     summary = {
         "seconds": round(seconds, 1), "frames": len(truth), "messages": len(messages),

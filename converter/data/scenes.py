@@ -233,11 +233,14 @@ def split_items(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def moving_scene_frames(n_frames: int = 60, size: int = 192, seed: int = 0, classes: tuple[str, ...] = (),
                         unknown_classes: tuple[str, ...] = (), objects: int = 3, object_size: tuple[int, int] = (40, 64),
-                        split: str = "test") -> tuple[list[np.ndarray], list[list[tuple[str, tuple[int, int, int, int]]]]]:
+                        split: str = "test", stripes: bool = True
+                        ) -> tuple[list[np.ndarray], list[list[tuple[str, tuple[int, int, int, int]]]]]:
     """A clip of Fashion-MNIST items drifting across one textured background: each object keeps its item, size
     and tint and moves in a straight line, bouncing off the edges. The first ``objects`` are of ``classes``
-    (all known classes when empty); each of ``unknown_classes`` adds one more object, for the second half of the
-    clip only. Returns the BGR frames and, per frame, ``(class name, box x0, y0, x1, y1)`` of every object."""
+    (all known classes when empty); each of ``unknown_classes`` adds one more object in the second half of the
+    clip, sliding in from the left edge. ``stripes=False`` leaves the background's stripes out (the same random
+    draws otherwise). Returns the BGR frames and, per frame, ``(class name, box x0, y0, x1, y1)`` of every object
+    (the part inside the frame)."""
 
     labels = list(FASHION_MNIST_LABELS)
     for name in (*classes, *unknown_classes):
@@ -246,7 +249,7 @@ def moving_scene_frames(n_frames: int = 60, size: int = 192, seed: int = 0, clas
     known = [c for c in (classes or labels) if c not in unknown_classes]
     x, y = fashion_mnist(split)
     rng = np.random.default_rng(seed)
-    backdrop = background(rng, size, size)
+    backdrop = background(rng, size, size, stripes)
     specs = []
     for i in range(objects + len(unknown_classes)):
         name = known[i % len(known)] if i < objects else unknown_classes[i - objects]
@@ -254,21 +257,30 @@ def moving_scene_frames(n_frames: int = 60, size: int = 192, seed: int = 0, clas
         s = int(rng.integers(object_size[0], object_size[1] + 1))
         pos = rng.uniform(s / 2 + 2, size - s / 2 - 2, 2)
         vel = rng.uniform(-3, 3, 2)
-        specs.append({"name": name, "item": item, "size": s, "pos": pos, "vel": vel, "color": rng.uniform(140, 255, 3),
-                      "angle": float(rng.uniform(-20, 20)), "from": 0 if i < objects else n_frames // 2})
+        spec = {"name": name, "item": item, "size": s, "pos": pos, "vel": vel, "color": rng.uniform(140, 255, 3),
+                "angle": float(rng.uniform(-20, 20)), "from": 0 if i < objects else n_frames // 2}
+        if i >= objects:  # enters: from just outside the left edge, inwards, at its own height
+            spec["pos"] = np.array([-s / 2 - 2, pos[1]])
+            spec["vel"] = np.array([max(abs(vel[0]), 2.0) + 1.0, vel[1]])
+            spec["entering"] = True
+        specs.append(spec)
     frames, truth = [], []
     for f in range(n_frames):
         canvas = backdrop.copy()
         boxes = []
         for o in specs:
-            half = o["size"] / 2 + 2
-            for axis in (0, 1):
-                nxt = o["pos"][axis] + o["vel"][axis]
-                if not half <= nxt <= size - half:
-                    o["vel"][axis] = -o["vel"][axis]
-                o["pos"][axis] += o["vel"][axis]
             if f < o["from"]:
                 continue
+            half = o["size"] / 2 + 2
+            if o.get("entering"):  # slides in along x until whole, then drifts and bounces like the others
+                o["pos"] += o["vel"]
+                o["entering"] = o["pos"][0] < half
+            else:
+                for axis in (0, 1):
+                    nxt = o["pos"][axis] + o["vel"][axis]
+                    if not half <= nxt <= size - half:
+                        o["vel"][axis] = -o["vel"][axis]
+                    o["pos"][axis] += o["vel"][axis]
             box = _paste(canvas, o["item"], o["size"], o["angle"], (float(o["pos"][0]), float(o["pos"][1])), o["color"])
             if box is not None:
                 boxes.append((o["name"], box))
@@ -277,8 +289,9 @@ def moving_scene_frames(n_frames: int = 60, size: int = 192, seed: int = 0, clas
     return frames, truth
 
 
-def background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A smooth colour gradient plus band-limited noise and a few stripes: cheap texture."""
+def background(rng: np.random.Generator, height: int, width: int, stripes: bool = True) -> np.ndarray:
+    """A smooth colour gradient plus band-limited noise and a few stripes (drawn from ``rng`` either way; left
+    out with ``stripes=False``): cheap texture."""
     import cv2
 
     base = rng.integers(40, 200, size=3)
@@ -288,7 +301,9 @@ def background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     image = base[None, None, :] + ramp + noise
     for _ in range(rng.integers(0, 4)):
         y = int(rng.integers(0, height))
-        image[y : y + int(rng.integers(1, 4))] += rng.integers(-40, 40)
+        thick, shift = int(rng.integers(1, 4)), rng.integers(-40, 40)
+        if stripes:
+            image[y : y + thick] += shift
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
