@@ -296,6 +296,9 @@ def test_eval_reports_map_calibration_and_unknown_auroc(bundle, detector, scenes
     assert q["runtime"]["runtime"] == "ai-edge-litert"  # setup installs it; the fallbacks are for other machines
     text = page.read_text()
     assert text.count("data:image/png;base64,") >= 2 and "https://" not in text
+    # the measures that decide are shown: the unknown score's and unfamiliarity's AUROC, frames by verdict
+    assert "AUROC unknown: unknown score" in text and "What the device would say" in text
+    assert report["review_rule"] is not None and report["objectness_threshold"] is not None
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     assert exe, "chromium is not installed: scripts/setup.sh installs it"
     out = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",

@@ -382,7 +382,8 @@ def evaluate_detection(bundle: Bundle, data: str, reference: str | None = None, 
     report: dict[str, Any] = {
         "task": "detect", "bundle": bundle.where, "name": bundle.name, "labels": bundle.labels,
         "data": str(coco.path), "count": len(coco.images), "uncertainty_measure": measure,
-        "score_threshold": spec.score_threshold, "models": {},
+        "score_threshold": spec.score_threshold, "objectness_threshold": spec.objectness_threshold,
+        "review_rule": rule, "models": {},
     }
     for run, t in zip(runs, times):
         report["models"][run.name] = {"size_bytes": run.model.size, "latency_ms_median": float(np.median(t)),
@@ -410,6 +411,7 @@ def detection_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
         ("on known / unknown objects", [f"{m['matched_known']} / {m['matched_unknown']}" for m in models]),
         ("label accuracy (known)", [fmt(m["label_accuracy_known"]) for m in models]),
         ("D-ECE", [fmt(m["d_ece"]) for m in models]),
+        ("AUROC unknown: unknown score", [auroc(m, "unknown_score") for m in models]),
         ("AUROC unknown: unfamiliarity", [auroc(m, "unfamiliarity") for m in models]),
         ("AUROC unknown: mutual information", [auroc(m, "mutual_information") for m in models]),
         ("AUROC unknown: predictive entropy", [auroc(m, "predictive_entropy") for m in models]),

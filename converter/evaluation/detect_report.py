@@ -15,10 +15,26 @@ from typing import Any
 import numpy as np
 
 from . import metrics
-from .detect import detection_rows, match_all
+from .detect import detection_rows, kept, match_all
 from .report import _colors, _png, check_report_dir, write_page
 
 SAMPLE_FRAMES = 6
+
+
+# what the device would say about a detection, and the colour the report draws it in
+VERDICTS = {"trusted": "#1b8a3a", "review": "#e08a00", "unknown": "#b3261e"}
+# the measures the ROC plot can draw, in the order of the legend (a bundle publishes those it has)
+ROC_MEASURES = ("unknown_score", "unfamiliarity", "one_minus_score", "mutual_information", "predictive_entropy")
+
+
+def _verdict(d: Any, j: int, rule: dict[str, Any] | None) -> tuple[str, str]:
+    """``trusted``, ``review`` or ``unknown`` for detection ``j``, and the reason, as the device decides it: label
+    ``unknown`` from the unknown block, else needs_review when the rule's measure is above its threshold."""
+    if d.unknown is not None and bool(d.unknown[j]):
+        return "unknown", "unknown"
+    if rule and rule.get("threshold") is not None and float(d.measure(rule["measure"])[j]) > rule["threshold"]:
+        return "review", "ambiguous"
+    return "trusted", ""
 
 
 def _frames_plot(report: dict[str, Any], runs: list[Any], coco: Any) -> str:
@@ -26,20 +42,16 @@ def _frames_plot(report: dict[str, Any], runs: list[Any], coco: Any) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Patch, Rectangle
 
     from edgeq.preprocess import read_image
 
-    measure = report["uncertainty_measure"]
     unknown = coco.unknown_category_ids
+    rule = report.get("review_rule")
     # frames with an unknown object first: that is where the uncertainty has something to tell
     order = sorted(range(len(coco.images)), key=lambda i: -int(np.isin(
         coco.category_ids[coco.images[i]["id"]], list(unknown)).any()))[:SAMPLE_FRAMES]
-    values = np.concatenate([r.results[i].detections.measure(measure) for r in runs for i in order] or [np.zeros(1)])
-    vmax = float(max(values.max(), 1e-6)) if values.size else 1.0
-    cmap = plt.get_cmap("viridis")
     fig, axes = plt.subplots(len(runs), len(order), figsize=(2.6 * len(order), 2.8 * len(runs)), squeeze=False)
-    threshold = report["score_threshold"]
     for row, run in enumerate(runs):
         for col, i in enumerate(order):
             ax = axes[row][col]
@@ -51,45 +63,54 @@ def _frames_plot(report: dict[str, Any], runs: list[Any], coco: Any) -> str:
                                        edgecolor="magenta" if int(c) in unknown else "white"))
             res = run.results[i]
             d = res.detections
-            for j in np.flatnonzero(d.scores >= threshold):
+            for j in np.flatnonzero(kept(d, report["score_threshold"], report.get("objectness_threshold"))):
                 x0, y0, x1, y1 = res.boxes[j]
-                color = cmap(float(d.measure(measure)[j]) / vmax)
+                verdict, reason = _verdict(d, j, rule)
+                color = VERDICTS[verdict]
+                label = report["labels"][int(d.classes[j])]
+                text = f"unknown ({label}?)" if verdict == "unknown" else f"{label} {d.scores[j]:.2f}"
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2, edgecolor=color))
-                ax.text(x0, y0 - 1, f"{report['labels'][int(d.classes[j])]} {d.scores[j]:.2f}", fontsize=6,
-                        color="black", backgroundcolor=color)
+                ax.text(x0, y0 - 1, text + (" !" if reason == "ambiguous" else ""), fontsize=6, color="white",
+                        backgroundcolor=color)
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:
                 ax.set_ylabel(run.name)
-    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, vmax))
-    fig.colorbar(sm, ax=axes, fraction=0.02, label=measure.replace("_", " "))
+    fig.legend(handles=[Patch(color=VERDICTS["trusted"], label="trusted"),
+                        Patch(color=VERDICTS["review"], label="needs_review: ambiguous (!)"),
+                        Patch(color=VERDICTS["unknown"], label="published as unknown")],
+               loc="lower center", ncol=3, fontsize=8)
     return _png(fig)
 
 
 def _roc_plot(report: dict[str, Any], runs: list[Any], coco: Any) -> str | None:
+    """One panel per model: the ROC of every measure it publishes for telling detections of unknown objects from
+    known ones, the unknown score and unfamiliarity included."""
     import matplotlib.pyplot as plt
 
-
-    colors = _colors([r.name for r in runs])
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    drawn = False
+    matched = []
     for run in runs:
-        m = match_all(run.results, coco, list(run.grid.spec.category_ids), report["score_threshold"])
-        if not (m.known.any() and m.unknown.any()):
-            continue
-        for name, style in (("mutual_information", "-"), ("predictive_entropy", "--")):
-            v = m.measures[name]
-            curve = metrics.roc_curve(v[m.known], v[m.unknown])
-            ax.plot(curve["fpr"], curve["tpr"], style, color=colors[run.name],
-                    label=f"{run.name} {name.replace('_', ' ')} ({metrics.roc_auc(v[m.known], v[m.unknown]):.3f})")
-            drawn = True
-    if not drawn:
-        plt.close(fig)
+        m = match_all(run.results, coco, list(run.grid.spec.category_ids), report["score_threshold"],
+                      report.get("objectness_threshold"))
+        if m.known.any() and m.unknown.any():
+            matched.append((run.name, m))
+    if not matched:
         return None
-    ax.plot([0, 1], [0, 1], ":", color="#999")
-    ax.set_xlabel("false positive rate (known objects flagged)")
-    ax.set_ylabel("true positive rate (unknown objects flagged)")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(matched), figsize=(4.6 * len(matched), 4.4), squeeze=False)
+    for ax, (name, m) in zip(axes[0], matched):
+        measures = {**m.measures, "one_minus_score": 1.0 - m.scores}
+        for measure in ROC_MEASURES:
+            if measure not in measures:
+                continue
+            v = measures[measure]
+            curve = metrics.roc_curve(v[m.known], v[m.unknown])
+            ax.plot(curve["fpr"], curve["tpr"], label=f"{measure.replace('_', ' ')} "
+                                                      f"({metrics.roc_auc(v[m.known], v[m.unknown]):.3f})")
+        ax.plot([0, 1], [0, 1], ":", color="#999")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("false positive rate (known objects flagged)")
+        ax.set_ylabel("true positive rate (unknown objects flagged)")
+        ax.legend(fontsize=7, title="AUROC", title_fontsize=7)
     return _png(fig)
 
 
@@ -135,10 +156,12 @@ def write_detection_report(report: dict[str, Any], runs: list[Any], coco: Any, o
 ({len(report['labels'])} known classes). Detections at score &ge; {report['score_threshold']:g} are matched to
 ground truth at IoU &ge; 0.5; mAP comes from pycocotools.</p>
 <table><tr><th></th>{head}</tr>{body}</table>
-<h2>Detections coloured by uncertainty</h2>
-<p>Colour: {measure} of each detection (yellow: uncertain). Dashed: ground truth, magenta for objects of
-unknown classes. One row per model.</p><img alt='frames' src='{frames}'>
-<h2>Unknown objects</h2><p>ROC of the uncertainty for telling detections of unknown objects from known ones.</p>
+<h2>What the device would say</h2>
+<p>Each kept detection coloured as the device publishes it: trusted, needs_review because its {measure} is above
+the bundle's threshold (marked !), or label "unknown" (with the class it is nearest to). Dashed: ground truth,
+magenta for objects of unknown classes. One row per model.</p><img alt='frames' src='{frames}'>
+<h2>Unknown objects</h2><p>ROC of every measure the bundle publishes for telling detections of unknown objects
+from known ones (AUROC in the legend; 0.5 is chance).</p>
 {roc_html}
 <h2>Detection reliability</h2><p>Precision per score bin; the dashed line is a calibrated score.</p>
 <img alt='reliability' src='{reliability}'>
