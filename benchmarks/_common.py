@@ -108,3 +108,26 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     path.write_text(text)
     sys.stdout.write(text)
     return path
+
+
+def split_folder(src: Path, first: Path, second: Path) -> tuple[Path, Path]:
+    """A class folder's images copied alternately into two disjoint folders of the same classes (by sorted name
+    within each class): one for ``edgeq convert --val``, one to score on."""
+    import shutil
+
+    for folder in sorted(p for p in Path(src).iterdir() if p.is_dir()):
+        for i, f in enumerate(sorted(p for p in folder.iterdir() if p.is_file())):
+            dst = (first if i % 2 == 0 else second) / folder.name / f.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, dst)
+    return require_disjoint(first, second)
+
+
+def require_disjoint(calibration: str | Path, scoring: str | Path) -> tuple[Path, Path]:
+    """Refuse a benchmark that would score on what convert calibrated on (its ``--val``): the same folder or
+    file, or one inside the other."""
+    a, b = Path(calibration).resolve(), Path(scoring).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        sys.exit(f"benchmarks: {scoring} is scored on and {calibration} calibrated on: they overlap; give convert "
+                 "--val a split of its own")
+    return a, b
