@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp.mkdir(parents=True, exist_ok=True)
         train_dir, held_out, labels = fashion_mnist_folders(tmp, args.train, args.test, np.random.default_rng(0))
         # convert's --val (bias correction's choice, the accuracy-aware loop) sees one half, the figures the other
-        val_dir, test_dir = split_folder(held_out, tmp / "val", tmp / "test")
+        val_dir, test_dir = split_folder(held_out, tmp / "held_out_val", tmp / "held_out_test")
         result["data"] = {"train": args.train, "val": args.test // 2, "test": args.test - args.test // 2,
                           "calibration": "convert --val: the val half; every top-1 is scored on the test half"}
         with contextlib.redirect_stdout(sys.stderr):
