@@ -42,6 +42,23 @@ def results() -> dict[str, R]:
 Row = tuple[str, Callable[[dict[str, R]], str], str]  # figure, value from the results, command
 
 
+# results files withdrawn until a clean re-run: why, for the rows and tables that read them
+PENDING = {
+    "bayes_head": "its last run calibrated on the images it scored (convert --val was its test set) and came from "
+                  "a tree with uncommitted changes",
+    "clustering_quality": "it reuses bayes_head.py's models and calibrated on the images it scored",
+}
+
+
+def _pending(res: dict[str, R], name: str, render: Callable[[R], str], short: bool = False) -> str:
+    """``render(res[name])``, or, while that results file is withdrawn (``PENDING``), what to run (and, unless
+    ``short``, why it was withdrawn)."""
+    if name in res:
+        return render(res[name])
+    return "not measured yet: re-run pending" if short else \
+        f"not measured yet: `python benchmarks/{name}.py` ({PENDING[name]})"
+
+
 def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
@@ -121,14 +138,14 @@ README: list[Row] = [
                f"{r['annotate'].snapshots_1hz['cpu_s_median']['on_1hz']:.2f} vs "
                f"{r['annotate'].snapshots_1hz['cpu_s_median']['off']:.2f} s)", "same"),
     ("Bayesian head, K=32, int8, one invoke vs the same backbone with a dense head, MobileNetV2 0.35/96",
-     lambda r: _bayes_latency(r["bayes_head"]), "`python benchmarks/bayes_head.py`"),
+     lambda r: _pending(r, "bayes_head", _bayes_latency, True), "`python benchmarks/bayes_head.py`"),
     ("one K=32 pass vs 32 passes of the deterministic int8 network (0.35/96)",
-     lambda r: _k_passes(r["bayes_head"]), "same"),
+     lambda r: _pending(r, "bayes_head", _k_passes, True), "same"),
     ("int8 QBNN vs float BNN, 2,000 held-out Fashion-MNIST images: top-1",
-     lambda r: _bayes_q(r["bayes_head"], "top1", "{:.4f}"), "same"),
-    ("same: ECE (15 bins)", lambda r: _bayes_q(r["bayes_head"], "ece", "{:.4f}"), "same"),
+     lambda r: _pending(r, "bayes_head", lambda b: _bayes_q(b, "top1", "{:.4f}"), True), "same"),
+    ("same: ECE (15 bins)", lambda r: _pending(r, "bayes_head", lambda b: _bayes_q(b, "ece", "{:.4f}"), True), "same"),
     ("same: AUROC of mutual information, Fashion-MNIST vs 2,000 MNIST digits (0.5 is chance)",
-     lambda r: _bayes_q(r["bayes_head"], "auroc_mi", "{:.3f}"), "same"),
+     lambda r: _pending(r, "bayes_head", lambda b: _bayes_q(b, "auroc_mi", "{:.3f}"), True), "same"),
     ("classifier (MobileNetV2 0.35/96, 8 Fashion-MNIST classes), three training seeds: AUROC of unfamiliarity, mean "
      "(range), vs predictive entropy, mean, int8, against MNIST digits / the 2 held-out classes / photo crops",
      lambda r: " / ".join(f"{_spread(v['quantized']['auroc']['unfamiliarity'])} vs "
@@ -328,6 +345,8 @@ def _decode(res: dict[str, R]) -> str:
 
 
 def _bayes_rows(res: dict[str, R]) -> str:
+    if "bayes_head" not in res:
+        return _pending(res, "bayes_head", str).capitalize() + "."
     r = res["bayes_head"]
     lines = ["| layout | figure | float BNN | int8 QBNN |", "|---|---|---|---|"]
     for layout, q in r.quality.items():
@@ -370,6 +389,8 @@ def _clustering(res: dict[str, R]) -> str:
              "|---|---|---|"]
     for name, v in c.items():
         lines.append(f"| {name.replace('_', ' ')} | {v['bundle_over_float32']:.3f} | {v.get('max_distinct_per_channel', '-')} |")
+    if "clustering_quality" not in res:
+        return "\n".join(lines + ["", "Quality on a trained model: " + _pending(res, "clustering_quality", str) + "."])
     q = res["clustering_quality"]
     lines += ["", "| Fashion-MNIST model | variant | bundle / f32 | top-1 | ECE | OOD AUROC (MNIST digits) | latency vs int8 |",
               "|---|---|---|---|---|---|---|"]
