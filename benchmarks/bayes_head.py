@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 
-from _common import log, write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
+from _common import log, split_folder, write_result  # noqa: E402 (benchmarks/ is the script's folder on sys.path)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     with (contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()) as tmp:
         tmp = Path(tmp)
         tmp.mkdir(parents=True, exist_ok=True)
-        train_dir, test_dir, labels = fashion_mnist_folders(tmp, args.train, args.test, rng)
+        train_dir, held_out, labels = fashion_mnist_folders(tmp, args.train, args.test, rng)
+        # convert's --val (the review rule, bias correction) gets one half, the figures are scored on the other
+        val_dir, test_dir = split_folder(held_out, tmp / "val", tmp / "scored")
         od = rng.choice(len(digits), min(args.ood, len(digits)), replace=False)  # after train and test, as before
         ood_dir = tmp / "ood" / "digits"
         ood_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             out = tmp / f"bayes_{layout}.edgeq"
             # density off: these figures are the Bayesian head's (the unfamiliarity measure's: unknowns.py)
             convert(recipe_from_flags(str(tmp / "bayes.keras"), out, calib=str(train_dir), calib_samples=args.calib_samples,
-                                   val=str(test_dir), bayes_samples=args.samples, bayes_layout=layout, density="off"),
+                                   val=str(val_dir), bayes_samples=args.samples, bayes_layout=layout, density="off"),
                     log=log)
             bundles[layout] = out
         det_bundle = tmp / "det.edgeq"

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=("deterministic", "bayes"), help="run one family (and skip the load time)")
     args = p.parse_args(argv)
     work = Path(args.workdir)
-    for need in ("det.keras", "bayes.keras", "train", "test", "ood"):
+    for need in ("det.keras", "bayes.keras", "train", "val", "scored", "ood"):
         if not (work / need).exists():
             log(f"{work / need}: missing; run benchmarks/bayes_head.py --workdir {work} first")
             return 2
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     n, ft = args.clusters, {"finetune": str(work / "train"), "finetune_epochs": args.finetune_epochs}
     # density off: these figures compare quantisation and clustering (the unfamiliarity measure's own figures and
     # cost: benchmarks/unknowns.py)
-    common = dict(calib=str(work / "train"), calib_samples=args.calib_samples, val=str(work / "test"), density="off")
+    # bayes_head.py's halves of its held-out images: convert's --val on one, every figure scored on the other
+    common = dict(calib=str(work / "train"), calib_samples=args.calib_samples, val=str(work / "val"), density="off")
 
     # posterior VQ alone: quantise the head's posterior in a copy of the model, backbone untouched
     post_only = out_dir / "bayes_posterior_vq.keras"
@@ -121,7 +122,7 @@ def evaluate(paths: dict[str, Path], work: Path, runs: int, bayes: bool) -> dict
     from edgeq.converter.evaluation.classify import evaluate_bundle
 
     names = list(paths)
-    report, eval_runs = evaluate_bundle(read_bundle(paths[names[0]]), work / "test", work / "ood",
+    report, eval_runs = evaluate_bundle(read_bundle(paths[names[0]]), work / "scored", work / "ood",
                                         compare=[paths[k] for k in names[1:]], latency_runs=runs)
     models = list(report["models"].values())
     measure = "mutual_information" if bayes else "predictive_entropy"
