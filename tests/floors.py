@@ -99,7 +99,7 @@ FLOORS: dict[str, Floor] = {
     "detect.l2.density_int8_vs_float_correlation": _f(0.9, 0.01, "the same, --density-normalise l2"),
     # tests/test_accuracy.py: a small CNN (32 px) with one outlier channel, --val = the 200 val images
     "accuracy.hard.plain_drop": _f(0.2, 0.02, "top-1 drop of plain int8 (the model is broken on purpose)"),
-    "accuracy.hard.repaired_drop": _c(0.01, 0.0, "top-1 drop after --max-drop 0.01 (the bound asked for)"),
+    "accuracy.hard.repaired_drop": _c(0.03, 0.0, "top-1 drop after --max-drop 0.03 (the bound asked for)"),
     "accuracy.hard.compare_gain": _f(0.04, 0.01, "eval --compare: repaired less plain top-1"),
     "accuracy.hard.keep_float_drop": _c(0.02, 0.005, "top-1 drop with conv_b, conv_c kept in float"),
     # tests/arm/test_arm.py: the same small CNN, not broken, run by edgeq run on the emulated Pi and on x86 over 200
