@@ -137,8 +137,10 @@ def test_accuracy_aware_mode_repairs_the_outlier_model(hard_model, fashion_dirs,
 
     fixed = tmp_path / "fixed.edgeq"
     # 0.03 on --val's 200 images (6 of them): one training seed in five cannot get under 0.02 with every op of the
-    # outlier path in float (the rest of the int8 graph costs it 4 images), so a 0.01 bound held only by luck
-    r = _convert(hard_model, fixed, fashion_dirs, "--max-drop", "0.03")
+    # outlier path in float (the rest of the int8 graph costs it 4 images), so a 0.01 bound held only by luck.
+    # Bias correction off, as for the plain bundle: on some seeds it alone brings the drop under the bound, and
+    # the loop would have nothing to repair
+    r = _convert(hard_model, fixed, fashion_dirs, "--max-drop", "0.03", "--bias-correction", "off")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "accuracy-aware: bound reached" in r.stdout
     b = read_bundle(fixed)
