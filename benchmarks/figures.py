@@ -47,6 +47,7 @@ PENDING = {
     "bayes_head": "its last run calibrated on the images it scored (convert --val was its test set) and came from "
                   "a tree with uncommitted changes",
     "clustering_quality": "it reuses bayes_head.py's models and calibrated on the images it scored",
+    "bayes_mi": "it came from a tree with uncommitted changes; it reuses unknowns.py's data and model of one seed",
 }
 
 
@@ -564,6 +565,8 @@ def _feature_probe(res: dict[str, R]) -> str:
 
 def _bayes_mi(res: dict[str, R]) -> str:
     """docs/bayesian.md: Bayesian heads trained one change at a time, and what their MI catches."""
+    if "bayes_mi" not in res:
+        return _pending(res, "bayes_mi", str).capitalize() + "."
     r = res["bayes_mi"]
     lines = ["| head | posterior sigma mean (p5-p95) | ELBO per sample | train acc. sampled / mean weights | "
              "corr(MI, feature norm) | MI AUROC digits / held-out / photos | vote disagreement AUROC, same | "
