@@ -48,6 +48,8 @@ PENDING = {
                   "a tree with uncommitted changes",
     "clustering_quality": "it reuses bayes_head.py's models and calibrated on the images it scored",
     "bayes_mi": "it came from a tree with uncommitted changes; it reuses unknowns.py's data and model of one seed",
+    "unknowns": "its last file came from a tree with uncommitted changes and a model whose training no results "
+                "file records; the three-seed run did not finish this session",
     "accuracy_aware": "its last run came from a tree with uncommitted changes and gave convert --val the images it "
                       "scored; the script now splits them",
 }
@@ -60,6 +62,11 @@ def _pending(res: dict[str, R], name: str, render: Callable[[R], str], short: bo
         return render(res[name])
     return "not measured yet: re-run pending" if short else \
         f"not measured yet: `python benchmarks/{name}.py` ({PENDING[name]})"
+
+
+def _u(res: dict[str, R], render: Callable[[dict[str, R]], str]) -> str:
+    """A README row of unknowns.json, or what to run while it is withdrawn."""
+    return _pending(res, "unknowns", lambda _: render(res), True)
 
 
 def _mb(n: float) -> str:
@@ -151,27 +158,27 @@ README: list[Row] = [
      lambda r: _pending(r, "bayes_head", lambda b: _bayes_q(b, "auroc_mi", "{:.3f}"), True), "same"),
     ("classifier (MobileNetV2 0.35/96, 8 Fashion-MNIST classes), three training seeds: AUROC of unfamiliarity, mean "
      "(range), vs predictive entropy, mean, int8, against MNIST digits / the 2 held-out classes / photo crops",
-     lambda r: " / ".join(f"{_spread(v['quantized']['auroc']['unfamiliarity'])} vs "
+     lambda r: _u(r, lambda r: " / ".join(f"{_spread(v['quantized']['auroc']['unfamiliarity'])} vs "
                           f"{v['quantized']['auroc']['predictive_entropy']['mean']:.3f}"
-                          for v in r["unknowns"].mean["ood"].values()), "`python benchmarks/unknowns.py`"),
+                          for v in r["unknowns"].mean["ood"].values())), "`python benchmarks/unknowns.py`"),
     ("same, float32 bundle (same flags): unfamiliarity, mean",
-     lambda r: " / ".join(f"{v['reference']['auroc']['unfamiliarity']['mean']:.3f}"
-                          for v in r["unknowns"].mean["ood"].values()), "same"),
+     lambda r: _u(r, lambda r: " / ".join(f"{v['reference']['auroc']['unfamiliarity']['mean']:.3f}"
+                          for v in r["unknowns"].mean["ood"].values())), "same"),
     ("same: `needs_review` with the defaults flags, int8, mean: in-distribution / MNIST digits",
-     lambda r: f"{r['unknowns'].mean['in_distribution']['quantized']['flagged']['mean']:.1%} / "
-               f"{r['unknowns'].mean['ood']['digits']['quantized']['flagged']['mean']:.1%}", "same"),
+     lambda r: _u(r, lambda r: f"{r['unknowns'].mean['in_distribution']['quantized']['flagged']['mean']:.1%} / "
+               f"{r['unknowns'].mean['ood']['digits']['quantized']['flagged']['mean']:.1%}"), "same"),
     ("same: accuracy of unflagged vs all in-distribution results, int8, mean",
-     lambda r: f"{r['unknowns'].mean['in_distribution']['quantized']['accuracy_unflagged']['mean']:.4f} vs "
-               f"{r['unknowns'].mean['in_distribution']['quantized']['accuracy_all']['mean']:.4f}", "same"),
+     lambda r: _u(r, lambda r: f"{r['unknowns'].mean['in_distribution']['quantized']['accuracy_unflagged']['mean']:.4f} vs "
+               f"{r['unknowns'].mean['in_distribution']['quantized']['accuracy_all']['mean']:.4f}"), "same"),
     ("same: ranking wrong above right in-distribution results, AUROC int8, mean: density disagreement (the default "
      "review measure) vs predictive entropy; accuracy kept when the 10% most ambiguous on --val are set aside",
-     lambda r: f"{_amb(r, 'density_disagreement', 'error_auroc', '{:.3f}')} vs "
+     lambda r: _u(r, lambda r: f"{_amb(r, 'density_disagreement', 'error_auroc', '{:.3f}')} vs "
                f"{_amb(r, 'predictive_entropy', 'error_auroc', '{:.3f}')}; "
                f"{_amb(r, 'density_disagreement', 'accuracy_kept', '{:.4f}')} vs "
-               f"{_amb(r, 'predictive_entropy', 'accuracy_kept', '{:.4f}')}", "same"),
+               f"{_amb(r, 'predictive_entropy', 'accuracy_kept', '{:.4f}')}"), "same"),
     ("same: cost of the measure, invoke latency ratio / with the device's numpy finish / extra peak RSS of `edgeq run`",
-     lambda r: f"{r['unknowns'].cost['latency_ratio']:.3f}x / {r['unknowns'].cost['invoke_plus_finish_ratio']:.3f}x / "
-               f"{r['unknowns'].cost['rss_extra_mb']:+.1f} MB", "same"),
+     lambda r: _u(r, lambda r: f"{r['unknowns'].cost['latency_ratio']:.3f}x / {r['unknowns'].cost['invoke_plus_finish_ratio']:.3f}x / "
+               f"{r['unknowns'].cost['rss_extra_mb']:+.1f} MB"), "same"),
     ("MobileNetV2 1.0/224 bundle file / float32 `.tflite`: int8, int8 + 16 clusters per tensor, per channel (packed 4-bit)",
      lambda r: " / ".join(f"{r['clustering'].variants[v]['bundle_over_float32']:.3f}" for v in
                           ("int8", "clustered_per_tensor", "clustered_per_channel")),
@@ -432,6 +439,8 @@ def _amb(r: dict[str, R], measure: str, key: str, fmt: str) -> str:
 def _unknowns(res: dict[str, R]) -> str:
     """docs/uncertainty.md: every measure, float vs int8, per kind of unknown input, over the training seeds; the
     rule's flags; the ambiguity measures; the alternatives; the cost."""
+    if "unknowns" not in res:
+        return _pending(res, "unknowns", str).capitalize() + "."
     r = res["unknowns"]
     t, mean, seeds = r.targets, r.mean, list(r.seeds.values())
     first = next(iter(r.seeds))
