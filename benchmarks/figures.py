@@ -47,7 +47,6 @@ PENDING = {
     "bayes_head": "its last run calibrated on the images it scored (convert --val was its test set) and came from "
                   "a tree with uncommitted changes",
     "clustering_quality": "it reuses bayes_head.py's models and calibrated on the images it scored",
-    "bayes_mi": "it came from a tree with uncommitted changes; it reuses unknowns.py's data and model of one seed",
     "unknowns": "its last file came from a tree with uncommitted changes and a model whose training no results "
                 "file records; the three-seed run did not finish this session",
     "accuracy_aware": "its last run came from a tree with uncommitted changes and gave convert --val the images it "
