@@ -272,8 +272,8 @@ def moving_scene_frames(n_frames: int = 60, size: int = 192, seed: int = 0, clas
             if f < o["from"]:
                 continue
             half = o["size"] / 2 + 2
-            if o.get("entering"):  # slides in along x until whole, then drifts and bounces like the others
-                o["pos"] += o["vel"]
+            if o.get("entering"):  # slides in along x, at its height, until whole; then drifts and bounces
+                o["pos"][0] += o["vel"][0]
                 o["entering"] = o["pos"][0] < half
             else:
                 for axis in (0, 1):

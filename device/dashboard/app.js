@@ -35,7 +35,8 @@
     // the bundle's --val; a result past the bundle's review threshold is flagged (red) with its reason
     const legend = el("p", { class: "legend" });
     legend.append(el("span", { class: "bar" }, ""), el("span", {}, " how unfamiliar: the percentile among the known " +
-                  "results the bundle was calibrated on (100: less familiar than all of them). Red rows are flagged " +
+                  "results the bundle was calibrated on (100: less familiar than all of them; without that measure, " +
+                  "the entropy, scaled). Red rows are flagged " +
                   "for review, past the bundle's threshold; \"unknown\" is an object of none of its classes."));
     legend.firstChild.append(el("span", { style: "width: 50%" }));
     card.append(head, stats, table, legend);  // the snapshot goes above the table when the device sends one
