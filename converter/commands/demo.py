@@ -244,18 +244,13 @@ def _start_mosquitto(work: Path) -> tuple[subprocess.Popen | None, int]:
 
 def _on_unknown(d: dict, objects: list[tuple[str, tuple]], w: int, h: int) -> bool:
     """Whether detection ``d`` is on an object of a class the detector never saw (box IoU >= 0.5)."""
+    from ..data.scenes import _iou
+
     b = d.get("bbox")
     if not b:
         return False
     box = (b["x_min"] * w, b["y_min"] * h, b["x_max"] * w, b["y_max"] * h)
-    for name, (x0, y0, x1, y1) in objects:
-        if name in UNKNOWN:
-            ix = max(0.0, min(box[2], x1) - max(box[0], x0))
-            iy = max(0.0, min(box[3], y1) - max(box[1], y0))
-            union = (box[2] - box[0]) * (box[3] - box[1]) + (x1 - x0) * (y1 - y0) - ix * iy
-            if union > 0 and ix * iy / union >= 0.5:
-                return True
-    return False
+    return any(name in UNKNOWN and _iou(box, drawn) >= 0.5 for name, drawn in objects)
 
 
 def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], truth: list[list[tuple[str, tuple]]] | None = None,
