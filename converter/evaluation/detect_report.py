@@ -29,12 +29,16 @@ ROC_MEASURES = ("unknown_score", "unfamiliarity", "one_minus_score", "mutual_inf
 
 def _verdict(d: Any, j: int, rule: dict[str, Any] | None) -> tuple[str, str]:
     """``trusted``, ``review`` or ``unknown`` for detection ``j``, and the reason, as the device decides it: label
-    ``unknown`` from the unknown block, else needs_review when the rule's measure is above its threshold."""
+    ``unknown`` from the unknown block, else the bundle's review rule (edgeq.uncertainty.review)."""
+    from edgeq.uncertainty import review
+
     if d.unknown is not None and bool(d.unknown[j]):
         return "unknown", "unknown"
-    if rule and rule.get("threshold") is not None and float(d.measure(rule["measure"])[j]) > rule["threshold"]:
-        return "review", "ambiguous"
-    return "trusted", ""
+    if not rule:
+        return "trusted", ""
+    verdict = review(float(d.measure(rule["measure"])[j]), rule.get("threshold"),
+                     None if d.unfamiliarity is None else float(d.unfamiliarity[j]), rule.get("unfamiliar_threshold"))
+    return ("review", verdict.reason) if verdict.flag else ("trusted", "")
 
 
 def _frames_plot(report: dict[str, Any], runs: list[Any], coco: Any) -> str:
@@ -65,19 +69,19 @@ def _frames_plot(report: dict[str, Any], runs: list[Any], coco: Any) -> str:
             d = res.detections
             for j in np.flatnonzero(kept(d, report["score_threshold"], report.get("objectness_threshold"))):
                 x0, y0, x1, y1 = res.boxes[j]
-                verdict, reason = _verdict(d, j, rule)
+                verdict, _ = _verdict(d, j, rule)
                 color = VERDICTS[verdict]
                 label = report["labels"][int(d.classes[j])]
                 text = f"unknown ({label}?)" if verdict == "unknown" else f"{label} {d.scores[j]:.2f}"
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2, edgecolor=color))
-                ax.text(x0, y0 - 1, text + (" !" if reason == "ambiguous" else ""), fontsize=6, color="white",
+                ax.text(x0, y0 - 1, text + (" !" if verdict == "review" else ""), fontsize=6, color="white",
                         backgroundcolor=color)
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:
                 ax.set_ylabel(run.name)
     fig.legend(handles=[Patch(color=VERDICTS["trusted"], label="trusted"),
-                        Patch(color=VERDICTS["review"], label="needs_review: ambiguous (!)"),
+                        Patch(color=VERDICTS["review"], label="needs_review (!)"),
                         Patch(color=VERDICTS["unknown"], label="published as unknown")],
                loc="lower center", ncol=3, fontsize=8)
     return _png(fig)
@@ -157,8 +161,8 @@ def write_detection_report(report: dict[str, Any], runs: list[Any], coco: Any, o
 ground truth at IoU &ge; 0.5; mAP comes from pycocotools.</p>
 <table><tr><th></th>{head}</tr>{body}</table>
 <h2>What the device would say</h2>
-<p>Each kept detection coloured as the device publishes it: trusted, needs_review because its {measure} is above
-the bundle's threshold (marked !), or label "unknown" (with the class it is nearest to). Dashed: ground truth,
+<p>Each kept detection coloured as the device publishes it: trusted, needs_review under the bundle's rule (its {measure}
+above the threshold, or unfamiliar; marked !), or label "unknown" (with the class it is nearest to). Dashed: ground truth,
 magenta for objects of unknown classes. One row per model.</p><img alt='frames' src='{frames}'>
 <h2>Unknown objects</h2><p>ROC of every measure the bundle publishes for telling detections of unknown objects
 from known ones (AUROC in the legend; 0.5 is chance).</p>
