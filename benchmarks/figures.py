@@ -65,11 +65,6 @@ def _pending(res: dict[str, R], name: str, render: Callable[[R], str], short: bo
         f"not measured yet: `python benchmarks/{name}.py` ({PENDING[name]})"
 
 
-def _u(res: dict[str, R], render: Callable[[dict[str, R]], str]) -> str:
-    """A README row of unknowns.json, or what to run while it is withdrawn."""
-    return _pending(res, "unknowns", lambda _: render(res), True)
-
-
 def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
@@ -149,46 +144,45 @@ README: list[Row] = [
                f"{r['annotate'].snapshots_1hz['cpu_s_median']['on_1hz']:.2f} vs "
                f"{r['annotate'].snapshots_1hz['cpu_s_median']['off']:.2f} s)", "same"),
     ("Bayesian head, K=32, int8, one invoke vs the same backbone with a dense head, MobileNetV2 0.35/96",
-     lambda r: _pending(r, "bayes_head", _bayes_latency, True), "`python benchmarks/bayes_head.py`"),
+     lambda r: _bayes_latency(r["bayes_head"]), "`python benchmarks/bayes_head.py`"),
     ("one K=32 pass vs 32 passes of the deterministic int8 network (0.35/96)",
-     lambda r: _pending(r, "bayes_head", _k_passes, True), "same"),
+     lambda r: _k_passes(r["bayes_head"]), "same"),
     ("int8 QBNN vs float BNN, 2,000 held-out Fashion-MNIST images: top-1",
-     lambda r: _pending(r, "bayes_head", lambda b: _bayes_q(b, "top1", "{:.4f}"), True), "same"),
-    ("same: ECE (15 bins)", lambda r: _pending(r, "bayes_head", lambda b: _bayes_q(b, "ece", "{:.4f}"), True), "same"),
+     lambda r: _bayes_q(r["bayes_head"], "top1", "{:.4f}"), "same"),
+    ("same: ECE (15 bins)", lambda r: _bayes_q(r["bayes_head"], "ece", "{:.4f}"), "same"),
     ("same: AUROC of mutual information, Fashion-MNIST vs 2,000 MNIST digits (0.5 is chance)",
-     lambda r: _pending(r, "bayes_head", lambda b: _bayes_q(b, "auroc_mi", "{:.3f}"), True), "same"),
+     lambda r: _bayes_q(r["bayes_head"], "auroc_mi", "{:.3f}"), "same"),
     ("classifier (MobileNetV2 0.35/96, 8 Fashion-MNIST classes), three training seeds: AUROC of unfamiliarity, mean "
      "(range), vs predictive entropy, mean, int8, against MNIST digits / the 2 held-out classes / photo crops",
-     lambda r: _u(r, lambda r: " / ".join(f"{_spread(v['quantized']['auroc']['unfamiliarity'])} vs "
+     lambda r: " / ".join(f"{_spread(v['quantized']['auroc']['unfamiliarity'])} vs "
                           f"{v['quantized']['auroc']['predictive_entropy']['mean']:.3f}"
-                          for v in r["unknowns"].mean["ood"].values())), "`python benchmarks/unknowns.py`"),
+                          for v in r["unknowns"].mean["ood"].values()), "`python benchmarks/unknowns.py`"),
     ("same, float32 bundle (same flags): unfamiliarity, mean",
-     lambda r: _u(r, lambda r: " / ".join(f"{v['reference']['auroc']['unfamiliarity']['mean']:.3f}"
-                          for v in r["unknowns"].mean["ood"].values())), "same"),
+     lambda r: " / ".join(f"{v['reference']['auroc']['unfamiliarity']['mean']:.3f}"
+                          for v in r["unknowns"].mean["ood"].values()), "same"),
     ("same: `needs_review` with the defaults flags, int8, mean: in-distribution / MNIST digits",
-     lambda r: _u(r, lambda r: f"{r['unknowns'].mean['in_distribution']['quantized']['flagged']['mean']:.1%} / "
-               f"{r['unknowns'].mean['ood']['digits']['quantized']['flagged']['mean']:.1%}"), "same"),
+     lambda r: f"{r['unknowns'].mean['in_distribution']['quantized']['flagged']['mean']:.1%} / "
+               f"{r['unknowns'].mean['ood']['digits']['quantized']['flagged']['mean']:.1%}", "same"),
     ("same: accuracy of unflagged vs all in-distribution results, int8, mean",
-     lambda r: _u(r, lambda r: f"{r['unknowns'].mean['in_distribution']['quantized']['accuracy_unflagged']['mean']:.4f} vs "
-               f"{r['unknowns'].mean['in_distribution']['quantized']['accuracy_all']['mean']:.4f}"), "same"),
+     lambda r: f"{r['unknowns'].mean['in_distribution']['quantized']['accuracy_unflagged']['mean']:.4f} vs "
+               f"{r['unknowns'].mean['in_distribution']['quantized']['accuracy_all']['mean']:.4f}", "same"),
     ("same: ranking wrong above right in-distribution results, AUROC int8, mean: density disagreement (the default "
      "review measure) vs predictive entropy; accuracy kept when the 10% most ambiguous on --val are set aside",
-     lambda r: _u(r, lambda r: f"{_amb(r, 'density_disagreement', 'error_auroc', '{:.3f}')} vs "
+     lambda r: f"{_amb(r, 'density_disagreement', 'error_auroc', '{:.3f}')} vs "
                f"{_amb(r, 'predictive_entropy', 'error_auroc', '{:.3f}')}; "
                f"{_amb(r, 'density_disagreement', 'accuracy_kept', '{:.4f}')} vs "
-               f"{_amb(r, 'predictive_entropy', 'accuracy_kept', '{:.4f}')}"), "same"),
+               f"{_amb(r, 'predictive_entropy', 'accuracy_kept', '{:.4f}')}", "same"),
     ("same: cost of the measure, invoke latency ratio / with the device's numpy finish / extra peak RSS of `edgeq run`",
-     lambda r: _u(r, lambda r: f"{r['unknowns'].cost['latency_ratio']:.3f}x / {r['unknowns'].cost['invoke_plus_finish_ratio']:.3f}x / "
-               f"{r['unknowns'].cost['rss_extra_mb']:+.1f} MB"), "same"),
+     lambda r: f"{r['unknowns'].cost['latency_ratio']:.3f}x / {r['unknowns'].cost['invoke_plus_finish_ratio']:.3f}x / "
+               f"{r['unknowns'].cost['rss_extra_mb']:+.1f} MB", "same"),
     ("MobileNetV2 1.0/224 bundle file / float32 `.tflite`: int8, int8 + 16 clusters per tensor, per channel (packed 4-bit)",
      lambda r: " / ".join(f"{r['clustering'].variants[v]['bundle_over_float32']:.3f}" for v in
                           ("int8", "clustered_per_tensor", "clustered_per_channel")),
      "`python benchmarks/clustering.py`"),
     ("model with an outlier channel (small CNN, Fashion-MNIST): top-1 drop plain / bias-corrected / accuracy-aware "
      "(`--max-drop 0.01`)",
-     lambda r: _pending(r, "accuracy_aware", lambda a: " / ".join(
-         f"{a.hard_model['variants'][v]['drop_points']:g}" for v in ("plain", "bias_corrected", "accuracy_aware"))
-         + " points", True),
+     lambda r: " / ".join(f"{r['accuracy_aware'].hard_model['variants'][v]['drop_points']:g}" for v in
+                          ("plain", "bias_corrected", "accuracy_aware")) + " points",
      "`python benchmarks/accuracy_aware.py`"),
     ("grid detector, MobileNetV2 0.35 at 192x192, K=32 Bayesian class head: mAP@0.5 float / int8 (300 test scenes)",
      lambda r: f"{r['detection'].quality['float32']['map50']:.3f} / {r['detection'].quality['int8']['map50']:.3f}",
