@@ -138,18 +138,25 @@ def _spool_rows(path: Path) -> int:
         db.close()
 
 
+def _memory_mode_run(tmp_path, bundle, video, broker, sub, extra: str):
+    """`edgeq run` looping ``video`` with ``[spool] mode = "memory"`` (spool.db in ``tmp_path``), ``extra`` top-level
+    config lines; returned once the subscriber has more than 100 of its results, with its config."""
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(f'model = "{bundle}"\nsource = "{video}"\nloop = true\n{extra}[mqtt]\nurl = "{broker.url}"\n'
+                   f'[spool]\npath = "{tmp_path / "spool.db"}"\nmode = "memory"\n')
+    assert sub.wait_for(lambda: sub.client.is_connected(), 10)
+    proc = start_run("--config", str(cfg))
+    assert sub.wait_for(lambda: len(sub.seqs()) > 100, 30)
+    return cfg, proc
+
+
 def test_memory_mode_stores_nothing_while_the_broker_keeps_up_and_loses_nothing_in_an_outage(tmp_path, tiny_bundle,
                                                                                             video):
     """[spool] mode = "memory": with the broker up, results wait for their PUBACK in memory (the spool's table
     stays empty); when the broker dies they go to the spool, and every one arrives after it is back."""
     with broker_and_collector(tmp_path / "broker", ["edgeq/+/detections"]) as (broker, sub):
         spool = tmp_path / "spool.db"
-        cfg = tmp_path / "device.toml"
-        cfg.write_text(f'model = "{tiny_bundle}"\nsource = "{video}"\nloop = true\nmax_frames = 800\nmax_fps = 50\n'
-                       f'[mqtt]\nurl = "{broker.url}"\n[spool]\npath = "{spool}"\nmode = "memory"\n')
-        assert sub.wait_for(lambda: sub.client.is_connected(), 10)
-        proc = start_run("--config", str(cfg))
-        assert sub.wait_for(lambda: len(sub.seqs()) > 100, 30)
+        _, proc = _memory_mode_run(tmp_path, tiny_bundle, video, broker, sub, "max_frames = 800\nmax_fps = 50\n")
         rows = [_spool_rows(spool) for _ in range(5) if time.sleep(0.2) is None]
         assert rows == [0] * 5, rows  # nothing stored per result while the broker keeps up
         broker.stop(signal.SIGKILL)
@@ -167,12 +174,7 @@ def test_memory_mode_sigkill_leaves_a_gap_never_a_number_used_twice(tmp_path, ti
     """What memory held at a SIGKILL is lost, and says so as a gap in seq: the next run's numbers come after
     every number the killed run could have published."""
     with broker_and_collector(tmp_path / "broker", ["edgeq/+/detections"]) as (broker, sub):
-        cfg = tmp_path / "device.toml"
-        cfg.write_text(f'model = "{tiny_bundle}"\nsource = "{video}"\nloop = true\nmax_fps = 200\n'
-                       f'[mqtt]\nurl = "{broker.url}"\n[spool]\npath = "{tmp_path / "spool.db"}"\nmode = "memory"\n')
-        assert sub.wait_for(lambda: sub.client.is_connected(), 10)
-        proc = start_run("--config", str(cfg))
-        assert sub.wait_for(lambda: len(sub.seqs()) > 100, 30)
+        cfg, proc = _memory_mode_run(tmp_path, tiny_bundle, video, broker, sub, "max_fps = 200\n")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         time.sleep(0.5)
