@@ -84,3 +84,11 @@ def test_bad_options(tmp_path, args, needle):
     r = _install(tmp_path, *args)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("edgeq install: error: ") and needle in lines[0]
+
+
+def test_setup_refuses_an_unknown_profile():
+    """scripts/setup.sh (README's two commands) takes ``demo`` or nothing; anything else is one line, before any
+    install."""
+    r = subprocess.run(["bash", str(REPO / "scripts" / "setup.sh"), "tests"], capture_output=True, text=True, timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "unknown profile 'tests'" in lines[0] and "demo" in lines[0]
