@@ -24,7 +24,7 @@ def ood_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def float_bundle(tmp_path_factory, tiny_keras_path, shapes_dir) -> Path:
     out = tmp_path_factory.mktemp("float") / "tiny_f32.edgeq"
-    r = run_edgeq("convert", str(tiny_keras_path), "--quant", "float32", "--val", str(shapes_dir), "-o", str(out))
+    r = edgeq_here("convert", str(tiny_keras_path), "--quant", "float32", "--val", str(shapes_dir), "-o", str(out))
     assert r.returncode == 0, r.stderr
     return out
 
@@ -33,7 +33,7 @@ def float_bundle(tmp_path_factory, tiny_keras_path, shapes_dir) -> Path:
 def layers_bundle(tiny_keras_path, shapes_dir, tmp_path_factory) -> Path:
     """The tiny model converted like tiny_bundle, plus per-layer errors from TFLite's QuantizationDebugger."""
     out = tmp_path_factory.mktemp("layers") / "tiny.edgeq"
-    r = run_edgeq("convert", str(tiny_keras_path), "--calib", str(shapes_dir), "--calib-samples", "30",
+    r = edgeq_here("convert", str(tiny_keras_path), "--calib", str(shapes_dir), "--calib-samples", "30",
                   "--val", str(shapes_dir), "--layer-errors", "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "layer errors:" in r.stdout
@@ -117,18 +117,44 @@ def test_report_loads_in_headless_chromium_with_every_image(evaluated):
     page = report_dir / "report.html"
     assert Path(report["report"]) == page and page.is_file()
     text = page.read_text()
-    assert text.count("data:image/png;base64,") == 5  # reliability, uncertainty, referral, OOD ROC, layers
+    # reliability, uncertainty, referral, OOD ROC, layers, and 6 + 6 sample images of --data and --ood
+    assert text.count("data:image/png;base64,") == 5 + 12
     assert "http://" not in text and "https://" not in text  # self-contained
     exe = _chromium()
     assert exe, "chromium is not installed: scripts/setup.sh installs it (apt-get install chromium)"
     out = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert 'data-images-total="5"' in out.stdout and 'data-images-loaded="5"' in out.stdout, out.stdout[:500]
+    assert 'data-images-total="17"' in out.stdout and 'data-images-loaded="17"' in out.stdout, out.stdout[:500]
+
+
+def test_report_samples_carry_the_verdict_the_device_publishes(evaluated, layers_bundle, ood_dir, tmp_path):
+    """Each sample image of the report is framed by the verdict ``edgeq run`` publishes for that image: the same
+    rule, the same reason."""
+    import re
+
+    _, report_dir = evaluated
+    text = (report_dir / "report.html").read_text()
+    samples = re.findall(r"data-file='([^']+)' data-verdict='(\w+)'", text)
+    ood = {f: v for f, v in samples if (ood_dir / f).is_file()}
+    assert len(samples) == 12 and len(ood) == 6, samples
+    r = run_edgeq("run", "--model", str(layers_bundle), "--source", str(ood_dir), "--output", "-",
+                  "--spool", str(tmp_path / "s.db"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    published = {}
+    for ln in r.stdout.splitlines():
+        if '"edgeq.detections"' in ln:
+            msg = json.loads(ln)
+            top = msg["detections"][0]
+            published[msg["frame"]["id"]] = ("review", top["review_reason"]) if top["needs_review"] else ("trusted", None)
+    assert {f: published[f][0] for f in ood} == ood
+    for f, (verdict, reason) in published.items():
+        if f in ood and verdict == "review":
+            assert f"needs review: {reason}" in text.split(f"data-file='{f}'")[1].split("</figure>")[0]
 
 
 def test_eval_against_a_float_bundle_and_plain_text(tiny_bundle, float_bundle, shapes_dir, tmp_path):
-    r = run_edgeq("eval", str(tiny_bundle), "--data", str(shapes_dir), "--reference", str(float_bundle))
+    r = edgeq_here("eval", str(tiny_bundle), "--data", str(shapes_dir), "--reference", str(float_bundle))
     assert r.returncode == 0, r.stderr
     assert "reference" in r.stdout and "quantized" in r.stdout and "ECE" in r.stdout
     # an aligned table: the header and every figure's row (the runtime's included) are one width
@@ -140,7 +166,7 @@ def test_eval_against_a_float_bundle_and_plain_text(tiny_bundle, float_bundle, s
     assert any("ai-edge-litert" in ln for ln in table)
     # a reference for another task is refused, naming it
     other = tmp_path / "other.edgeq"
-    assert run_edgeq("convert", "mobilenet_v2", "--density", "off", "--alpha", "0.35",
+    assert edgeq_here("convert", "mobilenet_v2", "--density", "off", "--alpha", "0.35",
                      "--input-size", "32", "--classes", "3", "--quant", "float32", "-o", str(other)).returncode == 0
     assert_clean_error(edgeq_here("eval", str(tiny_bundle), "--data", str(shapes_dir), "--reference", str(other)),
                        "--reference", "labels differ")
@@ -195,7 +221,7 @@ def test_bench_pipeline(tiny_bundle, tmp_path):
 
 def test_bench_bad_inputs(tiny_bundle, tmp_path, shapes_dir):
     other = tmp_path / "other.edgeq"
-    r = run_edgeq("convert", "mobilenet_v2", "--density", "off", "--alpha", "0.35", "--input-size", "48", "--classes", "3",
+    r = edgeq_here("convert", "mobilenet_v2", "--density", "off", "--alpha", "0.35", "--input-size", "48", "--classes", "3",
                   "--calib", str(shapes_dir), "--calib-samples", "10", "-o", str(other))
     assert r.returncode == 0, r.stderr
     assert_clean_error(edgeq_here("bench", str(tiny_bundle), "--baseline", str(other)), "--baseline", "input shape",

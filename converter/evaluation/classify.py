@@ -230,6 +230,8 @@ class EvalRun:
     ood: Scored | None = None  # targets unused: OOD images have no class
     figures: dict[str, Any] | None = None
     info: dict[str, Any] | None = None  # what a bundle's manifest says it is (variant, file size)
+    files: list[Path] | None = None  # the images behind ``scored`` and ``ood``, in their order (the report's samples)
+    ood_files: list[Path] | None = None
 
 
 def variant(manifest: Manifest) -> str:
@@ -341,6 +343,7 @@ def evaluate_bundle(
     measure = review.measure if review is not None else "predictive_entropy"
     rule = review.model_dump() if review is not None and review.threshold is not None else None
     for run in runs:
+        run.files, run.ood_files = list(data.files), list(ood_files)
         run.scored = score(run.model, run.head, run.spec, data, run.name)
         if ood_files:
             logits, unfamiliarity, disagreement = run_files(run.model, run.spec, ood_files, run.head,
@@ -352,7 +355,7 @@ def evaluate_bundle(
     report: dict[str, Any] = {
         "bundle": bundle.where, "name": bundle.name, "labels": bundle.labels, "data": str(data_dir),
         "count": len(data.files), "ood": str(ood_dir) if ood_dir else None, "ood_count": len(ood_files),
-        "uncertainty_measure": measure, "models": {},
+        "uncertainty_measure": measure, "review_rule": rule, "models": {},
     }
     for run, t in zip(runs, times):
         info = {"size_bytes": run.model.size, "latency_ms_median": float(np.median(t)),

@@ -18,6 +18,9 @@ import numpy as np
 from edgeq.errors import DataError
 
 COLORS = {"reference": "#4c72b0", "quantized": "#dd8452"}
+# the sample images' frames: the device's verdict on each (the detection report's colours)
+VERDICT_COLORS = {"trusted": "#1b8a3a", "review": "#e08a00", "none": "#8c8c8c"}
+SAMPLES = 6  # sample images of --data and of --ood on the page
 PALETTE = ("#55a868", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 
 
@@ -146,6 +149,72 @@ def _plots(report: dict[str, Any], runs: list[Any]) -> dict[str, str]:
     return images
 
 
+def _verdicts(scored: Any, rule: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """``(verdict, reason)`` of each result as the device decides it (edgeq.uncertainty.review with the bundle's
+    rule): ``trusted``, ``review`` with its reason, or ``none`` when the bundle has no rule."""
+    from edgeq.uncertainty import review
+
+    if not rule:
+        return [("none", "")] * len(scored.targets)
+    ambiguity = scored.measure(rule["measure"]) if rule.get("threshold") is not None else None
+    out = []
+    for i in range(len(scored.targets)):
+        v = review(None if ambiguity is None else float(ambiguity[i]), rule.get("threshold"),
+                   None if scored.unfamiliarity is None else float(scored.unfamiliarity[i]),
+                   rule.get("unfamiliar_threshold"))
+        out.append(("none", "") if v.flag is None else ("review", v.reason or "") if v.flag else ("trusted", ""))
+    return out
+
+
+def _thumbnail(path: Path) -> str:
+    import cv2
+
+    from edgeq.preprocess import read_image
+
+    ok, png = cv2.imencode(".png", read_image(path))
+    return "data:image/png;base64," + base64.b64encode(png.tobytes()).decode("ascii") if ok else ""
+
+
+def _samples(report: dict[str, Any], run: Any) -> str:
+    """Up to :data:`SAMPLES` images of --data (flagged ones first, up to half) and of --ood (in file order), each
+    framed in the colour of the device's verdict and captioned with the top label, its probability and the reason
+    for review. Each figure carries ``data-file`` and ``data-verdict`` for a browser test to check."""
+    rule = report.get("review_rule")
+    sets = [("data", run.scored, run.files or [])]
+    if run.ood is not None:
+        sets.append(("ood", run.ood, run.ood_files or []))
+    parts = []
+    for kind, scored, files in sets:
+        verdicts = _verdicts(scored, rule)
+        flagged = [i for i, (v, _) in enumerate(verdicts) if v == "review"]
+        if kind == "data":
+            pick = flagged[:SAMPLES // 2]
+            pick += [i for i in range(len(files)) if i not in pick][:SAMPLES - len(pick)]
+        else:
+            pick = list(range(min(SAMPLES, len(files))))
+        probs = scored.summary.mean
+        cells = []
+        for i in pick:
+            verdict, reason = verdicts[i]
+            top = int(probs[i].argmax())
+            said = {"trusted": "trusted", "review": f"needs review: {reason}", "none": "no review rule"}[verdict]
+            truth = f"true: {report['labels'][int(scored.targets[i])]}" if kind == "data" else "out of distribution"
+            cells.append(
+                f"<figure class='sample {verdict}' data-file='{html.escape(files[i].name)}' data-verdict='{verdict}' "
+                f"style='display:inline-block;margin:4px;text-align:center;font-size:12px'>"
+                f"<img alt='{html.escape(files[i].name)}' src='{_thumbnail(files[i])}' style='width:96px;height:96px;"
+                f"image-rendering:pixelated;border:4px solid {VERDICT_COLORS[verdict]}'>"
+                f"<figcaption>{html.escape(report['labels'][top])} {probs[i][top]:.2f}<br>{html.escape(said)}<br>"
+                f"<small>{html.escape(truth)}</small></figcaption></figure>")
+        title = "--data" if kind == "data" else "--ood"
+        parts.append(f"<h3>{title}: {len(pick)} of {len(files)}</h3><div>{''.join(cells)}</div>")
+    legend = ", ".join(f"<span style='color:{c}'>&#9632;</span> {n}" for n, c in
+                       (("trusted", VERDICT_COLORS["trusted"]), ("needs review", VERDICT_COLORS["review"]),
+                        ("no rule in the bundle", VERDICT_COLORS["none"])))
+    return (f"<h2>Sample images ({html.escape(run.name)})</h2><p>What the device would publish for each: framed by "
+            f"its verdict ({legend}); of --data, the flagged ones first (up to half).</p>" + "".join(parts))
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -219,6 +288,8 @@ def write_report(report: dict[str, Any], runs: list[Any], out_dir: str | Path) -
     else:
         figures += ("<h2>Per-layer quantisation error</h2><p>Not recorded for this bundle: convert it with "
                     "--layer-errors.</p>")
+    bundle_run = next((r for r in runs if r.name == "quantized"), runs[-1])
+    figures += _samples(report, bundle_run)
     page_body = f"""<h1>edgeq eval: {html.escape(report['name'])}</h1>
 <p>Bundle {html.escape(report['bundle'])}; {report['count']} images from {html.escape(report['data'])}
 ({len(report['labels'])} classes){f"; {report['ood_count']} out-of-distribution images" if report['ood_count'] else ""}.
