@@ -79,8 +79,11 @@ def edgeq_here(*args: str) -> subprocess.CompletedProcess:
     """The same CLI as :func:`run_edgeq`, in this process: for refusals and other short runs, which would otherwise
     spend most of their time importing TensorFlow again in a new interpreter (about 5 s each, some 50 of them in
     the suite). The exit code, stdout and stderr are ``main``'s own; an exception ``main`` does not turn into one
-    ``edgeq: error:`` line propagates and fails the test, as its traceback would in a subprocess. Runs a user starts
-    end to end (train, convert, run, eval on real data) keep :func:`run_edgeq`."""
+    ``edgeq: error:`` line propagates and fails the test, as its traceback would in a subprocess. Every training
+    and every ``run`` keeps :func:`run_edgeq` (a training's numerics and a device's process are the point), and so
+    does one end-to-end run of each host command through the console script (test_convert's built-in conversion,
+    test_detect's bundle and evaluation, test_bayes's bundle, test_eval's report); the other conversions and
+    evaluations, which build a test's inputs or check one property, run here."""
     import contextlib
     import io
 

@@ -77,7 +77,7 @@ def test_simulated_rounding_is_what_tflite_stores(tmp_path, shapes_dir, tiny_ker
     from edgeq.runtime import weight_kernels
 
     out = tmp_path / "t.edgeq"
-    r = run_edgeq("convert", str(tiny_keras_path), "--density", "off", "--calib", str(shapes_dir), "--calib-samples", "20",
+    r = edgeq_here("convert", str(tiny_keras_path), "--density", "off", "--calib", str(shapes_dir), "--calib-samples", "20",
                   "--bias-correction", "off", "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     model = keras.models.load_model(tiny_keras_path, compile=False)
@@ -130,7 +130,7 @@ def hard_model(fashion_dirs, tmp_path_factory) -> Path:
 
 
 def _convert(model: Path, out: Path, fashion_dirs, *extra: str):
-    return run_edgeq("convert", str(model), "--density", "off", "--calib", str(fashion_dirs["train"]), "--calib-samples", "100",
+    return edgeq_here("convert", str(model), "--density", "off", "--calib", str(fashion_dirs["train"]), "--calib-samples", "100",
                      "--val", str(fashion_dirs["val"]), "-o", str(out), *extra)
 
 
@@ -176,7 +176,7 @@ def test_accuracy_aware_mode_repairs_the_outlier_model(hard_model, fashion_dirs,
     assert "CONV_2D" in doctor["xnnpack"]["data"]["float_ops"] and "off the int8 path" in doctor["xnnpack"]["detail"]
 
     # eval shows plain and repaired side by side, each labelled
-    r = run_edgeq("eval", str(fixed), "--compare", str(plain), "--data", str(fashion_dirs["test"]), "--json")
+    r = edgeq_here("eval", str(fixed), "--compare", str(plain), "--data", str(fashion_dirs["test"]), "--json")
     models = json.loads(r.stdout)["models"]
     assert "layer(s) float" in models["quantized"]["variant"] and "float" not in models["plain"]["variant"]
     check("accuracy.hard.compare_gain", models["quantized"]["top1"] - models["plain"]["top1"])

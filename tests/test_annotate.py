@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHAPE_LABELS, assert_clean_error, run_edgeq, save_with_labels
+from conftest import SHAPE_LABELS, assert_clean_error, edgeq_here, run_edgeq, save_with_labels
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def detector_bundle(tmp_path_factory, shapes_dir) -> Path:
     d = tmp_path_factory.mktemp("annotate-det")
     model = save_with_labels(build_detector(96, 0.35, 3, seed=2), d / "det.keras", SHAPE_LABELS)
     out = d / "det.edgeq"
-    r = run_edgeq("convert", str(model), "--calib", str(shapes_dir), "--calib-samples", "20", "--resize", "letterbox",
+    r = edgeq_here("convert", str(model), "--calib", str(shapes_dir), "--calib-samples", "20", "--resize", "letterbox",
                   "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     return out

@@ -157,7 +157,7 @@ def evaluated(trained, dense_bundle, bayes_bundle, fashion_dirs) -> dict[str, di
     Bayesian bundle beside its float BNN (the source .keras, with the same K weight samples)."""
     out = {}
     for which, bundle, extra in (("dense", dense_bundle, []), ("bayes", bayes_bundle, ["--reference", str(trained["bayes"])])):
-        r = run_edgeq("eval", str(bundle), "--data", str(fashion_dirs["test"]), "--ood", str(fashion_dirs["ood"]),
+        r = edgeq_here("eval", str(bundle), "--data", str(fashion_dirs["test"]), "--ood", str(fashion_dirs["ood"]),
                       *extra, "--json")
         assert r.returncode == 0, r.stderr[-2000:]
         out[which] = json.loads(r.stdout)
@@ -274,7 +274,7 @@ def test_device_review_override_from_config(bayes_bundle, fashion_dirs, tmp_path
 @pytest.fixture(scope="module")
 def dense_bundle(trained, fashion_dirs) -> Path:
     out = trained["dir"] / "det.edgeq"
-    r = run_edgeq("convert", str(trained["det"]), "--calib", str(fashion_dirs["train"]), "--calib-samples", "60",
+    r = edgeq_here("convert", str(trained["det"]), "--calib", str(fashion_dirs["train"]), "--calib-samples", "60",
                   "--val", str(fashion_dirs["val"]), "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "unfamiliarity: class Gaussians on" in r.stdout, r.stdout
@@ -322,7 +322,7 @@ def test_bad_sample_counts(trained, fashion_dirs, tmp_path):
 
 def test_no_bayesian_head_when_asked_for_one(trained, fashion_dirs, tmp_path):
     out = tmp_path / "x.edgeq"
-    r = run_edgeq("convert", str(trained["det"]), "--density", "off", "--bayes-samples", "8", "--calib", str(fashion_dirs["train"]),
+    r = edgeq_here("convert", str(trained["det"]), "--density", "off", "--bayes-samples", "8", "--calib", str(fashion_dirs["train"]),
                   "--calib-samples", "10", "-o", str(out))
     assert_clean_error(r, "det.keras", "no bayesian head", "edgeq train --head bayes")
     assert not out.exists()
@@ -332,7 +332,7 @@ def test_labels_that_do_not_match_the_head(trained, fashion_dirs, tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("a\nb\nc\n")
     out = tmp_path / "x.edgeq"
-    r = run_edgeq("convert", str(trained["bayes"]), "--labels", str(labels), "--calib", str(fashion_dirs["train"]),
+    r = edgeq_here("convert", str(trained["bayes"]), "--labels", str(labels), "--calib", str(fashion_dirs["train"]),
                   "--calib-samples", "10", "-o", str(out))
     assert_clean_error(r, str(labels), "3 labels", "4 classes")
     assert not out.exists()
@@ -392,7 +392,7 @@ def test_both_layouts_convert_and_decode_alike(layout, trained, fashion_dirs, tm
     from edgeq.bundle import read_bundle
 
     out = tmp_path / f"{layout}.edgeq"
-    r = run_edgeq("convert", str(trained["bayes"]), "--density", "off", "--calib", str(fashion_dirs["train"]), "--calib-samples", "40",
+    r = edgeq_here("convert", str(trained["bayes"]), "--density", "off", "--calib", str(fashion_dirs["train"]), "--calib-samples", "40",
                   "--val", str(fashion_dirs["val"]), "--bayes-samples", "8", "--bayes-layout", layout, "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     m = read_bundle(out).manifest.to_json()
@@ -413,7 +413,7 @@ def test_clustered_bayesian_bundle_next_to_the_unclustered_one(trained, bayes_bu
     from edgeq.bundle import read_bundle
 
     out = tmp_path / "bayes_c16.edgeq"
-    r = run_edgeq("convert", str(trained["bayes"]), "--density", "off", "--calib", str(fashion_dirs["train"]), "--calib-samples", "60",
+    r = edgeq_here("convert", str(trained["bayes"]), "--density", "off", "--calib", str(fashion_dirs["train"]), "--calib-samples", "60",
                   "--val", str(fashion_dirs["val"]), "--bayes-samples", "16", "--bayes-seed", "7",
                   "--clusters", "16", "--cluster-per-channel", "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -429,7 +429,7 @@ def test_clustered_bayesian_bundle_next_to_the_unclustered_one(trained, bayes_bu
     assert "vector-quantised to 16 codewords" in run_edgeq("inspect", str(out)).stdout
 
     report_dir = tmp_path / "report"
-    r = run_edgeq("eval", str(out), "--compare", str(bayes_bundle), "--data", str(fashion_dirs["test"]),
+    r = edgeq_here("eval", str(out), "--compare", str(bayes_bundle), "--data", str(fashion_dirs["test"]),
                   "--ood", str(fashion_dirs["ood"]), "--report", str(report_dir), "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     models = json.loads(r.stdout)["models"]

@@ -66,7 +66,7 @@ def test_convert_with_clusters_ships_at_most_n_values(tmp_path, shapes_dir):
     path = save_with_labels(keras.Model(inp, keras.layers.Dense(3, name="logits")(x)), tmp_path / "m.keras",
                             SHAPE_LABELS)
     out = tmp_path / "c.edgeq"
-    r = run_edgeq("convert", str(path), "--density", "off", "--calib", str(shapes_dir), "--calib-samples", "20",
+    r = edgeq_here("convert", str(path), "--density", "off", "--calib", str(shapes_dir), "--calib-samples", "20",
                   "--clusters", "4", "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     b = read_bundle(out)
@@ -160,8 +160,8 @@ def test_packed_bundle_rebuilds_the_exact_model(tmp_path, shapes_dir):
                             SHAPE_LABELS)
     plain, clustered = tmp_path / "plain.edgeq", tmp_path / "c.edgeq"
     common = ["--calib", str(shapes_dir), "--calib-samples", "20"]
-    assert run_edgeq("convert", str(path), "--density", "off", *common, "-o", str(plain)).returncode == 0
-    r = run_edgeq("convert", str(path), "--density", "off", *common, "--clusters", "16", "--cluster-per-channel", "-o", str(clustered))
+    assert edgeq_here("convert", str(path), "--density", "off", *common, "-o", str(plain)).returncode == 0
+    r = edgeq_here("convert", str(path), "--density", "off", *common, "--clusters", "16", "--cluster-per-channel", "-o", str(clustered))
     assert r.returncode == 0, r.stderr[-2000:]
     b = read_bundle(clustered)  # verifies size and sha256 of the rebuilt model
     entries = b.manifest.to_json()["model"]["packed"]["kernels"]
@@ -219,7 +219,7 @@ def test_finetune_keeps_weights_on_their_clusters(tmp_path, shapes_dir):
     assert not np.allclose(after, before) and len(np.unique(after)) <= 8  # it trained, and stayed shared
 
     out = tmp_path / "ft.edgeq"
-    r = run_edgeq("convert", str(path), "--density", "off", "--calib", str(shapes_dir), "--calib-samples", "20", "--clusters", "8",
+    r = edgeq_here("convert", str(path), "--density", "off", "--calib", str(shapes_dir), "--calib-samples", "20", "--clusters", "8",
                   "--finetune", str(shapes_dir), "--val", str(shapes_dir), "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     c = read_bundle(out).manifest.to_json()["clustering"]

@@ -95,7 +95,7 @@ def test_train_stores_labels_and_category_ids_inside_the_model(detector, scenes,
     copy = tmp_path / "copied.keras"
     copy.write_bytes(detector.read_bytes())
     out = tmp_path / "copied.edgeq"
-    r = run_edgeq("convert", str(copy), "--density", "off", "--calib", str(scenes["train"]), "--calib-samples", "10", "-o", str(out))
+    r = edgeq_here("convert", str(copy), "--density", "off", "--calib", str(scenes["train"]), "--calib-samples", "10", "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     m = read_bundle(out).manifest
     assert list(m.labels) == labels and list(m.detector.category_ids) == info["category_ids"]
@@ -181,7 +181,7 @@ def test_l2_density_outputs_the_neck_and_scores_like_the_float_model(detector, s
 
     out = tmp_path / "l2.edgeq"
     layout = read_bundle(bundle).manifest.head.layout
-    r = run_edgeq("convert", str(detector), "--calib", str(scenes["train"]), "--calib-samples", "30", "--val",
+    r = edgeq_here("convert", str(detector), "--calib", str(scenes["train"]), "--calib-samples", "30", "--val",
                   str(scenes["val"]), "--bayes-layout", layout, "--density-normalise", "l2", "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "the features divided by their length, an output the device projects" in r.stderr + r.stdout
@@ -315,10 +315,10 @@ def test_eval_reports_map_calibration_and_unknown_auroc(bundle, detector, scenes
 
     float_bundle = tmp_path / "float32.edgeq"
     layout = read_bundle(bundle).manifest.head.layout
-    r = run_edgeq("convert", str(detector), "--quant", "float32", "--bayes-layout", layout, "-o", str(float_bundle))
+    r = edgeq_here("convert", str(detector), "--quant", "float32", "--bayes-layout", layout, "-o", str(float_bundle))
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_edgeq("eval", str(float_bundle), "--data", str(scenes["test"]), "--compare", str(bundle),
-                  "--reference", str(detector), "--json", timeout=900)
+    r = edgeq_here("eval", str(float_bundle), "--data", str(scenes["test"]), "--compare", str(bundle),
+                  "--reference", str(detector), "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     models = json.loads(r.stdout)["models"]
     for key in ("map50", "map", "detections", "matched_known", "matched_unknown"):
@@ -326,7 +326,7 @@ def test_eval_reports_map_calibration_and_unknown_auroc(bundle, detector, scenes
     int8 = models[Path(bundle).stem]
     assert models["quantized"]["variant"].startswith("float32") and int8["variant"].startswith("int8")
     assert int8["size_bytes"] < models["quantized"]["size_bytes"]
-    r = run_edgeq("eval", str(bundle), "--data", str(scenes["test"]))
+    r = edgeq_here("eval", str(bundle), "--data", str(scenes["test"]))
     assert r.returncode == 0 and "mAP@0.5" in r.stdout and "AUROC unknown" in r.stdout
     # the plain table shows the same figures as the JSON
     assert f"{q['map50']:.4f}" in r.stdout and f"{q['unknown_auroc']['unfamiliarity']:.4f}" in r.stdout
@@ -503,7 +503,7 @@ def test_deterministic_detector_options(deterministic_detector, scenes, tmp_path
     assert_clean_error(edgeq_here(*common), "class 'sneaker' has 0 usable sample(s)", "--density off")
     assert not out.exists()
     # and without those, it converts: K = 1, the single layout, three outputs
-    r = run_edgeq(*common, "--density", "off")
+    r = edgeq_here(*common, "--density", "off")
     assert r.returncode == 0, r.stderr[-2000:]
     from edgeq.bundle import read_bundle
 

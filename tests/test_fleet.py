@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 
 from brokers import Broker, Collector
-from conftest import SHAPE_LABELS, run_edgeq, save_with_labels, edgeq_exe
+from conftest import SHAPE_LABELS, edgeq_exe, edgeq_here, run_edgeq, save_with_labels
 from edgeq.bundle import message_schema, read_bundle
 from edgeq.cli import main
 from test_bad_inputs import _rewrite
@@ -85,7 +85,7 @@ def fleet(tmp_path_factory, tiny_bundle, shapes_dir) -> dict[str, Path]:
     from edgeq.converter.models.detector import build_detector
 
     det = save_with_labels(build_detector(96, 0.35, 3, seed=2), d / "det.keras", SHAPE_LABELS)
-    r = run_edgeq("convert", str(det), "--calib", str(shapes_dir), "--calib-samples", "20", "--resize", "letterbox",
+    r = edgeq_here("convert", str(det), "--calib", str(shapes_dir), "--calib-samples", "20", "--resize", "letterbox",
                   "--sign", str(key), "-o", str(d / "detector.edgeq"))
     assert r.returncode == 0, r.stderr[-2000:]
     b["detector"] = d / "detector.edgeq"
@@ -354,7 +354,7 @@ def test_memory_after_a_hot_swap_is_that_of_a_fresh_start(tmp_path, fleet, video
     save_model(keras.Model(x, keras.layers.Dense(3, activation="softmax")(h)), tmp_path / "big.keras",
                {"labels": SHAPE_LABELS})
     big = tmp_path / "big.edgeq"
-    r = run_edgeq("convert", str(tmp_path / "big.keras"), "--quant", "float32", "--density", "off", "--sign",
+    r = edgeq_here("convert", str(tmp_path / "big.keras"), "--quant", "float32", "--density", "off", "--sign",
                   str(fleet["key"]), "-o", str(big))
     assert r.returncode == 0 and big.stat().st_size > 40e6, r.stderr[-2000:]
     broker = Broker(tmp_path / "broker").start()

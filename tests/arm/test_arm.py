@@ -11,7 +11,7 @@ import pytest
 
 from edgeq.bundle import read_bundle
 
-from conftest import SHAPE_LABELS, run_edgeq, save_with_labels
+from conftest import SHAPE_LABELS, edgeq_here, run_edgeq, save_with_labels
 
 pytestmark = [pytest.mark.arm, pytest.mark.slow]
 
@@ -86,7 +86,7 @@ def bundles(tmp_path_factory, tiny_bundle, tiny_keras_path, shapes_dir) -> dict[
                      str(shapes_dir), "--interpolation", "linear_exact", "--resize", "letterbox"]
     for name, args in jobs.items():
         out[name] = d / f"{name}.edgeq"
-        r = run_edgeq("convert", *args, "-o", str(out[name]))
+        r = edgeq_here("convert", *args, "-o", str(out[name]))
         assert r.returncode == 0, r.stderr[-2000:]
     return out
 
@@ -249,7 +249,7 @@ def trained_bundle(fashion_dirs, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("arm-trained")
     path = save_with_labels(train_small(x, y, len(labels), epochs=8, seed=int(seeded(0))), d / "small.keras", labels)
     out = d / "small.edgeq"
-    r = run_edgeq("convert", str(path), "--calib", str(fashion_dirs["train"]), "--calib-samples", "100",
+    r = edgeq_here("convert", str(path), "--calib", str(fashion_dirs["train"]), "--calib-samples", "100",
                   "--val", str(fashion_dirs["val"]), "--interpolation", "linear_exact", "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     return out
