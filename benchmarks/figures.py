@@ -50,7 +50,6 @@ PENDING = {
     "unknowns": "its last file came from a tree with uncommitted changes and a model whose training no results "
                 "file records; the three-seed run did not finish this session",
     "annotate": "--annotate now enlarges frames under 640 px and places tags apart, which changes what it measures",
-    "demo": "the demo's clip and printout changed after it (the bag enters from an edge)",
     "accuracy_aware": "its last run came from a tree with uncommitted changes and gave convert --val the images it "
                       "scored; the script now splits them",
 }
@@ -680,16 +679,16 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, R]], str]]] = {
 }
 
 
-# a figure in prose: <!--fig FILE:dotted.path FORMAT-->value<!--/fig-->, FILE a results file's name, FORMAT a
-# Python format spec (".2f", ",d", ".1%"; none: str); the markdown shows only the value
-INLINE = re.compile(r"<!--fig (\w+):([\w.-]+)(?: ([^ >]+))?-->(.*?)<!--/fig-->", re.S)
+# a figure in prose: <!--fig FILE:dotted.path FORMAT-->value<!--/fig-->, FILE a results file's name (a space in a
+# key written as +), FORMAT a Python format spec (".2f", ",d", ".1%"; none: str); the markdown shows only the value
+INLINE = re.compile(r"<!--fig (\w+):([\w.+-]+)(?: ([^ >]+))?-->(.*?)<!--/fig-->", re.S)
 DOCS = ("README.md", "docs/*.md")
 
 
 def inline_value(res: dict[str, R], name: str, path: str, spec: str | None) -> str:
     value: Any = res[name]
     for key in path.split("."):
-        value = value[int(key)] if isinstance(value, list) else value[key]
+        value = value[int(key)] if isinstance(value, list) else value[key.replace("+", " ")]
     return format(value, spec) if spec else str(value)
 
 
