@@ -16,15 +16,17 @@ from edgeq.quiet import verbose
 
 @contextlib.contextmanager
 def quiet_output() -> Iterator[None]:
-    """Silence TensorFlow's and Keras's prints (both C++ and Python) at the file-descriptor level (not with
-    ``edgeq -v``)."""
+    """Silence TensorFlow's and Keras's prints (not with ``edgeq -v``): C++ at the file-descriptor level, Python's
+    also where ``sys.stdout`` / ``sys.stderr`` are not the process's own (edgeq called in-process, its output
+    captured: Keras's progress bars would otherwise land in the caller's capture)."""
     if verbose():
         yield
         return
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile() as sink:
+    with tempfile.TemporaryFile() as sink, open(os.devnull, "w") as devnull, \
+            contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
         try:

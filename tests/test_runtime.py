@@ -1,5 +1,7 @@
 """The runtime loader on real converted models (LiteRT), not mocks."""
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -97,3 +99,21 @@ def test_a_runtime_error_line_still_shows_while_info_is_held(capfd):
         os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\nERROR: something the user must see\n")
     err = capfd.readouterr().err
     assert "ERROR: something the user must see" in err and "XNNPACK delegate" not in err
+
+
+def test_quiet_output_silences_python_prints_when_edgeq_runs_in_process():
+    """TensorFlow's converter prints "Saved artifact at ..." with print(); in a process of its own quiet_output
+    sinks it at the file descriptor, and in-process (sys.stdout a caller's capture) it must be sunk too, or a
+    caller's `eval --json` is no longer JSON."""
+    import contextlib
+    import io
+
+    from edgeq.converter.tf import quiet_output
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with quiet_output():
+            print("Saved artifact at '/tmp/x'. The following endpoints are available:")
+            print("a warning", file=sys.stderr)
+        print("kept")
+    assert out.getvalue() == "kept\n" and err.getvalue() == ""
