@@ -49,7 +49,6 @@ PENDING = {
     "clustering_quality": "it reuses bayes_head.py's models and calibrated on the images it scored",
     "unknowns": "its last file came from a tree with uncommitted changes and a model whose training no results "
                 "file records; the three-seed run did not finish this session",
-    "annotate": "--annotate now enlarges frames under 640 px and places tags apart, which changes what it measures",
     "accuracy_aware": "its last run came from a tree with uncommitted changes and gave convert --val the images it "
                       "scored; the script now splits them",
 }
