@@ -4,14 +4,15 @@ Steps: Fashion-MNIST items of eight garments (all but bags and sandals; Debian's
 ``scripts/setup.sh`` installs) -> ``edgeq train`` a small MobileNetV2 classifier on them (it stands in for the
 ImageNet weights a detector starts from, which cannot be downloaded) -> ``edgeq datasets scenes`` (items pasted on
 textured backgrounds, COCO JSON; the training scenes hold three classes, t-shirt, trouser and sneaker, the
-validation scenes also ``bag`` and ``sandal`` as unknown objects) -> ``edgeq train --task detect --init-backbone`` (deterministic class
-head, then a Bayesian one) -> ``edgeq convert`` (full int8, 32 posterior samples in one pass, score threshold and
-needs_review calibrated on the validation scenes) -> ``edgeq inspect`` -> a clip of moving items, a bag (a class
-the detector never saw) sliding in from the left halfway, through ``edgeq run`` into a loopback mosquitto, each
-detection printed by a subscriber with its uncertainty and whether to trust it -> the backbone classifier
-converted too and run on a folder of known items, bags and sandals it never saw, and MNIST digits: the
-unfamiliarity measure at work where it works best (docs/uncertainty.md). The sizes are chosen for a run of about
-five minutes on two cores, install included (benchmarks/results/demo.json); the flags scale them up.
+validation scenes also ``bag`` and ``sandal`` as unknown objects) -> ``edgeq train --task detect
+--init-backbone`` (deterministic class head, then a Bayesian one) -> ``edgeq convert`` (full int8, 32 posterior
+samples in one pass, score threshold and needs_review calibrated on the validation scenes) -> ``edgeq inspect`` ->
+a clip of moving items, a bag (a class the detector never saw) sliding in from the left halfway, through ``edgeq
+run`` into a loopback mosquitto, each detection printed by a subscriber with its uncertainty and whether to trust
+it -> the backbone classifier converted too and run on a folder of known items, bags and sandals it never saw, and
+MNIST digits: the unfamiliarity measure at work where it works best (docs/uncertainty.md). The sizes are chosen
+for a run of about five minutes on two cores, install included (benchmarks/results/demo.json); the flags scale
+them up.
 Each step runs the same code as its ``edgeq`` subcommand, in this process.
 Nothing is downloaded.
 """
