@@ -146,7 +146,8 @@ def test_report_samples_carry_the_verdict_the_device_publishes(evaluated, layers
         if '"edgeq.detections"' in ln:
             msg = json.loads(ln)
             top = msg["detections"][0]
-            published[msg["frame"]["id"]] = ("review", top["review_reason"]) if top["needs_review"] else ("trusted", None)
+            verdict = ("review", top["review_reason"]) if top["needs_review"] else ("trusted", None)
+            published[msg["frame"]["id"]] = verdict
     assert {f: published[f][0] for f in ood} == ood
     for f, (verdict, reason) in published.items():
         if f in ood and verdict == "review":
