@@ -108,6 +108,15 @@ README: list[Row] = [
     ("results lost across 5 broker restarts in a 2,000-frame run",
      lambda r: f"{r['device_pipeline'].broker_restarts['lost']} ({r['device_pipeline'].broker_restarts['duplicates']} "
                "duplicates, dropped by seq)", "same"),
+    ("`edgeq run` after a 47 MB bundle is pushed and applied vs a fresh start on it, side by side: RSS (target: "
+     "within 15 MB)",
+     lambda r: f"{r['memory'].hot_swap['rss_after_swap_mb']:.1f} vs {r['memory'].hot_swap['rss_fresh_start_mb']:.1f} "
+               f"MB ({r['memory'].hot_swap['difference_mb']:+.1f} MB)", "`python benchmarks/memory.py --fps 50`"),
+    ("`edgeq run`, one hour at up to 50 results a second, the broker restarted every 2 minutes: RSS growth after a "
+     "5-minute warm-up (target: at most 5 MB)",
+     lambda r: f"{r['memory'].soak['growth_mb']:+.1f} MB ({r['memory'].soak['rss_at_warmup_mb']:.1f} MB at warm-up, "
+               f"{r['memory'].soak['rss_last_quarter_max_mb']:.1f} MB highest in the last quarter; "
+               f"{r['memory'].soak['broker_restarts']} restarts)", "same"),
     ("bytes `edgeq run` writes per result at 10 fps, broker up: spool `disk` (default) / `memory` / a commit per "
      "result / the spool before this version, side by side",
      lambda r: " / ".join(f"{r['spool_wear'].modes[m]['bytes_per_result']:,.0f}"
