@@ -16,29 +16,26 @@ import numpy as np
 
 from . import metrics
 from .detect import detection_rows, kept, match_all
-from .report import _colors, _png, check_report_dir, write_page
+from .report import VERDICT_COLORS, _colors, _png, check_report_dir, rule_verdict, write_page
 
 SAMPLE_FRAMES = 6
 
 
-# what the device would say about a detection, and the colour the report draws it in
-VERDICTS = {"trusted": "#1b8a3a", "review": "#e08a00", "unknown": "#b3261e"}
 # the measures the ROC plot can draw, in the order of the legend (a bundle publishes those it has)
 ROC_MEASURES = ("unknown_score", "unfamiliarity", "one_minus_score", "mutual_information", "predictive_entropy")
 
 
 def _verdict(d: Any, j: int, rule: dict[str, Any] | None) -> tuple[str, str]:
     """``trusted``, ``review`` or ``unknown`` for detection ``j``, and the reason, as the device decides it: label
-    ``unknown`` from the unknown block, else the bundle's review rule (edgeq.uncertainty.review)."""
-    from edgeq.uncertainty import review
-
+    ``unknown`` from the unknown block, else the bundle's review rule (:func:`report.rule_verdict`; no rule:
+    trusted)."""
     if d.unknown is not None and bool(d.unknown[j]):
         return "unknown", "unknown"
     if not rule:
         return "trusted", ""
-    verdict = review(float(d.measure(rule["measure"])[j]), rule.get("threshold"),
-                     None if d.unfamiliarity is None else float(d.unfamiliarity[j]), rule.get("unfamiliar_threshold"))
-    return ("review", verdict.reason) if verdict.flag else ("trusted", "")
+    verdict, reason = rule_verdict(rule, float(d.measure(rule["measure"])[j]),
+                                   None if d.unfamiliarity is None else float(d.unfamiliarity[j]))
+    return ("trusted", "") if verdict == "none" else (verdict, reason)
 
 
 def _frames_plot(report: dict[str, Any], runs: list[Any], coco: Any) -> str:
@@ -70,7 +67,7 @@ def _frames_plot(report: dict[str, Any], runs: list[Any], coco: Any) -> str:
             for j in np.flatnonzero(kept(d, report["score_threshold"], report.get("objectness_threshold"))):
                 x0, y0, x1, y1 = res.boxes[j]
                 verdict, _ = _verdict(d, j, rule)
-                color = VERDICTS[verdict]
+                color = VERDICT_COLORS[verdict]
                 label = report["labels"][int(d.classes[j])]
                 text = f"unknown ({label}?)" if verdict == "unknown" else f"{label} {d.scores[j]:.2f}"
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2, edgecolor=color))
@@ -80,9 +77,9 @@ def _frames_plot(report: dict[str, Any], runs: list[Any], coco: Any) -> str:
             ax.set_yticks([])
             if col == 0:
                 ax.set_ylabel(run.name)
-    fig.legend(handles=[Patch(color=VERDICTS["trusted"], label="trusted"),
-                        Patch(color=VERDICTS["review"], label="needs_review (!)"),
-                        Patch(color=VERDICTS["unknown"], label="published as unknown")],
+    fig.legend(handles=[Patch(color=VERDICT_COLORS["trusted"], label="trusted"),
+                        Patch(color=VERDICT_COLORS["review"], label="needs_review (!)"),
+                        Patch(color=VERDICT_COLORS["unknown"], label="published as unknown")],
                loc="lower center", ncol=3, fontsize=8)
     return _png(fig)
 

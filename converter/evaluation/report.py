@@ -18,8 +18,9 @@ import numpy as np
 from edgeq.errors import DataError
 
 COLORS = {"reference": "#4c72b0", "quantized": "#dd8452"}
-# the sample images' frames: the device's verdict on each (the detection report's colours)
-VERDICT_COLORS = {"trusted": "#1b8a3a", "review": "#e08a00", "none": "#8c8c8c"}
+# what the device would say about a result, and the colour both reports draw it in ("unknown": a detection of none
+# of the detector's classes; "none": the bundle has no review rule)
+VERDICT_COLORS = {"trusted": "#1b8a3a", "review": "#e08a00", "unknown": "#b3261e", "none": "#8c8c8c"}
 SAMPLES = 6  # sample images of --data and of --ood on the page
 PALETTE = ("#55a868", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 
@@ -149,21 +150,25 @@ def _plots(report: dict[str, Any], runs: list[Any]) -> dict[str, str]:
     return images
 
 
-def _verdicts(scored: Any, rule: dict[str, Any] | None) -> list[tuple[str, str]]:
-    """``(verdict, reason)`` of each result as the device decides it (edgeq.uncertainty.review with the bundle's
-    rule): ``trusted``, ``review`` with its reason, or ``none`` when the bundle has no rule."""
+def rule_verdict(rule: dict[str, Any] | None, ambiguity: float | None, unfamiliarity: float | None) -> tuple[str, str]:
+    """``(verdict, reason)`` of one result under the bundle's review rule, as the device decides it
+    (edgeq.uncertainty.review): ``trusted``, ``review`` with its reason, or ``none`` when no rule applies."""
     from edgeq.uncertainty import review
 
     if not rule:
-        return [("none", "")] * len(scored.targets)
-    ambiguity = scored.measure(rule["measure"]) if rule.get("threshold") is not None else None
-    out = []
-    for i in range(len(scored.targets)):
-        v = review(None if ambiguity is None else float(ambiguity[i]), rule.get("threshold"),
-                   None if scored.unfamiliarity is None else float(scored.unfamiliarity[i]),
-                   rule.get("unfamiliar_threshold"))
-        out.append(("none", "") if v.flag is None else ("review", v.reason or "") if v.flag else ("trusted", ""))
-    return out
+        return "none", ""
+    v = review(ambiguity, rule.get("threshold"), unfamiliarity, rule.get("unfamiliar_threshold"))
+    if v.flag is None:
+        return "none", ""
+    return ("review", v.reason or "") if v.flag else ("trusted", "")
+
+
+def _verdicts(scored: Any, rule: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """:func:`rule_verdict` of each result of ``scored``."""
+    ambiguity = scored.measure(rule["measure"]) if rule and rule.get("threshold") is not None else None
+    return [rule_verdict(rule, None if ambiguity is None else float(ambiguity[i]),
+                         None if scored.unfamiliarity is None else float(scored.unfamiliarity[i]))
+            for i in range(len(scored.targets))]
 
 
 def _thumbnail(path: Path) -> str:
