@@ -74,13 +74,26 @@ def _edgeq(argv: list[str]) -> int:
 
 def _items(work: Path, n: int) -> Path:
     """``n`` Fashion-MNIST training items of the classifier's classes as a class folder."""
-    from ..data.datasets import FASHION_MNIST_LABELS, fashion_mnist, write_class_folder
+    from ..data.datasets import fashion_mnist
 
     x, y = fashion_mnist("train")
-    known = [FASHION_MNIST_LABELS.index(name) for name in CLASSIFIER]
-    pick = np.random.default_rng(0).choice(np.flatnonzero(np.isin(y, known)), n, replace=False)
-    return write_class_folder(work / "items", x[pick], np.array([known.index(int(v)) for v in y[pick]]),
-                              list(CLASSIFIER))
+    pick = np.random.default_rng(0).choice(np.flatnonzero(np.isin(y, _classifier_ids())), n, replace=False)
+    return _classifier_folder(work / "items", x[pick], y[pick])
+
+
+def _classifier_ids() -> list[int]:
+    """The Fashion-MNIST label of each of the classifier's classes, in its order."""
+    from ..data.datasets import FASHION_MNIST_LABELS
+
+    return [FASHION_MNIST_LABELS.index(name) for name in CLASSIFIER]
+
+
+def _classifier_folder(folder: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    """Items ``x`` with Fashion-MNIST labels ``y`` (all of the classifier's classes) as a class folder of them."""
+    from ..data.datasets import write_class_folder
+
+    known = _classifier_ids()
+    return write_class_folder(folder, x, np.array([known.index(int(v)) for v in y]), list(CLASSIFIER))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
     t = step(f"1. data in {work}: Fashion-MNIST items, then detection scenes of {', '.join(KNOWN)} (COCO JSON)")
     items = _items(work, args.images)
     size = str(args.input_size)
-    # objects of 32-56 px on the scene, at most two a scene: what a short training at 128 px tells apart
-    common = ["--size", size, "--min-size", str(args.input_size // 4), "--max-size", str(args.input_size * 7 // 16),
+    # objects of 32-56 px on a 128-px scene (the clip's too), at most two a scene: what a short training tells apart
+    object_size = (args.input_size // 4, args.input_size * 7 // 16)
+    common = ["--size", size, "--min-size", str(object_size[0]), "--max-size", str(object_size[1]),
               "--max-objects", "2"]
     for argv in (["datasets", "scenes", str(work / "scenes_train"), "--n", str(args.scenes), *common,
                   "--exclude-classes", ",".join(UNKNOWN + OTHERS)],
@@ -139,8 +153,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.scenes import moving_scene_frames
 
     frames, truth = moving_scene_frames(args.frames, args.input_size, seed=5, classes=KNOWN, objects=3,
-                                        unknown_classes=("bag",), object_size=(args.input_size // 4,
-                                                                               args.input_size * 7 // 16), stripes=False)
+                                        unknown_classes=("bag",), object_size=object_size, stripes=False)
 
     step("6. edgeq convert the backbone classifier too: the same measures on whole images")
     items_bundle, mixed, kinds = work / "items.edgeq", *_mixed_folder(work)
@@ -178,13 +191,13 @@ def _mixed_folder(work: Path) -> tuple[Path, dict[str, str]]:
     (bag, sandal) and MNIST digits. Returns the folder and each file's kind."""
     import cv2
 
-    from ..data.datasets import FASHION_MNIST_LABELS, fashion_mnist, mnist_digits, write_class_folder
+    from ..data.datasets import FASHION_MNIST_LABELS, fashion_mnist, mnist_digits
 
     x, y = fashion_mnist("test")
     rng = np.random.default_rng(3)
-    known = [FASHION_MNIST_LABELS.index(name) for name in CLASSIFIER]
+    known = _classifier_ids()
     val = rng.choice(np.flatnonzero(np.isin(y, known)), 400, replace=False)
-    write_class_folder(work / "items_val", x[val], np.array([known.index(int(v)) for v in y[val]]), list(CLASSIFIER))
+    _classifier_folder(work / "items_val", x[val], y[val])
     rest = np.setdiff1d(np.arange(len(y)), val)
     digits, _ = mnist_digits()
     folder = work / "mixed"
