@@ -2,8 +2,8 @@
 
 Each detection's box carries its label, score and uncertainty (unfamiliarity percentile when the bundle has a
 density, else predictive entropy); a result flagged for review is drawn in red with a thicker frame and its
-reason. A classifier's top result is written in the top-left corner the same way. Frames narrower than 640 px are
-written enlarged by a whole factor (the demo's 128-px frames at 640 px), so that text is at least 14 px tall;
+reason. A classifier's top result is written in the top-left corner the same way. Frames narrower than 384 px are
+written enlarged by a whole factor (the demo's 128-px frames at 384 px), so that text is at least 14 px tall;
 tags never overlap one another, and boxes never cross a tag. PATH ending in ``.mp4`` or
 ``.avi`` writes an MPEG-4 Part 2 video (mp4v in MP4, XVID in AVI: drawing and writing a demo-clip frame took
 0.51 ms with MJPG, 0.28 ms with XVID, benchmarks/annotate.py; files about a quarter of MJPG's, measured by
@@ -109,8 +109,11 @@ class Annotator:
 
 
 # a frame narrower than this is drawn on a copy enlarged by a whole factor (nearest neighbour: each camera pixel
-# becomes a k x k block, nothing is invented), so that a tag's text is readable on the demo's 128-px frames
-MIN_WIDTH = 640
+# becomes a k x k block, nothing is invented), so that a tag's text is readable on the demo's 128-px frames. 384
+# is the least width on which four boxes' tags (about 190 px each at CAP_PX) still find room; encoding the
+# enlarged frame is most of what --annotate costs, and a 768-px canvas (640, the earlier choice, on a 192-px
+# clip) took 3.2 ms a frame against 1.2 ms at 384 (measured by hand, draw + .avi write)
+MIN_WIDTH = 384
 CAP_PX = 14  # the least height of a capital letter of a tag's text, in pixels of the written frame
 FONT_CAP_AT_1 = 27  # FONT_HERSHEY_SIMPLEX's capital height at scale 1.0 (cv2.getTextSize("A", ..., 1.0, 1))
 
