@@ -150,8 +150,8 @@ def evaluate(paths: dict[str, Path], work: Path, runs: int, bayes: bool) -> dict
                 "ood_auroc": round(m["ood_auroc"][measure] - ft["ood_auroc"][measure], 4),
             }
             if bayes:
-                mi = np.r_[run.scored.summary.mutual_information, run.ood.mutual_information]
-                mi0 = np.r_[ft_run.scored.summary.mutual_information, ft_run.ood.mutual_information]
+                mi = np.r_[run.scored.summary.mutual_information, run.ood.summary.mutual_information]
+                mi0 = np.r_[ft_run.scored.summary.mutual_information, ft_run.ood.summary.mutual_information]
                 entry["delta_vs_int8_ft"]["mi_correlation"] = round(float(np.corrcoef(mi, mi0)[0, 1]), 4)
         if name != names[0]:
             entry["delta_vs_int8"] = {
@@ -161,8 +161,8 @@ def evaluate(paths: dict[str, Path], work: Path, runs: int, bayes: bool) -> dict
                 "latency_ratio": round(m["latency_ms_median"] / base["latency_ms_median"], 4),
             }
             if bayes:
-                mi = np.r_[run.scored.summary.mutual_information, run.ood.mutual_information]
-                mi0 = np.r_[base_run.scored.summary.mutual_information, base_run.ood.mutual_information]
+                mi = np.r_[run.scored.summary.mutual_information, run.ood.summary.mutual_information]
+                mi0 = np.r_[base_run.scored.summary.mutual_information, base_run.ood.summary.mutual_information]
                 entry["delta_vs_int8"]["mi_correlation"] = round(float(np.corrcoef(mi, mi0)[0, 1]), 4)
         c = b.manifest.clustering
         if c is not None:
