@@ -441,9 +441,9 @@ class Runner:
 
 def run_device(cfg: DeviceConfig, log: Callable[[str], None] | None = None) -> int:
     log = log or say
-    from .updates import fewer_heaps
+    from .updates import tune_malloc
 
-    fewer_heaps()
+    tune_malloc()
     runner = Runner(cfg, log)
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):

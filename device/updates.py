@@ -308,13 +308,29 @@ def give_memory_back() -> None:
         pass
 
 
-def fewer_heaps() -> None:
-    """At start, before threads: glibc gives each thread that allocates its own heap (up to 8 a core), each
-    keeping freed memory of its own; two are enough for edgeq's few threads (capture, outbox, MQTT, updates), and
-    what one thread frees another can reuse (M_ARENA_MAX, as MALLOC_ARENA_MAX=2 would). Not glibc: nothing."""
+MMAP_THRESHOLD = 8 << 20  # see tune_malloc
+
+
+def tune_malloc() -> None:
+    """At start, before threads, two glibc settings for a process that runs for months and takes updates:
+
+    - two heaps for all threads (M_ARENA_MAX, as MALLOC_ARENA_MAX=2 would): glibc gives each thread that
+      allocates its own heap (up to 8 a core), each keeping freed memory of its own; two are enough for edgeq's
+      few threads (capture, outbox, MQTT, updates), and what one thread frees another can reuse;
+    - blocks of MMAP_THRESHOLD bytes or more always mapped on their own (M_MMAP_THRESHOLD), so that freeing one
+      gives it back at once. By default glibc raises that threshold to the size of each large block freed (up to
+      32 MB), and receiving a bundle over MQTT (paho grows its buffer to the bundle's size) then left the memory
+      of those blocks in a heap, fragmented: a 47 MB bundle hot-swapped in kept 1 to 16 MB over a fresh start on it
+      across runs, against 0.6 to 0.9 MB with this (measured by hand, benchmarks/memory.py's hot swap). 8 MB
+      keeps a camera's frames (1080p: 6.2 MB) in the heap, as glibc's raised threshold would.
+
+    Not glibc: nothing."""
     import ctypes
 
     try:
-        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixing it also stops glibc moving the trim threshold)
     except (OSError, AttributeError):
         pass
+
