@@ -2,11 +2,12 @@
 
 1. A model made hard on purpose: ``converter/hardmodels.py``'s small CNN trained on Fashion-MNIST (10 classes,
    32 px), then given one outlier channel (x300, compensated in the next layer: same float function). Plain int8
-   vs bias-corrected vs accuracy-aware (``--max-drop``): top-1 drop on held-out images (half of them; convert's
+   vs bias-corrected vs cross-layer equalised (``--equalize``) vs accuracy-aware (``--max-drop`` with ``--equalize
+   off``: float layers only): top-1 drop on held-out images (half of them; convert's
    --val, on which bias correction and the accuracy-aware loop decide, is the other half), layers kept in float,
    model size, and invoke latency measured interleaved in one run.
 2. The normal MobileNetV2 of the other benchmarks (0.35/96, trained with ``edgeq train``) over 3 training seeds:
-   int8 top-1 with and without bias correction (``--bias-correction on`` vs ``off``).
+   int8 top-1 plain, with bias correction (``--bias-correction on``) and with ``--equalize``.
 
     python benchmarks/accuracy_aware.py        # writes benchmarks/results/accuracy_aware.json
 """
@@ -95,7 +96,9 @@ def hard(tmp: Path, train_dir: Path, val_dir: Path, test_dir: Path, labels: list
     variants = {
         "plain": {"bias_correction": "off"},
         "bias_corrected": {"bias_correction": "on"},
-        "accuracy_aware": {"bias_correction": "off", "max_drop": args.max_drop, "best_effort": True},
+        "equalized": {"bias_correction": "off", "equalize": "on"},
+        # the float-island loop alone (with --equalize auto, the default, it would try equalisation first)
+        "accuracy_aware": {"bias_correction": "off", "equalize": "off", "max_drop": args.max_drop, "best_effort": True},
     }
     out: dict = {"model": "small CNN (conv 16, conv 32/2, conv 32, GAP, dense) on 32 px Fashion-MNIST, "
                           "8 epochs; conv_b output channel 0 x300, conv_c input channel 0 / 300",
@@ -107,6 +110,11 @@ def hard(tmp: Path, train_dir: Path, val_dir: Path, test_dir: Path, labels: list
         out["variants"][name] = _validation(paths[name], test_dir, path)
         m = read_bundle(paths[name]).manifest.to_json()
         out["variants"][name]["model_bytes"] = m["sizes"]["model_tflite"]
+        if name == "equalized":
+            eq = m["quantization"]["equalization"]
+            out["variants"][name]["equalization"] = {k: v for k, v in eq.items() if k != "layers"}
+            out["variants"][name]["equalized_pairs"] = [
+                {k: p[k] for k in ("first", "second", "spread_before", "spread_after")} for p in eq["layers"]]
         if name == "accuracy_aware":
             aa = m["quantization"]["accuracy_aware"]
             out["variants"][name]["steps"] = aa["steps"]
@@ -148,17 +156,22 @@ def mnv2(tmp: Path, train_dir: Path, val_dir: Path, test_dir: Path, args) -> dic
             train(TrainOptions(str(small), model, head="dense", epochs=args.mnv2_epochs, lr=2e-3, augment=False,
                                batch_size=64, input_size=96, alpha=0.35, seed=seed), log=log)
         row = {}
-        for mode in ("off", "on"):
-            b = tmp / f"mnv2_seed{seed}_bc_{mode}.edgeq"
+        for mode, flags in {"off": {"bias_correction": "off"}, "on": {"bias_correction": "on"},
+                            "equalized": {"bias_correction": "off", "equalize": "on"}}.items():
+            b = tmp / f"mnv2_seed{seed}_{mode}.edgeq"
             convert(recipe_from_flags(str(model), b, calib=str(small), calib_samples=200, val=str(val_dir),
-                                   bias_correction=mode, density="off"), log=log)
+                                      density="off", **flags), log=log)
             row[mode] = _validation(b, test_dir, model)
         out["seeds"][seed] = {"float_top1": row["off"]["float_top1"], "int8_top1_without": row["off"]["int8_top1"],
                               "int8_top1_with": row["on"]["int8_top1"],
                               "gain_points": round(100 * (row["on"]["int8_top1"] - row["off"]["int8_top1"]), 2),
-                              "corrected_layers": row["on"]["bias_correction"].get("corrected_layers")}
-    gains = [s["gain_points"] for s in out["seeds"].values()]
-    out["gain_points"] = {"mean": round(float(np.mean(gains)), 2), "min": min(gains), "max": max(gains)}
+                              "corrected_layers": row["on"]["bias_correction"].get("corrected_layers"),
+                              "int8_top1_equalized": row["equalized"]["int8_top1"],
+                              "equalize_gain_points": round(100 * (row["equalized"]["int8_top1"]
+                                                                   - row["off"]["int8_top1"]), 2)}
+    for key in ("gain_points", "equalize_gain_points"):
+        gains = [s[key] for s in out["seeds"].values()]
+        out[key] = {"mean": round(float(np.mean(gains)), 2), "min": min(gains), "max": max(gains)}
     out["noise_note"] = ("one image of the test set is 100/{} points; a gain within a few images either way is "
                          "noise").format(args.test - args.test // 2)
     return out

@@ -1,7 +1,7 @@
 """``edgeq convert``: one pipeline for every task, as a chain of stages (one module each in converter/stages/),
 each a function from what it reads to a frozen product (converter/products.py):
 
-    load -> calibrate -> cluster -> export head -> density (fit) -> quantise (float reference, then int8)
+    load -> calibrate -> equalize -> cluster -> export head -> density (fit) -> quantise (float reference, then int8)
          -> bias-correct -> mixed precision -> verify -> density (calibrate) -> validate -> write
 
 The task adapter (converter/tasks/) supplies what differs between a classifier and a detector, and its density
@@ -10,7 +10,8 @@ taps (stages/taps.py) where the unfamiliarity measure reads features.
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from edgeq.runtime import load_runtime
 
@@ -23,6 +24,7 @@ from .stages import (
     calibrate,
     cluster,
     density,
+    equalize,
     export_head,
     load,
     mixed_precision,
@@ -34,14 +36,42 @@ from .stages import (
 from .tasks import task_for
 
 
-def convert(recipe: ConvertRecipe, log: Callable[[str], None] = print) -> ConvertResult:
+@dataclass
+class _Front:
+    """Everything up to the quantised model bias correction settled on: what the rest of the pipeline reads."""
+
+    ctx: ConvertContext
+    loaded: Any
+    task: Any
+    data: Any
+    calibration: Any
+    equalization: Any
+    clustering: Any
+    head: Any
+    taps: Any
+    fitted: Any
+    binding: Binding
+    reference: Any
+    scoring: validate.Scoring
+    repairs: Any
+
+    def drop(self) -> float:
+        """Top-1 drop on ``--val`` of the int8 model, as --max-drop measures it."""
+        r = self.ctx.recipe.repair
+        float_top1 = self.binding.task.top1(self.scoring.of_reference())
+        d = float_top1 - self.scoring.top1(self.repairs.quantised.data)
+        return d / float_top1 if r.drop_type == "relative" and float_top1 > 0 else d
+
+
+def _front(recipe: ConvertRecipe, log: Callable[[str], None], equalizing: bool) -> _Front:
     loaded = load.run(recipe, log)
     task = task_for(loaded.source, loaded.info, loaded.detector)
     ctx = ConvertContext(recipe, log, loaded.source.origin, tuple(loaded.labels), loaded.spec)
     task.check(ctx, loaded.source)
     data = validate.read(recipe.validation, ctx, task, loaded.source)
     calibration = calibrate.run(recipe.quant, ctx)
-    clustering = cluster.run(recipe.cluster, ctx, loaded.source, recipe.bayes.seed)
+    source, equalization = equalize.run(equalizing, ctx, loaded.source, calibration)
+    clustering = cluster.run(recipe.cluster, ctx, source, recipe.bayes.seed)
     head = export_head.run(recipe.bayes, ctx, task, clustering.source, calibration)
     taps = task.taps(ctx)
     fitted = density.fit(recipe.density, ctx, taps, head.source, head.head)
@@ -50,7 +80,30 @@ def convert(recipe: ConvertRecipe, log: Callable[[str], None] = print) -> Conver
     quantised = quantise.run(recipe.quant, binding, fitted.source, calibration, reference)
     scoring = validate.Scoring(ctx, binding, data, reference)
     repairs = bias_correct.run(recipe.repair, recipe.quant, binding, fitted.source, calibration, quantised, scoring)
-    repairs = mixed_precision.run(recipe.repair, recipe.quant, binding, repairs, calibration, reference, scoring)
+    return _Front(ctx, loaded, task, data, calibration, equalization, clustering, head, taps, fitted, binding,
+                  reference, scoring, repairs)
+
+
+def convert(recipe: ConvertRecipe, log: Callable[[str], None] = print) -> ConvertResult:
+    front = _front(recipe, log, recipe.repair.equalize == "on")
+    if recipe.repair.equalize == "auto" and recipe.repair.max_drop is not None:
+        # the accuracy-aware loop tries equalisation before it keeps any op in float: the same conversion with
+        # --equalize, kept when its drop is lower
+        plain = front.drop()
+        if plain > recipe.repair.max_drop and equalize.applies(front.loaded.source):
+            log(f"accuracy-aware: drop {plain:.4f} over the bound {recipe.repair.max_drop:g}: trying --equalize "
+                "before any layer in float")
+            again = _front(recipe, log, True)
+            tried = again.drop()
+            log(f"accuracy-aware: drop {plain:.4f} without equalisation, {tried:.4f} with: "
+                + ("equalised model kept" if tried < plain else "equalisation not kept"))
+            if tried < plain:
+                front = again
+                front.equalization = front.equalization.model_copy(update={
+                    "reason": f"--max-drop: drop {plain:.4f} without, {tried:.4f} with"})
+    ctx, task, binding, reference, calibration = front.ctx, front.task, front.binding, front.reference, front.calibration
+    scoring, head, clustering, taps, fitted = front.scoring, front.head, front.clustering, front.taps, front.fitted
+    repairs = mixed_precision.run(recipe.repair, recipe.quant, binding, front.repairs, calibration, reference, scoring)
     checked = verify.run(binding, head, clustering, reference, repairs, calibration)
     calibrated = density.calibrate(ctx, taps, fitted, repairs.quantised, reference)
     detector = task.detector(ctx, list(repairs.quantised.outputs))
@@ -61,9 +114,9 @@ def convert(recipe: ConvertRecipe, log: Callable[[str], None] = print) -> Conver
         unknown = validation.unknown
     review = validation.review if validation is not None else None
     packed, clustered = cluster.pack(checked.clustering, repairs.quantised)
-    blocks = write.manifest_of(ctx, loaded.source.name, task.name, reference, repairs, checked, calibration,
+    blocks = write.manifest_of(ctx, front.loaded.source.name, task.name, reference, repairs, checked, calibration,
                                checked.head.model_copy(update={"review": review}), detector, calibrated, validation,
-                               clustered, unknown)
+                               clustered, unknown, front.equalization)
     report = {**repairs.report, **({"layers": list(checked.layers)} if checked.layers else {})}
     if clustering.record is not None:
         report["clustering"] = {**blocks["clustering"], "layers": list(clustering.layers)}

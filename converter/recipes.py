@@ -174,6 +174,11 @@ class ClusterRecipe:
 class RepairRecipe:
     """Accuracy repair after PTQ (docs/accuracy.md): bias correction and float islands."""
 
+    equalize: str = flag("auto", "--equalize", "cross-layer equalisation before quantising: rescale the channels of "
+                         "conv -> ReLU/ReLU6 -> conv pairs so that no channel dominates a tensor's int8 range, the "
+                         "float function unchanged (docs/accuracy.md). --equalize alone: on; default auto: tried "
+                         "by --max-drop before any layer is kept in float; off: never",
+                         nargs="?", const="on", choices=("auto", "on", "off"))
     bias_correction: str = flag("auto", "--bias-correction", "empirical bias correction of int8 weight rounding "
                                 "(default auto: kept when --val shows it does not lower top-1; without --val, off)",
                                 choices=("auto", "on", "off"))
@@ -196,6 +201,8 @@ class RepairRecipe:
     def __post_init__(self) -> None:
         if self.bias_correction not in ("auto", "on", "off"):
             raise ModelError(f"--bias-correction {self.bias_correction!r}: choose auto, on or off")
+        if self.equalize not in ("auto", "on", "off"):
+            raise ModelError(f"--equalize {self.equalize!r}: choose auto, on or off")
         if self.int16 is not None:
             raise QuantizationError(
                 f"--int16 {self.int16!r}: the TFLite converter quantises 16x8 only for a whole model (--quant int16x8), "
@@ -372,6 +379,9 @@ class ConvertRecipe:
         if self.repair.mixed and not integer:
             raise QuantizationError(f"--keep-float and --max-drop apply to --quant int8 or uint8, not "
                                     f"{self.quant.mode.value}")
+        if self.repair.equalize == "on" and not self.quant.mode.needs_calibration:
+            raise QuantizationError(f"--equalize helps integer quantisation (it needs --calib); --quant "
+                                    f"{self.quant.mode.value} does not quantise activations")
         if self.repair.max_drop is not None and not self.validation.val:
             raise ModelError("--max-drop needs --val DIR: the accuracy drop is measured on it")
         if self.quant.mode.needs_calibration and not self.quant.calib:  # last: the other flags' errors come first

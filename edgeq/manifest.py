@@ -30,6 +30,7 @@ from edgeq.records import (
     ConverterInfo,
     DensityFit,
     DetectValidation,
+    Equalization,
     HeadWeights,
     LayoutChoice,
     ReviewRule,
@@ -269,6 +270,7 @@ class Quantization(Strict):
     full_integer: bool
     allow_float_fallback: bool = False
     float_ops: tuple[str, ...] = ()
+    equalization: Equalization | None = None
     bias_correction: BiasCorrection | None = None
     float_layers: tuple[str, ...] | None = None
     accuracy_aware: AccuracyAware | None = None

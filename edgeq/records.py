@@ -125,6 +125,32 @@ class BiasCorrection(Block):
     top1_with: float | None = None
 
 
+class EqualizedPair(Block):
+    """One pair ``--equalize`` rescaled: the two layers, the activation between, how many channels moved and how
+    many ReLU6 held back, and how unequal the first layer's channel ranges were before and after (the widest over
+    the median)."""
+
+    first: str
+    second: str
+    activation: Literal["relu", "relu6"]
+    channels: int
+    scaled: int
+    held: int
+    spread_before: float
+    spread_after: float
+
+
+class Equalization(Block):
+    """What ``--equalize`` (cross-layer equalisation) did, and how much the float outputs moved (on what)."""
+
+    pairs: int
+    checked_on: str
+    max_abs_output_change: float
+    relative_output_change: float
+    reason: str = "--equalize"  # or what --max-drop measured without and with it
+    layers: tuple[EqualizedPair, ...] = ()
+
+
 class RepairStep(Block):
     """One more op in float, and top-1 then."""
 

@@ -148,8 +148,8 @@ def test_accuracy_aware_mode_repairs_the_outlier_model(hard_model, fashion_dirs,
     # 0.03 on --val's 200 images (6 of them): one training seed in five cannot get under 0.02 with every op of the
     # outlier path in float (the rest of the int8 graph costs it 4 images), so a 0.01 bound held only by luck.
     # Bias correction off, as for the plain bundle: on some seeds it alone brings the drop under the bound, and
-    # the loop would have nothing to repair
-    r = _convert(hard_model, fixed, fashion_dirs, "--max-drop", "0.03", "--bias-correction", "off")
+    # the loop would have nothing to repair; equalisation off, or the loop would repair it that way (next test)
+    r = _convert(hard_model, fixed, fashion_dirs, "--max-drop", "0.03", "--bias-correction", "off", "--equalize", "off")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "accuracy-aware: bound reached" in r.stdout
     b = read_bundle(fixed)
@@ -182,16 +182,80 @@ def test_accuracy_aware_mode_repairs_the_outlier_model(hard_model, fashion_dirs,
     check("accuracy.hard.compare_gain", models["quantized"]["top1"] - models["plain"]["top1"])
 
 
+def test_equalize_repairs_the_outlier_model_in_full_int8(hard_model, fashion_dirs, tmp_path):
+    """Cross-layer equalisation: the outlier channel's range is shared with conv_c, the float function stays the
+    same, and int8 comes back with no op left in float (what --max-drop needed float layers for above)."""
+    from edgeq.bundle import read_bundle
+
+    out = tmp_path / "equalized.edgeq"
+    r = _convert(hard_model, out, fashion_dirs, "--equalize", "--bias-correction", "off")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "equalize: 2 layer pairs" in r.stdout, r.stdout
+    m = read_bundle(out).manifest.to_json()
+    eq, q = m["quantization"]["equalization"], m["quantization"]
+    assert eq["checked_on"].endswith("--val") and eq["relative_output_change"] < 1e-4, eq
+    pairs = {(p["first"], p["second"]): p for p in eq["layers"]}
+    assert set(pairs) == {("conv_a", "conv_b"), ("conv_b", "conv_c")}
+    outlier = pairs[("conv_b", "conv_c")]
+    assert outlier["spread_before"] > 100 and outlier["spread_after"] < 2, outlier
+    assert not q["float_ops"] and q["full_integer"]
+    v = m["validation"]
+    check("accuracy.hard.equalized_drop", v["float_top1"] - v["quantized_top1"])
+
+    # --max-drop tries it before keeping any layer in float (--equalize auto, the default)
+    loop = tmp_path / "loop.edgeq"
+    r = _convert(hard_model, loop, fashion_dirs, "--max-drop", "0.03", "--bias-correction", "off")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "trying --equalize before any layer in float" in r.stdout and "equalised model kept" in r.stdout
+    q = read_bundle(loop).manifest.to_json()["quantization"]
+    assert q["equalization"]["reason"].startswith("--max-drop: drop ") and q["equalization"]["pairs"] == 2
+    assert q["accuracy_aware"]["met"] and not q["accuracy_aware"]["float_layers"] and not q["float_ops"]
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_equalize_keeps_relu6_where_it_clips(nested):
+    """Pure logic on a tiny conv -> batch norm -> ReLU6 -> conv model with one channel that reaches 6 on the
+    samples: that channel is not rescaled (ReLU6 would clip differently), the others are, and the outputs on the
+    samples stay the same; also with the model nested in another behind a layer (as a backbone is)."""
+    from edgeq.converter.stages.equalize import equalise
+    from edgeq.converter.tf import import_tensorflow
+
+    import_tensorflow()
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="a")(inp)
+    x = keras.layers.BatchNormalization(name="a_bn")(x)
+    x = keras.layers.ReLU(6.0, name="a_relu")(x)
+    model = keras.Model(inp, keras.layers.Conv2D(3, 1, name="b")(x))
+    bn = model.get_layer("a_bn")
+    gamma, beta, mean, var = bn.get_weights()
+    bn.set_weights([np.array([20.0, 0.05, 1.0, 0.5], np.float32), np.array([4.0, 0.0, 0.0, 0.0], np.float32), mean,
+                    var])  # channel 0 saturates at 6; channel 1 is narrow and would be scaled up
+    samples = np.random.default_rng(0).uniform(-1, 1, (32, 8, 8, 2)).astype(np.float32)
+    if nested:  # the maxima are read inside the inner model, from what the outer one gives it
+        outer_in = keras.Input((8, 8, 2))
+        model = keras.Model(outer_in, model(keras.layers.Rescaling(0.5, name="half")(outer_in)))
+    before = np.asarray(model(samples, training=False))
+    (pair,) = equalise(model, samples)
+    after = np.asarray(model(samples, training=False))
+    assert pair.act == "relu6" and pair.scale[0] == 1.0 and 0 in pair.held
+    assert np.count_nonzero(np.abs(np.log(pair.scale)) > 1e-6) >= 2  # the others moved
+    assert np.abs(after - before).max() <= 1e-5 * np.abs(before).max()
+
+
 def test_unmet_bound_keeps_the_best_model_and_fails_unless_best_effort(hard_model, fashion_dirs, tmp_path):
     from edgeq.bundle import read_bundle
 
     out = tmp_path / "best.edgeq"
-    r = _convert(hard_model, out, fashion_dirs, "--max-drop", "0.0", "--max-reverts", "1", "--bias-correction", "off")
+    r = _convert(hard_model, out, fashion_dirs, "--max-drop", "0.0", "--max-reverts", "1", "--bias-correction", "off",
+                 "--equalize", "off")
     # one float layer cannot repair it: the outlier tensor is written by conv_b and read by conv_c
     assert_clean_error(r, "--max-drop 0", "not reached", "--best-effort")
     assert read_bundle(out).manifest.to_json()["quantization"]["accuracy_aware"]["met"] is False  # kept, complete
     r = _convert(hard_model, out, fashion_dirs, "--max-drop", "0.0", "--max-reverts", "1", "--bias-correction",
-                 "off", "--best-effort")
+                 "off", "--equalize", "off", "--best-effort")
     assert r.returncode == 0 and "NOT reached" in r.stdout
 
 

@@ -31,6 +31,8 @@ ROWS = [
     ("convert {model} --calib {calib} --interpolation cubic -o {out}", ["--interpolation", "cubic"]),
     ("convert {model} --quant float32 --layer-errors -o {out}", ["--layer-errors", "float32"]),
     ("convert {model} --quant float16 --keep-float conv -o {out}", ["--keep-float", "float16"]),
+    ("convert {model} --quant float32 --equalize -o {out}", ["--equalize", "float32"]),
+    ("convert {model} --calib {calib} --equalize sometimes -o {out}", ["--equalize", "sometimes"]),
     ("convert {model} --calib {calib} -o {tmp}/missing/o.edgeq", ["missing", "does not exist"]),
     ("convert {model} --calib {calib} -o {tmp}", ["is a folder"]),
     # root passes access() there, and nothing can be created: refused before the 20 s conversion, not after it

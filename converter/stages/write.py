@@ -16,8 +16,9 @@ from ..context import ConvertContext
 from ..products import Calibration, ConvertResult, Converted, Repairs, Validation, Verification
 
 
-def quantization_block(ctx: ConvertContext, repairs: Repairs, verification: Verification) -> Quantization:
-    return Quantization(**ctx.recipe.quant.describe(), float_ops=verification.float_ops,
+def quantization_block(ctx: ConvertContext, repairs: Repairs, verification: Verification,
+                       equalization: records.Equalization | None = None) -> Quantization:
+    return Quantization(**ctx.recipe.quant.describe(), float_ops=verification.float_ops, equalization=equalization,
                         bias_correction=repairs.bias_correction, float_layers=repairs.float_layers,
                         accuracy_aware=repairs.accuracy_aware)
 
@@ -25,7 +26,8 @@ def quantization_block(ctx: ConvertContext, repairs: Repairs, verification: Veri
 def manifest_of(ctx: ConvertContext, name: str, task: str, reference: Converted, repairs: Repairs,
                 verification: Verification, calibration: Calibration | None, head: Head,
                 detector: Detector | None, density: Density | None, validation: Validation | None,
-                clustering: records.Clustering | None, unknown: Unknown | None = None) -> dict[str, Any]:
+                clustering: records.Clustering | None, unknown: Unknown | None = None,
+                equalization: records.Equalization | None = None) -> dict[str, Any]:
     """The manifest's blocks; :func:`edgeq.bundle.write_bundle` adds the schema, version, date and model file."""
     import tensorflow as tf
 
@@ -35,7 +37,7 @@ def manifest_of(ctx: ConvertContext, name: str, task: str, reference: Converted,
     blocks: dict[str, Any] = {
         "name": name, "source": ctx.origin, "task": task, "labels": list(ctx.labels), "input": input_spec,
         "outputs": [o.model_dump(mode="json") for o in quantised.outputs], "head": head,
-        "quantization": quantization_block(ctx, repairs, verification),
+        "quantization": quantization_block(ctx, repairs, verification, equalization),
         "calibration": calibration.summary() if calibration is not None else records.Calibration(count=0),
         "converter": records.ConverterInfo(tensorflow=str(tf.__version__)),
         "sizes": records.Sizes(float32_tflite=len(reference.data), model_tflite=len(quantised.data),
