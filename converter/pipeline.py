@@ -1,7 +1,8 @@
 """``edgeq convert``: one pipeline for every task, as a chain of stages (one module each in converter/stages/),
 each a function from what it reads to a frozen product (converter/products.py):
 
-    load -> calibrate -> equalize -> cluster -> export head -> density (fit) -> quantise (float reference, then int8)
+    load -> calibrate -> equalize -> cluster -> export head -> density (fit)
+         -> quantise (float reference, then int8; with --qat: fine-tune, then int8 from the ranges it learned)
          -> bias-correct -> mixed precision -> verify -> density (calibrate) -> validate -> write
 
 The task adapter (converter/tasks/) supplies what differs between a classifier and a detector, and its density
@@ -17,7 +18,7 @@ from edgeq.runtime import load_runtime
 
 from .binding import Binding
 from .context import ConvertContext
-from .products import ConvertResult
+from .products import ConvertResult, Repairs
 from .recipes import ConvertRecipe
 from .stages import (
     bias_correct,
@@ -28,6 +29,7 @@ from .stages import (
     export_head,
     load,
     mixed_precision,
+    qat,
     quantise,
     validate,
     verify,
@@ -54,6 +56,7 @@ class _Front:
     reference: Any
     scoring: validate.Scoring
     repairs: Any
+    qat: Any = None
 
     def drop(self) -> float:
         """Top-1 drop on ``--val`` of the int8 model, as --max-drop measures it."""
@@ -68,6 +71,9 @@ def _front(recipe: ConvertRecipe, log: Callable[[str], None], equalizing: bool) 
     task = task_for(loaded.source, loaded.info, loaded.detector)
     ctx = ConvertContext(recipe, log, loaded.source.origin, tuple(loaded.labels), loaded.spec)
     task.check(ctx, loaded.source)
+    if recipe.repair.qat:
+        qat.check(recipe.repair, recipe.quant, loaded.source, recipe.cluster.enabled,
+                  recipe.density.density != "off", task.name == "detect")
     data = validate.read(recipe.validation, ctx, task, loaded.source)
     calibration = calibrate.run(recipe.quant, ctx)
     source, equalization = equalize.run(equalizing, ctx, loaded.source, calibration)
@@ -77,11 +83,17 @@ def _front(recipe: ConvertRecipe, log: Callable[[str], None], equalizing: bool) 
     fitted = density.fit(recipe.density, ctx, taps, head.source, head.head)
     binding = Binding(ctx, task, head.head, fitted.block, load_runtime())
     reference = quantise.reference(binding, fitted.source)
-    quantised = quantise.run(recipe.quant, binding, fitted.source, calibration, reference)
     scoring = validate.Scoring(ctx, binding, data, reference)
-    repairs = bias_correct.run(recipe.repair, recipe.quant, binding, fitted.source, calibration, quantised, scoring)
+    trained = None
+    if recipe.repair.qat:  # the int8 model comes from fine-tuning, with its learned ranges; no PTQ, no bias correction
+        with ctx.timed("qat_s"):
+            tflite, trained = qat.run(recipe.repair, recipe.quant, ctx, fitted.source, calibration, log)
+        repairs = Repairs(fitted.source, binding.load(tflite))
+    else:
+        quantised = quantise.run(recipe.quant, binding, fitted.source, calibration, reference)
+        repairs = bias_correct.run(recipe.repair, recipe.quant, binding, fitted.source, calibration, quantised, scoring)
     return _Front(ctx, loaded, task, data, calibration, equalization, clustering, head, taps, fitted, binding,
-                  reference, scoring, repairs)
+                  reference, scoring, repairs, trained)
 
 
 def convert(recipe: ConvertRecipe, log: Callable[[str], None] = print) -> ConvertResult:
@@ -116,7 +128,7 @@ def convert(recipe: ConvertRecipe, log: Callable[[str], None] = print) -> Conver
     packed, clustered = cluster.pack(checked.clustering, repairs.quantised)
     blocks = write.manifest_of(ctx, front.loaded.source.name, task.name, reference, repairs, checked, calibration,
                                checked.head.model_copy(update={"review": review}), detector, calibrated, validation,
-                               clustered, unknown, front.equalization)
+                               clustered, unknown, front.equalization, front.qat)
     report = {**repairs.report, **({"layers": list(checked.layers)} if checked.layers else {})}
     if clustering.record is not None:
         report["clustering"] = {**blocks["clustering"], "layers": list(clustering.layers)}

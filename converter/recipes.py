@@ -179,6 +179,10 @@ class RepairRecipe:
                          "float function unchanged (docs/accuracy.md). --equalize alone: on; default auto: tried "
                          "by --max-drop before any layer is kept in float; off: never",
                          nargs="?", const="on", choices=("auto", "on", "off"))
+    qat: str | None = flag(None, "--qat", "quantisation-aware fine-tuning on this class folder (labelled like "
+                           "--val) before the int8 conversion, which then uses the ranges training learned "
+                           "(docs/accuracy.md; classifiers with a dense head, --density off, for now)", metavar="DIR")
+    qat_epochs: int = flag(1, "--qat-epochs", "epochs of --qat (default 1)", type=int, metavar="N")
     bias_correction: str = flag("auto", "--bias-correction", "empirical bias correction of int8 weight rounding "
                                 "(default auto: kept when --val shows it does not lower top-1; without --val, off)",
                                 choices=("auto", "on", "off"))
@@ -201,6 +205,8 @@ class RepairRecipe:
     def __post_init__(self) -> None:
         if self.bias_correction not in ("auto", "on", "off"):
             raise ModelError(f"--bias-correction {self.bias_correction!r}: choose auto, on or off")
+        if self.qat_epochs < 1:
+            raise ModelError(f"--qat-epochs {self.qat_epochs}: give at least 1")
         if self.equalize not in ("auto", "on", "off"):
             raise ModelError(f"--equalize {self.equalize!r}: choose auto, on or off")
         if self.int16 is not None:

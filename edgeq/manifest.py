@@ -31,6 +31,7 @@ from edgeq.records import (
     DensityFit,
     DetectValidation,
     Equalization,
+    Qat,
     HeadWeights,
     LayoutChoice,
     ReviewRule,
@@ -271,6 +272,7 @@ class Quantization(Strict):
     allow_float_fallback: bool = False
     float_ops: tuple[str, ...] = ()
     equalization: Equalization | None = None
+    qat: Qat | None = None
     bias_correction: BiasCorrection | None = None
     float_layers: tuple[str, ...] | None = None
     accuracy_aware: AccuracyAware | None = None

@@ -151,6 +151,24 @@ class Equalization(Block):
     layers: tuple[EqualizedPair, ...] = ()
 
 
+class QatEpoch(Block):
+    loss: float
+    accuracy: float
+
+
+class Qat(Block):
+    """What ``--qat`` (quantisation-aware fine-tuning) did: on what, how long, and each epoch's training figures."""
+
+    data: str
+    images: int
+    epochs: int
+    learning_rate: float
+    seconds: float
+    fake_quant_tensors: int
+    ranges: str = "calibration min/max, then moving averages while training (momentum 0.99)"
+    history: tuple[QatEpoch, ...] = ()
+
+
 class RepairStep(Block):
     """One more op in float, and top-1 then."""
 

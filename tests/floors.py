@@ -101,6 +101,7 @@ FLOORS: dict[str, Floor] = {
     "accuracy.hard.repaired_drop": _c(0.03, 0.0, "top-1 drop after --max-drop 0.03 (the bound asked for)"),
     "accuracy.hard.equalized_drop": _c(0.02, 0.0, "top-1 drop with --equalize, full int8 (by hand, seeds 0-2: -0.01 "
                                        "to -0.005; plain 0.55 to 0.565)"),
+    "accuracy.hard.equalized_qat_drop": _c(0.03, 0.0, "top-1 drop with --equalize and --qat (2 epochs)"),
     "accuracy.hard.compare_gain": _f(0.04, 0.01, "eval --compare: repaired less plain top-1"),
     "accuracy.hard.keep_float_drop": _c(0.02, 0.005, "top-1 drop with conv_b, conv_c kept in float"),
     # tests/arm/test_arm.py: the same small CNN, not broken, run by edgeq run on the emulated Pi and on x86 over 200

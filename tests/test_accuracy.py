@@ -245,6 +245,100 @@ def test_equalize_keeps_relu6_where_it_clips(nested):
     assert np.abs(after - before).max() <= 1e-5 * np.abs(before).max()
 
 
+def test_qat_int8_computes_what_training_saw():
+    """Pure logic, no training: a MobileNetV2 (0.35/32, batch norms given spread) cloned with fake-quant ops and
+    converted from their ranges alone is a full-int8 graph whose outputs are the fake-quant model's, within one
+    output step (rounding order); the float model differs by more."""
+    from edgeq.converter.recipes import QuantMode, QuantRecipe
+    from edgeq.converter.stages import qat
+    from edgeq.converter.stages.load import build_mobilenet_v2
+    from edgeq.converter.tf import import_tensorflow
+    from edgeq.runtime import Model
+
+    import_tensorflow()
+    import keras
+
+    samples = np.random.default_rng(0).uniform(-1, 1, (48, 32, 32, 3)).astype(np.float32)
+    model = build_mobilenet_v2(32, 0.35, 4, seed=1)
+    rng = np.random.default_rng(1)
+    for layer in model.layers:  # random init leaves every batch norm the identity and the logits near 0
+        if isinstance(layer, keras.layers.BatchNormalization):
+            g, b, mean, var = layer.get_weights()
+            layer.set_weights([g * rng.uniform(0.5, 2, g.shape), b + rng.normal(0, 0.5, b.shape), mean, var])
+    k, b = model.get_layer("logits").get_weights()
+    model.get_layer("logits").set_weights([k * 100, b])
+    fake = qat.build(model, samples[:32])
+    data = qat.convert(fake, QuantRecipe(QuantMode.INT8))
+    m = Model(data)
+    assert not m.delegation.cpu_ops and m.input.dtype == np.int8
+    ops = {op.name for op in m.ops} - {"DELEGATE"}
+    assert ops <= {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MEAN", "FULLY_CONNECTED", "PAD"}, ops
+    assert all(t in ("int8", "int32") for op in m.ops if op.name != "DELEGATE" for t in op.result_types), m.ops
+    x = samples[32:]
+    got = np.concatenate([next(iter(m.run(m.input.quantize(v[None])).values())) for v in x])
+    simulated, floating = np.asarray(fake(x)), np.asarray(model(x))
+    step = m.outputs[0].scale
+    assert np.abs(got - simulated).max() <= step * 1.001, (np.abs(got - simulated).max(), step)
+    assert np.abs(floating - simulated).max() > step
+
+
+def test_qat_fine_tunes_the_outlier_model_in_int8(hard_model, fashion_dirs, tmp_path):
+    """--qat on the model PTQ breaks: two epochs of fake-quant training, recorded in the manifest, and with
+    --equalize first (equalisation, then QAT) int8 is back at the float top-1. QAT alone does not repair this
+    model in two epochs (by hand: int8 top-1 +6 and +0 points over plain on seeds 0 and 1): the x1000 channel
+    still sets its tensor's int8 step, which is equalisation's job."""
+    from edgeq.bundle import read_bundle
+
+    def top1(path: Path) -> tuple[float, float]:
+        v = read_bundle(path).manifest.to_json()["validation"]
+        return v["float_top1"], v["quantized_top1"]
+
+    trained, both = tmp_path / "qat.edgeq", tmp_path / "both.edgeq"
+    qat = ("--qat", str(fashion_dirs["train"]), "--qat-epochs", "2", "--bias-correction", "off")
+    r = _convert(hard_model, trained, fashion_dirs, *qat)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "qat: epoch 2/2" in r.stdout and "converted with the ranges training learned" in r.stdout
+    q = read_bundle(trained).manifest.to_json()["quantization"]
+    assert q["qat"]["epochs"] == 2 and len(q["qat"]["history"]) == 2 and q["qat"]["images"] == 800
+    assert q["full_integer"] and not q.get("float_ops") and "bias_correction" not in q
+    assert q["qat"]["history"][1]["loss"] < q["qat"]["history"][0]["loss"], q["qat"]  # it trained
+    r = _convert(hard_model, both, fashion_dirs, *qat, "--equalize")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    q = read_bundle(both).manifest.to_json()["quantization"]
+    assert q["equalization"]["pairs"] == 2 and q["qat"]["epochs"] == 2
+    float_top1, int8_top1 = top1(both)
+    check("accuracy.hard.equalized_qat_drop", float_top1 - int8_top1)
+    # edgeq eval puts them side by side, each saying how it was made
+    r = edgeq_here("eval", str(both), "--compare", str(trained), "--data", str(fashion_dirs["test"]), "--json")
+    models = json.loads(r.stdout)["models"]
+    assert models["quantized"]["variant"] == "int8, equalised (2 pairs), QAT 2 epoch(s)", models["quantized"]
+    assert models["qat"]["variant"] == "int8, QAT 2 epoch(s)", models
+
+
+def test_qat_stopped_with_ctrl_c_leaves_no_bundle(hard_model, fashion_dirs, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import edgeq_exe
+
+    out = tmp_path / "never.edgeq"
+    exe = edgeq_exe()
+    cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
+    proc = subprocess.Popen(cmd + ["convert", str(hard_model), "--density", "off", "--calib", str(fashion_dirs["train"]),
+                                   "--calib-samples", "100", "--qat", str(fashion_dirs["train"]), "--qat-epochs", "500",
+                                   "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:  # wait until training is under way
+        lines.append(line)
+        if line.startswith("qat: epoch 1/500"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "edgeq: interrupted" in err and "Traceback" not in err, (lines, err)
+    assert not out.exists() and not list(tmp_path.glob("*.edgeq*")), list(tmp_path.iterdir())
+
+
 def test_unmet_bound_keeps_the_best_model_and_fails_unless_best_effort(hard_model, fashion_dirs, tmp_path):
     from edgeq.bundle import read_bundle
 

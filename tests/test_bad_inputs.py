@@ -33,6 +33,12 @@ ROWS = [
     ("convert {model} --quant float16 --keep-float conv -o {out}", ["--keep-float", "float16"]),
     ("convert {model} --quant float32 --equalize -o {out}", ["--equalize", "float32"]),
     ("convert {model} --calib {calib} --equalize sometimes -o {out}", ["--equalize", "sometimes"]),
+    ("convert {model} --calib {calib} --density off --qat {tmp}/nope -o {out}", ["--qat", "nope", "not a folder"]),
+    ("convert {model} --calib {calib} --qat {calib} -o {out}", ["--qat", "--density off"]),
+    ("convert {model} --calib {calib} --qat-epochs 0 -o {out}", ["--qat-epochs 0"]),
+    ("convert {model} --quant float16 --density off --qat {calib} -o {out}", ["--qat", "float16"]),
+    ("convert {model} --calib {calib} --density off --qat {calib} --max-drop 0.01 --val {calib} -o {out}",
+     ["--qat", "--max-drop"]),
     ("convert {model} --calib {calib} -o {tmp}/missing/o.edgeq", ["missing", "does not exist"]),
     ("convert {model} --calib {calib} -o {tmp}", ["is a folder"]),
     # root passes access() there, and nothing can be created: refused before the 20 s conversion, not after it

@@ -235,9 +235,13 @@ class EvalRun:
 
 
 def variant(manifest: Manifest) -> str:
-    """One line on how a bundle was made: precision, clustering, Bayesian head."""
+    """One line on how a bundle was made: precision, repairs, clustering, Bayesian head."""
     q = manifest.quantization
     parts = [q.scheme]
+    if q.equalization is not None:
+        parts.append(f"equalised ({q.equalization.pairs} pairs)")
+    if q.qat is not None:
+        parts.append(f"QAT {q.qat.epochs} epoch(s)")
     if q.bias_correction is not None and q.bias_correction.applied:
         parts.append("bias-corrected")
     if q.float_layers:

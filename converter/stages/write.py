@@ -17,8 +17,10 @@ from ..products import Calibration, ConvertResult, Converted, Repairs, Validatio
 
 
 def quantization_block(ctx: ConvertContext, repairs: Repairs, verification: Verification,
-                       equalization: records.Equalization | None = None) -> Quantization:
+                       equalization: records.Equalization | None = None, qat: records.Qat | None = None
+                       ) -> Quantization:
     return Quantization(**ctx.recipe.quant.describe(), float_ops=verification.float_ops, equalization=equalization,
+                        qat=qat,
                         bias_correction=repairs.bias_correction, float_layers=repairs.float_layers,
                         accuracy_aware=repairs.accuracy_aware)
 
@@ -27,7 +29,8 @@ def manifest_of(ctx: ConvertContext, name: str, task: str, reference: Converted,
                 verification: Verification, calibration: Calibration | None, head: Head,
                 detector: Detector | None, density: Density | None, validation: Validation | None,
                 clustering: records.Clustering | None, unknown: Unknown | None = None,
-                equalization: records.Equalization | None = None) -> dict[str, Any]:
+                equalization: records.Equalization | None = None, qat: records.Qat | None = None
+                ) -> dict[str, Any]:
     """The manifest's blocks; :func:`edgeq.bundle.write_bundle` adds the schema, version, date and model file."""
     import tensorflow as tf
 
@@ -37,7 +40,7 @@ def manifest_of(ctx: ConvertContext, name: str, task: str, reference: Converted,
     blocks: dict[str, Any] = {
         "name": name, "source": ctx.origin, "task": task, "labels": list(ctx.labels), "input": input_spec,
         "outputs": [o.model_dump(mode="json") for o in quantised.outputs], "head": head,
-        "quantization": quantization_block(ctx, repairs, verification, equalization),
+        "quantization": quantization_block(ctx, repairs, verification, equalization, qat),
         "calibration": calibration.summary() if calibration is not None else records.Calibration(count=0),
         "converter": records.ConverterInfo(tensorflow=str(tf.__version__)),
         "sizes": records.Sizes(float32_tflite=len(reference.data), model_tflite=len(quantised.data),
