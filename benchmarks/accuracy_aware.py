@@ -7,7 +7,9 @@
    --val, on which bias correction and the accuracy-aware loop decide, is the other half), layers kept in float,
    model size, and invoke latency measured interleaved in one run.
 2. The normal MobileNetV2 of the other benchmarks (0.35/96, trained with ``edgeq train``) over 3 training seeds:
-   int8 top-1 plain, with bias correction (``--bias-correction on``) and with ``--equalize``.
+   int8 top-1 plain, with bias correction (``--bias-correction on``), with ``--equalize``, and after ``--qat`` (2
+   epochs on the training images, ``--density off``); each model trained in the run (seconds recorded), and the
+   time of a QAT epoch over a float training epoch.
 
     python benchmarks/accuracy_aware.py        # writes benchmarks/results/accuracy_aware.json
 """
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mnv2-train", type=int, default=4000)
     p.add_argument("--mnv2-epochs", type=int, default=3)
     p.add_argument("--max-drop", type=float, default=0.01)
+    p.add_argument("--qat-epochs", type=int, default=2)
     p.add_argument("--runs", type=int, default=300)
     p.add_argument("--skip-mnv2", action="store_true")
     p.add_argument("--workdir", help="keep data, models and bundles here")
@@ -72,7 +75,8 @@ def _validation(path: Path, test_dir: Path, reference: Path) -> dict:
     m = b.manifest.to_json()
     return {"float_top1": round(f, 4), "int8_top1": round(q, 4), "drop_points": round(100 * (f - q), 2),
             "float_layers": m["quantization"].get("float_layers", []),
-            "bias_correction": {k: v for k, v in m["quantization"].get("bias_correction", {}).items()}}
+            "bias_correction": {k: v for k, v in m["quantization"].get("bias_correction", {}).items()},
+            "qat": m["quantization"].get("qat")}
 
 
 def hard(tmp: Path, train_dir: Path, val_dir: Path, test_dir: Path, labels: list[str], args) -> dict:
@@ -152,12 +156,13 @@ def mnv2(tmp: Path, train_dir: Path, val_dir: Path, test_dir: Path, args) -> dic
                           "(edgeq train, no augmentation)", "seeds": {}}
     for seed in range(args.seeds):
         model = tmp / f"mnv2_seed{seed}.keras"
-        if not model.exists():
-            train(TrainOptions(str(small), model, head="dense", epochs=args.mnv2_epochs, lr=2e-3, augment=False,
-                               batch_size=64, input_size=96, alpha=0.35, seed=seed), log=log)
+        trained = train(TrainOptions(str(small), model, head="dense", epochs=args.mnv2_epochs, lr=2e-3, augment=False,
+                                     batch_size=64, input_size=96, alpha=0.35, seed=seed), log=log)
         row = {}
         for mode, flags in {"off": {"bias_correction": "off"}, "on": {"bias_correction": "on"},
-                            "equalized": {"bias_correction": "off", "equalize": "on"}}.items():
+                            "equalized": {"bias_correction": "off", "equalize": "on"},
+                            "qat": {"bias_correction": "off", "qat": str(small), "qat_epochs": args.qat_epochs}
+                            }.items():
             b = tmp / f"mnv2_seed{seed}_{mode}.edgeq"
             convert(recipe_from_flags(str(model), b, calib=str(small), calib_samples=200, val=str(val_dir),
                                       density="off", **flags), log=log)
@@ -168,8 +173,18 @@ def mnv2(tmp: Path, train_dir: Path, val_dir: Path, test_dir: Path, args) -> dic
                               "corrected_layers": row["on"]["bias_correction"].get("corrected_layers"),
                               "int8_top1_equalized": row["equalized"]["int8_top1"],
                               "equalize_gain_points": round(100 * (row["equalized"]["int8_top1"]
-                                                                   - row["off"]["int8_top1"]), 2)}
-    for key in ("gain_points", "equalize_gain_points"):
+                                                                   - row["off"]["int8_top1"]), 2),
+                              "int8_top1_qat": row["qat"]["int8_top1"],
+                              "qat_vs_float_points": round(100 * (row["qat"]["int8_top1"] - row["off"]["float_top1"]), 2),
+                              "qat_vs_best_ptq_points": round(100 * (row["qat"]["int8_top1"] - max(
+                                  row[m]["int8_top1"] for m in ("off", "on", "equalized"))), 2),
+                              "training": {"seed": seed, "epochs": args.mnv2_epochs, "seconds": round(trained.seconds, 1),
+                                           "qat_epochs": args.qat_epochs,
+                                           "qat_seconds": row["qat"]["qat"]["seconds"],
+                                           "qat_epoch_over_float_epoch": round(
+                                               (row["qat"]["qat"]["seconds"] / args.qat_epochs)
+                                               / (trained.seconds / args.mnv2_epochs), 2)}}
+    for key in ("gain_points", "equalize_gain_points", "qat_vs_float_points", "qat_vs_best_ptq_points"):
         gains = [s[key] for s in out["seeds"].values()]
         out[key] = {"mean": round(float(np.mean(gains)), 2), "min": min(gains), "max": max(gains)}
     out["noise_note"] = ("one image of the test set is 100/{} points; a gain within a few images either way is "

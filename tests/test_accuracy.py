@@ -212,6 +212,24 @@ def test_equalize_repairs_the_outlier_model_in_full_int8(hard_model, fashion_dir
     assert q["accuracy_aware"]["met"] and not q["accuracy_aware"]["float_layers"] and not q["float_ops"]
 
 
+def test_equalize_on_a_model_without_a_pair_warns_and_goes_on(tmp_path, shapes_dir):
+    from edgeq.bundle import read_bundle
+    from edgeq.converter.tf import import_tensorflow
+
+    import_tensorflow()
+    import keras
+
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="relu")(inp))
+    model = save_with_labels(keras.Model(inp, keras.layers.Dense(3)(x)), tmp_path / "flat.keras",
+                             ["circle", "square", "triangle"])
+    out = tmp_path / "flat.edgeq"
+    r = edgeq_here("convert", str(model), "--calib", str(shapes_dir), "--density", "off", "--equalize", "-o", str(out))
+    assert r.returncode == 0 and r.stdout.count("equalize: warning: ") == 1, r.stdout + r.stderr
+    assert "no conv -> ReLU/ReLU6 -> conv pair" in r.stdout
+    assert read_bundle(out).manifest.to_json()["quantization"].get("equalization") is None
+
+
 @pytest.mark.parametrize("nested", [False, True])
 def test_equalize_keeps_relu6_where_it_clips(nested):
     """Pure logic on a tiny conv -> batch norm -> ReLU6 -> conv model with one channel that reaches 6 on the
@@ -327,7 +345,9 @@ def test_qat_stopped_with_ctrl_c_leaves_no_bundle(hard_model, fashion_dirs, tmp_
     cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
     proc = subprocess.Popen(cmd + ["convert", str(hard_model), "--density", "off", "--calib", str(fashion_dirs["train"]),
                                    "--calib-samples", "100", "--qat", str(fashion_dirs["train"]), "--qat-epochs", "500",
-                                   "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as a terminal gives it: a suite started in the background inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stdout:  # wait until training is under way
         lines.append(line)

@@ -244,6 +244,10 @@ def run(enabled: bool, ctx: ConvertContext, source: SourceModel, calibration: Ca
         raise ModelError(f"--equalize: {source.origin} is a SavedModel; equalisation needs a Keras model (.keras)")
     if calibration is None or not len(calibration.samples):
         raise ModelError("--equalize needs calibration samples (--calib) to keep ReLU6 unchanged")
+    if not find_pairs(source.keras_model):
+        ctx.log(f"equalize: warning: {source.name} has no conv -> ReLU/ReLU6 -> conv pair to equalise; converting it "
+                "as it is")
+        return source, None
     samples = np.asarray(calibration.samples[:CHECK_SAMPLES], dtype=np.float32)
     if ctx.recipe.validation.val:
         from .calibrate import load_calibration

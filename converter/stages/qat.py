@@ -212,9 +212,13 @@ def build(model: Any, samples: np.ndarray) -> Any:
         raise ModelError(f"--qat: layer {layer.name} ({kind}) is not one QAT knows yet; convert without --qat")
 
     inner = keras.models.clone_model(model, clone_function=clone)
-    inp = keras.Input(model.input.shape[1:], name="qat_input")
-    source_quant = q["ActivationQuant"](fixed=True, name="input_quant")
-    qat = keras.Model(inp, inner(source_quant(inp)), name=f"{model.name}_qat")
+    if len(model.inputs) != 1:
+        raise ModelError(f"--qat: the model has {len(model.inputs)} inputs; QAT takes one image input")
+    inp = keras.Input(model.inputs[0].shape[1:], name="qat_input")
+    quantised_input = q["ActivationQuant"](fixed=True, name="input_quant")(inp)
+    # the clone takes its input in the structure the model was built with (a list of one, as edgeq train's)
+    qat = keras.Model(inp, inner([quantised_input] if isinstance(model.input, list) else quantised_input),
+                      name=f"{model.name}_qat")
     for start in range(0, len(samples), BATCH):  # the ranges: calibration min/max, eagerly
         qat(samples[start:start + BATCH], training=False)
     for layer in _fake_quants(qat):
