@@ -11,14 +11,16 @@ taps (stages/taps.py) where the unfamiliarity measure reads features.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from edgeq import records
 from edgeq.runtime import load_runtime
 
 from .binding import Binding
 from .context import ConvertContext
-from .products import ConvertResult, Repairs
+from .products import Calibration, Clustering, ConvertResult, Converted, DensityFit, HeadExport, Repairs
 from .recipes import ConvertRecipe
 from .stages import (
     bias_correct,
@@ -36,27 +38,29 @@ from .stages import (
     write,
 )
 from .tasks import task_for
+from .tasks.base import Task
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Front:
-    """Everything up to the quantised model bias correction settled on: what the rest of the pipeline reads."""
+    """Everything up to the int8 model that bias correction (or QAT) settled on: what the rest of the pipeline
+    reads. ``--max-drop`` may make two, without and with equalisation, and keep one."""
 
     ctx: ConvertContext
-    loaded: Any
-    task: Any
-    data: Any
-    calibration: Any
-    equalization: Any
-    clustering: Any
-    head: Any
-    taps: Any
-    fitted: Any
+    loaded: load.Loaded
+    task: Task
+    data: Any  # the task's --val data, or None
+    calibration: Calibration | None
+    equalization: records.Equalization | None
+    clustering: Clustering
+    head: HeadExport
+    taps: Any  # the task's density taps
+    fitted: DensityFit
     binding: Binding
-    reference: Any
+    reference: Converted
     scoring: validate.Scoring
-    repairs: Any
-    qat: Any = None
+    repairs: Repairs
+    qat: records.Qat | None = None
 
     def drop(self) -> float:
         """Top-1 drop on ``--val`` of the int8 model, as --max-drop measures it."""
@@ -110,9 +114,8 @@ def convert(recipe: ConvertRecipe, log: Callable[[str], None] = print) -> Conver
             log(f"accuracy-aware: drop {plain:.4f} without equalisation, {tried:.4f} with: "
                 + ("equalised model kept" if tried < plain else "equalisation not kept"))
             if tried < plain:
-                front = again
-                front.equalization = front.equalization.model_copy(update={
-                    "reason": f"--max-drop: drop {plain:.4f} without, {tried:.4f} with"})
+                front = dataclasses.replace(again, equalization=again.equalization.model_copy(update={
+                    "reason": f"--max-drop: drop {plain:.4f} without, {tried:.4f} with"}))
     ctx, task, binding, reference, calibration = front.ctx, front.task, front.binding, front.reference, front.calibration
     scoring, head, clustering, taps, fitted = front.scoring, front.head, front.clustering, front.taps, front.fitted
     repairs = mixed_precision.run(recipe.repair, recipe.quant, binding, front.repairs, calibration, reference, scoring)
