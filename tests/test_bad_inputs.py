@@ -36,6 +36,7 @@ ROWS = [
     ("convert {model} --calib {calib} --density off --qat {tmp}/nope -o {out}", ["--qat", "nope", "not a folder"]),
     ("convert {model} --calib {calib} --qat {calib} -o {out}", ["--qat", "--density off"]),
     ("convert {model} --calib {calib} --qat-epochs 0 -o {out}", ["--qat-epochs 0"]),
+    ("convert {model} --calib {calib} --density off --qat {flat} -o {out}", ["--qat", "class"]),
     ("convert {model} --quant float16 --density off --qat {calib} -o {out}", ["--qat", "float16"]),
     ("convert {model} --calib {calib} --density off --qat {calib} --max-drop 0.01 --val {calib} -o {out}",
      ["--qat", "--max-drop"]),
