@@ -320,7 +320,7 @@ def test_qat_fine_tunes_the_outlier_model_in_int8(hard_model, fashion_dirs, tmp_
     q = read_bundle(trained).manifest.to_json()["quantization"]
     assert q["qat"]["epochs"] == 2 and len(q["qat"]["history"]) == 2 and q["qat"]["images"] == 800
     assert q["full_integer"] and not q.get("float_ops") and "bias_correction" not in q
-    assert all(np.isfinite(h["loss"]) and 0 <= h["accuracy"] <= 1 for h in q["qat"]["history"]), q["qat"]
+    assert all(np.isfinite(h["loss"]) for h in q["qat"]["history"]), q["qat"]  # training did not diverge
     r = _convert(hard_model, both, fashion_dirs, *qat, "--equalize")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     q = read_bundle(both).manifest.to_json()["quantization"]
