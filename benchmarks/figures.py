@@ -181,11 +181,23 @@ README: list[Row] = [
      lambda r: " / ".join(f"{r['clustering'].variants[v]['bundle_over_float32']:.3f}" for v in
                           ("int8", "clustered_per_tensor", "clustered_per_channel")),
      "`python benchmarks/clustering.py`"),
-    ("model with an outlier channel (small CNN, Fashion-MNIST): top-1 drop plain / bias-corrected / accuracy-aware "
-     "(`--max-drop 0.01`)",
+    ("model with an outlier channel (small CNN, Fashion-MNIST): top-1 drop plain / bias-corrected / `--equalize` / "
+     "float layers (`--max-drop 0.01 --equalize off`)",
      lambda r: " / ".join(f"{r['accuracy_aware'].hard_model['variants'][v]['drop_points']:g}" for v in
-                          ("plain", "bias_corrected", "accuracy_aware")) + " points",
+                          ("plain", "bias_corrected", "equalized", "accuracy_aware")) + " points",
      "`python benchmarks/accuracy_aware.py`"),
+    ("same: latency vs plain int8, `--equalize` / float layers",
+     lambda r: " / ".join(f"{r['accuracy_aware'].hard_model['variants'][v]['latency_vs_plain']:.2f}x" for v in
+                          ("equalized", "accuracy_aware")), "same"),
+    ("PTQ vs QAT: MobileNetV2 0.35/96 trained 3 epochs on Fashion-MNIST, three training seeds: int8 top-1 after "
+     "`--qat` (2 epochs: more training too, see docs/accuracy.md) less float top-1 / less the best PTQ (plain, "
+     "bias-corrected, equalised), points, mean (range)",
+     lambda r: f"{_spread(r['accuracy_aware'].mobilenet_v2_bias_correction['qat_vs_float_points'], '{:+.2f}')} / "
+               f"{_spread(r['accuracy_aware'].mobilenet_v2_bias_correction['qat_vs_best_ptq_points'], '{:+.2f}')}",
+     "same"),
+    ("same: a QAT epoch's time over a float training epoch's, per seed",
+     lambda r: " / ".join(f"{v['training']['qat_epoch_over_float_epoch']:.2f}x"
+                          for v in r["accuracy_aware"].mobilenet_v2_bias_correction["seeds"].values()), "same"),
     ("grid detector, MobileNetV2 0.35 at 192x192, K=32 Bayesian class head: mAP@0.5 float / int8 (300 test scenes)",
      lambda r: f"{r['detection'].quality['float32']['map50']:.3f} / {r['detection'].quality['int8']['map50']:.3f}",
      "`python benchmarks/detection.py`"),
@@ -386,11 +398,12 @@ def _accuracy(res: dict[str, R]) -> str:
         lines.append(f"| {name.replace('_', ' ')} | {v['float_top1']:.4f} | {v['int8_top1']:.4f} | {v['drop_points']:g} | "
                      f"{len(v['float_layers'])} | {v['size_vs_plain']:.2f}x | {v['latency_vs_plain']:.2f}x |")
     m = res["accuracy_aware"].mobilenet_v2_bias_correction
-    lines += ["", "| MobileNetV2 0.35/96, training seed | float top-1 | int8 without / with bias correction | change |",
-              "|---|---|---|---|"]
+    lines += ["", "| MobileNetV2 0.35/96, training seed | float top-1 | int8 plain | bias-corrected | equalised | "
+              "QAT, 2 epochs | QAT vs the best PTQ |", "|---|---|---|---|---|---|---|"]
     for seed, v in m["seeds"].items():
-        lines.append(f"| {seed} | {v['float_top1']:.4f} | {v['int8_top1_without']:.4f} / {v['int8_top1_with']:.4f} | "
-                     f"{v['gain_points']:+g} points |")
+        lines.append(f"| {seed} | {v['float_top1']:.4f} | {v['int8_top1_without']:.4f} | {v['int8_top1_with']:.4f} | "
+                     f"{v['int8_top1_equalized']:.4f} | {v['int8_top1_qat']:.4f} | "
+                     f"{v['qat_vs_best_ptq_points']:+g} points |")
     return "\n".join(lines)
 
 
