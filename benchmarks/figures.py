@@ -44,7 +44,6 @@ Row = tuple[str, Callable[[dict[str, R]], str], str]  # figure, value from the r
 
 # results files withdrawn until a clean re-run: why, for the rows and tables that read them
 PENDING = {
-    "clustering_quality": "it reuses bayes_head.py's models and calibrated on the images it scored",
 }
 
 
