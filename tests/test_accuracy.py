@@ -230,6 +230,22 @@ def test_equalize_on_a_model_without_a_pair_warns_and_goes_on(tmp_path, shapes_d
     assert read_bundle(out).manifest.to_json()["quantization"].get("equalization") is None
 
 
+def test_equalize_leaves_a_batch_norm_without_gamma_alone():
+    """Pure logic: a batch norm with scale=False cannot carry a channel's scale (its beta alone would shift, not
+    scale), so that pair is not equalised; the plain ReLU pair after it is."""
+    from edgeq.converter.stages.equalize import find_pairs
+    from edgeq.converter.tf import import_tensorflow
+
+    import_tensorflow()
+    import keras
+
+    inp = keras.Input((8, 8, 2))
+    x = keras.layers.BatchNormalization(scale=False)(keras.layers.Conv2D(4, 3, name="a")(inp))
+    x = keras.layers.Conv2D(4, 1, activation="relu", name="b")(keras.layers.ReLU()(x))
+    model = keras.Model(inp, keras.layers.Conv2D(2, 1, name="c")(x))
+    assert [(p.first.name, p.second.name) for p in find_pairs(model)] == [("b", "c")]
+
+
 @pytest.mark.parametrize("nested", [False, True])
 def test_equalize_keeps_relu6_where_it_clips(nested):
     """Pure logic on a tiny conv -> batch norm -> ReLU6 -> conv model with one channel that reaches 6 on the
@@ -298,6 +314,26 @@ def test_qat_int8_computes_what_training_saw():
     step = m.outputs[0].scale
     assert np.abs(got - simulated).max() <= step * 1.001, (np.abs(got - simulated).max(), step)
     assert np.abs(floating - simulated).max() > step
+
+
+@pytest.mark.parametrize("layer,needle", [("swish_conv", "activation 'silu'"), ("leaky", "LeakyReLU")])
+def test_qat_names_a_layer_it_cannot_simulate(layer, needle):
+    from edgeq.converter.stages import qat
+    from edgeq.converter.tf import import_tensorflow
+    from edgeq.errors import ModelError
+
+    import_tensorflow()
+    import keras
+
+    inp = keras.Input((16, 16, 3))
+    if layer == "swish_conv":
+        x = keras.layers.Conv2D(4, 3, activation="swish", name="swish_conv")(inp)
+    else:
+        x = keras.layers.LeakyReLU(name="leaky")(keras.layers.Conv2D(4, 3)(inp))
+    model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x)))
+    with pytest.raises(ModelError, match=needle) as err:
+        qat.build(model, np.zeros((4, 16, 16, 3), np.float32))
+    assert layer in str(err.value)
 
 
 def test_qat_fine_tunes_the_outlier_model_in_int8(hard_model, fashion_dirs, tmp_path):

@@ -104,7 +104,8 @@ def find_pairs(model: Any) -> list[_Pair]:
         own = _activation(layer.activation)
         nxt, bn = _only_consumer(layer), None
         if isinstance(nxt, keras.layers.BatchNormalization):
-            if own != "linear" or tuple(np.atleast_1d(nxt.axis)) not in ((-1,), (3,)):
+            # a batch norm without gamma (scale=False) cannot carry the channel's scale: left alone
+            if own != "linear" or not nxt.scale or tuple(np.atleast_1d(nxt.axis)) not in ((-1,), (3,)):
                 continue
             bn, nxt = nxt, _only_consumer(nxt)
         if own == "relu" and bn is None:  # a built-in relu6 hides the input the maxima need: left alone
@@ -154,8 +155,9 @@ def _divide_output(p: _Pair, s: np.ndarray) -> None:
 
 
 def _multiply_input(p: _Pair, s: np.ndarray) -> None:
+    """The second layer's input channels multiplied by ``s`` (axis 2 of a Conv2D's and of a depthwise kernel)."""
     w = p.second.get_weights()
-    w[0] = w[0] * (s[:, None] if _kind(p.second) == "conv" else s[:, None])
+    w[0] = w[0] * s[:, None]
     p.second.set_weights(w)
 
 

@@ -51,6 +51,7 @@ ACTIVATIONS = ("ReLU", "Activation")
 
 def _classes() -> dict[str, Any]:
     """The fake-quant layers, made once TensorFlow is imported (keeps it out of module import)."""
+    # over 60 lines: five short Keras layer classes, which need TensorFlow and keras at definition time
     tf = import_tensorflow()
     import keras
 
@@ -173,9 +174,26 @@ def _consumers(layer: Any) -> list[Any]:
 
 def _fused_into_next(layer: Any) -> bool:
     """Whether the int8 graph has no tensor of its own for ``layer``'s output: its only consumer is a batch norm
-    (folded into it) or an activation layer (fused into it)."""
+    (folded into it) or a ReLU or ReLU6 (which TFLite fuses into the op before)."""
     out = _consumers(layer)
-    return len(out) == 1 and type(out[0]).__name__ in ("BatchNormalization", *ACTIVATIONS)
+    return len(out) == 1 and (type(out[0]).__name__ == "BatchNormalization" or _relu(out[0]))
+
+
+def _relu(layer: Any) -> bool:
+    """A ReLU or ReLU6 layer, or an ``Activation`` of either: what TFLite fuses into a convolution."""
+    kind = type(layer).__name__
+    if kind == "ReLU":
+        return float(layer.negative_slope) == 0.0 and float(layer.threshold) == 0.0 and layer.max_value in (None, 6.0)
+    return kind == "Activation" and getattr(layer.activation, "__name__", "") in ("relu", "relu6")
+
+
+def _own_activation(layer: Any) -> None:
+    """A convolution's or Dense layer's own activation must be one the int8 op fuses (or none): any other would
+    need a range for the tensor before it, which the fused layer cannot give."""
+    name = getattr(layer.activation, "__name__", "")
+    if name not in ("linear", "relu", "relu6"):
+        raise ModelError(f"--qat: layer {layer.name} ({type(layer).__name__}) has activation {name!r}; QAT knows "
+                         "relu, relu6 or none there (a separate activation layer is fine)")
 
 
 def build(model: Any, samples: np.ndarray) -> Any:
@@ -192,6 +210,7 @@ def build(model: Any, samples: np.ndarray) -> Any:
     def clone(layer: Any) -> Any:
         kind = type(layer).__name__
         if kind in ("Conv2D", "DepthwiseConv2D"):
+            _own_activation(layer)
             nxt = _consumers(layer)
             bn = nxt[0] if len(nxt) == 1 and type(nxt[0]).__name__ == "BatchNormalization" else None
             if bn is not None:
@@ -204,6 +223,7 @@ def build(model: Any, samples: np.ndarray) -> Any:
                 return q["Folded"](name=layer.name)
             return q["Requantised"](q["Folded"](name=layer.name))  # the folded conv's output is a tensor of its own
         if kind == "Dense":
+            _own_activation(layer)
             return q["QuantDense"](layer)
         if kind in ACTIVATIONS or kind in REQUANTISED:
             return q["Requantised"](layer)
