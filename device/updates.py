@@ -333,4 +333,3 @@ def tune_malloc() -> None:
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixing it also stops glibc moving the trim threshold)
     except (OSError, AttributeError):
         pass
-
