@@ -271,8 +271,7 @@ def check(recipe: RepairRecipe, quant: QuantRecipe, source: SourceModel, cluster
                         ("the density (give --density off)", density), ("--max-drop or --keep-float", recipe.mixed),
                         ("--bias-correction on", recipe.bias_correction == "on")):
         if given:
-            raise QuantizationError(f"--qat: {flag} is not supported with QAT yet; convert without --qat, or "
-                                    "without it")
+            raise QuantizationError(f"--qat: {flag} is not supported with QAT yet; convert without --qat")
     if source.keras_model is None:
         raise ModelError(f"--qat: {source.origin} is a SavedModel; QAT needs a Keras model (.keras)")
 
