@@ -64,22 +64,27 @@ class _Front:
 
     def drop(self) -> float:
         """Top-1 drop on ``--val`` of the int8 model, as --max-drop measures it."""
-        r = self.ctx.recipe.repair
-        float_top1 = self.binding.task.top1(self.scoring.of_reference())
-        d = float_top1 - self.scoring.top1(self.repairs.quantised.data)
-        return d / float_top1 if r.drop_type == "relative" and float_top1 > 0 else d
+        return mixed_precision.top1_drop(self.binding.task.top1(self.scoring.of_reference()),
+                                         self.scoring.top1(self.repairs.quantised.data),
+                                         self.ctx.recipe.repair.drop_type)
 
 
-def _front(recipe: ConvertRecipe, log: Callable[[str], None], equalizing: bool) -> _Front:
+def _front(recipe: ConvertRecipe, log: Callable[[str], None], equalizing: bool, again: _Front | None = None
+           ) -> _Front:
+    """The pipeline up to the int8 model. ``again``: a front already made, whose --val data and calibration
+    samples are reused (the model is loaded afresh: equalisation changes its weights in place)."""
     loaded = load.run(recipe, log)
     task = task_for(loaded.source, loaded.info, loaded.detector)
     ctx = ConvertContext(recipe, log, loaded.source.origin, tuple(loaded.labels), loaded.spec)
-    task.check(ctx, loaded.source)
-    if recipe.repair.qat:
-        qat.check(recipe.repair, recipe.quant, loaded.source, recipe.cluster.enabled,
-                  recipe.density.density != "off", task.name == "detect")
-    data = validate.read(recipe.validation, ctx, task, loaded.source)
-    calibration = calibrate.run(recipe.quant, ctx)
+    if again is not None:
+        data, calibration = again.data, again.calibration
+    else:
+        task.check(ctx, loaded.source)
+        if recipe.repair.qat:
+            qat.check(recipe.repair, recipe.quant, loaded.source, recipe.cluster.enabled,
+                      recipe.density.density != "off", task.name == "detect")
+        data = validate.read(recipe.validation, ctx, task, loaded.source)
+        calibration = calibrate.run(recipe.quant, ctx)
     source, equalization = equalize.run(equalizing, ctx, loaded.source, calibration)
     clustering = cluster.run(recipe.cluster, ctx, source, recipe.bayes.seed)
     head = export_head.run(recipe.bayes, ctx, task, clustering.source, calibration)
@@ -109,12 +114,12 @@ def convert(recipe: ConvertRecipe, log: Callable[[str], None] = print) -> Conver
         if plain > recipe.repair.max_drop and equalize.applies(front.loaded.source):
             log(f"accuracy-aware: drop {plain:.4f} over the bound {recipe.repair.max_drop:g}: trying --equalize "
                 "before any layer in float")
-            again = _front(recipe, log, True)
-            tried = again.drop()
+            equalised = _front(recipe, log, True, again=front)
+            tried = equalised.drop()
             log(f"accuracy-aware: drop {plain:.4f} without equalisation, {tried:.4f} with: "
                 + ("equalised model kept" if tried < plain else "equalisation not kept"))
             if tried < plain:
-                front = dataclasses.replace(again, equalization=again.equalization.model_copy(update={
+                front = dataclasses.replace(equalised, equalization=equalised.equalization.model_copy(update={
                     "reason": f"--max-drop: drop {plain:.4f} without, {tried:.4f} with"}))
     ctx, task, binding, reference, calibration = front.ctx, front.task, front.binding, front.reference, front.calibration
     scoring, head, clustering, taps, fitted = front.scoring, front.head, front.clustering, front.taps, front.fitted

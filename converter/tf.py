@@ -89,6 +89,29 @@ def leaf_layers(model: Any) -> list[Any]:
     return out
 
 
+def consumers(layer: Any) -> list[Any]:
+    """The layers that read ``layer``'s output, in the functional graph that holds it."""
+    return [node.operation for node in layer._outbound_nodes]
+
+
+def relu_kind(layer: Any) -> str | None:
+    """``"relu"`` or ``"relu6"`` for a ReLU layer without slope or threshold (max value none or 6) or an
+    ``Activation`` of either: what TFLite fuses into the op before it, and what commutes with a positive scale
+    (ReLU6 only below 6). None for anything else."""
+    kind = type(layer).__name__
+    if kind == "ReLU":
+        if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0:
+            return None
+        return "relu" if layer.max_value is None else "relu6" if float(layer.max_value) == 6.0 else None
+    name = getattr(layer.activation, "__name__", None) if kind == "Activation" else None
+    return name if name in ("relu", "relu6") else None
+
+
+def batch_norm_weights(bn: Any) -> dict[str, Any]:
+    """A BatchNormalization's arrays by name (``gamma`` and ``beta`` absent when it has no scale or centre)."""
+    return dict(zip([v.name for v in bn.weights], bn.get_weights()))
+
+
 def count_macs(model: Any) -> int:
     """Multiply-accumulates of the Conv2D, DepthwiseConv2D and Dense layers for one image."""
     import keras

@@ -37,7 +37,7 @@ from edgeq.errors import ModelError
 
 from ..context import ConvertContext
 from ..products import Calibration, SourceModel
-from ..tf import leaf_layers
+from ..tf import batch_norm_weights, consumers, leaf_layers, relu_kind
 
 ROUNDS = 20  # passes over all pairs at most; MobileNetV2's chains settle in a handful
 SETTLED = 1e-3  # a pass whose largest |log s| is below this ends the iteration
@@ -68,28 +68,8 @@ def _kind(layer: Any) -> str | None:
     return None
 
 
-def _activation(layer: Any) -> str | None:
-    """"relu", "relu6", "linear" or None (anything else) for an activation layer or a layer's own activation."""
-    import keras
-
-    if isinstance(layer, keras.layers.ReLU):
-        if float(layer.negative_slope) == 0.0 and float(layer.threshold) == 0.0:
-            if layer.max_value is None:
-                return "relu"
-            if float(layer.max_value) == 6.0:
-                return "relu6"
-        return None
-    fn = layer if callable(layer) and not isinstance(layer, keras.layers.Layer) else getattr(layer, "activation", None)
-    name = getattr(fn, "__name__", None)
-    return name if name in ("relu", "relu6", "linear") else None
-
-
-def _consumers(layer: Any) -> list[Any]:
-    return [n.operation for n in layer._outbound_nodes]
-
-
 def _only_consumer(layer: Any) -> Any | None:
-    out = _consumers(layer)
+    out = consumers(layer)
     return out[0] if len(out) == 1 else None
 
 
@@ -101,7 +81,7 @@ def find_pairs(model: Any) -> list[_Pair]:
     for layer in leaf_layers(model):
         if _kind(layer) is None:
             continue
-        own = _activation(layer.activation)
+        own = getattr(layer.activation, "__name__", None)
         nxt, bn = _only_consumer(layer), None
         if isinstance(nxt, keras.layers.BatchNormalization):
             # a batch norm without gamma (scale=False) cannot carry the channel's scale: left alone
@@ -110,11 +90,11 @@ def find_pairs(model: Any) -> list[_Pair]:
             bn, nxt = nxt, _only_consumer(nxt)
         if own == "relu" and bn is None:  # a built-in relu6 hides the input the maxima need: left alone
             act, act_layer, second = own, None, nxt
-        elif own == "linear" and nxt is not None and _activation(nxt) in ("relu", "relu6"):
-            act, act_layer, second = _activation(nxt), nxt, _only_consumer(nxt)
+        elif own == "linear" and nxt is not None and relu_kind(nxt):
+            act, act_layer, second = relu_kind(nxt), nxt, _only_consumer(nxt)
         else:
             continue
-        if second is None or _kind(second) is None or (act_layer is not None and _activation(act_layer) is None):
+        if second is None or _kind(second) is None:
             continue
         pairs.append(_Pair(layer, bn, act, act_layer, second))
     return pairs
@@ -125,9 +105,8 @@ def _out_range(p: _Pair) -> np.ndarray:
     k = p.first.get_weights()[0]
     r = np.abs(k).max(axis=(0, 1, 2)) if _kind(p.first) == "conv" else np.abs(k[..., 0]).max(axis=(0, 1))
     if p.bn is not None:
-        w = dict(zip([v.name for v in p.bn.weights], p.bn.get_weights()))
-        gamma = w.get("gamma", np.ones_like(r))
-        r = r * np.abs(gamma) / np.sqrt(w["moving_variance"] + p.bn.epsilon)
+        w = batch_norm_weights(p.bn)
+        r = r * np.abs(w["gamma"]) / np.sqrt(w["moving_variance"] + p.bn.epsilon)
     return r
 
 

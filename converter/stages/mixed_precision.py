@@ -113,6 +113,12 @@ def sensitivity(mq: MixedQuantizer, reference: Model, samples: np.ndarray, log: 
     return rows
 
 
+def top1_drop(float_top1: float, quant_top1: float, drop_type: str) -> float:
+    """What ``--max-drop`` bounds: points of top-1 lost (``absolute``), or that as a share of float top-1."""
+    d = float_top1 - quant_top1
+    return d / float_top1 if drop_type == "relative" and float_top1 > 0 else d
+
+
 @dataclass
 class AccuracyAware:
     """What the accuracy-aware loop did."""
@@ -126,8 +132,7 @@ class AccuracyAware:
     best: int = -1  # index into steps; -1: the plain model
 
     def drop_of(self, float_top1: float, quant_top1: float) -> float:
-        d = float_top1 - quant_top1
-        return d / float_top1 if self.drop_type == "relative" and float_top1 > 0 else d
+        return top1_drop(float_top1, quant_top1, self.drop_type)
 
     @property
     def final_drop(self) -> float:

@@ -37,7 +37,7 @@ from edgeq.errors import DataError, ModelError, QuantizationError
 from ..context import ConvertContext
 from ..products import Calibration, SourceModel
 from ..recipes import QuantMode, QuantRecipe, RepairRecipe
-from ..tf import import_tensorflow, quiet_output
+from ..tf import batch_norm_weights, consumers, import_tensorflow, quiet_output, relu_kind
 
 MOMENTUM = 0.99
 LEARNING_RATE = 1e-4
@@ -95,7 +95,7 @@ def _classes() -> dict[str, Any]:
             n = kernel.shape[2] if self.depthwise else kernel.shape[3]
             bias = conv.get_weights()[1] if conv.use_bias else np.zeros(n, np.float32)
             if bn is not None:
-                w = dict(zip([v.name for v in bn.weights], bn.get_weights()))
+                w = batch_norm_weights(bn)
                 scale = w.get("gamma", np.ones(n, np.float32)) / np.sqrt(w["moving_variance"] + bn.epsilon)
                 shift = w.get("beta", np.zeros(n, np.float32)) + (bias - w["moving_mean"]) * scale
             else:
@@ -168,23 +168,11 @@ def _classes() -> dict[str, Any]:
             "Requantised": Requantised, "Folded": Folded}
 
 
-def _consumers(layer: Any) -> list[Any]:
-    return [n.operation for n in layer._outbound_nodes]
-
-
 def _fused_into_next(layer: Any) -> bool:
     """Whether the int8 graph has no tensor of its own for ``layer``'s output: its only consumer is a batch norm
     (folded into it) or a ReLU or ReLU6 (which TFLite fuses into the op before)."""
-    out = _consumers(layer)
-    return len(out) == 1 and (type(out[0]).__name__ == "BatchNormalization" or _relu(out[0]))
-
-
-def _relu(layer: Any) -> bool:
-    """A ReLU or ReLU6 layer, or an ``Activation`` of either: what TFLite fuses into a convolution."""
-    kind = type(layer).__name__
-    if kind == "ReLU":
-        return float(layer.negative_slope) == 0.0 and float(layer.threshold) == 0.0 and layer.max_value in (None, 6.0)
-    return kind == "Activation" and getattr(layer.activation, "__name__", "") in ("relu", "relu6")
+    out = consumers(layer)
+    return len(out) == 1 and (type(out[0]).__name__ == "BatchNormalization" or relu_kind(out[0]) is not None)
 
 
 def _own_activation(layer: Any) -> None:
@@ -211,7 +199,7 @@ def build(model: Any, samples: np.ndarray) -> Any:
         kind = type(layer).__name__
         if kind in ("Conv2D", "DepthwiseConv2D"):
             _own_activation(layer)
-            nxt = _consumers(layer)
+            nxt = consumers(layer)
             bn = nxt[0] if len(nxt) == 1 and type(nxt[0]).__name__ == "BatchNormalization" else None
             if bn is not None:
                 folded.add(bn.name)
