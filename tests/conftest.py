@@ -67,10 +67,16 @@ def edgeq_exe() -> str | None:
     return str(beside) if beside.is_file() else shutil.which("edgeq")
 
 
-def run_edgeq(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the installed ``edgeq`` console script (see :func:`edgeq_exe`; falls back to ``python -m edgeq.cli``)."""
+def edgeq_command(*args: str) -> list[str]:
+    """The command line of the installed ``edgeq`` console script (see :func:`edgeq_exe`; falls back to
+    ``python -m edgeq.cli``) with ``args``, for a test that starts it itself."""
     exe = edgeq_exe()
-    cmd = [exe, *args] if exe else [sys.executable, "-m", "edgeq.cli", *args]
+    return [exe, *args] if exe else [sys.executable, "-m", "edgeq.cli", *args]
+
+
+def run_edgeq(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed ``edgeq`` console script (:func:`edgeq_command`)."""
+    cmd = edgeq_command(*args)
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 

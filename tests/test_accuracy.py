@@ -373,16 +373,14 @@ def test_qat_fine_tunes_the_outlier_model_in_int8(hard_model, fashion_dirs, tmp_
 def test_qat_stopped_with_ctrl_c_leaves_no_bundle(hard_model, fashion_dirs, tmp_path):
     import signal
     import subprocess
-    import sys
 
-    from conftest import edgeq_exe
+    from conftest import edgeq_command
 
     out = tmp_path / "never.edgeq"
-    exe = edgeq_exe()
-    cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
-    proc = subprocess.Popen(cmd + ["convert", str(hard_model), "--density", "off", "--calib", str(fashion_dirs["train"]),
-                                   "--calib-samples", "100", "--qat", str(fashion_dirs["train"]), "--qat-epochs", "500",
-                                   "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(edgeq_command("convert", str(hard_model), "--density", "off", "--calib",
+                                          str(fashion_dirs["train"]), "--calib-samples", "100", "--qat",
+                                          str(fashion_dirs["train"]), "--qat-epochs", "500", "-o", str(out)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             # as a terminal gives it: a suite started in the background inherits SIGINT ignored
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []

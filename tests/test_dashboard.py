@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from brokers import Broker, free_port, make_ca, password_file
-from conftest import assert_clean_error, run_edgeq, edgeq_exe
+from conftest import assert_clean_error, edgeq_command, run_edgeq
 
 pytestmark = pytest.mark.slow
 
@@ -108,9 +107,7 @@ def _publish(port: int, topic: str, payload: dict) -> None:
 
 
 def _serve(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    exe = edgeq_exe()
-    cmd = [exe] if exe else [sys.executable, "-m", "edgeq.cli"]
-    proc = subprocess.Popen(cmd + ["dashboard", *args, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(edgeq_command("dashboard", *args, "--port", "0"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, **(env or {})})
     line = proc.stdout.readline()
     assert line.startswith("dashboard on http://"), line + proc.stderr.read()
@@ -129,8 +126,7 @@ def test_dashboard_shows_devices_detections_flags_and_offline(tmp_path, ws_broke
         cfg.write_text(f'model = "{tiny_bundle}"\nsource = "{shapes_dir}"\ndevice_id = "porch"\nloop = true\n'
                        f'max_fps = 10\n[mqtt]\nurl = "{broker.url}"\n[spool]\npath = "{tmp_path / "spool.db"}"\n'
                        "[stats]\ninterval = 1\n[snapshot]\nenabled = true\nrate_hz = 2\n")
-        exe = edgeq_exe()
-        run = subprocess.Popen(([exe] if exe else [sys.executable, "-m", "edgeq.cli"]) + ["run", "--config", str(cfg)],
+        run = subprocess.Popen(edgeq_command("run", "--config", str(cfg)),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             card = "document.querySelector('[data-device=\"porch\"]')"
