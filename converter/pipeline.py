@@ -96,7 +96,7 @@ def _front(recipe: ConvertRecipe, log: Callable[[str], None], equalizing: bool, 
     trained = None
     if recipe.repair.qat:  # the int8 model comes from fine-tuning, with its learned ranges; no PTQ, no bias correction
         with ctx.timed("qat_s"):
-            tflite, trained = qat.run(recipe.repair, recipe.quant, ctx, fitted.source, calibration, log)
+            tflite, trained = qat.run(recipe.repair, recipe.quant, ctx, fitted.source, head.head, calibration, log)
         repairs = Repairs(fitted.source, binding.load(tflite))
     else:
         quantised = quantise.run(recipe.quant, binding, fitted.source, calibration, reference)

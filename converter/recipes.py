@@ -181,7 +181,7 @@ class RepairRecipe:
                          nargs="?", const="on", choices=("auto", "on", "off"))
     qat: str | None = flag(None, "--qat", "quantisation-aware fine-tuning on this class folder (labelled like "
                            "--val) before the int8 conversion, which then uses the ranges training learned "
-                           "(docs/accuracy.md; classifiers with a dense head, --density off, for now)", metavar="DIR")
+                           "(docs/accuracy.md; classifiers, a Bayesian head's samples frozen, --density off, for now)", metavar="DIR")
     qat_epochs: int = flag(1, "--qat-epochs", "epochs of --qat (default 1)", type=int, metavar="N")
     bias_correction: str = flag("auto", "--bias-correction", "empirical bias correction of int8 weight rounding "
                                 "(default auto: kept when --val shows it does not lower top-1; without --val, off)",

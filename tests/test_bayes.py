@@ -443,3 +443,87 @@ def test_clustered_bayesian_bundle_next_to_the_unclustered_one(trained, bayes_bu
     # another task's bundle is refused
     assert_clean_error(edgeq_here("eval", str(out), "--compare", str(tmp_path / "nope.edgeq"), "--data",
                                  str(fashion_dirs["test"])), "--compare", "not found")
+
+
+@pytest.mark.parametrize("layout", ["centred", "stacked"])
+def test_qat_of_a_bayesian_head_freezes_its_samples_and_int8_computes_what_training_saw(layout):
+    """Pure logic, a few training steps: the fake-quant clone of an exported Bayesian model trains its backbone
+    and not its K samples, and the int8 graph converted from its ranges gives the fake-quant model's sample logits
+    within one output step, so its mutual information is what training saw."""
+    from edgeq.converter.models.bayes import export_model
+    from edgeq.converter.recipes import QuantMode, QuantRecipe
+    from edgeq.converter.stages import qat
+    from edgeq.manifest import Head
+    from edgeq.runtime import Model
+    from edgeq.uncertainty import summarize
+
+    keras, _ = _keras()
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (96, 8, 8, 3)).astype(np.float32)
+    exported = export_model(_small_bayes_model(features=6, classes=3), samples=8, seed=1, layout=layout).model
+    head = Head(type="bayes", samples=8, classes=3, layout=layout)
+    fake = qat.build(exported, x[:32])
+    trainer, loss = qat._trainer(fake, head)
+    heads = [layer for layer in fake.layers[-1].layers if layer.name in qat.BAYES_HEAD_LAYERS]
+    before = [[w.copy() for w in layer.get_weights()] for layer in heads]
+    conv = next(layer for layer in fake.layers[-1].layers if type(layer).__name__ == "QuantConv")
+    conv_before = conv.get_weights()[0].copy()
+    trainer.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
+    trainer.fit(x[:64], rng.integers(0, 3, 64), epochs=2, batch_size=16, verbose=0)
+    assert len(heads) == (2 if layout == "centred" else 1)
+    for layer, weights in zip(heads, before):  # the samples (and the centred mean) as exported
+        kernel_and_bias = [w for w in layer.get_weights() if w.ndim and w.size > 1]
+        assert all(np.array_equal(a, b) for a, b in zip(kernel_and_bias, [w for w in weights if w.ndim and w.size > 1]))
+    assert not np.array_equal(conv.get_weights()[0], conv_before)  # the backbone trained
+
+    m = Model(qat.convert(fake, QuantRecipe(QuantMode.INT8)))
+    assert m.input.dtype == np.int8 and not m.delegation.cpu_ops
+    out = fake(x[64:])
+    sim = [np.asarray(o) for o in out] if isinstance(out, (list, tuple)) else [np.asarray(out)]
+    got = [[] for _ in sim]
+    by_size = sorted(range(len(m.outputs)), key=lambda i: int(np.prod(m.outputs[i].shape)))
+    for v in x[64:]:
+        out = m.run(m.input.quantize(v[None]))
+        for j, i in enumerate(by_size):
+            got[j].append(out[m.outputs[i].name].reshape(-1))
+    for j, i in enumerate(by_size):
+        step = m.outputs[i].scale
+        assert np.abs(np.asarray(got[j]) - sim[j]).max() <= step * 1.001, (layout, j)
+
+    def sample_logits(outs):
+        return (outs[0].reshape(-1, 8, 3) if layout == "stacked" else
+                np.asarray(outs[0])[:, None, :] + np.asarray(outs[1]).reshape(-1, 8, 3))
+
+    mi_sim, mi_int8 = (summarize(sample_logits(o)).mutual_information for o in (sim, [np.asarray(g) for g in got]))
+    assert np.corrcoef(mi_sim, mi_int8)[0, 1] > 0.95
+
+
+@pytest.mark.parametrize("layout", ["centred", "stacked"])
+def test_qat_trains_the_backbone_under_the_frozen_samples(layout, trained, fashion_dirs, tmp_path):
+    """--qat on a Bayesian model, end to end: the K exported weight samples stay as they were (the int8 head holds
+    them within its rounding, as after PTQ), the backbone trains on the mean of their probabilities, and the int8
+    bundle keeps the size of the posterior's spread and the float model's top-1."""
+    from edgeq.bundle import read_bundle
+
+    common = ("--density", "off", "--calib", str(fashion_dirs["train"]), "--calib-samples", "40", "--val",
+              str(fashion_dirs["val"]), "--bayes-samples", "8", "--bayes-layout", layout, "--bias-correction", "off")
+    out, ptq = tmp_path / "qat.edgeq", tmp_path / "ptq.edgeq"
+    r = edgeq_here("convert", str(trained["bayes"]), *common, "--qat", str(fashion_dirs["train"]), "--qat-epochs", "1",
+                   "-o", str(out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "the Bayesian head's 8 weight samples stay as exported" in r.stdout
+    r = edgeq_here("convert", str(trained["bayes"]), *common, "-o", str(ptq))
+    assert r.returncode == 0, r.stderr[-2000:]
+    q, p = (read_bundle(b).manifest.to_json() for b in (out, ptq))
+    assert q["head"]["type"] == "bayes" and q["head"]["samples"] == 8 and q["head"]["layout"] == layout
+    assert q["quantization"]["qat"]["epochs"] == 1 and q["quantization"]["full_integer"]
+    # the samples were not trained: the int8 head's kernel is the exported samples within its rounding
+    # the samples were not trained: the int8 head holds the exported samples as closely as PTQ's does (its
+    # kernel rounded per tensor, PTQ's per channel: by hand 0.011 vs 0.010 relative error)
+    assert q["head"]["weights"]["max_relative_error"] <= 2 * p["head"]["weights"]["max_relative_error"] + 0.005
+    # the spread between samples keeps its size; which images have most MI moves with the backbone's training
+    # (by hand, MI correlation with the model before training 0.1 after one epoch, 0.996 with none), so that is
+    # not asserted here: the pure-logic test above holds int8 to what training saw
+    assert 0.8 <= q["head"]["spread"]["kept"] <= 1.25, q["head"]["spread"]
+    v = q["validation"]
+    assert v["quantized_top1"] >= v["float_top1"] - 0.05, v

@@ -18,9 +18,14 @@ int8. ``TFLiteConverter`` then converts that graph with no representative datase
 fake-quant ranges, so the converted model computes what training saw (tests/test_qat.py: the bundle's outputs
 equal the fake-quant model's).
 
-Not done yet (refused with a message): a Bayesian head, a detector, ``--clusters``, the density (``--density
-off``), ``--max-drop``/``--keep-float``, bias correction, a model nested in another, and any layer this module
-does not know. No maintained library does QAT for Keras 3 (tfmot needs tf_keras; tensorflow/model-optimization
+A Bayesian head (its K weight samples already exported into plain layers, either layout) is fine-tuned with its
+samples frozen: only the backbone trains, on the negative log of the mean over the K samples' probabilities of the
+true class, so the samples keep the spread the posterior gave them and the backbone learns features that survive
+int8 under all of them.
+
+Not done yet (refused with a message): a detector, ``--clusters``, the density (``--density off``),
+``--max-drop``/``--keep-float``, bias correction, a model nested in another, and any layer this module does not
+know. No maintained library does QAT for Keras 3 (tfmot needs tf_keras; tensorflow/model-optimization
 #1119), hence this module.
 """
 
@@ -33,6 +38,7 @@ import numpy as np
 
 from edgeq import records
 from edgeq.errors import DataError, ModelError, QuantizationError
+from edgeq.manifest import Head
 
 from ..context import ConvertContext
 from ..products import Calibration, SourceModel
@@ -247,15 +253,11 @@ def check(recipe: RepairRecipe, quant: QuantRecipe, source: SourceModel, cluster
     """Everything --qat does not do yet, refused before any work."""
     from pathlib import Path
 
-    from ..tf import leaf_layers
-
     if not Path(recipe.qat).is_dir():
         raise DataError(f"--qat {recipe.qat}: not a folder; give a class folder (one subfolder of images per class)")
-    bayes = source.keras_model is not None and any(type(x).__name__ == "BayesDense"
-                                                   for x in leaf_layers(source.keras_model))
     if quant.mode not in (QuantMode.INT8, QuantMode.UINT8):
         raise QuantizationError(f"--qat trains for --quant int8 or uint8, not {quant.mode.value}")
-    for flag, given in (("a Bayesian head", bayes), ("--clusters", clustered), ("a detector", detector),
+    for flag, given in (("--clusters", clustered), ("a detector", detector),
                         ("the density (give --density off)", density), ("--max-drop or --keep-float", recipe.mixed),
                         ("--bias-correction on", recipe.bias_correction == "on")):
         if given:
@@ -275,10 +277,38 @@ def convert(qat: Any, quant: QuantRecipe) -> bytes:
         return bytes(converter.convert())
 
 
-def run(recipe: RepairRecipe, quant: QuantRecipe, ctx: ConvertContext, source: SourceModel,
+# the layers bayes.export_model writes a Bayesian head's K samples into (converter/models/bayes.py)
+BAYES_HEAD_LAYERS = ("sample_logits", "mean_logits", "sample_residuals")
+
+
+def _trainer(qat: Any, head: Head) -> tuple[Any, Any]:
+    """The model ``fit`` trains and its loss: ``qat`` itself on the logits for a dense head; for a Bayesian head,
+    ``qat`` under a wrapper that turns its outputs into the mean of the K samples' probabilities, its sample
+    layers frozen."""
+    import keras
+
+    if head.samples < 2:
+        return qat, keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    inner = next(x for x in qat.layers if isinstance(x, keras.Model))
+    for name in BAYES_HEAD_LAYERS:
+        if name in {x.name for x in inner.layers}:
+            inner.get_layer(name).trainable = False
+    k, c = head.samples, head.classes
+    outputs = qat.outputs
+    if head.layout == "stacked":
+        logits = keras.ops.reshape(outputs[0], (-1, k, c))
+    else:  # centred: the posterior mean's logits plus each sample's residual
+        logits = keras.ops.expand_dims(outputs[0], 1) + keras.ops.reshape(outputs[1], (-1, k, c))
+    mean_probability = keras.ops.mean(keras.ops.softmax(logits, axis=-1), axis=1)
+    return (keras.Model(qat.inputs, mean_probability, name=f"{qat.name}_mean_of_{k}"),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=False))
+
+
+def run(recipe: RepairRecipe, quant: QuantRecipe, ctx: ConvertContext, source: SourceModel, head: Head,
         calibration: Calibration, log: Callable[[str], None]) -> tuple[bytes, records.Qat]:
     """Fine-tune ``source``'s fake-quant clone on ``--qat DIR`` for ``--qat-epochs``, then convert it with the
-    ranges it learned. Returns the TFLite bytes and the manifest's record."""
+    ranges it learned. ``head``: the exported head (a Bayesian head's samples stay frozen). Returns the TFLite
+    bytes and the manifest's record."""
     from ..training.classifier import load_folder_arrays
 
     import_tensorflow()
@@ -290,8 +320,11 @@ def run(recipe: RepairRecipe, quant: QuantRecipe, ctx: ConvertContext, source: S
     samples = np.asarray(calibration.samples, dtype=np.float32)
     qat = build(source.keras_model, samples)
     keras.utils.set_random_seed(0)
-    qat.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    trainer, loss = _trainer(qat, head)
+    if trainer is not qat:
+        log(f"qat: the Bayesian head's {head.samples} weight samples stay as exported; the backbone trains on "
+            f"the mean of their probabilities")
+    trainer.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss=loss, metrics=["accuracy"])
     t0 = time.perf_counter()
     history: list[dict[str, float]] = []
 
@@ -303,7 +336,7 @@ def run(recipe: RepairRecipe, quant: QuantRecipe, ctx: ConvertContext, source: S
             log(f"qat: epoch {epoch + 1}/{recipe.qat_epochs}, loss {history[-1]['loss']:.4f}, train accuracy "
                 f"{history[-1]['accuracy']:.4f}, {time.perf_counter() - t0:.0f} s")
 
-    qat.fit(x, y, epochs=recipe.qat_epochs, batch_size=BATCH, shuffle=True, verbose=0, callbacks=[Progress()])
+    trainer.fit(x, y, epochs=recipe.qat_epochs, batch_size=BATCH, shuffle=True, verbose=0, callbacks=[Progress()])
     seconds = time.perf_counter() - t0
     data = convert(qat, quant)
     record = records.Qat(data=recipe.qat, images=int(len(x)), epochs=recipe.qat_epochs, learning_rate=LEARNING_RATE,
