@@ -264,6 +264,9 @@ class DensityRecipe:
             raise ModelError(f"--density-normalise {self.normalise!r}: choose auto, none or l2")
 
 
+DEFAULT_COMBINE = "fisher"  # chosen with the measures on a selection split (docs/detection.md)
+
+
 @dataclass(frozen=True)
 class UnknownRecipe:
     """Unknown objects (a detector with --val; edgeq/unknown.py): keep a cell by its objectness alone, and publish a
@@ -273,10 +276,11 @@ class UnknownRecipe:
                         "(objectness threshold and unknown score calibrated on its known objects); off: only what it "
                         "scores as a known class, as before", choices=("auto", "off"))
     measures: str = flag("auto", "--unknown-measures", "comma-separated evidence of an unknown object: class_doubt, "
-                         "energy, mutual_information, unfamiliarity; auto (default): class_doubt and unfamiliarity "
-                         "(unfamiliarity when the bundle has a density)", metavar="A,B")
-    combine: str = flag("max", "--unknown-combine", "how the measures' percentiles make one score: max (default) or "
-                        "fisher", choices=("max", "fisher"))
+                         "energy, mutual_information, unfamiliarity, objectness_doubt; auto (default): energy, "
+                         "unfamiliarity and objectness_doubt (unfamiliarity when the bundle has a density)",
+                         metavar="A,B")
+    combine: str = flag(DEFAULT_COMBINE, "--unknown-combine", "how the measures' percentiles make one score: fisher "
+                        "(default: -sum log(1 - percentile)) or max", choices=("max", "fisher"))
 
     def __post_init__(self) -> None:
         from edgeq.unknown import COMBINES, MEASURES
@@ -293,8 +297,8 @@ class UnknownRecipe:
 
     def measures_for(self, density: bool, samples: int) -> tuple[str, ...]:
         """The measures, ``auto`` resolved; a measure the model cannot give is refused."""
-        if self.measures == "auto":
-            return ("class_doubt", "unfamiliarity") if density else ("class_doubt",)
+        if self.measures == "auto":  # chosen on a selection split of the detection benchmark (docs/detection.md)
+            return ("energy", "unfamiliarity", "objectness_doubt") if density else ("energy", "objectness_doubt")
         names = tuple(dict.fromkeys(m.strip() for m in self.measures.split(",") if m.strip()))
         if "unfamiliarity" in names and not density:
             raise ModelError("--unknown-measures unfamiliarity: the bundle has no density (--density off, or no "

@@ -64,6 +64,13 @@ class Detections:
 
         return class_doubt(self.probabilities) if len(self) else np.zeros(0)
 
+    @property
+    def objectness_doubt(self) -> np.ndarray:
+        """``-log`` of the objectness (edgeq/unknown.py)."""
+        from edgeq.unknown import objectness_doubt
+
+        return objectness_doubt(self.objectness)
+
     def __len__(self) -> int:
         return int(len(self.scores))
 
@@ -247,7 +254,8 @@ class BoundGrid(BoundOutputs):
 
 def unknown_measures(d: Detections) -> dict[str, np.ndarray]:
     """Every measure an unknown rule can read (edgeq/unknown.py), per detection."""
-    out = {"class_doubt": d.class_doubt, "energy": d.energy, "mutual_information": d.mutual_information}
+    out = {"class_doubt": d.class_doubt, "energy": d.energy, "mutual_information": d.mutual_information,
+           "objectness_doubt": d.objectness_doubt}
     if d.unfamiliarity is not None:
         out["unfamiliarity"] = d.unfamiliarity
     return out

@@ -244,7 +244,8 @@ class Unknown(Strict):
     (``combine``) into one score, and the ``threshold`` on it that flags ``ood_rate`` of those known detections.
     A detection above it is published as ``label: "unknown"`` with its nearest known class beside it."""
 
-    measures: tuple[Literal["class_doubt", "energy", "mutual_information", "unfamiliarity"], ...] = Field(min_length=1)
+    measures: tuple[Literal["class_doubt", "energy", "mutual_information", "unfamiliarity", "objectness_doubt"],
+                    ...] = Field(min_length=1)
     references: tuple[tuple[float, ...], ...]
     combine: Literal["max", "fisher"] = "max"
     threshold: float

@@ -8,6 +8,9 @@ each detection by the evidence it carries that its object is none of the known c
 
 - ``class_doubt``: ``-log max_c p(c)``, the gap between "there is an object" and "it is one of my classes" (p the
   mean over the K posterior samples);
+- ``objectness_doubt``: ``-log objectness``: the objectness head learns "an object" from known objects only, and
+  fires less surely on one of no known class, which it keeps only because the threshold is calibrated low enough
+  to keep every known object;
 - ``energy``: ``-logsumexp`` of the mean class logits (Liu et al. 2020): low where some class fires strongly;
 - ``mutual_information``: the posterior samples' disagreement;
 - ``unfamiliarity``: the feature density at the detection's cell (edgeq/density.py).
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MEASURES = ("class_doubt", "energy", "mutual_information", "unfamiliarity")
+MEASURES = ("class_doubt", "energy", "mutual_information", "unfamiliarity", "objectness_doubt")
 COMBINES = ("max", "fisher")
 # percentiles are read with this resolution: the tail of -log(1 - p) stays finite
 TAIL = 1e-3
@@ -74,6 +77,11 @@ def combine(percentiles: np.ndarray, how: str) -> np.ndarray:
 def class_doubt(mean_probabilities: np.ndarray) -> np.ndarray:
     """``[N, C]`` mean class probabilities -> ``[N]`` ``-log max_c p(c)``."""
     return -np.log(np.maximum(np.max(mean_probabilities, axis=-1), 1e-12))
+
+
+def objectness_doubt(objectness: np.ndarray) -> np.ndarray:
+    """``[N]`` objectness (0..1) -> ``[N]`` ``-log objectness``."""
+    return -np.log(np.maximum(np.asarray(objectness, np.float64), 1e-12))
 
 
 def energy(sample_logits: np.ndarray) -> np.ndarray:

@@ -97,7 +97,21 @@ def test_objectness_threshold_keeps_an_object_of_no_known_class_and_nms_is_class
     assert opened.objectness[unknown] == pytest.approx(1 / (1 + np.exp(-4.0)), rel=1e-6)
     assert opened.class_doubt[unknown] == pytest.approx(np.log(3.0), rel=1e-5)
     assert opened.energy[unknown] == pytest.approx(-np.log(3.0), rel=1e-5)  # -logsumexp(0, 0, 0)
+    assert opened.objectness_doubt[unknown] == pytest.approx(np.log1p(np.exp(-4.0)), rel=1e-5)  # -log sigmoid(4)
+    from edgeq.detection import unknown_measures
+
+    assert set(unknown_measures(opened)) == {"class_doubt", "energy", "mutual_information", "objectness_doubt"}
     assert opened.objectness.tolist() == sorted(opened.objectness.tolist(), reverse=True)  # ranked by objectness
+
+
+def test_the_default_unknown_rule_is_the_one_the_select_scenes_chose():
+    """energy, unfamiliarity (with a density) and objectness doubt, combined by Fisher's sum (docs/detection.md)."""
+    from edgeq.converter.recipes import UnknownRecipe
+
+    r = UnknownRecipe()
+    assert r.combine == "fisher"
+    assert r.measures_for(True, 32) == ("energy", "unfamiliarity", "objectness_doubt")
+    assert r.measures_for(False, 1) == ("energy", "objectness_doubt")
 
 
 def test_unknown_rule_reads_percentiles_and_combines_them():

@@ -149,7 +149,7 @@ def match_all(results: list[ImageDetections], coco: CocoSet, category_ids: list[
             totals[names_of[int(c)]] = totals.get(names_of[int(c)], 0) + 1
     if not dets:
         empty = np.zeros(0)
-        return Matched(empty, {k: empty for k in (*MEASURES, "objectness", "energy", "class_doubt")},
+        return Matched(empty, {k: empty for k in (*MEASURES, "objectness", "energy", "class_doubt", "objectness_doubt")},
                        *(np.zeros(0, bool) for _ in range(4)),
                        np.zeros(0, str), np.zeros(0, bool), {k: (0, n) for k, n in totals.items()})
     gt = _ground_truth(coco)
@@ -160,7 +160,7 @@ def match_all(results: list[ImageDetections], coco: CocoSet, category_ids: list[
         ev.params.areaRng, ev.params.areaRngLbl = [[0.0, 1e10]], ["all"]
         ev.params.maxDets = [max(len(r.detections) for r in results)]
         ev.evaluate()
-    names = [*MEASURES, "objectness", "class_doubt",
+    names = [*MEASURES, "objectness", "class_doubt", "objectness_doubt",
              *(["energy"] if all(r.detections.energy is not None for r in results) else []),
              *(["unfamiliarity"] if all(r.detections.unfamiliarity is not None for r in results) else []),
              *(["unknown_score"] if all(r.detections.unknown_score is not None for r in results) else [])]

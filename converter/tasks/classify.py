@@ -21,6 +21,7 @@ from edgeq.runtime import Model
 from ..context import ConvertContext
 from ..models import bayes
 from ..products import Calibration, Converted, HeadExport, SourceModel, Validation
+from ..recipes import DEFAULT_COMBINE
 from ..spread import spread_check
 from ..stages.taps import ClassifierTaps
 from .base import Task
@@ -38,7 +39,7 @@ class ClassifyTask(Task):
     def check(self, ctx: ConvertContext, source: SourceModel) -> None:
         super().check(ctx, source)
         u = ctx.recipe.unknown
-        if u.measures != "auto" or u.combine != "max":
+        if u.measures != "auto" or u.combine != DEFAULT_COMBINE:
             raise ModelError("--unknown-measures and --unknown-combine apply to detectors: a classifier's unknown "
                              "inputs are flagged by its unfamiliarity (--review-ood-rate)")
         ctx.recipe.validation.measure_for("classify", ctx.recipe.density.density != "off")  # refused before the work
