@@ -13,8 +13,12 @@ The splits and the training are benchmarks/detection_train.py's. Per training se
    (and of each measure) against the detections of known objects, with a bootstrap 95% interval; how many known
    detections are published as unknown.
 3. The empty scenes: detections where there is no object.
-4. The device's cost: decode (NMS, measures, unknown score) per frame with and without the unknown rule, and
-   invoke with the density's output against without it (interleaved; the unknown score adds no op to the graph).
+4. ``rules``: candidate unknown-score rules (which measures, which combination), each calibrated as convert does
+   on the calib scenes, scored on the select scenes (outlier objects as the unknowns: the split the default was
+   chosen on) and, for the record, on the eval scenes.
+5. The device's cost (the first seed's model of the last variant given): decode (NMS, measures, unknown score) per frame with and
+   without the unknown rule; invoke, interleaved, int8 vs float32, the K-sample class head vs the posterior-mean
+   head, and with vs without the density's output (the unknown score adds no op to the graph).
 Figures are then reported as the mean over the seeds with their range.
 """
 
@@ -29,20 +33,23 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import log, require_clean_tree, write_result
+from _common import log, require_clean_tree, require_disjoint, write_result
 from detection_train import FAR_KINDS, UNKNOWN_CLASSES, VARIANTS
 
 KINDS = {"bag": "near", "sandal": "near", "digit": "far", "photo": "far"}
 BOOTSTRAP = 1000
 
 
-def convert_seed(work: Path, seed: int, variant: str, quiet) -> dict[str, Path]:
+def convert_seed(work: Path, seed: int, variant: str, quiet, without_density: bool = False) -> dict[str, Path]:
     from edgeq.bundle import read_bundle
     from edgeq.converter import convert, recipe_from_flags
 
-    folder = work / f"seed{seed}"
-    det = folder / f"detector_{variant}.keras"
-    out = {"int8": folder / f"{variant}_int8.edgeq", "float32": folder / f"{variant}_float32.edgeq",
+    from _common import _commit
+
+    det = work / f"seed{seed}" / f"detector_{variant}.keras"
+    folder = det.parent / f"bundles-{_commit()[:12]}"  # converted by this commit's code, reused only by it
+    folder.mkdir(exist_ok=True)
+    out = {"keras": det, "int8": folder / f"{variant}_int8.edgeq", "float32": folder / f"{variant}_float32.edgeq",
            "no_density": folder / f"{variant}_int8_no_density.edgeq"}
     common = dict(calib=str(work / "data" / "train"), val=str(work / "data" / "calib"), resize="letterbox")
     if not out["int8"].is_file():
@@ -50,7 +57,7 @@ def convert_seed(work: Path, seed: int, variant: str, quiet) -> dict[str, Path]:
     layout = read_bundle(out["int8"]).manifest.head.layout
     if not out["float32"].is_file():
         convert(recipe_from_flags(str(det), out["float32"], quant="float32", bayes_layout=layout, **common), log=quiet)
-    if not out["no_density"].is_file():  # the graph without the density's output, for the invoke cost
+    if without_density and not out["no_density"].is_file():  # the graph without the density's output (invoke cost)
         convert(recipe_from_flags(str(det), out["no_density"], calib=common["calib"], bayes_layout=layout,
                                   density="off", resize="letterbox"), log=quiet)
     return out
@@ -70,6 +77,7 @@ def score_seed(work: Path, bundles: dict[str, Path], seed: int) -> dict:
     """The int8 bundle on the eval scenes beside the float32 one, per kind; the empty scenes; the device's cost."""
     from edgeq.bundle import read_bundle
     from edgeq.converter.evaluation.detect import evaluate_detection, match_all
+    from edgeq.converter.evaluation.metrics import roc_auc
 
     b = read_bundle(bundles["int8"])
     report, runs, coco = evaluate_detection(b, str(work / "data" / "eval"), str(bundles["float32"]))
@@ -87,19 +95,96 @@ def score_seed(work: Path, bundles: dict[str, Path], seed: int) -> dict:
         entry["float_auroc_unknown_score"] = ((f.get("unknown_kinds") or {}).get(name) or {}).get("auroc", {}).get(
             "unknown_score")
         kinds[name] = entry
+    groups = {}  # near and far kinds pooled, and every unknown object: the issue's targets read these
+    for group, names in (("near", [k for k, d in KINDS.items() if d == "near"]),
+                         ("far", [k for k, d in KINDS.items() if d == "far"]), ("all", list(KINDS))):
+        sel = np.isin(m.kinds, names)
+        found, total = (sum(m.objects.get(k, (0, 0))[i] for k in names) for i in (0, 1))
+        entry = {"objects": total, "found": found, "found_rate": round(found / total, 4) if total else None,
+                 "detections": int(sel.sum())}
+        if sel.any() and m.known.any():
+            u = m.measures["unknown_score"]
+            entry["published_unknown"] = round(float(m.published_unknown[sel].mean()), 4)
+            entry["auroc_unknown_score"] = round(float(roc_auc(u[m.known], u[sel])), 4)
+            entry["auroc_unknown_score_ci95"] = bootstrap_auroc(u[m.known], u[sel], rng)
+        groups[group] = entry
     manifest = b.manifest
     return {
+        "groups": groups,
         "map50": {"int8": q["map50"], "float32": f["map50"]},
+        "map": {"int8": q["map"], "float32": f["map"]},
+        "d_ece": {"int8": q["d_ece"], "float32": f["d_ece"]},
+        "detections": q["detections"], "false_detections": q["false_detections"],
         "label_accuracy_known": q["label_accuracy_known"],
         "known_objects": q["known_objects"],
         "kinds": kinds,
         "thresholds": {"score": manifest.detector.score_threshold,
                        "objectness": manifest.detector.objectness_threshold,
                        "unknown": manifest.unknown.threshold if manifest.unknown else None,
-                       "unknown_measures": list(manifest.unknown.measures) if manifest.unknown else None},
+                       "unknown_measures": list(manifest.unknown.measures) if manifest.unknown else None,
+                       "unknown_combine": manifest.unknown.combine if manifest.unknown else None},
         "empty_scenes": empty_detections(b, work / "data" / "empty"),
+        "rules": rule_selection(bundles["int8"], work),
         "layout": manifest.head.layout,
     }
+
+
+# candidate unknown-score rules: (measures, combination); the default (converter/recipes.py) is the one with the
+# highest AUROC on the select scenes for the plain detectors, whose training never saw their outlier objects
+RULES = {
+    "class_doubt+unfamiliarity, max": (("class_doubt", "unfamiliarity"), "max"),
+    "class_doubt+unfamiliarity, fisher": (("class_doubt", "unfamiliarity"), "fisher"),
+    "class_doubt+unfamiliarity+objectness_doubt, max": (("class_doubt", "unfamiliarity", "objectness_doubt"), "max"),
+    "class_doubt+unfamiliarity+objectness_doubt, fisher": (("class_doubt", "unfamiliarity", "objectness_doubt"),
+                                                           "fisher"),
+    "energy+unfamiliarity+objectness_doubt, fisher": (("energy", "unfamiliarity", "objectness_doubt"), "fisher"),
+    "class_doubt+objectness_doubt, fisher": (("class_doubt", "objectness_doubt"), "fisher"),
+    "all five, fisher": (("class_doubt", "energy", "mutual_information", "unfamiliarity", "objectness_doubt"),
+                         "fisher"),
+}
+
+
+def rule_selection(bundle_path: Path, work: Path) -> dict:
+    """Each candidate rule calibrated as convert calibrates (percentiles among the int8 detections of known objects
+    of the calib scenes, the threshold flagging 5% of them), then scored on the select scenes (outlier objects as
+    the unknowns) and on the eval scenes (per group of kinds): AUROC, and the share of unknown and known
+    detections it flags."""
+    from edgeq.bundle import read_bundle
+    from edgeq.converter.data.coco import read_coco
+    from edgeq.converter.evaluation.detect import match_all, run_detector
+    from edgeq.converter.evaluation.metrics import roc_auc
+    from edgeq.detection import GridSpec
+    from edgeq.unknown import UnknownRule
+
+    b = read_bundle(bundle_path)
+    m = b.manifest
+    model = b.load_model()
+    grid = GridSpec.from_manifest(m, b.where).bind(model, m.outputs, b.where, m.density, m.unknown)
+    ids = list(m.detector.category_ids)
+
+    def matched(split: str):
+        coco = read_coco(str(work / "data" / split))
+        return match_all(run_detector(model, grid, b.preprocess_spec, coco, split), coco, ids,
+                         m.detector.score_threshold, m.detector.objectness_threshold)
+
+    calib, splits = matched("calib"), {"select": matched("select"), "eval": matched("eval")}
+    out = {}
+    for name, (measures, how) in RULES.items():
+        refs = tuple(np.sort(calib.measures[k][calib.known]) for k in measures)
+        rule = UnknownRule(measures, refs, how, 0.0)
+        threshold = float(np.quantile(rule.scores({k: calib.measures[k][calib.known] for k in measures}), 0.95))
+        entry = {}
+        for split, mm in splits.items():
+            s = rule.scores({k: mm.measures[k] for k in measures})
+            groups = {"all": mm.unknown} if split == "select" else {
+                g: np.isin(mm.kinds, [k for k, d in KINDS.items() if d == g or g == "all"]) for g in ("near", "far", "all")}
+            for g, sel in groups.items():
+                key = split if split == "select" else f"eval_{g}"
+                entry[key] = {"auroc": round(roc_auc(s[mm.known], s[sel]), 4),
+                              "unknown_flagged": round(float(np.mean(s[sel] > threshold)), 4)}
+            entry[f"{split}_known_flagged"] = round(float(np.mean(s[mm.known] > threshold)), 4)
+        out[name] = entry
+    return out
 
 
 def empty_detections(bundle, folder: Path) -> dict:
@@ -125,14 +210,20 @@ def empty_detections(bundle, folder: Path) -> dict:
 
 
 def device_cost(bundles: dict[str, Path], work: Path, runs: int = 300) -> dict:
-    """Decode per frame with and without the unknown rule (the same raw outputs), and invoke with and without the
-    density's output, interleaved."""
+    """Decode per frame with and without the unknown rule (the same raw outputs); and invoke, interleaved in one
+    run: int8 vs float32, the K-sample class head vs the posterior-mean head, and with vs without the density's
+    output (the unknown score adds no op to the graph)."""
     import dataclasses
 
     from edgeq.bundle import read_bundle
+    from edgeq.converter.models.detector import export_detector
+    from edgeq.converter.recipes import QuantMode, QuantRecipe
+    from edgeq.converter.stages.calibrate import load_calibration
+    from edgeq.converter.stages.load import SourceModel, load_source_model
+    from edgeq.converter.tflite import convert_model
     from edgeq.detection import GridSpec
     from edgeq.preprocess import Preprocessor, input_spec_for, list_images, read_image
-    from edgeq.runtime import interleaved_latency
+    from edgeq.runtime import Model, interleaved_latency
 
     b = read_bundle(bundles["int8"])
     m = b.manifest
@@ -155,14 +246,27 @@ def device_cost(bundles: dict[str, Path], work: Path, runs: int = 300) -> dict:
                 t0 = time.perf_counter()
                 grid.decode(raw, size)
                 times[name].append((time.perf_counter() - t0) * 1e3)
-    plain = read_bundle(bundles["no_density"]).load_model()
-    inputs = [np.zeros(mm.input.shape, dtype=mm.input.dtype) for mm in (model, plain)]
-    t_with, t_plain = interleaved_latency([model, plain], inputs, runs=runs, warmup=30)
-    return {"decode_ms_median": {k: round(float(np.median(v)), 4) for k, v in times.items()},
+    # the same backbone with the posterior-mean class head instead of the K samples (no density output either)
+    source = load_source_model(str(bundles["keras"]))
+    calib = load_calibration(str(work / "data" / "train"), b.preprocess_spec.with_dtype("float32"), 100)
+    mean_model, _ = export_detector(source.keras_model, None, mean_only=True)
+    mean_bytes = convert_model(SourceModel(mean_model, None, source.input_shape, 8, "mean", "mean"),
+                               QuantRecipe(QuantMode.INT8), calib)
+    models = {"int8": model, "float32": read_bundle(bundles["float32"]).load_model(),
+              "int8_no_density": read_bundle(bundles["no_density"]).load_model(), "int8_mean_head": Model(mean_bytes)}
+    inputs = [np.zeros(mm.input.shape, dtype=mm.input.dtype) for mm in models.values()]
+    runs_ms = interleaved_latency(list(models.values()), inputs, runs=runs, warmup=30)
+    med = {name: float(np.median(t)) for name, t in zip(models, runs_ms)}
+    return {"runtime": model.describe(), "xnnpack": model.delegation.to_dict(),
+            "decode_ms_median": {k: round(float(np.median(v)), 4) for k, v in times.items()},
             "decode_ms_p95": {k: round(float(np.percentile(v, 95)), 4) for k, v in times.items()},
-            "invoke_ms_median": {"with_density_output": round(float(np.median(t_with)), 4),
-                                 "without": round(float(np.median(t_plain)), 4)},
-            "invoke_ratio": round(float(np.median(t_with) / np.median(t_plain)), 4)}
+            "decode_with_over_without": round(float(np.median(times["with_unknown"]) / np.median(times["without"])), 4),
+            "invoke_ms_median": {k: round(v, 4) for k, v in med.items()},
+            "invoke_ms_p95": {k: round(float(np.percentile(t, 95)), 4) for k, t in zip(models, runs_ms)},
+            "float32_over_int8": round(med["float32"] / med["int8"], 4),
+            "mc_head_over_mean_head": round(med["int8_no_density"] / med["int8_mean_head"], 4),
+            "density_over_no_density": round(med["int8"] / med["int8_no_density"], 4),
+            "sizes": {k: read_bundle(v).manifest.sizes.model_tflite for k, v in bundles.items() if k != "keras"}}
 
 
 def aggregate(per_seed: dict[int, dict]) -> dict:
@@ -177,10 +281,17 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
     seeds = list(per_seed.values())
     out = {"map50_int8": stat([s["map50"]["int8"] for s in seeds]),
            "map50_float32": stat([s["map50"]["float32"] for s in seeds]),
+           "map_int8": stat([s["map"]["int8"] for s in seeds]),
+           "map50_float_minus_int8": stat([s["map50"]["float32"] - s["map50"]["int8"] for s in seeds]),
            "label_accuracy_known": stat([s["label_accuracy_known"] for s in seeds]),
            "known_found_rate": stat([s["known_objects"]["found_rate"] for s in seeds]),
            "known_published_unknown": stat([s["known_objects"]["published_unknown"] for s in seeds]),
-           "empty_per_scene": stat([s["empty_scenes"]["per_scene"] for s in seeds]), "kinds": {}}
+           "empty_per_scene": stat([s["empty_scenes"]["per_scene"] for s in seeds]), "kinds": {},
+           "groups": {g: {k: stat([s["groups"][g].get(k) for s in seeds])
+                          for k in ("found_rate", "published_unknown", "auroc_unknown_score")}
+                      for g in ("near", "far", "all")}}
+    out["rules"] = {name: {key: {k: stat([s["rules"][name][key][k] for s in seeds]) for k in ("auroc", "unknown_flagged")}
+                           for key in ("select", "eval_near", "eval_far", "eval_all")} for name in RULES}
     for kind in KINDS:
         entries = [s["kinds"].get(kind) for s in seeds if s["kinds"].get(kind)]
         if not entries:
@@ -195,7 +306,7 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
                                             for e in entries]),
             "auroc_by_measure": {k: stat([(e.get("auroc") or {}).get(k) for e in entries])
                                  for k in ("class_doubt", "energy", "mutual_information", "unfamiliarity",
-                                           "one_minus_score", "objectness")},
+                                           "objectness_doubt", "one_minus_score")},
         }
     return out
 
@@ -208,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=["plain", "oe"], choices=sorted(VARIANTS))
     args = p.parse_args(argv)
     work = Path(args.workdir)
+    require_disjoint(work / "data" / "calib", work / "data" / "eval")
     quiet = lambda s: log("   " + s)  # noqa: E731
     result: dict = {"benchmark": "detection (unknown objects)", "unknown_classes": list(UNKNOWN_CLASSES),
                     "far_kinds": list(FAR_KINDS), "variants": {}}
@@ -223,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             result["variants"][variant] = {"description": VARIANTS[variant], "seeds": per_seed, "training": training,
                                            "mean": aggregate(per_seed)}
         first = args.seeds[0]
-        result["device_cost"] = device_cost(convert_seed(work, first, args.variants[-1], quiet), work)
+        result["device_cost"] = {"model": f"seed {first}, {VARIANTS[args.variants[-1]]}", **device_cost(
+            convert_seed(work, first, args.variants[-1], quiet, without_density=True), work)}
     write_result("detection", result)
     return 0
 

@@ -8,7 +8,10 @@ Splits, disjoint (converter/data/scenes.py):
   --val`` sees (every threshold is calibrated on it);
 - ``eval``: 300 scenes from the test split's odd items, with unknown objects of three kinds: held-out garments
   (bag, sandal: near), MNIST digits and photo crops (far); used only for scoring;
-- ``empty``: 100 scenes of background and clutter with no object: what a detector reports where nothing is.
+- ``empty``: 100 scenes of background and clutter with no object: what a detector reports where nothing is;
+- ``select``: 300 scenes of the calibration split's items with outlier objects (shapes, textures, halves of two
+  known items) as the unknowns: where the unknown score's default measures and combination were chosen
+  (benchmarks/detection.py's ``rules``), never the eval scenes' kinds.
 
 Per training seed: the starting backbone (a classifier of the known items, then trained on from there on the
 training scenes' objects cut at their scene scale), then one detector per variant from it. Each step records its
@@ -69,6 +72,8 @@ def prepare_data(work: Path, args: argparse.Namespace) -> dict[str, Path]:
         "eval": dict(n=args.eval_scenes, seed=2, ood_classes=UNKNOWN_CLASSES, unknown_kinds=FAR_KINDS,
                      split="eval", extra_share=0.25),
         "empty": dict(n=args.empty_scenes, seed=3, objects=(0, 0), split="eval"),
+        "select": dict(n=args.calib_scenes, seed=4, exclude_classes=UNKNOWN_CLASSES, split="calib",
+                       outliers=OUTLIER_KINDS),
     }
     out = {}
     for name, kw in splits.items():
