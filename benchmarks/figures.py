@@ -66,11 +66,6 @@ def _annotate(s: dict) -> str:
             f"vs {f['off']:.0f} fps; off runs spread {100 * s['off_spread']:.0f}%)")
 
 
-def _auroc(block: dict, measure: str) -> str:
-    v = (block.get("unknown_auroc") or {}).get(measure)
-    return "-" if v is None else f"{v:.2f}"
-
-
 README: list[Row] = [
     ("MobileNetV2 1.0/224, 10 classes: int8 / float32 `.tflite` size",
      lambda r: f"{r['ptq_mobilenet_v2'].int8_over_float32_size:.3f} ({_mb(r['ptq_mobilenet_v2'].int8_tflite_bytes)} / "
@@ -197,14 +192,26 @@ README: list[Row] = [
     ("same: a QAT epoch's time over a float training epoch's, per seed",
      lambda r: " / ".join(f"{v['training']['qat_epoch_over_float_epoch']:.2f}x"
                           for v in r["accuracy_aware"].mobilenet_v2_bias_correction["seeds"].values()), "same"),
-    ("grid detector, MobileNetV2 0.35 at 192x192, K=32 Bayesian class head: mAP@0.5 float / int8 (300 test scenes)",
-     lambda r: f"{r['detection'].quality['float32']['map50']:.3f} / {r['detection'].quality['int8']['map50']:.3f}",
-     "`python benchmarks/detection.py`"),
-    ("same: AUROC of unfamiliarity / mutual information, unknown (bag, sandal) vs known detections, float / int8",
-     lambda r: f"{_auroc(r['detection'].quality['float32'], 'unfamiliarity')} / "
-               f"{_auroc(r['detection'].quality['int8'], 'unfamiliarity')}; "
-               f"{_auroc(r['detection'].quality['float32'], 'mutual_information')} / "
-               f"{_auroc(r['detection'].quality['int8'], 'mutual_information')}", "same"),
+    ("grid detector, MobileNetV2 0.35 at 192x192, K=32 Bayesian class head, three training seeds, test scenes "
+     "`edgeq convert --val` never saw: mAP@0.5 of the known classes, int8, mean (range)",
+     lambda r: " / ".join(_spread(_dv(r, v)["map50_int8"]) for v in DET_VARIANTS), "`python benchmarks/detection.py`"),
+    ("same: unknown objects found at all (IoU >= 0.5, any label), near (bag, sandal), far (digits, photo crops)",
+     lambda r: " / ".join(f"{_spread(_dv(r, v)['groups']['near']['found_rate'], '{:.2f}')}, "
+                          f"{_spread(_dv(r, v)['groups']['far']['found_rate'], '{:.2f}')}" for v in DET_VARIANTS),
+     "same"),
+    ("same: AUROC of the published unknown score, unknown vs known detections, near, far",
+     lambda r: " / ".join(f"{_spread(_dv(r, v)['groups']['near']['auroc_unknown_score'], '{:.2f}')}, "
+                          f"{_spread(_dv(r, v)['groups']['far']['auroc_unknown_score'], '{:.2f}')}"
+                          for v in DET_VARIANTS), "same"),
+    ("same: detections published as `unknown`, of unknown objects (all kinds), of known objects",
+     lambda r: " / ".join(f"{_spread(_dv(r, v)['groups']['all']['published_unknown'], '{:.0%}')}, "
+                          f"{_spread(_dv(r, v)['known_published_unknown'], '{:.0%}')}" for v in DET_VARIANTS),
+     "same"),
+    ("same, on the device: decode + NMS + unknown score per test frame (median), and over decoding without the "
+     "unknown rule; invoke with the density's output over without it (the unknown score adds no op)",
+     lambda r: f"{r['detection'].device_cost['decode_ms_median']['with_unknown']:.2f} ms, "
+               f"{r['detection'].device_cost['decode_with_over_without']:.2f}x; "
+               f"{r['detection'].device_cost['density_over_no_density']:.3f}x", "same"),
     ("device decode + NMS, 12x12 grid, K=32, 100 candidates (median / p95)",
      lambda r: f"{r['detection_decode'].cases['grid12_cand100']['median_ms']:.2f} / "
                f"{r['detection_decode'].cases['grid12_cand100']['p95_ms']:.2f} ms",
@@ -285,72 +292,119 @@ def render_table(rows: list[Row], res: dict[str, R]) -> str:
     return "\n".join(lines)
 
 
-def side_by_side(rows: list[tuple[str, Callable[[dict[str, R]], tuple[str, str]]]], res: dict[str, R],
-                 columns: tuple[str, str] = ("float32", "int8")) -> str:
-    lines = [f"| figure | {columns[0]} | {columns[1]} |", "|---|---|---|"]
-    for label, value in rows:
-        a, b = value(res)
-        lines.append(f"| {label} | {a} | {b} |")
+# the outlier-exposure variant ("oe") joins when its three seeds are trained (docs/detection.md)
+DET_VARIANTS = ("plain",)
+DET_KINDS = {"bag": "bag (near)", "sandal": "sandal (near)", "digit": "digits (far)", "photo": "photo crops (far)"}
+
+
+def _dv(r: dict[str, R], variant: str) -> dict:
+    """detection.json's figures of one training variant, over its seeds."""
+    return r["detection"]["variants"][variant]["mean"]
+
+
+def _ci(r: dict[str, R], variant: str, kind: str) -> str:
+    """The outermost bootstrap 95% interval of a kind's unknown-score AUROC over the seeds."""
+    seeds = r["detection"]["variants"][variant]["seeds"].values()
+    ci = [s["kinds"][kind]["auroc_unknown_score_ci95"] for s in seeds if "auroc_unknown_score_ci95" in s["kinds"].get(kind, {})]
+    return f"{min(c[0] for c in ci):.2f}-{max(c[1] for c in ci):.2f}" if ci else "-"
+
+
+def _det_rows() -> list[tuple[str, Callable[[dict[str, R], str], str]]]:
+    rows: list[tuple[str, Callable[[dict[str, R], str], str]]] = [
+        ("mAP@0.5 of the known classes, int8 / float32",
+         lambda r, v: f"{_spread(_dv(r, v)['map50_int8'])} / {_spread(_dv(r, v)['map50_float32'])}"),
+        ("mAP@[.5:.95], int8", lambda r, v: _spread(_dv(r, v)["map_int8"])),
+        ("label accuracy of detections of known objects", lambda r, v: _spread(_dv(r, v)["label_accuracy_known"])),
+        ("known objects found (IoU >= 0.5)", lambda r, v: _spread(_dv(r, v)["known_found_rate"], "{:.2f}")),
+        ("detections of known objects published as `unknown`",
+         lambda r, v: _spread(_dv(r, v)["known_published_unknown"], "{:.1%}")),
+        ("detections per empty scene (background and clutter, no object)",
+         lambda r, v: _spread(_dv(r, v)["empty_per_scene"], "{:.2f}")),
+    ]
+    for kind, label in DET_KINDS.items():
+        rows += [
+            (f"{label}: objects found at all",
+             lambda r, v, k=kind: _spread(_dv(r, v)["kinds"][k]["found_rate"], "{:.2f}")),
+            (f"{label}: its detections published as `unknown`",
+             lambda r, v, k=kind: _spread(_dv(r, v)["kinds"][k]["published_unknown"], "{:.0%}")),
+            (f"{label}: AUROC of the unknown score against known detections (bootstrap 95% interval, the widest "
+             "of the seeds)",
+             lambda r, v, k=kind: f"{_spread(_dv(r, v)['kinds'][k]['auroc_unknown_score'], '{:.2f}')}; "
+                                  f"CI {_ci(r, v, k)}"),
+        ]
+    rows.append(("unknown score AUROC, float32 less int8, mean over the kinds and seeds",
+                 lambda r, v: "{:+.3f}".format(sum(_dv(r, v)["kinds"][k]["auroc_float_minus_int8"]["mean"]
+                                                   for k in DET_KINDS) / len(DET_KINDS))))
+    return rows
+
+
+def _detection(res: dict[str, R]) -> str:
+    """docs/detection.md: the detection benchmark's figures, each training variant over its seeds."""
+    d = res["detection"]
+    heads = [d["variants"][v]["description"] for v in DET_VARIANTS]
+    lines = [f"| test scenes, int8 unless said; mean (range) over seeds {', '.join(d['variants']['plain']['seeds'])} "
+             f"| {' | '.join(heads)} |", "|---" * (len(heads) + 1) + "|"]
+    for label, value in _det_rows():
+        lines.append(f"| {label} | {' | '.join(value(res, v) for v in DET_VARIANTS)} |")
     return "\n".join(lines)
 
 
-def _det(key: str, fmt: str = "{:.4f}") -> Callable[[dict[str, R]], tuple[str, str]]:
-    def get(r: dict[str, R]) -> tuple[str, str]:
-        q = r["detection"].quality
-        return tuple("-" if q[m].get(key) is None else fmt.format(q[m][key]) for m in ("float32", "int8"))
-    return get
+DET_MEASURES = {"unknown_score": "the unknown score (published)", "class_doubt": "class doubt (-log max p)",
+                "energy": "energy", "mutual_information": "mutual information", "unfamiliarity": "unfamiliarity",
+                "objectness_doubt": "objectness doubt (-log objectness)", "one_minus_score": "1 - detection score"}
 
 
-def _det_auroc(measure: str) -> Callable[[dict[str, R]], tuple[str, str]]:
-    return lambda r: tuple(_auroc(r["detection"].quality[m], measure) for m in ("float32", "int8"))
+def _detection_measures(res: dict[str, R]) -> str:
+    """docs/uncertainty.md: each measure's AUROC per kind of unknown object, int8, per training variant."""
+    lines = ["| AUROC, unknown vs known detections, int8, mean over three seeds | " +
+             " | ".join(f"{DET_KINDS[k]}" for k in DET_KINDS) + " |", "|---" * (len(DET_KINDS) + 1) + "|"]
+    for v in DET_VARIANTS:
+        kinds = _dv(res, v)["kinds"]
+        for m, label in DET_MEASURES.items():
+            cells = [kinds[k]["auroc_unknown_score"] if m == "unknown_score" else kinds[k]["auroc_by_measure"][m]
+                     for k in DET_KINDS]
+            lines.append(f"| {label}, {res['detection']['variants'][v]['description']} | " +
+                         " | ".join("-" if c["mean"] is None else f"{c['mean']:.2f}" for c in cells) + " |")
+    return "\n".join(lines)
 
 
-DETECTION = [
-    ("mAP@0.5 (pycocotools, known classes)", _det("map50")),
-    ("mAP@[.5:.95]", _det("map")),
-    ("detections at the calibrated score threshold", _det("detections", "{}")),
-    ("label accuracy of detections on known objects", _det("label_accuracy_known", "{:.3f}")),
-    ("D-ECE", _det("d_ece", "{:.3f}")),
-    ("AUROC unknown vs known detections, unfamiliarity (docs/uncertainty.md)", _det_auroc("unfamiliarity")),
-    ("FPR at 95% TPR, unfamiliarity",
-     lambda r: tuple(f"{r['detection'].quality[m]['unknown_fpr_at_95_tpr']['unfamiliarity']:.3f}"
-                     for m in ("float32", "int8"))),
-    ("the same, unit-length features (`--density-normalise l2`): AUROC, FPR at 95% TPR",
-     lambda r: ("", f"{r['detection'].int8_density_l2['unfamiliarity_auroc']:.2f}, "
-                    f"{r['detection'].int8_density_l2['unfamiliarity_fpr_at_95_tpr']:.3f}")),
-    ("`needs_review` flags unfamiliar: detections of known / unknown objects",
-     lambda r: (f"{r['detection'].quality['float32']['flagged']['known']['unfamiliar']:.1%} / "
-                f"{r['detection'].quality['float32']['flagged']['unknown']['unfamiliar']:.1%}",
-                f"{r['detection'].quality['int8']['flagged']['known']['unfamiliar']:.1%} / "
-                f"{r['detection'].quality['int8']['flagged']['unknown']['unfamiliar']:.1%}; l2: "
-                f"{r['detection'].int8_density_l2['flagged']['known']['unfamiliar']:.1%} / "
-                f"{r['detection'].int8_density_l2['flagged']['unknown']['unfamiliar']:.1%}")),
-    ("`needs_review` flags: detections of known / unknown objects",
-     lambda r: tuple(f"{r['detection'].quality[m]['flagged']['known']['flagged']:.1%} / "
-                     f"{r['detection'].quality[m]['flagged']['unknown']['flagged']:.1%}" for m in ("float32", "int8"))),
-    ("AUROC unknown vs known detections, mutual information", _det_auroc("mutual_information")),
-    ("AUROC unknown vs known detections, predictive entropy", _det_auroc("predictive_entropy")),
-    ("AUROC unknown vs known detections, 1 - score", _det_auroc("one_minus_score")),
-    ("invoke, 1 thread, interleaved (median)",
-     lambda r: (f"{r['detection'].latency_ms_median['float32_mc']:.3f} ms",
-                f"{r['detection'].latency_ms_median['int8_mc']:.3f} ms")),
-    ("K=32 Bayesian class head vs the posterior-mean head (int8 without the unfamiliarity output, median)",
-     lambda r: ("", f"{r['detection'].latency_ms_median['int8_mc_no_density']:.3f} vs "
-                    f"{r['detection'].latency_ms_median['int8_mean_head']:.3f} ms = "
-                    f"{r['detection'].mc_head_over_mean_head:.3f}x")),
-    ("the unfamiliarity output's cost (int8 with vs without it, median; the numpy finish per detection is in "
-     "docs/uncertainty.md)",
-     lambda r: ("", f"{r['detection'].latency_ms_median['int8_mc']:.3f} vs "
-                    f"{r['detection'].latency_ms_median['int8_mc_no_density']:.3f} ms = "
-                    f"{r['detection'].density_over_no_density:.3f}x")),
-    ("the same with `--density-normalise l2` (the neck as the output, projected in numpy)",
-     lambda r: ("", f"{r['detection'].latency_ms_median['int8_mc_l2']:.3f} vs "
-                    f"{r['detection'].latency_ms_median['int8_mc_no_density']:.3f} ms = "
-                    f"{r['detection'].l2_over_no_density:.3f}x")),
-    ("model size", lambda r: (f"{r['detection'].sizes['float32'] / 1e3:.0f} KB", f"{r['detection'].sizes['int8'] / 1e3:.0f} KB")),
-    ("layout chosen by auto (int8 steps of the stacked output's spread)",
-     lambda r: ("", f"{r['detection'].head['layout']} ({r['detection'].head['layout_choice']['stacked_estimate']['steps']})")),
-]
+def _detection_rules(res: dict[str, R]) -> str:
+    """docs/detection.md: the candidate unknown-score rules on the select scenes (where the default was chosen)
+    and on the eval scenes, for the detectors trained without outlier objects (the select scenes' unknowns)."""
+    rules = _dv(res, "plain")["rules"]
+    t = next(iter(res["detection"]["variants"]["plain"]["seeds"].values()))["thresholds"]
+    shipped = f"{'+'.join(t['unknown_measures'])}, {t['unknown_combine']}"  # what the benchmark's bundles use
+
+    def cell(v: dict) -> str:
+        return f"{v['auroc']['mean']:.3f} ({v['unknown_flagged']['mean']:.0%})"
+
+    lines = ["| rule (percentiles among the known detections of the calib scenes), mean of the seeds | select "
+             "scenes: outlier objects | eval: near | eval: far |", "|---|---|---|---|"]
+    for name, v in rules.items():
+        label = f"**{name}** (the default)" if name == shipped else name
+        lines.append(f"| {label} | {cell(v['select'])} | {cell(v['eval_near'])} | {cell(v['eval_far'])} |")
+    return "\n".join(lines)
+
+
+def _detection_cost(res: dict[str, R]) -> str:
+    """docs/detection.md: the device's cost of the unknown score and of the Bayesian head (one model, interleaved)."""
+    c = res["detection"]["device_cost"]
+    t, dm, dp = c["invoke_ms_median"], c["decode_ms_median"], c["decode_ms_p95"]
+    rows = [
+        ("invoke, int8 / float32 (LiteRT, XNNPACK, 1 thread, interleaved, median)",
+         f"{t['int8']:.3f} / {t['float32']:.3f} ms = {c['float32_over_int8']:.2f}x"),
+        ("K=32 Bayesian class head vs the posterior-mean head (int8, no density output)",
+         f"{t['int8_no_density']:.3f} vs {t['int8_mean_head']:.3f} ms = {c['mc_head_over_mean_head']:.3f}x"),
+        ("the unfamiliarity output (int8 with vs without it)",
+         f"{t['int8']:.3f} vs {t['int8_no_density']:.3f} ms = {c['density_over_no_density']:.3f}x"),
+        ("decode + NMS + measures per test frame, with the unknown rule / without (median; p95)",
+         f"{dm['with_unknown']:.2f} / {dm['without']:.2f} ms ({dp['with_unknown']:.2f} / {dp['without']:.2f}) = "
+         f"{c['decode_with_over_without']:.2f}x"),
+        ("model size int8 / float32", f"{c['sizes']['int8'] / 1e3:.0f} / {c['sizes']['float32'] / 1e3:.0f} KB"),
+    ]
+    return "\n".join([f"| device cost ({c['model']}) | value |", "|---|---|"] +
+                     [f"| {a} | {b} |" for a, b in rows])
+
 
 DECODE = [(f"{c['grid']}x{c['grid']} grid, {c['cells_above_threshold']} cells above the threshold", key)
           for key, c in json.loads((RESULTS / "detection_decode.json").read_text())["cases"].items()]
@@ -515,78 +569,6 @@ def _unknowns(res: dict[str, R]) -> str:
     return "\n".join(lines)
 
 
-def _unknowns_detector(res: dict[str, R]) -> str:
-    """docs/uncertainty.md: the detector's unknown-object AUROC of every measure, float vs int8."""
-    q = res["detection"].quality
-    lines = ["| detection benchmark, unknown (bag, sandal) vs known detections | AUROC float | AUROC int8 |",
-             "|---|---|---|"]
-    for m in q["int8"]["unknown_auroc"]:
-        lines.append(f"| {m.replace('_', ' ')} | {_auroc(q['float32'], m)} | {_auroc(q['int8'], m)} |")
-    return "\n".join(lines)
-
-
-def _detection_density(res: dict[str, R]) -> str:
-    """docs/uncertainty.md: the detector's score, nearest class mean vs k-th nearest fitting sample, on the same
-    int8 detections (benchmarks/detection_density.py)."""
-    from edgeq.density import ordinal
-
-    r = res["detection_density"]
-    d = r["detections"]
-    lines = [f"| score on the same int8 detections ({d['known']} known, {d['unknown']} unknown) | AUROC | unknown "
-             "flagged at the 5% rule | numpy time per detection |", "|---|---|---|---|"]
-    for name, v in r["scores"].items():
-        label = ("nearest class mean (gda)" if name.startswith("gda") else
-                 f"{ordinal(int(name.split('_')[1][1:]))} nearest of {r['references']} fitting samples (knn)")
-        if name.endswith("_shipped"):
-            label += ", shipped"
-        lines.append(f"| {label} | {v['auroc']:.3f} | {100 * v['unknown_flagged_at_5pct_known']:.1f}% | "
-                     f"{v['us_per_detection']:.1f} us |")
-    lines.append(f"| before any score: the whitened coordinates, read from the graph's projection |  |  | "
-                 f"{r['whitened_us_per_detection']:.1f} us |")
-    l2 = r.get("l2")
-    if l2:
-        shipped = next(k for k in l2["scores"] if k.endswith("_shipped"))
-        for name, label in ((shipped, "the same k, unit-length features (`--density-normalise l2`)"),
-                            ("gda_nearest_class_mean", "nearest class mean, unit-length features")):
-            v = l2["scores"][name]  # the score's time is the rows above': the same work on other coordinates
-            lines.append(f"| {label} | {v['auroc']:.3f} | {100 * v['unknown_flagged_at_5pct_known']:.1f}% | as above |")
-        lines.append(f"| before any score with l2: the numpy projection of the unit-length int8 features |  |  | "
-                     f"{l2['whitened_us_per_detection']:.1f} us |")
-    return "\n".join(lines)
-
-
-def _score_rules(res: dict[str, R]) -> str:
-    """docs/detection.md: the shipped detection score vs objectness alone, each at its best-F1 threshold: what
-    there is to score (benchmarks/detection_density.py)."""
-    rules = res["detection_density"]["score_rules"]
-    names = {"objectness_x_top_class_probability_shipped": "objectness x top class probability (shipped)",
-             "objectness_alone": "objectness alone"}
-    lines = ["| detection score, int8, at its best-F1 threshold | threshold (F1) | known objects detected (label "
-             "right) | unknown objects detected | unfamiliarity AUROC | unknown flagged at the 5% rule |",
-             "|---|---|---|---|---|---|"]
-    for name, v in rules.items():
-        lines.append(f"| {names.get(name, name)} | {v['threshold']:.3f} ({v['f1']:.3f}) | {v['known_detected']} "
-                     f"({v['known_correct']}) | {v['unknown_detected']} of {v['unknown_objects']} | "
-                     f"{v['unfamiliarity_auroc']:.3f} | {100 * v['unknown_flagged_at_5pct_known']:.1f}% |")
-    return "\n".join(lines)
-
-
-def _feature_probe(res: dict[str, R]) -> str:
-    """docs/detection.md: the detector's features on the ground-truth objects (benchmarks/detection.py's probe)."""
-    probe = res["detection"]["unknown_object_features"]
-    o = probe["objects"]
-    lines = [f"| features of each ground-truth object ({o['test_known']} known, {o['test_unknown']} unknown; fit on "
-             f"{o['train']} training objects), float | AUROC, nearest class mean |", "|---|---|"]
-    for name, v in sorted(probe["auroc"].items(), key=lambda kv: kv[1]):
-        label = name.replace("_box_mean", ", averaged over the box").replace("_", " ")
-        label = {"neck centre cell": "neck at the box centre's cell (the shipped tap)",
-                 "neck centre cell l2": "neck at the box centre's cell, L2-normalised before the fit",
-                 "starting backbone window pooled": "the starting backbone (classifier) on the object's 96 px "
-                 "window, pooled"}.get(label, label)
-        lines.append(f"| {label} | {v:.3f} |")
-    return "\n".join(lines)
-
-
 def _bayes_mi(res: dict[str, R]) -> str:
     """docs/bayesian.md: Bayesian heads trained one change at a time, and what their MI catches."""
     if "bayes_mi" not in res:
@@ -647,44 +629,20 @@ def _fleet(res: dict[str, R]) -> str:
     return "\n".join(lines)
 
 
-def _outliers(res: dict[str, R]) -> str:
-    o = res["detection_outliers"]
-    t = o["training_scenes"]
-    thr = o["settings"]["objectness"]
-    runs = [o["results"][m] for m in ("ignored", "exposed")]
-    rows = [("label accuracy, known objects", [f"{r['label_accuracy_known']:.2f}" for r in runs])]
-    for name, label in (("unfamiliarity", "unfamiliarity (nearest class mean, features as they are)"), ("softmax_entropy", "softmax entropy"),
-                        ("energy", "energy")):
-        rows.append((f"AUROC unknown vs known objects: {label}",
-                     [f"{r['auroc_unknown_vs_known'][name]:.2f}" for r in runs]))
-    key = f"objectness_above_{thr:g}"
-    rows.append((f"objects whose objectness is above {thr:g}: known / unknown",
-                 [f"{100 * r[key]['known']:.1f}% / {100 * r[key]['unknown']:.1f}%" for r in runs]))
-    kinds = ", ".join(f"{n:,} {k.replace('_', ' ')}s" for k, n in sorted(t["outlier_objects"].items()))
-    lines = [f"{t['images']:,} training scenes, {t['known_objects']:,} known objects and {kinds}; "
-             f"{o['settings']['epochs']} epochs; {runs[0]['objects']['known']} known and "
-             f"{runs[0]['objects']['unknown']} unknown test objects, float", "",
-             "| at each object's centre cell | outliers ignored | outliers exposed |", "|---|---|---|"]
-    lines += [f"| {a} | {b[0]} | {b[1]} |" for a, b in rows]
-    return "\n".join(lines)
-
-
 TABLES: dict[str, tuple[str, Callable[[dict[str, R]], str]]] = {
     "bayes_mi": ("docs/bayesian.md", _bayes_mi),
     "unknowns": ("docs/uncertainty.md", _unknowns),
-    "unknowns_detector": ("docs/uncertainty.md", _unknowns_detector),
-    "detection_density": ("docs/uncertainty.md", _detection_density),
+    "detection_measures": ("docs/uncertainty.md", _detection_measures),
     "readme": ("README.md", lambda res: render_table(README, res)),
     "environments": ("README.md", lambda res: "\n".join(environment_rows(res))),
-    "detection": ("docs/detection.md", lambda res: side_by_side(DETECTION, res)),
+    "detection": ("docs/detection.md", _detection),
+    "detection_cost": ("docs/detection.md", _detection_cost),
+    "detection_rules": ("docs/detection.md", _detection_rules),
     "decode": ("docs/detection.md", _decode),
     "bayesian": ("docs/bayesian.md", _bayes_rows),
     "accuracy": ("docs/accuracy.md", _accuracy),
     "clustering": ("docs/clustering.md", _clustering),
     "fleet": ("docs/fleet.md", _fleet),
-    "outliers": ("docs/detection.md", _outliers),
-    "score_rules": ("docs/detection.md", _score_rules),
-    "feature_probe": ("docs/detection.md", _feature_probe),
 }
 
 
