@@ -9,8 +9,7 @@ each detection by the evidence it carries that its object is none of the known c
 - ``class_doubt``: ``-log max_c p(c)``, the gap between "there is an object" and "it is one of my classes" (p the
   mean over the K posterior samples);
 - ``objectness_doubt``: ``-log objectness``: the objectness head learns "an object" from known objects only, and
-  fires less surely on one of no known class, which it keeps only because the threshold is calibrated low enough
-  to keep every known object;
+  fires less surely on one of no known class;
 - ``energy``: ``-logsumexp`` of the mean class logits (Liu et al. 2020): low where some class fires strongly;
 - ``mutual_information``: the posterior samples' disagreement;
 - ``unfamiliarity``: the feature density at the detection's cell (edgeq/density.py).

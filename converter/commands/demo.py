@@ -176,8 +176,8 @@ def run(args: argparse.Namespace) -> int:
           f"'unknown' and {k['flagged']} flagged in all.\n"
           "   why: 'unknown' means the detection's evidence of being none of its classes (how weakly its classes "
           "and its objectness fire and how unfamiliar its features are, each against the known detections of the "
-          "validation scenes) passed the bundle's threshold; 'ambiguous' means its class is uncertain (the detector's posterior samples disagree, "
-          "MI); 'unfamiliar' (the classifier) means its features lie far from every trained class "
+          "validation scenes) passed the bundle's threshold; 'ambiguous' means its class is uncertain (the "
+          "detector's posterior samples disagree, MI); 'unfamiliar' (the classifier) means its features lie far from every trained class "
           "(docs/uncertainty.md).")
     return code
 
