@@ -37,6 +37,9 @@ from _common import log, require_clean_tree, require_disjoint, write_result
 from detection_train import FAR_KINDS, UNKNOWN_CLASSES, VARIANTS
 
 KINDS = {"bag": "near", "sandal": "near", "digit": "far", "photo": "far"}
+# the kinds pooled as the issue's targets read them
+GROUPS = {"near": [k for k, d in KINDS.items() if d == "near"], "far": [k for k, d in KINDS.items() if d == "far"],
+          "all": list(KINDS)}
 BOOTSTRAP = 1000
 
 
@@ -96,8 +99,7 @@ def score_seed(work: Path, bundles: dict[str, Path], seed: int) -> dict:
             "unknown_score")
         kinds[name] = entry
     groups = {}  # near and far kinds pooled, and every unknown object: the issue's targets read these
-    for group, names in (("near", [k for k, d in KINDS.items() if d == "near"]),
-                         ("far", [k for k, d in KINDS.items() if d == "far"]), ("all", list(KINDS))):
+    for group, names in GROUPS.items():
         sel = np.isin(m.kinds, names)
         found, total = (sum(m.objects.get(k, (0, 0))[i] for k in names) for i in (0, 1))
         entry = {"objects": total, "found": found, "found_rate": round(found / total, 4) if total else None,
@@ -123,8 +125,8 @@ def score_seed(work: Path, bundles: dict[str, Path], seed: int) -> dict:
                        "unknown": manifest.unknown.threshold if manifest.unknown else None,
                        "unknown_measures": list(manifest.unknown.measures) if manifest.unknown else None,
                        "unknown_combine": manifest.unknown.combine if manifest.unknown else None},
-        "empty_scenes": empty_detections(b, work / "data" / "empty"),
-        "rules": rule_selection(bundles["int8"], work),
+        "empty_scenes": empty_detections(runs[1], work / "data" / "empty"),
+        "rules": rule_selection(runs[1], m, work),
         "layout": manifest.head.layout,
     }
 
@@ -144,30 +146,25 @@ RULES = {
 }
 
 
-def rule_selection(bundle_path: Path, work: Path) -> dict:
+def rule_selection(run, evaluated, work: Path) -> dict:
     """Each candidate rule calibrated as convert calibrates (percentiles among the int8 detections of known objects
     of the calib scenes, the threshold flagging 5% of them), then scored on the select scenes (outlier objects as
     the unknowns) and on the eval scenes (per group of kinds): AUROC, and the share of unknown and known
-    detections it flags."""
-    from edgeq.bundle import read_bundle
+    detections it flags. ``run``: the int8 bundle's run of ``edgeq eval``'s code, ``evaluated`` its eval scenes
+    matched (:func:`score_seed` has both)."""
     from edgeq.converter.data.coco import read_coco
     from edgeq.converter.evaluation.detect import match_all, run_detector
     from edgeq.converter.evaluation.metrics import roc_auc
-    from edgeq.detection import GridSpec
     from edgeq.unknown import UnknownRule
 
-    b = read_bundle(bundle_path)
-    m = b.manifest
-    model = b.load_model()
-    grid = GridSpec.from_manifest(m, b.where).bind(model, m.outputs, b.where, m.density, m.unknown)
-    ids = list(m.detector.category_ids)
+    spec = run.grid.spec
 
     def matched(split: str):
         coco = read_coco(str(work / "data" / split))
-        return match_all(run_detector(model, grid, b.preprocess_spec, coco, split), coco, ids,
-                         m.detector.score_threshold, m.detector.objectness_threshold)
+        return match_all(run_detector(run.model, run.grid, run.spec, coco, split), coco, list(spec.category_ids),
+                         spec.score_threshold, spec.objectness_threshold)
 
-    calib, splits = matched("calib"), {"select": matched("select"), "eval": matched("eval")}
+    calib, splits = matched("calib"), {"select": matched("select"), "eval": evaluated}
     out = {}
     for name, (measures, how) in RULES.items():
         refs = tuple(np.sort(calib.measures[k][calib.known]) for k in measures)
@@ -177,7 +174,7 @@ def rule_selection(bundle_path: Path, work: Path) -> dict:
         for split, mm in splits.items():
             s = rule.scores({k: mm.measures[k] for k in measures})
             groups = {"all": mm.unknown} if split == "select" else {
-                g: np.isin(mm.kinds, [k for k, d in KINDS.items() if d == g or g == "all"]) for g in ("near", "far", "all")}
+                g: np.isin(mm.kinds, names) for g, names in GROUPS.items()}
             for g, sel in groups.items():
                 key = split if split == "select" else f"eval_{g}"
                 entry[key] = {"auroc": round(roc_auc(s[mm.known], s[sel]), 4),
@@ -187,22 +184,20 @@ def rule_selection(bundle_path: Path, work: Path) -> dict:
     return out
 
 
-def empty_detections(bundle, folder: Path) -> dict:
-    """What the device reports on scenes with no object at all: every detection there is a false one."""
-    from edgeq.detection import GridSpec
+def empty_detections(run, folder: Path) -> dict:
+    """What the device reports on scenes with no object at all: every detection there is a false one. ``run``: the
+    int8 bundle's run of ``edgeq eval``'s code (its model and decoder, already loaded)."""
     from edgeq.preprocess import Preprocessor, input_spec_for, list_images, read_image
 
-    model = bundle.load_model()
-    m = bundle.manifest
-    grid = GridSpec.from_manifest(m, bundle.where).bind(model, m.outputs, bundle.where, m.density, m.unknown)
-    pre = Preprocessor(input_spec_for(model, bundle.preprocess_spec))
+    model, grid = run.model, run.grid
+    pre = Preprocessor(input_spec_for(model, run.spec))
     files = list_images(folder / "images")
     found = unknown = 0
     for f in files:
         x, _ = pre(read_image(f))
         model.set_input(x)
         model.invoke()
-        d = grid.read(model, (m.input.height, m.input.width))
+        d = grid.read(model, (run.spec.height, run.spec.width))
         found += len(d)
         unknown += int(d.unknown.sum()) if d.unknown is not None else 0
     return {"scenes": len(files), "detections": found, "published_unknown": unknown,
